@@ -1,0 +1,63 @@
+"""Metrics comparing a quantized model's outputs with the FP32 model's (and with labels).
+
+All take ``outputs`` and ``reference`` of the same shape ``(N, ...)``, one row per sample.
+SQNR = 10 log10(sum ref^2 / sum (out - ref)^2) in dB; identical outputs give ``SQNR_EXACT_DB``
+(a finite stand-in for +inf so results stay valid JSON).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SQNR_EXACT_DB = 200.0
+
+
+def sqnr_db(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better; ~6 dB per bit for uniform grids)."""
+    ref = reference.double()
+    noise = float(((outputs.double() - ref) ** 2).sum())
+    signal = float((ref**2).sum())
+    if noise == 0.0:
+        return SQNR_EXACT_DB
+    if signal == 0.0:
+        return -SQNR_EXACT_DB
+    return max(min(10.0 * math.log10(signal / noise), SQNR_EXACT_DB), -SQNR_EXACT_DB)
+
+
+def mean_cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over samples of the cosine similarity of flattened rows (1 = same direction)."""
+    a = outputs.reshape(len(outputs), -1).double()
+    b = reference.reshape(len(reference), -1).double()
+    both_zero = (a.norm(dim=1) == 0) & (b.norm(dim=1) == 0)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
+    return float(torch.where(both_zero, 1.0, cos).mean())
+
+
+def kl_divergence(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
+    """Mean KL(softmax(reference) || softmax(logits)) in nats."""
+    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean().clamp(min=0.0))
+
+
+def classification_metrics(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None,
+                           num_classes: int | None = None) -> dict:
+    """accuracy and per_class_accuracy (if labels), agreement (top-1 same as FP32), sqnr_db, cosine, kl_div."""
+    pred, ref_pred = logits.argmax(-1), reference.argmax(-1)
+    out = {
+        "agreement": float((pred == ref_pred).double().mean()),
+        "sqnr_db": sqnr_db(logits, reference),
+        "cosine": mean_cosine(logits, reference),
+        "kl_div": kl_divergence(logits, reference),
+    }
+    if labels is not None:
+        out["accuracy"] = float((pred == labels).double().mean())
+        n = num_classes or int(logits.shape[-1])
+        per_class = []
+        for c in range(n):
+            mask = labels == c
+            per_class.append(float((pred[mask] == c).double().mean()) if mask.any() else None)
+        out["per_class_accuracy"] = per_class
+    return out

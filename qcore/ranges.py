@@ -1,0 +1,150 @@
+"""Range (clipping) methods: where to put the clip, per block.
+
+Each method takes values cut into blocks ``x: (n_blocks, n)`` (see ``granularity``) and optional
+non-negative sample weights ``w`` of the same shape -- a histogram is passed as bin centres with
+their counts as weights, which is how calibrated activation ranges reuse the same code -- and
+returns the chosen range ``(lo, hi)``, each ``(n_blocks,)`` float32. Symmetric specs get
+``lo == -hi``.
+
+- ``minmax``     : the smallest and largest value (nothing is clipped).
+- ``percentile`` : the ``spec.percentile``-th percentile (of |x| when symmetric; of both tails otherwise).
+- ``mse``        : shrink the min-max range by a factor in (0, 1] chosen from a grid to minimise the
+                   squared reconstruction error sum w (x' - x)^2; the grid includes 1, so it is never
+                   worse than min-max.
+- ``entropy``    : TensorRT-style KL calibration: pick the |x| threshold whose quantized histogram
+                   is closest (KL divergence) to the clipped reference histogram.
+
+``RANGE_METHODS`` maps a method name to its function; adding a method is adding one entry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .formats import Format
+
+MSE_GRID = 50  # candidate clip factors for ``mse``: 1/50, 2/50, ..., 1
+ENTROPY_BINS = 2048
+ENTROPY_CANDIDATES = 64
+
+
+def _weights(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(x, dtype=torch.float64) if w is None else w.to(torch.float64)
+
+
+def minmax(x: torch.Tensor, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest value per block (ignoring zero-weight samples)."""
+    if w is None:
+        return x.amin(1).float(), x.amax(1).float()
+    present = w > 0
+    inf = torch.full_like(x, math.inf)
+    lo = torch.where(present, x, inf).amin(1)
+    hi = torch.where(present, x, -inf).amax(1)
+    empty = ~present.any(1)
+    return torch.where(empty, 0.0, lo).float(), torch.where(empty, 0.0, hi).float()
+
+
+def _quantile(x: torch.Tensor, q: float, w: torch.Tensor | None) -> torch.Tensor:
+    """Per-row weighted quantile, q in [0, 1] (lower interpolation)."""
+    n = x.shape[1]
+    if w is None:
+        k = min(max(math.ceil(q * n), 1), n)
+        return x.kthvalue(k, dim=1).values.float()
+    xs, order = torch.sort(x, dim=1)
+    cw = torch.cumsum(w.to(torch.float64).gather(1, order), dim=1)
+    total = cw[:, -1:].clamp(min=1e-300)
+    idx = torch.searchsorted(cw / total, torch.full_like(total, q)).clamp(max=n - 1)
+    return xs.gather(1, idx).squeeze(1).float()
+
+
+def percentile(x, fmt: Format, spec, w=None):
+    p = spec.percentile / 100.0
+    if spec.symmetric:
+        amax = _quantile(x.abs(), p, w)
+        return -amax, amax
+    return _quantile(x, 1.0 - p, w), _quantile(x, p, w)
+
+
+def _symmetrize(lo, hi, spec):
+    if spec.symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        return -amax, amax
+    return lo, hi
+
+
+def mse(x, fmt: Format, spec, w=None):
+    lo0, hi0 = _symmetrize(*minmax(x, w), spec)
+    weights = _weights(x, w)
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    best_err = torch.full_like(lo0, math.inf, dtype=torch.float64)
+    for k in range(MSE_GRID, 0, -1):  # from 1.0 down, so ties keep the wider (min-max) range
+        alpha = k / MSE_GRID
+        lo, hi = lo0 * alpha, hi0 * alpha
+        xq = fmt.decode(*fmt.encode(x, lo, hi, spec.symmetric, spec.scaled))
+        err = ((xq.double() - x.double()) ** 2 * weights).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def _levels(fmt: Format) -> int:
+    """Number of non-negative levels of the format's grid (128 for int8), capped for the KL search."""
+    return int(min((fmt.values() >= 0).sum().item(), ENTROPY_BINS // 4))
+
+
+def entropy(x, fmt: Format, spec, w=None):
+    lo0, hi0 = minmax(x, w)
+    a = x.abs()
+    amax = torch.maximum(lo0.abs(), hi0.abs()).to(torch.float64)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    bins = ENTROPY_BINS
+    idx = torch.clamp((a.double() / safe[:, None] * bins).long(), 0, bins - 1)
+    hist = torch.zeros(x.shape[0], bins, dtype=torch.float64).scatter_add_(1, idx, _weights(x, w))
+    levels = _levels(fmt)
+    step = max(1, (bins - levels) // ENTROPY_CANDIDATES)
+    best_kl = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    best_i = torch.full((x.shape[0],), bins, dtype=torch.float64)
+    for i in list(range(levels, bins, step)) + [bins]:
+        sliced = hist[:, :i]
+        p = sliced.clone()
+        p[:, -1] += hist[:, i:].sum(1)  # reference: clipped outliers pile up in the last bin
+        # candidate: the unclipped slice merged into `levels` bins, spread back over its non-empty bins
+        chunk = (torch.arange(i) * levels) // i  # which quantized level each reference bin falls into
+        nonzero = (sliced > 0).double()
+        chunk_sum = torch.zeros(x.shape[0], levels, dtype=torch.float64).index_add_(1, chunk, sliced)
+        chunk_nz = torch.zeros(x.shape[0], levels, dtype=torch.float64).index_add_(1, chunk, nonzero)
+        q = torch.where(sliced > 0, chunk_sum[:, chunk] / chunk_nz[:, chunk].clamp(min=1), 0.0)
+        p_n = p / p.sum(1, keepdim=True).clamp(min=1e-300)
+        q_n = q / q.sum(1, keepdim=True).clamp(min=1e-300)
+        # P > 0 where Q == 0 (outlier mass in an empty last bin) gets a large but finite penalty.
+        kl = torch.where(p > 0, p_n * torch.log(p_n.clamp(min=1e-300) / q_n.clamp(min=1e-12)), 0.0).sum(1)
+        better = kl < best_kl
+        best_kl = torch.where(better, kl, best_kl)
+        best_i = torch.where(better, torch.full_like(best_i, i), best_i)
+    t = (amax * best_i / bins).float()
+    if spec.symmetric:
+        return -t, t
+    return torch.maximum(lo0, -t), torch.minimum(hi0, t)
+
+
+def _minmax_method(x, fmt, spec, w=None):
+    return _symmetrize(*minmax(x, w), spec)
+
+
+RANGE_METHODS = {
+    "minmax": _minmax_method,
+    "percentile": percentile,
+    "mse": mse,
+    "entropy": entropy,
+}
+# For activations only: the exponential moving average of per-batch min/max (torch.ao's default).
+ACTIVATION_ONLY_METHODS = ("moving_average",)
+
+
+def choose_range(x: torch.Tensor, fmt: Format, spec, w: torch.Tensor | None = None):
+    """Clipping range ``(lo, hi)`` per block of ``x: (n_blocks, n)`` for ``spec.range``."""
+    method = "minmax" if spec.range in ACTIVATION_ONLY_METHODS else spec.range
+    return RANGE_METHODS[method](x, fmt, spec, w)

@@ -1,0 +1,295 @@
+"""Recipes: the one JSON description of how a model is quantized.
+
+A ``TensorSpec`` says how one tensor is quantized (format x granularity x range method). A
+``Recipe`` gives default specs for weights and activations plus per-layer overrides:
+
+    {"name": "w8a8", "weights": {...spec...}, "activations": {...spec...} | null,
+     "layers": {"features.0": {"weights": {"format": "int4"}}, "classifier.2": null}}
+
+- ``"activations": null`` -> weight-only. A layer mapped to ``null`` stays fp32.
+- A layer entry overrides the defaults key by key; ``"weights": null`` / ``"activations": null``
+  inside a layer entry turns that part off for that layer.
+- Activation quantization applies to the *input* of Linear and Conv layers (Embedding inputs are
+  indices and are never quantized).
+
+Pages, CLI and exports all read and write this format; ``Recipe.from_dict`` validates it and
+raises ``QcoreError`` naming the offending key or layer and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import QcoreError
+from .formats import FORMATS, IntFormat
+from .granularity import GRANULARITIES, fan_in
+from .ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one tensor is quantized.
+
+    format      : a name in ``formats.FORMATS`` (int2..int8, int16, fp16, bf16, fp8_e4m3, fp8_e5m2, nf4, fp32)
+    granularity : per_tensor | per_channel | per_group (see ``granularity``)
+    axis        : channel axis for per_channel (0 = output channel of a weight)
+    group_size  : elements per group for per_group (nf4 defaults to 64)
+    symmetric   : zero-point fixed at 0 (int formats); float and nf4 formats are always symmetric
+    range       : minmax | percentile | mse | entropy (| moving_average for static activations)
+    percentile  : for range=percentile, in (50, 100]
+    dynamic     : activations only: range computed from each batch at run time instead of calibration
+    scaled      : float formats only: scale into the format's range (as FP8 recipes do) instead of a plain cast
+    """
+
+    format: str = "int8"
+    granularity: str = "per_tensor"
+    axis: int = 0
+    group_size: int = 128
+    symmetric: bool = True
+    range: str = "minmax"
+    percentile: float = 99.99
+    dynamic: bool = False
+    scaled: bool = False
+
+    @property
+    def fmt(self):
+        return FORMATS[self.format]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "spec", activation: bool = False) -> "TensorSpec":
+        if isinstance(d, TensorSpec):
+            d = d.to_dict()
+        if not isinstance(d, Mapping):
+            raise QcoreError(f"{where} must be an object like {{\"format\": \"int8\"}} or null, got {d!r}")
+        allowed = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in allowed:
+                raise QcoreError(f"unknown key {where}.{key!r}; allowed keys: {', '.join(allowed)}")
+        fmt = d.get("format", cls.format)
+        if fmt not in FORMATS:
+            hint = " (1-bit integers are not supported: the smallest integer format is int2)" if fmt in ("int1", "uint1", "binary") else ""
+            raise QcoreError(f"unknown format {where}.format={fmt!r}{hint}; allowed: {', '.join(FORMATS)}")
+        defaults: dict[str, Any] = {}
+        if fmt == "nf4":  # NF4 is defined block-wise (QLoRA): absmax per block of 64
+            defaults = {"granularity": "per_group", "group_size": 64}
+        spec = cls(**{**defaults, **dict(d)})
+        spec._check(where, activation)
+        return spec
+
+    def _check(self, where: str, activation: bool) -> None:
+        def bad(key, msg):
+            raise QcoreError(f"{where}.{key}={getattr(self, key)!r} {msg}")
+
+        fmt = self.fmt
+        if self.granularity not in GRANULARITIES:
+            bad("granularity", f"is not a granularity; allowed: {', '.join(GRANULARITIES)}")
+        methods = list(RANGE_METHODS) + (list(ACTIVATION_ONLY_METHODS) if activation else [])
+        if self.range not in methods:
+            bad("range", f"is not a range method; allowed here: {', '.join(methods)}")
+        for key, typ in (("axis", int), ("group_size", int)):
+            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
+                bad(key, "must be an integer")
+        if self.group_size < 1:
+            bad("group_size", "must be a positive integer such as 32, 64 or 128")
+        for key in ("symmetric", "dynamic", "scaled"):
+            if not isinstance(getattr(self, key), bool):
+                bad(key, "must be true or false")
+        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+            bad("percentile", "must be a number in (50, 100], e.g. 99.9 or 99.99")
+        if not isinstance(fmt, IntFormat) and not self.symmetric:
+            bad("symmetric", f"is only possible for integer formats; {self.format} is symmetric by construction")
+        if self.scaled and fmt.family != "float":
+            bad("scaled", "applies to float formats (fp8/fp16/bf16) only; integer and nf4 formats are always scaled")
+        if not activation and self.dynamic:
+            bad("dynamic", "applies to activations only (weights are always quantized ahead of time)")
+        if activation and self.granularity != "per_tensor":
+            bad("granularity", "is not supported for activations; use per_tensor")
+        if activation and fmt.family == "codebook":
+            bad("format", "is a weight-only format; use an int or float format for activations")
+
+
+def _spec_or_none(d, where: str, activation: bool) -> TensorSpec | None:
+    return None if d is None else TensorSpec.from_dict(d, where, activation)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one layer: its weight spec and input-activation spec (None = stays float)."""
+
+    weights: TensorSpec | None
+    activations: TensorSpec | None
+
+    @property
+    def is_float(self) -> bool:
+        return self.weights is None and self.activations is None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Default weight/activation specs plus per-layer overrides (raw partial dicts, validated)."""
+
+    name: str = "recipe"
+    weights: TensorSpec | None = None
+    activations: TensorSpec | None = None
+    layers: Mapping[str, Mapping | None] = field(default_factory=lambda: MappingProxyType({}))
+
+    # ---- reading and writing -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
+        if not isinstance(d, Mapping):
+            raise QcoreError("a recipe must be a JSON object with keys name, weights, activations, layers")
+        allowed = ("name", "weights", "activations", "layers")
+        for key in d:
+            if key not in allowed:
+                raise QcoreError(f"unknown recipe key {key!r}; allowed keys: {', '.join(allowed)}")
+        weights = _spec_or_none(d.get("weights"), "weights", False)
+        activations = _spec_or_none(d.get("activations"), "activations", True)
+        layers = d.get("layers") or {}
+        if not isinstance(layers, Mapping):
+            raise QcoreError("recipe.layers must be an object mapping layer names to overrides or null")
+        recipe = cls(str(d.get("name", "recipe")), weights, activations, MappingProxyType(dict(layers)))
+        for layer in layers:
+            recipe.plan(layer)  # validates each override
+        return recipe
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise QcoreError(f"the recipe is not valid JSON ({e.msg} at line {e.lineno}); fix the file and retry") from None
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "weights": self.weights.to_dict() if self.weights else None,
+            "activations": self.activations.to_dict() if self.activations else None,
+            "layers": {k: (dict(v) if v is not None else None) for k, v in self.layers.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    # ---- resolving -----------------------------------------------------------------------
+    def plan(self, layer: str) -> LayerPlan:
+        """The resolved specs for ``layer``: defaults merged key by key with its override."""
+        if layer not in self.layers:
+            return LayerPlan(self.weights, self.activations)
+        override = self.layers[layer]
+        if override is None:
+            return LayerPlan(None, None)
+        where = f"layers[{layer!r}]"
+        if not isinstance(override, Mapping):
+            raise QcoreError(f"{where} must be an object like {{\"weights\": {{\"format\": \"int4\"}}}} or null")
+        for key in override:
+            if key not in ("weights", "activations"):
+                raise QcoreError(f"unknown key {where}.{key!r}; allowed keys: weights, activations")
+        parts = []
+        for part, default in (("weights", self.weights), ("activations", self.activations)):
+            if part not in override:
+                parts.append(default)
+            elif override[part] is None:
+                parts.append(None)
+            else:
+                base = default.to_dict() if default else {}
+                if override[part].get("format", base.get("format")) != base.get("format"):
+                    # Key by key, but drop inherited keys the new format cannot take.
+                    family = FORMATS[override[part]["format"]].family if override[part].get("format") in FORMATS else None
+                    base.pop("format", None)
+                    if family != "int":
+                        base.pop("symmetric", None)
+                    if family != "float":
+                        base.pop("scaled", None)
+                parts.append(TensorSpec.from_dict({**base, **override[part]}, f"{where}.{part}", part == "activations"))
+        return LayerPlan(*parts)
+
+    def with_layer(self, layer: str, override: Mapping | None) -> "Recipe":
+        """A copy with ``layer``'s override replaced (``None`` = keep the layer in fp32)."""
+        layers = dict(self.layers)
+        layers[layer] = override
+        return replace(self, layers=MappingProxyType(layers))
+
+    def check_against(self, layers: Mapping[str, tuple[int, ...]]) -> None:
+        """Validate against a model's quantizable layers (name -> weight shape)."""
+        for name in self.layers:
+            if name not in layers:
+                known = ", ".join(list(layers)[:8]) + (", ..." if len(layers) > 8 else "")
+                raise QcoreError(f"recipe.layers names {name!r}, which is not a quantizable layer of this model; layers are: {known}")
+        for name, shape in layers.items():
+            w = self.plan(name).weights
+            if w is not None and w.granularity == "per_group" and fan_in(shape) % w.group_size:
+                where = f"layers[{name!r}].weights" if name in self.layers else "weights"
+                raise QcoreError(
+                    f"{where}.group_size={w.group_size} does not divide the input dimension {fan_in(shape)} of layer "
+                    f"{name!r}; use a divisor of {fan_in(shape)} for that layer or granularity per_channel"
+                )
+            if w is not None and w.granularity == "per_channel" and not -len(shape) <= w.axis < len(shape):
+                raise QcoreError(f"weights.axis={w.axis} is out of range for layer {name!r} with weight shape {tuple(shape)}")
+
+
+# ---- presets ---------------------------------------------------------------------------------
+_W8 = {"format": "int8", "granularity": "per_channel", "symmetric": True, "range": "minmax"}
+PRESETS: dict[str, dict] = {
+    "fp32": {"weights": None, "activations": None},
+    "fp16": {"weights": {"format": "fp16"}, "activations": {"format": "fp16"}},
+    "bf16": {"weights": {"format": "bf16"}, "activations": {"format": "bf16"}},
+    "int8-weight-only": {"weights": _W8, "activations": None},
+    "int8-dynamic": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": True}},
+    "int8-static": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False}},
+    "int4-weight-only": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False, "range": "minmax"}, "activations": None},
+    "nf4": {"weights": {"format": "nf4", "granularity": "per_group", "group_size": 64}, "activations": None},
+    "fp8": {"weights": {"format": "fp8_e4m3", "granularity": "per_channel", "scaled": True},
+            "activations": {"format": "fp8_e4m3", "scaled": True, "dynamic": True}},
+}
+PRESET_DESCRIPTIONS = {
+    "fp32": "no quantization (reference)",
+    "fp16": "weights and activations cast to IEEE half precision",
+    "bf16": "weights and activations cast to bfloat16",
+    "int8-weight-only": "int8 per-channel symmetric weights, float activations",
+    "int8-dynamic": "int8 per-channel weights; int8 activations with ranges computed from each batch at run time",
+    "int8-static": "int8 per-channel weights; int8 activations with ranges fixed by calibration (W8A8)",
+    "int4-weight-only": "int4 affine weights in groups of 32 along the input dimension, float activations",
+    "nf4": "4-bit NormalFloat weights, absmax per block of 64 (QLoRA), float activations",
+    "fp8": "FP8 E4M3 weights scaled per channel; FP8 E4M3 activations scaled per batch",
+}
+
+
+def preset(name: str, layers: Mapping[str, tuple[int, ...]] | None = None) -> Recipe:
+    """The preset ``name`` as a Recipe. Given the model's layers (name -> weight shape), layers whose
+    input dimension the preset's group size does not divide get an explicit per-channel override, so
+    the written recipe says exactly what was done."""
+    if name not in PRESETS:
+        raise QcoreError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+    recipe = Recipe.from_dict({"name": name, **PRESETS[name]})
+    w = recipe.weights
+    if layers and w is not None and w.granularity == "per_group":
+        for layer, shape in layers.items():
+            if fan_in(shape) % w.group_size:
+                recipe = recipe.with_layer(layer, {"weights": {"granularity": "per_channel"}})
+    return recipe
+
+
+def load_recipe(arg: str, layers: Mapping[str, tuple[int, ...]] | None = None) -> Recipe:
+    """A preset name, a path to a recipe JSON file, or a JSON string -> validated Recipe."""
+    from pathlib import Path
+
+    if arg in PRESETS:
+        return preset(arg, layers)
+    text = arg
+    if not arg.lstrip().startswith("{"):
+        path = Path(arg)
+        if not path.is_file():
+            raise QcoreError(f"{arg!r} is neither a preset ({', '.join(PRESETS)}) nor a recipe file that exists")
+        if path.stat().st_size > 10 * 2**20:
+            raise QcoreError(f"recipe file {arg} is larger than 10 MiB; a recipe is a small JSON file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    recipe = Recipe.from_json(text)
+    if layers is not None:
+        recipe.check_against(layers)
+    return recipe

@@ -1,0 +1,172 @@
+"""Simulated (fake) quantization of a whole model under a recipe.
+
+One mechanism for every kind of model the engine loads (``nn.Module`` zoo models, modules built
+from ONNX, unflattened ``torch.export`` programs): quantizable layers are found by what they
+compute, then on a *copy* of the model
+
+- each layer's weight is replaced by ``fake_quantize(weight, plan.weights)`` (done once), and
+- a forward pre-hook fake-quantizes the layer's input: with the range fixed by calibration
+  (static) or computed from each batch (dynamic).
+
+The original model is never modified. Conv+BatchNorm pairs are folded first (the folded conv is
+what an inference runtime would quantize); ``Simulation.folded`` reports which.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calibrate import ActivationStats
+from .errors import QcoreError
+from .quantize import check_finite, fake_quantize
+from .recipe import Recipe, TensorSpec
+
+# Module types whose weight is quantized, and the op each computes.
+LAYER_TYPES = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Embedding: "Embedding"}
+# Leaf modules of unflattened torch.export programs carry their op in a graph instead of a type.
+_GRAPH_OPS = {"aten.linear.default": "Linear", "aten.conv1d.default": "Conv1d",
+              "aten.conv2d.default": "Conv2d", "aten.embedding.default": "Embedding"}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'Linear' | 'Conv1d' | 'Conv2d' | 'Embedding' for a quantizable layer, else None."""
+    for cls, kind in LAYER_TYPES.items():
+        if isinstance(module, cls):
+            return kind
+    graph = getattr(module, "graph", None)
+    weight = getattr(module, "weight", None)
+    if graph is not None and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+        ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+        kinds = {_GRAPH_OPS[o] for o in ops if o in _GRAPH_OPS}
+        if len(kinds) == 1 and not any(isinstance(c, nn.Module) for c in module.children()):
+            return kinds.pop()
+    return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A quantizable layer: module path, op kind, weight shape, parameter count (weight + bias)."""
+
+    name: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    params: int
+
+
+def find_layers(model: nn.Module) -> dict[str, LayerInfo]:
+    """Every quantizable layer of ``model`` by module path, in definition order."""
+    found = {}
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is None or not name:
+            continue
+        bias = getattr(module, "bias", None)
+        params = module.weight.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+        found[name] = LayerInfo(name, kind, tuple(module.weight.shape), params)
+    return found
+
+
+def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold each Conv directly followed by a BatchNorm inside an ``nn.Sequential`` into the conv,
+    in place (eval-mode statistics); the BatchNorm becomes Identity. Returns the (conv, bn) names."""
+    folded = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if isinstance(conv, (nn.Conv1d, nn.Conv2d)) and isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                parent._modules[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(conv.eval(), bn.eval())
+                parent._modules[b] = nn.Identity()
+                prefix = f"{parent_name}." if parent_name else ""
+                folded.append((prefix + a, prefix + b))
+    return folded
+
+
+def modules_by_name(model: nn.Module, names) -> dict[str, nn.Module]:
+    table = dict(model.named_modules())
+    return {n: table[n] for n in names}
+
+
+class InputQuantizer:
+    """Forward pre-hook that fake-quantizes a layer's first input.
+
+    Static: the range (lo, hi) is fixed (from calibration). Dynamic: chosen per call from the batch.
+    """
+
+    def __init__(self, name: str, spec: TensorSpec, lo: float | None = None, hi: float | None = None):
+        self.name, self.spec, self.lo, self.hi = name, spec, lo, hi
+
+    def __call__(self, module, args):
+        x = args[0]
+        if not torch.is_floating_point(x):
+            return None
+        check_finite(x, f"the input of layer {self.name!r}")
+        if self.spec.dynamic or self.lo is None:
+            xq = fake_quantize(x, self.spec)
+        else:
+            xq = fake_quantize(x, self.spec, self.lo, self.hi)
+        return (xq.to(x.dtype),) + tuple(args[1:])
+
+
+@dataclass
+class Simulation:
+    """A fake-quantized copy of a model and what was done to it."""
+
+    model: nn.Module
+    recipe: Recipe
+    folded: list[tuple[str, str]] = field(default_factory=list)
+    weight_quantized: list[str] = field(default_factory=list)
+    activation_quantized: list[str] = field(default_factory=list)
+
+
+def needs_calibration(recipe: Recipe, layer_names) -> bool:
+    return any((p := recipe.plan(n).activations) is not None and not p.dynamic and p.fmt.uses_range(p.scaled)
+               for n in layer_names)
+
+
+def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, ActivationStats] | None = None,
+             fold: bool = True, quantized_weights: dict[str, torch.Tensor] | None = None) -> Simulation:
+    """A fake-quantized copy of ``model`` under ``recipe``.
+
+    ``calibration`` (from ``calibrate`` on the *folded* FP32 model) is required when any layer has
+    static activation quantization. ``quantized_weights`` (layer -> fake-quantized weight) lets a
+    caller reuse weights it already quantized (sensitivity sweeps); missing ones are computed.
+    """
+    q = copy.deepcopy(model).eval()
+    folded = fold_batchnorm(q) if fold else []
+    layers = find_layers(q)
+    recipe.check_against({n: i.weight_shape for n, i in layers.items()})
+    if calibration is None and needs_calibration(recipe, layers):
+        raise QcoreError("this recipe has static activation quantization: calibration data is needed "
+                         "(provide a data file, or use dynamic activations)")
+    sim = Simulation(q, recipe, folded)
+    modules = modules_by_name(q, layers)
+    for name, module in modules.items():
+        plan = recipe.plan(name)
+        if plan.weights is not None and plan.weights.format != "fp32":
+            w = (quantized_weights or {}).get(name)
+            if w is None:
+                check_finite(module.weight, f"the weight of layer {name!r}")
+                w = fake_quantize(module.weight, plan.weights)
+            with torch.no_grad():
+                module.weight.copy_(w)
+            sim.weight_quantized.append(name)
+        a = plan.activations
+        if a is None or layers[name].kind == "Embedding" or a.format == "fp32":
+            continue
+        if a.dynamic or not a.fmt.uses_range(a.scaled):
+            module.register_forward_pre_hook(InputQuantizer(name, a))
+        else:
+            stats = calibration.get(name)
+            if stats is None or stats.numel == 0:
+                continue  # never reached by the calibration data: nothing to quantize it with
+            lo, hi = stats.static_range(a.fmt, a)
+            module.register_forward_pre_hook(InputQuantizer(name, a, lo, hi))
+        sim.activation_quantized.append(name)
+    return sim
