@@ -108,6 +108,81 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _progress(args):
+    """A progress callback printing to stderr (so --json stdout stays clean)."""
+    if args.json or not sys.stderr.isatty():
+        return None
+    return lambda frac, msg="": print(f"\r{100 * frac:5.1f}% {msg[:60]:<60}", end="", file=sys.stderr, flush=True)
+
+
+def _candidates(args) -> list[str]:
+    return [c.strip() for c in args.candidates.split(",") if c.strip()]
+
+
+def cmd_sensitivity(args):
+    from .sensitivity import sweep
+
+    w = _workload(args)
+    r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
+    text = f"{r['model']}: {r['metric']} fp32 = {r['fp32_metric']:.4g}  (view {args.view}, mode {args.mode})\n"
+    return r, text + _table(r["rows"])
+
+
+def cmd_search(args):
+    from .search import search
+
+    w = _workload(args)
+    r = search(w, _candidates(args), max_size_fraction=args.max_size_fraction, min_metric=args.min_metric,
+               progress=_progress(args), cache_dir=args.cache_dir)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(r["recipe"], indent=2))
+    m, f = r["measured"], r["fp32"]
+    text = (f"{r['model']}: chosen recipe measured {m['metric']:.4g} at {_mib(m['size_bytes'])} "
+            f"(fp32 {f['metric']:.4g} at {_mib(f['size_bytes'])})" + (f"; written to {args.out}" if args.out else "")
+            + "\nPareto front:\n" + _table(r["pareto"]))
+    return r, text
+
+
+def cmd_export(args):
+    from .runtime import export
+
+    w = _workload(args)
+    r = export(w, _recipe(args, w), args.format, args.out)
+    return r, "\n".join(f"{k}: {v}" for k, v in r.items())
+
+
+def cmd_bench(args):
+    from .runtime import bench
+
+    w = _workload(args)
+    r = bench(w, _recipe(args, w), batch_size=args.batch_size, threads=args.threads)
+    return r, json.dumps(r, indent=2)
+
+
+def _add_sweep_commands(command):
+    c = command("sensitivity", cmd_sensitivity, "per-layer sensitivity to each candidate preset", model=True, data=True)
+    c.add_argument("--candidates", required=True, help="comma-separated presets, e.g. int8-dynamic,int4-weight-only")
+    c.add_argument("--mode", default="both", choices=["weights", "activations", "both"])
+    c.add_argument("--view", default="only", choices=["only", "all_but"],
+                   help="only: one layer quantized, rest FP32; all_but: everything quantized except one layer")
+    c.add_argument("--cache-dir", default=os.environ.get("QCORE_CACHE_DIR"), help="on-disk sweep cache")
+    c = command("search", cmd_search, "mixed-precision search under a size budget or a metric floor", model=True, data=True)
+    c.add_argument("--candidates", required=True, help="comma-separated presets allowed per layer (fp32 always allowed)")
+    goal = c.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--max-size-fraction", type=float, help="size budget as a fraction of FP32, e.g. 0.3")
+    goal.add_argument("--min-metric", type=float, help="smallest acceptable headline metric")
+    c.add_argument("--out", help="write the chosen recipe JSON here")
+    c.add_argument("--cache-dir", default=os.environ.get("QCORE_CACHE_DIR"), help="on-disk sweep cache")
+    c = command("export", cmd_export, "export a model under a recipe (onnx or safetensors)", model=True, recipe=True, data=True)
+    c.add_argument("--format", required=True, choices=["onnx", "safetensors"])
+    c.add_argument("--out", required=True, help="output file path")
+    c = command("bench", cmd_bench, "measure size, latency and metric in a real runtime", model=True, recipe=True, data=True)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m qcore", description="Quantization Explorer engine")
     p.add_argument("--trust-pickle", action="store_true", default=os.environ.get("QCORE_TRUST_PICKLE") == "1",
@@ -139,9 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Later modules add commands here: each is a function(command) that calls command(...) and may
-# add arguments to the parser it returns.
-_EXTRA_COMMANDS: list = []
+# Functions that add more commands: each gets command(...) and adds arguments to what it returns.
+_EXTRA_COMMANDS: list = [_add_sweep_commands]
 
 
 def main(argv=None) -> int:
