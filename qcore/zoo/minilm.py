@@ -70,7 +70,8 @@ def load_model() -> SentenceEncoder:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    bert = BertModel.from_pretrained(model_dir(), local_files_only=True, attn_implementation="eager")
+    bert = BertModel.from_pretrained(model_dir(), local_files_only=True, attn_implementation="eager",
+                                     add_pooling_layer=False)  # sentence-transformers mean-pools instead
     return SentenceEncoder(bert).eval()
 
 

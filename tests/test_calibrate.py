@@ -1,0 +1,55 @@
+"""Calibration statistics equal what the inputs really were, over all batches."""
+
+import pytest
+import torch
+from torch import nn
+
+from qcore import QcoreError, TensorSpec
+from qcore.calibrate import EMA_CONSTANT, HIST_BINS, calibrate
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    batches = [(torch.randn(8, 6) * (i + 1),) for i in range(3)]
+    stats = calibrate(model, {"0": model[0], "2": model[2]}, batches)
+    return model, batches, stats
+
+
+def test_running_minmax_histogram_and_channel_absmax_are_exact():
+    model, batches, stats = _setup()
+    xs = torch.cat([b[0] for b in batches])
+    s = stats["0"]
+    assert s.min == pytest.approx(float(xs.min())) and s.max == pytest.approx(float(xs.max()))
+    assert s.numel == xs.numel() and float(s.hist.sum()) == xs.numel() and len(s.hist) == HIST_BINS
+    torch.testing.assert_close(s.channel_absmax, xs.abs().amax(0))
+    assert s.batch_ranges == [pytest.approx((float(b[0].min()), float(b[0].max()))) for b in batches]
+    # second layer sees ReLU outputs: min >= 0
+    assert stats["2"].min >= 0.0
+
+
+def test_moving_average_follows_torch_ao_update_rule():
+    _, batches, stats = _setup()
+    lo = float(batches[0][0].min())
+    for b in batches[1:]:
+        lo = lo + EMA_CONSTANT * (float(b[0].min()) - lo)
+    assert stats["0"].ema_min == pytest.approx(lo)
+
+
+def test_static_ranges_per_method_are_ordered_and_inside_minmax():
+    _, _, stats = _setup()
+    s = stats["0"]
+    mm = s.static_range(TensorSpec().fmt, TensorSpec(symmetric=False))
+    assert mm == (pytest.approx(s.min), pytest.approx(s.max))
+    for method in ("percentile", "mse", "entropy"):
+        spec = TensorSpec(range=method, percentile=99.0, symmetric=True)
+        lo, hi = s.static_range(spec.fmt, spec)
+        assert lo == -hi and 0 < hi <= max(abs(s.min), abs(s.max)) + 1e-6
+
+
+def test_no_batches_and_nan_inputs_are_clear_errors():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(QcoreError, match="no calibration data"):
+        calibrate(model, {"0": model[0]}, [])
+    with pytest.raises(QcoreError, match="contains NaN/Inf"):
+        calibrate(model, {"0": model[0]}, [(torch.tensor([[float("nan"), 0.0]]),)])
