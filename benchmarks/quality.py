@@ -1,0 +1,185 @@
+"""Quantization quality: the project's recipes next to the tools users would otherwise pick.
+
+    python -m benchmarks.quality [--quick] [--models digits-mlp,digits-cnn,minilm-l6]
+
+For each model, one table of the headline metric (measured on the evaluation set, against the same
+FP32 reference) for:
+- the project's int8 presets and int8 variants with other activation range methods;
+- torch.ao: static PTQ (FX graph mode, default x86 qconfig: histogram observer, per-channel weights)
+  and ``quantize_dynamic`` (int8 Linear);
+- ONNX Runtime: ``quantize_static`` (QDQ, MinMax / Entropy / Percentile calibrators, per-channel
+  weights) and ``quantize_dynamic``;
+then the low-bit study: W4/W3/W2 weight-only with min-max vs percentile vs MSE clipping and
+per-tensor vs per-channel vs per-group granularity.
+
+A peer that cannot run a model (e.g. FX tracing a Hugging Face BERT) is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from qcore import Recipe, preset, zoo
+from qcore.granularity import fan_in
+
+warnings.filterwarnings("ignore")
+
+
+def _metric(w, outputs: torch.Tensor) -> float:
+    return w.task.metrics(outputs.float(), w.reference_outputs, w.evaluation.labels)[w.task.headline]
+
+
+def project_rows(w) -> list[tuple[str, str, float]]:
+    rows = []
+    for name in ("int8-weight-only", "int8-dynamic", "int8-static"):
+        r = w.evaluate(preset(name, w.layer_shapes))
+        rows.append(("qcore", name, r["quantized"]["metrics"][w.task.headline]))
+    base = preset("int8-static", w.layer_shapes).to_dict()
+    for method, extra in (("percentile", {"percentile": 99.99}), ("mse", {}), ("entropy", {}), ("moving_average", {})):
+        d = copy.deepcopy(base)
+        d["name"] = f"int8-static/{method}"
+        d["activations"].update({"range": method, **extra})
+        r = w.evaluate(Recipe.from_dict(d))
+        rows.append(("qcore", d["name"], r["quantized"]["metrics"][w.task.headline]))
+    return rows
+
+
+def torch_ao_rows(w) -> list[tuple[str, str, float | str]]:
+    from torch.ao.quantization import get_default_qconfig_mapping, quantize_dynamic
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    rows = []
+    torch.backends.quantized.engine = "x86"
+    try:
+        model = copy.deepcopy(w.model).eval()
+        example = tuple(t[:1] for t in w.calibration.inputs)
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), example)
+        with torch.no_grad():
+            for batch in w.calibration.batches(w.batch_size):
+                prepared(*batch)
+        rows.append(("torch.ao", "static PTQ (FX, x86 qconfig)", _metric(w, w.run(convert_fx(prepared), w.evaluation))))
+    except Exception as e:  # a peer's failure is a finding, reported in the table
+        rows.append(("torch.ao", "static PTQ (FX, x86 qconfig)", f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"))
+    dyn = quantize_dynamic(copy.deepcopy(w.model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    rows.append(("torch.ao", "quantize_dynamic (int8 Linear)", _metric(w, w.run(dyn, w.evaluation))))
+    return rows
+
+
+def _onnx_inputs(w, data, equal_batches: bool = False) -> list[dict]:
+    """Feeds for onnxruntime; equal_batches uses the largest batch size <= 64 dividing len(data)
+    (ORT's histogram calibrators fail on a smaller last batch)."""
+    names = [f"input_{i}" for i in range(len(data.inputs))]
+    size = w.batch_size
+    if equal_batches:
+        size = max(d for d in range(1, 65) if len(data) % d == 0)
+    return [{n: t.numpy() for n, t in zip(names, b)} for b in data.batches(size)]
+
+
+def _run_onnx(w, path: str) -> torch.Tensor:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(np.concatenate([sess.run(None, feed)[0] for feed in _onnx_inputs(w, w.evaluation)]))
+
+
+def export_fp32_onnx(w, path: str) -> None:
+    """FP32 ONNX with inputs input_0.. and a dynamic batch dimension (TorchScript-based exporter)."""
+    example = tuple(t[:2] for t in w.calibration.inputs)
+    names = [f"input_{i}" for i in range(len(example))]
+    axes = {n: {0: "batch", **({1: "seq"} if t.dim() == 2 and t.dtype == torch.long else {})} for n, t in zip(names, example)}
+    torch.onnx.export(copy.deepcopy(w.model).eval(), example, path, input_names=names, output_names=["output"],
+                      dynamic_axes={**axes, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+
+
+def onnxruntime_rows(w, tmp: str) -> list[tuple[str, str, float | str]]:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = os.path.join(tmp, f"{w.name}.onnx")
+    export_fp32_onnx(w, fp32)
+    pre = os.path.join(tmp, f"{w.name}.pre.onnx")
+    quant_pre_process(fp32, pre, skip_symbolic_shape=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(_onnx_inputs(w, w.calibration, equal_batches=True))
+
+        def get_next(self):
+            return next(self.it, None)
+
+    rows = []
+    for method in (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile):
+        out = os.path.join(tmp, f"{w.name}.{method.name}.onnx")
+        try:
+            quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+            rows.append(("onnxruntime", f"quantize_static ({method.name}, per-channel)", _metric(w, _run_onnx(w, out))))
+        except Exception as e:
+            rows.append(("onnxruntime", f"quantize_static ({method.name})", f"n/a: {type(e).__name__}: {str(e)[:80]}"))
+    out = os.path.join(tmp, f"{w.name}.dynamic.onnx")
+    quantize_dynamic(pre, out, weight_type=QuantType.QInt8)
+    rows.append(("onnxruntime", "quantize_dynamic (int8)", _metric(w, _run_onnx(w, out))))
+    return rows
+
+
+def low_bit_rows(w) -> list[dict]:
+    """Weight-only W4/W3/W2: range method x granularity (group 32, or per-channel where 32 does not divide)."""
+    rows = []
+    for bits in (4, 3, 2):
+        row = {"weights": f"int{bits}"}
+        for gran in ("per_tensor", "per_channel", "per_group"):
+            for method in ("minmax", "percentile", "mse"):
+                spec = {"format": f"int{bits}", "granularity": gran, "group_size": 32, "symmetric": True,
+                        "range": method, "percentile": 99.9}
+                layers = {n: {"weights": {"granularity": "per_channel"}} for n, s in w.layer_shapes.items()
+                          if gran == "per_group" and fan_in(s) % 32}
+                r = w.evaluate(Recipe.from_dict({"name": "lowbit", "weights": spec, "layers": layers}))
+                row[f"{gran}/{method}"] = r["quantized"]["metrics"][w.task.headline]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> str:
+    import pandas as pd
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="digits-mlp only (used by the test suite)")
+    ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
+    args = ap.parse_args(argv)
+    models = ["digits-mlp"] if args.quick else args.models.split(",")
+    report = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            w = zoo.load(name)
+            fp32 = w.fp32_metrics[w.task.headline]
+            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print progress
+                rows = project_rows(w) + torch_ao_rows(w) + onnxruntime_rows(w, tmp)
+            rows = [(t, m, round(v, 4) if isinstance(v, float) else v) for t, m, v in rows]
+            df = pd.DataFrame(rows, columns=["tool", "method (W8A8 unless stated)", w.task.headline])
+            best_peer = max((v for t, _, v in rows if t != "qcore" and isinstance(v, float)), default=float("nan"))
+            best_own = max(v for t, _, v in rows if t == "qcore" and isinstance(v, float))
+            verdict = "matches or beats" if best_own >= best_peer - 1e-9 else "is BELOW"
+            report.append(f"## {name} (FP32 {w.task.headline} = {fp32:.4f})\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n\n"
+                          f"Best qcore int8 recipe {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
+            low = pd.DataFrame(low_bit_rows(w))
+            report.append(f"Low-bit weight-only {w.task.headline} (columns: granularity/range method):\n\n"
+                          f"{low.to_markdown(index=False, floatfmt='.4f')}\n")
+    text = "\n".join(report)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
