@@ -1,7 +1,82 @@
-"""Quantization Explorer: Streamlit entry point (navigation and shared sidebar)."""
+"""Quantization Explorer: the Streamlit entry point -- page navigation and the sidebar that picks the model.
+
+Run ``streamlit run app.py``. Each page in ``pages/`` reads widgets, calls ``qcore`` and shows the
+result; what pages share (session-state keys, cached loaders) lives in ``pages/state.py``.
+The chosen zoo model is bound to the URL (``?model=digits-cnn``), so a link reopens the same model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
 
 import streamlit as st
 
-st.set_page_config(page_title="Quantization Explorer", layout="wide")
-st.title("Quantization Explorer")
-st.write("The app's pages are being built; see the README for the CLI.")
+from pages import state
+from qcore.errors import QcoreError
+from qcore.zoo import DEFAULT_MODEL, ZOO
+
+MODEL_TYPES = ["pt2", "onnx", "pt", "ts", "safetensors"]
+DATA_TYPES = ["npz", "pt", "csv"]
+
+st.set_page_config(page_title="Quantization Explorer", page_icon=":material/grid_on:", layout="wide")
+page = st.navigation([
+    st.Page("pages/model.py", title="Model", icon=":material/account_tree:", default=True),
+    st.Page("pages/formats.py", title="Formats", icon=":material/straighten:"),
+    st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
+    st.Page("pages/activations.py", title="Activations", icon=":material/bolt:"),
+])
+
+
+def load_upload(model_file, data_file, label_column: str) -> None:
+    """Load the uploaded files into session state; a user error is kept as a message and whatever
+    was loaded before stays loaded."""
+    from qcore.loaders import load_workload  # imported here so the app starts even without it
+
+    digest = hashlib.sha256((label_column or "").encode())
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for f in (model_file, data_file):
+            if f is None:
+                paths.append(None)
+                continue
+            data = f.getvalue()
+            digest.update(f.name.encode() + len(data).to_bytes(8, "little") + data)
+            path = Path(tmp) / Path(f.name).name  # keeps the suffix the loader dispatches on
+            path.write_bytes(data)
+            paths.append(str(path))
+        try:
+            with st.spinner(f"Loading {model_file.name}…"):
+                workload = load_workload(paths[0], paths[1], label_column=label_column or None)
+                _ = workload.layers  # find the layers while the files exist
+        except QcoreError as e:
+            st.session_state[state.UPLOAD_ERROR] = str(e)
+            return
+    st.session_state[state.UPLOAD] = {"key": f"upload:{digest.hexdigest()[:16]}", "workload": workload,
+                                      "label": model_file.name}
+    st.session_state[state.UPLOAD_ERROR] = None
+
+
+with st.sidebar:
+    st.radio("Model source", [state.ZOO, state.UPLOAD_SOURCE], key=state.SOURCE, horizontal=True,
+             format_func={state.ZOO: "Built-in", state.UPLOAD_SOURCE: "Upload"}.get, persist_state="session")
+    if st.session_state[state.SOURCE] == state.ZOO:
+        st.selectbox("Built-in model", list(ZOO), index=list(ZOO).index(DEFAULT_MODEL), key=state.ZOO_NAME,
+                     bind="query-params", persist_state="session", help="digits-mlp loads instantly; minilm-l6 (a 22.7M-parameter BERT) "
+                                               "takes a few seconds and every computation on it is slower.")
+    else:
+        model_file = st.file_uploader("Model file", type=MODEL_TYPES,
+                                      help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts) or a safetensors state dict")
+        data_file = st.file_uploader("Data file (optional)", type=DATA_TYPES,
+                                     help=".npz with x (and y), .pt tensors, or .csv; used for calibration and evaluation")
+        label_column = st.text_input("CSV label column (optional)", key=state.LABEL_COLUMN)
+        if st.button("Load uploaded model", disabled=model_file is None, type="primary"):
+            load_upload(model_file, data_file, label_column)
+        if st.session_state.get(state.UPLOAD_ERROR):
+            st.error(st.session_state[state.UPLOAD_ERROR], icon=":material/error:")
+    key, workload = state.active()
+    st.caption(f"Showing **{workload.name}**: {len(workload.layers)} quantizable layers, "
+               f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
+
+page.run()

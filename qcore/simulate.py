@@ -22,14 +22,27 @@ from torch import nn
 
 from .calibrate import ActivationStats
 from .errors import QcoreError
-from .quantize import check_finite, fake_quantize
+from .quantize import QuantizedTensor, check_finite, fake_quantize, quantize
 from .recipe import Recipe, TensorSpec
 
 # Module types whose weight is quantized, and the op each computes.
 LAYER_TYPES = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Embedding: "Embedding"}
 # Leaf modules of unflattened torch.export programs carry their op in a graph instead of a type.
-_GRAPH_OPS = {"aten.linear.default": "Linear", "aten.conv1d.default": "Conv1d",
-              "aten.conv2d.default": "Conv2d", "aten.embedding.default": "Embedding"}
+_GRAPH_OPS = {"aten.linear.default": "Linear", "aten.conv1d.default": "Conv1d", "aten.conv1d.padding": "Conv1d",
+              "aten.conv2d.default": "Conv2d", "aten.conv2d.padding": "Conv2d", "aten.embedding.default": "Embedding"}
+
+
+def _graph_kind(module: nn.Module) -> str | None:
+    """The op of a graph-carrying leaf module (unflattened torch.export): exactly one kind of weighted
+    op, whose data input is the module's first input (the tensor the input hooks see)."""
+    calls = [n for n in module.graph.nodes if n.op == "call_function" and str(n.target) in _GRAPH_OPS]
+    kinds = {_GRAPH_OPS[str(n.target)] for n in calls}
+    if len(kinds) != 1 or any(isinstance(c, nn.Module) for c in module.children()):
+        return None
+    kind = kinds.pop()
+    first = next((n for n in module.graph.nodes if n.op == "placeholder"), None)
+    data_arg = 1 if kind == "Embedding" else 0
+    return kind if all(len(n.args) > data_arg and n.args[data_arg] is first for n in calls) else None
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -37,13 +50,14 @@ def layer_kind(module: nn.Module) -> str | None:
     for cls, kind in LAYER_TYPES.items():
         if isinstance(module, cls):
             return kind
-    graph = getattr(module, "graph", None)
     weight = getattr(module, "weight", None)
-    if graph is not None and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-        ops = {str(n.target) for n in graph.nodes if n.op == "call_function"}
-        kinds = {_GRAPH_OPS[o] for o in ops if o in _GRAPH_OPS}
-        if len(kinds) == 1 and not any(isinstance(c, nn.Module) for c in module.children()):
-            return kinds.pop()
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    if isinstance(module, torch.jit.ScriptModule):  # TorchScript keeps the class name, not the class
+        kind = getattr(module, "original_name", None)
+        return kind if kind in LAYER_TYPES.values() else None
+    if isinstance(getattr(module, "graph", None), torch.fx.Graph):
+        return _graph_kind(module)
     return None
 
 
@@ -107,11 +121,30 @@ class InputQuantizer:
         if not torch.is_floating_point(x):
             return None
         check_finite(x, f"the input of layer {self.name!r}")
-        if self.spec.dynamic or self.lo is None:
-            xq = fake_quantize(x, self.spec)
-        else:
-            xq = fake_quantize(x, self.spec, self.lo, self.hi)
+        xq = self.quantize(x).dequantize()
         return (xq.to(x.dtype),) + tuple(args[1:])
+
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor:
+        """``x`` quantized with the fixed range (static) or a range taken from ``x`` itself (dynamic)."""
+        if self.spec.dynamic or self.lo is None:
+            return quantize(x, self.spec)
+        return quantize(x, self.spec, self.lo, self.hi)
+
+
+def input_quantizer(name: str, kind: str, spec: TensorSpec | None,
+                    calibration: dict[str, ActivationStats] | None) -> InputQuantizer | None:
+    """The pre-hook quantizing the input of layer ``name`` (of ``kind``) under ``spec``, or None when
+    nothing is quantized: no spec, fp32, an Embedding (its inputs are indices), or a static spec for a
+    layer the calibration data never reached."""
+    if spec is None or kind == "Embedding" or spec.format == "fp32":
+        return None
+    if spec.dynamic or not spec.fmt.uses_range(spec.scaled):
+        return InputQuantizer(name, spec)
+    stats = (calibration or {}).get(name)
+    if stats is None or stats.numel == 0:
+        return None  # never reached by the calibration data: nothing to quantize it with
+    lo, hi = stats.static_range(spec.fmt, spec)
+    return InputQuantizer(name, spec, lo, hi)
 
 
 @dataclass
@@ -157,16 +190,8 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
             with torch.no_grad():
                 module.weight.copy_(w)
             sim.weight_quantized.append(name)
-        a = plan.activations
-        if a is None or layers[name].kind == "Embedding" or a.format == "fp32":
-            continue
-        if a.dynamic or not a.fmt.uses_range(a.scaled):
-            module.register_forward_pre_hook(InputQuantizer(name, a))
-        else:
-            stats = calibration.get(name)
-            if stats is None or stats.numel == 0:
-                continue  # never reached by the calibration data: nothing to quantize it with
-            lo, hi = stats.static_range(a.fmt, a)
-            module.register_forward_pre_hook(InputQuantizer(name, a, lo, hi))
-        sim.activation_quantized.append(name)
+        hook = input_quantizer(name, layers[name].kind, plan.activations, calibration)
+        if hook is not None:
+            module.register_forward_pre_hook(hook)
+            sim.activation_quantized.append(name)
     return sim

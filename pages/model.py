@@ -1,0 +1,77 @@
+"""Model page: what the model is made of, how big it is under each preset, and the data it is judged on."""
+
+import pandas as pd
+import streamlit as st
+
+from pages import state
+from qcore import viz
+from qcore.recipe import PRESET_DESCRIPTIONS
+from qcore.size import float_bytes
+
+key, w = state.active()
+st.title(f"Model: {w.name}")
+st.write(w.description or "A model you uploaded.")
+st.write(
+    "Quantization stores each weight in fewer bits than the 32 of a float. Only the weights of the layers "
+    "below (Linear, Conv, Embedding) are quantized; biases, norms and everything else keep their float size. "
+    "The table shows where the parameters are: a layer that holds most of them decides most of the size."
+)
+with st.expander("Formulas: how sizes are counted"):
+    st.markdown(
+        r"""
+A weight tensor with $n$ values quantized to $b$ bits in $B$ blocks (1 per tensor, one per output
+channel, or one per group of $g$ values) costs
+
+$$\text{bytes} = \left\lceil \tfrac{n\,b}{8} \right\rceil + 4B\ (\text{float32 scales}) + \left\lceil \tfrac{B\,b}{8} \right\rceil\ (\text{zero-points, affine only})$$
+
+so the **bits per weight** are $b + 32B/n$ plus the zero-points: int4 in groups of 32 costs $4 + 32/32 = 5$
+bits before zero-points. FP16/BF16 are plain casts: 16 bits and no scale. Sizes are theoretical storage,
+not a file on disk.
+"""
+    )
+
+fp32_bytes = float_bytes(w.model)
+params = sum(p.numel() for p in w.model.parameters())
+sizes = state.preset_sizes(key, w)
+smallest = min(sizes, key=lambda r: r["size_bytes"])
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("FP32 size", viz.human_bytes(fp32_bytes), help=f"{fp32_bytes:,} bytes: every parameter and buffer")
+c2.metric("Parameters", f"{params:,}")
+c3.metric("Quantizable layers", len(w.layers))
+c4.metric(f"Smallest preset ({smallest['preset']})", viz.human_bytes(smallest["size_bytes"]),
+          delta=f"{100 * (smallest['fraction_of_fp32'] - 1):.0f}% vs FP32", delta_color="off")
+
+st.subheader("Layers")
+table = pd.DataFrame([{"layer": r["name"], "type": r["type"], "weight shape": " × ".join(map(str, r["weight_shape"])),
+                       "parameters": r["params"], "share of model": r["share"], "max|w| / std": r["max_over_std"],
+                       "kurtosis": r["kurtosis"]} for r in state.layer_table(key, w)])
+st.dataframe(table, hide_index=True, width="stretch", column_config={
+    "share of model": st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0),
+    "max|w| / std": st.column_config.NumberColumn(format="%.1f", help="how far the largest weight sits from the bulk"),
+    "kurtosis": st.column_config.NumberColumn(format="%.1f", help="0 for a normal distribution; large = heavy tails"),
+})
+st.caption("Large max|w|/std or kurtosis means a few weights far from the rest: they stretch a min-max range "
+           "and waste grid levels (see the Weights page).")
+
+st.subheader("Size under each preset")
+st.plotly_chart(viz.preset_sizes(sizes), width="stretch")
+st.dataframe(pd.DataFrame([{"preset": r["preset"], "size (bytes)": r["size_bytes"], "share of FP32": r["fraction_of_fp32"],
+                            "bits per weight": r["bits_per_weight"], "what it does": PRESET_DESCRIPTIONS.get(r["preset"], "")}
+                           for r in sizes]),
+             hide_index=True, width="stretch", column_config={
+                 "share of FP32": st.column_config.NumberColumn(format="percent"),
+                 "bits per weight": st.column_config.NumberColumn(format="%.2f", help="quantized layers only, scales included")})
+
+st.subheader("Data and metric")
+with st.spinner("Running the FP32 model on the evaluation data…"):
+    fp32_metrics = w.fp32_metrics
+headline = w.task.headline
+d1, d2, d3 = st.columns(3)
+d1.metric("Calibration samples", f"{len(w.calibration):,}", help="fed through the model to choose activation ranges")
+d2.metric("Evaluation samples", f"{len(w.evaluation):,}", help="the quantized model is scored on these")
+d3.metric(f"FP32 {headline}", f"{fp32_metrics[headline]:.4f}", help="the reference every quantized model is compared with")
+st.write(f"The headline metric is **{headline}**"
+         + (" (top-1 accuracy against the labels)." if headline == "accuracy" else
+            " (how often the quantized model's top-1 agrees with FP32's; no labels)." if headline == "agreement" else "."))
+for note in w.notes:
+    st.info(note, icon=":material/info:")

@@ -1,0 +1,566 @@
+"""ONNX -> torch: an ``nn.Module`` that runs an ONNX graph node by node, in the file's order.
+
+Why not a converter library: onnx2torch needs torchvision, which does not import beside this torch.
+Why this shape: quantization finds layers by module type, so the weighted nodes become real modules
+
+- ``Gemm`` (alpha = beta = 1, transA = 0) and ``MatMul`` with a constant 2-D weight -> ``nn.Linear``,
+- ``Conv`` with a constant weight (1-D or 2-D)                                -> ``nn.Conv1d`` / ``nn.Conv2d``,
+- ``Gather`` of rows of a constant 2-D table by run-time indices (axis 0)      -> ``nn.Embedding``,
+
+and every other operator in ``OPS`` runs as a torch function (a few lines each). Nodes whose inputs
+are all constants are evaluated once at import (constant folding), so weight transposes and shape
+arithmetic on constants cost nothing at run time.
+
+Layer names: the weight's own name when it is a module path (``fc1.weight`` -> ``fc1``, as
+``torch.onnx.export`` names initializers), else the module path the exporter recorded in the node's
+``namespace`` metadata, else the sanitised node name (``/enc/linear1/MatMul`` -> ``enc_linear1_MatMul``).
+The module returns the graph's first output. An operator not in ``OPS`` raises ``QcoreError``
+naming it and its node.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import QcoreError
+
+MIN_OPSET = 11
+# ONNX TensorProto element types -> torch dtypes (the ones models use).
+DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+          9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+
+
+# ---- operators: each takes (inputs, attrs) and returns a tensor or a tuple of tensors ----------
+# ``inputs`` is a list (None for an omitted optional input); ``attrs`` holds the node's attributes
+# plus "_opset" (the default-domain opset version) and "_n_out" (number of outputs wanted).
+def _ints(t) -> list[int]:
+    return [int(v) for v in (t.reshape(-1).tolist() if isinstance(t, torch.Tensor) else t)]
+
+
+def _axes(xs, a, index=1):
+    """Axes given as input ``index`` (newer opsets) or as the ``axes`` attribute (older ones)."""
+    if len(xs) > index and xs[index] is not None:
+        return _ints(xs[index])
+    return list(a["axes"]) if "axes" in a else None
+
+
+def _div(x, y):
+    both_int = not torch.is_floating_point(x) and not torch.is_floating_point(y)
+    return torch.div(x, y, rounding_mode="trunc") if both_int else x / y
+
+
+def _softmax(fn):
+    def op(xs, a):
+        x = xs[0]
+        axis = a.get("axis", -1 if a["_opset"] >= 13 else 1)
+        if a["_opset"] >= 13:
+            return fn(x, dim=axis)
+        axis %= x.dim()  # before opset 13: over all dims from ``axis`` on, as one flattened dim
+        return fn(x.flatten(axis), dim=-1).reshape(x.shape)
+    return op
+
+
+def _reduce(fn):
+    def op(xs, a):
+        x, axes = xs[0], _axes(xs, a)
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, axes, keep)
+    return op
+
+
+def _reshape(xs, a):
+    x, shape = xs[0], _ints(xs[1])
+    if not a.get("allowzero", 0):  # 0 = copy that dimension from the input
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _flatten(xs, a):
+    x = xs[0]
+    axis = a.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), -1)
+
+
+def _unsqueeze(xs, a):
+    x, axes = xs[0], _axes(xs, a)
+    rank = x.dim() + len(axes)
+    for ax in sorted(ax % rank for ax in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+def _squeeze(xs, a):
+    axes = _axes(xs, a)
+    if axes is None:
+        return xs[0].squeeze()
+    return xs[0].squeeze(tuple(ax % xs[0].dim() for ax in axes))
+
+
+def _gather(xs, a):
+    data, idx = xs[0], xs[1].long()
+    axis = a.get("axis", 0) % data.dim()
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    out = data.index_select(axis, idx.reshape(-1))
+    return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
+
+
+def _slice(xs, a):
+    x = xs[0]
+    if len(xs) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
+        starts, ends = _ints(xs[1]), _ints(xs[2])
+        axes = _ints(xs[3]) if len(xs) > 3 and xs[3] is not None else list(range(len(starts)))
+        steps = _ints(xs[4]) if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes, steps = list(a.get("axes", range(len(starts)))), [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        # Python's slice clamping is numpy's, which ONNX follows; index_select also handles step < 0.
+        picked = range(x.shape[axis])[slice(start, end, step)]
+        x = x.index_select(axis, torch.tensor(picked, dtype=torch.long))
+    return x
+
+
+def _split(xs, a):
+    x, axis = xs[0], a.get("axis", 0)
+    sizes = _ints(xs[1]) if len(xs) > 1 and xs[1] is not None else a.get("split")
+    if not sizes:
+        n = a.get("num_outputs", a["_n_out"])
+        chunk = math.ceil(x.shape[axis] / n)
+        sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(n)]
+    return tuple(torch.split(x, list(sizes), dim=axis))
+
+
+def _expand(xs, a):
+    return xs[0].expand(torch.broadcast_shapes(xs[0].shape, tuple(_ints(xs[1]))))
+
+
+def _constant(xs, a):
+    for key, make in (("value", torch.as_tensor), ("value_float", lambda v: torch.tensor(v, dtype=torch.float32)),
+                      ("value_floats", lambda v: torch.tensor(v, dtype=torch.float32)),
+                      ("value_int", lambda v: torch.tensor(v, dtype=torch.int64)),
+                      ("value_ints", lambda v: torch.tensor(v, dtype=torch.int64))):
+        if key in a:
+            return make(a[key])
+    raise QcoreError("a Constant node holds a value type the importer cannot read (strings or sparse tensors)")
+
+
+def _constant_of_shape(xs, a):
+    value = a.get("value", torch.zeros(1))
+    return torch.full(_ints(xs[0]), value.reshape(-1)[0].item(), dtype=value.dtype)
+
+
+def _gemm(xs, a):
+    x, w = xs[0], xs[1]
+    x = x.T if a.get("transA", 0) else x
+    w = w.T if a.get("transB", 0) else w
+    y = a.get("alpha", 1.0) * (x @ w)
+    return y + a.get("beta", 1.0) * xs[2] if len(xs) > 2 and xs[2] is not None else y
+
+
+def _pads(a, rank) -> list[int]:
+    """ONNX pads [x1_begin, x2_begin, ..., x1_end, x2_end] -> F.pad order (last dim first)."""
+    pads = list(a.get("pads", [0] * 2 * rank))
+    out = []
+    for i in reversed(range(rank)):
+        out += [pads[i], pads[i + rank]]
+    return out
+
+
+def _pool(kind):
+    def op(xs, a):
+        x = xs[0]
+        if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise QcoreError(f"{kind}Pool with auto_pad={a['auto_pad']!r} is not supported; export with explicit pads")
+        if a["_n_out"] > 1:
+            raise QcoreError("MaxPool with an indices output is not supported; export without return_indices")
+        k = list(a["kernel_shape"])
+        rank = len(k)
+        strides = list(a.get("strides", [1] * rank))
+        pads = list(a.get("pads", [0] * 2 * rank))
+        ceil = bool(a.get("ceil_mode", 0))
+        if rank not in (1, 2):
+            raise QcoreError(f"{kind}Pool over {rank} spatial dims is not supported (1-D and 2-D are)")
+        sym = pads[:rank] == pads[rank:]
+        if kind == "Max":
+            if not sym:
+                x, pads = F.pad(x, _pads(a, rank), value=-math.inf), [0] * 2 * rank
+            fn = F.max_pool1d if rank == 1 else F.max_pool2d
+            return fn(x, k, strides, pads[:rank], list(a.get("dilations", [1] * rank)), ceil)
+        if not sym:
+            raise QcoreError("AveragePool with asymmetric pads is not supported; export with symmetric padding")
+        fn = F.avg_pool1d if rank == 1 else F.avg_pool2d
+        return fn(x, k, strides, pads[:rank], ceil, bool(a.get("count_include_pad", 0)))
+    return op
+
+
+def _batch_norm(xs, a):
+    x, scale, bias, mean, var = xs[:5]
+    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=a.get("epsilon", 1e-5))
+
+
+def _layer_norm(xs, a):
+    x = xs[0]
+    axis = a.get("axis", -1) % x.dim()
+    bias = xs[2] if len(xs) > 2 else None
+    return F.layer_norm(x, x.shape[axis:], xs[1], bias, a.get("epsilon", 1e-5))
+
+
+def _pad(xs, a):
+    x = xs[0]
+    mode = a.get("mode", "constant")
+    pads = _ints(xs[1]) if len(xs) > 1 else list(a["pads"])
+    value = float(xs[2].reshape(-1)[0]) if len(xs) > 2 and xs[2] is not None else a.get("value", 0.0)
+    axes = _ints(xs[3]) if len(xs) > 3 and xs[3] is not None else list(range(x.dim()))
+    full = [0] * 2 * x.dim()
+    for i, ax in enumerate(axes):
+        full[ax % x.dim()], full[ax % x.dim() + x.dim()] = pads[i], pads[i + len(axes)]
+    torch_pad = _pads({"pads": full}, x.dim())
+    while len(torch_pad) > 2 and torch_pad[-2:] == [0, 0]:  # F.pad's reflect/edge modes want only trailing dims
+        torch_pad = torch_pad[:-2]
+    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
+    if torch_mode is None:
+        raise QcoreError(f"Pad mode {mode!r} is not supported (constant, reflect and edge are)")
+    return F.pad(x, torch_pad, mode=torch_mode, value=value) if torch_mode == "constant" else F.pad(x, torch_pad, mode=torch_mode)
+
+
+def _clip(xs, a):
+    lo = xs[1] if len(xs) > 1 and xs[1] is not None else a.get("min")
+    hi = xs[2] if len(xs) > 2 and xs[2] is not None else a.get("max")
+    return torch.clamp(xs[0], lo, hi)
+
+
+def _arg(fn):
+    def op(xs, a):
+        x, axis, keep = xs[0], a.get("axis", 0), bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):
+            return x.shape[axis] - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
+        return fn(x, dim=axis, keepdim=keep)
+    return op
+
+
+def _trilu(xs, a):
+    k = int(xs[1]) if len(xs) > 1 and xs[1] is not None else 0
+    return torch.triu(xs[0], k) if a.get("upper", 1) else torch.tril(xs[0], k)
+
+
+def _unary(fn):
+    return lambda xs, a: fn(xs[0])
+
+
+def _binary(fn):
+    return lambda xs, a: fn(xs[0], xs[1])
+
+
+def _variadic(fn):
+    return lambda xs, a: reduce(fn, xs)
+
+
+OPS = {
+    "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": _binary(_div),
+    "Pow": lambda xs, a: torch.pow(xs[0], xs[1]).to(xs[0].dtype),
+    "Mod": lambda xs, a: (torch.fmod if a.get("fmod", 0) else torch.remainder)(xs[0], xs[1]),
+    "MatMul": _binary(torch.matmul), "Gemm": _gemm,
+    "Einsum": lambda xs, a: torch.einsum(a["equation"], *xs),
+    "Relu": _unary(torch.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
+    "Erf": _unary(torch.erf), "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt),
+    "Neg": _unary(torch.neg), "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal),
+    "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil), "Not": _unary(torch.logical_not),
+    "Identity": _unary(lambda x: x), "Softplus": _unary(F.softplus), "HardSwish": _unary(F.hardswish),
+    "Gelu": lambda xs, a: F.gelu(xs[0], approximate=a.get("approximate", "none")),
+    "LeakyRelu": lambda xs, a: F.leaky_relu(xs[0], a.get("alpha", 0.01)),
+    "Elu": lambda xs, a: F.elu(xs[0], a.get("alpha", 1.0)),
+    "HardSigmoid": lambda xs, a: torch.clamp(a.get("alpha", 0.2) * xs[0] + a.get("beta", 0.5), 0, 1),
+    "Clip": _clip, "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
+    "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "Greater": _binary(torch.gt),
+    "LessOrEqual": _binary(torch.le), "GreaterOrEqual": _binary(torch.ge),
+    "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor),
+    "Where": lambda xs, a: torch.where(xs[0], xs[1], xs[2]),
+    "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum), "Sum": _variadic(torch.add),
+    "Mean": lambda xs, a: reduce(torch.add, xs) / len(xs),
+    "Cast": lambda xs, a: xs[0].to(DTYPES[a["to"]]), "CastLike": lambda xs, a: xs[0].to(xs[1].dtype),
+    "Flatten": _flatten,
+    "Reshape": _reshape, "Transpose": lambda xs, a: xs[0].permute(a.get("perm", list(range(xs[0].dim()))[::-1])),
+    "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
+    "Concat": lambda xs, a: torch.cat([x for x in xs if x is not None], dim=a["axis"]),
+    "Split": _split, "Slice": _slice, "Gather": _gather,
+    "GatherElements": lambda xs, a: torch.gather(xs[0], a.get("axis", 0), xs[1].long() % xs[0].shape[a.get("axis", 0)]),
+    "Expand": _expand, "Tile": lambda xs, a: xs[0].repeat(_ints(xs[1])),
+    "Shape": lambda xs, a: torch.tensor(xs[0].shape[a.get("start", 0):a.get("end", xs[0].dim())], dtype=torch.int64),
+    "Size": lambda xs, a: torch.tensor(xs[0].numel(), dtype=torch.int64),
+    "Constant": _constant, "ConstantOfShape": _constant_of_shape,
+    "Range": lambda xs, a: torch.arange(xs[0].item(), xs[1].item(), xs[2].item(), dtype=xs[0].dtype),
+    "Dropout": lambda xs, a: xs[0] if a["_n_out"] == 1 else (xs[0], torch.ones_like(xs[0], dtype=torch.bool)),
+    "MaxPool": _pool("Max"), "AveragePool": _pool("Average"),
+    "GlobalAveragePool": lambda xs, a: xs[0].mean(dim=tuple(range(2, xs[0].dim())), keepdim=True),
+    "GlobalMaxPool": lambda xs, a: xs[0].amax(dim=tuple(range(2, xs[0].dim())), keepdim=True),
+    "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce(lambda x, ax, k: x.mean(ax, keepdim=k)), "ReduceSum": _reduce(lambda x, ax, k: x.sum(ax, keepdim=k)),
+    "ReduceMax": _reduce(lambda x, ax, k: x.amax(ax, keepdim=k)), "ReduceMin": _reduce(lambda x, ax, k: x.amin(ax, keepdim=k)),
+    "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin), "Trilu": _trilu, "Pad": _pad,
+}
+SUPPORTED_OPS = tuple(sorted(OPS))
+
+
+# ---- the module -----------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One node to run: its operator, input/output value names, attributes, and the layer it calls (if any)."""
+
+    op: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+    layer: str | None = None
+    pre_pad: list[int] | None = None  # Conv with asymmetric pads: F.pad before the conv layer
+
+
+class OnnxModule(nn.Module):
+    """Runs the converted graph: ``forward(*inputs)`` takes the graph inputs in file order and
+    returns its first output. Layers are submodules (dotted paths); other constants are buffers."""
+
+    def __init__(self, input_names, output_names, steps, layers: dict[str, nn.Module], constants: dict):
+        super().__init__()
+        self.input_names, self.output_names, self.steps = list(input_names), list(output_names), steps
+        for path, module in layers.items():
+            parent = self
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(leaf, module)
+        self.constants = nn.Module()
+        self._constant_keys = {}
+        for i, (name, value) in enumerate(constants.items()):
+            self.constants.register_buffer(f"c{i}", value)
+            self._constant_keys[name] = f"c{i}"
+
+    def forward(self, *inputs):
+        if len(inputs) != len(self.input_names):
+            raise QcoreError(f"the ONNX model takes {len(self.input_names)} inputs "
+                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+        env = dict(zip(self.input_names, inputs))
+        env.update({n: self.constants.get_buffer(k) for n, k in self._constant_keys.items()})
+        for s in self.steps:
+            xs = [env[n] if n else None for n in s.inputs]
+            if s.layer is not None:
+                x = xs[0] if s.pre_pad is None else F.pad(xs[0], s.pre_pad)
+                layer = self.get_submodule(s.layer)
+                if isinstance(layer, nn.Embedding):
+                    x = torch.where(x < 0, x + layer.num_embeddings, x).long()
+                out = layer(x)
+            else:
+                out = OPS[s.op](xs, s.attrs)
+            outs = out if isinstance(out, tuple) else (out,)
+            env.update((n, v) for n, v in zip(s.outputs, outs) if n)
+        return env[self.output_names[0]]
+
+
+# ---- conversion -------------------------------------------------------------------------------------
+def _attrs(node) -> dict:
+    from onnx import AttributeProto, helper, numpy_helper
+
+    out = {}
+    for a in node.attribute:
+        if a.type == AttributeProto.TENSOR:
+            out[a.name] = torch.from_numpy(numpy_helper.to_array(a.t).copy())
+        elif a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+            raise QcoreError(f"operator {node.op_type!r} (node {node.name!r}) has a subgraph (control flow), which "
+                             "the ONNX importer cannot run; export without data-dependent control flow or as .pt2")
+        else:
+            value = helper.get_attribute_value(a)
+            out[a.name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _module_path_from_metadata(node) -> str | None:
+    """The innermost module path torch.onnx.export recorded, e.g. 'enc.linear1' from
+    'namespace' = ': Block/enc: TransformerEncoderLayer/enc.linear1: Linear/linear_2: aten.linear.default'."""
+    for p in node.metadata_props:
+        if p.key == "namespace":
+            parts = [s.split(":")[0].strip() for s in p.value.split("/")]
+            modules = [s for s in parts[:-1] if s]  # the last part names the op, not a module
+            return modules[-1] if modules else None
+    return None
+
+
+_PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+def _sanitise(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
+
+
+def _layer_names(candidates: list[tuple[str | None, str]]) -> list[str]:
+    """Unique, nestable layer paths from (preferred dotted path or None, node name) pairs.
+
+    A path shared by several layers or that is the parent of another layer gets the node name appended
+    (``enc.self_attn`` -> ``enc.self_attn.node_MatMul_1``); a missing or invalid one becomes the node name."""
+    reserved = set(dir(nn.Module())) | {"constants"}
+    wanted = [p if p and _PATH.match(p) and not set(p.split(".")) & reserved else None for p, _ in candidates]
+    names, used = [], set()
+    for path, (_, node_name) in zip(wanted, candidates):
+        node_part = _sanitise(node_name) or f"layer_{len(names)}"
+        shared = path is not None and (wanted.count(path) > 1 or any(o and o.startswith(path + ".") for o in wanted))
+        name = node_part if path is None else f"{path}.{node_part}" if shared else path
+        if name in reserved:
+            name = f"layer_{len(names)}"
+        base, k = name, 1
+        while name in used or any(u.startswith(name + ".") or name.startswith(u + ".") for u in used):
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def _layer_for(node, xs: list, consts: dict, attrs: dict):
+    """(module, pre_pad, weight name) if ``node`` is a weighted layer with a constant weight, else None."""
+    op, names = node.op_type, list(node.input)
+    runtime = [n for n in names if n and n not in consts]
+    if op == "Gemm" and len(names) >= 2 and names[0] in runtime and names[1] in consts \
+            and attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and consts[names[1]].dim() == 2 \
+            and (len(names) < 3 or not names[2] or (names[2] in consts and attrs.get("beta", 1.0) == 1.0)):
+        w = consts[names[1]] if attrs.get("transB", 0) else consts[names[1]].T
+        bias = consts[names[2]] if len(names) > 2 and names[2] else None
+        if bias is not None and bias.numel() not in (1, w.shape[0]):
+            return None
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if bias is not None:
+                lin.bias.copy_(bias.reshape(-1).expand(w.shape[0]))
+        return lin, None, names[1]
+    if op == "MatMul" and names[0] in runtime and names[1] in consts and consts[names[1]].dim() == 2 \
+            and torch.is_floating_point(consts[names[1]]):
+        w = consts[names[1]].T
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        return lin, None, names[1]
+    if op == "Conv" and names[0] in runtime and names[1] in consts and consts[names[1]].dim() in (3, 4):
+        w = consts[names[1]]
+        rank = w.dim() - 2
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise QcoreError(f"Conv node {node.name!r} uses auto_pad={attrs['auto_pad']!r}; export with explicit pads")
+        pads = list(attrs.get("pads", [0] * 2 * rank))
+        sym = pads[:rank] == pads[rank:]
+        bias = consts.get(names[2]) if len(names) > 2 and names[2] else None
+        if len(names) > 2 and names[2] and bias is None:
+            return None
+        cls = nn.Conv1d if rank == 1 else nn.Conv2d
+        groups = attrs.get("group", 1)
+        conv = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=tuple(attrs.get("strides", [1] * rank)),
+                   padding=tuple(pads[:rank]) if sym else 0, dilation=tuple(attrs.get("dilations", [1] * rank)),
+                   groups=groups, bias=bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if bias is not None:
+                conv.bias.copy_(bias)
+        return conv, None if sym else _pads({"pads": pads}, rank), names[1]
+    if op == "Gather" and attrs.get("axis", 0) == 0 and names[0] in consts and names[1] in runtime \
+            and consts[names[0]].dim() == 2 and torch.is_floating_point(consts[names[0]]):
+        return nn.Embedding.from_pretrained(consts[names[0]].clone(), freeze=False), None, names[0]
+    return None
+
+
+def _where(node, index: int) -> str:
+    return f"node {node.name!r}" if node.name else f"node #{index}"
+
+
+def convert(model) -> OnnxModule:
+    """An ``OnnxModule`` computing what the ``onnx.ModelProto`` ``model`` computes (float32)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < MIN_OPSET:
+        raise QcoreError(f"the ONNX model uses opset {opset}; the importer needs opset {MIN_OPSET} or newer: "
+                         "re-export with torch.onnx.export(..., opset_version=17)")
+    consts: dict[str, torch.Tensor] = {}
+    for init in graph.initializer:
+        if init.data_location == 1:  # EXTERNAL
+            raise QcoreError("the ONNX model keeps its weights in external data files; save it as one "
+                             "self-contained .onnx file (onnx.save(model, path, save_as_external_data=False))")
+        t = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        if t.dtype in (torch.float16, torch.bfloat16, torch.float64):
+            raise QcoreError(f"the ONNX model stores weight {init.name!r} as {t.dtype}; export it in float32 "
+                             "(the engine simulates lower precisions itself)")
+        consts[init.name] = t
+    inputs = [i.name for i in graph.input if i.name not in consts]
+    steps, layers, candidates = [], [], []
+    for index, node in enumerate(graph.node):
+        where = _where(node, index)
+        if node.domain not in ("", "ai.onnx") or (node.op_type not in OPS and node.op_type != "Conv"):
+            domain = f" from domain {node.domain!r}" if node.domain not in ("", "ai.onnx") else ""
+            raise QcoreError(f"ONNX operator {node.op_type!r}{domain} ({where}) is not supported by the importer; "
+                             "export the model as a torch.export program (.pt2) instead, or with a different "
+                             f"opset or options that avoid it. Supported: {', '.join(SUPPORTED_OPS + ('Conv',))}")
+        attrs = {**_attrs(node), "_opset": opset, "_n_out": len(node.output)}
+        names = list(node.input)
+        layer = _layer_for(node, names, consts, attrs)
+        if layer is not None:
+            module, pre_pad, weight_name = layer
+            path = weight_name[:-len(".weight")] if weight_name.endswith(".weight") else _module_path_from_metadata(node)
+            candidates.append((path, node.name or f"{node.op_type}_{index}"))
+            layers.append(module)
+            data_input = names[1] if node.op_type == "Gather" else names[0]
+            steps.append(Step(node.op_type, node.name, [data_input], list(node.output), layer=str(len(layers) - 1),
+                              pre_pad=pre_pad))
+            continue
+        if node.op_type == "Conv":
+            raise QcoreError(f"Conv ({where}) has a weight computed at run time or {len(consts.get(names[1], []))}-D; "
+                             "the importer supports Conv1d/Conv2d with constant weights")
+        if all(not n or n in consts for n in names):
+            try:  # constant folding: the node's value is the same for every input
+                out = OPS[node.op_type]([consts[n] if n else None for n in names], attrs)
+            except QcoreError:
+                raise
+            except Exception as e:
+                raise QcoreError(f"ONNX operator {node.op_type!r} ({where}) failed on its constant inputs "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the file may be corrupted") from None
+            consts.update((n, v) for n, v in zip(node.output, out if isinstance(out, tuple) else (out,)) if n)
+            continue
+        steps.append(Step(node.op_type, node.name, names, list(node.output), attrs))
+    names = _layer_names(candidates)
+    for s in steps:
+        if s.layer is not None:
+            s.layer = names[int(s.layer)]
+    used = {n for s in steps for n in s.inputs} | {o.name for o in graph.output}
+    kept = {n: t for n, t in consts.items() if n in used}
+    return OnnxModule(inputs, [o.name for o in graph.output], steps, dict(zip(names, layers)), kept).eval()
+
+
+def input_shapes(model) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]:
+    """(name, shape, dtype) of each graph input that is not a weight; unknown/symbolic dims are None."""
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        if tt.elem_type not in DTYPES:
+            raise QcoreError(f"ONNX input {i.name!r} has element type {tt.elem_type}, which the importer cannot feed")
+        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        out.append((i.name, dims, DTYPES[tt.elem_type]))
+    return out
+
+
+def embedding_sizes(model) -> dict[str, int]:
+    """Graph input -> rows of the constant table it indexes with Gather (token ids: the vocabulary size)."""
+    sizes = {i.name: i.dims[0] for i in model.graph.initializer if len(i.dims) == 2}
+    return {n.input[1]: sizes[n.input[0]] for n in model.graph.node
+            if n.op_type == "Gather" and len(n.input) == 2 and n.input[0] in sizes}

@@ -1,0 +1,585 @@
+"""Per-layer sensitivity: which layers hurt when quantized, and whether their weights or inputs do.
+
+``sweep(workload, candidates, mode, view)`` measures, for every quantizable layer and candidate:
+
+- view ``"only"``    : that one layer quantized, every other layer FP32 (how much the layer costs);
+- view ``"all_but"`` : every layer quantized except that one (how much keeping it in float recovers);
+- mode ``"weights"`` / ``"activations"`` / ``"both"``: quantize the layer's weight, its input, or both,
+  so a user sees whether the weight or the input activations (outliers) are the problem.
+
+Candidates are preset names (``recipe.PRESETS``) or the layer specs of ``LAYER_SPECS`` (``int2`` ..
+``int7``: b-bit symmetric per-channel min-max weights, float activations). A candidate that changes
+nothing for a layer in a mode (a weight-only candidate in ``"activations"`` mode, an Embedding's
+integer input) still gets a row: ``changed`` is false and its numbers are the base model's, measured
+once (the FP32 model for ``"only"``, the all-quantized model for ``"all_but"``).
+
+Each row holds measured numbers: the headline ``metric`` and ``metric_drop`` (FP32 minus metric,
+oriented so that positive is worse), ``sqnr_db`` of the model output against the FP32 reference, and
+the layer's own error with FP32 inputs: ``layer_sqnr_db`` (the layer's output quantized vs FP32),
+``rmse_over_step`` / ``clipped_fraction`` of its weight and ``input_rmse_over_step`` /
+``input_clipped_fraction`` of its input (None when not quantized). ``rank`` 1 is the most sensitive
+layer (``"only"``: largest drop, then lowest SQNR) or the one whose float copy recovers most
+(``"all_but"``), per candidate.
+
+Speed: nothing shared is recomputed. One working copy of the BatchNorm-folded model is changed in
+place (one layer's weight swapped in, then restored), each weight is quantized once per spec, the
+calibration statistics and FP32 reference outputs come from the workload, and each run replays the
+recorded outputs of every module that finished before the perturbed layer started (the unaffected
+prefix of the network) instead of recomputing it. A model whose cost per sample is large is swept on
+an evenly spaced subset of the evaluation data (``SWEEP_FLOPS``); the result says how many samples.
+
+Results are cached in memory and on disk (``cache_dir``, default ``$QCORE_CACHE_DIR`` or
+``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (weights,
+architecture, data, metric), the candidates, mode, view and the qcore source code, so every user of
+one server shares a sweep. A cancelled sweep (``should_stop()`` true) raises ``SweepCancelled`` and
+caches nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import QcoreError
+from .granularity import to_blocks
+from .metrics import SQNR_EXACT_DB, sqnr_db
+from .quantize import QuantizedTensor, check_finite, quantize
+from .recipe import PRESETS, LayerPlan, Recipe, TensorSpec, preset
+from .simulate import input_quantizer, modules_by_name, needs_calibration
+from .workload import Workload
+
+MODES = ("weights", "activations", "both")
+VIEWS = ("only", "all_but")
+LAYER_SPECS = {f"int{b}": {"weights": {"format": f"int{b}", "granularity": "per_channel", "symmetric": True,
+                                       "range": "minmax"}, "activations": None} for b in range(2, 8)}
+SWEEP_FLOPS = 32e9  # multiply-add FLOPs of Linear/Conv layers per forward pass over the sweep's samples
+MIN_SWEEP_SAMPLES = 16
+MEMORY_CACHE_SIZE = 32
+
+
+class SweepCancelled(QcoreError):
+    """The sweep was stopped by ``should_stop``; nothing was cached."""
+
+
+# ---- candidates ------------------------------------------------------------------------------
+def candidate_recipe(name: str, layer_shapes: dict[str, tuple[int, ...]]) -> Recipe:
+    """A candidate (preset or ``LAYER_SPECS`` name) as a whole-model Recipe."""
+    if name in PRESETS:
+        return preset(name, layer_shapes)
+    if name in LAYER_SPECS:
+        return Recipe.from_dict({"name": name, **LAYER_SPECS[name]})
+    raise QcoreError(f"unknown candidate {name!r}; use a preset ({', '.join(PRESETS)}) "
+                     f"or a layer spec ({', '.join(LAYER_SPECS)})")
+
+
+def check_candidates(candidates) -> list[str]:
+    """The candidate names, stripped and de-duplicated in order; QcoreError if empty or unknown."""
+    if isinstance(candidates, str):
+        candidates = candidates.split(",")
+    names = list(dict.fromkeys(c.strip() for c in candidates if c and c.strip()))
+    if not names:
+        raise QcoreError("give at least one candidate, e.g. int8-dynamic,int4-weight-only")
+    for name in names:
+        candidate_recipe(name, {})
+    return names
+
+
+def mode_plan(plan: LayerPlan, mode: str, kind: str) -> LayerPlan:
+    """The part of ``plan`` that ``mode`` quantizes (fp32 specs and Embedding inputs count as none)."""
+    w = plan.weights if mode in ("weights", "both") else None
+    a = plan.activations if mode in ("activations", "both") and kind != "Embedding" else None
+    return LayerPlan(None if w is None or w.format == "fp32" else w, None if a is None or a.format == "fp32" else a)
+
+
+def _plans(workload: Workload, candidate: str, mode: str) -> dict[str, LayerPlan]:
+    recipe = candidate_recipe(candidate, workload.layer_shapes)
+    return {n: mode_plan(recipe.plan(n), mode, info.kind) for n, info in workload.layers.items()}
+
+
+def _override(plan: LayerPlan) -> dict | None:
+    if plan.is_float:
+        return None
+    return {"weights": plan.weights.to_dict() if plan.weights else None,
+            "activations": plan.activations.to_dict() if plan.activations else None}
+
+
+def _overrides(plans: dict[str, LayerPlan]) -> MappingProxyType:
+    return MappingProxyType({n: _override(p) for n, p in plans.items()})
+
+
+def recipe_for(workload: Workload, layer: str, candidate: str, mode: str = "both", view: str = "only") -> Recipe:
+    """The recipe a sweep row measures: ``layer`` alone quantized (only) or kept in float (all_but)."""
+    plans = _plans(workload, candidate, mode)
+    if view == "only":
+        layers = {layer: _override(plans[layer])}
+    else:
+        layers = {n: (None if n == layer else _override(p)) for n, p in plans.items()}
+    return Recipe.from_dict({"name": f"{candidate}/{mode}/{view}/{layer}", "weights": None,
+                             "activations": None, "layers": layers})
+
+
+# ---- error statistics ------------------------------------------------------------------------
+def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
+    """Root-mean-square quantization error in units of the grid step: sqrt(mean(((x' - x) / step)^2)).
+
+    Rounding to a uniform grid without clipping gives 1/sqrt(12) ~= 0.289; clipping pushes it up.
+    The step is the block's scale for integer grids and, for float and codebook grids, the mean
+    spacing to the neighbours of the value x' lands on. None for fp32 (no grid).
+    """
+    s = qt.spec
+    fmt = s.fmt
+    if fmt.family == "identity" or x.numel() == 0:
+        return None
+    xb = to_blocks(x.detach().float(), s.granularity, s.axis, s.group_size)
+    qb = to_blocks(qt.dequantize(), s.granularity, s.axis, s.group_size)
+    scale = qt.scale[:, None] if qt.scale is not None else torch.ones(1, 1)
+    if fmt.family == "int":
+        step = scale
+    else:
+        grid = fmt.values().float()
+        i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)  # index of the grid value x' is on
+        lower, upper = grid[(i - 1).clamp(min=0)], grid[(i + 1).clamp(max=len(grid) - 1)]
+        step = (upper - lower) / ((i > 0).float() + (i < len(grid) - 1).float()) * scale
+    return float(((qb - xb) / step).double().pow(2).mean().sqrt())
+
+
+def _db(signal: float, noise: float) -> float:
+    """SQNR in dB from summed squares, with the same limits as ``metrics.sqnr_db``."""
+    if noise == 0.0:
+        return SQNR_EXACT_DB
+    if signal == 0.0:
+        return -SQNR_EXACT_DB
+    return max(min(10.0 * math.log10(signal / noise), SQNR_EXACT_DB), -SQNR_EXACT_DB)
+
+
+class _LayerError:
+    """Accumulates, over batches, a layer's output error and its input's quantization statistics."""
+
+    def __init__(self):
+        self.signal = self.noise = 0.0
+        self.input_sq = self.input_clipped = self.input_n = 0.0
+
+    def hook(self, fp32_weight: torch.Tensor, wq: torch.Tensor | None, aq):
+        """A forward hook (with kwargs) recomputing the layer quantized on its FP32 input."""
+        def hook(module, args, kwargs, output):
+            x = args[0]
+            if aq is not None and torch.is_floating_point(x):
+                check_finite(x, f"the input of layer {aq.name!r}")
+                qx = aq.quantize(x)
+                r = rmse_over_step(qx, x)
+                self.input_sq += (r or 0.0) ** 2 * x.numel()
+                self.input_clipped += qx.clipped_fraction(x) * x.numel()
+                self.input_n += x.numel()
+                args = (qx.dequantize().to(x.dtype),) + tuple(args[1:])
+            if wq is not None:
+                module.weight.copy_(wq)
+            try:
+                yq = module.forward(*args, **kwargs)
+            finally:
+                if wq is not None:
+                    module.weight.copy_(fp32_weight)
+            y = output.double()
+            self.signal += float((y ** 2).sum())
+            self.noise += float(((yq.double() - y) ** 2).sum())
+        return hook
+
+    def row(self) -> dict:
+        n = self.input_n
+        return {"layer_sqnr_db": _db(self.signal, self.noise),
+                "input_rmse_over_step": math.sqrt(self.input_sq / n) if n else None,
+                "input_clipped_fraction": self.input_clipped / n if n else None}
+
+
+# ---- reusing the unaffected prefix -------------------------------------------------------------
+def _call_order(model, layers, batch) -> tuple[dict[str, tuple[int, int]], set[str], float]:
+    """Run ``batch`` once recording, per module name, (first start, last end) event numbers, the names
+    called exactly once, and the Linear/Conv multiply-add FLOPs per sample."""
+    events, spans, calls, flops = [0], {}, {}, [0.0]
+
+    def pre(name):
+        def hook(module, args):
+            events[0] += 1
+            calls[name] = calls.get(name, 0) + 1
+            spans.setdefault(name, [events[0], None])
+        return hook
+
+    def post(name):
+        def hook(module, args, output):
+            events[0] += 1
+            spans[name][1] = events[0]
+            if layers.get(name) is not None and layers[name].kind != "Embedding" and torch.is_tensor(output):
+                flops[0] += 2.0 * module.weight.numel() * output.numel() / module.weight.shape[0]
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+    try:
+        with torch.no_grad():
+            model(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    order = {n: (s, e) for n, (s, e) in spans.items() if e is not None}
+    return order, {n for n, c in calls.items() if c == 1}, flops[0] / max(len(batch[0]), 1)
+
+
+def _replay_set(model, target: str, order, once: set[str]) -> list[str]:
+    """The largest modules whose every call ends before ``target`` starts: their outputs do not depend
+    on ``target``, so a run perturbing ``target`` can replay them. Modules holding a tensor that shares
+    storage with the target's weight (tied weights) are recomputed."""
+    start = order[target][0]
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ptr = modules[target].weight.data_ptr()
+    tied = {n for n, m in modules.items() if n != target and any(
+        p is not None and p.data_ptr() == ptr for p in list(m._parameters.values()) + list(m._buffers.values()))}
+    keep = {n for n in modules if n and any(t == n or t.startswith(n + ".") for t in tied)}
+    found = []
+
+    def visit(prefix, module):
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if name == target or name not in order:
+                continue
+            if target.startswith(name + ".") or name in keep or name not in once:
+                if order[name][0] < start:
+                    visit(name, child)
+            elif order[name][1] < start and "forward" not in child.__dict__:
+                found.append(name)
+
+    visit("", model)
+    return found
+
+
+def _clone(output):
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output)
+
+
+class _Runner:
+    """One working copy of the folded FP32 model; layers are switched to quantized in place."""
+
+    def __init__(self, workload: Workload):
+        fp32 = workload.folded[0]
+        self.model = copy.deepcopy(fp32).eval()
+        self.fp32_weights = {n: m.weight for n, m in modules_by_name(fp32, workload.layers).items()}
+        self.layers = modules_by_name(self.model, workload.layers)
+        self.input_hooks: dict[str, object] = {}
+        self.batches: list[tuple] = []
+        self.batch = 0
+
+    def set_layer(self, name: str, weight: torch.Tensor | None = None, aq=None) -> None:
+        """Layer ``name`` computes with ``weight`` (None: its FP32 weight) and input quantizer ``aq``."""
+        module = self.layers[name]
+        with torch.no_grad():
+            module.weight.copy_(self.fp32_weights[name] if weight is None else weight)
+        old = self.input_hooks.pop(name, None)
+        if old is not None:
+            old.remove()
+        if aq is not None:
+            self.input_hooks[name] = module.register_forward_pre_hook(aq)
+
+    def run(self, replay: dict[str, list] | None = None, record=(), layer_hooks=None):
+        """Model outputs over the batches, concatenated, and the recorded outputs of ``record`` modules
+        (name -> one per batch). ``replay`` modules return their recorded outputs instead of computing."""
+        recorded = {n: [] for n in record}
+        handles = [self.model.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: recorded[n].append(_clone(out))) for n in record]
+        handles += [self.layers[n].register_forward_hook(h, with_kwargs=True) for n, h in (layer_hooks or {}).items()]
+        for name, outputs in (replay or {}).items():
+            self.model.get_submodule(name).forward = lambda *a, _outs=outputs, **k: _clone(_outs[self.batch])
+        try:
+            outs = []
+            with torch.no_grad():
+                for self.batch, b in enumerate(self.batches):
+                    outs.append(self.model(*b).float())
+        finally:
+            for h in handles:
+                h.remove()
+            for name in replay or {}:
+                del self.model.get_submodule(name).forward
+        return torch.cat(outs), recorded
+
+
+# ---- the sweep -------------------------------------------------------------------------------
+def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: str = "only",
+          progress: Callable[[float, str], None] | None = None, cache_dir: str | os.PathLike | None = None,
+          should_stop: Callable[[], bool] | None = None) -> dict:
+    """Per-layer sensitivity of ``workload`` to each candidate (see the module docstring)::
+
+        {"model", "metric", "higher_is_better", "fp32_metric", "candidates", "mode", "view",
+         "samples", "evaluation_samples", "base": {candidate: {"metric", "sqnr_db"}}, "notes",
+         "rows": [{"layer", "kind", "candidate", "mode", "view", "changed", "metric", "metric_drop",
+                   "sqnr_db", "layer_sqnr_db", "rmse_over_step", "clipped_fraction",
+                   "input_rmse_over_step", "input_clipped_fraction", "rank"(, "recovered")}]}
+    """
+    candidates = check_candidates(candidates)
+    if mode not in MODES:
+        raise QcoreError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if view not in VIEWS:
+        raise QcoreError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
+    key = cache_key(workload, candidates, mode, view)
+    with _lock_for(key):
+        with _LOCKS_GUARD:
+            text = _MEMORY.get(key)
+        text = text or _read_disk(cache_dir, key)
+        if text is None:
+            text = json.dumps(_compute(workload, candidates, mode, view, progress, should_stop))
+            _write_disk(cache_dir, key, text)
+        with _LOCKS_GUARD:
+            _MEMORY[key] = text
+            _MEMORY.move_to_end(key)
+            while len(_MEMORY) > MEMORY_CACHE_SIZE:
+                _MEMORY.popitem(last=False)
+    if progress:
+        progress(1.0, "done")
+    return json.loads(text)
+
+
+def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:
+    """Evenly spaced evaluation samples whose forward pass costs at most ``SWEEP_FLOPS`` (all if cheap)."""
+    n = n_total
+    if flops_per_sample * n_total > SWEEP_FLOPS:
+        n = min(n_total, max(MIN_SWEEP_SAMPLES, int(SWEEP_FLOPS // flops_per_sample)))
+    return torch.arange(n_total) if n == n_total else torch.linspace(0, n_total - 1, n).round().long()
+
+
+def _compute(workload, candidates, mode, view, progress, should_stop) -> dict:
+    task, layers = workload.task, workload.layers
+    plans = {c: _plans(workload, c, mode) for c in candidates}
+    calibration = workload.calibration_stats() if any(
+        needs_calibration(Recipe(layers=_overrides(plans[c])), layers) for c in candidates) else None
+    runner = _Runner(workload)
+    evaluation = workload.evaluation
+    order, once, flops = _call_order(runner.model, layers, tuple(t[:2] for t in evaluation.inputs))
+    index = _sweep_index(len(evaluation), flops)
+    runner.batches = evaluation.subset(index).batches(workload.batch_size)
+    reference = workload.reference_outputs[index]
+    labels = None if evaluation.labels is None else evaluation.labels[index]
+    fp32_metric = float(task.metrics(reference, reference, labels)[task.headline])
+    replay = {n: _replay_set(runner.model, n, order, once) for n in layers if n in order}
+    recorded_names = sorted({m for ms in replay.values() for m in ms})
+    notes = [] if len(index) == len(evaluation) else [
+        f"swept on {len(index)} of {len(evaluation)} evaluation samples (evenly spaced) to keep the sweep fast"]
+    notes += [f"layer {n!r} is never reached by the evaluation data: quantizing it changes nothing"
+              for n in layers if n not in order]
+
+    def score(outputs) -> tuple[float, float]:
+        return float(task.metrics(outputs, reference, labels)[task.headline]), sqnr_db(outputs, reference)
+
+    quantizers = {c: {n: input_quantizer(n, layers[n].kind, p.activations, calibration) for n, p in plans[c].items()}
+                  for c in candidates}
+    changed = {c: [n for n in layers if n in order and (plans[c][n].weights is not None or quantizers[c][n])]
+               for c in candidates}
+    total = sum(1 + (view == "all_but") + len(changed[c]) for c in candidates) + 1
+    done = [0]
+
+    def step(message: str):
+        if should_stop and should_stop():
+            raise SweepCancelled("the sensitivity sweep was cancelled; nothing was cached (run it again to finish)")
+        if progress:
+            progress(done[0] / total, message)
+        done[0] += 1
+
+    weights: dict[tuple[str, TensorSpec], tuple] = {}
+    rows, base, fp32_record, checked = [], {}, None, False
+    for ci, c in enumerate(candidates):
+        plan, aqs = plans[c], quantizers[c]
+        for key in [k for k in weights if all(plans[d][k[0]].weights != k[1] for d in candidates[ci:])]:
+            del weights[key]  # no later candidate uses this quantized weight
+        wq, wstats = {}, {}
+        for n in changed[c]:
+            spec = plan[n].weights
+            if spec is not None:
+                if (n, spec) not in weights:
+                    w = runner.fp32_weights[n].detach()
+                    check_finite(w, f"the weight of layer {n!r}")
+                    qt = quantize(w, spec)
+                    weights[n, spec] = (qt.dequantize().to(w.dtype), rmse_over_step(qt, w), qt.clipped_fraction(w))
+                wq[n] = weights[n, spec][0]
+                wstats[n] = {"rmse_over_step": weights[n, spec][1], "clipped_fraction": weights[n, spec][2]}
+
+        # 1. every layer recomputed quantized on its FP32 input (its own error); in view "only" this
+        #    FP32 run is also the base whose module outputs are replayed.
+        step(f"{c}: layer errors")
+        errors = {n: _LayerError() for n in changed[c]}
+        hooks = {n: errors[n].hook(runner.fp32_weights[n], wq.get(n), aqs[n]) for n in changed[c]}
+        record = recorded_names if view == "only" and fp32_record is None else ()
+        outputs, rec = runner.run(record=record, layer_hooks=hooks)
+        if view == "only":
+            if fp32_record is None:
+                fp32_record, base_outputs = rec, outputs
+            base[c] = dict(zip(("metric", "sqnr_db"), score(base_outputs)))
+            record_now = fp32_record
+        else:  # 2. the all-quantized base
+            step(f"{c}: everything quantized")
+            for n in changed[c]:
+                runner.set_layer(n, wq.get(n), aqs[n])
+            base_outputs, record_now = runner.run(record=recorded_names)
+            base[c] = dict(zip(("metric", "sqnr_db"), score(base_outputs)))
+        if not checked:  # replaying must reproduce the base exactly; otherwise recompute everything
+            step("checking prefix reuse")
+            last = max(replay, key=lambda n: order[n][0]) if replay else None
+            if last is not None and replay[last]:
+                again, _ = runner.run(replay={m: record_now[m] for m in replay[last]})
+                if not torch.allclose(again, base_outputs, rtol=1e-5, atol=1e-6 * float(base_outputs.abs().max())):
+                    replay = {n: [] for n in replay}
+                    notes.append("prefix reuse disabled: replaying recorded module outputs did not reproduce the "
+                                 "model (a module with state or side effects); every run recomputes the whole model")
+            checked = True
+
+        # 3. one run per layer, replaying the unaffected prefix
+        for n, info in layers.items():
+            row = {"layer": n, "kind": info.kind, "candidate": c, "mode": mode, "view": view,
+                   "changed": n in changed[c], "weight_format": plan[n].weights.format if plan[n].weights else "fp32",
+                   "input_format": aqs[n].spec.format if aqs[n] else "fp32"}
+            if n in changed[c]:
+                step(f"{c}: {n}")
+                if view == "only":
+                    runner.set_layer(n, wq.get(n), aqs[n])
+                else:
+                    runner.set_layer(n)
+                outputs, _ = runner.run(replay={m: record_now[m] for m in replay[n]})
+                if view == "only":
+                    runner.set_layer(n)
+                else:
+                    runner.set_layer(n, wq.get(n), aqs[n])
+                metric, sqnr = score(outputs)
+                stats = {**errors[n].row(), **wstats.get(n, {"rmse_over_step": None, "clipped_fraction": None})}
+            else:
+                metric, sqnr = base[c]["metric"], base[c]["sqnr_db"]
+                stats = {"layer_sqnr_db": SQNR_EXACT_DB, "rmse_over_step": None, "clipped_fraction": None,
+                         "input_rmse_over_step": None, "input_clipped_fraction": None}
+            drop = fp32_metric - metric if task.higher_is_better else metric - fp32_metric
+            row.update(metric=metric, metric_drop=drop, sqnr_db=sqnr, **stats)
+            if view == "all_but":
+                row["recovered"] = (metric - base[c]["metric"]) * (1 if task.higher_is_better else -1)
+            rows.append(row)
+        for n in changed[c]:
+            runner.set_layer(n)
+        del record_now
+    _rank(rows, view)
+    return {"model": workload.name, "metric": task.headline, "higher_is_better": task.higher_is_better,
+            "fp32_metric": fp32_metric, "candidates": candidates, "mode": mode, "view": view,
+            "samples": len(index), "evaluation_samples": len(evaluation), "base": base, "notes": notes,
+            "rows": rows}
+
+
+def _rank(rows: list[dict], view: str) -> None:
+    """rank 1 = most sensitive (only) / recovers most when kept in float (all_but), per candidate."""
+    sign = 1 if view == "only" else -1
+    for c in dict.fromkeys(r["candidate"] for r in rows):
+        group = [r for r in rows if r["candidate"] == c]
+        group.sort(key=lambda r: (-sign * r["metric_drop"], sign * r["sqnr_db"]))
+        for i, r in enumerate(group, 1):
+            r["rank"] = i
+
+
+# ---- caching ---------------------------------------------------------------------------------
+_MEMORY: OrderedDict[str, str] = OrderedDict()
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+_FINGERPRINTS: "weakref.WeakKeyDictionary[Workload, str]" = weakref.WeakKeyDictionary()
+
+
+def clear_memory_cache() -> None:
+    with _LOCKS_GUARD:
+        _MEMORY.clear()
+
+
+def _lock_for(key: str) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())
+
+
+def code_version() -> str:
+    """Hash of every qcore source file and the torch version: results change when either does."""
+    if not hasattr(code_version, "value"):
+        h = hashlib.blake2b(torch.__version__.encode(), digest_size=16)
+        root = Path(__file__).resolve().parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+        code_version.value = h.hexdigest()
+    return code_version.value
+
+
+def fingerprint(workload: Workload) -> str:
+    """Hash of what a workload's results depend on: name, architecture, weights, data, metric."""
+    if workload in _FINGERPRINTS:
+        return _FINGERPRINTS[workload]
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(t: torch.Tensor | None):
+        if t is None:
+            h.update(b"none")
+            return
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    task = workload.task
+    h.update(repr((workload.name, task.kind, task.headline, task.higher_is_better, workload.batch_size)).encode())
+    h.update(repr(workload.model).encode())
+    for m in workload.model.modules():
+        h.update(str(getattr(m, "code", "")).encode() if hasattr(m, "graph") else b"")
+    for name, t in sorted(workload.model.state_dict().items()):
+        h.update(name.encode())
+        add(t)
+    for data in (workload.calibration, workload.evaluation):
+        for t in data.inputs:
+            add(t)
+        add(data.labels)
+    _FINGERPRINTS[workload] = h.hexdigest()
+    return _FINGERPRINTS[workload]
+
+
+def cache_key(workload: Workload, candidates: list[str], mode: str, view: str) -> str:
+    parts = [fingerprint(workload), list(candidates), mode, view, code_version()]
+    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
+
+
+def cache_path(cache_dir: str | os.PathLike | None, key: str) -> Path:
+    """``<cache_dir>/sensitivity/<key>.json``; cache_dir defaults to $QCORE_CACHE_DIR or ~/.cache/qcore."""
+    root = Path(cache_dir or os.environ.get("QCORE_CACHE_DIR") or Path.home() / ".cache" / "qcore")
+    return root / "sensitivity" / f"{key}.json"
+
+
+def _read_disk(cache_dir, key: str) -> str | None:
+    path = cache_path(cache_dir, key)
+    try:
+        text = path.read_text(encoding="utf-8")
+        json.loads(text)
+        return text
+    except (OSError, ValueError):
+        return None  # absent or unreadable: compute again (and overwrite)
+
+
+def _write_disk(cache_dir, key: str, text: str) -> None:
+    """Write atomically: a temporary file in the same directory, then ``os.replace``."""
+    path = cache_path(cache_dir, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise QcoreError(f"cannot write the sweep cache at {path.parent} ({e.strerror}); "
+                         "set QCORE_CACHE_DIR or --cache-dir to a writable directory") from None

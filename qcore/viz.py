@@ -1,0 +1,214 @@
+"""Plotly figures for the app: pure functions, numbers in, ``plotly.graph_objects.Figure`` out.
+
+The numbers come from ``qcore.explain`` / ``qcore.summary``; nothing here quantizes. Conventions
+every figure shares, so tests (and readers) can find things:
+
+- a clipping range is a pair of vertical line shapes named after its range method (``minmax``,
+  ``percentile``, ``mse``, ``entropy``, ``moving_average``) at ``x0 == lo`` and ``x0 == hi``;
+- histograms are ``go.Bar`` traces named ``"values"`` whose ``y`` are the counts;
+- representable values are a ``go.Scatter`` named ``"representable values"`` on a strip under
+  the histogram (at most ``MAX_DRAWN_LEVELS`` are drawn; the legend says when fewer are shown).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+MAX_DRAWN_LEVELS = 1024
+METHOD_COLORS = {"minmax": "#1f77b4", "percentile": "#ff7f0e", "mse": "#2ca02c", "entropy": "#d62728",
+                 "moving_average": "#9467bd", "static (calibrated)": "#1f77b4"}
+METHOD_DASHES = {"minmax": "solid", "percentile": "dash", "mse": "dashdot", "entropy": "dot", "moving_average": "longdash"}
+FIELD_COLORS = {"sign": "#d62728", "exponent": "#2ca02c", "mantissa": "#1f77b4"}
+DATA_COLOR, GRID_COLOR, WORST_COLOR, BAR_COLOR = "#9aa5b1", "#111827", "#d62728", "#4c78a8"
+HEIGHT = 360
+
+
+def human_bytes(n: float) -> str:
+    """``1536 -> '1.50 KiB'`` (binary units; bytes below 1 KiB are exact)."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def _layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = "", height: int = HEIGHT) -> go.Figure:
+    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    if x_title:
+        fig.update_xaxes(title_text=x_title)
+    if y_title:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def _range_lines(fig: go.Figure, ranges: dict[str, tuple[float, float]]) -> None:
+    """One pair of full-height vertical lines per range method, one legend entry each."""
+    for method, (lo, hi) in ranges.items():
+        color = METHOD_COLORS.get(method, "#555")
+        for i, x in enumerate((lo, hi)):
+            fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="paper", name=method,
+                          legendgroup=method, showlegend=i == 0, line=dict(color=color, width=2, dash=METHOD_DASHES.get(method, "dash")))
+
+
+def _histogram_bars(counts, edges, name: str = "values") -> go.Bar:
+    e = _np(edges).astype(float)
+    return go.Bar(x=(e[1:] + e[:-1]) / 2, y=_np(counts).astype(float), width=np.diff(e), name=name,
+                  marker=dict(color=DATA_COLOR, line=dict(width=0)), hovertemplate="%{x:.4g}: %{y:,.0f}<extra></extra>")
+
+
+def distribution(counts, edges, ranges: dict[str, tuple[float, float]] | None = None, levels=None,
+                 title: str = "", x_title: str = "value", log_y: bool = False) -> go.Figure:
+    """Histogram of values (``counts`` (B,) over ``edges`` (B+1,)) with each method's clipping range
+    as vertical lines and, if ``levels`` is given, the representable values on a strip below."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.85, 0.15], vertical_spacing=0.02)
+    fig.add_trace(_histogram_bars(counts, edges), row=1, col=1)
+    if levels is not None:
+        lv = _np(levels).astype(float)
+        stride = max(1, int(np.ceil(len(lv) / MAX_DRAWN_LEVELS)))
+        name = "representable values" if stride == 1 else f"representable values (every {stride}th of {len(lv):,})"
+        fig.add_trace(go.Scatter(x=lv[::stride], y=np.zeros(len(lv[::stride])), mode="markers", name=name,
+                                 marker=dict(symbol="line-ns-open", size=16, color=GRID_COLOR, line=dict(width=1)),
+                                 hovertemplate="%{x:.5g}<extra>representable</extra>"), row=2, col=1)
+    _range_lines(fig, ranges or {})
+    fig.update_yaxes(type="log" if log_y else "linear", title_text="count", row=1, col=1)
+    fig.update_yaxes(visible=False, row=2, col=1)
+    fig.update_xaxes(title_text=x_title, row=2, col=1)
+    fig.update_layout(bargap=0)
+    return _layout(fig, title, height=HEIGHT + 60)
+
+
+def bit_layout(layouts: dict[str, list[tuple[str, int]]]) -> go.Figure:
+    """One horizontal bar per format (name -> [(field, bits)], most significant first), split into
+    its fields; the bar's length is the bits per value."""
+    fig = go.Figure()
+    names = list(layouts)
+    for name in names:
+        start = 0
+        for field, bits in layouts[name]:
+            key = field.split(" ")[0]
+            fig.add_trace(go.Bar(y=[name], x=[bits], base=start, orientation="h", name=field, legendgroup=field,
+                                 showlegend=not any(t.name == field for t in fig.data),
+                                 marker=dict(color=FIELD_COLORS.get(key, "#7f7f7f"), line=dict(color="white", width=2)),
+                                 text=f"{field} {bits}" if bits > 1 else "s", textposition="inside",
+                                 insidetextanchor="middle", hovertemplate=f"{name}: {field}, {bits} bits<extra></extra>"))
+            start += bits
+    fig.update_layout(barmode="overlay", yaxis=dict(autorange="reversed"))
+    return _layout(fig, "Bits of one stored value", "bits", height=110 + 45 * len(names))
+
+
+def sqnr_vs_bits(rows: list[dict]) -> go.Figure:
+    """Error against bit width (rows of ``explain.bitwidth_sweep``): SQNR (dB) left, MSE (log) right."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("SQNR (dB, higher is better)", "mean squared error (log)"))
+    for method in dict.fromkeys(r["range"] for r in rows):
+        rs = [r for r in rows if r["range"] == method]
+        style = dict(color=METHOD_COLORS.get(method), width=2)
+        bits = [r["bits"] for r in rs]
+        fig.add_trace(go.Scatter(x=bits, y=[r["sqnr_db"] for r in rs], name=method, legendgroup=method,
+                                 mode="lines+markers", line=style), row=1, col=1)
+        fig.add_trace(go.Scatter(x=bits, y=[r["mse"] for r in rs], name=method, legendgroup=method, showlegend=False,
+                                 mode="lines+markers", line=style), row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(title_text="bits", dtick=1)
+    return _layout(fig, "Integer grids: error against bit width (per-tensor)")
+
+
+def clipping_tradeoff(result: dict) -> go.Figure:
+    """Rounding, clipping and total error against the clip threshold (``explain.clipping_tradeoff``),
+    with the threshold each range method picks marked on the total."""
+    fig = go.Figure()
+    t = result["threshold"]
+    for key, color, dash in (("rounding", "#4c78a8", "dot"), ("clipping", "#f58518", "dot"), ("total", "#111827", "solid")):
+        fig.add_trace(go.Scatter(x=t, y=result[key], name=f"{key} error", mode="lines", line=dict(color=color, dash=dash, width=2)))
+    for method, m in result["methods"].items():
+        fig.add_trace(go.Scatter(x=[m["threshold"]], y=[m["total"]], name=method, mode="markers+text", text=[method],
+                                 textposition="top center", marker=dict(size=12, color=METHOD_COLORS.get(method),
+                                                                        line=dict(color="white", width=1))))
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Where to clip: rounding error against clipping error", "clip threshold t (range [-t, t])",
+                   "mean squared error (log)")
+
+
+def error_histogram(counts, edges, step: float | None = None) -> go.Figure:
+    """Histogram of the quantization error w' - w; ``step`` (the grid spacing) marks +-step/2, the
+    largest error rounding alone can make on a uniform grid."""
+    fig = go.Figure(_histogram_bars(counts, edges))
+    if step:
+        for i, x in enumerate((-step / 2, step / 2)):
+            fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, yref="paper", name="± step / 2", legendgroup="half",
+                          showlegend=i == 0, line=dict(color="#555", dash="dot"))
+    fig.update_layout(bargap=0)
+    return _layout(fig, "Quantization error w' − w", "error", "count")
+
+
+def channel_ranges(result: dict, per_tensor: tuple[float, float] | None = None) -> go.Figure:
+    """Each output channel's [min, max] as a bar (``explain.channel_ranges``, widest first) with the
+    one range a per-tensor scale must cover drawn across."""
+    mn, mx = _np(result["min"]).astype(float), _np(result["max"]).astype(float)
+    rank = np.arange(len(mn))
+    fig = go.Figure(go.Bar(x=rank, y=mx - mn, base=mn, name="channel range", marker=dict(color=BAR_COLOR, line=dict(width=0)),
+                           customdata=_np(result["channel"]), hovertemplate="channel %{customdata}: [%{base:.4g}, %{y:.4g} wide]<extra></extra>"))
+    lo, hi = per_tensor if per_tensor else (result["tensor_min"], result["tensor_max"])
+    for i, y in enumerate((lo, hi)):
+        fig.add_shape(type="line", x0=0, x1=1, xref="paper", y0=y, y1=y, name="per-tensor range", legendgroup="tensor",
+                      showlegend=i == 0, line=dict(color=WORST_COLOR, dash="dash", width=2))
+    fig.update_layout(bargap=0.05)
+    return _layout(fig, "Per-channel ranges (widest first) against the per-tensor range", "output channel (sorted)", "weight value")
+
+
+def layer_sqnr(rows: list[dict]) -> go.Figure:
+    """SQNR per layer (rows of ``explain.layer_sqnr``), the worst layer in red."""
+    names = [r["name"] for r in rows]
+    values = [r["sqnr_db"] for r in rows]
+    worst = int(np.argmin(values)) if values else -1
+    colors = [WORST_COLOR if i == worst else BAR_COLOR for i in range(len(rows))]
+    fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors, name="SQNR (dB)",
+                           text=[f"{v:.1f}" for v in values], textposition="outside"))
+    return _layout(fig, "Weight SQNR per layer (worst in red)", "layer", "SQNR (dB)")
+
+
+def preset_sizes(rows: list[dict]) -> go.Figure:
+    """Model size under each preset (rows of ``summary.preset_sizes``), labelled with the fraction of FP32."""
+    fp32 = max(r["size_bytes"] for r in rows)
+    unit, div = ("MiB", 2**20) if fp32 >= 2**20 else ("KiB", 1024)
+    fig = go.Figure(go.Bar(x=[r["preset"] for r in rows], y=[r["size_bytes"] / div for r in rows], marker_color=BAR_COLOR,
+                           name="size", customdata=[r["size_bytes"] for r in rows],
+                           text=[f"{human_bytes(r['size_bytes'])} ({100 * r['fraction_of_fp32']:.0f}%)" for r in rows],
+                           textposition="outside", hovertemplate="%{x}: %{customdata:,} bytes<extra></extra>"))
+    return _layout(fig, "Model size under each preset (share of FP32)", "preset", f"size ({unit})")
+
+
+def outlier_channels(result: dict) -> go.Figure:
+    """Max |x| per input channel, largest first (``explain.outlier_channels``), with the median."""
+    a = _np(result["absmax"]).astype(float)
+    fig = go.Figure(go.Bar(x=np.arange(len(a)), y=a, name="channel max |x|", customdata=_np(result["channel"]),
+                           marker=dict(color=BAR_COLOR, line=dict(width=0)),
+                           hovertemplate="channel %{customdata}: %{y:.4g}<extra></extra>"))
+    fig.add_shape(type="line", x0=0, x1=1, xref="paper", y0=result["median"], y1=result["median"], name="median channel",
+                  showlegend=True, line=dict(color=WORST_COLOR, dash="dash", width=2))
+    fig.update_layout(bargap=0.05)
+    return _layout(fig, f"Channels by max |x| (largest is {result['ratio']:.1f}× the median)", "input channel (sorted)", "max |x|")
+
+
+def static_vs_dynamic(batch_ranges: list[tuple[float, float]], static: dict[str, tuple[float, float]]) -> go.Figure:
+    """Each batch's own [min, max] (what a dynamic quantizer uses) as bars, and the fixed ranges of
+    static quantization (name -> (lo, hi)) as horizontal lines across."""
+    lo = np.array([r[0] for r in batch_ranges], dtype=float)
+    hi = np.array([r[1] for r in batch_ranges], dtype=float)
+    fig = go.Figure(go.Bar(x=np.arange(1, len(lo) + 1), y=hi - lo, base=lo, name="dynamic: range of each batch",
+                           marker=dict(color=DATA_COLOR, line=dict(width=0)),
+                           hovertemplate="batch %{x}: [%{base:.4g}, +%{y:.4g}]<extra></extra>"))
+    for method, (a, b) in static.items():
+        for i, y in enumerate((a, b)):
+            fig.add_shape(type="line", x0=0, x1=1, xref="paper", y0=y, y1=y, name=f"static: {method}", legendgroup=method,
+                          showlegend=i == 0, line=dict(color=METHOD_COLORS.get(method, "#555"), dash="dash", width=2))
+    fig.update_layout(bargap=0.15)
+    return _layout(fig, "Static (one calibrated range) against dynamic (a range per batch)", "batch", "input value")
