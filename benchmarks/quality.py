@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -32,6 +33,7 @@ from qcore import Recipe, preset, zoo
 from qcore.granularity import fan_in
 
 warnings.filterwarnings("ignore")
+logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs one warning per 1-D weight
 
 
 def _metric(w, outputs: torch.Tensor) -> float:
