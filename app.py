@@ -26,6 +26,10 @@ page = st.navigation([
     st.Page("pages/formats.py", title="Formats", icon=":material/straighten:"),
     st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
     st.Page("pages/activations.py", title="Activations", icon=":material/bolt:"),
+    st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/troubleshoot:", url_path="sensitivity"),
+    st.Page("pages/mixed_precision.py", title="Mixed precision", icon=":material/tune:", url_path="mixed-precision"),
+    st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:", url_path="tradeoffs"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:", url_path="export"),
 ])
 
 
@@ -78,5 +82,11 @@ with st.sidebar:
     key, workload = state.active()
     st.caption(f"Showing **{workload.name}**: {len(workload.layers)} quantizable layers, "
                f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
+    state.sync_url(key, workload)  # the recipe <-> ?preset=&layers= (the link reproduces the view)
+    preset_name, overrides, _ = state.current(key, workload)
+    st.caption(f"Recipe: **{preset_name}**" + (f" with {len(overrides)} layer override(s)" if overrides else "")
+               + ". The page's address reproduces the model, the recipe and the page.")
+    if st.session_state.get(state.URL_ERROR):
+        st.error(st.session_state[state.URL_ERROR], icon=":material/link_off:")
 
 page.run()

@@ -41,6 +41,12 @@ def main(argv=None) -> int:
     ap.add_argument("--write-readme", action="store_true", help="replace the README's benchmark section")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else BENCHMARKS
+    if unknown := sorted(set(names) - set(BENCHMARKS)):
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if args.write_readme and not (README.is_file() and START in README.read_text() and END in README.read_text()):
+        print(f"{README} has no {START} ... {END} section: add the two markers where the results belong",
+              file=sys.stderr)
+        return 2  # checked before running anything: the full run takes minutes
     parts = [f"Measured on: {machine()}{' (quick mode)' if args.quick else ''}.\n"]
     for name in names:
         module = importlib.import_module(f"benchmarks.{name}")
@@ -53,9 +59,6 @@ def main(argv=None) -> int:
         print(parts[-1], flush=True)
     if args.write_readme:
         text = README.read_text()
-        if START not in text or END not in text:
-            print(f"README has no {START} ... {END} section", file=sys.stderr)
-            return 2
         head, rest = text.split(START, 1)
         README.write_text(head + START + "\n" + "\n".join(parts) + "\n" + END + rest.split(END, 1)[1])
     return 0

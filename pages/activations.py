@@ -11,18 +11,18 @@ ACTIVATION_FORMATS = ["int8", "int4", "int6", "int16", "fp8_e4m3", "fp8_e5m2", "
 
 key, w = state.active()
 st.title("Activations: what each layer receives")
-st.write(
+formulas.intro(
     "Weights are known before the model runs; activations (the inputs of each layer) are not. **Static** "
     f"quantization runs {len(w.calibration):,} calibration samples through the model once, records what every "
     "layer receives, and fixes each input's clipping range from that. Below, pick a layer to see its inputs, the "
     "range each method would fix, the channels that stretch the range, and how a **dynamic** range (re-measured "
-    "on every batch) moves compared with one static range."
-)
-with st.expander("Formulas: scale, zero-point, clipping, SQNR, calibration"):
-    st.markdown(formulas.QUANTIZE + formulas.RANGES + formulas.CALIBRATION)
+    "on every batch) moves compared with one static range.",
+    formulas.QUANTIZE, formulas.RANGES, formulas.CALIBRATION,
+    title="Formulas: scale, zero-point, clipping, SQNR, calibration")
 
 bar, advance = state.progress_bar("Calibrating: running the calibration data through the model…")
-stats = w.calibration_stats(progress=advance)
+with formulas.error_box():  # an uploaded model's data can produce NaN/Inf inputs
+    stats = w.calibration_stats(progress=advance)
 bar.empty()
 layers = [n for n, s in stats.items() if s.numel > 0]
 if not layers:
@@ -78,7 +78,8 @@ st.subheader("Static or dynamic?")
 sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= len(w.calibration)]
 batch = st.select_slider("Batch size for the dynamic view", sizes, value=min(16, sizes[-1]), key="act_batch",
                          persist_state="session")
-per_batch = state.batch_ranges(key, w, batch)[layer]
+with formulas.error_box():
+    per_batch = state.batch_ranges(key, w, batch)[layer]
 st.write(f"Each grey bar is the range a dynamic quantizer would use for one batch of {batch} calibration samples; "
          "the lines are the one range static quantization fixes for all of them. A dynamic range fits each batch "
          "(finer steps) at the cost of measuring it at run time.")

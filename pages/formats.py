@@ -14,15 +14,14 @@ FORMATS_VALUES = 2**16  # a layer's weights are sampled down to this many values
 
 key, w = state.active()
 st.title("Formats: which numbers can a quantized value take?")
-st.write(
+formulas.intro(
     "A quantized number can only take a few values: the **grid** of its format. Below, the grey histogram is a "
     "set of numbers (a made-up distribution or a real layer's weights) and the black ticks under it are the "
     "values the format can represent after scaling. Every number is replaced by its nearest tick; numbers beyond "
     "the clipping range (coloured lines) are pulled to its edge. Change the format, the bits or the range method "
-    "and watch the ticks, the error and the SQNR move."
-)
-with st.expander("Formulas: scale, zero-point, rounding, clipping, SQNR"):
-    st.markdown(formulas.QUANTIZE + formulas.FLOAT + formulas.RANGES)
+    "and watch the ticks, the error and the SQNR move.",
+    formulas.QUANTIZE, formulas.FLOAT, formulas.RANGES,
+    title="Formulas: scale, zero-point, rounding, clipping, SQNR")
 
 c1, c2, c3, c4 = st.columns(4)
 source = c1.selectbox("Values to quantize", [*explain.DISTRIBUTIONS, LAYER], key="formats_source", persist_state="session")
@@ -52,7 +51,8 @@ spec = state.spec_from(spec)
 if sampled:
     st.caption(sampled)
 
-numbers = explain.format_numbers(x, spec)
+with formulas.error_box():  # a layer's weights holding NaN/Inf cannot be given a range
+    numbers = explain.format_numbers(x, spec)
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("Levels", f"{numbers['levels']:,}", help="how many different codes the format has")
 if numbers["smallest_step"] is None:

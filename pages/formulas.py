@@ -1,4 +1,34 @@
-"""The formulas the pages show in their "Formulas" expanders (Markdown with LaTeX). Not a page."""
+"""What every page shows the same way: a few plain sentences on what the user is looking at, an
+expander with the formulas behind it (Markdown with LaTeX), and user errors as an error box.
+
+Not a page (``app.py`` lists the pages). A page starts with ``intro(text, QUANTIZE, RANGES, ...)`` and
+wraps engine calls that can fail on the user's input in ``with error_box():``.
+"""
+
+from contextlib import contextmanager
+
+import streamlit as st
+
+from qcore.errors import QcoreError
+
+
+def intro(text: str, *formulas: str, title: str = "Formulas: scale, zero-point, rounding, clipping, SQNR") -> None:
+    """``text`` (Markdown) and, below it, a collapsed expander holding the ``formulas`` parts in order."""
+    st.write(text)
+    with st.expander(title):
+        st.markdown("\n".join(formulas))
+
+
+@contextmanager
+def error_box():
+    """Show a ``QcoreError`` raised inside as one error box (its message says what to do) and stop
+    the page there; what was loaded before stays as it was. Programming errors are not caught."""
+    try:
+        yield
+    except QcoreError as e:
+        st.error(str(e), icon=":material/error:")
+        st.stop()
+
 
 QUANTIZE = r"""
 **Scale and zero-point.** A clip range $[lo, hi]$ is mapped onto the $2^b$ integer codes
@@ -62,4 +92,15 @@ method then works on that histogram (values $x_i$ = bin centres, weighted by the
 ($m \leftarrow m + 0.01\,(m_{\text{batch}} - m)$, as PyTorch's observer).
 **Dynamic** quantization computes $[lo, hi]$ from each batch at run time: no calibration, always
 fitted to the batch, but it costs a min/max pass per batch and cannot be folded ahead of time.
+"""
+
+SIZE = r"""
+**Size.** A weight tensor with $n$ values quantized to $b$ bits in $B$ blocks (1 per tensor, one per
+output channel, or one per group of $g$ values) costs
+
+$$\text{bytes} = \left\lceil \tfrac{n\,b}{8} \right\rceil + 4B\ (\text{float32 scales}) + \left\lceil \tfrac{B\,b}{8} \right\rceil\ (\text{zero-points, affine only})$$
+
+so the **bits per weight** are $b + 32B/n$ plus the zero-points: int4 in groups of 32 costs $4 + 32/32 = 5$
+bits before zero-points. FP16/BF16 are plain casts: 16 bits and no scale. Sizes are theoretical storage,
+not a file on disk.
 """

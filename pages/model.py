@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from pages import formulas, state
 from qcore import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.size import float_bytes
@@ -11,24 +11,11 @@ from qcore.size import float_bytes
 key, w = state.active()
 st.title(f"Model: {w.name}")
 st.write(w.description or "A model you uploaded.")
-st.write(
+formulas.intro(
     "Quantization stores each weight in fewer bits than the 32 of a float. Only the weights of the layers "
     "below (Linear, Conv, Embedding) are quantized; biases, norms and everything else keep their float size. "
-    "The table shows where the parameters are: a layer that holds most of them decides most of the size."
-)
-with st.expander("Formulas: how sizes are counted"):
-    st.markdown(
-        r"""
-A weight tensor with $n$ values quantized to $b$ bits in $B$ blocks (1 per tensor, one per output
-channel, or one per group of $g$ values) costs
-
-$$\text{bytes} = \left\lceil \tfrac{n\,b}{8} \right\rceil + 4B\ (\text{float32 scales}) + \left\lceil \tfrac{B\,b}{8} \right\rceil\ (\text{zero-points, affine only})$$
-
-so the **bits per weight** are $b + 32B/n$ plus the zero-points: int4 in groups of 32 costs $4 + 32/32 = 5$
-bits before zero-points. FP16/BF16 are plain casts: 16 bits and no scale. Sizes are theoretical storage,
-not a file on disk.
-"""
-    )
+    "The table shows where the parameters are: a layer that holds most of them decides most of the size.",
+    formulas.SIZE, formulas.QUANTIZE, title="Formulas: how sizes are counted; scale, zero-point, rounding, SQNR")
 
 fp32_bytes = float_bytes(w.model)
 params = sum(p.numel() for p in w.model.parameters())
@@ -63,7 +50,7 @@ st.dataframe(pd.DataFrame([{"preset": r["preset"], "size (bytes)": r["size_bytes
                  "bits per weight": st.column_config.NumberColumn(format="%.2f", help="quantized layers only, scales included")})
 
 st.subheader("Data and metric")
-with st.spinner("Running the FP32 model on the evaluation data…"):
+with st.spinner("Running the FP32 model on the evaluation data…"), formulas.error_box():
     fp32_metrics = w.fp32_metrics
 headline = w.task.headline
 d1, d2, d3 = st.columns(3)

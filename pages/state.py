@@ -8,10 +8,14 @@ object per zoo model for every session, never modified (recipes are applied to c
 
 from __future__ import annotations
 
+import base64
+import json
+
 import streamlit as st
 
 from qcore import explain, summary, zoo
-from qcore.recipe import TensorSpec
+from qcore.errors import QcoreError
+from qcore.recipe import PRESETS, Recipe, TensorSpec, preset
 
 # ---- session-state keys (the only place they are spelled) ----------------------------------------
 SOURCE = "model_source"  # "zoo" | "upload"
@@ -98,3 +102,317 @@ def bitwidth_sweep(key: str, what: str, symmetric: bool, _x) -> list[dict]:
 @st.cache_data(show_spinner="Sweeping the clip threshold…", max_entries=64)
 def clipping_tradeoff(key: str, what: str, spec: dict, _x) -> dict:
     return explain.clipping_tradeoff(_x, spec_from(spec))
+
+
+# ---- the recipe the decide pages share (Sensitivity, Mixed precision, Trade-offs, Export) --------
+# One recipe per workload, kept as a preset name plus per-layer overrides (recipe.Recipe layer
+# entries, only for layers that differ from the preset). The same pair is the URL:
+# ?preset=int8-static&layers=<url-safe base64 of the overrides as compact JSON>.
+RECIPES = "recipes"  # {workload key: {"preset": str, "layers": {layer: override | None}}}
+URL_RESTORED = "url_recipe_restored"  # the link's recipe was read once this session
+URL_ERROR = "url_recipe_error"  # one-line message when the link's recipe could not be used
+EDITOR_VERSION = "recipe_editor_version"  # bumped when the recipe changes outside the table editor
+SWEEP = "sweep_settings"  # {"key", "candidates", "mode", "view"} of the last sweep the Sensitivity page ran
+USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated on the Mixed precision page
+SEARCH = "search_result"  # {workload key: qcore.search.search result}
+DEFAULT_PRESET = "int8-static"
+DEFAULT_CANDIDATES = ["int8-static", "int4-weight-only", "int2"]
+PRESET_PARAM, LAYERS_PARAM = "preset", "layers"
+MAX_LAYERS_PARAM_CHARS = 200_000
+
+
+def encode_layers(layers: dict) -> str:
+    """Per-layer overrides -> url-safe base64 (no padding) of their compact JSON."""
+    text = json.dumps(layers, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_layers(text: str) -> dict:
+    """Inverse of ``encode_layers``; QcoreError when the text is not such an encoding."""
+    try:
+        if len(text) > MAX_LAYERS_PARAM_CHARS:
+            raise ValueError("too long")
+        layers = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
+        if not isinstance(layers, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding ({e}); "
+                         "copy the whole link again or remove that parameter") from None
+    return layers
+
+
+def build_recipe(w, preset_name: str, layers: dict) -> Recipe:
+    """The preset with ``layers`` overrides applied, validated against ``w``'s layers."""
+    base = preset(preset_name, w.layer_shapes).to_dict()
+    recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
+                               "layers": {**base["layers"], **layers}})
+    recipe.check_against(w.layer_shapes)
+    return recipe
+
+
+def _override(base: Recipe, layer: str, target) -> tuple[bool, dict | None]:
+    """(needed, override) turning ``base``'s plan for ``layer`` into the LayerPlan ``target``."""
+    plan = base.plan(layer)
+    if plan == target:
+        return False, None
+    if target.is_float:
+        return True, None
+    short, full = {}, {}
+    for part in ("weights", "activations"):
+        t, b = getattr(target, part), getattr(plan, part)
+        if t == b:
+            continue
+        full[part] = short[part] = None if t is None else t.to_dict()
+        if t is not None and b is not None:
+            short[part] = {k: v for k, v in t.to_dict().items() if v != getattr(b, k)}
+    return True, short if base.with_layer(layer, short).plan(layer) == target else full
+
+
+def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
+    """``(preset, overrides)`` reproducing ``recipe`` on ``w``: of ``presets``, the one needing the
+    shortest overrides."""
+    best = None
+    for name in presets:
+        base = preset(name, w.layer_shapes)
+        layers = {}
+        for layer in w.layers:
+            needed, override = _override(base, layer, recipe.plan(layer))
+            if needed:
+                layers[layer] = override
+        if best is None or len(json.dumps(layers)) < len(json.dumps(best[1])):
+            best = (name, layers)
+    return best
+
+
+def current(key: str, w) -> tuple[str, dict, Recipe]:
+    """``(preset, overrides, Recipe)`` of the recipe the user is building for workload ``key``."""
+    entry = st.session_state.setdefault(RECIPES, {}).get(key) or {"preset": DEFAULT_PRESET, "layers": {}}
+    return entry["preset"], entry["layers"], build_recipe(w, entry["preset"], entry["layers"])
+
+
+def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool = True) -> None:
+    """Store the recipe (validated first: QcoreError leaves the old one); reset the table's edits."""
+    build_recipe(w, preset_name, layers)
+    st.session_state.setdefault(RECIPES, {})[key] = {"preset": preset_name, "layers": dict(layers)}
+    if reset_editor:
+        st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
+
+
+def sync_url(key: str, w) -> None:
+    """Once per session read ``?preset=&layers=`` into the recipe; afterwards write the recipe to them."""
+    params = st.query_params
+    if not st.session_state.get(URL_RESTORED):
+        st.session_state[URL_RESTORED] = True
+        if PRESET_PARAM in params or LAYERS_PARAM in params:
+            try:
+                name = params.get(PRESET_PARAM, DEFAULT_PRESET)
+                if name not in PRESETS:
+                    raise QcoreError(f"the link's preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
+                set_current(key, w, name, decode_layers(params.get(LAYERS_PARAM, "")) if params.get(LAYERS_PARAM) else {})
+            except QcoreError as e:
+                st.session_state[URL_ERROR] = f"The link's recipe was not loaded: {e}"
+    name, layers, _ = current(key, w)
+    wanted = {PRESET_PARAM: name if (name != DEFAULT_PRESET or layers) else None,
+              LAYERS_PARAM: encode_layers(layers) if layers else None}
+    for param, value in wanted.items():
+        if value is None and param in params:
+            del params[param]
+        elif value is not None and params.get(param) != value:
+            params[param] = value
+
+
+def switch_page(page: str) -> None:
+    """``st.switch_page`` keeping the query parameters (the model and the recipe)."""
+    st.switch_page(page, query_params=st.query_params.to_dict())
+
+
+# ---- the per-layer table of the Mixed precision page ---------------------------------------------
+WEIGHT_CHOICES = ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int6", "int5", "int4", "int3", "int2", "nf4"]
+INPUT_CHOICES = ["float", "int8 static", "int8 dynamic", "int16 static", "fp8_e4m3 dynamic", "fp16", "bf16"]
+NEW_WEIGHTS = TensorSpec(format="int8", granularity="per_channel")  # options a float layer's row starts from
+
+
+def input_label(spec: TensorSpec | None) -> str:
+    """How the table names an input spec: "float", "fp16" (a plain cast) or "<format> static|dynamic"."""
+    if spec is None:
+        return "float"
+    if spec.fmt.family == "float" and not spec.scaled:
+        return spec.format
+    return f"{spec.format} {'dynamic' if spec.dynamic else 'static'}"
+
+
+def input_spec(label: str, old: TensorSpec | None) -> TensorSpec | None:
+    """Inverse of ``input_label``: ``old`` when it has that label, else the usual spec for it."""
+    if label == input_label(old):
+        return old
+    if label == "float":
+        return None
+    fmt, _, how = label.partition(" ")
+    if not how:
+        return TensorSpec.from_dict({"format": fmt}, "inputs", True)
+    extra = {"symmetric": False} if fmt.startswith("int") else {"scaled": True}
+    return TensorSpec.from_dict({"format": fmt, "range": "minmax", "dynamic": how == "dynamic", **extra}, "inputs", True)
+
+
+def table_rows(w, recipe: Recipe, drops: dict | None = None) -> list[dict]:
+    """One editable row per quantizable layer; ``drops`` maps layer -> estimated metric drop."""
+    from qcore.size import weight_bytes
+
+    rows = []
+    for name, info in w.layers.items():
+        plan = recipe.plan(name)
+        spec = plan.weights or NEW_WEIGHTS
+        rows.append({"layer": name, "type": info.kind, "weight shape": "×".join(map(str, info.weight_shape)),
+                     "weights": plan.weights.format if plan.weights else "fp32", "granularity": spec.granularity,
+                     "group size": spec.group_size, "symmetric": spec.symmetric, "range": spec.range,
+                     "inputs": input_label(plan.activations) if info.kind != "Embedding" else "float",
+                     "size (bytes)": weight_bytes(info.weight_shape, plan.weights)["total"],
+                     "drop (estimate)": (drops or {}).get(name)})
+    return rows
+
+
+def apply_rows(w, recipe: Recipe, rows: list[dict]) -> Recipe:
+    """``recipe`` with every layer set to what its (possibly edited) table row says."""
+    from qcore.recipe import LayerPlan
+
+    for row in rows:
+        layer = row["layer"]
+        plan = recipe.plan(layer)
+        weights = None
+        if row["weights"] != "fp32":
+            old = plan.weights or NEW_WEIGHTS
+            d = {**old.to_dict(), "format": row["weights"], "granularity": row["granularity"],
+                 "group_size": int(row["group size"]), "symmetric": bool(row["symmetric"]), "range": row["range"]}
+            family = TensorSpec.from_dict({"format": row["weights"]}).fmt.family
+            if family != "int":
+                d["symmetric"] = True
+            if family != "float":
+                d["scaled"] = False
+            elif row["weights"] != old.format:
+                d["scaled"] = row["weights"].startswith("fp8")
+            if family == "codebook" and old.format != row["weights"]:
+                d["granularity"], d["group_size"] = "per_group", 64  # NF4 is defined per block of 64
+            weights = TensorSpec.from_dict(d, f"layer {layer} weights")
+        inputs = input_spec(row["inputs"], plan.activations) if w.layers[layer].kind != "Embedding" else plan.activations
+        target = LayerPlan(weights, inputs)
+        if target != plan:
+            recipe = recipe.with_layer(layer, None if target.is_float else {
+                "weights": weights.to_dict() if weights else None, "activations": inputs.to_dict() if inputs else None})
+    return recipe
+
+
+# ---- sensitivity: the sweep with a progress bar, and the estimate it gives a recipe --------------
+SMALL_MODEL_WEIGHTS = 2_000_000  # above this, sweeps / evaluations of many recipes start on a click
+
+
+def small(w) -> bool:
+    """Whether ``w`` is small enough to sweep and evaluate without asking (the digits models are)."""
+    return sum(i.params for i in w.layers.values()) <= SMALL_MODEL_WEIGHTS
+
+
+def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> dict:
+    """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar."""
+    from qcore import sensitivity
+
+    bar = st.progress(0.0, text="Sensitivity sweep…")
+    result = sensitivity.sweep(w, candidates, mode, view,
+                               progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0), text=f"Sweep: {msg}"))
+    bar.empty()
+    return result
+
+
+def estimate(w, recipe: Recipe, result: dict) -> dict:
+    """Metric ESTIMATE for ``recipe`` from a "both"/"only" sweep: the FP32 metric minus the sum of the
+    measured single-layer drops of each quantized layer's spec (drops rarely add exactly; never a
+    measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``."""
+    from qcore.sensitivity import candidate_recipe, mode_plan
+
+    rows = {(r["layer"], r["candidate"]): r for r in result["rows"]}
+    plans = {c: candidate_recipe(c, w.layer_shapes) for c in result["candidates"]}
+    drops, missing = {}, []
+    for name, info in w.layers.items():
+        plan = mode_plan(recipe.plan(name), "both", info.kind)
+        if plan.is_float:
+            drops[name] = 0.0
+            continue
+        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r.plan(name), "both", info.kind) == plan]
+        if match:
+            drops[name] = rows[(name, match[0])]["metric_drop"]
+        else:
+            missing.append(name)
+    sign = 1.0 if result["higher_is_better"] else -1.0
+    return {"metric": result["fp32_metric"] - sign * sum(drops.values()), "drops": drops, "missing": missing}
+
+
+@st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)
+def evaluate(key: str, _w, recipe_json: str) -> dict:
+    """``Workload.evaluate`` (measured), cached per workload and recipe."""
+    return _w.evaluate(Recipe.from_json(recipe_json))
+
+
+def totals(w, recipe: Recipe) -> dict:
+    """``size_bytes`` and ``fp32_bytes`` of the whole model (``Workload.size``), ``bits_per_weight``
+    over the quantizable layers' weights (scales included) and ``float_share``: the fraction of
+    those weights kept in FP32."""
+    size = w.size(recipe)
+    weights = sum(r["fp32_bytes"] for r in size["layers"])
+    return {"size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"],
+            "bits_per_weight": 32 * sum(r["size_bytes"] for r in size["layers"]) / weights if weights else 32.0,
+            "float_share": sum(r["fp32_bytes"] for r in size["layers"] if r["format"] == "fp32") / weights if weights else 1.0}
+
+
+def remember(key: str, recipe: Recipe) -> None:
+    """Keep ``recipe`` among the user's recipes of workload ``key`` (shown on Trade-offs and Export)."""
+    mine = st.session_state.setdefault(USER_RECIPES, {}).setdefault(key, {})
+    if recipe.to_dict() not in mine.values():
+        label = recipe.name if recipe.name not in mine else f"{recipe.name} #{len(mine) + 1}"
+        mine[label] = recipe.to_dict()
+
+
+# ---- latency: measured by the runtime where it ran, a hardware-profile estimate elsewhere ---------
+MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
+LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": the recipe exported and timed with "
+                "ONNX Runtime on this machine (layers no CPU runtime executes run in FP32; the source says how many). "
+                "\"estimate\": a roofline prediction (max of memory and compute time per layer) from a hardware "
+                "profile, not a measurement.")
+
+
+def recipe_id(recipe: Recipe) -> str:
+    return json.dumps({**recipe.to_dict(), "name": None}, sort_keys=True)  # the same recipe under any name
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _roofline(key: str, _w, recipe_json: str, profile: str) -> dict:
+    from qcore import hardware
+
+    return hardware.roofline(_w, Recipe.from_json(recipe_json), profile)
+
+
+def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict:
+    """``{label: {"latency_ms", "source"}}`` for each recipe: measured when ``measure_latencies`` ran
+    it (this machine only), else the roofline estimate on ``profile`` (source ``"estimate (<profile>)"``)."""
+    measured = st.session_state.get(MEASURED, {}).get(key, {}) if profile == "this-machine" else {}
+    out = {}
+    for label, recipe in recipes.items():
+        if recipe_id(recipe) in measured:
+            out[label] = measured[recipe_id(recipe)]
+        else:
+            est = _roofline(key, w, recipe.to_json(), profile)
+            out[label] = {"latency_ms": est["total"]["latency_ms"], "source": f"estimate ({est['profile']})"}
+    return out
+
+
+def measure_latencies(key: str, w, recipes: dict) -> None:
+    """Time every recipe with ``runtime.bench`` (ONNX Runtime, this machine) and keep the results."""
+    from qcore import runtime
+
+    measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
+    bar = st.progress(0.0)
+    for i, (label, recipe) in enumerate(recipes.items()):
+        bar.progress(i / len(recipes), text=f"Timing {label} with ONNX Runtime ({i + 1}/{len(recipes)})…")
+        if recipe_id(recipe) not in measured:
+            result = runtime.bench(w, recipe, batch_size=1)
+            fp32_layers = len(result["unsupported"])
+            measured[recipe_id(recipe)] = {"latency_ms": result["quantized"]["latency_ms_batch1"]["median"],
+                                            "source": "measured" + (f" ({fp32_layers} layer(s) ran in FP32)" if fp32_layers else "")}
+    bar.empty()

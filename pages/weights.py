@@ -12,14 +12,13 @@ AUTO_ALL_LAYERS = 2_000_000  # models with more weights compute the all-layers v
 
 key, w = state.active()
 st.title("Weights: what quantization does to one layer")
-st.write(
+formulas.intro(
     "Pick a layer and a way to quantize it. The histogram shows its weights, the black ticks the grid they are "
     "rounded to (one scale for the whole tensor), and the coloured lines the clipping range each range method "
     "would choose. Below: the error each weight gets, why one scale per output channel usually beats one per "
-    "tensor, and which layer of the model suffers most."
-)
-with st.expander("Formulas: scale, zero-point, rounding, clipping, SQNR, granularity"):
-    st.markdown(formulas.QUANTIZE + formulas.RANGES + formulas.GRANULARITY)
+    "tensor, and which layer of the model suffers most.",
+    formulas.QUANTIZE, formulas.RANGES, formulas.GRANULARITY,
+    title="Formulas: scale, zero-point, rounding, clipping, SQNR, granularity")
 
 c1, c2, c3, c4 = st.columns(4)
 layer = c1.selectbox("Layer", list(w.layers), key=f"weights_layer:{key}", persist_state="session",
@@ -41,7 +40,8 @@ if spec["granularity"] == "per_group":
     spec["group_size"] = c4.select_slider("Group size", [16, 32, 64, 128], value=64, key="weights_group", persist_state="session")
 spec = state.spec_from(spec)
 
-report = state.weight_report(key, w, layer, spec.to_dict())
+with formulas.error_box():  # e.g. an uploaded weight holding NaN/Inf
+    report = state.weight_report(key, w, layer, spec.to_dict())
 for note in (report["note"], report["fallback"] and f"For this layer the {report['fallback']}."):
     if note:
         st.info(note, icon=":material/info:")
@@ -79,7 +79,8 @@ st.subheader("Every layer under this spec")
 total = sum(info.params for info in w.layers.values())
 if st.toggle(f"Quantize all {len(w.layers)} layers", total <= AUTO_ALL_LAYERS, key=f"weights_all:{key}",
              help="on by default for small models; big models take a while, mse and entropy longest"):
-    rows = state.layer_sqnr(key, w, spec.to_dict())
+    with formulas.error_box():
+        rows = state.layer_sqnr(key, w, spec.to_dict())
     worst = min(rows, key=lambda r: r["sqnr_db"])
     st.plotly_chart(viz.layer_sqnr(rows), width="stretch")
     st.write(f"Worst layer: **{worst['name']}** at {worst['sqnr_db']:.1f} dB. Weight SQNR says how much each "

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import zipfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,10 @@ def _reading(what: str, hint: str):
         raise QcoreError(f"{what} could not be read ({_first_line(e)}); {hint}") from None
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes:,} bytes"
+
+
 def _checked_file(path, kinds: tuple[str, ...], what: str, max_bytes: int | None) -> Path:
     p = Path(path)
     if not p.is_file():
@@ -110,7 +115,7 @@ def _checked_file(path, kinds: tuple[str, ...], what: str, max_bytes: int | None
     limit = MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
     size = p.stat().st_size
     if size > limit:
-        raise QcoreError(f"{p.name} is {size / 2**20:.1f} MiB, above the limit of {limit / 2**20:.1f} MiB; "
+        raise QcoreError(f"{p.name} is {_size(size)}, above the limit of {_size(limit)}; "
                          "use a smaller file or raise the limit (env QCORE_MAX_UPLOAD_MB)")
     if size == 0:
         raise QcoreError(f"{p.name} is empty")
@@ -239,6 +244,73 @@ def _screen_pt2(p: Path) -> None:
             stack.extend(item.values())
 
 
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)  # aten.convNd(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _as_torch_module(leaf: nn.Module) -> nn.Module | None:
+    """An unflattened leaf whose graph is one ``aten.conv1d/2d`` or inference ``aten.batch_norm`` call on
+    its own parameters, rebuilt as the ``nn.Conv1d/2d`` / ``nn.BatchNorm1d/2d`` it was (same tensors)."""
+    graph = getattr(leaf, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or next(leaf.children(), None) is not None:
+        return None
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if len(calls) != 1 or len(placeholders) != 1 or output.args[0] is not calls[0] or calls[0].kwargs:
+        return None
+    call, target = calls[0], str(calls[0].target)
+
+    def value(a):
+        return getattr(leaf, a.target) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a
+    args = [value(a) for a in call.args]
+    if args[0] is not placeholders[0] or not all(isinstance(a, (torch.Tensor, int, float, bool, list, tuple, type(None)))
+                                                 for a in args[1:]):
+        return None
+    rank = {"aten.conv1d.default": 1, "aten.conv2d.default": 2}.get(target)
+    if rank is not None:
+        _, w, bias, stride, padding, dilation, groups = args + list(_CONV_DEFAULTS[len(args):])
+        module = (nn.Conv1d if rank == 1 else nn.Conv2d)(
+            w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias is not None)
+        state = {"weight": w} if bias is None else {"weight": w, "bias": bias}
+    elif target == "aten.batch_norm.default" and len(args) >= 8 and args[5] is False and all(
+            isinstance(t, torch.Tensor) for t in args[1:5]):
+        gamma, beta, mean, var = args[1:5]
+        module = nn.BatchNorm2d(len(mean), eps=args[7], momentum=args[6])
+        state = {"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var}
+    else:
+        return None
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
+def _is_chain(module: nn.Module) -> bool:
+    """True if ``module``'s graph calls its children once each, in order, each on the previous output."""
+    graph, names = getattr(module, "graph", None), list(module._modules)
+    if not isinstance(graph, torch.fx.Graph) or not names:
+        return False
+    nodes = list(graph.nodes)
+    if [n.op for n in nodes] != ["placeholder"] + ["call_module"] * len(names) + ["output"]:
+        return False
+    calls = nodes[1:-1]
+    return ([n.target for n in calls] == names and all(n.args == (prev,) and not n.kwargs for prev, n in zip(nodes, calls))
+            and nodes[-1].args[0] is calls[-1])
+
+
+def _restore_module_types(root: nn.Module) -> None:
+    """Give an unflattened program back the module types BatchNorm folding looks for: Conv and BatchNorm
+    leaves become ``nn.Conv*d`` / ``nn.BatchNorm2d``, and a container that just chains its children becomes
+    an ``nn.Sequential`` -- so a ``.pt2`` CNN is folded exactly like the source model."""
+    deepest_first = sorted(root.named_modules(), key=lambda item: -len(item[0].split(".")) if item[0] else 0)
+    for _, parent in deepest_first:
+        for name, child in list(parent.named_children()):
+            restored = _as_torch_module(child)
+            if restored is None and _is_chain(child) and child is not root:
+                restored = nn.Sequential(OrderedDict(child._modules))
+            if restored is not None:
+                setattr(parent, name, restored)
+
+
 def _load_pt2(p: Path, allow_pickle: bool) -> LoadedModel:
     with _reading(p.name, "the file is truncated or corrupted, or was saved by an incompatible torch version; "
                           "save it again with torch.export.save"):
@@ -247,6 +319,7 @@ def _load_pt2(p: Path, allow_pickle: bool) -> LoadedModel:
         ep = torch.export.load(str(p))
         module = torch.export.unflatten(ep)
     module.check_input_constraints = False  # batch sizes are probed and data shapes checked by load_workload
+    _restore_module_types(module)
     args, kwargs = ep.example_inputs if ep.example_inputs else ((), {})
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     fakes = [placeholders[name].meta.get("val") for name in ep.graph_signature.user_inputs]
@@ -265,20 +338,43 @@ def _load_pt2(p: Path, allow_pickle: bool) -> LoadedModel:
             and not torch.is_floating_point(example) else (0, 1)
         specs.append(InputSpec(shape, dynamic, fake.dtype, int_range))
         batch = dims[0] if i == 0 and dims[0] else batch
-    notes = []
-    if any("batch_norm" in str(n.target) for n in ep.graph.nodes):
-        notes.append("BatchNorm layers of an exported program stay as exported (not folded into the convolutions)")
-    return LoadedModel(module.eval(), "torch.export", specs, batch, notes)
+    for sub in module.modules():  # drop the traced fake tensors (symbolic batch sizes cannot be deep-copied)
+        if isinstance(getattr(sub, "graph", None), torch.fx.Graph):
+            for node in sub.graph.nodes:
+                node.meta = {k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta}
+    return LoadedModel(module.eval(), "torch.export", specs, batch)
 
 
 # ---- ONNX, TorchScript, state dicts, pickles ---------------------------------------------------------
-def _load_onnx(p: Path) -> LoadedModel:
+def _load_external_data(proto, p: Path, limit: int) -> None:
+    """Weights the exporter wrote beside the model (torch.onnx.export's default ``model.onnx.data``):
+    read them if they sit in the same folder under a plain file name and fit the size limit."""
+    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+
+    files = {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}
+    if not files:
+        return
+    hint = "export a single file with torch.onnx.export(..., external_data=False)"
+    for name in files:
+        if Path(name).name != name or not (p.parent / name).is_file():
+            raise QcoreError(f"{p.name} keeps its weights in a separate file {name!r}, which is not beside it; {hint}")
+    total = p.stat().st_size + sum((p.parent / name).stat().st_size for name in files)
+    if total > limit:
+        raise QcoreError(f"{p.name} and its weight file are {_size(total)}, above the limit of {_size(limit)}; "
+                         "use a smaller model or raise the limit (env QCORE_MAX_UPLOAD_MB)")
+    with _reading(p.name, f"its weight file is truncated or corrupted; {hint}"):
+        load_external_data_for_model(proto, str(p.parent))
+
+
+def _load_onnx(p: Path, limit: int) -> LoadedModel:
     import onnx
 
     from . import onnx_import
 
     with _reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
         proto = onnx.load(str(p), load_external_data=False)
+    _load_external_data(proto, p, limit)
+    with _reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
         onnx.checker.check_model(proto)
     model = onnx_import.convert(proto)
     vocab = onnx_import.embedding_sizes(proto)
@@ -376,7 +472,7 @@ def load_model_file(path, allow_pickle: bool = False, max_bytes: int | None = No
     if ext == ".onnx":
         if kind in ("zip", "pickle"):
             raise QcoreError(f"{p.name} is a PyTorch file, not ONNX; use the .pt2/.pt extension it was saved with")
-        return _load_onnx(p)
+        return _load_onnx(p, limit)
     if ext == ".safetensors":
         if kind != "safetensors":
             raise QcoreError(f"{p.name} is not a safetensors file (bad header); save it with safetensors.torch.save_file")

@@ -2,7 +2,8 @@
 
 All take ``outputs`` and ``reference`` of the same shape ``(N, ...)``, one row per sample.
 SQNR = 10 log10(sum ref^2 / sum (out - ref)^2) in dB; identical outputs give ``SQNR_EXACT_DB``
-(a finite stand-in for +inf so results stay valid JSON).
+(a finite stand-in for +inf so results stay valid JSON). NaN or infinite values in either tensor raise
+``QcoreError`` rather than giving a NaN metric.
 """
 
 from __future__ import annotations
@@ -11,11 +12,22 @@ import math
 
 import torch
 
+from .errors import QcoreError
+
 SQNR_EXACT_DB = 200.0
+
+
+def _check_finite(outputs: torch.Tensor, reference: torch.Tensor) -> None:
+    for what, t in (("outputs", outputs), ("reference outputs", reference)):
+        if not torch.isfinite(t).all():
+            n = int((~torch.isfinite(t)).sum())
+            raise QcoreError(f"the model's {what} contain {n} NaN or infinite values (an overflow inside the "
+                             "model); metrics need finite outputs: check the model and its inputs")
 
 
 def sqnr_db(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB (higher is better; ~6 dB per bit for uniform grids)."""
+    _check_finite(outputs, reference)
     ref = reference.double()
     noise = float(((outputs.double() - ref) ** 2).sum())
     signal = float((ref**2).sum())
@@ -28,6 +40,7 @@ def sqnr_db(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 
 def mean_cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean over samples of the cosine similarity of flattened rows (1 = same direction)."""
+    _check_finite(outputs, reference)
     a = outputs.reshape(len(outputs), -1).double()
     b = reference.reshape(len(reference), -1).double()
     both_zero = (a.norm(dim=1) == 0) & (b.norm(dim=1) == 0)
@@ -37,6 +50,7 @@ def mean_cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:
 
 def kl_divergence(logits: torch.Tensor, reference_logits: torch.Tensor) -> float:
     """Mean KL(softmax(reference) || softmax(logits)) in nats."""
+    _check_finite(logits, reference_logits)
     log_p = torch.log_softmax(reference_logits.double(), dim=-1)
     log_q = torch.log_softmax(logits.double(), dim=-1)
     return float((log_p.exp() * (log_p - log_q)).sum(-1).mean().clamp(min=0.0))

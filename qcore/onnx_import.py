@@ -11,9 +11,11 @@ and every other operator in ``OPS`` runs as a torch function (a few lines each).
 are all constants are evaluated once at import (constant folding), so weight transposes and shape
 arithmetic on constants cost nothing at run time.
 
-Layer names: the weight's own name when it is a module path (``fc1.weight`` -> ``fc1``, as
-``torch.onnx.export`` names initializers), else the module path the exporter recorded in the node's
-``namespace`` metadata, else the sanitised node name (``/enc/linear1/MatMul`` -> ``enc_linear1_MatMul``).
+Layer names follow the original module paths where the export records them: the weight's own name
+when it is one (``fc1.weight`` -> ``fc1``, as ``torch.onnx.export`` names untouched parameters), else
+the module path in the node's ``namespace`` metadata (the dynamo exporter), else the scopes in the node
+name (the TorchScript exporter: ``/features/features.0/Conv`` -> ``features.0``), else the sanitised
+node name (``node_MatMul_95``).
 The module returns the graph's first output. An operator not in ``OPS`` raises ``QcoreError``
 naming it and its node.
 """
@@ -115,6 +117,16 @@ def _gather(xs, a):
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
     out = data.index_select(axis, idx.reshape(-1))
     return out.reshape(data.shape[:axis] + idx.shape + data.shape[axis + 1:])
+
+
+def _gather_nd(xs, a):
+    data, idx, b = xs[0], xs[1].long(), a.get("batch_dims", 0)
+    m, batch = idx.shape[-1], math.prod(data.shape[:b])
+    bounds = torch.tensor(data.shape[b:b + m])
+    idx = torch.where(idx < 0, idx + bounds, idx).reshape(batch, *idx.shape[b:])
+    rows = torch.arange(batch).reshape(batch, *[1] * (idx.dim() - 2))
+    out = data.reshape(batch, *data.shape[b:])[(rows, *idx.unbind(-1))]
+    return out.reshape(*data.shape[:b], *out.shape[1:])
 
 
 def _slice(xs, a):
@@ -295,7 +307,7 @@ OPS = {
     "Reshape": _reshape, "Transpose": lambda xs, a: xs[0].permute(a.get("perm", list(range(xs[0].dim()))[::-1])),
     "Squeeze": _squeeze, "Unsqueeze": _unsqueeze,
     "Concat": lambda xs, a: torch.cat([x for x in xs if x is not None], dim=a["axis"]),
-    "Split": _split, "Slice": _slice, "Gather": _gather,
+    "Split": _split, "Slice": _slice, "Gather": _gather, "GatherND": _gather_nd,
     "GatherElements": lambda xs, a: torch.gather(xs[0], a.get("axis", 0), xs[1].long() % xs[0].shape[a.get("axis", 0)]),
     "Expand": _expand, "Tile": lambda xs, a: xs[0].repeat(_ints(xs[1])),
     "Shape": lambda xs, a: torch.tensor(xs[0].shape[a.get("start", 0):a.get("end", xs[0].dim())], dtype=torch.int64),
@@ -309,6 +321,12 @@ OPS = {
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce(lambda x, ax, k: x.mean(ax, keepdim=k)), "ReduceSum": _reduce(lambda x, ax, k: x.sum(ax, keepdim=k)),
     "ReduceMax": _reduce(lambda x, ax, k: x.amax(ax, keepdim=k)), "ReduceMin": _reduce(lambda x, ax, k: x.amin(ax, keepdim=k)),
+    "ReduceProd": _reduce(lambda x, ax, k: reduce(lambda t, d: t.prod(d, keepdim=True), ax, x) if k
+                          else reduce(lambda t, d: t.prod(d, keepdim=True), ax, x).squeeze(tuple(ax))),
+    "ReduceL1": _reduce(lambda x, ax, k: x.abs().sum(ax, keepdim=k)),
+    "ReduceL2": _reduce(lambda x, ax, k: x.square().sum(ax, keepdim=k).sqrt()),
+    "ReduceSumSquare": _reduce(lambda x, ax, k: x.square().sum(ax, keepdim=k)),
+    "ReduceLogSumExp": _reduce(lambda x, ax, k: torch.logsumexp(x, ax, keepdim=k)),
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin), "Trilu": _trilu, "Pad": _pad,
 }
 SUPPORTED_OPS = tuple(sorted(OPS))
@@ -396,6 +414,21 @@ def _module_path_from_metadata(node) -> str | None:
             modules = [s for s in parts[:-1] if s]  # the last part names the op, not a module
             return modules[-1] if modules else None
     return None
+
+
+def _module_path_from_node_name(name: str) -> str | None:
+    """The module path in a TorchScript-exporter node name, whose parts are the module scopes and then the
+    op: '/features/features.0/Conv' -> 'features.0' (a Sequential's child repeats the container's name),
+    '/bert/encoder/layer.0/attention/self/query/MatMul' -> 'bert.encoder.layer.0.attention.self.query'."""
+    if not name.startswith("/"):
+        return None
+    segments: list[str] = []
+    for part in name.split("/")[1:-1]:
+        if segments and part.startswith(segments[-1] + "."):
+            segments[-1] = part
+        elif part:
+            segments.append(part)
+    return ".".join(segments) or None
 
 
 _PATH = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
@@ -514,7 +547,8 @@ def convert(model) -> OnnxModule:
         layer = _layer_for(node, names, consts, attrs)
         if layer is not None:
             module, pre_pad, weight_name = layer
-            path = weight_name[:-len(".weight")] if weight_name.endswith(".weight") else _module_path_from_metadata(node)
+            path = (weight_name[:-len(".weight")] if weight_name.endswith(".weight") else
+                    _module_path_from_metadata(node) or _module_path_from_node_name(node.name))
             candidates.append((path, node.name or f"{node.op_type}_{index}"))
             layers.append(module)
             data_input = names[1] if node.op_type == "Gather" else names[0]

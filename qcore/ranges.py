@@ -50,12 +50,14 @@ def _quantile(x: torch.Tensor, q: float, w: torch.Tensor | None) -> torch.Tensor
     """Per-row weighted quantile, q in [0, 1] (lower interpolation)."""
     n = x.shape[1]
     if w is None:
-        k = min(max(math.ceil(q * n), 1), n)
+        # rounding q * n first keeps float error (0.999 * 10000 = 9990.000000000002) from adding a rank
+        k = min(max(math.ceil(round(q * n, 9)), 1), n)
         return x.kthvalue(k, dim=1).values.float()
     xs, order = torch.sort(x, dim=1)
     cw = torch.cumsum(w.to(torch.float64).gather(1, order), dim=1)
     total = cw[:, -1:].clamp(min=1e-300)
-    idx = torch.searchsorted(cw / total, torch.full_like(total, q)).clamp(max=n - 1)
+    # first value whose cumulative share reaches q; for q = 0, the first value with any weight
+    idx = torch.searchsorted(cw / total, torch.full_like(total, q), right=q <= 0).clamp(max=n - 1)
     return xs.gather(1, idx).squeeze(1).float()
 
 

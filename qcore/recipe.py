@@ -72,7 +72,7 @@ class TensorSpec:
             if key not in allowed:
                 raise QcoreError(f"unknown key {where}.{key!r}; allowed keys: {', '.join(allowed)}")
         fmt = d.get("format", cls.format)
-        if fmt not in FORMATS:
+        if not isinstance(fmt, str) or fmt not in FORMATS:
             hint = " (1-bit integers are not supported: the smallest integer format is int2)" if fmt in ("int1", "uint1", "binary") else ""
             raise QcoreError(f"unknown format {where}.format={fmt!r}{hint}; allowed: {', '.join(FORMATS)}")
         defaults: dict[str, Any] = {}
@@ -197,10 +197,14 @@ class Recipe:
             elif override[part] is None:
                 parts.append(None)
             else:
+                if not isinstance(override[part], Mapping):
+                    raise QcoreError(f"{where}.{part} must be an object like {{\"format\": \"int8\"}} or null, "
+                                     f"got {override[part]!r}")
                 base = default.to_dict() if default else {}
                 if override[part].get("format", base.get("format")) != base.get("format"):
                     # Key by key, but drop inherited keys the new format cannot take.
-                    family = FORMATS[override[part]["format"]].family if override[part].get("format") in FORMATS else None
+                    fmt = override[part]["format"]
+                    family = FORMATS[fmt].family if isinstance(fmt, str) and fmt in FORMATS else None
                     base.pop("format", None)
                     if family != "int":
                         base.pop("symmetric", None)

@@ -65,7 +65,7 @@ MODES = ("weights", "activations", "both")
 VIEWS = ("only", "all_but")
 LAYER_SPECS = {f"int{b}": {"weights": {"format": f"int{b}", "granularity": "per_channel", "symmetric": True,
                                        "range": "minmax"}, "activations": None} for b in range(2, 8)}
-SWEEP_FLOPS = 32e9  # multiply-add FLOPs of Linear/Conv layers per forward pass over the sweep's samples
+SWEEP_FLOPS = 12e9  # multiply-add FLOPs of Linear/Conv layers per forward pass over the sweep's samples
 MIN_SWEEP_SAMPLES = 16
 MEMORY_CACHE_SIZE = 32
 

@@ -1,0 +1,158 @@
+"""Interactivity: script-run time of every app page, cold and after a typical widget change.
+
+    python -m benchmarks.interactivity [--quick] [--models digits-mlp,digits-cnn] [--repeats 5]
+
+Drives ``app.py`` with Streamlit's ``AppTest`` (the script runs in this process, no browser) and,
+per zoo model and per page listed by the app's ``st.navigation``, measures wall time of one
+script run (seconds):
+- cold: the page's first run with every cache emptied (``st.cache_data``, ``st.cache_resource``
+  and qcore's sweep cache, so it loads the model and computes every table); for the first model
+  this also includes importing the modules the page uses;
+- first change: the run after the page's first drivable selectbox / select_slider / slider moves
+  to its next option (that value's results are computed for the first time);
+- warm: median over ``--repeats`` runs flipping the widget back and forth between the two values,
+  every result cached -- what a user feels once caches are warm. Target: well under 0.5 s.
+
+A page with none of those widgets is timed on a plain rerun. A selectbox with a ``format_func`` is
+skipped (AppTest can set it only by its shown label); the table names the widget that moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+TARGET_S = 0.5  # a warm page update should stay well under this (seconds)
+WIDGET_TYPES = ("selectbox", "select_slider", "slider")
+TIMEOUT_S = 600  # one script run; minilm-l6's cold pages take seconds, not minutes
+
+
+def quiet_streamlit() -> None:
+    """Silence the warnings bare-mode runs log every time ("missing ScriptRunContext", "No runtime found")."""
+    from streamlit import config, logger
+
+    config.get_option("logger.level")  # parse the config first: parsing resets the level to the configured one
+    logger.set_log_level("error")
+
+
+def timed_run(at, what: str) -> float:
+    """Run the app once; seconds. A page that raises is a failure of the app, not a slow page."""
+    start = time.perf_counter()
+    at.run(timeout=TIMEOUT_S)
+    took = time.perf_counter() - start
+    if at.exception:
+        raise RuntimeError(f"{what} raised: {at.exception[0].message}")
+    return took
+
+
+def first_widget(at):
+    """The page's first selectbox / select_slider / slider (document order) that AppTest can move, or None."""
+    for node in at.main:
+        if node.type not in WIDGET_TYPES:
+            continue
+        if node.type == "slider" or (node.format_func is str and len(node.options) > 1):
+            return node
+    return None
+
+
+def settable(widget, value):
+    """``value`` as AppTest sets it: selectboxes and select_sliders by their shown label."""
+    return value if widget.type == "slider" or value is None else str(value)
+
+
+def other_value(widget):
+    """A value different from the widget's current one: the next option, or the slider's other end."""
+    if widget.type == "slider":
+        return widget.max if widget.value != widget.max else widget.min
+    shown = str(widget.value)
+    current = widget.options.index(shown) if shown in widget.options else -1
+    return widget.options[(current + 1) % len(widget.options)]
+
+
+def clear_caches(tmp_root: str) -> None:
+    """Empty every cache a page run can hit: Streamlit's (process-wide) and qcore's sensitivity sweep
+    cache (memory, and disk through a new empty ``$QCORE_CACHE_DIR``)."""
+    import streamlit as st
+
+    from qcore import sensitivity
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    sensitivity.clear_memory_cache()
+    os.environ["QCORE_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp_root)
+
+
+def measure_page(at, script_path: str, repeats: int, tmp_root: str) -> dict:
+    """Cold, first-change and warm script-run times (seconds) of one page, caches cleared first."""
+    clear_caches(tmp_root)
+    at.switch_page(script_path)  # absolute: AppTest joins it to the app directory
+    cold = timed_run(at, script_path)
+    widget = first_widget(at)
+    label = "none (plain rerun)" if widget is None else f"{widget.type} “{widget.label}”"
+    values = [] if widget is None else [other_value(widget), settable(widget, widget.value)]
+    times = []
+    for i in range(repeats + 1):
+        if widget is not None:  # the page is rebuilt by every run: find the widget again
+            same = next(n for n in at.main if n.type == widget.type and n.key == widget.key and n.label == widget.label)
+            same.set_value(values[i % 2])
+        times.append(timed_run(at, f"{script_path} after setting {label}"))
+    return {"widget": label, "cold_s": cold, "first_change_s": times[0], "warm_s": statistics.median(times[1:]),
+            "warm_max_s": max(times[1:])}
+
+
+def measure_model(name: str, repeats: int, tmp_root: str) -> list[dict]:
+    """One row per page in the app's navigation, for zoo model ``name``."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    at.query_params["model"] = name
+    timed_run(at, str(APP))  # the first run registers the navigation's pages
+    # AppTest keeps what st.navigation registered (title, script path) in _registered_pages; reading
+    # it lists the pages the app really shows, including ones added later, in menu order.
+    pages = [(p["page_name"], p["script_path"]) for p in at._registered_pages.values() if p.get("script_path")]
+    return [{"model": name, "page": title, **measure_page(at, path, repeats, tmp_root)} for title, path in pages]
+
+
+def main(argv=None) -> str:
+    import pandas as pd
+
+    from qcore.zoo import ZOO
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="digits-mlp only, 3 repeats (used by the test suite)")
+    ap.add_argument("--models", default=",".join(ZOO))
+    ap.add_argument("--repeats", type=int, default=5, help="warm runs per page (median reported)")
+    args = ap.parse_args(argv)
+    models = ["digits-mlp"] if args.quick else args.models.split(",")
+    repeats = 3 if args.quick else args.repeats
+    quiet_streamlit()
+
+    cache_dir = os.environ.get("QCORE_CACHE_DIR")
+    try:
+        with tempfile.TemporaryDirectory() as tmp_root:
+            rows = [row for name in models for row in measure_model(name, repeats, tmp_root)]
+    finally:  # restore the sweep cache directory the caller had
+        os.environ.pop("QCORE_CACHE_DIR", None)
+        if cache_dir is not None:
+            os.environ["QCORE_CACHE_DIR"] = cache_dir
+    table = pd.DataFrame([{
+        "model": r["model"], "page": r["page"], "widget changed": r["widget"], "cold (s)": r["cold_s"],
+        "first change (s)": r["first_change_s"], f"warm, median of {repeats} (s)": r["warm_s"],
+        f"warm < {TARGET_S} s": f"{'pass' if r['warm_s'] < TARGET_S else 'FAIL'} "
+                                f"({r['warm_s']:.3f} s, max {r['warm_max_s']:.3f} s)",
+    } for r in rows])
+    passed = sum(r["warm_s"] < TARGET_S for r in rows)
+    text = (f"Script-run time per page (Streamlit AppTest, in process); cold = every cache emptied.\n\n"
+            f"{table.to_markdown(index=False, floatfmt='.3f')}\n\n"
+            f"{passed} of {len(rows)} pages update in under {TARGET_S} s once warm.\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

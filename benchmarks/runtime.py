@@ -1,0 +1,156 @@
+"""Real execution on this CPU: the project's exports next to what users would otherwise run.
+
+    python -m benchmarks.runtime [--quick] [--models digits-cnn,minilm-l6] [--threads N] [--batch-size N]
+
+In one process and one run, on the same inputs and thread count, for each model:
+- FP32 in ONNX Runtime (the baseline) and in torch (eager);
+- the project's exports (``qcore.runtime.export``) executed by ONNX Runtime: int8-dynamic, int8-static,
+  int8-static with symmetric (signed) activations, int4 weight-only (MatMulNBits where it applies);
+- torch.ao ``quantize_dynamic`` (int8 Linear, fbgemm) and ONNX Runtime's own ``quantize_dynamic``.
+Columns: measured latency (median ms at batch 1 and at the batch size), speed-up against ONNX Runtime
+FP32, file size and its ratio to FP32 next to the recipe's physical limit (theoretical size / FP32),
+and the headline metric on the evaluation set. Then a verdict line, and a roofline table of
+*estimates* for the spec-sheet hardware profiles. Quick mode: digits-cnn only, shorter timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import warnings
+
+import torch
+
+from qcore import preset, zoo
+from qcore.hardware import PROFILES, roofline
+from qcore.recipe import Recipe
+from qcore.runtime import _quiet, export, export_float_onnx, feeds, latency_ms, run_onnx, session
+
+warnings.filterwarnings("ignore")
+
+
+def _row(tool, method, w, lat1, latb, size, limit, metric, note=""):
+    return {"tool": tool, "method": method, "batch 1 ms": lat1["median"], "batch B ms": latb["median"],
+            "p10-p90 B ms": f"{latb['p10']:.3g}-{latb['p90']:.3g}", "size MiB": size / 2**20,
+            "size / FP32": None, "physical limit": limit, w.task.headline: metric, "note": note}
+
+
+def _metric(w, outputs) -> float:
+    return w.task.metrics(outputs.float(), w.reference_outputs, w.evaluation.labels)[w.task.headline]
+
+
+def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float) -> list[dict]:
+    torch.set_num_threads(threads)
+    one, batch = (feeds(w, w.evaluation.subset(slice(0, k)))[0] for k in (1, batch_size))
+    fp32_theory = w.size(Recipe(name="fp32"))["fp32_bytes"]
+    rows = []
+
+    def onnx_row(tool, method, path, limit, note=""):
+        sess = session(path, threads)
+        rows.append(_row(tool, method, w, latency_ms(lambda: sess.run(None, one), budget_s=budget_s),
+                         latency_ms(lambda: sess.run(None, batch), budget_s=budget_s), os.path.getsize(path),
+                         limit, _metric(w, run_onnx(sess, w, w.evaluation)), note))
+
+    fp32_path = os.path.join(tmp, f"{w.name}.fp32.onnx")
+    export_float_onnx(w.folded[0], w, fp32_path)
+    onnx_row("onnxruntime", "FP32", fp32_path, 1.0)
+    symmetric = preset("int8-static", w.layer_shapes).to_dict()
+    symmetric.update(name="int8-static-symmetric")
+    symmetric["activations"]["symmetric"] = True
+    for recipe in (preset("int8-dynamic", w.layer_shapes), preset("int8-static", w.layer_shapes),
+                   Recipe.from_dict(symmetric), preset("int4-weight-only", w.layer_shapes)):
+        path = os.path.join(tmp, f"{w.name}.{recipe.name}.onnx")
+        info = export(w, recipe, "onnx", path)
+        note = f"{len(info['unsupported'])} layer(s) kept FP32: no kernel" if info["unsupported"] else ""
+        onnx_row("qcore -> onnxruntime", recipe.name, path, info["theoretical_size_bytes"] / fp32_theory, note)
+
+    model = copy.deepcopy(w.model).eval()
+    for method, m in (("FP32 (eager)", model),
+                      ("quantize_dynamic (int8 Linear)",
+                       torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8))):
+        path = os.path.join(tmp, f"{w.name}.torch.pt")
+        torch.save(m.state_dict(), path)
+        inputs1, inputsb = (tuple(t[:k] for t in w.evaluation.inputs) for k in (1, batch_size))
+        with torch.no_grad():
+            lat1 = latency_ms(lambda: m(*inputs1), budget_s=budget_s)
+            latb = latency_ms(lambda: m(*inputsb), budget_s=budget_s)
+        rows.append(_row("torch", method, w, lat1, latb, os.path.getsize(path), None, _metric(w, w.run(m, w.evaluation))))
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = os.path.join(tmp, f"{w.name}.ort-dynamic.onnx")
+    with _quiet():
+        quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8)
+    onnx_row("onnxruntime", "quantize_dynamic (defaults)", path, None)
+    base = rows[0]
+    for r in rows:
+        r["speed-up"] = base["batch B ms"] / r["batch B ms"]
+        r["size / FP32"] = r["size MiB"] / base["size MiB"]
+        r["physical limit"] = "n/a" if r["physical limit"] is None else f"{r['physical limit']:.3f}"
+    return rows
+
+
+def verdict(w, rows) -> str:
+    head = w.task.headline
+    ours = [r for r in rows if r["tool"].startswith("qcore") and r["method"].startswith("int8") and not r["note"]]
+    if not ours:
+        return "Verdict: no qcore int8 export runs every layer of this model in int8, so none is compared."
+    peers = [r for r in rows if "quantize_dynamic" in r["method"]]
+    fast_ours, fast_peer = min(ours, key=lambda r: r["batch B ms"]), min(peers, key=lambda r: r["batch B ms"])
+    acc_ours, acc_peer = max(ours, key=lambda r: r[head]), max(peers, key=lambda r: r[head])
+    lines = ["(Only qcore exports that run every layer as the recipe says are compared.)"]
+    speed_ok = fast_ours["batch B ms"] <= fast_peer["batch B ms"]
+    lines.append(f"Speed: the fastest qcore int8 export ({fast_ours['method']}, {fast_ours['batch B ms']:.3g} ms) is "
+                 f"{'at least as fast as' if speed_ok else 'SLOWER than'} the fastest peer ({fast_peer['tool']} "
+                 f"{fast_peer['method']}, {fast_peer['batch B ms']:.3g} ms).")
+    acc_ok = acc_ours[head] >= acc_peer[head] - 1e-9
+    lines.append(f"Accuracy: the most accurate qcore int8 export ({acc_ours['method']}, {head} {acc_ours[head]:.4f}) is "
+                 f"{'at least as accurate as' if acc_ok else 'LESS accurate than'} the best peer ({acc_peer['tool']} "
+                 f"{acc_peer['method']}, {acc_peer[head]:.4f}).")
+    return " ".join(lines)
+
+
+def roofline_rows(w, batch_size: int) -> list[dict]:
+    rows = []
+    for key, prof in PROFILES.items():
+        row = {"profile (estimate)": prof.name}
+        for name in ("fp32", "fp16", "int8-static", "int4-weight-only"):
+            r = roofline(w, preset(name, w.layer_shapes), key, batch_size=batch_size)
+            row[f"{name} µs"] = 1e3 * r["total"]["latency_ms"]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> str:
+    import pandas as pd
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="digits-cnn only, short timing (used by the test suite)")
+    ap.add_argument("--models", default="digits-cnn,minilm-l6")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args(argv)
+    models = ["digits-cnn"] if args.quick else args.models.split(",")
+    budget = 0.3 if args.quick else 1.5
+    report = [f"ONNX Runtime and torch on this CPU, {args.threads} thread(s), batch size B = {args.batch_size}; latency is "
+              "measured (warm-up, then repeated runs, median); 'physical limit' is the recipe's theoretical size / FP32."]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            w = zoo.load(name)
+            rows = model_rows(w, tmp, args.batch_size, args.threads, budget)
+            df = pd.DataFrame(rows)
+            cols = ["tool", "method", "batch 1 ms", "batch B ms", "p10-p90 B ms", "speed-up", "size MiB", "size / FP32",
+                    "physical limit", w.task.headline, "note"]
+            report.append(f"## {name}\n\n{df[cols].to_markdown(index=False, floatfmt='.4g')}\n\n{verdict(w, rows)}\n")
+            est = pd.DataFrame(roofline_rows(w, 1))
+            report.append(f"Roofline ESTIMATES for {name} at batch 1 (quantizable layers only; spec-sheet peaks, not "
+                          f"measured):\n\n{est.to_markdown(index=False, floatfmt='.3g')}\n")
+    text = "\n".join(report)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Mixed precision page: pick each layer's format in a table, see size and an estimated metric at once,
+measure the recipe for real, search one automatically, download or upload it."""
+
+import hashlib
+
+import pandas as pd
+import streamlit as st
+
+from pages import state
+from qcore.errors import QcoreError
+from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
+from qcore.viz import human_bytes
+
+MAX_RECIPE_BYTES = 2**20
+
+key, w = state.active()
+st.title("Mixed precision: a format for every layer")
+st.write(
+    "Start from a preset, then change any layer in the table: its weight format and options, and how its input "
+    "is quantized. Layers that hurt most (see the Sensitivity page) can stay in higher precision while the rest "
+    "shrink. The totals update at once; the metric next to them is an **estimate** added up from the sensitivity "
+    "sweep. **Evaluate** runs the recipe on the evaluation data for the real number."
+)
+name, overrides, recipe = state.current(key, w)
+
+
+def choose_preset():
+    state.set_current(key, w, st.session_state[f"mp_preset:{key}"], {})
+
+
+c1, c2 = st.columns([2, 3])
+if st.session_state.get(f"mp_preset:{key}") != name:
+    st.session_state[f"mp_preset:{key}"] = name
+c1.selectbox("Start from a preset", list(PRESETS), key=f"mp_preset:{key}", on_change=choose_preset,
+             help="choosing a preset discards the per-layer changes")
+c1.caption(PRESET_DESCRIPTIONS.get(name, ""))
+upload = c2.file_uploader("…or upload a recipe JSON", type=["json"], key=f"mp_upload:{key}")
+if upload is not None:
+    digest = hashlib.sha256(upload.getvalue()).hexdigest()
+    if st.session_state.get("mp_upload_digest") != digest:
+        try:
+            if upload.size > MAX_RECIPE_BYTES:
+                raise QcoreError(f"{upload.name} is larger than 1 MiB; a recipe is a small JSON file")
+            loaded = Recipe.from_json(upload.getvalue().decode("utf-8", errors="replace"))
+            loaded.check_against(w.layer_shapes)
+            state.set_current(key, w, *state.compact(w, loaded))
+            st.session_state["mp_upload_digest"] = digest
+            st.rerun()
+        except QcoreError as e:
+            c2.error(f"{upload.name} was not loaded, the table is unchanged: {e}", icon=":material/error:")
+
+settings = st.session_state.get(state.SWEEP) or {}
+candidates = list(dict.fromkeys(settings.get("candidates", state.DEFAULT_CANDIDATES) + ([name] if name != "fp32" else [])))
+estimate = None
+if st.toggle("Estimate the metric from a sensitivity sweep", state.small(w), key=f"mp_estimate:{key}",
+             help=f"one-layer-at-a-time sweep of {', '.join(candidates)} (weights and inputs); cached for everyone"):
+    sweep = state.sweep(w, candidates, "both", "only")
+    estimate = state.estimate(w, recipe, sweep)
+
+version = st.session_state.get(state.EDITOR_VERSION, 0)
+table = pd.DataFrame(state.table_rows(w, recipe, estimate and estimate["drops"]))
+inputs = list(dict.fromkeys(state.INPUT_CHOICES + list(table["inputs"])))
+edited = st.data_editor(
+    table, key=f"mp_editor:{key}:{version}", hide_index=True, num_rows="fixed", width="stretch",
+    disabled=["layer", "type", "weight shape", "size (bytes)", "drop (estimate)"],
+    column_config={
+        "weights": st.column_config.SelectboxColumn("weights", options=state.WEIGHT_CHOICES, required=True,
+                                                    help="fp32 keeps the layer's weight in float"),
+        "granularity": st.column_config.SelectboxColumn(options=["per_tensor", "per_channel", "per_group"], required=True),
+        "group size": st.column_config.NumberColumn(min_value=1, step=1, help="per_group only; must divide the input size"),
+        "symmetric": st.column_config.CheckboxColumn(help="integer formats: zero-point fixed at 0"),
+        "range": st.column_config.SelectboxColumn(options=["minmax", "percentile", "mse", "entropy"], required=True),
+        "inputs": st.column_config.SelectboxColumn("inputs", options=inputs, required=True,
+                                                   help="how the layer's input is quantized (static = calibrated range)"),
+        "drop (estimate)": st.column_config.NumberColumn(format="%.4f", help="measured drop with only this layer quantized"),
+    })
+try:
+    edited_recipe = state.apply_rows(w, recipe, edited.to_dict("records"))
+    edited_recipe.check_against(w.layer_shapes)
+    if edited_recipe != recipe:
+        state.set_current(key, w, *state.compact(w, edited_recipe, [name]), reset_editor=False)
+        st.rerun()
+except QcoreError as e:
+    st.error(f"That change was not applied: {e}", icon=":material/error:")
+
+total = state.totals(w, recipe)
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Size (bytes)", f"{total['size_bytes']:,}", help=f"{human_bytes(total['size_bytes'])}; FP32 is "
+          f"{total['fp32_bytes']:,} bytes", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
+          delta_color="off")
+m2.metric("Average bits per weight", f"{total['bits_per_weight']:.2f}", help="quantizable layers, scales included")
+m3.metric("Weights kept in FP32", f"{100 * total['float_share']:.1f}%", help="share of the quantizable layers' weights")
+if estimate:
+    m4.metric(f"{w.task.headline} (estimate)", f"{estimate['metric']:.4f}",
+              help="FP32 minus the sum of each layer's single-layer drop from the sweep; not a measurement")
+    if estimate["missing"]:
+        st.caption(f"The estimate leaves out {len(estimate['missing'])} layer(s) whose spec the sweep did not try: "
+                   + ", ".join(estimate["missing"]))
+
+if st.button("Evaluate this recipe (measured)", type="primary"):
+    result = state.evaluate(key, w, recipe.to_json())
+    state.remember(key, recipe)
+    st.session_state["mp_measured"] = {"recipe": recipe.to_json(), "result": result}
+shown = st.session_state.get("mp_measured")
+if shown and shown["recipe"] == recipe.to_json():
+    q, f = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"]
+    headline = shown["result"]["metric"]
+    st.metric(f"{headline} (measured)", f"{q[headline]:.4f}", delta=f"{q[headline] - f[headline]:+.4f} vs FP32 {f[headline]:.4f}")
+
+st.subheader("Search a recipe automatically")
+goal = st.radio("Goal", ["size budget", "target metric"], horizontal=True, key="mp_goal")
+if goal == "size budget":
+    budget = st.slider("Largest size, as a share of FP32", 0.05, 1.0, 0.25, 0.05, key="mp_budget")
+    target = {"max_size_fraction": budget}
+else:
+    target = {"min_metric": st.number_input(f"Smallest acceptable {w.task.headline}", value=round(
+        w.fp32_metrics[w.task.headline] - 0.01, 4), format="%.4f", key="mp_target")}
+if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
+    from qcore import search
+
+    bar = st.progress(0.0, text="Searching…")
+    found = search.search(w, candidates, **target, progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0),
+                                                                                          text=f"Search: {msg}"))
+    bar.empty()
+    st.session_state.setdefault(state.SEARCH, {})[key] = found
+    state.set_current(key, w, *state.compact(w, Recipe.from_dict(found["recipe"])))
+    state.remember(key, Recipe.from_dict({**found["recipe"], "name": f"search ({goal})"}))
+    st.rerun()
+found = st.session_state.get(state.SEARCH, {}).get(key)
+if found:
+    (st.success if found["met"] else st.warning)(
+        f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {found['metric']} "
+        f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
+        f"{found['fp32']['size_bytes']:,} bytes). " + " ".join(found.get("notes", [])))
+
+st.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
+                   on_click="ignore", icon=":material/download:")
+state.sync_url(key, w)

@@ -1,0 +1,85 @@
+"""Sensitivity page: which layers hurt when quantized -- a sweep over layers × candidates, a heatmap, a
+ranked chart, and one click from a layer to its Weights / Activations view or to keeping it in float."""
+
+import pandas as pd
+import streamlit as st
+
+from pages import state
+from qcore import viz_decide
+from qcore.recipe import PRESETS
+from qcore.sensitivity import LAYER_SPECS
+
+MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
+VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
+
+key, w = state.active()
+st.title("Sensitivity: which layers hurt")
+st.write(
+    "Each layer is quantized on its own (every other layer stays FP32) and the model is scored on the evaluation "
+    "data: the **drop** in the metric says how much that layer costs. In the *all but one* view every layer is "
+    "quantized except one, and the drop says how much is lost with that layer quantized as well (small = keeping it "
+    "in float does not help). Quantizing only the weights or only the inputs shows which of the two is the problem. "
+    "Results are cached: a sweep someone already ran on this server appears at once."
+)
+settings = st.session_state.get(state.SWEEP) or {}
+c1, c2, c3 = st.columns([3, 1, 1])
+candidates = c1.multiselect("Candidates", list(PRESETS)[1:] + list(LAYER_SPECS), key="sens_candidates",
+                            default=settings.get("candidates", state.DEFAULT_CANDIDATES), persist_state="session",
+                            help="presets, or intN = N-bit per-channel weights with float inputs")
+mode = c2.radio("Quantize", list(MODES), format_func=MODES.get, key="sens_mode", persist_state="session")
+view = c3.radio("View", list(VIEWS), format_func=VIEWS.get, key="sens_view", persist_state="session")
+if not candidates:
+    st.info("Choose at least one candidate.", icon=":material/info:")
+    st.stop()
+settings = {"key": key, "candidates": candidates, "mode": mode, "view": view}
+if not state.small(w) and st.session_state.get(state.SWEEP) != settings and not st.button(f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)",
+                                         type="primary"):
+    st.info("This model is large: the sweep takes a while (it is cached once run).", icon=":material/info:")
+    st.stop()
+result = state.sweep(w, candidates, mode, view)
+st.session_state[state.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
+for note in result["notes"]:
+    st.info(note, icon=":material/info:")
+
+metric = result["metric"]
+m1, m2, m3 = st.columns(3)
+m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
+worst = min((r for r in result["rows"] if r["rank"] == 1), key=lambda r: -r["metric_drop"])
+m2.metric("Most sensitive layer", worst["layer"], help=f"under {worst['candidate']}")
+m3.metric(f"Its {metric} drop", f"{worst['metric_drop']:+.4f}", help="positive = worse than FP32")
+
+st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")
+chosen = st.selectbox("Rank the layers under", candidates, key="sens_rank_candidate")
+st.plotly_chart(viz_decide.ranked_drops(result["rows"], chosen, metric), width="stretch")
+
+
+def open_layer(page: str, layer_key: str, layer: str) -> None:
+    st.session_state[layer_key] = layer
+    state.switch_page(page)
+
+
+def keep_in_float(layer: str) -> None:
+    name, overrides, _ = state.current(key, w)
+    state.set_current(key, w, name, {**overrides, layer: None})
+    st.toast(f"{layer} stays in FP32 in the Mixed precision table.")
+
+
+st.subheader("Act on a layer")
+st.write("Open a layer's weights or inputs, or keep it in FP32 in the Mixed precision recipe.")
+_, _, recipe = state.current(key, w)
+ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
+for r in ranked:
+    a, b, c, d = st.columns([3, 1, 1, 1])
+    a.markdown(f"**{r['rank']}. {r['layer']}** ({r['kind']}): drop {r['metric_drop']:+.4f}, "
+               f"output SQNR {r['sqnr_db']:.1f} dB")
+    if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
+        open_layer("pages/weights.py", f"weights_layer:{key}", r["layer"])
+    if c.button("Inputs", key=f"sens_a:{r['layer']}", icon=":material/bolt:", disabled=w.layers[r["layer"]].kind == "Embedding"):
+        open_layer("pages/activations.py", f"act_layer:{key}", r["layer"])
+    in_float = recipe.plan(r["layer"]).is_float
+    d.button("In FP32" if in_float else "Keep in FP32", key=f"sens_f:{r['layer']}", icon=":material/lock:",
+             disabled=in_float, on_click=keep_in_float, args=(r["layer"],))
+
+with st.expander("All sweep rows"):
+    st.dataframe(pd.DataFrame(result["rows"]), hide_index=True, width="stretch")
+state.sync_url(key, w)  # a "Keep in FP32" click changed the recipe: keep the link in step

@@ -1,0 +1,80 @@
+"""Trade-offs page: presets, the user's recipes and search results side by side -- size against metric
+with the Pareto front, latency (measured where the runtime ran, estimated where not), per-class accuracy."""
+
+import pandas as pd
+import streamlit as st
+
+from pages import state
+from qcore import hardware, viz_decide
+from qcore.recipe import Recipe, preset
+
+PRESET_ROWS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8 dynamic": "int8-dynamic", "INT8 static": "int8-static",
+               "INT4 weight-only": "int4-weight-only", "NF4": "nf4", "FP8": "fp8"}
+
+key, w = state.active()
+st.title("Trade-offs: size, accuracy, speed")
+st.write(
+    "Every point is one recipe evaluated on the evaluation data (measured, not estimated): the standard presets, "
+    "the recipes you evaluated or searched on the Mixed precision page, and the one you are building. A recipe on "
+    "the red **Pareto front** has nothing both smaller and better than it; the others are beaten on both counts."
+)
+recipes = {label: preset(p, w.layer_shapes) for label, p in PRESET_ROWS.items()}
+for label, d in st.session_state.get(state.USER_RECIPES, {}).get(key, {}).items():
+    recipes[f"yours: {label}"] = Recipe.from_dict(d)
+found = st.session_state.get(state.SEARCH, {}).get(key)
+for p in (found or {}).get("pareto", []):
+    recipes[f"search: {p['label']}"] = Recipe.from_dict(p["recipe"])
+_, overrides, current = state.current(key, w)
+if state.recipe_id(current) not in {state.recipe_id(r) for r in recipes.values()}:
+    recipes[f"yours: {current.name}"] = current
+
+if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
+    st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")
+    st.stop()
+bar = st.progress(0.0)
+results = {}
+for i, (label, recipe) in enumerate(recipes.items()):
+    bar.progress(i / len(recipes), text=f"Evaluating {label} ({i + 1}/{len(recipes)})…")
+    results[label] = state.evaluate(key, w, recipe.to_json())
+bar.empty()
+
+metric, higher = w.task.headline, w.task.higher_is_better
+fp32 = results["FP32"]
+profile = st.selectbox("Estimate latency for", ["this-machine"] + list(hardware.PROFILES), key="trade_profile",
+                       format_func=lambda p: hardware.PROFILES[p].name if p in hardware.PROFILES else "this machine",
+                       persist_state="session", help="where no latency was measured, a roofline estimate on this target")
+latency = state.latencies(key, w, recipes, profile)
+rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
+         "share of FP32": r["quantized"]["size_bytes"] / r["fp32"]["size_bytes"],
+         metric: r["quantized"]["metrics"][metric], "change": r["quantized"]["metrics"][metric] - fp32["quantized"]["metrics"][metric],
+         "latency (ms)": latency[label]["latency_ms"], "latency source": latency[label]["source"]}
+        for label, r in results.items()]
+points = [{"label": r["recipe"], "size_bytes": r["size (bytes)"], "metric": r[metric], "latency_ms": r["latency (ms)"],
+           "latency_source": r["latency source"]} for r in rows]
+st.plotly_chart(viz_decide.tradeoff_scatter(points, metric, higher), width="stretch")
+front = {points[i]["label"] for i in viz_decide.pareto_front(points, higher)}
+st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]), hide_index=True, width="stretch",
+             column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
+                            metric: st.column_config.NumberColumn(format="%.4f"),
+                            "change": st.column_config.NumberColumn(format="%+.4f", help="against FP32"),
+                            "latency (ms)": st.column_config.NumberColumn(format="%.3f", help=state.LATENCY_HELP)})
+st.caption(state.LATENCY_HELP)
+if st.button("Measure latency on this machine (ONNX Runtime)", help="exports each recipe and times it; slow, cached"):
+    state.measure_latencies(key, w, recipes)
+    st.rerun()
+
+if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]["metrics"]:
+    st.subheader("Which classes lose most")
+    st.write("A small drop in average accuracy can hide a large drop for one class. Pick a recipe to compare "
+             "each class with FP32.")
+    labels = [label for label in results if label != "FP32"]
+    chosen = st.selectbox("Recipe", labels, index=labels.index(next((l for l in labels if l.startswith("yours")), "INT4 weight-only")),
+                          key=f"trade_class:{key}")
+    ref = fp32["quantized"]["metrics"]["per_class_accuracy"]
+    got = results[chosen]["quantized"]["metrics"]["per_class_accuracy"]
+    names = list(w.task.class_names or range(len(ref)))
+    st.plotly_chart(viz_decide.per_class(ref, got, names, chosen), width="stretch")
+    per_class = [{"class": str(n), "FP32": a, chosen: b, "change": b - a} for n, a, b in zip(names, ref, got) if a is not None]
+    worst = min(per_class, key=lambda r: r["change"])
+    st.metric(f"Largest drop: class {worst['class']}", f"{worst[chosen]:.4f}", delta=f"{worst['change']:+.4f} vs FP32")
+    st.dataframe(pd.DataFrame(per_class).sort_values("change"), hide_index=True, width="stretch")

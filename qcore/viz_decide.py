@@ -1,0 +1,109 @@
+"""Plotly figures for the app's decide pages (Sensitivity, Trade-offs, Export report): pure functions,
+numbers in, ``plotly.graph_objects.Figure`` out. The explore pages' figures live in ``viz``.
+
+Inputs are the plain rows the engine returns: sweep rows of ``sensitivity.sweep`` and points
+``{"label", "size_bytes", "metric", "latency_ms"?, "latency_source"? ("measured" | "estimate")}``.
+Sizes are bytes (axes show KiB or MiB); a metric's direction comes from ``higher_is_better``.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from .viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes
+
+FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
+
+
+def pareto_front(points: list[dict], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats: none is at most as large and at least as good
+    while strictly better in one of the two. Sorted by size (smallest first)."""
+    sign = 1.0 if higher_is_better else -1.0
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(
+            q["size_bytes"] <= p["size_bytes"] and sign * q["metric"] >= sign * p["metric"]
+            and (q["size_bytes"] < p["size_bytes"] or sign * q["metric"] > sign * p["metric"])
+            for j, q in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i]["size_bytes"], -sign * points[i]["metric"]))
+
+
+def _size_unit(largest: float) -> tuple[str, float]:
+    return ("MiB", 2**20) if largest >= 2**20 else ("KiB", 1024.0)
+
+
+def sensitivity_heatmap(rows: list[dict], value: str = "metric_drop") -> go.Figure:
+    """Layers (rows, in model order) × candidates (columns) coloured by ``value`` of each sweep row
+    (``metric_drop``: positive = worse). Cells a candidate does not change are left blank."""
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    candidates = list(dict.fromkeys(r["candidate"] for r in rows))
+    cell = {(r["layer"], r["candidate"]): r for r in rows}
+    z = [[cell[(l, c)][value] if (l, c) in cell and cell[(l, c)]["changed"] else None for c in candidates] for l in layers]
+    fig = go.Figure(go.Heatmap(z=z, x=candidates, y=layers, colorscale="Reds", name=value,
+                               colorbar=dict(title=value.replace("_", " ")),
+                               hovertemplate="%{y} under %{x}: %{z:.4g}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    return _layout(fig, f"{value.replace('_', ' ')} per layer and candidate (blank: candidate changes nothing)",
+                   "candidate", "layer", height=max(300, 120 + 26 * len(layers)))
+
+
+def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go.Figure:
+    """Metric drop of each layer under ``candidate``, most sensitive first (sweep ``rank`` order)."""
+    rs = sorted((r for r in rows if r["candidate"] == candidate), key=lambda r: r["rank"])
+    drops = [r["metric_drop"] for r in rs]
+    colors = [WORST_COLOR if i == 0 else BAR_COLOR for i in range(len(rs))]
+    fig = go.Figure(go.Bar(y=[r["layer"] for r in rs], x=drops, orientation="h", marker_color=colors, name="metric drop",
+                           customdata=[r["sqnr_db"] for r in rs], text=[f"{d:+.4f}" for d in drops], textposition="outside",
+                           hovertemplate="%{y}: drop %{x:.4g}, output SQNR %{customdata:.1f} dB<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", type="category")
+    return _layout(fig, f"Layers ranked by {metric} drop under {candidate} (most sensitive first)",
+                   f"{metric} drop (positive = worse)", height=max(300, 120 + 26 * len(rs)))
+
+
+def tradeoff_scatter(points: list[dict], metric: str, higher_is_better: bool = True) -> go.Figure:
+    """Size against metric, one marker per recipe; the Pareto front joined by a line. The hover text
+    gives latency with its source: "measured" (this machine's runtime) or "estimate" (hardware profile)."""
+    front = set(pareto_front(points, higher_is_better))
+    unit, div = _size_unit(max(p["size_bytes"] for p in points))
+
+    def hover(p):
+        lat = p.get("latency_ms")
+        return (f"{p['label']}<br>{human_bytes(p['size_bytes'])}, {metric} {p['metric']:.4f}"
+                + (f"<br>latency {lat:.3f} ms ({p.get('latency_source', 'estimate')})" if lat is not None else ""))
+
+    fig = go.Figure()
+    for on_front, name, color in ((False, "other recipes", OTHER_COLOR), (True, "Pareto front", FRONT_COLOR)):
+        ps = [p for i, p in enumerate(points) if (i in front) == on_front]
+        fig.add_trace(go.Scatter(x=[p["size_bytes"] / div for p in ps], y=[p["metric"] for p in ps], name=name,
+                                 mode="markers+text", text=[p["label"] for p in ps], textposition="top center",
+                                 hovertext=[hover(p) for p in ps], hoverinfo="text",
+                                 marker=dict(size=11, color=color, line=dict(color="white", width=1))))
+    order = pareto_front(points, higher_is_better)
+    fig.add_trace(go.Scatter(x=[points[i]["size_bytes"] / div for i in order], y=[points[i]["metric"] for i in order],
+                             mode="lines", name="front", line=dict(color=FRONT_COLOR, dash="dot"), hoverinfo="skip",
+                             showlegend=False))
+    better = "higher" if higher_is_better else "lower"
+    return _layout(fig, f"Size against {metric} (Pareto front in red: nothing is both smaller and better)",
+                   f"size ({unit})", f"{metric} ({better} is better)")
+
+
+def per_class(fp32: list, quantized: list, class_names: list[str] | None, label: str) -> go.Figure:
+    """Per-class accuracy of FP32 and of recipe ``label`` side by side (lists of floats or None per class)."""
+    names = list(class_names) if class_names else [str(i) for i in range(len(fp32))]
+    fig = go.Figure([go.Bar(x=names, y=fp32, name="FP32", marker_color=FP32_COLOR),
+                     go.Bar(x=names, y=quantized, name=label, marker_color=BAR_COLOR)])
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(type="category")
+    return _layout(fig, f"Accuracy per class: FP32 against {label}", "class", "accuracy")
+
+
+def layer_sizes(rows: list[dict]) -> go.Figure:
+    """Bytes of each layer's weight under the recipe (rows with ``layer``, ``weights`` format, ``size (bytes)``)."""
+    fig = go.Figure(go.Bar(x=[r["layer"] for r in rows], y=[r["size (bytes)"] for r in rows], marker_color=BAR_COLOR,
+                           text=[r["weights"] for r in rows], textposition="outside", name="weight bytes",
+                           hovertemplate="%{x}: %{y:,} bytes (%{text})<extra></extra>"))
+    fig.update_xaxes(type="category")
+    return _layout(fig, "Weight bytes per layer under the recipe (format on top)", "layer", "bytes")

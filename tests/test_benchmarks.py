@@ -1,0 +1,108 @@
+"""The benchmarks keep working: each ``--quick`` run prints tables of real measured numbers.
+
+Speed targets are not asserted here (they are what the benchmarks report); these tests check that
+every number is measured (positive, finite, consistent with the verdict printed next to it).
+"""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+import benchmarks.__main__ as runner
+from benchmarks import interactivity, memory, quality
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every pipe table in ``text`` as a list of {header: cell} rows (cells stripped strings)."""
+    tables, lines = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            lines.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif lines:
+            header, _, *rows = lines
+            tables.append([dict(zip(header, row)) for row in rows])
+            lines = []
+    return tables
+
+
+def number(cell: str) -> float:
+    value = float(cell)
+    assert math.isfinite(value), cell
+    return value
+
+
+def navigation_titles() -> list[str]:
+    """Page titles as app.py declares them (st.Page(..., title="...")), in menu order."""
+    return re.findall(r'st\.Page\([^)]*title="([^"]+)"', APP.read_text())
+
+
+def test_quality_quick_scores_every_tool_on_digits_mlp():
+    text = quality.main(["--quick"])
+    fp32 = float(re.search(r"## digits-mlp \(FP32 accuracy = ([0-9.]+)\)", text).group(1))
+    main_table, low_bit = markdown_tables(text)
+    tools = {row["tool"] for row in main_table}
+    assert tools == {"qcore", "torch.ao", "onnxruntime"}
+    scores = {row["method (W8A8 unless stated)"]: row["accuracy"] for row in main_table}
+    assert len(scores) == len(main_table) >= 10
+    assert fp32 > 0.9  # the digits MLP is trained, not random
+    assert abs(number(scores["int8-static"]) - fp32) < 0.05  # int8 barely moves a small MLP
+    for method, cell in scores.items():
+        if not cell.startswith("n/a"):
+            assert 0.0 <= number(cell) <= 1.0, method
+    assert [row["weights"] for row in low_bit] == ["int4", "int3", "int2"]
+    for row in low_bit:
+        cells = [number(v) for k, v in row.items() if k != "weights"]
+        assert len(cells) == 9 and all(0.0 <= v <= 1.0 for v in cells)
+    best_own, best_peer = map(float, re.search(r"\(([0-9.]+) vs ([0-9.]+)\)", text).groups())
+    assert best_own == max(number(row["accuracy"]) for row in main_table if row["tool"] == "qcore")
+    assert best_peer == max(number(row["accuracy"]) for row in main_table
+                            if row["tool"] != "qcore" and not row["accuracy"].startswith("n/a"))
+
+
+def test_runner_writes_interactivity_into_the_readme_section(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nintro\n\n{runner.START}\nold results\n{runner.END}\n\n## After\n")
+    monkeypatch.setattr(runner, "README", readme)
+
+    assert runner.main(["--quick", "--only", "interactivity", "--write-readme"]) == 0
+
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n\nintro\n\n{runner.START}\n") and text.endswith(f"{runner.END}\n\n## After\n")
+    assert "old results" not in text and "(quick mode)" in text and "### interactivity" in text
+    section = text.split(runner.START)[1].split(runner.END)[0]
+    (rows,) = markdown_tables(section)
+    assert [row["page"] for row in rows] == navigation_titles()
+    assert {row["model"] for row in rows} == {"digits-mlp"}
+    for row in rows:
+        cold, first, warm = (number(row[k]) for k in ("cold (s)", "first change (s)", "warm, median of 3 (s)"))
+        assert 0 < cold < 600 and 0 < first < 600 and 0 < warm < 600
+        verdict = row[f"warm < {interactivity.TARGET_S} s"]
+        assert verdict.startswith("pass" if warm < interactivity.TARGET_S else "FAIL")
+        assert f"{warm:.3f} s" in verdict  # the verdict states the measured value
+
+
+def test_runner_refuses_a_readme_without_markers_before_running(tmp_path, monkeypatch, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# No benchmark section\n")
+    monkeypatch.setattr(runner, "README", readme)
+    assert runner.main(["--quick", "--only", "memory", "--write-readme"]) == 2
+    assert readme.read_text() == "# No benchmark section\n"
+    assert runner.START in capsys.readouterr().err
+
+
+@pytest.mark.browser
+def test_memory_quick_reads_the_servers_resident_memory():
+    (rows,) = markdown_tables(memory.main(["--quick"]))
+    (row,) = rows
+    assert row["model"] == "digits-mlp"
+    idle, one, three, peak, extra = (number(row[k]) for k in (
+        "RSS idle (MiB)", "RSS, 1 session (MiB)", "RSS, 3 sessions (MiB)", "peak RSS (MiB)", "extra per session (MiB)"))
+    assert 20 < idle < one  # a session imports torch and loads the model into the server
+    assert one - idle > 50
+    assert peak >= three > 0
+    assert extra == pytest.approx((three - one) / 2, abs=0.11)  # the table rounds to 0.1 MiB
+    assert number(row["first session rendered in (s)"]) > 0 and number(row["other 2 rendered in (s)"]) > 0

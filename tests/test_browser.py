@@ -1,0 +1,153 @@
+"""End to end in a real browser: ``streamlit run app.py`` driven by Debian's Chromium through Playwright.
+
+Visits every page the sidebar navigation lists (found in the page, so pages added later are covered),
+waits for its Plotly charts and checks that each drew data and that no error box or exception appears.
+Playwright never downloads a browser here: it launches ``/usr/bin/chromium``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ERROR_BOXES = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+PAGE_TIMEOUT_MS = 30_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    """The URL of a fresh ``streamlit run app.py`` (the project's venv python), stopped afterwards."""
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError("streamlit did not start:\n" + server.stdout.read().decode(errors="replace"))
+        time.sleep(0.2)
+    yield url
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    server.stdout.close()
+
+
+def _chart_points(page) -> list[int]:
+    """For each Plotly chart on the page: how many data points its traces hold (x or y values)."""
+    return page.eval_on_selector_all(".js-plotly-plot", """plots => plots.map(p =>
+        (p._fullData || []).reduce((n, t) => n + Math.max((t.x || []).length || 0, (t.y || []).length || 0), 0))""")
+
+
+def _wait_until_idle(page) -> None:
+    """Until the page's script has drawn its title and finished running."""
+    page.locator("h1").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
+
+
+def _settle(page) -> None:
+    """After an interaction: give the rerun it triggers time to start, then wait until it has finished."""
+    page.wait_for_timeout(400)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
+
+
+def test_every_page_renders_its_charts_without_errors(app_url):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, timeout=PAGE_TIMEOUT_MS)
+            _wait_until_idle(page)  # the navigation app.py declares replaces the first (pages/ folder) listing
+            links = [(a.inner_text().strip().splitlines()[-1].strip(), a.get_attribute("href"))  # after the icon
+                     for a in page.locator('[data-testid="stSidebarNav"] a').all()]
+            titles = [t for t, _ in links]
+            assert {"Model", "Formats", "Weights", "Activations"} <= set(titles), titles
+            assert "state" not in titles and "formulas" not in titles, titles  # helper modules are not pages
+            charts_per_page = {}
+            for title, href in links:
+                page.goto(href if href.startswith("http") else app_url + "/" + href.lstrip("/"), timeout=PAGE_TIMEOUT_MS)
+                _wait_until_idle(page)
+                errors = page.locator(ERROR_BOXES)
+                assert errors.count() == 0, f"{title}: {errors.first.inner_text()}"
+                points = _chart_points(page)
+                assert all(n > 0 for n in points), f"{title}: a chart drew no data {points}"
+                charts_per_page[title] = len(points)
+                # the model choice is in the sidebar of every page
+                assert page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').count() >= 1, title
+            for title, at_least in {"Model": 1, "Formats": 4, "Weights": 4, "Activations": 3}.items():
+                assert charts_per_page[title] >= at_least, charts_per_page
+        finally:
+            browser.close()
+
+
+def test_a_bad_upload_shows_an_error_box_and_keeps_the_loaded_model(app_url, tmp_path, digits_mlp):
+    from playwright.sync_api import expect, sync_playwright
+    from safetensors.torch import save_file
+
+    state = {k: v * 0.5 for k, v in digits_mlp.model.state_dict().items()}
+    save_file(state, tmp_path / "half.safetensors")
+    state["fc2.weight"][0, 0] = float("nan")
+    save_file(state, tmp_path / "nan.safetensors")
+    params = f"{sum(v.numel() for v in state.values()):,}"
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, timeout=PAGE_TIMEOUT_MS)
+            _wait_until_idle(page)
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            sidebar.get_by_text("Upload", exact=True).click()
+            model_file = sidebar.locator('input[type="file"]').first
+            load = sidebar.get_by_role("button", name="Load uploaded model")
+
+            model_file.set_input_files(str(tmp_path / "half.safetensors"))
+            expect(load).to_be_enabled(timeout=PAGE_TIMEOUT_MS)
+            load.click()
+            expect(page.locator("h1").first).to_have_text("Model: half.safetensors", timeout=PAGE_TIMEOUT_MS)
+            expect(page.locator('[data-testid="stMetric"]', has_text="Parameters")).to_contain_text(params)
+
+            model_file.set_input_files(str(tmp_path / "nan.safetensors"))
+            _settle(page)  # the new file is committed before the click
+            load.click()
+            error = page.locator('[data-testid="stAlertContentError"]')
+            expect(error).to_have_text("nan.safetensors contains NaN or Inf weights; check the training run that "
+                                       "produced it", timeout=PAGE_TIMEOUT_MS)
+            expect(page.locator("h1").first).to_have_text("Model: half.safetensors")  # the loaded model stays
+            expect(page.locator('[data-testid="stMetric"]', has_text="Parameters")).to_contain_text(params)
+            assert page.locator('[data-testid="stException"]').count() == 0
+        finally:
+            browser.close()

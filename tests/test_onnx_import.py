@@ -1,0 +1,169 @@
+"""ONNX -> torch: converted models compute what the source model computes, layers keep the source
+module paths, single operators agree with onnxruntime, and an unsupported operator is named in one line."""
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qcore import preset
+from qcore.errors import QcoreError
+from qcore.loaders import load_model_file, load_workload
+from qcore.onnx_import import _module_path_from_node_name, convert
+from qcore.simulate import find_layers
+
+
+def _export(model, args, path, names, dynamic_axes, dynamo=False, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, str(path), input_names=names, dynamo=dynamo,
+                          **({"dynamic_axes": dynamic_axes} if not dynamo else kw))
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory, minilm):
+    """minilm-l6 exported once (TorchScript exporter, dynamic batch and sequence length), then loaded."""
+    ids, mask = (t[:2, :8] for t in minilm.calibration.inputs)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    path = _export(minilm.model, (ids, mask), tmp_path_factory.mktemp("onnx") / "minilm.onnx",
+                   ["input_ids", "attention_mask"], axes)
+    return load_model_file(path)
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(tmp_path_factory, digits_cnn):
+    x = digits_cnn.calibration.inputs[0][:4]
+    return _export(digits_cnn.model, (x,), tmp_path_factory.mktemp("onnx") / "cnn.onnx", ["x"], {"x": {0: "batch"}})
+
+
+def outputs(model, *xs):
+    with torch.no_grad():
+        return model(*xs)
+
+
+def test_cnn_from_onnx_matches_the_source_model_with_module_paths(cnn_onnx, digits_cnn):
+    loaded = load_model_file(cnn_onnx)
+    x = digits_cnn.evaluation.inputs[0][:100]
+    diff = (outputs(loaded.model, x) - outputs(digits_cnn.model, x)).abs().max().item()
+    assert diff < 1e-4  # the exporter folds BatchNorm into the convs: float rounding only (measured ~6e-6)
+    # Conv weights were renamed by the exporter's BatchNorm folding: names come from the node scopes.
+    assert {n: i.weight_shape for n, i in find_layers(loaded.model).items()} == \
+        {n: i.weight_shape for n, i in digits_cnn.layers.items()}
+    assert (loaded.format, loaded.inputs[0].sample_shape, loaded.inputs[0].dynamic) == ("onnx", (1, 8, 8), frozenset())
+
+
+def test_onnx_cnn_evaluates_like_the_zoo_model(cnn_onnx, digits_cnn):
+    """Same data and recipe: the converted CNN's int8 result is the zoo model's up to float rounding."""
+    w = load_workload(str(cnn_onnx), None)
+    assert w.task.headline == "agreement" and w.fp32_metrics["agreement"] == 1.0
+    recipe = preset("int8-weight-only", digits_cnn.layer_shapes)
+    got, expected = w.simulate(recipe).model, digits_cnn.simulate(recipe).model
+    x = digits_cnn.evaluation.inputs[0]
+    assert (outputs(got, x) - outputs(expected, x)).abs().max().item() < 1e-4
+    assert w.size(recipe) == digits_cnn.size(recipe)
+
+
+def test_mlp_from_the_dynamo_exporter_with_a_separate_weight_file(tmp_path, digits_mlp):
+    x = digits_mlp.evaluation.inputs[0][:16]
+    path = _export(digits_mlp.model, (x,), tmp_path / "mlp.onnx", ["x"], None, dynamo=True,
+                   dynamic_shapes=({0: "batch"},), external_data=True)
+    assert (tmp_path / "mlp.onnx.data").is_file()  # torch.onnx.export's default: weights beside the graph
+    loaded = load_model_file(path)
+    x = digits_mlp.evaluation.inputs[0][:50]
+    assert torch.allclose(outputs(loaded.model, x), outputs(digits_mlp.model, x), rtol=0, atol=1e-5)
+    assert list(find_layers(loaded.model)) == ["fc1", "fc2", "fc3"]
+    moved = tmp_path / "alone"
+    moved.mkdir()
+    (moved / "mlp.onnx").write_bytes(path.read_bytes())
+    with pytest.raises(QcoreError, match="keeps its weights in a separate file 'mlp.onnx.data', which is not beside it; "
+                                         r"export a single file with torch.onnx.export\(..., external_data=False\)"):
+        load_model_file(moved / "mlp.onnx")
+
+
+def test_minilm_from_onnx_matches_the_source_encoder(minilm_onnx, minilm):
+    ids, mask = (t[:4] for t in minilm.evaluation.inputs)  # other batch size and sequence length than the export
+    got, expected = outputs(minilm_onnx.model, ids, mask), outputs(minilm.model, ids, mask)
+    assert got.shape == expected.shape == (4, 384)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5)  # measured max abs diff ~1e-7
+    layers = find_layers(minilm_onnx.model)
+    assert {n: i.weight_shape for n, i in layers.items()} == {n: i.weight_shape for n, i in minilm.layers.items()}
+    assert layers["bert.encoder.layer.5.intermediate.dense"].kind == "Linear"
+    assert minilm_onnx.inputs[0].dtype == torch.int64 and minilm_onnx.inputs[0].int_range == (0, 30521)
+
+
+@pytest.mark.parametrize("name, path", [
+    ("/features/features.0/Conv", "features.0"),
+    ("/bert/encoder/layer.0/attention/self/query/MatMul", "bert.encoder.layer.0.attention.self.query"),
+    ("/block/seq/seq.0/seq.0.1/Conv", "block.seq.0.1"),
+    ("/Gemm", None),
+    ("node_MatMul_95", None),
+])
+def test_module_path_from_node_name(name, path):
+    assert _module_path_from_node_name(name) == path
+
+
+# ---- single operators against onnxruntime ---------------------------------------------------------------
+def _graph(node, inputs: dict, consts: dict | None = None, opset=17):
+    consts = consts or {}
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                      for k, v in inputs.items()],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+rng = np.random.default_rng(0)
+X = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+OP_CASES = {
+    "GatherND": (helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=1),
+                 {"x": X, "i": np.array([[[1, -2]], [[0, 4]]], np.int64)}, {}, 17),
+    "Slice with negative step": (helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"]), {"x": X},
+                                 {"s": np.array([4, -1]), "e": np.array([0, -100]), "a": np.array([2, 3]),
+                                  "t": np.array([-2, -1])}, 17),
+    "Pad reflect": (helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect"), {"x": X},
+                    {"p": np.array([0, 0, 1, 2, 0, 0, 2, 1])}, 17),
+    "Softmax opset 11": (helper.make_node("Softmax", ["x"], ["y"], axis=1), {"x": X}, {}, 11),
+    "ReduceL2": (helper.make_node("ReduceL2", ["x", "a"], ["y"], keepdims=1), {"x": X}, {"a": np.array([-1])}, 18),
+    "MaxPool asymmetric": (helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 3], pads=[0, 1, 1, 0], strides=[2, 1]),
+                           {"x": X}, {}, 17),
+    "Gemm transB": (helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1),
+                    {"x": X[0, 0]}, {"w": X[1, 1, :4], "b": X[1, 2, 0, :4]}, 17),
+}
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_operators_agree_with_onnxruntime(case):
+    node, inputs, consts, opset = OP_CASES[case]
+    model = _graph(node, inputs, consts, opset)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, inputs)[0]
+    got = outputs(convert(model), *(torch.from_numpy(v) for v in inputs.values())).numpy()
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+
+
+def test_unsupported_operator_is_named_in_one_line(tmp_path, capsys):
+    from test_cli import run
+
+    node = helper.make_node("NonMaxSuppression", ["x", "s"], ["y"], name="/detector/nms")
+    model = _graph(node, {"x": np.zeros((1, 4, 4), np.float32), "s": np.zeros((1, 1, 4), np.float32)})
+    with pytest.raises(QcoreError) as e:
+        convert(model)
+    message = str(e.value)
+    assert message.startswith("ONNX operator 'NonMaxSuppression' (node '/detector/nms') is not supported")
+    assert "\n" not in message and "torch.export program (.pt2)" in message
+    onnx.save(model, tmp_path / "nms.onnx")
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "nms.onnx"), "--preset", "int8-dynamic")
+    assert (code, out) == (2, "") and "'NonMaxSuppression' (node '/detector/nms')" in err and err.count("\n") == 1
+    custom = helper.make_node("Fancy", ["x"], ["y"], domain="com.example", name="n1")
+    model = helper.make_model(helper.make_graph([custom], "g", [helper.make_tensor_value_info("x", 1, [1, 4])],
+                                                [helper.make_tensor_value_info("y", 1, [1, 4])]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    with pytest.raises(QcoreError, match="ONNX operator 'Fancy' from domain 'com.example' \\(node 'n1'\\)"):
+        convert(model)
+    with pytest.raises(QcoreError, match="opset 9; the importer needs opset 11 or newer"):
+        convert(_graph(helper.make_node("Relu", ["x"], ["y"]), {"x": X}, opset=9))

@@ -1,0 +1,241 @@
+"""Recipes: JSON round trip, key-by-key layer overrides, presets, and validation message by message."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qcore import PRESETS, QcoreError, Recipe, TensorSpec, load_recipe, preset
+from qcore.recipe import LayerPlan
+
+LAYERS = {"features.0": (16, 1, 3, 3), "features.3": (32, 16, 3, 3), "classifier.1": (64, 288),
+          "classifier.3": (10, 64)}
+ISSUE_EXAMPLE = {
+    "name": "w8a8-percentile",
+    "weights": {"format": "int8", "granularity": "per_channel", "symmetric": True, "range": "minmax"},
+    "activations": {"format": "int8", "granularity": "per_tensor", "symmetric": False, "range": "percentile",
+                    "percentile": 99.99, "dynamic": False},
+    "layers": {"features.0": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 3}},
+               "classifier.3": None},
+}
+
+int_specs = st.fixed_dictionaries(
+    {"format": st.sampled_from(["int2", "int3", "int4", "int8", "int16"])},
+    optional={"granularity": st.sampled_from(["per_tensor", "per_channel", "per_group"]),
+              "group_size": st.sampled_from([8, 16, 32]), "symmetric": st.booleans(),
+              "range": st.sampled_from(["minmax", "percentile", "mse", "entropy"]),
+              "percentile": st.sampled_from([99.0, 99.9, 99.99, 100.0]), "axis": st.integers(0, 1)})
+float_specs = st.one_of(st.just({"format": "fp32"}), st.fixed_dictionaries(
+    {"format": st.sampled_from(["fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])},
+    optional={"scaled": st.booleans(), "granularity": st.sampled_from(["per_tensor", "per_channel"])}))
+nf4_specs = st.fixed_dictionaries({"format": st.just("nf4")}, optional={"group_size": st.sampled_from([32, 64])})
+weight_specs = st.one_of(int_specs, float_specs, nf4_specs)
+act_specs = st.fixed_dictionaries(
+    {"format": st.sampled_from(["int8", "int4", "fp8_e4m3", "fp16"])},
+    optional={"dynamic": st.booleans(), "range": st.sampled_from(["minmax", "moving_average", "entropy"])}
+).map(lambda d: {**d, "symmetric": True} if not d["format"].startswith("int") else d)
+overrides = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+    "weights": st.one_of(st.none(), weight_specs), "activations": st.one_of(st.none(), act_specs)}))
+recipes = st.fixed_dictionaries({
+    "name": st.text(min_size=1, max_size=12), "weights": st.one_of(st.none(), weight_specs),
+    "activations": st.one_of(st.none(), act_specs),
+    "layers": st.dictionaries(st.sampled_from(list(LAYERS)), overrides, max_size=3)})
+
+
+@given(d=recipes)
+def test_json_round_trip_is_exact(d):
+    r = Recipe.from_dict(d)
+    again = Recipe.from_json(r.to_json())
+    assert again == r
+    assert again.to_dict() == r.to_dict()
+    assert json.loads(r.to_json()) == r.to_dict()
+    for layer in LAYERS:
+        assert again.plan(layer) == r.plan(layer)
+
+
+def test_issue_example_resolves_as_documented():
+    r = Recipe.from_dict(ISSUE_EXAMPLE)
+    r.check_against(LAYERS)
+    assert r.plan("features.3") == LayerPlan(
+        TensorSpec(format="int8", granularity="per_channel"),
+        TensorSpec(format="int8", symmetric=False, range="percentile", percentile=99.99))
+    # the override changes format, granularity and group size, and keeps the rest of the defaults
+    assert r.plan("features.0").weights == TensorSpec(format="int4", granularity="per_group", group_size=3)
+    assert r.plan("features.0").activations == r.activations
+    assert r.plan("classifier.3") == LayerPlan(None, None) and r.plan("classifier.3").is_float
+    assert r.to_dict()["layers"]["classifier.3"] is None
+
+
+def test_plan_merges_key_by_key_and_null_parts():
+    r = Recipe.from_dict({
+        "weights": {"format": "int8", "granularity": "per_channel", "symmetric": False, "range": "mse"},
+        "activations": {"format": "int8", "symmetric": False},
+        "layers": {
+            "a": {"weights": {"range": "percentile", "percentile": 99.9}},  # same format: keeps symmetric=False
+            "b": {"weights": {"format": "fp8_e4m3", "scaled": True}},  # float: drops the inherited symmetric
+            "c": {"weights": None},  # weights stay float, activations still quantized
+            "d": {"activations": None},  # weight-only for this layer
+            "e": {"weights": {"format": "int4"}},  # int -> int keeps the affine choice
+        }})
+    assert r.plan("a").weights == TensorSpec(format="int8", granularity="per_channel", symmetric=False,
+                                             range="percentile", percentile=99.9)
+    assert r.plan("b").weights == TensorSpec(format="fp8_e4m3", granularity="per_channel", range="mse", scaled=True)
+    assert r.plan("c") == LayerPlan(None, r.activations)
+    assert r.plan("d") == LayerPlan(r.weights, None)
+    assert r.plan("e").weights == TensorSpec(format="int4", granularity="per_channel", symmetric=False, range="mse")
+    assert r.plan("not-overridden") == LayerPlan(r.weights, r.activations)
+    # from a scaled float default to an integer format, the inherited "scaled" is dropped
+    f = Recipe.from_dict({"weights": {"format": "fp8_e4m3", "scaled": True}, "layers": {"x": {"weights": {"format": "int4"}}}})
+    assert f.plan("x").weights == TensorSpec(format="int4")
+    # an override on a weight-only recipe may add activations for one layer
+    w = Recipe.from_dict({"weights": {"format": "int8"}, "layers": {"x": {"activations": {"format": "int8"}}}})
+    assert w.plan("x").activations == TensorSpec(format="int8") and w.plan("y").activations is None
+
+
+def test_with_layer_returns_a_new_recipe():
+    r = preset("int8-static")
+    r2 = r.with_layer("fc1", None).with_layer("fc2", {"weights": {"format": "int4"}})
+    assert dict(r.layers) == {} and r2.plan("fc1").is_float
+    assert r2.plan("fc2").weights == TensorSpec(format="int4", granularity="per_channel")
+    assert Recipe.from_json(r2.to_json()) == r2
+
+
+def test_presets_match_the_issue():
+    assert list(PRESETS) == ["fp32", "fp16", "bf16", "int8-weight-only", "int8-dynamic", "int8-static",
+                             "int4-weight-only", "nf4", "fp8"]
+    w8 = TensorSpec(format="int8", granularity="per_channel")
+    assert preset("fp16").plan("x") == LayerPlan(TensorSpec(format="fp16"), TensorSpec(format="fp16"))
+    assert preset("bf16").weights == TensorSpec(format="bf16")
+    assert preset("int8-weight-only").plan("x") == LayerPlan(w8, None)
+    assert preset("int8-dynamic").plan("x") == LayerPlan(w8, TensorSpec(format="int8", symmetric=False, dynamic=True))
+    assert preset("int8-static").plan("x") == LayerPlan(w8, TensorSpec(format="int8", symmetric=False))
+    assert preset("int4-weight-only").plan("x") == LayerPlan(
+        TensorSpec(format="int4", granularity="per_group", group_size=32, symmetric=False), None)
+    assert preset("nf4").plan("x") == LayerPlan(TensorSpec(format="nf4", granularity="per_group", group_size=64), None)
+    assert preset("fp8").plan("x") == LayerPlan(
+        TensorSpec(format="fp8_e4m3", granularity="per_channel", scaled=True),
+        TensorSpec(format="fp8_e4m3", scaled=True, dynamic=True))
+    assert preset("fp32").plan("x").is_float
+    for name in PRESETS:
+        r = preset(name)
+        assert r.name == name and Recipe.from_json(r.to_json()) == r
+
+
+def test_group_presets_fall_back_to_per_channel_where_the_group_does_not_divide():
+    r = preset("int4-weight-only", LAYERS)  # fan-ins: 9, 144, 288, 64; group 32 divides the last two
+    per_channel = {"weights": {"granularity": "per_channel"}}
+    assert dict(r.layers) == {"features.0": per_channel, "features.3": per_channel}
+    assert r.plan("features.0").weights == TensorSpec(format="int4", granularity="per_channel", group_size=32,
+                                                      symmetric=False)
+    r.check_against(LAYERS)
+    n = preset("nf4", LAYERS)  # group 64 divides only 64
+    assert sorted(n.layers) == ["classifier.1", "features.0", "features.3"]
+    n.check_against(LAYERS)
+
+
+def test_load_recipe_from_preset_json_text_and_file(tmp_path):
+    assert load_recipe("int8-static") == preset("int8-static")
+    text = json.dumps(ISSUE_EXAMPLE)
+    assert load_recipe(text, LAYERS) == Recipe.from_dict(ISSUE_EXAMPLE)
+    path = tmp_path / "r.json"
+    path.write_text(text)
+    assert load_recipe(str(path), LAYERS) == Recipe.from_dict(ISSUE_EXAMPLE)
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(QcoreError) as e:
+        fn(*args)
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+@pytest.mark.parametrize("d,message", [
+    ({"weights": {"format": "int9"}},
+     "unknown format weights.format='int9'; allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2, int3, int4, "
+     "int5, int6, int7, int8, int16, nf4"),
+    ({"weights": {"format": "int1"}},
+     "unknown format weights.format='int1' (1-bit integers are not supported: the smallest integer format is "
+     "int2); allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2, int3, int4, int5, int6, int7, int8, int16, nf4"),
+    ({"weights": {"format": "int8", "bits": 8}},
+     "unknown key weights.'bits'; allowed keys: format, granularity, axis, group_size, symmetric, range, "
+     "percentile, dynamic, scaled"),
+    ({"weight": {"format": "int8"}}, "unknown recipe key 'weight'; allowed keys: name, weights, activations, layers"),
+    ({"weights": {"granularity": "per_row"}},
+     "weights.granularity='per_row' is not a granularity; allowed: per_tensor, per_channel, per_group"),
+    ({"weights": {"range": "moving_average"}},
+     "weights.range='moving_average' is not a range method; allowed here: minmax, percentile, mse, entropy"),
+    ({"activations": {"range": "kl"}},
+     "activations.range='kl' is not a range method; allowed here: minmax, percentile, mse, entropy, moving_average"),
+    ({"weights": {"group_size": 0}}, "weights.group_size=0 must be a positive integer such as 32, 64 or 128"),
+    ({"weights": {"group_size": 32.0}}, "weights.group_size=32.0 must be an integer"),
+    ({"weights": {"axis": True}}, "weights.axis=True must be an integer"),
+    ({"weights": {"symmetric": "yes"}}, "weights.symmetric='yes' must be true or false"),
+    ({"weights": {"percentile": 50}}, "weights.percentile=50 must be a number in (50, 100], e.g. 99.9 or 99.99"),
+    ({"weights": {"percentile": 100.5}}, "weights.percentile=100.5 must be a number in (50, 100], e.g. 99.9 or 99.99"),
+    ({"weights": {"format": "fp16", "symmetric": False}},
+     "weights.symmetric=False is only possible for integer formats; fp16 is symmetric by construction"),
+    ({"weights": {"format": "int8", "scaled": True}},
+     "weights.scaled=True applies to float formats (fp8/fp16/bf16) only; integer and nf4 formats are always scaled"),
+    ({"weights": {"dynamic": True}},
+     "weights.dynamic=True applies to activations only (weights are always quantized ahead of time)"),
+    ({"activations": {"granularity": "per_channel"}},
+     "activations.granularity='per_channel' is not supported for activations; use per_tensor"),
+    ({"activations": {"format": "nf4", "granularity": "per_tensor"}},
+     "activations.format='nf4' is a weight-only format; use an int or float format for activations"),
+    ({"weights": "int8"}, "weights must be an object like {\"format\": \"int8\"} or null, got 'int8'"),
+    ([1, 2], "a recipe must be a JSON object with keys name, weights, activations, layers"),
+    ({"layers": ["fc1"]}, "recipe.layers must be an object mapping layer names to overrides or null"),
+    ({"layers": {"fc1": "int4"}}, "layers['fc1'] must be an object like {\"weights\": {\"format\": \"int4\"}} or null"),
+    ({"layers": {"fc1": {"weight": {"format": "int4"}}}},
+     "unknown key layers['fc1'].'weight'; allowed keys: weights, activations"),
+    ({"layers": {"fc1": {"weights": {"format": "int4", "granularity": "per_block"}}}},
+     "layers['fc1'].weights.granularity='per_block' is not a granularity; allowed: per_tensor, per_channel, per_group"),
+    ({"layers": {"fc1": {"weights": "int4"}}},
+     "layers['fc1'].weights must be an object like {\"format\": \"int8\"} or null, got 'int4'"),
+    ({"weights": {"format": ["int8"]}},
+     "unknown format weights.format=['int8']; allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2, int3, int4, "
+     "int5, int6, int7, int8, int16, nf4"),
+    ({"weights": {"format": "int8"}, "layers": {"fc1": {"weights": {"format": {"int": 4}}}}},
+     "unknown format layers['fc1'].weights.format={'int': 4}; allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, "
+     "int2, int3, int4, int5, int6, int7, int8, int16, nf4"),
+])
+def test_invalid_recipes_are_rejected_message_by_message(d, message):
+    assert _error(Recipe.from_dict, d) == message
+
+
+def test_model_dependent_validation_names_the_layer():
+    r = Recipe.from_dict({"weights": {"format": "int8"}, "layers": {"classifier.9": None}})
+    assert _error(r.check_against, LAYERS) == (
+        "recipe.layers names 'classifier.9', which is not a quantizable layer of this model; layers are: "
+        "features.0, features.3, classifier.1, classifier.3")
+    g = Recipe.from_dict({"weights": {"format": "int4", "granularity": "per_group", "group_size": 64}})
+    assert _error(g.check_against, LAYERS) == (
+        "weights.group_size=64 does not divide the input dimension 9 of layer 'features.0'; use a divisor of 9 "
+        "for that layer or granularity per_channel")
+    o = Recipe.from_dict({"layers": {"classifier.1": {"weights": {"format": "int4", "granularity": "per_group",
+                                                                  "group_size": 7}}}})
+    assert _error(o.check_against, LAYERS) == (
+        "layers['classifier.1'].weights.group_size=7 does not divide the input dimension 288 of layer "
+        "'classifier.1'; use a divisor of 288 for that layer or granularity per_channel")
+    a = Recipe.from_dict({"weights": {"format": "int8", "granularity": "per_channel", "axis": 4}})
+    assert _error(a.check_against, LAYERS) == (
+        "weights.axis=4 is out of range for layer 'features.0' with weight shape (16, 1, 3, 3)")
+    many = {f"l{i}": (4, 4) for i in range(10)}
+    assert _error(r.check_against, many).endswith("layers are: l0, l1, l2, l3, l4, l5, l6, l7, ...")
+
+
+def test_load_recipe_errors(tmp_path):
+    assert _error(load_recipe, "int3-magic") == (
+        "'int3-magic' is neither a preset (fp32, fp16, bf16, int8-weight-only, int8-dynamic, int8-static, "
+        "int4-weight-only, nf4, fp8) nor a recipe file that exists")
+    assert _error(preset, "int3") == (
+        "unknown preset 'int3'; available presets: fp32, fp16, bf16, int8-weight-only, int8-dynamic, int8-static, "
+        "int4-weight-only, nf4, fp8")
+    assert _error(load_recipe, '{"weights": {"format": "int8",}}') == (
+        "the recipe is not valid JSON (Expecting property name enclosed in double quotes at line 1); "
+        "fix the file and retry")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"nope": None}}))
+    assert "'nope', which is not a quantizable layer" in _error(load_recipe, str(bad), LAYERS)

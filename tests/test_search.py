@@ -1,0 +1,107 @@
+"""Mixed-precision search: the budget holds, every reported metric is a real evaluation of the
+recipe returned, and the CLI writes a recipe that ``evaluate`` reproduces."""
+
+import json
+import math
+
+import pytest
+
+from qcore import QcoreError, Recipe
+from qcore.cli import main
+from qcore.search import SearchCancelled, pareto_front, search
+from qcore.size import float_bytes
+
+CANDIDATES = ["int8-static", "int4-weight-only", "int3"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweeps")
+
+
+def evaluated_metric(w, recipe_dict) -> tuple[float, int]:
+    r = w.evaluate(Recipe.from_dict(recipe_dict))
+    return r["quantized"]["metrics"][w.task.headline], r["quantized"]["size_bytes"]
+
+
+def test_size_budget_is_honoured_and_metric_is_measured(digits_cnn, cache_dir):
+    r = search(digits_cnn, CANDIDATES, max_size_fraction=0.2, cache_dir=cache_dir)
+    fp32_bytes = float_bytes(digits_cnn.model)
+    budget = math.floor(0.2 * fp32_bytes)
+    recipe = Recipe.from_dict(json.loads(json.dumps(r["recipe"])))
+    assert r["goal"]["max_size_bytes"] == budget and r["met"] is True
+    assert r["fp32"] == {"metric": digits_cnn.fp32_metrics["accuracy"], "size_bytes": fp32_bytes}
+    assert digits_cnn.size(recipe)["size_bytes"] == r["measured"]["size_bytes"] <= budget
+    assert evaluated_metric(digits_cnn, r["recipe"]) == (r["measured"]["metric"], r["measured"]["size_bytes"])
+    assert r["measured"]["metric"] >= 0.95  # int3 everywhere gives ~0.96; the search does at least as well
+    uniform_int3 = next(e for e in r["evaluated"] if e["label"] == "uniform int3")
+    assert r["measured"]["metric"] >= uniform_int3["metric"]
+    # every evaluated point is a real evaluation of the recipe stored with it
+    for e in r["evaluated"]:
+        assert evaluated_metric(digits_cnn, e["recipe"]) == (e["metric"], e["size_bytes"])
+    assert r["measured"] in [{"metric": e["metric"], "size_bytes": e["size_bytes"]} for e in r["pareto"]]
+
+
+def test_metric_floor_gives_the_smallest_recipe_that_meets_it(digits_mlp, cache_dir):
+    floor = digits_mlp.fp32_metrics["accuracy"] - 0.004  # at most one more of 360 test images wrong
+    r = search(digits_mlp, CANDIDATES, min_metric=floor, cache_dir=cache_dir)
+    assert r["met"] and r["measured"]["metric"] >= floor
+    assert r["measured"]["size_bytes"] < 0.35 * r["fp32"]["size_bytes"]
+    assert evaluated_metric(digits_mlp, r["recipe"]) == (r["measured"]["metric"], r["measured"]["size_bytes"])
+    meeting = [e for e in r["evaluated"] if e["metric"] >= floor]
+    assert r["measured"]["size_bytes"] == min(e["size_bytes"] for e in meeting)
+
+
+def test_pareto_front_is_the_non_dominated_set(digits_mlp, cache_dir):
+    r = search(digits_mlp, CANDIDATES, max_size_fraction=0.5, cache_dir=cache_dir)
+    front, evaluated = r["pareto"], r["evaluated"]
+    assert [e["size_bytes"] for e in front] == sorted(e["size_bytes"] for e in front)
+    assert [e["metric"] for e in front] == sorted(e["metric"] for e in front)  # bigger buys strictly better
+    for f in front:  # nothing evaluated is smaller and at least as good, or as small and better
+        assert not any((o["size_bytes"] <= f["size_bytes"] and o["metric"] > f["metric"])
+                       or (o["size_bytes"] < f["size_bytes"] and o["metric"] >= f["metric"]) for o in evaluated)
+    for e in evaluated:  # everything else has a front point at least as small and as good
+        assert e in front or any(f["size_bytes"] <= e["size_bytes"] and f["metric"] >= e["metric"] for f in front)
+    points = [{"size_bytes": 10, "metric": 0.5}, {"size_bytes": 20, "metric": 0.4}, {"size_bytes": 30, "metric": 0.9}]
+    assert pareto_front(points) == [points[0], points[2]]
+    assert pareto_front(points, higher_is_better=False) == [points[0]]
+
+
+def test_unreachable_goals_are_reported_not_met(digits_mlp, cache_dir):
+    tiny = search(digits_mlp, CANDIDATES, max_size_bytes=1000, cache_dir=cache_dir)
+    smallest = min(e["size_bytes"] for e in tiny["evaluated"])
+    assert not tiny["met"] and tiny["measured"]["size_bytes"] == smallest > 1000
+    assert any("no recipe from these candidates fits in 1000 bytes" in n for n in tiny["notes"])
+    perfect = search(digits_mlp, CANDIDATES, min_metric=1.01, cache_dir=cache_dir)
+    assert not perfect["met"] and perfect["recipe"]["layers"] == {}
+    assert perfect["measured"]["size_bytes"] == perfect["fp32"]["size_bytes"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, "give exactly one goal"),
+    ({"max_size_fraction": 0.3, "min_metric": 0.9}, "give exactly one goal"),
+    ({"max_size_fraction": -1.0}, "max_size_fraction=-1.0 must be a positive number"),
+    ({"max_size_bytes": 0}, "max_size_bytes=0 must be a positive whole number"),
+    ({"min_metric": float("nan")}, "min_metric=nan must be a finite number"),
+])
+def test_bad_goals_raise_one_clear_error(digits_mlp, kwargs, message):
+    with pytest.raises(QcoreError, match=message):
+        search(digits_mlp, CANDIDATES, **kwargs)
+
+
+def test_cancel_stops_the_search(digits_mlp, cache_dir):
+    with pytest.raises(SearchCancelled):
+        search(digits_mlp, CANDIDATES, max_size_fraction=0.3, cache_dir=cache_dir, should_stop=lambda: True)
+
+
+def test_cli_search_writes_a_recipe_that_evaluate_reproduces(capsys, tmp_path, cache_dir):
+    out = tmp_path / "mixed.json"
+    code = main(["search", "digits-cnn", "--candidates", ",".join(CANDIDATES), "--max-size-fraction", "0.2",
+                 "--out", str(out), "--cache-dir", str(cache_dir), "--json"])
+    found = json.loads(capsys.readouterr().out)
+    assert code == 0 and json.loads(out.read_text()) == found["recipe"]
+    code = main(["evaluate", "digits-cnn", "--recipe", str(out), "--json"])
+    evaluated = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert evaluated["quantized"]["metrics"]["accuracy"] == found["measured"]["metric"]
+    assert evaluated["quantized"]["size_bytes"] == found["measured"]["size_bytes"] <= 0.2 * found["fp32"]["size_bytes"]

@@ -1,0 +1,129 @@
+"""Per-layer sensitivity sweeps: rows are real evaluations, modes separate weights from inputs,
+rankings are stable, caches return identical results and a cancelled sweep caches nothing."""
+
+import json
+import math
+
+import pytest
+
+from qcore import QcoreError
+from qcore import sensitivity
+from qcore.metrics import SQNR_EXACT_DB, sqnr_db
+from qcore.sensitivity import SweepCancelled, cache_key, cache_path, clear_memory_cache, recipe_for, sweep
+
+
+def measured(w, recipe) -> tuple[float, float]:
+    """Headline metric and output SQNR of ``recipe`` evaluated the slow, independent way."""
+    metric = w.evaluate(recipe)["quantized"]["metrics"][w.task.headline]
+    return metric, sqnr_db(w.run(w.simulate(recipe).model, w.evaluation), w.reference_outputs)
+
+
+@pytest.mark.parametrize("view", ["only", "all_but"])
+def test_rows_equal_full_evaluation_of_their_recipe(digits_cnn, tmp_path, view):
+    candidates = ["int8-static", "int3"] if view == "only" else ["int3"]
+    r = sweep(digits_cnn, candidates, mode="both", view=view, cache_dir=tmp_path)
+    assert r["samples"] == r["evaluation_samples"] == 360 and r["fp32_metric"] == digits_cnn.fp32_metrics["accuracy"]
+    assert len(r["rows"]) == len(candidates) * 5 and all(row["changed"] for row in r["rows"])
+    for row in r["rows"]:
+        metric, sqnr = measured(digits_cnn, recipe_for(digits_cnn, row["layer"], row["candidate"], "both", view))
+        assert row["metric"] == metric
+        assert row["sqnr_db"] == pytest.approx(sqnr, abs=1e-3)
+        assert row["metric_drop"] == pytest.approx(r["fp32_metric"] - metric)
+        if view == "all_but":
+            assert row["recovered"] == pytest.approx(metric - r["base"][row["candidate"]]["metric"])
+    # int3 weights hurt every layer more than int8 weights and activations do
+    by = {(row["layer"], row["candidate"]): row for row in r["rows"]}
+    if view == "only":
+        assert all(by[n, "int3"]["layer_sqnr_db"] < by[n, "int8-static"]["layer_sqnr_db"] for n in digits_cnn.layers)
+
+
+def test_modes_separate_weights_from_inputs(digits_mlp, tmp_path):
+    cands = ["int8-static", "int4-weight-only"]
+    weights, inputs, both = (sweep(digits_mlp, cands, mode=m, cache_dir=tmp_path) for m in ("weights", "activations", "both"))
+    for row in weights["rows"]:  # weights only: a grid on the weight, inputs untouched
+        assert row["changed"] and row["input_format"] == "fp32" and row["input_rmse_over_step"] is None
+        assert row["weight_format"] == {"int8-static": "int8", "int4-weight-only": "int4"}[row["candidate"]]
+        assert 0.27 < row["rmse_over_step"] < 0.30 and row["clipped_fraction"] == 0.0  # min-max: ~1/sqrt(12)
+    for row in inputs["rows"]:
+        if row["candidate"] == "int4-weight-only":  # weight-only candidate: nothing to quantize in this mode
+            assert not row["changed"] and row["metric"] == inputs["fp32_metric"] and row["metric_drop"] == 0
+            assert row["sqnr_db"] == row["layer_sqnr_db"] == SQNR_EXACT_DB and row["input_format"] == "fp32"
+        else:
+            assert row["changed"] and (row["weight_format"], row["input_format"]) == ("fp32", "int8")
+            assert row["rmse_over_step"] is None and 0.1 < row["input_rmse_over_step"] < 0.5
+            assert 0.0 <= row["input_clipped_fraction"] < 0.01
+    for row_w, row_a, row_b in zip(weights["rows"], inputs["rows"], both["rows"]):
+        assert row_b["rmse_over_step"] == row_w["rmse_over_step"]
+        assert row_b["input_rmse_over_step"] == row_a["input_rmse_over_step"]
+        if row_b["candidate"] == "int4-weight-only":  # weight-only: "both" is the weights sweep
+            assert (row_b["metric"], row_b["sqnr_db"]) == (row_w["metric"], row_w["sqnr_db"])
+        else:  # quantizing weights and inputs together is noisier than either alone
+            assert row_b["layer_sqnr_db"] < min(row_w["layer_sqnr_db"], row_a["layer_sqnr_db"])
+
+
+def test_rankings_are_stable_and_ordered(digits_cnn, tmp_path):
+    first = sweep(digits_cnn, ["int3", "int4-weight-only"], cache_dir=tmp_path / "a")
+    clear_memory_cache()
+    second = sweep(digits_cnn, ["int3", "int4-weight-only"], cache_dir=tmp_path / "b")
+    assert second == first
+    for c in ("int3", "int4-weight-only"):
+        rows = sorted((row for row in first["rows"] if row["candidate"] == c), key=lambda row: row["rank"])
+        assert [row["rank"] for row in rows] == list(range(1, 6))
+        keys = [(-row["metric_drop"], row["sqnr_db"]) for row in rows]
+        assert keys == sorted(keys)  # rank 1 = largest drop, then lowest output SQNR
+
+
+def test_memory_and_disk_cache_hits_are_identical(digits_mlp, tmp_path, monkeypatch):
+    cold = sweep(digits_mlp, ["int3", "nf4"], mode="weights", view="all_but", cache_dir=tmp_path)
+    path = cache_path(tmp_path, cache_key(digits_mlp, ["int3", "nf4"], "weights", "all_but"))
+    assert json.loads(path.read_text()) == cold
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("a cache hit must not recompute")
+
+    monkeypatch.setattr(sensitivity, "_compute", no_compute)
+    assert sweep(digits_mlp, ["int3", "nf4"], mode="weights", view="all_but", cache_dir=tmp_path) == cold  # memory
+    clear_memory_cache()
+    assert sweep(digits_mlp, ["int3", "nf4"], mode="weights", view="all_but", cache_dir=tmp_path) == cold  # disk
+    with pytest.raises(AssertionError):  # a different candidate list is a different sweep
+        sweep(digits_mlp, ["nf4", "int3"], mode="weights", view="all_but", cache_dir=tmp_path)
+
+
+def test_cancelled_sweep_raises_and_caches_nothing(digits_mlp, tmp_path):
+    calls, seen = [0], []
+
+    def stop_after_three():
+        calls[0] += 1
+        return calls[0] > 3
+
+    clear_memory_cache()
+    with pytest.raises(SweepCancelled, match="cancelled"):
+        sweep(digits_mlp, ["int2", "int5"], cache_dir=tmp_path, should_stop=stop_after_three,
+              progress=lambda frac, msg: seen.append(frac))
+    assert calls[0] == 4 and len(seen) == 3
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+    seen.clear()
+    done = sweep(digits_mlp, ["int2", "int5"], cache_dir=tmp_path, progress=lambda frac, msg: seen.append(frac))
+    assert len(done["rows"]) == 6 and seen == sorted(seen) and seen[-1] == 1.0 and 0.0 <= seen[0] < 1.0
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [
+        cache_path(tmp_path, cache_key(digits_mlp, ["int2", "int5"], "both", "only")).name]
+
+
+def test_int2_is_more_sensitive_than_int5_on_every_layer(digits_mlp, tmp_path):
+    r = sweep(digits_mlp, ["int2", "int5"], cache_dir=tmp_path)
+    by = {(row["layer"], row["candidate"]): row for row in r["rows"]}
+    for n in digits_mlp.layers:
+        assert by[n, "int2"]["sqnr_db"] < by[n, "int5"]["sqnr_db"] - 10  # ~6 dB per bit
+        assert by[n, "int2"]["metric_drop"] >= by[n, "int5"]["metric_drop"]
+        assert math.isfinite(by[n, "int2"]["layer_sqnr_db"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"candidates": ["int9"]}, "unknown candidate 'int9'"),
+    ({"candidates": [" ", ""]}, "give at least one candidate"),
+    ({"candidates": ["int8-static"], "mode": "inputs"}, "unknown mode 'inputs'"),
+    ({"candidates": ["int8-static"], "view": "all"}, "unknown view 'all'"),
+])
+def test_bad_arguments_raise_one_clear_error(digits_mlp, tmp_path, kwargs, message):
+    with pytest.raises(QcoreError, match=message):
+        sweep(digits_mlp, cache_dir=tmp_path, **kwargs)

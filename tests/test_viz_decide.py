@@ -1,0 +1,67 @@
+"""Figures of the decide pages: the Pareto front and that each figure carries the numbers it is given."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qcore import viz_decide
+
+points_st = st.lists(st.fixed_dictionaries({"size_bytes": st.integers(1, 50), "metric": st.integers(0, 20).map(lambda m: m / 20)}),
+                     min_size=1, max_size=12).map(lambda ps: [{**p, "label": f"r{i}"} for i, p in enumerate(ps)])
+
+
+def dominates(q, p, sign):
+    return (q["size_bytes"] <= p["size_bytes"] and sign * q["metric"] >= sign * p["metric"]
+            and (q["size_bytes"] < p["size_bytes"] or sign * q["metric"] > sign * p["metric"]))
+
+
+@given(points_st, st.booleans())
+def test_pareto_front_is_exactly_the_undominated_points(points, higher):
+    sign = 1 if higher else -1
+    front = viz_decide.pareto_front(points, higher)
+    for i, p in enumerate(points):
+        assert (i in front) == (not any(dominates(q, p, sign) for q in points))
+    sizes = [points[i]["size_bytes"] for i in front]
+    assert sizes == sorted(sizes)
+
+
+def test_pareto_front_small_example():
+    points = [{"label": "fp32", "size_bytes": 100, "metric": 0.98}, {"label": "int8", "size_bytes": 30, "metric": 0.98},
+              {"label": "int4", "size_bytes": 20, "metric": 0.90}, {"label": "bad", "size_bytes": 40, "metric": 0.85}]
+    assert [points[i]["label"] for i in viz_decide.pareto_front(points)] == ["int4", "int8"]
+    assert [points[i]["label"] for i in viz_decide.pareto_front(points, higher_is_better=False)] == ["int4", "bad"]
+
+
+ROWS = [{"layer": l, "candidate": c, "changed": changed, "metric_drop": d, "rank": r, "sqnr_db": s}
+        for l, c, changed, d, r, s in [("fc1", "int8", True, 0.01, 2, 40.0), ("fc2", "int8", True, 0.05, 1, 30.0),
+                                       ("fc1", "int4", True, 0.2, 1, 12.0), ("fc2", "int4", False, 0.0, 2, 200.0)]]
+
+
+def test_heatmap_cells_are_the_sweep_drops_and_unchanged_cells_are_blank():
+    fig = viz_decide.sensitivity_heatmap(ROWS)
+    h = fig.data[0]
+    assert list(h.y) == ["fc1", "fc2"] and list(h.x) == ["int8", "int4"]
+    assert [list(r) for r in h.z] == [[0.01, 0.2], [0.05, None]]
+
+
+def test_ranked_drops_orders_by_rank_and_colours_the_worst():
+    bar = viz_decide.ranked_drops(ROWS, "int8").data[0]
+    assert list(bar.y) == ["fc2", "fc1"] and list(bar.x) == [0.05, 0.01]
+    assert bar.marker.color[0] == viz_decide.WORST_COLOR != bar.marker.color[1]
+
+
+def test_tradeoff_scatter_puts_the_front_in_its_own_trace_with_latency_sources():
+    points = [{"label": "fp32", "size_bytes": 4096, "metric": 0.98, "latency_ms": 1.5, "latency_source": "measured"},
+              {"label": "int8", "size_bytes": 1024, "metric": 0.97, "latency_ms": 0.2, "latency_source": "estimate (x)"},
+              {"label": "bad", "size_bytes": 2048, "metric": 0.9}]
+    fig = viz_decide.tradeoff_scatter(points, "accuracy")
+    others, front, line = fig.data
+    assert list(front.text) == ["fp32", "int8"] and list(others.text) == ["bad"]
+    assert list(front.x) == [4.0, 1.0]  # KiB
+    assert "1.500 ms (measured)" in front.hovertext[0] and "(estimate (x))" in front.hovertext[1]
+    assert list(line.x) == [1.0, 4.0] and list(line.y) == [0.97, 0.98]
+
+
+def test_per_class_bars_hold_both_series():
+    fig = viz_decide.per_class([1.0, 0.5, None], [0.9, 0.25, None], ["a", "b", "c"], "int4")
+    assert [t.name for t in fig.data] == ["FP32", "int4"]
+    assert list(fig.data[1].y) == [0.9, 0.25, None] and list(fig.data[0].x) == ["a", "b", "c"]
