@@ -26,10 +26,10 @@ page = st.navigation([
     st.Page("pages/formats.py", title="Formats", icon=":material/straighten:"),
     st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
     st.Page("pages/activations.py", title="Activations", icon=":material/bolt:"),
-    st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/troubleshoot:", url_path="sensitivity"),
-    st.Page("pages/mixed_precision.py", title="Mixed precision", icon=":material/tune:", url_path="mixed-precision"),
-    st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:", url_path="tradeoffs"),
-    st.Page("pages/export.py", title="Export", icon=":material/download:", url_path="export"),
+    st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/troubleshoot:"),
+    st.Page("pages/mixed_precision.py", title="Mixed precision", icon=":material/tune:"),
+    st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
+    st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ])
 
 

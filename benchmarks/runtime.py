@@ -26,7 +26,7 @@ import torch
 from qcore import preset, zoo
 from qcore.hardware import PROFILES, roofline
 from qcore.recipe import Recipe
-from qcore.runtime import _quiet, export, export_float_onnx, feeds, latency_ms, run_onnx, session
+from qcore.runtime import export, export_float_onnx, feeds, latency_ms, quiet_quantizers, run_onnx, session
 
 warnings.filterwarnings("ignore")
 
@@ -81,7 +81,7 @@ def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float) -> l
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = os.path.join(tmp, f"{w.name}.ort-dynamic.onnx")
-    with _quiet():
+    with quiet_quantizers():
         quantize_dynamic(fp32_path, path, weight_type=QuantType.QInt8)
     onnx_row("onnxruntime", "quantize_dynamic (defaults)", path, None)
     base = rows[0]
@@ -133,7 +133,7 @@ def main(argv=None) -> str:
     ap.add_argument("--batch-size", type=int, default=8)
     args = ap.parse_args(argv)
     models = ["digits-cnn"] if args.quick else args.models.split(",")
-    budget = 0.3 if args.quick else 1.5
+    budget = 0.1 if args.quick else 1.5
     report = [f"ONNX Runtime and torch on this CPU, {args.threads} thread(s), batch size B = {args.batch_size}; latency is "
               "measured (warm-up, then repeated runs, median); 'physical limit' is the recipe's theoretical size / FP32."]
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,9 @@ formulas.intro(
 
 fp32_bytes = float_bytes(w.model)
 params = sum(p.numel() for p in w.model.parameters())
-sizes = state.preset_sizes(key, w)
+with st.spinner("Counting bytes under every preset and measuring every layer's weights…"):
+    sizes = state.preset_sizes(key, w)
+    layers = state.layer_table(key, w)  # statistics of every weight: a few seconds on minilm-l6
 smallest = min(sizes, key=lambda r: r["size_bytes"])
 c1, c2, c3, c4 = st.columns(4)
 c1.metric("FP32 size", viz.human_bytes(fp32_bytes), help=f"{fp32_bytes:,} bytes: every parameter and buffer")
@@ -31,7 +33,7 @@ c4.metric(f"Smallest preset ({smallest['preset']})", viz.human_bytes(smallest["s
 st.subheader("Layers")
 table = pd.DataFrame([{"layer": r["name"], "type": r["type"], "weight shape": " × ".join(map(str, r["weight_shape"])),
                        "parameters": r["params"], "share of model": r["share"], "max|w| / std": r["max_over_std"],
-                       "kurtosis": r["kurtosis"]} for r in state.layer_table(key, w)])
+                       "kurtosis": r["kurtosis"]} for r in layers])
 st.dataframe(table, hide_index=True, width="stretch", column_config={
     "share of model": st.column_config.ProgressColumn(format="percent", min_value=0.0, max_value=1.0),
     "max|w| / std": st.column_config.NumberColumn(format="%.1f", help="how far the largest weight sits from the bulk"),

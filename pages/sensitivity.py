@@ -32,8 +32,8 @@ if not candidates:
     st.info("Choose at least one candidate.", icon=":material/info:")
     st.stop()
 settings = {"key": key, "candidates": candidates, "mode": mode, "view": view}
-if not state.small(w) and st.session_state.get(state.SWEEP) != settings and not st.button(f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)",
-                                         type="primary"):
+if not state.small(w) and st.session_state.get(state.SWEEP) != settings and not st.button(
+        f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)", type="primary"):
     st.info("This model is large: the sweep takes a while (it is cached once run).", icon=":material/info:")
     st.stop()
 result = state.sweep(w, candidates, mode, view)
@@ -44,7 +44,7 @@ for note in result["notes"]:
 metric = result["metric"]
 m1, m2, m3 = st.columns(3)
 m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
-worst = min((r for r in result["rows"] if r["rank"] == 1), key=lambda r: -r["metric_drop"])
+worst = max((r for r in result["rows"] if r["rank"] == 1), key=lambda r: r["metric_drop"])
 m2.metric("Most sensitive layer", worst["layer"], help=f"under {worst['candidate']}")
 m3.metric(f"Its {metric} drop", f"{worst['metric_drop']:+.4f}", help="positive = worse than FP32")
 

@@ -31,9 +31,26 @@ def zoo_workload(name: str):
     return zoo.load(name)
 
 
+def _through_app() -> None:
+    """Make sure app.py frames this run. With a ``pages/`` folder next to app.py, Streamlit runs a
+    requested page file on its own (its old "pages directory" mode) until some session has run
+    app.py's ``st.navigation`` -- e.g. when the first visitor of a fresh server opens a shared link
+    to a page. Leave that mode for the whole server and rerun, so the sidebar, the model and the
+    recipe from the link are there. (After app.py's ``st.navigation`` this is a no-op. Streamlit's
+    AppTest resets the mode before every run and a rerun would drop a clicked button, so under
+    AppTest a page after ``switch_page`` runs on its own, as before.)"""
+    from streamlit import config
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory and not config.get_option("global.appTest"):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def active() -> tuple[str, object]:
     """``(key, workload)`` of the model every page shows: the loaded upload when the sidebar is on
     "upload" and one loaded, else the chosen zoo model."""
+    _through_app()
     uploaded = st.session_state.get(UPLOAD)
     if st.session_state.get(SOURCE) == UPLOAD_SOURCE and uploaded:
         return uploaded["key"], uploaded["workload"]
@@ -222,8 +239,9 @@ def sync_url(key: str, w) -> None:
 
 
 def switch_page(page: str) -> None:
-    """``st.switch_page`` keeping the query parameters (the model and the recipe)."""
-    st.switch_page(page, query_params=st.query_params.to_dict())
+    """``st.switch_page`` keeping the recipe's query parameters. The model's (``?model=``) is bound to
+    the sidebar's select box, which carries it over itself and may not be set by hand."""
+    st.switch_page(page, query_params={k: v for k, v in st.query_params.to_dict().items() if k != ZOO_NAME})
 
 
 # ---- the per-layer table of the Mixed precision page ---------------------------------------------

@@ -125,15 +125,18 @@ def cmd_sensitivity(args):
     w = _workload(args)
     r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
     text = f"{r['model']}: {r['metric']} fp32 = {r['fp32_metric']:.4g}  (view {args.view}, mode {args.mode})\n"
-    return r, text + _table(r["rows"])
+    return r, text + _table(r["rows"], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
+                                       "metric", "metric_drop", "sqnr_db", "layer_sqnr_db", "rmse_over_step",
+                                       "clipped_fraction", "input_rmse_over_step", "input_clipped_fraction", "rank"]) \
+        + "".join(f"\nnote: {n}" for n in r["notes"])
 
 
 def cmd_search(args):
     from .search import search
 
     w = _workload(args)
-    r = search(w, _candidates(args), max_size_fraction=args.max_size_fraction, min_metric=args.min_metric,
-               progress=_progress(args), cache_dir=args.cache_dir)
+    r = search(w, _candidates(args), max_size_fraction=args.max_size_fraction, max_size_bytes=args.max_size_bytes,
+               min_metric=args.min_metric, progress=_progress(args), cache_dir=args.cache_dir)
     if args.out:
         from pathlib import Path
 
@@ -141,7 +144,9 @@ def cmd_search(args):
     m, f = r["measured"], r["fp32"]
     text = (f"{r['model']}: chosen recipe measured {m['metric']:.4g} at {_mib(m['size_bytes'])} "
             f"(fp32 {f['metric']:.4g} at {_mib(f['size_bytes'])})" + (f"; written to {args.out}" if args.out else "")
-            + "\nPareto front:\n" + _table(r["pareto"]))
+            + ("" if r["met"] else "; the goal is NOT met")
+            + "\nPareto front (measured):\n" + _table(r["pareto"], ["label", "size_bytes", "metric"])
+            + "".join(f"\nnote: {n}" for n in r["notes"]))
     return r, text
 
 
@@ -172,6 +177,7 @@ def _add_sweep_commands(command):
     c.add_argument("--candidates", required=True, help="comma-separated presets allowed per layer (fp32 always allowed)")
     goal = c.add_mutually_exclusive_group(required=True)
     goal.add_argument("--max-size-fraction", type=float, help="size budget as a fraction of FP32, e.g. 0.3")
+    goal.add_argument("--max-size-bytes", type=int, help="size budget in bytes")
     goal.add_argument("--min-metric", type=float, help="smallest acceptable headline metric")
     c.add_argument("--out", help="write the chosen recipe JSON here")
     c.add_argument("--cache-dir", default=os.environ.get("QCORE_CACHE_DIR"), help="on-disk sweep cache")

@@ -13,9 +13,11 @@ Units: bandwidth in GB/s (1e9 bytes/s), throughput in TOPS (1e12 operations/s, a
 from __future__ import annotations
 
 import math
+import platform
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -105,11 +107,35 @@ def probe() -> Profile:
     bandwidth = 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), 3) / 1e9
     n = 512
     peak = {name: 2 * n**3 / _best_seconds(_ort_matmul(n, name == "int8")) / 1e12 for name in ("fp32", "int8")}
-    from .runtime import cpu_name
-
     return Profile(f"this machine ({cpu_name()}, {torch.get_num_threads()} threads)", "CPU", bandwidth, peak,
                    "measured by qcore.hardware.probe(): 32 MiB copy, ONNX Runtime 512x512 MatMul (fp32) and "
                    "MatMulInteger (int8)", measured=True)
+
+
+_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "bf16")
+
+
+def cpu_features() -> list[str]:
+    """The CPU flags (from /proc/cpuinfo) that decide low-precision speed: AVX2, AVX-512, VNNI
+    (int8 dot products), AMX, Arm dot-product ... (empty where /proc/cpuinfo is unavailable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return [f for f in _FEATURES if f in flags]
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def get_profile(profile) -> Profile:
@@ -150,10 +176,11 @@ def _peak(profile: Profile, precision: str) -> tuple[str, float]:
     return p, profile.peak_tops[p]
 
 
-@lru_cache(maxsize=8)
 def _layer_work(workload) -> dict[str, dict]:
     """Per layer, for one sample: multiply-accumulates, input and output element counts (one forward
-    pass of the first calibration sample, recorded with hooks)."""
+    pass of the first calibration sample, recorded with hooks; cached on the workload)."""
+    if "_layer_work" in workload.__dict__:
+        return workload.__dict__["_layer_work"]
     model = workload.folded[0]
     found, handles = {}, []
     for name, mod in modules_by_name(model, workload.layers).items():
@@ -174,6 +201,7 @@ def _layer_work(workload) -> dict[str, dict]:
     finally:
         for h in handles:
             h.remove()
+    workload.__dict__["_layer_work"] = found
     return found
 
 

@@ -28,10 +28,10 @@ recorded outputs of every module that finished before the perturbed layer starte
 prefix of the network) instead of recomputing it. A model whose cost per sample is large is swept on
 an evenly spaced subset of the evaluation data (``SWEEP_FLOPS``); the result says how many samples.
 
-Results are cached in memory and on disk (``cache_dir``, default ``$QCORE_CACHE_DIR`` or
-``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (weights,
-architecture, data, metric), the candidates, mode, view and the qcore source code, so every user of
-one server shares a sweep. A cancelled sweep (``should_stop()`` true) raises ``SweepCancelled`` and
+Results are cached per candidate in memory and on disk (``cache_dir``, default ``$QCORE_CACHE_DIR``
+or ``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (weights,
+architecture, data, metric), the candidate, mode, view and the qcore source code, so every user of
+one server shares a sweep and a sweep over more candidates computes only the new ones. A cancelled sweep (``should_stop()`` true) raises ``SweepCancelled`` and
 caches nothing.
 """
 
@@ -67,7 +67,7 @@ LAYER_SPECS = {f"int{b}": {"weights": {"format": f"int{b}", "granularity": "per_
                                        "range": "minmax"}, "activations": None} for b in range(2, 8)}
 SWEEP_FLOPS = 12e9  # multiply-add FLOPs of Linear/Conv layers per forward pass over the sweep's samples
 MIN_SWEEP_SAMPLES = 16
-MEMORY_CACHE_SIZE = 32
+MEMORY_CACHE_SIZE = 128  # candidate sweeps kept in memory
 
 
 class SweepCancelled(QcoreError):
@@ -331,30 +331,55 @@ def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: s
         raise QcoreError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if view not in VIEWS:
         raise QcoreError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
-    key = cache_key(workload, candidates, mode, view)
-    with _lock_for(key):
+    keys = {c: cache_key(workload, [c], mode, view) for c in candidates}  # one entry per candidate
+    with _lock_for(cache_key(workload, [], mode, view)):
+        texts = {c: _cached(cache_dir, keys[c]) for c in candidates}
+        missing = [c for c in candidates if texts[c] is None]
+        if missing:
+            computed = _compute(workload, missing, mode, view, progress, should_stop)
+            for c in missing:
+                texts[c] = json.dumps({**computed, "candidates": [c], "base": {c: computed["base"][c]},
+                                       "rows": [r for r in computed["rows"] if r["candidate"] == c]})
+                _write_disk(cache_dir, keys[c], texts[c])
         with _LOCKS_GUARD:
-            text = _MEMORY.get(key)
-        text = text or _read_disk(cache_dir, key)
-        if text is None:
-            text = json.dumps(_compute(workload, candidates, mode, view, progress, should_stop))
-            _write_disk(cache_dir, key, text)
-        with _LOCKS_GUARD:
-            _MEMORY[key] = text
-            _MEMORY.move_to_end(key)
+            for c in candidates:
+                _MEMORY[keys[c]] = texts[c]
+                _MEMORY.move_to_end(keys[c])
             while len(_MEMORY) > MEMORY_CACHE_SIZE:
                 _MEMORY.popitem(last=False)
     if progress:
         progress(1.0, "done")
-    return json.loads(text)
+    parts = [json.loads(texts[c]) for c in candidates]
+    return {**parts[0], "candidates": candidates, "base": {c: p["base"][c] for c, p in zip(candidates, parts)},
+            "notes": list(dict.fromkeys(n for p in parts for n in p["notes"])),
+            "rows": [r for p in parts for r in p["rows"]]}
+
+
+def _cached(cache_dir, key: str) -> str | None:
+    """A candidate's sweep from memory, else from disk, else None."""
+    with _LOCKS_GUARD:
+        text = _MEMORY.get(key)
+    return text or _read_disk(cache_dir, key)
 
 
 def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:
-    """Evenly spaced evaluation samples whose forward pass costs at most ``SWEEP_FLOPS`` (all if cheap)."""
+    """The evaluation samples a sweep uses: all if cheap, else ``evenly_spaced`` ones whose forward
+    pass costs at most ``SWEEP_FLOPS``."""
     n = n_total
     if flops_per_sample * n_total > SWEEP_FLOPS:
         n = min(n_total, max(MIN_SWEEP_SAMPLES, int(SWEEP_FLOPS // flops_per_sample)))
-    return torch.arange(n_total) if n == n_total else torch.linspace(0, n_total - 1, n).round().long()
+    return evenly_spaced(n_total, n)
+
+
+def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
+    """About ``n`` indices evenly spread over ``range(n_total)``, the same offsets taken in both halves
+    (when n_total is even) so evaluation sets of pairs stored as two halves (a_i, then b_i) stay paired."""
+    if n >= n_total:
+        return torch.arange(n_total)
+    if n_total % 2:
+        return torch.linspace(0, n_total - 1, n).round().long()
+    half = torch.linspace(0, n_total // 2 - 1, max(n // 2, 1)).round().long()
+    return torch.cat([half, half + n_total // 2])
 
 
 def _compute(workload, candidates, mode, view, progress, should_stop) -> dict:

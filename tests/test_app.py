@@ -34,17 +34,14 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def zoo_models(digits_mlp, digits_cnn, request):
-    """The app's zoo loader returns the session fixtures (minilm-l6 only when a test asks for it);
+def zoo_models(digits_mlp, digits_cnn):
+    """The app's zoo loader returns the session fixtures (minilm-l6 once a test has added it);
     yields ``(models, snapshots)``: ``{name: workload}`` and ``{name: its state dicts before any page ran}``."""
     models = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn}
     snapshots = {name: snapshot(w) for name, w in models.items()}
     real_load = zoo.load
 
     def load(name):
-        if name == "minilm-l6" and name not in models:
-            models[name] = request.getfixturevalue("minilm")
-            snapshots[name] = snapshot(models[name])
         return models[name] if name in models else real_load(name)
 
     mp = pytest.MonkeyPatch()
@@ -168,10 +165,16 @@ def test_formats_page_grid_bits_and_clipping(zoo_models):
     assert line_positions(dist, "minmax") == pytest.approx([-float(x.abs().max()), float(x.abs().max())])
     assert list(trace(dist, "representable values").x) == pytest.approx((FORMATS["int4"].values() * scale).tolist())
     assert [t.name for t in layout.data if t.y[0] == "int4"] == ["sign", "magnitude (two's complement)"]
-    sweep = explain.bitwidth_sweep(x)
     minmax_curve = [t for t in curve.data if t.name == "minmax" and t.xaxis == "x"][0]
-    assert list(minmax_curve.y) == pytest.approx([r["sqnr_db"] for r in sweep if r["range"] == "minmax"])
-    assert list(trace(tradeoff, "total error").y) == pytest.approx(explain.clipping_tradeoff(x, spec)["total"])
+    assert list(minmax_curve.x) == [2, 3, 4, 5, 6, 7, 8]
+    assert list(minmax_curve.y) == pytest.approx([sqnr_db(fake_quantize(x, TensorSpec(format=f"int{b}")), x)
+                                                  for b in range(2, 9)])
+    total = trace(tradeoff, "total error")
+    amax = float(x.abs().max())
+    assert total.x[-1] == pytest.approx(amax) and total.x[29] == pytest.approx(amax / 2)
+    for i in (29, -1):  # the error of clipping at [-t, t]
+        t = total.x[i]
+        assert total.y[i] == pytest.approx(float(((fake_quantize(x, spec, -t, t) - x).double() ** 2).mean()))
 
     at.select_slider(key="formats_bits").set_value(8)
     at.selectbox(key="formats_range").set_value("mse")
@@ -300,10 +303,10 @@ def test_activations_page_ranges_outliers_and_batches(zoo_models):
 
 # ---- minilm-l6 (loaded once for the whole suite) -----------------------------------------------
 @pytest.mark.slow
-def test_every_page_on_minilm(zoo_models):
+def test_every_page_on_minilm(zoo_models, minilm):
+    w = zoo_models[0]["minilm-l6"] = minilm
+    before = snapshot(w)
     at = open_app("minilm-l6")
-    w = zoo_models[0]["minilm-l6"]
-    before = zoo_models[1]["minilm-l6"]
     assert metrics(at)["Parameters"] == f"{sum(p.numel() for p in w.model.parameters()):,}"
     assert metrics(at)["Quantizable layers"] == str(len(w.layers))
     visit(at, "weights")

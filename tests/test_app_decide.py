@@ -11,6 +11,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from pages import state
+from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from qcore import sensitivity, viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe, TensorSpec, preset
@@ -218,3 +219,32 @@ def test_search_fills_the_table_with_a_measured_recipe_within_the_budget(digits_
     assert size_shown(at) == measured["quantized"]["size_bytes"]
     assert (f"measured accuracy {measured['quantized']['metrics']['accuracy']:.4f} at "
             f"{measured['quantized']['size_bytes']:,} bytes") in at.success[0].value
+
+
+@pytest.mark.browser
+def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app_url, digits_mlp, tmp_path):
+    """Real browser, fresh server, the link is its first request: model, recipe and page come back; the
+    recipe downloads."""
+    from playwright.sync_api import expect, sync_playwright
+
+    overrides = {"fc1": None, "fc3": {"weights": {"format": "int8", "granularity": "per_channel"}}}
+    expected = state.build_recipe(digits_mlp, "int4-weight-only", overrides)
+    link = f"mixed_precision?model=digits-mlp&preset=int4-weight-only&layers={state.encode_layers(overrides)}"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+            page.goto(f"{app_url}/{link}", timeout=PAGE_TIMEOUT_MS)
+            _wait_until_idle(page)
+            expect(page.locator("h1").first).to_have_text("Mixed precision: a format for every layer")
+            expect(page.locator('[data-testid="stMetric"]', has_text="Size (bytes)")).to_contain_text(
+                f"{digits_mlp.size(expected)['size_bytes']:,}")
+            assert page.locator(ERROR_BOXES).count() == 0
+            with page.expect_download(timeout=PAGE_TIMEOUT_MS) as download:
+                page.get_by_role("button", name="Download recipe JSON").click()
+            saved = tmp_path / "recipe.json"
+            download.value.save_as(saved)
+            got = Recipe.from_json(saved.read_text())
+            assert all(got.plan(n) == expected.plan(n) for n in digits_mlp.layers)
+        finally:
+            browser.close()

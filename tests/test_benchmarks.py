@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import benchmarks.__main__ as runner
-from benchmarks import interactivity, memory, quality
+from benchmarks import interactivity, memory, quality, runtime, sensitivity
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
@@ -30,7 +30,8 @@ def markdown_tables(text: str) -> list[list[dict]]:
 
 
 def number(cell: str) -> float:
-    value = float(cell)
+    """A table cell as a finite float ("~" marks an extrapolation, "x" a ratio)."""
+    value = float(cell.removeprefix("~").removesuffix("x"))
     assert math.isfinite(value), cell
     return value
 
@@ -61,6 +62,36 @@ def test_quality_quick_scores_every_tool_on_digits_mlp():
     assert best_own == max(number(row["accuracy"]) for row in main_table if row["tool"] == "qcore")
     assert best_peer == max(number(row["accuracy"]) for row in main_table
                             if row["tool"] != "qcore" and not row["accuracy"].startswith("n/a"))
+
+
+def test_sensitivity_quick_times_the_sweep_and_the_naive_loop_on_both_digits_models():
+    (rows,) = markdown_tables(sensitivity.main(["--quick"]))
+    assert [row["model"] for row in rows] == ["digits-mlp", "digits-cnn"]
+    for row in rows:
+        cold, naive, naive_same = (number(row[k]) for k in (
+            "cold sweep (s)", "naive, all samples (s)", "naive, sweep's samples (s)"))
+        assert cold > 0 and naive > 0 and naive_same > 0
+        assert number(row["shared (s)"]) > 0 and number(row["from memory (ms)"]) > 0 and number(row["from disk (ms)"]) > 0
+        # the printed ratios are the printed times divided (to the table's rounding)
+        assert number(row["ratio"]) == pytest.approx(naive / cold, abs=0.05 + 0.1 * naive / cold)
+        assert number(row["ratio (same samples)"]) == pytest.approx(naive_same / cold, abs=0.05 + 0.1 * naive_same / cold)
+
+
+def test_runtime_quick_measures_latency_and_file_size_of_every_export():
+    text = runtime.main(["--quick"])
+    measured, estimates = markdown_tables(text)
+    by_method = {(row["tool"], row["method"]): row for row in measured}
+    fp32 = by_method[("onnxruntime", "FP32")]
+    assert number(fp32["size / FP32"]) == 1.0 and number(fp32["speed-up"]) == 1.0
+    for row in measured:
+        assert number(row["batch 1 ms"]) > 0 and number(row["batch B ms"]) > 0 and number(row["size MiB"]) > 0
+        assert 0.0 <= number(row["accuracy"]) <= 1.0
+    int8 = by_method[("qcore -> onnxruntime", "int8-static")]
+    assert number(int8["size / FP32"]) < 0.5  # a real int8 file: about a quarter of FP32 plus scales and graph
+    assert number(int8["size / FP32"]) >= number(int8["physical limit"]) - 0.01
+    assert "ESTIMATES" in text and len(estimates) >= 1
+    for row in estimates:
+        assert all(number(v) > 0 for k, v in row.items() if k.endswith("µs"))
 
 
 def test_runner_writes_interactivity_into_the_readme_section(tmp_path, monkeypatch):

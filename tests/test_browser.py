@@ -34,52 +34,57 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url():
-    """The URL of a fresh ``streamlit run app.py`` (the project's venv python), stopped afterwards."""
+def app_url(tmp_path_factory):
+    """The URL of a fresh ``streamlit run app.py`` (the project's venv python), stopped afterwards.
+    The server's output goes to a log file (a pipe nobody reads could fill up and stall it)."""
     port = _free_port()
+    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise AssertionError("streamlit did not start:\n" + server.stdout.read().decode(errors="replace"))
-        time.sleep(0.2)
-    yield url
-    server.terminate()
     try:
-        server.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    server.stdout.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("streamlit did not start:\n" + log_path.read_text(errors="replace"))
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def _chart_points(page) -> list[int]:
-    """For each Plotly chart on the page: how many data points its traces hold (x or y values)."""
+    """For each Plotly chart on the page, once Plotly has drawn them all: how many data points its
+    traces hold (x or y values; typed arrays included)."""
+    page.wait_for_function("""() => [...document.querySelectorAll('[data-testid="stPlotlyChart"]')]
+        .every(c => c.querySelector('.js-plotly-plot') && c.querySelector('.js-plotly-plot')._fullData)""",
+                           timeout=PAGE_TIMEOUT_MS)
     return page.eval_on_selector_all(".js-plotly-plot", """plots => plots.map(p =>
-        (p._fullData || []).reduce((n, t) => n + Math.max((t.x || []).length || 0, (t.y || []).length || 0), 0))""")
+        p._fullData.reduce((n, t) => n + Math.max((t.x || []).length || 0, (t.y || []).length || 0), 0))""")
 
 
 def _wait_until_idle(page) -> None:
-    """Until the page's script has drawn its title and finished running."""
+    """Until the page's script has drawn its title and finished running (checked twice, 0.4 s apart,
+    so a run that has not started yet is not taken for one that has finished)."""
     page.locator("h1").first.wait_for(timeout=PAGE_TIMEOUT_MS)
-    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
-
-
-def _settle(page) -> None:
-    """After an interaction: give the rerun it triggers time to start, then wait until it has finished."""
-    page.wait_for_timeout(400)
-    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
+    for _ in range(2):
+        page.wait_for_timeout(400)
+        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=PAGE_TIMEOUT_MS)
 
 
 def test_every_page_renders_its_charts_without_errors(app_url):
@@ -96,8 +101,9 @@ def test_every_page_renders_its_charts_without_errors(app_url):
             titles = [t for t, _ in links]
             assert {"Model", "Formats", "Weights", "Activations"} <= set(titles), titles
             assert "state" not in titles and "formulas" not in titles, titles  # helper modules are not pages
-            charts_per_page = {}
+            charts_per_page, seconds = {}, {}
             for title, href in links:
+                start = time.monotonic()
                 page.goto(href if href.startswith("http") else app_url + "/" + href.lstrip("/"), timeout=PAGE_TIMEOUT_MS)
                 _wait_until_idle(page)
                 errors = page.locator(ERROR_BOXES)
@@ -105,8 +111,10 @@ def test_every_page_renders_its_charts_without_errors(app_url):
                 points = _chart_points(page)
                 assert all(n > 0 for n in points), f"{title}: a chart drew no data {points}"
                 charts_per_page[title] = len(points)
+                seconds[title] = round(time.monotonic() - start, 1)
                 # the model choice is in the sidebar of every page
                 assert page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').count() >= 1, title
+            print("seconds to render each page:", seconds)
             for title, at_least in {"Model": 1, "Formats": 4, "Weights": 4, "Activations": 3}.items():
                 assert charts_per_page[title] >= at_least, charts_per_page
         finally:
@@ -141,10 +149,10 @@ def test_a_bad_upload_shows_an_error_box_and_keeps_the_loaded_model(app_url, tmp
             expect(page.locator('[data-testid="stMetric"]', has_text="Parameters")).to_contain_text(params)
 
             model_file.set_input_files(str(tmp_path / "nan.safetensors"))
-            _settle(page)  # the new file is committed before the click
+            _wait_until_idle(page)  # the new file is committed before the click
             load.click()
             error = page.locator('[data-testid="stAlertContentError"]')
-            expect(error).to_have_text("nan.safetensors contains NaN or Inf weights; check the training run that "
+            expect(error).to_contain_text("nan.safetensors contains NaN or Inf weights; check the training run that "
                                        "produced it", timeout=PAGE_TIMEOUT_MS)
             expect(page.locator("h1").first).to_have_text("Model: half.safetensors")  # the loaded model stays
             expect(page.locator('[data-testid="stMetric"]', has_text="Parameters")).to_contain_text(params)

@@ -3,7 +3,6 @@ file is one QcoreError line (CLI: exit 2) -- including a pickle whose loading wo
 
 import json
 import pickle
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -163,15 +162,6 @@ def test_a_malicious_pickle_is_never_loaded(tmp_path, capsys):
     with pytest.raises(QcoreError, match="only tensors are loaded"):
         load_data_file(tmp_path / "model.pt")
     assert not marker.exists()
-
-
-def test_a_pt2_archive_calling_python_is_refused_before_loading(tmp_path):
-    program = {"graph_module": {"graph": {"nodes": [{"target": "builtins.exec", "inputs": [], "outputs": []}]}}}
-    with zipfile.ZipFile(tmp_path / "evil.pt2", "w") as zf:
-        zf.writestr("evil/archive_format", "pt2")
-        zf.writestr("evil/models/model.json", json.dumps(program))
-    with pytest.raises(QcoreError, match="calls 'builtins.exec'"):
-        load_model_file(tmp_path / "evil.pt2")
 
 
 def test_size_limit(files, monkeypatch):

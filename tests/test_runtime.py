@@ -152,3 +152,34 @@ def test_minilm_int8_dynamic_export_runs_every_layer(minilm, tmp_path):
     assert sum(p == "int8-dynamic" for p in info["paths"].values()) == 36  # 6 blocks x 6 Linear
     assert sum(p == "int8-weight" for p in info["paths"].values()) == 3  # the embedding tables
     assert info["size_bytes"] < 0.3 * info["fp32_theoretical_size_bytes"]
+
+
+def test_bench_labels_latency_of_unsupported_layers_as_estimate(digits_mlp):
+    recipe = preset("int8-weight-only", digits_mlp.layer_shapes).with_layer("fc2", {"weights": {"format": "int3"}})
+    r = bench(digits_mlp, recipe, batch_size=4, threads=1, budget_s=0.0)
+    assert [u["layer"] for u in r["unsupported"]] == ["fc2"] and r["paths"]["fc1"] == "int8-weight"
+    assert r["estimate"]["label"] == "estimate" and r["estimate"]["latency_ms"] > 0
+    q = r["quantized"]
+    # weight-only int8 runs in float after dequantizing: the real model matches its simulation
+    assert q["metric_measured"] == pytest.approx(q["metric_simulated_as_exported"], abs=0.01)
+
+
+@pytest.mark.parametrize("weights", [{"format": "int8", "granularity": "per_channel"},
+                                     {"format": "int8", "granularity": "per_channel", "symmetric": False},
+                                     {"format": "int8", "granularity": "per_tensor", "symmetric": False}])
+def test_embedding_rows_are_dequantized_as_simulated(tmp_path, weights):
+    """Embedding tables export as int8 rows looked up first and dequantized after the lookup."""
+    from qcore.workload import Data, Workload, classification_task
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)).eval()
+    ids = torch.randint(0, 50, (12, 7))
+    w = Workload("tiny", model, Data((ids,)), Data((ids,)), classification_task(4, False))
+    recipe = Recipe.from_dict({"name": "w8", "weights": weights})
+    path = tmp_path / "m.onnx"
+    info = export(w, recipe, "onnx", str(path))
+    assert info["paths"] == {"0": "int8-weight", "1": "int8-weight"}
+    with torch.no_grad():
+        sim = w.simulate(recipe).model(ids).numpy()
+    out = _reference_outputs(str(path), w, ids, dynamic=False)
+    assert np.abs(out - sim).max() <= OUTPUT_RTOL * np.abs(sim).max()

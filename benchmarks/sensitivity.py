@@ -1,0 +1,113 @@
+"""Sensitivity sweep speed: ``qcore.sensitivity.sweep`` next to the naive approach, in one run.
+
+    python -m benchmarks.sensitivity [--quick] [--models digits-mlp,digits-cnn,minilm-l6]
+
+For each model, every quantizable layer x 4 candidates (view "only", mode "both"):
+- shared: what both approaches need first, on a fresh workload: FP32 reference outputs and
+  calibration statistics;
+- cold: shared + the sweep with an empty cache;
+- cached: the same sweep again from memory, then from disk (memory cache cleared);
+- naive: for each (layer, candidate) copy the model, quantize it (``Workload.simulate``) and run a
+  full evaluation -- on the whole evaluation set (what a user would write), and on the same samples
+  the sweep used (to separate the gain from reuse from the gain of sweeping a subset); plus shared.
+  Ratios compare totals (naive + shared) / cold. On large models (``--naive-rows``) only some rows are timed and the total is
+  **extrapolated** (mean time per row x rows), marked ``~`` in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from qcore import zoo
+from qcore.metrics import sqnr_db
+from qcore.sensitivity import check_candidates, clear_memory_cache, evenly_spaced, recipe_for, sweep
+from qcore.workload import Workload
+
+CANDIDATES = ["int8-dynamic", "int8-static", "int4-weight-only", "nf4"]
+
+
+def naive_seconds(w: Workload, rows: list[tuple[str, str]], index) -> float:
+    """Wall time of the naive sweep over ``rows`` (layer, candidate) on evaluation samples ``index``."""
+    data = w.evaluation.subset(index)
+    reference = w.reference_outputs[index]
+    start = time.perf_counter()
+    for layer, candidate in rows:
+        out = w.run(w.simulate(recipe_for(w, layer, candidate)).model, data)
+        w.task.metrics(out, reference, data.labels)[w.task.headline]
+        sqnr_db(out, reference)
+    return time.perf_counter() - start
+
+
+def bench_model(name: str, candidates: list[str], naive_rows: int | None) -> dict:
+    import torch
+
+    w = zoo.load(name)
+    clear_memory_cache()
+    start = time.perf_counter()
+    w.reference_outputs, w.calibration_stats()
+    shared = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache_dir:
+        start = time.perf_counter()
+        result = sweep(w, candidates, cache_dir=cache_dir)
+        cold = shared + time.perf_counter() - start
+        start = time.perf_counter()
+        again = sweep(w, candidates, cache_dir=cache_dir)
+        memory = time.perf_counter() - start
+        clear_memory_cache()
+        start = time.perf_counter()
+        from_disk = sweep(w, candidates, cache_dir=cache_dir)
+        disk = time.perf_counter() - start
+    assert again == result == from_disk
+    rows = [(r["layer"], r["candidate"]) for r in result["rows"] if r["changed"]]
+    timed = rows
+    if naive_rows is not None and naive_rows < len(rows):  # evenly spread over layers and candidates
+        step = len(rows) / naive_rows
+        timed = [rows[int(i * step)] for i in range(naive_rows)]
+    n_eval, n_sweep = result["evaluation_samples"], result["samples"]
+    full = shared + naive_seconds(w, timed, torch.arange(n_eval)) * len(rows) / len(timed)
+    subset_index = evenly_spaced(n_eval, n_sweep)  # the sweep's own samples
+    assert len(subset_index) == n_sweep
+    same = shared + naive_seconds(w, timed, subset_index) * len(rows) / len(timed) if n_sweep < n_eval else full
+    return {"model": name, "layers": len(w.layers), "runs": len(rows), "timed": len(timed),
+            "samples": f"{n_sweep} of {n_eval}", "shared": shared, "cold": cold, "memory": memory, "disk": disk,
+            "naive_full": full, "naive_same": same}
+
+
+def main(argv=None) -> str:
+    import pandas as pd
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="digits models only")
+    ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
+    ap.add_argument("--naive-rows", type=int, default=8, help="naive rows timed on minilm-l6 (then extrapolated)")
+    args = ap.parse_args(argv)
+    models = ["digits-mlp", "digits-cnn"] if args.quick else args.models.split(",")
+    candidates = check_candidates(CANDIDATES)
+    table = []
+    for name in models:
+        r = bench_model(name, candidates, args.naive_rows if name == "minilm-l6" else None)
+        mark = "~" if r["timed"] < r["runs"] else ""
+        table.append({
+            "model": r["model"], "layers x candidates": f"{r['layers']} x {len(candidates)} ({r['runs']} runs)",
+            "sweep samples": r["samples"], "shared (s)": f"{r['shared']:.2f}", "cold sweep (s)": f"{r['cold']:.2f}",
+            "from memory (ms)": f"{1e3 * r['memory']:.2f}", "from disk (ms)": f"{1e3 * r['disk']:.1f}",
+            "naive, all samples (s)": f"{mark}{r['naive_full']:.1f}", "ratio": f"{mark}{r['naive_full'] / r['cold']:.1f}x",
+            "naive, sweep's samples (s)": f"{mark}{r['naive_same']:.1f}",
+            "ratio (same samples)": f"{mark}{r['naive_same'] / r['cold']:.1f}x",
+            "_note": (f"naive time for {r['model']} extrapolated from {r['timed']} of {r['runs']} runs"
+                      if mark else None)})
+    notes = [t.pop("_note") for t in table]
+    text = (f"Candidates: {', '.join(candidates)}; view `only`, mode `both`; {torch.get_num_threads()} torch threads. "
+            "Both approaches first compute the FP32 reference outputs and calibration (`shared`, included in both "
+            "totals); ratio = naive total / cold sweep total, measured side by side in this run.\n\n"
+            + pd.DataFrame(table).to_markdown(index=False))
+    text += "".join(f"\n\n~ {n} (mean time per run x runs): an extrapolation, not a measurement." for n in notes if n)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
