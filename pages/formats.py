@@ -31,6 +31,7 @@ if source == LAYER:
     what = f"layer:{layer}"
 else:
     x, sampled, what = explain.sample_distribution(source), None, source
+scope = key if source == LAYER else "distributions"  # a made-up distribution's curves serve every model
 family = c2.selectbox("Format", list(FAMILIES), format_func=FAMILIES.get, key="formats_family", persist_state="session")
 spec = {"granularity": "per_tensor", "format": family}
 if family == "integer":
@@ -83,13 +84,13 @@ with left:
                "zero) and a mantissa (how finely), so their steps grow with the value.")
 with right:
     sym = spec.symmetric if fmt.family == "int" else True
-    st.plotly_chart(viz.sqnr_vs_bits(state.bitwidth_sweep(key, what, sym, x)), width="stretch")
+    st.plotly_chart(viz.sqnr_vs_bits(state.bitwidth_sweep(scope, what, sym, x)), width="stretch")
 
 st.subheader("Where to clip")
 if uses_range:
     st.write("Clipping at a smaller threshold makes the step finer (less rounding error for the bulk) but cuts off "
              "the tails (more clipping error). The total is lowest in between; each range method picks a point.")
-    st.plotly_chart(viz.clipping_tradeoff(state.clipping_tradeoff(key, what, spec.to_dict(), x)), width="stretch")
+    st.plotly_chart(viz.clipping_tradeoff(state.clipping_tradeoff(scope, what, spec.to_dict(), x)), width="stretch")
 else:
     st.info(f"{fmt.name} as a plain cast has no scale and no clipping range: every value is rounded to the nearest "
             f"{fmt.name} number, and only values beyond ±{fmt.describe()['max']:.4g} saturate. Switch on "

@@ -78,7 +78,11 @@ try:
     edited_recipe = state.apply_rows(w, recipe, edited.to_dict("records"))
     edited_recipe.check_against(w.layer_shapes)
     if edited_recipe != recipe:
-        state.set_current(key, w, *state.compact(w, edited_recipe, [name]), reset_editor=False)
+        # Some edits are adjusted (e.g. a float format is always symmetric): then redraw the table from the recipe.
+        editable = ["weights", "granularity", "group size", "symmetric", "range", "inputs"]
+        adjusted = not pd.DataFrame(state.table_rows(w, edited_recipe))[editable].astype(str).equals(
+            edited[editable].astype(str))
+        state.set_current(key, w, *state.compact(w, edited_recipe, [name]), reset_editor=adjusted)
         st.rerun()
 except QcoreError as e:
     st.error(f"That change was not applied: {e}", icon=":material/error:")

@@ -14,12 +14,13 @@ Each function takes tensors, specs or a workload and returns plain numbers, tens
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import replace
 
 import torch
 
-from .calibrate import ActivationStats, calibrate
+from .calibrate import ActivationStats
 from .formats import FORMATS, Format
 from .granularity import fan_in
 from .metrics import sqnr_db
@@ -29,7 +30,7 @@ from .recipe import TensorSpec
 from .simulate import modules_by_name
 
 DISTRIBUTIONS = ("normal", "laplace", "normal with outliers")
-MAX_ANALYSED_WEIGHTS = 2**20  # larger weights are analysed on a seeded sample of whole rows
+MAX_ANALYSED_WEIGHTS = 2**18  # larger weights are analysed on a seeded sample of whole rows
 OUTLIER_SHARE = 0.002  # "normal with outliers": 0.2% of the values sit at 6..10 standard deviations
 
 
@@ -326,11 +327,29 @@ def outlier_channels(stats: ActivationStats) -> dict:
 
 def batch_ranges(workload, batch_size: int, progress=None) -> dict[str, list[tuple[float, float]]]:
     """Per layer, the (min, max) of its input in each batch of ``batch_size`` calibration samples:
-    the ranges a dynamic quantizer would use, batch by batch."""
-    model = workload.folded[0]
-    stats = calibrate(model, modules_by_name(model, workload.layers),
-                      workload.calibration.batches(batch_size), progress)
-    return {name: s.batch_ranges for name, s in stats.items()}
+    the ranges a dynamic quantizer would use, batch by batch (layers whose input is not floating
+    point, such as token indices, get an empty list). One pass over the data on a private copy of
+    the folded model, so the shared (cached) model never carries this function's hooks;
+    ``progress(fraction)`` after each batch."""
+    model = copy.deepcopy(workload.folded[0]).eval()
+    ranges: dict[str, list[tuple[float, float]]] = {name: [] for name in workload.layers}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0]
+            if torch.is_floating_point(x) and x.numel():
+                ranges[name].append((float(x.min()), float(x.max())))
+        return hook
+
+    for name, module in modules_by_name(model, workload.layers).items():
+        module.register_forward_pre_hook(record(name))
+    batches = workload.calibration.batches(batch_size)
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            model(*batch)
+            if progress:
+                progress((i + 1) / len(batches))
+    return ranges
 
 
 def histogram(x: torch.Tensor, bins: int = 120, lo: float | None = None, hi: float | None = None):

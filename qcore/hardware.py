@@ -73,7 +73,7 @@ def _best_seconds(fn, repeats: int = 5) -> float:
     return best
 
 
-def _ort_matmul(n: int, int8: bool):
+def ort_matmul(n: int, int8: bool):
     """A call running one (n x n) matmul in ONNX Runtime -- the runtime the exported models use:
     fp32 MatMul, or uint8 x int8 -> int32 MatMulInteger."""
     import numpy as np
@@ -106,7 +106,7 @@ def probe() -> Profile:
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), 3) / 1e9
     n = 512
-    peak = {name: 2 * n**3 / _best_seconds(_ort_matmul(n, name == "int8")) / 1e12 for name in ("fp32", "int8")}
+    peak = {name: 2 * n**3 / _best_seconds(ort_matmul(n, name == "int8")) / 1e12 for name in ("fp32", "int8")}
     return Profile(f"this machine ({cpu_name()}, {torch.get_num_threads()} threads)", "CPU", bandwidth, peak,
                    "measured by qcore.hardware.probe(): 32 MiB copy, ONNX Runtime 512x512 MatMul (fp32) and "
                    "MatMulInteger (int8)", measured=True)

@@ -85,6 +85,15 @@ def test_editing_one_layer_changes_the_size_by_exactly_its_bytes(digits_mlp):
     assert metric(at, "Weights kept in FP32") == f"{100 * 64 * 128 / (128 * 64 + 64 * 128 + 10 * 64):.1f}%"
 
 
+def test_an_edit_the_recipe_cannot_hold_is_shown_as_adjusted(digits_mlp):
+    at = open_page("mixed_precision")
+    edit(at, {0: {"weights": "fp16", "symmetric": False}})  # float formats are symmetric by construction
+    row = at.data_editor[0].value.iloc[0]
+    assert (row["weights"], bool(row["symmetric"])) == ("fp16", True)
+    assert row["size (bytes)"] == 128 * 64 * 2
+    assert state.decode_layers(at.query_params["layers"]) == {"fc1": {"weights": {"format": "fp16"}}}
+
+
 def test_downloaded_recipe_reloads_to_the_same_table(digits_cnn, downloads):
     at = open_page("mixed_precision", model="digits-cnn", preset="nf4")
     edit(at, {0: {"weights": "fp16"}, 3: {"weights": "int3", "inputs": "int8 dynamic"}})

@@ -266,6 +266,7 @@ def test_batch_ranges_cover_the_calibration_range(digits_mlp):
         assert min(lo for lo, _ in ranges) == pytest.approx(stats[name].min)
         assert max(hi for _, hi in ranges) == pytest.approx(stats[name].max)
         assert all(lo <= hi for lo, hi in ranges)
+    assert not any(m._forward_pre_hooks for m in digits_mlp.folded[0].modules())  # the shared model is untouched
 
 
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200), st.integers(1, 40))
