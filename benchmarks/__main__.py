@@ -1,8 +1,9 @@
 """Run every benchmark and collect their tables: ``python -m benchmarks [--quick] [--write-readme]``.
 
 Each benchmark module has ``main(argv)`` printing markdown; this runner captures it, prefixes the
-machine it ran on, prints everything, and with ``--write-readme`` replaces the README's section
-between the ``<!-- benchmarks:start -->`` / ``<!-- benchmarks:end -->`` markers.
+machine it ran on, prints everything, and with ``--write-readme`` writes each result into the README's section
+between the ``<!-- benchmarks:start -->`` / ``<!-- benchmarks:end -->`` markers (results of
+benchmarks not run this time stay).
 """
 
 from __future__ import annotations
@@ -34,11 +35,27 @@ def machine() -> str:
             f"{time.strftime('%Y-%m-%d')}")
 
 
+def write_readme(parts: dict[str, str]) -> None:
+    """Put each ``### name`` part into the README's benchmark section, keeping the parts of benchmarks
+    not run this time (so one benchmark can be re-run alone); parts appear in ``BENCHMARKS`` order."""
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    section, tail = rest.split(END, 1)
+    kept = {}
+    for chunk in ("\n" + section).split("\n### ")[1:]:  # text before the first part is dropped
+        name = chunk.split("\n", 1)[0].strip()
+        if name in BENCHMARKS:
+            kept[name] = "### " + chunk.strip() + "\n"
+    kept.update(parts)
+    body = "\n".join(kept[n] for n in BENCHMARKS if n in kept)
+    README.write_text(head + START + "\n" + body + "\n" + END + tail)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small models and few repeats (what the tests run)")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    ap.add_argument("--write-readme", action="store_true", help="replace the README's benchmark section")
+    ap.add_argument("--write-readme", action="store_true", help="write the results into the README's benchmark section")
     args = ap.parse_args(argv)
     names = args.only.split(",") if args.only else BENCHMARKS
     if unknown := sorted(set(names) - set(BENCHMARKS)):
@@ -47,7 +64,7 @@ def main(argv=None) -> int:
         print(f"{README} has no {START} ... {END} section: add the two markers where the results belong",
               file=sys.stderr)
         return 2  # checked before running anything: the full run takes minutes
-    parts = [f"Measured on: {machine()}{' (quick mode)' if args.quick else ''}.\n"]
+    parts = {}
     for name in names:
         module = importlib.import_module(f"benchmarks.{name}")
         buf = io.StringIO()
@@ -55,12 +72,11 @@ def main(argv=None) -> int:
         with contextlib.redirect_stdout(buf):
             module.main(["--quick"] if args.quick else [])
         took = time.perf_counter() - start
-        parts.append(f"### {name}\n\n{buf.getvalue().strip()}\n\n_(benchmark took {took:.0f} s)_\n")
-        print(parts[-1], flush=True)
+        parts[name] = (f"### {name}\n\n_Measured on {machine()}{' (quick mode)' if args.quick else ''}; "
+                       f"the benchmark took {took:.0f} s._\n\n{buf.getvalue().strip()}\n")
+        print(parts[name], flush=True)
     if args.write_readme:
-        text = README.read_text()
-        head, rest = text.split(START, 1)
-        README.write_text(head + START + "\n" + "\n".join(parts) + "\n" + END + rest.split(END, 1)[1])
+        write_readme(parts)
     return 0
 
 

@@ -137,3 +137,14 @@ def test_memory_quick_reads_the_servers_resident_memory():
     assert peak >= three > 0
     assert extra == pytest.approx((three - one) / 2, abs=0.11)  # the table rounds to 0.1 MiB
     assert number(row["first session rendered in (s)"]) > 0 and number(row["other 2 rendered in (s)"]) > 0
+
+
+def test_readme_keeps_the_results_of_benchmarks_not_run_again(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{runner.START}\npreamble\n### runtime\n\nold runtime\n\n### quality\n\nq 0.97\n"
+                      f"{runner.END}\nafter\n")
+    monkeypatch.setattr(runner, "README", readme)
+    runner.write_readme({"runtime": "### runtime\n\nnew runtime\n", "memory": "### memory\n\n12 MiB\n"})
+    section = readme.read_text().split(runner.START)[1].split(runner.END)[0]
+    assert section == "\n### quality\n\nq 0.97\n\n### runtime\n\nnew runtime\n\n### memory\n\n12 MiB\n\n"
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith(f"{runner.END}\nafter\n")
