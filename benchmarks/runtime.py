@@ -143,7 +143,7 @@ def main(argv=None) -> str:
             df = pd.DataFrame(rows)
             cols = ["tool", "method", "batch 1 ms", "batch B ms", "p10-p90 B ms", "speed-up", "size MiB", "size / FP32",
                     "physical limit", w.task.headline, "note"]
-            report.append(f"## {name}\n\n{df[cols].to_markdown(index=False, floatfmt='.4g')}\n\n{verdict(w, rows)}\n")
+            report.append(f"#### {name}\n\n{df[cols].to_markdown(index=False, floatfmt='.4g')}\n\n{verdict(w, rows)}\n")
             est = pd.DataFrame(roofline_rows(w, 1))
             report.append(f"Roofline ESTIMATES for {name} at batch 1 (quantizable layers only; spec-sheet peaks, not "
                           f"measured):\n\n{est.to_markdown(index=False, floatfmt='.3g')}\n")
