@@ -4,7 +4,8 @@
 
 For each model, one table of the headline metric (measured on the evaluation set, against the same
 FP32 reference) for:
-- the project's int8 presets and int8 variants with other activation range methods;
+- the project's int8 presets, int8 variants with other activation range methods, and the
+  mixed-precision search held to the int8-static size;
 - torch.ao: static PTQ (FX graph mode, default x86 qconfig: histogram observer, per-channel weights)
   and ``quantize_dynamic`` (int8 Linear);
 - ONNX Runtime: ``quantize_static`` (QDQ, MinMax / Entropy / Percentile calibrators, per-channel
@@ -31,8 +32,10 @@ import torch
 
 from qcore import Recipe, preset, zoo
 from qcore.granularity import fan_in
+from qcore.search import search
 
 warnings.filterwarnings("ignore")
+SEARCH_CANDIDATES = ["int8-weight-only", "int8-static", "int4-weight-only"]
 logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs one warning per 1-D weight
 
 
@@ -52,6 +55,12 @@ def project_rows(w) -> list[tuple[str, str, float]]:
         d["activations"].update({"range": method, **extra})
         r = w.evaluate(Recipe.from_dict(d))
         rows.append(("qcore", d["name"], r["quantized"]["metrics"][w.task.headline]))
+    # the mixed-precision search, held to the int8-static size (equal size to the W8 peers)
+    budget = w.size(preset("int8-static", w.layer_shapes))["size_bytes"]
+    with tempfile.TemporaryDirectory() as cache:
+        found = search(w, SEARCH_CANDIDATES, max_size_bytes=budget, cache_dir=cache)
+    rows.append(("qcore", f"search ({' / '.join(SEARCH_CANDIDATES)}, <= int8-static size: "
+                          f"{found['measured']['size_bytes']:,} of {budget:,} B)", found["measured"]["metric"]))
     return rows
 
 
