@@ -1,0 +1,158 @@
+"""A quantized model as one safetensors file: what the simulation holds, loadable back.
+
+``export_safetensors`` writes, for every quantized layer, its integer codes (bit-packed below 8 bits,
+most significant bit first; NF4 as 4-bit codebook indices; int16 as int16; float formats in their own
+dtype), float32 scales, zero-points (int8, or int16 above 8 bits) and static input ranges, plus every
+other tensor of the BatchNorm-folded model, with the recipe JSON in the metadata. ``load_safetensors``
+rebuilds the identical simulated model (same codes, scales and ranges, so the same outputs).
+No pickle anywhere: the file is plain tensors and string metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import QcoreError
+from .formats import FORMATS
+from .recipe import Recipe
+from .simulate import InputQuantizer, input_quantizer, modules_by_name
+
+FORMAT_VERSION = "1"
+
+
+def _pack(codes: torch.Tensor, fmt) -> torch.Tensor:
+    """Integer codes (any shape, values in [qmin, qmax]) -> uint8 bit stream, ``fmt.bits`` bits each
+    (offset by -qmin so they are unsigned), most significant bit first."""
+    u = (codes.reshape(-1).to(torch.int64) - fmt.qmin).numpy().astype(np.uint8)
+    bits = np.unpackbits(u[:, None], axis=1)[:, 8 - fmt.bits:]
+    return torch.from_numpy(np.packbits(bits.reshape(-1)))
+
+
+def _unpack(packed: torch.Tensor, fmt, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    bits = np.unpackbits(packed.numpy())[: n * fmt.bits].reshape(n, fmt.bits)
+    full = np.concatenate([np.zeros((n, 8 - fmt.bits), np.uint8), bits], axis=1)
+    u = np.packbits(full, axis=1).reshape(-1).astype(np.int64)
+    return torch.from_numpy(u + fmt.qmin).to(torch.float32).reshape(shape)
+
+
+def _code_tensor(codes: torch.Tensor, fmt) -> torch.Tensor:
+    """Codes as stored: int <= 8 bits packed, int16 as int16, NF4 indices packed 4-bit, float formats in
+    their own dtype (fp32 values stay float32)."""
+    if fmt.family == "int":
+        return codes.to(torch.int16) if fmt.bits > 8 else _pack(codes, fmt)
+    if fmt.family == "codebook":
+        return _pack(codes - 8, FORMATS["int4"])  # indices 0..15 stored as 4 bits
+    return codes.to(getattr(fmt, "dtype", torch.float32)).contiguous()
+
+
+def _decode_codes(t: torch.Tensor, fmt, shape) -> torch.Tensor:
+    if fmt.family == "int":
+        return t.to(torch.float32).reshape(shape) if fmt.bits > 8 else _unpack(t, fmt, shape)
+    if fmt.family == "codebook":
+        return _unpack(t, FORMATS["int4"], shape) + 8
+    return t.to(torch.float32).reshape(shape)
+
+
+def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
+    """Write codes, scales, zero-points and static input ranges of every quantized layer plus every
+    other tensor of the (BatchNorm-folded) model, with the recipe in the metadata."""
+    from safetensors.torch import save_file
+
+    from .quantize import quantize
+
+    recipe.check_against(workload.layer_shapes)
+    model = workload.folded[0]
+    sim = workload.simulate(recipe)
+    tensors, skip = {}, set()
+    for name, mod in modules_by_name(model, workload.layers).items():
+        spec = recipe.plan(name).weights
+        if spec is None or spec.format == "fp32":
+            continue
+        q = quantize(mod.weight.detach(), spec)
+        tensors[f"{name}.weight.codes"] = _code_tensor(q.codes, spec.fmt)
+        if q.scale is not None:
+            tensors[f"{name}.weight.scale"] = q.scale.contiguous()
+        if q.zero_point is not None:
+            tensors[f"{name}.weight.zero_point"] = q.zero_point.to(torch.int16 if spec.fmt.bits > 8 else torch.int8)
+        skip.add(f"{name}.weight")
+    for name, mod in modules_by_name(sim.model, workload.layers).items():
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, InputQuantizer) and hook.lo is not None and not hook.spec.dynamic:
+                tensors[f"{name}.input.range"] = torch.tensor([hook.lo, hook.hi], dtype=torch.float32)
+    seen = set()
+    for key, t in model.state_dict(keep_vars=False).items():
+        if key in skip or (t.data_ptr(), t.numel()) in seen:  # shared tensors once
+            continue
+        seen.add((t.data_ptr(), t.numel()))
+        tensors[key] = t.detach().contiguous()
+    meta = {"qcore_format_version": FORMAT_VERSION, "qcore_model": workload.name, "qcore_recipe": recipe.to_json(),
+            "qcore_folded": json.dumps(workload.folded[1]),
+            "qcore_weight_shapes": json.dumps({n: list(s) for n, s in workload.layer_shapes.items()})}
+    save_file(tensors, out, metadata=meta)
+    return {"unsupported": []}
+
+
+def load_safetensors(path: str, workload=None):
+    """``(recipe, simulated model)`` from a file written by ``export(..., "safetensors", ...)``.
+
+    ``workload`` gives the architecture; when omitted, the zoo model named in the file is used. The
+    model's outputs equal the simulated model's exactly (same codes, scales and ranges)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .loaders import MAX_UPLOAD_BYTES
+    from .quantize import QuantizedTensor
+
+    p = Path(path)
+    if not p.is_file():
+        raise QcoreError(f"{path} does not exist; give the .safetensors file written by `python -m qcore export`")
+    if p.stat().st_size > MAX_UPLOAD_BYTES:
+        raise QcoreError(f"{path} is larger than the upload limit ({MAX_UPLOAD_BYTES / 2**20:.0f} MiB)")
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(p))
+    except Exception as e:  # a corrupt or foreign file: safetensors raises its own types
+        raise QcoreError(f"{path} is not a readable safetensors file ({type(e).__name__}); re-export it") from None
+    if meta.get("qcore_format_version") != FORMAT_VERSION or "qcore_recipe" not in meta:
+        raise QcoreError(f"{path} was not written by `python -m qcore export --format safetensors` (no qcore metadata)")
+    recipe = Recipe.from_json(meta["qcore_recipe"])
+    if workload is None:
+        from .zoo import ZOO, load
+
+        if meta.get("qcore_model") not in ZOO:
+            raise QcoreError(f"{path} holds model {meta.get('qcore_model')!r}, not a zoo model; load it with its workload")
+        workload = load(meta["qcore_model"])
+    if json.loads(meta.get("qcore_weight_shapes", "{}")) != {n: list(s) for n, s in workload.layer_shapes.items()}:
+        raise QcoreError(f"{path} was exported from a different model than {workload.name!r} (layer shapes differ)")
+    model = copy.deepcopy(workload.folded[0]).eval()
+    state = {k: v for k, v in tensors.items() if not any(k.endswith(s) for s in (".codes", ".scale", ".zero_point", ".input.range"))}
+    modules = modules_by_name(model, workload.layers)
+    for name, mod in modules.items():
+        plan = recipe.plan(name)
+        spec = plan.weights
+        if spec is not None and spec.format != "fp32":
+            shape = tuple(mod.weight.shape)
+            zp = tensors.get(f"{name}.weight.zero_point")
+            q = QuantizedTensor(_decode_codes(tensors[f"{name}.weight.codes"], spec.fmt, shape),
+                                tensors.get(f"{name}.weight.scale"), None if zp is None else zp.to(torch.float32),
+                                None, None, spec)
+            state[f"{name}.weight"] = q.dequantize()
+        rng = tensors.get(f"{name}.input.range")
+        hook = input_quantizer(name, workload.layers[name].kind, plan.activations, None if rng is not None else {})
+        if rng is not None:
+            hook = InputQuantizer(name, plan.activations, float(rng[0]), float(rng[1]))
+        if hook is not None:
+            mod.register_forward_pre_hook(hook)
+    model.load_state_dict(state, strict=False)
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise QcoreError(f"{path} lacks tensors {sorted(missing)[:3]}...; re-export it")
+    return recipe, model
