@@ -183,7 +183,7 @@ def main(argv=None) -> str:
             best_own = max(v for t, _, v in rows if t == "qcore" and isinstance(v, float))
             verdict = "matches or beats" if best_own >= best_peer - 1e-9 else "is BELOW"
             report.append(f"#### {name} (FP32 {w.task.headline} = {fp32:.4f})\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n\n"
-                          f"Best qcore int8 recipe {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
+                          f"Best qcore recipe at or below the int8 size {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
             low = pd.DataFrame(low_bit_rows(w))
             report.append(f"Low-bit weight-only {w.task.headline} (columns: granularity/range method):\n\n"
                           f"{low.to_markdown(index=False, floatfmt='.4f')}\n")
