@@ -92,10 +92,10 @@ def main(argv=None) -> str:
         mark = "~" if r["timed"] < r["runs"] else ""
         table.append({
             "model": r["model"], "layers x candidates": f"{r['layers']} x {len(candidates)} ({r['runs']} runs)",
-            "sweep samples": r["samples"], "shared (s)": f"{r['shared']:.2f}", "cold sweep (s)": f"{r['cold']:.2f}",
-            "from memory (ms)": f"{1e3 * r['memory']:.2f}", "from disk (ms)": f"{1e3 * r['disk']:.1f}",
-            "naive, all samples (s)": f"{mark}{r['naive_full']:.1f}", "ratio": f"{mark}{r['naive_full'] / r['cold']:.1f}x",
-            "naive, sweep's samples (s)": f"{mark}{r['naive_same']:.1f}",
+            "sweep samples": r["samples"], "shared (s)": f"{r['shared']:.3g}", "cold sweep (s)": f"{r['cold']:.3g}",
+            "from memory (ms)": f"{1e3 * r['memory']:.3g}", "from disk (ms)": f"{1e3 * r['disk']:.3g}",
+            "naive, all samples (s)": f"{mark}{r['naive_full']:.3g}", "ratio": f"{mark}{r['naive_full'] / r['cold']:.1f}x",
+            "naive, sweep's samples (s)": f"{mark}{r['naive_same']:.3g}",
             "ratio (same samples)": f"{mark}{r['naive_same'] / r['cold']:.1f}x",
             "_note": (f"naive time for {r['model']} extrapolated from {r['timed']} of {r['runs']} runs"
                       if mark else None)})
