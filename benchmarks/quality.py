@@ -27,11 +27,11 @@ import os
 import tempfile
 import warnings
 
-import numpy as np
 import torch
 
 from qcore import Recipe, preset, zoo
 from qcore.granularity import fan_in
+from qcore.runtime import export_float_onnx, input_names, run_onnx, session
 from qcore.search import search
 
 warnings.filterwarnings("ignore")
@@ -85,32 +85,15 @@ def torch_ao_rows(w) -> list[tuple[str, str, float | str]]:
     return rows
 
 
-def _onnx_inputs(w, data, equal_batches: bool = False) -> list[dict]:
-    """Feeds for onnxruntime; equal_batches uses the largest batch size <= 64 dividing len(data)
+def _calibration_feeds(w) -> list[dict]:
+    """Calibration feeds in equal batches: the largest batch size <= 64 dividing the calibration set
     (ORT's histogram calibrators fail on a smaller last batch)."""
-    names = [f"input_{i}" for i in range(len(data.inputs))]
-    size = w.batch_size
-    if equal_batches:
-        size = max(d for d in range(1, 65) if len(data) % d == 0)
-    return [{n: t.numpy() for n, t in zip(names, b)} for b in data.batches(size)]
+    size = max(d for d in range(1, 65) if len(w.calibration) % d == 0)
+    return [dict(zip(input_names(w), (t.numpy() for t in b))) for b in w.calibration.batches(size)]
 
 
 def _run_onnx(w, path: str) -> torch.Tensor:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(np.concatenate([sess.run(None, feed)[0] for feed in _onnx_inputs(w, w.evaluation)]))
-
-
-def export_fp32_onnx(w, path: str) -> None:
-    """FP32 ONNX with inputs input_0.. and a dynamic batch dimension (TorchScript-based exporter)."""
-    example = tuple(t[:2] for t in w.calibration.inputs)
-    names = [f"input_{i}" for i in range(len(example))]
-    axes = {n: {0: "batch", **({1: "seq"} if t.dim() == 2 and t.dtype == torch.long else {})} for n, t in zip(names, example)}
-    torch.onnx.export(copy.deepcopy(w.model).eval(), example, path, input_names=names, output_names=["output"],
-                      dynamic_axes={**axes, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+    return run_onnx(session(path, os.cpu_count() or 1), w, w.evaluation)
 
 
 def onnxruntime_rows(w, tmp: str) -> list[tuple[str, str, float | str]]:
@@ -119,13 +102,13 @@ def onnxruntime_rows(w, tmp: str) -> list[tuple[str, str, float | str]]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = os.path.join(tmp, f"{w.name}.onnx")
-    export_fp32_onnx(w, fp32)
+    export_float_onnx(w.model, w, fp32)  # Linear as MatMul, so quantize_dynamic quantizes it too
     pre = os.path.join(tmp, f"{w.name}.pre.onnx")
     quant_pre_process(fp32, pre, skip_symbolic_shape=True)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(_onnx_inputs(w, w.calibration, equal_batches=True))
+            self.it = iter(_calibration_feeds(w))
 
         def get_next(self):
             return next(self.it, None)
