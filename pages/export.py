@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
-from qcore import report, viz_decide
+from qcore import report, summary, viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import preset
 from qcore.size import float_bytes
@@ -22,7 +22,7 @@ st.write(
     "model: integer codes, scales, zero-points and the recipe), as the recipe JSON (load it on the Mixed "
     "precision page or with `python -m qcore evaluate --recipe`), as the sensitivity table, or as a report."
 )
-total = state.totals(w, recipe)
+total = summary.recipe_totals(w, recipe)
 result = state.evaluate(key, w, recipe.to_json())
 headline = result["metric"]
 m1, m2, m3 = st.columns(3)

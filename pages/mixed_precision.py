@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
+from qcore import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
 from qcore.viz import human_bytes
@@ -55,7 +56,7 @@ estimate = None
 if st.toggle("Estimate the metric from a sensitivity sweep", state.small(w), key=f"mp_estimate:{key}",
              help=f"one-layer-at-a-time sweep of {', '.join(candidates)} (weights and inputs); cached for everyone"):
     sweep = state.sweep(w, candidates, "both", "only")
-    estimate = state.estimate(w, recipe, sweep)
+    estimate = search.estimate_metric(w, recipe, sweep)
 
 version = st.session_state.get(state.EDITOR_VERSION, 0)
 table = pd.DataFrame(state.table_rows(w, recipe, estimate and estimate["drops"]))
@@ -87,7 +88,7 @@ try:
 except QcoreError as e:
     st.error(f"That change was not applied: {e}", icon=":material/error:")
 
-total = state.totals(w, recipe)
+total = summary.recipe_totals(w, recipe)
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Size (bytes)", f"{total['size_bytes']:,}", help=f"{human_bytes(total['size_bytes'])}; FP32 is "
           f"{total['fp32_bytes']:,} bytes", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
@@ -120,8 +121,6 @@ else:
     target = {"min_metric": st.number_input(f"Smallest acceptable {w.task.headline}", value=round(
         w.fp32_metrics[w.task.headline] - 0.01, 4), format="%.4f", key="mp_target")}
 if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
-    from qcore import search
-
     bar = st.progress(0.0, text="Searching…")
     found = search.search(w, candidates, **target, progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0),
                                                                                           text=f"Search: {msg}"))

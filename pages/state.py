@@ -339,44 +339,10 @@ def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> d
     return result
 
 
-def estimate(w, recipe: Recipe, result: dict) -> dict:
-    """Metric ESTIMATE for ``recipe`` from a "both"/"only" sweep: the FP32 metric minus the sum of the
-    measured single-layer drops of each quantized layer's spec (drops rarely add exactly; never a
-    measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``."""
-    from qcore.sensitivity import candidate_recipe, mode_plan
-
-    rows = {(r["layer"], r["candidate"]): r for r in result["rows"]}
-    plans = {c: candidate_recipe(c, w.layer_shapes) for c in result["candidates"]}
-    drops, missing = {}, []
-    for name, info in w.layers.items():
-        plan = mode_plan(recipe.plan(name), "both", info.kind)
-        if plan.is_float:
-            drops[name] = 0.0
-            continue
-        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r.plan(name), "both", info.kind) == plan]
-        if match:
-            drops[name] = rows[(name, match[0])]["metric_drop"]
-        else:
-            missing.append(name)
-    sign = 1.0 if result["higher_is_better"] else -1.0
-    return {"metric": result["fp32_metric"] - sign * sum(drops.values()), "drops": drops, "missing": missing}
-
-
 @st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)
 def evaluate(key: str, _w, recipe_json: str) -> dict:
     """``Workload.evaluate`` (measured), cached per workload and recipe."""
     return _w.evaluate(Recipe.from_json(recipe_json))
-
-
-def totals(w, recipe: Recipe) -> dict:
-    """``size_bytes`` and ``fp32_bytes`` of the whole model (``Workload.size``), ``bits_per_weight``
-    over the quantizable layers' weights (scales included) and ``float_share``: the fraction of
-    those weights kept in FP32."""
-    size = w.size(recipe)
-    weights = sum(r["fp32_bytes"] for r in size["layers"])
-    return {"size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"],
-            "bits_per_weight": 32 * sum(r["size_bytes"] for r in size["layers"]) / weights if weights else 32.0,
-            "float_share": sum(r["fp32_bytes"] for r in size["layers"] if r["format"] == "fp32") / weights if weights else 1.0}
 
 
 def remember(key: str, recipe: Recipe) -> None:

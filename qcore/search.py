@@ -35,7 +35,7 @@ from typing import Callable
 from .errors import QcoreError
 from .metrics import SQNR_EXACT_DB
 from .recipe import Recipe
-from .sensitivity import SweepCancelled, _override, _plans, check_candidates, sweep
+from .sensitivity import SweepCancelled, _override, _plans, candidate_recipe, check_candidates, mode_plan, sweep
 from .size import weight_bytes
 from .workload import Workload
 
@@ -245,3 +245,24 @@ def pareto_front(entries: list[dict], higher_is_better: bool = True) -> list[dic
             front.append(e)
             best = sign * e["metric"]
     return front
+
+
+def estimate_metric(w, recipe: Recipe, result: dict) -> dict:
+    """Metric ESTIMATE for ``recipe`` from a "both"/"only" sweep: the FP32 metric minus the sum of the
+    measured single-layer drops of each quantized layer's spec (drops rarely add exactly; never a
+    measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``."""
+    rows = {(r["layer"], r["candidate"]): r for r in result["rows"]}
+    plans = {c: candidate_recipe(c, w.layer_shapes) for c in result["candidates"]}
+    drops, missing = {}, []
+    for name, info in w.layers.items():
+        plan = mode_plan(recipe.plan(name), "both", info.kind)
+        if plan.is_float:
+            drops[name] = 0.0
+            continue
+        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r.plan(name), "both", info.kind) == plan]
+        if match:
+            drops[name] = rows[(name, match[0])]["metric_drop"]
+        else:
+            missing.append(name)
+    sign = 1.0 if result["higher_is_better"] else -1.0
+    return {"metric": result["fp32_metric"] - sign * sum(drops.values()), "drops": drops, "missing": missing}

@@ -48,3 +48,14 @@ def preset_sizes(workload: Workload) -> list[dict]:
         rows.append({"preset": name, "size_bytes": size["size_bytes"], "fraction_of_fp32": size["size_bytes"] / fp32,
                      "bits_per_weight": 8 * qbytes / qnumel if qnumel else 32.0})
     return rows
+
+
+def recipe_totals(w, recipe) -> dict:
+    """``size_bytes`` and ``fp32_bytes`` of the whole model (``Workload.size``), ``bits_per_weight``
+    over the quantizable layers' weights (scales included) and ``float_share``: the fraction of
+    those weights kept in FP32."""
+    size = w.size(recipe)
+    weights = sum(r["fp32_bytes"] for r in size["layers"])
+    return {"size_bytes": size["size_bytes"], "fp32_bytes": size["fp32_bytes"],
+            "bits_per_weight": 32 * sum(r["size_bytes"] for r in size["layers"]) / weights if weights else 32.0,
+            "float_share": sum(r["fp32_bytes"] for r in size["layers"] if r["format"] == "fp32") / weights if weights else 1.0}
