@@ -38,15 +38,9 @@ caches nothing.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import tempfile
-import threading
-import weakref
-from collections import OrderedDict
-from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
@@ -59,6 +53,8 @@ from .metrics import SQNR_EXACT_DB, sqnr_db
 from .quantize import QuantizedTensor, check_finite, quantize
 from .recipe import PRESETS, LayerPlan, Recipe, TensorSpec, preset
 from .simulate import input_quantizer, modules_by_name, needs_calibration
+from . import sweep_cache
+from .sweep_cache import cache_key, cache_path, clear_memory_cache, fingerprint  # noqa: F401 (this module's API)
 from .workload import Workload
 
 MODES = ("weights", "activations", "both")
@@ -67,7 +63,6 @@ LAYER_SPECS = {f"int{b}": {"weights": {"format": f"int{b}", "granularity": "per_
                                        "range": "minmax"}, "activations": None} for b in range(2, 8)}
 SWEEP_FLOPS = 12e9  # multiply-add FLOPs of Linear/Conv layers per forward pass over the sweep's samples
 MIN_SWEEP_SAMPLES = 16
-MEMORY_CACHE_SIZE = 128  # candidate sweeps kept in memory
 
 
 class SweepCancelled(QcoreError):
@@ -332,34 +327,22 @@ def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: s
     if view not in VIEWS:
         raise QcoreError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
     keys = {c: cache_key(workload, [c], mode, view) for c in candidates}  # one entry per candidate
-    with _lock_for(cache_key(workload, [], mode, view)):
-        texts = {c: _cached(cache_dir, keys[c]) for c in candidates}
+    with sweep_cache.lock_for(cache_key(workload, [], mode, view)):
+        texts = {c: sweep_cache.cached(cache_dir, keys[c]) for c in candidates}
         missing = [c for c in candidates if texts[c] is None]
         if missing:
             computed = _compute(workload, missing, mode, view, progress, should_stop)
             for c in missing:
                 texts[c] = json.dumps({**computed, "candidates": [c], "base": {c: computed["base"][c]},
                                        "rows": [r for r in computed["rows"] if r["candidate"] == c]})
-                _write_disk(cache_dir, keys[c], texts[c])
-        with _LOCKS_GUARD:
-            for c in candidates:
-                _MEMORY[keys[c]] = texts[c]
-                _MEMORY.move_to_end(keys[c])
-            while len(_MEMORY) > MEMORY_CACHE_SIZE:
-                _MEMORY.popitem(last=False)
+                sweep_cache.write_disk(cache_dir, keys[c], texts[c])
+        sweep_cache.remember({keys[c]: texts[c] for c in candidates})
     if progress:
         progress(1.0, "done")
     parts = [json.loads(texts[c]) for c in candidates]
     return {**parts[0], "candidates": candidates, "base": {c: p["base"][c] for c, p in zip(candidates, parts)},
             "notes": list(dict.fromkeys(n for p in parts for n in p["notes"])),
             "rows": [r for p in parts for r in p["rows"]]}
-
-
-def _cached(cache_dir, key: str) -> str | None:
-    """A candidate's sweep from memory, else from disk, else None."""
-    with _LOCKS_GUARD:
-        text = _MEMORY.get(key)
-    return text or _read_disk(cache_dir, key)
 
 
 def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:
@@ -511,100 +494,3 @@ def _rank(rows: list[dict], view: str) -> None:
         group.sort(key=lambda r: (-sign * r["metric_drop"], sign * r["sqnr_db"]))
         for i, r in enumerate(group, 1):
             r["rank"] = i
-
-
-# ---- caching ---------------------------------------------------------------------------------
-_MEMORY: OrderedDict[str, str] = OrderedDict()
-_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-_FINGERPRINTS: "weakref.WeakKeyDictionary[Workload, str]" = weakref.WeakKeyDictionary()
-
-
-def clear_memory_cache() -> None:
-    with _LOCKS_GUARD:
-        _MEMORY.clear()
-
-
-def _lock_for(key: str) -> threading.Lock:
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(key, threading.Lock())
-
-
-def code_version() -> str:
-    """Hash of every qcore source file and the torch version: results change when either does."""
-    if not hasattr(code_version, "value"):
-        h = hashlib.blake2b(torch.__version__.encode(), digest_size=16)
-        root = Path(__file__).resolve().parent
-        for path in sorted(root.rglob("*.py")):
-            h.update(str(path.relative_to(root)).encode() + path.read_bytes())
-        code_version.value = h.hexdigest()
-    return code_version.value
-
-
-def fingerprint(workload: Workload) -> str:
-    """Hash of what a workload's results depend on: name, architecture, weights, data, metric."""
-    if workload in _FINGERPRINTS:
-        return _FINGERPRINTS[workload]
-    h = hashlib.blake2b(digest_size=16)
-
-    def add(t: torch.Tensor | None):
-        if t is None:
-            h.update(b"none")
-            return
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-    task = workload.task
-    h.update(repr((workload.name, task.kind, task.headline, task.higher_is_better, workload.batch_size)).encode())
-    h.update(repr(workload.model).encode())
-    for m in workload.model.modules():
-        h.update(str(getattr(m, "code", "")).encode() if hasattr(m, "graph") else b"")
-    for name, t in sorted(workload.model.state_dict().items()):
-        h.update(name.encode())
-        add(t)
-    for data in (workload.calibration, workload.evaluation):
-        for t in data.inputs:
-            add(t)
-        add(data.labels)
-    _FINGERPRINTS[workload] = h.hexdigest()
-    return _FINGERPRINTS[workload]
-
-
-def cache_key(workload: Workload, candidates: list[str], mode: str, view: str) -> str:
-    parts = [fingerprint(workload), list(candidates), mode, view, code_version()]
-    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
-
-
-def cache_path(cache_dir: str | os.PathLike | None, key: str) -> Path:
-    """``<cache_dir>/sensitivity/<key>.json``; cache_dir defaults to $QCORE_CACHE_DIR or ~/.cache/qcore."""
-    root = Path(cache_dir or os.environ.get("QCORE_CACHE_DIR") or Path.home() / ".cache" / "qcore")
-    return root / "sensitivity" / f"{key}.json"
-
-
-def _read_disk(cache_dir, key: str) -> str | None:
-    path = cache_path(cache_dir, key)
-    try:
-        text = path.read_text(encoding="utf-8")
-        json.loads(text)
-        return text
-    except (OSError, ValueError):
-        return None  # absent or unreadable: compute again (and overwrite)
-
-
-def _write_disk(cache_dir, key: str, text: str) -> None:
-    """Write atomically: a temporary file in the same directory, then ``os.replace``."""
-    path = cache_path(cache_dir, key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        raise QcoreError(f"cannot write the sweep cache at {path.parent} ({e.strerror}); "
-                         "set QCORE_CACHE_DIR or --cache-dir to a writable directory") from None
