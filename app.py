@@ -36,7 +36,7 @@ page = st.navigation([
 def load_upload(model_file, data_file, label_column: str) -> None:
     """Load the uploaded files into session state; a user error is kept as a message and whatever
     was loaded before stays loaded."""
-    from qcore.loaders import load_workload  # imported here so the app starts even without it
+    from qcore.io.workload import load_workload  # imported here so the app starts even without it
 
     digest = hashlib.sha256((label_column or "").encode())
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = F
 
     if model in ZOO and data is None:
         return load(model)
-    from .loaders import load_workload
+    from .io.workload import load_workload
 
     return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column)
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from .calibrate import ActivationStats
-from .formats import FORMATS, Format
+from .formats import Format
 from .granularity import fan_in
 from .metrics import sqnr_db
 from .quantize import fake_quantize, quantize

@@ -107,7 +107,7 @@ def load_safetensors(path: str, workload=None):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .loaders import MAX_UPLOAD_BYTES
+    from .io.limits import MAX_UPLOAD_BYTES
     from .quantize import QuantizedTensor
 
     p = Path(path)

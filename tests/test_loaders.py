@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from qcore import preset
-from qcore import loaders
+from qcore.io import limits
 from qcore.errors import QcoreError
-from qcore.loaders import FIDELITY_NOTE, load_data_file, load_model_file, load_workload
+from qcore.io.data import load_data_file
+from qcore.io.models import load_model_file
+from qcore.io.workload import FIDELITY_NOTE, load_workload
 from qcore.simulate import find_layers
 
 from test_cli import run
@@ -170,14 +172,14 @@ def test_size_limit(files, monkeypatch):
     with pytest.raises(QcoreError, match=message + ".*QCORE_MAX_UPLOAD_MB"):
         load_model_file(files / "mlp.safetensors", max_bytes=size - 1)
     assert load_model_file(files / "mlp.safetensors", max_bytes=size).format == "state dict (digits-mlp)"
-    monkeypatch.setattr(loaders, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(limits, "MAX_UPLOAD_BYTES", 1000)
     with pytest.raises(QcoreError, match="above the limit"):
         load_data_file(files / "digits.npz")
     monkeypatch.setenv("QCORE_MAX_UPLOAD_MB", "0.5")
-    assert loaders._max_upload_bytes() == 2**19
+    assert limits._max_upload_bytes() == 2**19
     monkeypatch.setenv("QCORE_MAX_UPLOAD_MB", "lots")
     with pytest.raises(QcoreError, match="QCORE_MAX_UPLOAD_MB='lots' is not a number"):
-        loaders._max_upload_bytes()
+        limits._max_upload_bytes()
 
 
 def _bad_files(d: Path, files: Path) -> dict[str, tuple[str, str]]:

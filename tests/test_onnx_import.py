@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcore import preset
 from qcore.errors import QcoreError
-from qcore.loaders import load_model_file, load_workload
-from qcore.onnx_import import _module_path_from_node_name, convert
+from qcore.io.models import load_model_file
+from qcore.io.workload import load_workload
+from qcore.io.onnx_import import _module_path_from_node_name, convert
 from qcore.simulate import find_layers
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
-from qcore.pt2_import import load
+from qcore.io.pt2 import load
 from qcore.simulate import find_layers, fold_batchnorm
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import QcoreError
+from ..errors import QcoreError
+from .limits import reading
+from .models import InputSpec, LoadedModel
 
 _SAFE_TARGET = re.compile(r"^(torch\.ops\.(aten|prims|higher_order)\.\w+(\.\w+)?|torch\.sym_\w+|"
                           r"math\.(ceil|floor|trunc|sqrt|pow|exp|log|isnan|isinf))$")
@@ -202,3 +204,29 @@ def load(p: Path, allow_pickle: bool) -> tuple[torch.export.ExportedProgram, nn.
             for node in sub.graph.nodes:
                 node.meta = {k: node.meta[k] for k in ("stack_trace", "nn_module_stack") if k in node.meta}
     return ep, module.eval()
+
+
+def load_pt2_file(p: Path, allow_pickle: bool) -> LoadedModel:
+    with reading(p.name, "the file is truncated or corrupted, or was saved by an incompatible torch version; "
+                          "save it again with torch.export.save"):
+        ep, module = load(p, allow_pickle)
+    args, kwargs = ep.example_inputs if ep.example_inputs else ((), {})
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    fakes = [placeholders[name].meta.get("val") for name in ep.graph_signature.user_inputs]
+    if kwargs or not fakes or not all(isinstance(f, torch.Tensor) for f in fakes):
+        raise QcoreError(f"{p.name}: the program must take tensors as positional inputs; export it with "
+                         "torch.export.export(model, (x,)) (no keyword or non-tensor inputs)")
+    specs, batch = [], 1
+    for i, fake in enumerate(fakes):
+        example = args[i] if i < len(args) and isinstance(args[i], torch.Tensor) else None
+        dims = [d if isinstance(d, int) else None for d in fake.shape]
+        if not dims:
+            raise QcoreError(f"{p.name}: input {i} is a scalar; the engine needs a batch dimension first")
+        shape = tuple(example.shape[1:]) if example is not None else tuple(d or 1 for d in dims[1:])
+        dynamic = frozenset(j for j, d in enumerate(dims[1:]) if d is None)
+        int_range = (int(example.min()), int(example.max())) if example is not None and example.numel() \
+            and not torch.is_floating_point(example) else (0, 1)
+        specs.append(InputSpec(shape, dynamic, fake.dtype, int_range))
+        batch = dims[0] if i == 0 and dims[0] else batch
+    return LoadedModel(module, "torch.export", specs, batch)
+

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import QcoreError
+from ..errors import QcoreError
 
 MIN_OPSET = 11
 # ONNX TensorProto element types -> torch dtypes (the ones models use).

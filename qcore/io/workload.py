@@ -1,0 +1,144 @@
+"""A zoo name or a model file, plus an optional data file -> ``Workload``: the one entry point for uploads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import QcoreError
+from ..metrics import mean_cosine, sqnr_db
+from ..workload import Data, Task, Workload, classification_task
+from .data import N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, parse_shape, split, synthetic_data
+from .limits import first_line
+from .models import InputSpec, LoadedModel, load_model_file
+
+FIDELITY_NOTE = "metrics are fidelity-only (agreement with the FP32 model), not accuracy"
+
+
+def _run(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    except QcoreError:
+        raise
+    except Exception as e:  # the user's model failing on the user's data
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise QcoreError(f"the model failed on inputs of shape {shapes} ({first_line(e)}); check that the data "
+                         "matches the model's input shape and dtype") from None
+    if not isinstance(out, torch.Tensor):
+        raise QcoreError(f"the model returns {type(out).__name__}, not one tensor; export a wrapper whose forward "
+                         "returns the one output to compare")
+    return out.float()
+
+
+def _batchhuman_size(model: nn.Module, data: Data, example_batch: int) -> int | None:
+    """None if the model runs any batch size with the same per-sample results, else the one size it
+    accepts (a program exported with a fixed batch dimension)."""
+    n = min(3, len(data))
+    try:
+        one, many = _run(model, data.subset(slice(0, 1)).inputs), _run(model, data.subset(slice(0, n)).inputs)
+        tol = 1e-4 * (1 + float(one.abs().max())) if one.numel() else 0.0
+        if one.shape[:1] == (1,) and many.shape[:1] == (n,) and torch.allclose(many[:1], one, rtol=1e-3, atol=tol):
+            return None
+        problem = QcoreError("the model's output does not have the batch dimension first; export a model whose "
+                             "output is (batch, ...)")
+    except QcoreError as e:
+        problem = e
+    if 1 < example_batch <= len(data):
+        try:
+            if _run(model, data.subset(slice(0, example_batch)).inputs).shape[:1] == (example_batch,):
+                return example_batch
+        except QcoreError:
+            pass
+    raise problem
+
+
+def _fidelity_task() -> Task:
+    return Task("embedding", "cosine_to_fp32",
+                lambda out, ref, labels: {"cosine_to_fp32": mean_cosine(out, ref), "sqnr_db": sqnr_db(out, ref)})
+
+
+def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = False, label_column: str | None = None,
+                  max_bytes: int | None = None) -> Workload:
+    """A zoo name (``data`` then replaces its calibration/evaluation data) or a model file, with an
+    optional data file (or ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line."""
+    from ..zoo import ZOO, load
+
+    shape_spec = data is not None and str(data).startswith("shape:")
+    if model in ZOO:
+        base = load(model)
+        if data is None:
+            return base
+        first = tuple(t[:1] for t in base.calibration.inputs)
+        specs = [InputSpec(tuple(t.shape[1:]), frozenset(range(t.dim() - 1)) if not torch.is_floating_point(t) else frozenset(),
+                           t.dtype, (int(t.min()), int(t.max())) if not torch.is_floating_point(t) else (0, 1)) for t in first]
+        loaded = LoadedModel(base.model, "zoo", specs, task_kind=base.task.kind)
+        name = base.name
+    else:
+        if not Path(model).is_file():
+            raise QcoreError(f"{model!r} is neither a zoo model ({', '.join(ZOO)}) nor a file that exists")
+        loaded = load_model_file(model, allow_pickle, max_bytes)
+        name = Path(model).name
+    notes = list(loaded.notes)
+    if data is None or shape_spec:
+        if shape_spec:
+            loaded.inputs = parse_shape(str(data)[len("shape:"):])
+        if loaded.inputs is None:
+            raise QcoreError(f"a {loaded.format} model does not record its input shape: give a data file (--data FILE) "
+                             "or the shape of one example input (--data shape:1x3x32x32)")
+        dataset, source = synthetic_data(loaded.inputs), "synthetic inputs"
+        shape = "x".join(map(str, (1,) + loaded.inputs[0].sample_shape))
+        notes.append(f"no data file: {N_SYNTHETIC} synthetic samples (seeded standard normal, shaped like the example "
+                     f"input {shape}); {FIDELITY_NOTE}")
+    else:
+        source = Path(data).name
+        dataset = fit(load_data_file(data, label_column, max_bytes), loaded.inputs, source)
+    fixed = _batchhuman_size(loaded.model, dataset, loaded.example_batch)
+    reference = _run(loaded.model, dataset.subset(slice(0, fixed or min(len(dataset), 8))).inputs)
+    labels = dataset.labels
+    if reference.dim() == 2 and reference.shape[1] >= 2 and loaded.task_kind in (None, "classification"):
+        n_classes = reference.shape[1]
+        if labels is not None:
+            if torch.is_floating_point(labels):
+                raise QcoreError(f"{source}: labels must be whole class indices 0..{n_classes - 1}, got fractional values")
+            if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+                raise QcoreError(f"{source}: labels run from {int(labels.min())} to {int(labels.max())} but the model has "
+                                 f"{n_classes} outputs (classes 0..{n_classes - 1}); check the label column")
+        task = classification_task(n_classes, labels is not None)
+        if labels is None and data is not None and not shape_spec:
+            notes.append(f"{source} has no labels: {FIDELITY_NOTE}")
+    else:
+        task = _fidelity_task()
+        if labels is not None:
+            notes.append(f"labels in {source} are not used: the model's output {tuple(reference.shape[1:])} per sample "
+                         "is not class logits; metrics compare with the FP32 outputs")
+            dataset = Data(dataset.inputs)
+    calibration, evaluation = split(dataset, fixed)
+    if not shape_spec and data is not None:
+        notes.append(f"data {source}: {len(dataset)} samples split (seed {SPLIT_SEED}) into {len(calibration)} for "
+                     f"calibration and {len(evaluation)} for evaluation")
+    if fixed:
+        notes.append(f"the program only runs batches of {fixed}: data is used in whole batches "
+                     f"({len(calibration)} calibration, {len(evaluation)} evaluation samples)")
+    workload_cls = WeightOnlyWorkload if loaded.weight_only else Workload
+    return workload_cls(
+        name=name, model=loaded.model, calibration=calibration, evaluation=evaluation, task=task,
+        description=(f"{name}, a {loaded.format} model, evaluated on {source} ({len(calibration)} calibration / "
+                     f"{len(evaluation)} evaluation samples). Headline metric: {task.headline}."),
+        source=loaded.format, notes=notes, batch_size=fixed or 128)
+
+
+@dataclass(eq=False)
+class WeightOnlyWorkload(Workload):
+    """A workload whose model input hooks cannot reach (TorchScript): only weights can be quantized."""
+
+    def simulate(self, recipe, quantized_weights=None):
+        quantized = [n for n in self.layers if (a := recipe.plan(n).activations) is not None and a.format != "fp32"]
+        if quantized:
+            raise QcoreError(f"recipe {recipe.name!r} quantizes activations (e.g. the input of {quantized[0]!r}), which is "
+                             f"unavailable for {self.source} models; use a weight-only recipe (int8-weight-only, "
+                             "int4-weight-only, nf4) or export the model with torch.export.save (.pt2) for full support")
+        return super().simulate(recipe, quantized_weights)
