@@ -3,11 +3,16 @@
 Run ``streamlit run app.py``. Each page in ``pages/`` reads widgets, calls ``qcore`` and shows the
 result; what pages share (session-state keys, cached loaders) lives in ``pages/state.py``.
 The chosen zoo model is bound to the URL (``?model=digits-cnn``), so a link reopens the same model.
+Uploads are loaded once in a throw-away process first (``qcore.io.sandbox.vet_upload``), so a file that
+would exhaust memory or time kills that process, not the server. Every user-derived string shown in
+Markdown goes through ``ui.text.plain``. A bug shows one box with an error id; the traceback goes to the
+server log, never to the visitor.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -16,6 +21,9 @@ import streamlit as st
 from pages import state
 from qcore.errors import QcoreError
 from qcore.zoo import DEFAULT_MODEL, ZOO
+from ui.text import plain
+
+log = logging.getLogger("quantization_explorer")
 
 MODEL_TYPES = ["pt2", "onnx", "pt", "ts", "safetensors"]
 DATA_TYPES = ["npz", "pt", "csv"]
@@ -36,57 +44,67 @@ page = st.navigation([
 def load_upload(model_file, data_file, label_column: str) -> None:
     """Load the uploaded files into session state; a user error is kept as a message and whatever
     was loaded before stays loaded."""
+    from qcore.io.sandbox import vet_upload
     from qcore.io.workload import load_workload  # imported here so the app starts even without it
 
-    digest = hashlib.sha256((label_column or "").encode())
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
-        for f in (model_file, data_file):
+        for role, f in (("model", model_file), ("data", data_file)):
             if f is None:
                 paths.append(None)
                 continue
-            data = f.getvalue()
-            digest.update(f.name.encode() + len(data).to_bytes(8, "little") + data)
-            path = Path(tmp) / Path(f.name).name  # keeps the suffix the loader dispatches on
-            path.write_bytes(data)
+            path = Path(tmp) / role / Path(f.name).name  # one folder each (same names never collide); keeps the suffix
+            path.parent.mkdir()
+            path.write_bytes(f.getvalue())
             paths.append(str(path))
         try:
-            with st.spinner(f"Loading {model_file.name}…"):
+            with st.spinner(f"Loading {plain(model_file.name)}…"):
+                vet_upload(paths[0], paths[1], label_column or None)  # in a child process, under limits
                 workload = load_workload(paths[0], paths[1], label_column=label_column or None)
                 _ = workload.layers  # find the layers while the files exist
         except QcoreError as e:
             st.session_state[state.UPLOAD_ERROR] = str(e)
             return
-    st.session_state[state.UPLOAD] = {"key": f"upload:{digest.hexdigest()[:16]}", "workload": workload,
+    st.session_state[state.UPLOAD] = {"key": f"upload:{workload.content_hash}", "workload": workload,
                                       "label": model_file.name}
     st.session_state[state.UPLOAD_ERROR] = None
 
 
-with st.sidebar:
-    st.radio("Model source", [state.ZOO, state.UPLOAD_SOURCE], key=state.SOURCE, horizontal=True,
-             format_func={state.ZOO: "Built-in", state.UPLOAD_SOURCE: "Upload"}.get, persist_state="session")
-    if st.session_state[state.SOURCE] == state.ZOO:
-        st.selectbox("Built-in model", list(ZOO), index=list(ZOO).index(DEFAULT_MODEL), key=state.ZOO_NAME,
-                     bind="query-params", persist_state="session", help="digits-mlp loads instantly; minilm-l6 (a 22.7M-parameter BERT) "
-                                               "takes a few seconds and every computation on it is slower.")
-    else:
-        model_file = st.file_uploader("Model file", type=MODEL_TYPES,
-                                      help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts) or a safetensors state dict")
-        data_file = st.file_uploader("Data file (optional)", type=DATA_TYPES,
-                                     help=".npz with x (and y), .pt tensors, or .csv; used for calibration and evaluation")
-        label_column = st.text_input("CSV label column (optional)", key=state.LABEL_COLUMN)
-        if st.button("Load uploaded model", disabled=model_file is None, type="primary"):
-            load_upload(model_file, data_file, label_column)
-        if st.session_state.get(state.UPLOAD_ERROR):
-            st.error(st.session_state[state.UPLOAD_ERROR], icon=":material/error:")
-    key, workload = state.active()
-    st.caption(f"Showing **{workload.name}**: {len(workload.layers)} quantizable layers, "
-               f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
-    state.sync_url(key, workload)  # the recipe <-> ?preset=&layers= (the link reproduces the view)
-    preset_name, overrides, _ = state.current(key, workload)
-    st.caption(f"Recipe: **{preset_name}**" + (f" with {len(overrides)} layer override(s)" if overrides else "")
-               + ". The page's address reproduces the model, the recipe and the page.")
-    if st.session_state.get(state.URL_ERROR):
-        st.error(st.session_state[state.URL_ERROR], icon=":material/link_off:")
+def sidebar() -> None:
+    """The model source, the upload form, what is shown and the recipe the link carries."""
+    with st.sidebar:
+        st.radio("Model source", [state.ZOO, state.UPLOAD_SOURCE], key=state.SOURCE, horizontal=True,
+                 format_func={state.ZOO: "Built-in", state.UPLOAD_SOURCE: "Upload"}.get, persist_state="session")
+        if st.session_state[state.SOURCE] == state.ZOO:
+            st.selectbox("Built-in model", list(ZOO), index=list(ZOO).index(DEFAULT_MODEL), key=state.ZOO_NAME,
+                         bind="query-params", persist_state="session",
+                         help="digits-mlp loads instantly; minilm-l6 (a 22.7M-parameter BERT) takes a few seconds "
+                              "and every computation on it is slower.")
+        else:
+            model_file = st.file_uploader("Model file", type=MODEL_TYPES,
+                                          help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts) or a safetensors state dict")
+            data_file = st.file_uploader("Data file (optional)", type=DATA_TYPES,
+                                         help=".npz with x (and y), .pt tensors, or .csv; used for calibration and evaluation")
+            label_column = st.text_input("CSV label column (optional)", key=state.LABEL_COLUMN)
+            if st.button("Load uploaded model", disabled=model_file is None, type="primary"):
+                load_upload(model_file, data_file, label_column)
+            if st.session_state.get(state.UPLOAD_ERROR):
+                st.error(plain(st.session_state[state.UPLOAD_ERROR]), icon=":material/error:")
+        key, workload = state.active()
+        st.caption(f"Showing **{plain(workload.name)}**: {len(workload.layers)} quantizable layers, "
+                   f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
+        state.sync_url(key, workload)  # the recipe <-> ?preset=&layers= (the link reproduces the view)
+        preset_name, overrides, _ = state.current(key, workload)
+        st.caption(f"Recipe: **{plain(preset_name)}**" + (f" with {len(overrides)} layer override(s)" if overrides else "")
+                   + ". The page's address reproduces the model, the recipe and the page.")
+        if st.session_state.get(state.URL_ERROR):
+            st.error(plain(st.session_state[state.URL_ERROR]), icon=":material/link_off:")
 
-page.run()
+
+try:
+    sidebar()
+    page.run()
+except Exception:  # a bug, not the user's doing (Streamlit's stop/rerun are BaseExceptions and pass through)
+    error_id = secrets.token_hex(4)
+    log.exception("internal error %s on page %s", error_id, page.title)
+    st.error(f"Something went wrong (error id {error_id}); the server log has the details.", icon=":material/bug_report:")

@@ -30,8 +30,9 @@ import warnings
 import torch
 
 from qcore import Recipe, preset, zoo
+from qcore.export import export_qdq
 from qcore.granularity import fan_in
-from qcore.runtime import export_float_onnx, input_names, run_onnx, session
+from qcore.runtime import input_names, run_onnx, session
 from qcore.search import search
 
 warnings.filterwarnings("ignore")
@@ -97,12 +98,19 @@ def _run_onnx(w, path: str) -> torch.Tensor:
 
 
 def onnxruntime_rows(w, tmp: str) -> list[tuple[str, str, float | str]]:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = os.path.join(tmp, f"{w.name}.onnx")
-    export_float_onnx(w.model, w, fp32)  # Linear as MatMul, so quantize_dynamic quantizes it too
+    export_qdq(w, Recipe(name="fp32"), fp32)  # the FP32 graph (BatchNorm folded, Linear as MatMul, so
+    # quantize_dynamic quantizes it too)
     pre = os.path.join(tmp, f"{w.name}.pre.onnx")
     quant_pre_process(fp32, pre, skip_symbolic_shape=True)
 

@@ -6,6 +6,7 @@ import streamlit as st
 from pages import formulas, state
 from qcore import explain, viz
 from qcore.formats import FORMATS
+from ui.text import html_plain
 
 ACTIVATION_FORMATS = ["int8", "int4", "int6", "int16", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
 
@@ -57,7 +58,7 @@ m1.metric("Values seen", f"{s.numel:,}")
 m2.metric("Smallest input", f"{s.min:.4g}")
 m3.metric("Largest input", f"{s.max:.4g}")
 st.plotly_chart(viz.distribution(counts, edges, ranges if fmt.uses_range(spec.scaled) else {}, levels, log_y=log_y,
-                                 title=f"Input of {layer}: calibration histogram, each method's range, {chosen} grid",
+                                 title=f"Input of {html_plain(layer)}: calibration histogram, each method's range, {chosen} grid",
                                  x_title="input value"), width="stretch")
 st.dataframe(pd.DataFrame([{"method": r["range"], "lo": r["lo"], "hi": r["hi"], "step (scale)": r["step"],
                             "clipped": r["clipped_fraction"]} for r in rows]),

@@ -8,39 +8,39 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
-from qcore import report, summary, viz_decide
+from qcore import report, runtime, summary, viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import preset
 from qcore.size import float_bytes
+from ui.text import plain
 
 key, w = state.active()
 name, overrides, recipe = state.current(key, w)
-st.title(f"Export: {recipe.name}")
+st.title(f"Export: {plain(recipe.name)}")
 st.write(
-    "Take the recipe you built away: as the quantized model itself (**ONNX** runs in ONNX Runtime; layers whose "
-    "format no CPU runtime executes stay FP32 in it and are listed; **safetensors** holds exactly the simulated "
-    "model: integer codes, scales, zero-points and the recipe), as the recipe JSON (load it on the Mixed "
+    "Take the recipe you built away: as the quantized model itself (**ONNX** holds the simulated model's own integer "
+    "codes, scales and zero-points and runs in ONNX Runtime; a layer ONNX Runtime has no low-precision kernel for "
+    "runs there in float on the exact dequantized values, and is listed with the reason; **safetensors** holds "
+    "exactly the simulated model: integer codes, scales, zero-points and the recipe), as the recipe JSON (load it on the Mixed "
     "precision page or with `python -m qcore evaluate --recipe`), as the sensitivity table, or as a report."
 )
 total = summary.recipe_totals(w, recipe)
 result = state.evaluate(key, w, recipe.to_json())
 headline = result["metric"]
 m1, m2, m3 = st.columns(3)
-m1.metric("Recipe", name + (f" + {len(overrides)} override(s)" if overrides else ""))
-m2.metric("Size (bytes)", f"{total['size_bytes']:,}", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
+m1.metric("Recipe", plain(name) + (f" + {len(overrides)} override(s)" if overrides else ""))
+m2.metric("Theoretical size (bytes)", f"{total['size_bytes']:,}", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
           delta_color="off")
-m3.metric(f"{headline} (measured)", f"{result['quantized']['metrics'][headline]:.4f}",
+m3.metric(f"{plain(headline)} (simulated)", f"{result['quantized']['metrics'][headline]:.4f}",
           delta=f"{result['quantized']['metrics'][headline] - result['fp32']['metrics'][headline]:+.4f} vs FP32")
 
 
 def exported(fmt: str) -> dict:
     """Export with ``qcore.runtime.export`` into a temporary file; the file's bytes plus its report."""
-    from qcore import runtime
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{recipe.name}.{fmt}"
-        info = runtime.export(w, recipe, fmt, str(out))
-        return {**info, "data": Path(info["path"]).read_bytes()}
+        rep = runtime.export(w, recipe, fmt, str(out))
+        return {**rep.to_dict(), "data": Path(rep.path).read_bytes()}
 
 
 c1, c2 = st.columns(2)
@@ -50,13 +50,13 @@ for column, fmt, mime in ((c1, "onnx", "application/octet-stream"), (c2, "safete
             with st.spinner(f"Exporting {fmt}…"):
                 st.session_state[f"export_{fmt}:{key}"] = {"recipe": recipe.to_json(), **exported(fmt)}
         except QcoreError as e:
-            column.error(str(e), icon=":material/error:")
+            column.error(plain(e), icon=":material/error:")
     done = st.session_state.get(f"export_{fmt}:{key}")
     if done and done["recipe"] == recipe.to_json():
-        column.download_button(f"Download {fmt} ({done['size_bytes']:,} bytes)", done["data"], file_name=f"{recipe.name}.{fmt}",
-                               mime=mime, on_click="ignore", icon=":material/download:", key=f"download_{fmt}")
-        for u in done.get("unsupported", []):
-            column.caption(f"{u['layer']} ({u['format']}) kept in FP32: {u['reason']}")
+        column.download_button(f"Download {fmt} ({done['file_size_bytes']:,} bytes)", done["data"],
+                               file_name=f"{recipe.name}.{fmt}", mime=mime, on_click="ignore", icon=":material/download:",
+                               key=f"download_{fmt}")
+        column.caption("  \n".join(plain(line) for line in runtime.summary_lines(done)))
 
 c3, c4 = st.columns(2)
 c3.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
@@ -69,7 +69,7 @@ if state.small(w) or settings.get("key") == key:  # a large model's sweep only o
     c4.download_button("Download sensitivity table (CSV)", pd.DataFrame(sweep["rows"]).to_csv(index=False),
                        file_name=f"{w.name}-sensitivity-{sweep['mode']}-{sweep['view']}.csv", mime="text/csv",
                        on_click="ignore", icon=":material/download:", key="download_sensitivity",
-                       help=f"{', '.join(sweep['candidates'])}; mode {sweep['mode']}, view {sweep['view']} "
+                       help=f"{plain(', '.join(sweep['candidates']))}; mode {sweep['mode']}, view {sweep['view']} "
                             "(chosen on the Sensitivity page)")
 else:
     c4.info("Run the sweep on the Sensitivity page to export its table and charts.", icon=":material/info:")

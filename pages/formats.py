@@ -6,6 +6,7 @@ from pages import formulas, state
 from qcore import explain, viz
 from qcore.formats import FORMATS
 from qcore.ranges import RANGE_METHODS
+from ui.text import html_plain, plain
 
 FAMILIES = {"integer": "Integer (int-b)", "fp8_e4m3": "FP8 E4M3", "fp8_e5m2": "FP8 E5M2", "nf4": "NF4 (4-bit NormalFloat)",
             "fp16": "FP16 (half)", "bf16": "BF16 (bfloat16)"}
@@ -50,7 +51,7 @@ if uses_range:
                                               key="formats_percentile", persist_state="session")
 spec = state.spec_from(spec)
 if sampled:
-    st.caption(sampled)
+    st.caption(plain(sampled))
 
 with formulas.error_box():  # a layer's weights holding NaN/Inf cannot be given a range
     numbers = explain.format_numbers(x, spec)
@@ -73,7 +74,7 @@ g = explain.grid(x, spec)
 counts, edges = explain.histogram(x, 150)
 ranges = {spec.range: (numbers["lo"], numbers["hi"])} if uses_range else {}
 st.plotly_chart(viz.distribution(counts, edges, ranges, explain.visible_levels(g, float(x.min()), float(x.max())),
-                                 title=f"{fmt.name} over {what.removeprefix('layer:')}: the grid under the data"),
+                                 title=f"{fmt.name} over {html_plain(what.removeprefix('layer:'))}: the grid under the data"),
                 width="stretch")
 
 left, right = st.columns([2, 3])

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import streamlit as st
 
 from qcore.errors import QcoreError
+from ui.text import plain
 
 
 def intro(text: str, *formulas: str, title: str = "Formulas: scale, zero-point, rounding, clipping, SQNR") -> None:
@@ -26,7 +27,7 @@ def error_box():
     try:
         yield
     except QcoreError as e:
-        st.error(str(e), icon=":material/error:")
+        st.error(plain(e), icon=":material/error:")
         st.stop()
 
 

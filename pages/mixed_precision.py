@@ -11,6 +11,7 @@ from qcore import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
 from qcore.viz import human_bytes
+from ui.text import plain
 
 MAX_RECIPE_BYTES = 2**20
 
@@ -42,13 +43,13 @@ if upload is not None:
         try:
             if upload.size > MAX_RECIPE_BYTES:
                 raise QcoreError(f"{upload.name} is larger than 1 MiB; a recipe is a small JSON file")
-            loaded = Recipe.from_json(upload.getvalue().decode("utf-8", errors="replace"))
+            loaded = Recipe.from_json(upload.getvalue())
             loaded.check_against(w.layer_shapes)
             state.set_current(key, w, *state.compact(w, loaded))
             st.session_state["mp_upload_digest"] = digest
             st.rerun()
         except QcoreError as e:
-            c2.error(f"{upload.name} was not loaded, the table is unchanged: {e}", icon=":material/error:")
+            c2.error(plain(f"{upload.name} was not loaded, the table is unchanged: {e}"), icon=":material/error:")
 
 settings = st.session_state.get(state.SWEEP) or {}
 candidates = list(dict.fromkeys(settings.get("candidates", state.DEFAULT_CANDIDATES) + ([name] if name != "fp32" else [])))
@@ -86,7 +87,7 @@ try:
         state.set_current(key, w, *state.compact(w, edited_recipe, [name]), reset_editor=adjusted)
         st.rerun()
 except QcoreError as e:
-    st.error(f"That change was not applied: {e}", icon=":material/error:")
+    st.error(f"That change was not applied: {plain(e)}", icon=":material/error:")
 
 total = summary.recipe_totals(w, recipe)
 m1, m2, m3, m4 = st.columns(4)
@@ -96,11 +97,11 @@ m1.metric("Size (bytes)", f"{total['size_bytes']:,}", help=f"{human_bytes(total[
 m2.metric("Average bits per weight", f"{total['bits_per_weight']:.2f}", help="quantizable layers, scales included")
 m3.metric("Weights kept in FP32", f"{100 * total['float_share']:.1f}%", help="share of the quantizable layers' weights")
 if estimate:
-    m4.metric(f"{w.task.headline} (estimate)", f"{estimate['metric']:.4f}",
+    m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}",
               help="FP32 minus the sum of each layer's single-layer drop from the sweep; not a measurement")
     if estimate["missing"]:
         st.caption(f"The estimate leaves out {len(estimate['missing'])} layer(s) whose spec the sweep did not try: "
-                   + ", ".join(estimate["missing"]))
+                   + plain(", ".join(estimate["missing"])))
 
 if st.button("Evaluate this recipe (measured)", type="primary"):
     result = state.evaluate(key, w, recipe.to_json())
@@ -110,7 +111,7 @@ shown = st.session_state.get("mp_measured")
 if shown and shown["recipe"] == recipe.to_json():
     q, f = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"]
     headline = shown["result"]["metric"]
-    st.metric(f"{headline} (measured)", f"{q[headline]:.4f}", delta=f"{q[headline] - f[headline]:+.4f} vs FP32 {f[headline]:.4f}")
+    st.metric(f"{plain(headline)} (measured)", f"{q[headline]:.4f}", delta=f"{q[headline] - f[headline]:+.4f} vs FP32 {f[headline]:.4f}")
 
 st.subheader("Search a recipe automatically")
 goal = st.radio("Goal", ["size budget", "target metric"], horizontal=True, key="mp_goal")
@@ -118,7 +119,7 @@ if goal == "size budget":
     budget = st.slider("Largest size, as a share of FP32", 0.05, 1.0, 0.25, 0.05, key="mp_budget")
     target = {"max_size_fraction": budget}
 else:
-    target = {"min_metric": st.number_input(f"Smallest acceptable {w.task.headline}", value=round(
+    target = {"min_metric": st.number_input(f"Smallest acceptable {plain(w.task.headline)}", value=round(
         w.fp32_metrics[w.task.headline] - 0.01, 4), format="%.4f", key="mp_target")}
 if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
     bar = st.progress(0.0, text="Searching…")
@@ -132,9 +133,9 @@ if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; 
 found = st.session_state.get(state.SEARCH, {}).get(key)
 if found:
     (st.success if found["met"] else st.warning)(
-        f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {found['metric']} "
+        f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {plain(found['metric'])} "
         f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
-        f"{found['fp32']['size_bytes']:,} bytes). " + " ".join(found.get("notes", [])))
+        f"{found['fp32']['size_bytes']:,} bytes). " + plain(" ".join(found.get("notes", []))))
 
 st.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
                    on_click="ignore", icon=":material/download:")

@@ -7,10 +7,11 @@ from pages import formulas, state
 from qcore import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.size import float_bytes
+from ui.text import plain
 
 key, w = state.active()
-st.title(f"Model: {w.name}")
-st.write(w.description or "A model you uploaded.")
+st.title(f"Model: {plain(w.name)}")
+st.write(plain(w.description) if w.description else "A model you uploaded.")
 formulas.intro(
     "Quantization stores each weight in fewer bits than the 32 of a float. Only the weights of the layers "
     "below (Linear, Conv, Embedding) are quantized; biases, norms and everything else keep their float size. "
@@ -63,4 +64,4 @@ st.write(f"The headline metric is **{headline}**"
          + (" (top-1 accuracy against the labels)." if headline == "accuracy" else
             " (how often the quantized model's top-1 agrees with FP32's; no labels)." if headline == "agreement" else "."))
 for note in w.notes:
-    st.info(note, icon=":material/info:")
+    st.info(plain(note), icon=":material/info:")

@@ -8,6 +8,7 @@ from pages import state
 from qcore import viz_decide
 from qcore.recipe import PRESETS
 from qcore.sensitivity import LAYER_SPECS
+from ui.text import plain
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
 VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
@@ -39,13 +40,13 @@ if not state.small(w) and st.session_state.get(state.SWEEP) != settings and not 
 result = state.sweep(w, candidates, mode, view)
 st.session_state[state.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
 for note in result["notes"]:
-    st.info(note, icon=":material/info:")
+    st.info(plain(note), icon=":material/info:")
 
 metric = result["metric"]
 m1, m2, m3 = st.columns(3)
 m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
 worst = max((r for r in result["rows"] if r["rank"] == 1), key=lambda r: r["metric_drop"])
-m2.metric("Most sensitive layer", worst["layer"], help=f"under {worst['candidate']}")
+m2.metric("Most sensitive layer", plain(worst["layer"]), help=f"under {plain(worst['candidate'])}")
 m3.metric(f"Its {metric} drop", f"{worst['metric_drop']:+.4f}", help="positive = worse than FP32")
 
 st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")
@@ -61,7 +62,7 @@ def open_layer(page: str, layer_key: str, layer: str) -> None:
 def keep_in_float(layer: str) -> None:
     name, overrides, _ = state.current(key, w)
     state.set_current(key, w, name, {**overrides, layer: None})
-    st.toast(f"{layer} stays in FP32 in the Mixed precision table.")
+    st.toast(f"{plain(layer)} stays in FP32 in the Mixed precision table.")
 
 
 st.subheader("Act on a layer")
@@ -70,7 +71,7 @@ _, _, recipe = state.current(key, w)
 ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
 for r in ranked:
     a, b, c, d = st.columns([3, 1, 1, 1])
-    a.markdown(f"**{r['rank']}. {r['layer']}** ({r['kind']}): drop {r['metric_drop']:+.4f}, "
+    a.markdown(f"**{r['rank']}. {plain(r['layer'])}** ({plain(r['kind'])}): drop {r['metric_drop']:+.4f}, "
                f"output SQNR {r['sqnr_db']:.1f} dB")
     if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
         open_layer("pages/weights.py", f"weights_layer:{key}", r["layer"])

@@ -9,6 +9,7 @@ object per zoo model for every session, never modified (recipes are applied to c
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 
 import streamlit as st
@@ -16,6 +17,7 @@ import streamlit as st
 from qcore import explain, summary, zoo
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe, TensorSpec, preset
+from ui.text import plain
 
 # ---- session-state keys (the only place they are spelled) ----------------------------------------
 SOURCE = "model_source"  # "zoo" | "upload"
@@ -24,6 +26,10 @@ LABEL_COLUMN = "label_column"  # CSV label column typed in the sidebar
 UPLOAD = "uploaded"  # {"key", "workload", "label"} of the last upload that loaded
 UPLOAD_ERROR = "upload_error"  # one-line message of the last upload that failed
 ZOO, UPLOAD_SOURCE = "zoo", "upload"
+UPLOAD_PARAM = "upload"  # ?upload=<first 16 hex of the upload's content_hash>: a link cannot carry the file itself
+LINK_READ = "link_model_read"  # the link's ?model= / ?upload= were read once this session
+MODEL_ERROR = "link_model_error"  # one-line message when the link names a model that is not in the zoo
+LINK_UPLOAD = "link_upload"  # the ?upload= hash a link asked for, until a file with that hash is loaded
 
 
 @st.cache_resource(show_spinner="Loading the model (minilm-l6 takes a few seconds)…", max_entries=4)
@@ -56,6 +62,42 @@ def active() -> tuple[str, object]:
         return uploaded["key"], uploaded["workload"]
     name = st.session_state.get(ZOO_NAME, zoo.DEFAULT_MODEL)
     return f"zoo:{name}", zoo_workload(name)
+
+
+def upload_tag(w) -> str:
+    """What ``?upload=`` holds for workload ``w``: the first 16 hex digits of its ``content_hash``
+    (model bytes, data bytes and label column), enough to tell whether a file is the same."""
+    return w.content_hash[:16]
+
+
+def read_link() -> None:
+    """Once per session, before the sidebar's widgets: a ``?model=`` the zoo does not have becomes an
+    error (the bound select box would otherwise drop it without a word), and ``?upload=`` switches the
+    source to Upload and waits for a file with that hash (``check_upload``)."""
+    if st.session_state.get(LINK_READ):
+        return
+    st.session_state[LINK_READ] = True
+    params = st.query_params
+    name = params.get(ZOO_NAME)
+    if name is not None and name not in zoo.ZOO:
+        st.session_state[MODEL_ERROR] = (f"The link asks for the model {name!r}, which is not in the zoo "
+                                         f"({', '.join(zoo.ZOO)}); {zoo.DEFAULT_MODEL} is shown instead. Pick a model "
+                                         "in the sidebar or ask for a new link.")
+    if params.get(UPLOAD_PARAM):
+        st.session_state[LINK_UPLOAD] = params[UPLOAD_PARAM]
+        st.session_state[SOURCE] = UPLOAD_SOURCE
+
+
+def check_upload(w) -> str | None:
+    """After a file loads: None when no link waits for an upload or ``w`` is the file it names (its
+    recipe is then applied); else a message saying the file is another model (the link's recipe is not
+    applied to it). Either way the link no longer waits."""
+    wanted = st.session_state.pop(LINK_UPLOAD, None)
+    if wanted is None or upload_tag(w) == wanted:
+        return None
+    st.session_state[URL_RESTORED] = True  # the link's recipe names another model's layers
+    return (f"This file is not the model the link was made with: its content hash starts {upload_tag(w)}, the link's "
+            f"{wanted}. It is loaded, but the link's recipe was not applied.")
 
 
 def spec_from(d: dict, activation: bool = False) -> TensorSpec:
@@ -93,7 +135,7 @@ def layer_sqnr(key: str, w, spec: dict) -> list[dict]:
     bar = st.progress(0.0)
     rows = []
     for i, name in enumerate(w.layers):
-        bar.progress(i / len(w.layers), text=f"Quantizing {name} ({i + 1}/{len(w.layers)})…")
+        bar.progress(i / len(w.layers), text=f"Quantizing {plain(name)} ({i + 1}/{len(w.layers)})…")
         rows.append(_layer_sqnr_row(key, w, name, spec))
     bar.empty()
     return rows
@@ -218,6 +260,8 @@ def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool 
 def sync_url(key: str, w) -> None:
     """Once per session read ``?preset=&layers=`` into the recipe; afterwards write the recipe to them."""
     params = st.query_params
+    if st.session_state.get(LINK_UPLOAD) and not key.startswith("upload:"):
+        return  # the link's model is an upload not loaded yet: keep its recipe in the address for when it is
     if not st.session_state.get(URL_RESTORED):
         st.session_state[URL_RESTORED] = True
         if PRESET_PARAM in params or LAYERS_PARAM in params:
@@ -230,7 +274,8 @@ def sync_url(key: str, w) -> None:
                 st.session_state[URL_ERROR] = f"The link's recipe was not loaded: {e}"
     name, layers, _ = current(key, w)
     wanted = {PRESET_PARAM: name if (name != DEFAULT_PRESET or layers) else None,
-              LAYERS_PARAM: encode_layers(layers) if layers else None}
+              LAYERS_PARAM: encode_layers(layers) if layers else None,
+              UPLOAD_PARAM: upload_tag(w) if key.startswith("upload:") else None}
     for param, value in wanted.items():
         if value is None and param in params:
             del params[param]
@@ -334,7 +379,7 @@ def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> d
 
     bar = st.progress(0.0, text="Sensitivity sweep…")
     result = sensitivity.sweep(w, candidates, mode, view,
-                               progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0), text=f"Sweep: {msg}"))
+                               progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0), text=f"Sweep: {plain(msg)}"))
     bar.empty()
     return result
 
@@ -345,24 +390,36 @@ def evaluate(key: str, _w, recipe_json: str) -> dict:
     return _w.evaluate(Recipe.from_json(recipe_json))
 
 
-def remember(key: str, recipe: Recipe) -> None:
-    """Keep ``recipe`` among the user's recipes of workload ``key`` (shown on Trade-offs and Export)."""
+def recipe_hash(recipe: Recipe) -> str:
+    """First 8 hex digits of the SHA-256 of the recipe's canonical JSON without its name: the same layers
+    give the same hash under any name; two different recipes (almost surely) two hashes."""
+    return hashlib.sha256(recipe_id(recipe).encode()).hexdigest()[:8]
+
+
+def remember(key: str, recipe: Recipe, what: str) -> str:
+    """Keep ``recipe`` among the user's recipes of workload ``key`` (shown on Trade-offs) under its own
+    label ``"<what> [<hash>]"`` and return the label. A recipe kept before keeps its first label; no
+    recipe ever replaces another (their hashes differ)."""
     mine = st.session_state.setdefault(USER_RECIPES, {}).setdefault(key, {})
-    if recipe.to_dict() not in mine.values():
-        label = recipe.name if recipe.name not in mine else f"{recipe.name} #{len(mine) + 1}"
-        mine[label] = recipe.to_dict()
+    for label, d in mine.items():
+        if recipe_id(Recipe.from_dict(d)) == recipe_id(recipe):
+            return label
+    label = f"{what} [{recipe_hash(recipe)}]"
+    mine[label] = recipe.to_dict()
+    return label
+
+
+def recipe_id(recipe: Recipe) -> str:
+    return json.dumps({**recipe.to_dict(), "name": None}, sort_keys=True)  # the same recipe under any name
 
 
 # ---- latency: measured by the runtime where it ran, a hardware-profile estimate elsewhere ---------
 MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
 LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": the recipe exported and timed with "
-                "ONNX Runtime on this machine (layers no CPU runtime executes run in FP32; the source says how many). "
+                "ONNX Runtime on this machine (layers ONNX Runtime has no low-precision kernel for run in float on their "
+                "dequantized values; the source says how many). "
                 "\"estimate\": a roofline prediction (max of memory and compute time per layer) from a hardware "
                 "profile, not a measurement.")
-
-
-def recipe_id(recipe: Recipe) -> str:
-    return json.dumps({**recipe.to_dict(), "name": None}, sort_keys=True)  # the same recipe under any name
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
@@ -393,10 +450,11 @@ def measure_latencies(key: str, w, recipes: dict) -> None:
     measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
     bar = st.progress(0.0)
     for i, (label, recipe) in enumerate(recipes.items()):
-        bar.progress(i / len(recipes), text=f"Timing {label} with ONNX Runtime ({i + 1}/{len(recipes)})…")
+        bar.progress(i / len(recipes), text=f"Timing {plain(label)} with ONNX Runtime ({i + 1}/{len(recipes)})…")
         if recipe_id(recipe) not in measured:
             result = runtime.bench(w, recipe, batch_size=1)
-            fp32_layers = len(result["unsupported"])
-            measured[recipe_id(recipe)] = {"latency_ms": result["quantized"]["latency_ms_batch1"]["median"],
-                                            "source": "measured" + (f" ({fp32_layers} layer(s) ran in FP32)" if fp32_layers else "")}
+            in_float = sum(r["executes"] == "float (dequantized)" for r in result["layers"])
+            measured[recipe_id(recipe)] = {"latency_ms": result["quantized"]["latency_ms"]["median"],
+                                            "source": "measured" + (f" ({in_float} layer(s) ran in float in ONNX Runtime)"
+                                                                    if in_float else "")}
     bar.empty()

@@ -7,6 +7,7 @@ import streamlit as st
 from pages import state
 from qcore import hardware, viz_decide
 from qcore.recipe import Recipe, preset
+from ui.text import plain
 
 PRESET_ROWS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8 dynamic": "int8-dynamic", "INT8 static": "int8-static",
                "INT4 weight-only": "int4-weight-only", "NF4": "nf4", "FP8": "fp8"}
@@ -34,7 +35,7 @@ if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", 
 bar = st.progress(0.0)
 results = {}
 for i, (label, recipe) in enumerate(recipes.items()):
-    bar.progress(i / len(recipes), text=f"Evaluating {label} ({i + 1}/{len(recipes)})…")
+    bar.progress(i / len(recipes), text=f"Evaluating {plain(label)} ({i + 1}/{len(recipes)})…")
     results[label] = state.evaluate(key, w, recipe.to_json())
 bar.empty()
 
@@ -76,5 +77,5 @@ if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]
     st.plotly_chart(viz_decide.per_class(ref, got, names, chosen), width="stretch")
     per_class = [{"class": str(n), "FP32": a, chosen: b, "change": b - a} for n, a, b in zip(names, ref, got) if a is not None]
     worst = min(per_class, key=lambda r: r["change"])
-    st.metric(f"Largest drop: class {worst['class']}", f"{worst[chosen]:.4f}", delta=f"{worst['change']:+.4f} vs FP32")
+    st.metric(f"Largest drop: class {plain(worst['class'])}", f"{worst[chosen]:.4f}", delta=f"{worst['change']:+.4f} vs FP32")
     st.dataframe(pd.DataFrame(per_class).sort_values("change"), hide_index=True, width="stretch")

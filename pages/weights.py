@@ -7,6 +7,7 @@ from qcore import explain, viz
 from qcore.formats import FORMATS
 from qcore.granularity import GRANULARITIES
 from qcore.ranges import RANGE_METHODS
+from ui.text import html_plain, plain
 
 AUTO_ALL_LAYERS = 2_000_000  # models with more weights compute the all-layers view on request
 
@@ -44,7 +45,7 @@ with formulas.error_box():  # e.g. an uploaded weight holding NaN/Inf
     report = state.weight_report(key, w, layer, spec.to_dict())
 for note in (report["note"], report["fallback"] and f"For this layer the {report['fallback']}."):
     if note:
-        st.info(note, icon=":material/info:")
+        st.info(plain(note), icon=":material/info:")
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("SQNR", f"{report['sqnr_db']:.1f} dB", help=f"{spec.format}, {report['spec']['granularity']}, {spec.range}")
 m2.metric("Clipped weights", f"{100 * report['clipped_fraction']:.2f}%", help="outside the clip range, pulled to its edge")
@@ -55,7 +56,7 @@ counts, edges = report["hist"]
 grid = report["grid"]
 st.plotly_chart(viz.distribution(counts, edges, report["ranges"],
                                  explain.visible_levels(grid, float(edges[0]), float(edges[-1])),
-                                 title=f"{layer}: weights, per-tensor {spec.format} grid ({spec.range}) and each method's clip range",
+                                 title=f"{html_plain(layer)}: weights, per-tensor {spec.format} grid ({spec.range}) and each method's clip range",
                                  x_title="weight value"), width="stretch")
 step = grid["scale"] if fmt.family == "int" and spec.granularity == "per_tensor" else None
 st.plotly_chart(viz.error_histogram(*report["error_hist"], step=step), width="stretch")
@@ -83,5 +84,5 @@ if st.toggle(f"Quantize all {len(w.layers)} layers", total <= AUTO_ALL_LAYERS, k
         rows = state.layer_sqnr(key, w, spec.to_dict())
     worst = min(rows, key=lambda r: r["sqnr_db"])
     st.plotly_chart(viz.layer_sqnr(rows), width="stretch")
-    st.write(f"Worst layer: **{worst['name']}** at {worst['sqnr_db']:.1f} dB. Weight SQNR says how much each "
+    st.write(f"Worst layer: **{plain(worst['name'])}** at {worst['sqnr_db']:.1f} dB. Weight SQNR says how much each "
              "layer's weights change, not how much the model's output suffers.")

@@ -11,11 +11,13 @@ forward pre-hooks on the named layers:
    and entropy ranges are computed over *all* batches, not one.
 
 The result, one ``ActivationStats`` per layer, serves every static range method, so one
-calibration is shared by every recipe evaluated on the same model and data.
+calibration is shared by every recipe evaluated on the same model and data. The hooks go on a
+private copy of the model: the caller's model (often shared by every session) is only read.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -25,6 +27,7 @@ from torch import nn
 from .errors import QcoreError
 from .formats import Format
 from .ranges import choose_range
+from .simulate import temporary_hooks
 
 HIST_BINS = 2048
 EMA_CONSTANT = 0.01
@@ -71,14 +74,17 @@ def _channel_axis(module: nn.Module, x: torch.Tensor) -> int:
 def calibrate(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[tuple],
               progress: Callable[[float], None] | None = None) -> dict[str, ActivationStats]:
     """Input statistics of each module in ``layers`` (name -> module of ``model``) over ``batches``
-    (each a tuple of model inputs). The model is run in eval mode under ``torch.no_grad``."""
+    (each a tuple of model inputs). A copy of the model, carrying the hooks, is run in eval mode
+    under ``torch.no_grad``; ``model`` itself is left exactly as it was (no hooks, same mode)."""
     batches = list(batches)
     if not batches:
         raise QcoreError("no calibration data: static activation quantization needs at least one batch")
+    model, layers = copy.deepcopy((model, layers))  # one memo: the copied layers are the copy's modules
+    model.eval()
     stats = {name: ActivationStats() for name in layers}
     state = {"pass": 1}
 
-    def hook_for(name, module):
+    def hook_for(name):
         def hook(mod, args):
             x = args[0].detach().float()
             if not torch.is_floating_point(args[0]) or x.numel() == 0:
@@ -106,22 +112,14 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[
             return None
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for p in (1, 2):
-                state["pass"] = p
-                if p == 2:
-                    for s in stats.values():
-                        s.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
-                for i, batch in enumerate(batches):
-                    model(*batch)
-                    if progress:
-                        progress(((p - 1) * len(batches) + i + 1) / (2 * len(batches)))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with temporary_hooks(pre=[(m, hook_for(n)) for n, m in layers.items()]), torch.no_grad():
+        for p in (1, 2):
+            state["pass"] = p
+            if p == 2:
+                for s in stats.values():
+                    s.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                model(*batch)
+                if progress:
+                    progress(((p - 1) * len(batches) + i + 1) / (2 * len(batches)))
     return stats

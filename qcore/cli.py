@@ -1,7 +1,9 @@
 """Command line: ``python -m qcore COMMAND ...``.
 
 Every command prints a human-readable table, or with ``--json`` one JSON document on stdout.
-User errors (bad file, bad recipe, unknown model) print one line on stderr and exit with code 2.
+User errors (bad file, bad recipe, unknown model, an input too large for memory) print exactly one line
+on stderr and exit with code 2; library warnings are held back until the command has succeeded, so they
+never come before that line. Internal bugs stay tracebacks (exit code 1).
 """
 
 from __future__ import annotations
@@ -9,9 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
+from pathlib import Path
 
 from .errors import QcoreError
+
+MAX_BATCH_SIZE = 65536  # bench --batch-size (it is clamped to the evaluation set anyway)
+MAX_ERROR_CHARS = 1000  # an error line is cut here
+# What torch (and ONNX Runtime) say when an allocation fails; MemoryError is Python's and numpy's.
+_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory)|std::bad_alloc"
+                            r"|Failed to allocate memory")
 
 
 def _table(rows: list[dict], columns: list[str] | None = None) -> str:
@@ -35,6 +46,15 @@ def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = F
 
     if model in ZOO and data is None:
         return load(model)
+    for what, path in (("model", model), ("data", data)):
+        try:
+            if path is not None:
+                os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # the loaders name what exists
+        except OSError as e:  # e.g. a name longer than the file system allows
+            shown = path if len(path) <= 80 else path[:80] + "..."
+            raise QcoreError(f"{what} path {shown!r} cannot be read ({e.strerror}); give a file path") from None
     from .io.workload import load_workload
 
     return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column)
@@ -44,12 +64,39 @@ def _workload(args):
     return resolve_workload(args.model, getattr(args, "data", None), args.trust_pickle, getattr(args, "label_column", None))
 
 
-def _recipe(args, workload):
+def _output_file(path: str) -> str:
+    """Check ``--out`` before any work: a file path (not a directory or device) in a directory we can write,
+    which is tested by creating a temporary file there."""
+    import tempfile
+
+    try:
+        p = Path(path)
+        if not path or p.is_dir():
+            raise QcoreError(f"--out {path!r} is a directory; give a file path such as out/model.onnx")
+        if p.exists() and not p.is_file():
+            raise QcoreError(f"--out {path!r} exists and is not a regular file; give a file path")
+        parent = p.resolve().parent
+        if not parent.is_dir():
+            raise QcoreError(f"the directory {parent} does not exist; create it or choose another --out")
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise QcoreError(f"--out {path[:200]!r} cannot be written ({e.strerror}); choose another path") from None
+    return path
+
+
+def _workload_and_recipe(args):
+    """The workload and the recipe of --preset or --recipe. A recipe file is read and validated first, so
+    a bad recipe fails before a large model is loaded; then it is checked against the model's layers."""
     from .recipe import load_recipe
 
     if bool(args.preset) == bool(args.recipe):
         raise QcoreError("give exactly one of --preset NAME or --recipe FILE")
-    return load_recipe(args.preset or args.recipe, workload.layer_shapes)
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    w = _workload(args)
+    if recipe is None:
+        return w, load_recipe(args.preset, w.layer_shapes)
+    recipe.check_against(w.layer_shapes)
+    return w, recipe
 
 
 # ---- commands: each returns (json-able result, human-readable text) --------------------------
@@ -88,8 +135,8 @@ def cmd_inspect(args):
 
 
 def cmd_evaluate(args):
-    w = _workload(args)
-    r = w.evaluate(_recipe(args, w))
+    w, recipe = _workload_and_recipe(args)
+    r = w.evaluate(recipe)
     head = r["metric"]
     lines = [f"model {r['model']}  recipe {r['recipe']['name']}  headline metric: {head}"]
     keys = [k for k, v in r["quantized"]["metrics"].items() if isinstance(v, float)]
@@ -104,8 +151,26 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit code 2) instead of usage + error."""
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        _fail(f"{message} (see {self.prog} --help)")
         sys.exit(2)
+
+
+def _fail(message: str) -> int:
+    """Print ``message`` as the one error line (newlines folded, cut at MAX_ERROR_CHARS); return exit code 2."""
+    line = re.sub(r"\s*[\r\n]+\s*", " ", message.strip())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[:MAX_ERROR_CHARS - 3] + "..."
+    print(f"error: {line}", file=sys.stderr)
+    return 2
+
+
+def _count(limit: int):
+    """An argparse type: a whole number from 1 to ``limit``."""
+    def parse(text: str) -> int:
+        if not (text.isdigit() and len(text) <= 12 and 1 <= int(text) <= limit):
+            raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a whole number from 1 to {limit}")
+        return int(text)
+    return parse
 
 
 def _progress(args):
@@ -134,13 +199,16 @@ def cmd_sensitivity(args):
 def cmd_search(args):
     from .search import search
 
+    if args.out:
+        _output_file(args.out)
     w = _workload(args)
     r = search(w, _candidates(args), max_size_fraction=args.max_size_fraction, max_size_bytes=args.max_size_bytes,
                min_metric=args.min_metric, progress=_progress(args), cache_dir=args.cache_dir)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(json.dumps(r["recipe"], indent=2))
+        try:
+            Path(args.out).write_text(json.dumps(r["recipe"], indent=2))
+        except OSError as e:
+            raise QcoreError(f"--out {args.out!r} cannot be written ({e.strerror}); choose another path") from None
     m, f = r["measured"], r["fp32"]
     text = (f"{r['model']}: chosen recipe measured {m['metric']:.4g} at {_mib(m['size_bytes'])} "
             f"(fp32 {f['metric']:.4g} at {_mib(f['size_bytes'])})" + (f"; written to {args.out}" if args.out else "")
@@ -153,16 +221,17 @@ def cmd_search(args):
 def cmd_export(args):
     from .runtime import export
 
-    w = _workload(args)
-    r = export(w, _recipe(args, w), args.format, args.out)
-    return r, "\n".join(f"{k}: {v}" for k, v in r.items())
+    _output_file(args.out)
+    w, recipe = _workload_and_recipe(args)
+    rep = export(w, recipe, args.format, args.out)
+    return rep.to_dict(), "\n".join([f"wrote {rep.path}"] + rep.summary_lines())
 
 
 def cmd_bench(args):
     from .runtime import bench
 
-    w = _workload(args)
-    r = bench(w, _recipe(args, w), batch_size=args.batch_size, threads=args.threads)
+    w, recipe = _workload_and_recipe(args)
+    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
     return r, json.dumps(r, indent=2)
 
 
@@ -185,15 +254,18 @@ def _add_sweep_commands(command):
     c.add_argument("--format", required=True, choices=["onnx", "safetensors"])
     c.add_argument("--out", required=True, help="output file path")
     c = command("bench", cmd_bench, "measure size, latency and metric in a real runtime", model=True, recipe=True, data=True)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    c.add_argument("--batch-size", type=_count(MAX_BATCH_SIZE), default=8)
+    cores = os.cpu_count() or 1
+    c.add_argument("--threads", type=_count(cores), default=None,
+                   help=f"intra-op threads, at most this machine's {cores} cores (default: all cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m qcore", description="Quantization Explorer engine")
     p.add_argument("--trust-pickle", action="store_true", default=os.environ.get("QCORE_TRUST_PICKLE") == "1",
-                   help="allow loading pickled whole models (torch.save(model)); runs code from the file: "
-                        "only for files you trust (env QCORE_TRUST_PICKLE=1 does the same)")
+                   help="runs code from the file: allow pickled whole models (torch.save(model)) and TorchScript "
+                        "archives (.pt/.ts from torch.jit.save), which are compiled code. Only for files you "
+                        "trust; without it those are refused (env QCORE_TRUST_PICKLE=1 does the same)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name, func, help, model=False, recipe=False, data=False):
@@ -227,13 +299,30 @@ _EXTRA_COMMANDS: list = [_add_sweep_commands]
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        result, text = args.func(args)
-    except QcoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings(record=True) as caught:  # held back: a failure prints only its one line
+        try:
+            result, text = args.func(args)
+        except QcoreError as e:
+            return _fail(str(e))
+        except (MemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _OUT_OF_MEMORY.search(str(e)):
+                _show_warnings(caught)
+                raise
+            asked = re.search(r"tried to allocate (\d+) bytes", str(e))
+            size = f" (it tried to allocate {int(asked[1]) / 2**30:.1f} GiB)" if asked else ""
+            return _fail(f"ran out of memory while running {args.command}{size}; try a smaller input or recipe")
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BaseException:  # an internal bug: its traceback follows, after the warnings that may explain it
+            _show_warnings(caught)
+            raise
+    _show_warnings(caught)
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
+
+
+def _show_warnings(caught: list) -> None:
+    """Print warnings recorded by ``warnings.catch_warnings(record=True)`` to stderr, as Python would have."""
+    for w in caught:
+        print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line), end="", file=sys.stderr)

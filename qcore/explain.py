@@ -27,7 +27,7 @@ from .metrics import sqnr_db
 from .quantize import fake_quantize, quantize
 from .ranges import RANGE_METHODS, choose_range
 from .recipe import TensorSpec
-from .simulate import modules_by_name
+from .simulate import modules_by_name, temporary_hooks
 
 DISTRIBUTIONS = ("normal", "laplace", "normal with outliers")
 MAX_ANALYSED_WEIGHTS = 2**18  # larger weights are analysed on a seeded sample of whole rows
@@ -341,10 +341,9 @@ def batch_ranges(workload, batch_size: int, progress=None) -> dict[str, list[tup
                 ranges[name].append((float(x.min()), float(x.max())))
         return hook
 
-    for name, module in modules_by_name(model, workload.layers).items():
-        module.register_forward_pre_hook(record(name))
     batches = workload.calibration.batches(batch_size)
-    with torch.no_grad():
+    recorders = [(m, record(n)) for n, m in modules_by_name(model, workload.layers).items()]
+    with temporary_hooks(pre=recorders), torch.no_grad():
         for i, batch in enumerate(batches):
             model(*batch)
             if progress:

@@ -12,6 +12,7 @@ Units: bandwidth in GB/s (1e9 bytes/s), throughput in TOPS (1e12 operations/s, a
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import time
@@ -23,7 +24,7 @@ import torch
 
 from .errors import QcoreError
 from .recipe import Recipe
-from .simulate import modules_by_name
+from .simulate import modules_by_name, temporary_hooks
 from .size import weight_bytes
 
 
@@ -181,11 +182,11 @@ def _layer_work(workload) -> dict[str, dict]:
     pass of the first calibration sample, recorded with hooks; cached on the workload)."""
     if "_layer_work" in workload.__dict__:
         return workload.__dict__["_layer_work"]
-    model = workload.folded[0]
-    found, handles = {}, []
-    for name, mod in modules_by_name(model, workload.layers).items():
-        def hook(m, args, out, name=name):
-            x = args[0]
+    model = copy.deepcopy(workload.folded[0])  # hooks go on a private copy: the workload's model is shared
+    found = {}
+
+    def recorder(name):
+        def hook(m, args, out):
             kind = workload.layers[name].kind
             if kind == "Embedding":
                 macs = 0
@@ -193,14 +194,12 @@ def _layer_work(workload) -> dict[str, dict]:
                 macs = out.numel() * m.weight.shape[1]
             else:  # conv: every output element costs C_in/groups * kernel multiply-adds
                 macs = out.numel() * m.weight[0].numel()
-            found[name] = {"macs": macs, "in": x.numel(), "out": out.numel()}
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*(t[:1] for t in workload.calibration.inputs))
-    finally:
-        for h in handles:
-            h.remove()
+            found[name] = {"macs": macs, "in": args[0].numel(), "out": out.numel()}
+        return hook
+
+    hooks = [(mod, recorder(name)) for name, mod in modules_by_name(model, workload.layers).items()]
+    with temporary_hooks(post=hooks), torch.no_grad():
+        model(*(t[:1] for t in workload.calibration.inputs))
     workload.__dict__["_layer_work"] = found
     return found
 

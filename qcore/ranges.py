@@ -15,6 +15,12 @@ returns the chosen range ``(lo, hi)``, each ``(n_blocks,)`` float32. Symmetric s
                    is closest (KL divergence) to the clipped reference histogram.
 
 ``RANGE_METHODS`` maps a method name to its function; adding a method is adding one entry.
+
+Every method treats blocks independently, so ``choose_range`` runs them on chunks of blocks: the
+working memory stays under about ``CHUNK_BYTES`` whatever the recipe's granularity (a 2048-bin
+histogram per group of 32 values is 64 times the tensor), with results identical to one call. The
+entropy search also costs time per block (a histogram and ~64 thresholds each); more than
+``MAX_ENTROPY_BLOCKS`` blocks in one tensor is refused with a one-line ``QcoreError``.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import math
 
 import torch
 
+from .errors import QcoreError
 from .formats import Format
 
 MSE_GRID = 50  # candidate clip factors for ``mse``: 1/50, 2/50, ..., 1
 ENTROPY_BINS = 2048
 ENTROPY_CANDIDATES = 64
+CHUNK_BYTES = 64 * 2**20  # working memory (bytes) of one chunk of blocks in ``choose_range``
+MAX_ENTROPY_BLOCKS = 2048  # blocks per tensor for ``entropy``: ~3 ms each on one idle thread, ~6 s in all
 
 
 def _weights(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -146,7 +155,25 @@ RANGE_METHODS = {
 ACTIVATION_ONLY_METHODS = ("moving_average",)
 
 
+def block_bytes(method: str, n: int) -> int:
+    """Working memory (bytes) a method needs per block of ``n`` values: about 16 float64 temporaries
+    as wide as the block, and for ``entropy`` as wide as its histogram too."""
+    return 8 * 16 * (n + (ENTROPY_BINS if method == "entropy" else 0))
+
+
 def choose_range(x: torch.Tensor, fmt: Format, spec, w: torch.Tensor | None = None):
-    """Clipping range ``(lo, hi)`` per block of ``x: (n_blocks, n)`` for ``spec.range``."""
+    """Clipping range ``(lo, hi)`` per block of ``x: (n_blocks, n)`` for ``spec.range``, computed
+    on chunks of at most ``CHUNK_BYTES // block_bytes`` blocks (the same result as one call)."""
     method = "minmax" if spec.range in ACTIVATION_ONLY_METHODS else spec.range
-    return RANGE_METHODS[method](x, fmt, spec, w)
+    n_blocks = x.shape[0]
+    if method == "entropy" and n_blocks > MAX_ENTROPY_BLOCKS:
+        shape = "per_group of " + str(spec.group_size) if spec.granularity == "per_group" else spec.granularity
+        raise QcoreError(f"range 'entropy' with granularity {shape} makes {n_blocks:,} blocks, above the limit of "
+                         f"{MAX_ENTROPY_BLOCKS:,} (each block gets its own {ENTROPY_BINS}-bin histogram search); use "
+                         "range minmax, percentile or mse, or fewer blocks (per_channel or larger groups)")
+    rows = max(1, CHUNK_BYTES // block_bytes(method, x.shape[1]))
+    if n_blocks <= rows:
+        return RANGE_METHODS[method](x, fmt, spec, w)
+    parts = [RANGE_METHODS[method](x[i:i + rows], fmt, spec, None if w is None else w[i:i + rows])
+             for i in range(0, n_blocks, rows)]
+    return torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts])

@@ -11,6 +11,15 @@ A ``TensorSpec`` says how one tensor is quantized (format x granularity x range 
   inside a layer entry turns that part off for that layer.
 - Activation quantization applies to the *input* of Linear and Conv layers (Embedding inputs are
   indices and are never quantized).
+- ``group_size`` (per_group only) is the largest group: each layer uses the largest divisor of its
+  input dimension (fan-in) that is not above it -- fan-in 96 with group_size 64 gives groups of 48, a
+  3x3 conv with one input channel (fan-in 9) and group_size 32 gives groups of 9, and a prime fan-in
+  above the size gives groups of 1. This holds for presets and recipe files alike; ``preset(name,
+  layers)`` writes each layer's resolved size as an override, so the recipe says exactly what was done.
+  Sizes (``size``) and exports count the resolved groups.
+- A ``group_size`` written next to any granularity other than per_group would do nothing, so a recipe
+  (file, JSON text, CLI) that has one is refused. ``TensorSpec.from_dict`` on its own (how the app
+  builds a spec from a table row) drops it instead, and ``to_dict`` never writes it.
 
 Pages, CLI and exports all read and write this format; ``Recipe.from_dict`` validates it and
 raises ``QcoreError`` naming the offending key or layer and what is allowed.
@@ -19,14 +28,38 @@ raises ``QcoreError`` naming the offending key or layer and what is allowed.
 from __future__ import annotations
 
 import json
+import math
+import os
+import reprlib
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import QcoreError
 from .formats import FORMATS, IntFormat
-from .granularity import GRANULARITIES, fan_in
+from .granularity import GRANULARITIES, fan_in, group_size_for
 from .ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
+
+# Bounds on a recipe (untrusted when uploaded). A real recipe is a few KiB, four levels deep
+# (recipe -> layers -> layer -> weights -> values), with small integers.
+MAX_RECIPE_BYTES = 2**20  # 1 MiB: the most read from a recipe file or accepted as recipe text
+MAX_DEPTH = 8  # nesting of JSON objects/arrays
+MAX_INT_DIGITS = 12  # digits of any integer in the JSON text
+MAX_NAME_CHARS = 1000  # recipe name and layer names
+MAX_LAYERS = 100_000  # per-layer overrides
+MAX_GROUP_SIZE = 2**20  # elements per group
+MAX_AXIS = 8  # axis in [-8, 8): weights have at most 8 dimensions
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 80
+_repr.maxlevel, _repr.maxlist, _repr.maxdict = 2, 4, 4
+
+
+def _show(value) -> str:
+    """A short, safe repr of an untrusted value for an error line (huge ints and deep lists included)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of about {round(value.bit_length() * math.log10(2)):,} digits>"
+    return _repr.repr(value)
 
 
 @dataclass(frozen=True)
@@ -36,7 +69,8 @@ class TensorSpec:
     format      : a name in ``formats.FORMATS`` (int2..int8, int16, fp16, bf16, fp8_e4m3, fp8_e5m2, nf4, fp32)
     granularity : per_tensor | per_channel | per_group (see ``granularity``)
     axis        : channel axis for per_channel (0 = output channel of a weight)
-    group_size  : elements per group for per_group (nf4 defaults to 64)
+    group_size  : per_group only: the largest group, in elements along the fan-in (default 128, nf4 64);
+                  a tensor whose fan-in it does not divide uses the largest divisor below it (``for_shape``)
     symmetric   : zero-point fixed at 0 (int formats); float and nf4 formats are always symmetric
     range       : minmax | percentile | mse | entropy (| moving_average for static activations)
     percentile  : for range=percentile, in (50, 100]
@@ -59,48 +93,65 @@ class TensorSpec:
         return FORMATS[self.format]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field; ``group_size`` only for per_group (elsewhere it means nothing)."""
+        d = asdict(self)
+        if self.granularity != "per_group":
+            del d["group_size"]
+        return d
+
+    def for_shape(self, shape: tuple[int, ...]) -> "TensorSpec":
+        """This spec as applied to a tensor of ``shape``: the group size resolved to the fan-in."""
+        if self.granularity != "per_group":
+            return self
+        g = group_size_for(fan_in(tuple(shape)), self.group_size)
+        return self if g == self.group_size else replace(self, group_size=g)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "spec", activation: bool = False) -> "TensorSpec":
         if isinstance(d, TensorSpec):
             d = d.to_dict()
         if not isinstance(d, Mapping):
-            raise QcoreError(f"{where} must be an object like {{\"format\": \"int8\"}} or null, got {d!r}")
+            raise QcoreError(f"{where} must be an object like {{\"format\": \"int8\"}} or null, got {_show(d)}")
         allowed = [f.name for f in fields(cls)]
         for key in d:
             if key not in allowed:
-                raise QcoreError(f"unknown key {where}.{key!r}; allowed keys: {', '.join(allowed)}")
+                raise QcoreError(f"unknown key {where}.{_show(key)}; allowed keys: {', '.join(allowed)}")
         fmt = d.get("format", cls.format)
         if not isinstance(fmt, str) or fmt not in FORMATS:
             hint = " (1-bit integers are not supported: the smallest integer format is int2)" if fmt in ("int1", "uint1", "binary") else ""
-            raise QcoreError(f"unknown format {where}.format={fmt!r}{hint}; allowed: {', '.join(FORMATS)}")
+            raise QcoreError(f"unknown format {where}.format={_show(fmt)}{hint}; allowed: {', '.join(FORMATS)}")
         defaults: dict[str, Any] = {}
         if fmt == "nf4":  # NF4 is defined block-wise (QLoRA): absmax per block of 64
             defaults = {"granularity": "per_group", "group_size": 64}
-        spec = cls(**{**defaults, **dict(d)})
+        merged = {**defaults, **dict(d)}
+        if merged.get("granularity", cls.granularity) != "per_group":
+            merged.pop("group_size", None)  # means nothing here (a recipe refuses it: see Recipe)
+        spec = cls(**merged)
         spec._check(where, activation)
         return spec
 
     def _check(self, where: str, activation: bool) -> None:
         def bad(key, msg):
-            raise QcoreError(f"{where}.{key}={getattr(self, key)!r} {msg}")
+            raise QcoreError(f"{where}.{key}={_show(getattr(self, key))} {msg}")
 
         fmt = self.fmt
-        if self.granularity not in GRANULARITIES:
+        if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
             bad("granularity", f"is not a granularity; allowed: {', '.join(GRANULARITIES)}")
         methods = list(RANGE_METHODS) + (list(ACTIVATION_ONLY_METHODS) if activation else [])
-        if self.range not in methods:
+        if not isinstance(self.range, str) or self.range not in methods:
             bad("range", f"is not a range method; allowed here: {', '.join(methods)}")
         for key, typ in (("axis", int), ("group_size", int)):
             if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
                 bad(key, "must be an integer")
-        if self.group_size < 1:
-            bad("group_size", "must be a positive integer such as 32, 64 or 128")
+        if not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            bad("group_size", f"must be a positive integer such as 32, 64 or 128 (at most {MAX_GROUP_SIZE})")
+        if not -MAX_AXIS <= self.axis < MAX_AXIS:
+            bad("axis", f"must be a dimension index in [{-MAX_AXIS}, {MAX_AXIS}), e.g. 0 (output channel) or 1")
         for key in ("symmetric", "dynamic", "scaled"):
             if not isinstance(getattr(self, key), bool):
                 bad(key, "must be true or false")
-        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
+                or not 50 < self.percentile <= 100:
             bad("percentile", "must be a number in (50, 100], e.g. 99.9 or 99.99")
         if not isinstance(fmt, IntFormat) and not self.symmetric:
             bad("symmetric", f"is only possible for integer formats; {self.format} is symmetric by construction")
@@ -114,8 +165,61 @@ class TensorSpec:
             bad("format", "is a weight-only format; use an int or float format for activations")
 
 
-def _spec_or_none(d, where: str, activation: bool) -> TensorSpec | None:
-    return None if d is None else TensorSpec.from_dict(d, where, activation)
+def _recipe_spec(d, where: str, activation: bool) -> TensorSpec | None:
+    """A spec written in a recipe: as ``TensorSpec.from_dict``, but a group_size given next to a
+    granularity other than per_group is refused (it would be stored and do nothing)."""
+    if d is None:
+        return None
+    spec = TensorSpec.from_dict(d, where, activation)
+    if "group_size" in d and spec.granularity != "per_group":
+        raise QcoreError(f"{where}.group_size={_show(d['group_size'])} is given with granularity {spec.granularity}, "
+                         "where it does nothing; remove group_size or set granularity per_group")
+    return spec
+
+
+def _parse_json(text: str | bytes):
+    """Recipe JSON -> plain Python values. Refuses what no recipe needs and what could exhaust the parser:
+    more than MAX_RECIPE_BYTES, nesting deeper than MAX_DEPTH, integers longer than MAX_INT_DIGITS digits,
+    NaN/Infinity/1e999, and bytes that are not UTF-8."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise QcoreError(f"the recipe is larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a small JSON file")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise QcoreError(f"the recipe is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON") from None
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+            raise QcoreError(f"the recipe holds an integer with {len(digits.lstrip('-')):,} digits; recipe numbers "
+                             f"are small (at most {MAX_INT_DIGITS} digits), e.g. group_size 128")
+        return int(digits)
+
+    def number(digits: str) -> float:
+        value = float(digits)
+        if not math.isfinite(value):
+            raise QcoreError(f"the recipe holds the number {digits[:40]}, which is not finite; use a number such as 99.99")
+        return value
+
+    def constant(word: str):
+        raise QcoreError(f"the recipe holds {word}, which is not a JSON number; use a finite number such as 99.99")
+
+    try:
+        value = json.loads(text, parse_int=integer, parse_float=number, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise QcoreError(f"the recipe is not valid JSON ({e.msg} at line {e.lineno}); fix the file and retry") from None
+    except RecursionError:
+        value = None  # nested far deeper than MAX_DEPTH: reported below
+    else:
+        level, stack = 0, [(value, 1)]  # iterative walk: the depth check itself cannot recurse
+        while stack and level <= MAX_DEPTH:
+            v, level = stack.pop()
+            children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+            stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+        if level <= MAX_DEPTH:
+            return value
+    raise QcoreError(f"the recipe is nested more than {MAX_DEPTH} levels deep; a recipe is recipe -> layers -> "
+                     "layer -> weights -> values")
 
 
 @dataclass(frozen=True)
@@ -147,23 +251,30 @@ class Recipe:
         allowed = ("name", "weights", "activations", "layers")
         for key in d:
             if key not in allowed:
-                raise QcoreError(f"unknown recipe key {key!r}; allowed keys: {', '.join(allowed)}")
-        weights = _spec_or_none(d.get("weights"), "weights", False)
-        activations = _spec_or_none(d.get("activations"), "activations", True)
+                raise QcoreError(f"unknown recipe key {_show(key)}; allowed keys: {', '.join(allowed)}")
+        name = d.get("name", "recipe")
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise QcoreError(f"recipe.name={_show(name)} must be a string of at most {MAX_NAME_CHARS} characters")
+        weights = _recipe_spec(d.get("weights"), "weights", False)
+        activations = _recipe_spec(d.get("activations"), "activations", True)
         layers = d.get("layers") or {}
         if not isinstance(layers, Mapping):
             raise QcoreError("recipe.layers must be an object mapping layer names to overrides or null")
-        recipe = cls(str(d.get("name", "recipe")), weights, activations, MappingProxyType(dict(layers)))
+        if len(layers) > MAX_LAYERS:
+            raise QcoreError(f"recipe.layers has {len(layers):,} entries, more than the limit of {MAX_LAYERS:,}")
+        for layer in layers:
+            if not isinstance(layer, str) or len(layer) > MAX_NAME_CHARS:
+                raise QcoreError(f"recipe.layers key {_show(layer)} must be a layer name of at most "
+                                 f"{MAX_NAME_CHARS} characters")
+        recipe = cls(name, weights, activations, MappingProxyType(dict(layers)))
         for layer in layers:
             recipe.plan(layer)  # validates each override
         return recipe
 
     @classmethod
-    def from_json(cls, text: str) -> "Recipe":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise QcoreError(f"the recipe is not valid JSON ({e.msg} at line {e.lineno}); fix the file and retry") from None
+    def from_json(cls, text: str | bytes) -> "Recipe":
+        """Parse and validate recipe JSON (text, or bytes in UTF-8), bounded in size, depth and number size."""
+        return cls.from_dict(_parse_json(text))
 
     def to_dict(self) -> dict:
         return {
@@ -184,12 +295,12 @@ class Recipe:
         override = self.layers[layer]
         if override is None:
             return LayerPlan(None, None)
-        where = f"layers[{layer!r}]"
+        where = f"layers[{_show(layer)}]"
         if not isinstance(override, Mapping):
             raise QcoreError(f"{where} must be an object like {{\"weights\": {{\"format\": \"int4\"}}}} or null")
         for key in override:
             if key not in ("weights", "activations"):
-                raise QcoreError(f"unknown key {where}.{key!r}; allowed keys: weights, activations")
+                raise QcoreError(f"unknown key {where}.{_show(key)}; allowed keys: weights, activations")
         parts = []
         for part, default in (("weights", self.weights), ("activations", self.activations)):
             if part not in override:
@@ -199,7 +310,7 @@ class Recipe:
             else:
                 if not isinstance(override[part], Mapping):
                     raise QcoreError(f"{where}.{part} must be an object like {{\"format\": \"int8\"}} or null, "
-                                     f"got {override[part]!r}")
+                                     f"got {_show(override[part])}")
                 base = default.to_dict() if default else {}
                 if override[part].get("format", base.get("format")) != base.get("format"):
                     # Key by key, but drop inherited keys the new format cannot take.
@@ -210,7 +321,10 @@ class Recipe:
                         base.pop("symmetric", None)
                     if family != "float":
                         base.pop("scaled", None)
-                parts.append(TensorSpec.from_dict({**base, **override[part]}, f"{where}.{part}", part == "activations"))
+                spec = _recipe_spec({**base, **override[part]}, f"{where}.{part}", part == "activations")
+                if "group_size" not in override[part] and spec.granularity != "per_group":
+                    spec = TensorSpec.from_dict({**base, **override[part]}, f"{where}.{part}", part == "activations")
+                parts.append(spec)
         return LayerPlan(*parts)
 
     def with_layer(self, layer: str, override: Mapping | None) -> "Recipe":
@@ -280,19 +394,24 @@ def preset(name: str, layers: Mapping[str, tuple[int, ...]] | None = None) -> Re
 
 
 def load_recipe(arg: str, layers: Mapping[str, tuple[int, ...]] | None = None) -> Recipe:
-    """A preset name, a path to a recipe JSON file, or a JSON string -> validated Recipe."""
-    from pathlib import Path
+    """A preset name, a path to a recipe JSON file, or a JSON string -> validated Recipe.
+
+    A file must be a regular file; at most MAX_RECIPE_BYTES + 1 bytes are read from it."""
+    import stat
 
     if arg in PRESETS:
         return preset(arg, layers)
-    text = arg
+    text: str | bytes = arg
     if not arg.lstrip().startswith("{"):
-        path = Path(arg)
-        if not path.is_file():
-            raise QcoreError(f"{arg!r} is neither a preset ({', '.join(PRESETS)}) nor a recipe file that exists")
-        if path.stat().st_size > 10 * 2**20:
-            raise QcoreError(f"recipe file {arg} is larger than 10 MiB; a recipe is a small JSON file")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            if not stat.S_ISREG(os.stat(arg).st_mode):  # a directory, a device such as /dev/zero, a pipe
+                raise QcoreError(f"recipe file {_show(arg)} is not a regular file; give a JSON file")
+            with open(arg, "rb") as f:  # bounded, even if the file grows while it is read
+                text = f.read(MAX_RECIPE_BYTES + 1)
+        except FileNotFoundError:
+            raise QcoreError(f"{_show(arg)} is neither a preset ({', '.join(PRESETS)}) nor a recipe file that exists") from None
+        except OSError as e:
+            raise QcoreError(f"recipe file {_show(arg)} could not be read ({e.strerror}); give a readable JSON file") from None
     recipe = Recipe.from_json(text)
     if layers is not None:
         recipe.check_against(layers)

@@ -250,7 +250,8 @@ def pareto_front(entries: list[dict], higher_is_better: bool = True) -> list[dic
 def estimate_metric(w, recipe: Recipe, result: dict) -> dict:
     """Metric ESTIMATE for ``recipe`` from a "both"/"only" sweep: the FP32 metric minus the sum of the
     measured single-layer drops of each quantized layer's spec (drops rarely add exactly; never a
-    measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``."""
+    measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``;
+    ``metric`` is None when a layer is missing: a sum without its drop would look complete and is not."""
     rows = {(r["layer"], r["candidate"]): r for r in result["rows"]}
     plans = {c: candidate_recipe(c, w.layer_shapes) for c in result["candidates"]}
     drops, missing = {}, []
@@ -265,4 +266,5 @@ def estimate_metric(w, recipe: Recipe, result: dict) -> dict:
         else:
             missing.append(name)
     sign = 1.0 if result["higher_is_better"] else -1.0
-    return {"metric": result["fp32_metric"] - sign * sum(drops.values()), "drops": drops, "missing": missing}
+    metric = None if missing else result["fp32_metric"] - sign * sum(drops.values())
+    return {"metric": metric, "drops": drops, "missing": missing}

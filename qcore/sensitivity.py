@@ -29,10 +29,12 @@ prefix of the network) instead of recomputing it. A model whose cost per sample 
 an evenly spaced subset of the evaluation data (``SWEEP_FLOPS``); the result says how many samples.
 
 Results are cached per candidate in memory and on disk (``cache_dir``, default ``$QCORE_CACHE_DIR``
-or ``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (weights,
-architecture, data, metric), the candidate, mode, view and the qcore source code, so every user of
-one server shares a sweep and a sweep over more candidates computes only the new ones. A cancelled sweep (``should_stop()`` true) raises ``SweepCancelled`` and
-caches nothing.
+or ``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (a hash of
+the bytes it was made from and its metric), the candidate, mode, view and the qcore source code, so
+every user of one server shares a sweep of the same files and a sweep over more candidates computes
+only the new ones. An entry is served only if it has the fields and types a sweep writes and one row
+per layer of this workload; anything else is recomputed. A cancelled sweep (``should_stop()`` true)
+raises ``SweepCancelled`` and caches nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from .granularity import to_blocks
 from .metrics import SQNR_EXACT_DB, sqnr_db
 from .quantize import QuantizedTensor, check_finite, quantize
 from .recipe import PRESETS, LayerPlan, Recipe, TensorSpec, preset
-from .simulate import input_quantizer, modules_by_name, needs_calibration
+from .simulate import input_quantizer, modules_by_name, needs_calibration, temporary_hooks
 from . import sweep_cache
 from .sweep_cache import cache_key, cache_path, clear_memory_cache, fingerprint  # noqa: F401 (this module's API)
 from .workload import Workload
@@ -219,16 +221,9 @@ def _call_order(model, layers, batch) -> tuple[dict[str, tuple[int, int]], set[s
                 flops[0] += 2.0 * module.weight.numel() * output.numel() / module.weight.shape[0]
         return hook
 
-    handles = []
-    for name, module in model.named_modules():
-        if name:
-            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
-    try:
-        with torch.no_grad():
-            model(*batch)
-    finally:
-        for h in handles:
-            h.remove()
+    named = [(n, m) for n, m in model.named_modules() if n]
+    with temporary_hooks(pre=[(m, pre(n)) for n, m in named], post=[(m, post(n)) for n, m in named]), torch.no_grad():
+        model(*batch)
     order = {n: (s, e) for n, (s, e) in spans.items() if e is not None}
     return order, {n for n, c in calls.items() if c == 1}, flops[0] / max(len(batch[0]), 1)
 
@@ -265,7 +260,8 @@ def _clone(output):
 
 
 class _Runner:
-    """One working copy of the folded FP32 model; layers are switched to quantized in place."""
+    """A private working copy of the folded FP32 model (the workload's own is shared and only read);
+    layers of the copy are switched to quantized in place."""
 
     def __init__(self, workload: Workload):
         fp32 = workload.folded[0]
@@ -291,19 +287,17 @@ class _Runner:
         """Model outputs over the batches, concatenated, and the recorded outputs of ``record`` modules
         (name -> one per batch). ``replay`` modules return their recorded outputs instead of computing."""
         recorded = {n: [] for n in record}
-        handles = [self.model.get_submodule(n).register_forward_hook(
-            lambda m, a, out, n=n: recorded[n].append(_clone(out))) for n in record]
-        handles += [self.layers[n].register_forward_hook(h, with_kwargs=True) for n, h in (layer_hooks or {}).items()]
+        recorders = [(self.model.get_submodule(n), lambda m, a, out, n=n: recorded[n].append(_clone(out)))
+                     for n in record]
+        errors = [(self.layers[n], h) for n, h in (layer_hooks or {}).items()]
         for name, outputs in (replay or {}).items():
             self.model.get_submodule(name).forward = lambda *a, _outs=outputs, **k: _clone(_outs[self.batch])
         try:
             outs = []
-            with torch.no_grad():
+            with temporary_hooks(post=recorders, post_kwargs=errors), torch.no_grad():
                 for self.batch, b in enumerate(self.batches):
                     outs.append(self.model(*b).float())
         finally:
-            for h in handles:
-                h.remove()
             for name in replay or {}:
                 del self.model.get_submodule(name).forward
         return torch.cat(outs), recorded
@@ -328,21 +322,71 @@ def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: s
         raise QcoreError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
     keys = {c: cache_key(workload, [c], mode, view) for c in candidates}  # one entry per candidate
     with sweep_cache.lock_for(cache_key(workload, [], mode, view)):
-        texts = {c: sweep_cache.cached(cache_dir, keys[c]) for c in candidates}
-        missing = [c for c in candidates if texts[c] is None]
+        found = {c: sweep_cache.cached(cache_dir, keys[c], _entry_check(workload, c, mode, view)) for c in candidates}
+        texts = {c: f[0] for c, f in found.items() if f is not None}
+        values = {c: f[1] for c, f in found.items() if f is not None}
+        missing = [c for c in candidates if c not in texts]
         if missing:
             computed = _compute(workload, missing, mode, view, progress, should_stop)
             for c in missing:
-                texts[c] = json.dumps({**computed, "candidates": [c], "base": {c: computed["base"][c]},
-                                       "rows": [r for r in computed["rows"] if r["candidate"] == c]})
+                values[c] = {**computed, "candidates": [c], "base": {c: computed["base"][c]},
+                             "rows": [r for r in computed["rows"] if r["candidate"] == c]}
+                texts[c] = json.dumps(values[c])
                 sweep_cache.write_disk(cache_dir, keys[c], texts[c])
+                values[c] = json.loads(texts[c])  # what a later read returns (tuples become lists)
         sweep_cache.remember({keys[c]: texts[c] for c in candidates})
     if progress:
         progress(1.0, "done")
-    parts = [json.loads(texts[c]) for c in candidates]
+    parts = [values[c] for c in candidates]
     return {**parts[0], "candidates": candidates, "base": {c: p["base"][c] for c, p in zip(candidates, parts)},
             "notes": list(dict.fromkeys(n for p in parts for n in p["notes"])),
             "rows": [r for p in parts for r in p["rows"]]}
+
+
+# ---- what a cache entry must look like -------------------------------------------------------
+_NUMBER, _OPTIONAL_NUMBER = "number", "number or None"
+_ROW_FIELDS = {"layer": str, "kind": str, "candidate": str, "mode": str, "view": str, "changed": bool,
+               "weight_format": str, "input_format": str, "metric": _NUMBER, "metric_drop": _NUMBER,
+               "sqnr_db": _NUMBER, "layer_sqnr_db": _NUMBER, "rmse_over_step": _OPTIONAL_NUMBER,
+               "clipped_fraction": _OPTIONAL_NUMBER, "input_rmse_over_step": _OPTIONAL_NUMBER,
+               "input_clipped_fraction": _OPTIONAL_NUMBER, "rank": int}
+
+
+def _is(value, kind) -> bool:
+    if kind is _NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is _OPTIONAL_NUMBER:
+        return value is None or _is(value, _NUMBER)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def _entry_check(workload: Workload, candidate: str, mode: str, view: str) -> Callable[[object], bool]:
+    """Whether a parsed cache entry is a sweep result of ``candidate`` on ``workload``: the fields and
+    types ``sweep`` writes, and one row per layer of this workload, in its order, with its kinds."""
+    layers = [(n, info.kind) for n, info in workload.layers.items()]
+    fields = {**_ROW_FIELDS, **({"recovered": _NUMBER} if view == "all_but" else {})}
+
+    def valid(entry) -> bool:
+        if not isinstance(entry, dict) or set(entry) != {
+                "model", "metric", "higher_is_better", "fp32_metric", "candidates", "mode", "view", "samples",
+                "evaluation_samples", "base", "notes", "rows"}:
+            return False
+        base, rows, notes = entry["base"], entry["rows"], entry["notes"]
+        header_ok = (entry["model"] == workload.name and entry["metric"] == workload.task.headline
+                     and entry["higher_is_better"] is workload.task.higher_is_better and _is(entry["fp32_metric"], _NUMBER)
+                     and entry["candidates"] == [candidate] and entry["mode"] == mode and entry["view"] == view
+                     and _is(entry["samples"], int) and 0 < entry["samples"] <= len(workload.evaluation)
+                     and entry["evaluation_samples"] == len(workload.evaluation)
+                     and isinstance(notes, list) and all(isinstance(n, str) for n in notes)
+                     and isinstance(base, dict) and set(base) == {candidate} and isinstance(base[candidate], dict)
+                     and set(base[candidate]) == {"metric", "sqnr_db"}
+                     and all(_is(v, _NUMBER) for v in base[candidate].values()))
+        if not header_ok or not isinstance(rows, list) or len(rows) != len(layers):
+            return False
+        return all(isinstance(r, dict) and set(r) == set(fields) and all(_is(r[k], t) for k, t in fields.items())
+                   and (r["layer"], r["kind"]) == layer and (r["candidate"], r["mode"], r["view"]) == (candidate, mode, view)
+                   for r, layer in zip(rows, layers))
+    return valid
 
 
 def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:

@@ -10,20 +10,29 @@ compute, then on a *copy* of the model
 
 The original model is never modified. Conv+BatchNorm pairs are folded first (the folded conv is
 what an inference runtime would quantize); ``Simulation.folded`` reports which.
+
+Hooks are how the engine watches and changes a model without editing its code; every module that
+adds them (here, ``calibrate``, ``sensitivity``, ``explain``) adds them to a *private copy*: a hook
+on a shared model would be copied, with the model, into every copy another thread takes meanwhile.
+``temporary_hooks`` registers hooks for a ``with`` block and always removes them.
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
 
-from .calibrate import ActivationStats
 from .errors import QcoreError
 from .quantize import QuantizedTensor, check_finite, fake_quantize, quantize
 from .recipe import Recipe, TensorSpec
+
+if TYPE_CHECKING:
+    from .calibrate import ActivationStats
 
 # Module types whose weight is quantized, and the op each computes.
 LAYER_TYPES = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Embedding: "Embedding"}
@@ -107,6 +116,24 @@ def modules_by_name(model: nn.Module, names) -> dict[str, nn.Module]:
     return {n: table[n] for n in names}
 
 
+Hooks = Iterable[tuple[nn.Module, Callable]]
+
+
+@contextmanager
+def temporary_hooks(pre: Hooks = (), post: Hooks = (), post_kwargs: Hooks = ()):
+    """For the ``with`` block, each ``(module, hook)`` of ``pre`` is a forward pre-hook, of ``post`` a
+    forward hook, of ``post_kwargs`` a forward hook that also receives keyword arguments; all are
+    removed when the block ends, also on errors. Use it on a private copy of a model only."""
+    with ExitStack() as stack:
+        for module, hook in pre:
+            stack.enter_context(module.register_forward_pre_hook(hook))
+        for module, hook in post:
+            stack.enter_context(module.register_forward_hook(hook))
+        for module, hook in post_kwargs:
+            stack.enter_context(module.register_forward_hook(hook, with_kwargs=True))
+        yield
+
+
 class InputQuantizer:
     """Forward pre-hook that fake-quantizes a layer's first input.
 
@@ -165,7 +192,8 @@ def needs_calibration(recipe: Recipe, layer_names) -> bool:
 
 def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, ActivationStats] | None = None,
              fold: bool = True, quantized_weights: dict[str, torch.Tensor] | None = None) -> Simulation:
-    """A fake-quantized copy of ``model`` under ``recipe``.
+    """A fake-quantized copy of ``model`` under ``recipe`` (``model`` itself is only read: the
+    copy is taken first, and its weights and input hooks are this simulation's own).
 
     ``calibration`` (from ``calibrate`` on the *folded* FP32 model) is required when any layer has
     static activation quantization. ``quantized_weights`` (layer -> fake-quantized weight) lets a
@@ -186,7 +214,10 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
             w = (quantized_weights or {}).get(name)
             if w is None:
                 check_finite(module.weight, f"the weight of layer {name!r}")
-                w = fake_quantize(module.weight, plan.weights)
+                try:
+                    w = fake_quantize(module.weight, plan.weights)
+                except QcoreError as e:  # e.g. a range search too big for this layer: say which layer
+                    raise QcoreError(f"layer {name!r}: {e}") from None
             with torch.no_grad():
                 module.weight.copy_(w)
             sim.weight_quantized.append(name)

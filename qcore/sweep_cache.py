@@ -1,11 +1,15 @@
 """The sensitivity sweep's cache: results kept in memory (an LRU shared by every session of one
 process) and on disk (shared by every process), keyed by what they depend on.
 
-A key is a hash of the workload's ``fingerprint`` (name, architecture, weights, data, metric), the
-sweep's settings and ``code_version`` (every qcore source file and the torch version), so a result
-is never served after any of them changed. Values are JSON text. Disk files live at
+A key is a hash of the workload's ``fingerprint`` (its ``content_hash`` -- the bytes it was made
+from -- and how its outputs are scored), the sweep's settings as canonical JSON and ``code_version``
+(every qcore source file and the torch version), so a result is never served for other bytes,
+other settings or other code. Nothing of the in-memory model enters a key: two models that print
+alike are still different files. Values are JSON text. Disk files live at
 ``<cache_dir>/sensitivity/<key>.json`` (cache_dir: argument, else ``$QCORE_CACHE_DIR``, else
-``~/.cache/qcore``) and are written atomically; an unreadable file counts as absent.
+``~/.cache/qcore``) and are written atomically. Reading is distrustful: an entry that is absent,
+unreadable, not JSON, or fails the caller's ``valid`` check counts as absent (computed again, and
+the file replaced).
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
-import weakref
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,11 +30,11 @@ from .errors import QcoreError
 from .workload import Workload
 
 MEMORY_CACHE_SIZE = 128  # sweep results (one per candidate and settings) kept in memory
+MAX_ENTRY_BYTES = 64 * 2**20  # a larger disk entry is not read (minilm-l6's are ~20 KB)
 
 _MEMORY: OrderedDict[str, str] = OrderedDict()
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
-_FINGERPRINTS: "weakref.WeakKeyDictionary[Workload, str]" = weakref.WeakKeyDictionary()
 
 
 def clear_memory_cache() -> None:
@@ -53,39 +58,25 @@ def code_version() -> str:
     return code_version.value
 
 
+def _digest(parts) -> str:
+    """BLAKE2b-128 hex digest of ``parts`` as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def fingerprint(workload: Workload) -> str:
-    """Hash of what a workload's results depend on: name, architecture, weights, data, metric."""
-    if workload in _FINGERPRINTS:
-        return _FINGERPRINTS[workload]
-    h = hashlib.blake2b(digest_size=16)
-
-    def add(t: torch.Tensor | None):
-        if t is None:
-            h.update(b"none")
-            return
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
+    """Hash of what a workload's results depend on: the bytes it was made from (``content_hash``)
+    and how its outputs are scored (task kind, headline metric, direction) in batches of what size."""
     task = workload.task
-    h.update(repr((workload.name, task.kind, task.headline, task.higher_is_better, workload.batch_size)).encode())
-    h.update(repr(workload.model).encode())
-    for m in workload.model.modules():
-        h.update(str(getattr(m, "code", "")).encode() if hasattr(m, "graph") else b"")
-    for name, t in sorted(workload.model.state_dict().items()):
-        h.update(name.encode())
-        add(t)
-    for data in (workload.calibration, workload.evaluation):
-        for t in data.inputs:
-            add(t)
-        add(data.labels)
-    _FINGERPRINTS[workload] = h.hexdigest()
-    return _FINGERPRINTS[workload]
+    return _digest(["workload", workload.content_hash, task.kind, task.headline, task.higher_is_better,
+                    workload.batch_size])
 
 
 def cache_key(workload: Workload, candidates: list[str], mode: str, view: str) -> str:
-    parts = [fingerprint(workload), list(candidates), mode, view, code_version()]
-    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).hexdigest()
+    """Key of one sweep result: fingerprint, settings (candidates, mode, view) and ``code_version``.
+    A candidate name stands for its recipe: presets and layer specs are qcore source, in code_version."""
+    return _digest(["sweep", fingerprint(workload), {"candidates": list(candidates), "mode": mode, "view": view},
+                    code_version()])
 
 
 def cache_path(cache_dir: str | os.PathLike | None, key: str) -> Path:
@@ -95,13 +86,27 @@ def cache_path(cache_dir: str | os.PathLike | None, key: str) -> Path:
 
 
 def read_disk(cache_dir, key: str) -> str | None:
-    path = cache_path(cache_dir, key)
+    """The text of the disk entry ``key``, or None if absent, unreadable, not a regular file or
+    larger than ``MAX_ENTRY_BYTES``."""
     try:
-        text = path.read_text(encoding="utf-8")
-        json.loads(text)
-        return text
+        with cache_path(cache_dir, key).open("rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_ENTRY_BYTES:
+                return None
+            return f.read(MAX_ENTRY_BYTES + 1).decode("utf-8")
     except (OSError, ValueError):
-        return None  # absent or unreadable: compute again (and overwrite)
+        return None
+
+
+def parsed(text: str | None, valid: Callable[[object], bool]) -> dict | None:
+    """``text`` as JSON if it parses and ``valid`` accepts it, else None (a miss)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, huge integers, deep nesting
+        return None
+    return value if valid(value) else None
 
 
 def write_disk(cache_dir, key: str, text: str) -> None:
@@ -122,11 +127,15 @@ def write_disk(cache_dir, key: str, text: str) -> None:
                          "set QCORE_CACHE_DIR or --cache-dir to a writable directory") from None
 
 
-def cached(cache_dir, key: str) -> str | None:
-    """A result from memory, else from disk, else None."""
+def cached(cache_dir, key: str, valid: Callable[[object], bool]) -> tuple[str, dict] | None:
+    """``(text, value)`` of a valid entry from memory, else from disk, else None."""
     with _LOCKS_GUARD:
         text = _MEMORY.get(key)
-    return text or read_disk(cache_dir, key)
+    value = parsed(text, valid)
+    if value is None:
+        text = read_disk(cache_dir, key)
+        value = parsed(text, valid)
+    return None if value is None else (text, value)
 
 
 def remember(texts: dict[str, str]) -> None:

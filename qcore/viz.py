@@ -12,6 +12,8 @@ every figure shares, so tests (and readers) can find things:
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -23,6 +25,12 @@ METHOD_DASHES = {"minmax": "solid", "percentile": "dash", "mse": "dashdot", "ent
 FIELD_COLORS = {"sign": "#d62728", "exponent": "#2ca02c", "mantissa": "#1f77b4"}
 DATA_COLOR, GRID_COLOR, WORST_COLOR, BAR_COLOR = "#9aa5b1", "#111827", "#d62728", "#4c78a8"
 HEIGHT = 360
+
+
+def plain(name) -> str:
+    """A user-derived name (layer, recipe, class) as Plotly text: Plotly renders a subset of HTML (``<b>``,
+    ``<a href>``) in labels, hover text and titles, so ``<``, ``>`` and ``&`` are escaped."""
+    return html.escape(str(name), quote=False)
 
 
 def human_bytes(n: float) -> str:
@@ -166,7 +174,7 @@ def channel_ranges(result: dict, per_tensor: tuple[float, float] | None = None) 
 
 def layer_sqnr(rows: list[dict]) -> go.Figure:
     """SQNR per layer (rows of ``explain.layer_sqnr``), the worst layer in red."""
-    names = [r["name"] for r in rows]
+    names = [plain(r["name"]) for r in rows]
     values = [r["sqnr_db"] for r in rows]
     worst = int(np.argmin(values)) if values else -1
     colors = [WORST_COLOR if i == worst else BAR_COLOR for i in range(len(rows))]

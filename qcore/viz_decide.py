@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from .viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes
+from .viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes, plain
 
 FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
 
@@ -34,19 +34,35 @@ def _size_unit(largest: float) -> tuple[str, float]:
     return ("MiB", 2**20) if largest >= 2**20 else ("KiB", 1024.0)
 
 
+def widest_spread(rows: list[dict]) -> str:
+    """The candidate whose layers' metric drops differ most (largest max - min of ``metric_drop``): the
+    one whose ranking tells the layers apart. A candidate that costs nothing anywhere ranks nothing."""
+    drops: dict[str, list[float]] = {}
+    for r in rows:
+        drops.setdefault(r["candidate"], []).append(r["metric_drop"])
+    return max(drops, key=lambda c: max(drops[c]) - min(drops[c]))  # on a tie the first candidate
+
+
 def sensitivity_heatmap(rows: list[dict], value: str = "metric_drop") -> go.Figure:
-    """Layers (rows, in model order) × candidates (columns) coloured by ``value`` of each sweep row
-    (``metric_drop``: positive = worse). Cells a candidate does not change are left blank."""
+    """Layers (rows, in model order) × candidates (columns); each cell shows ``value`` of its sweep row
+    (``metric_drop``: positive = worse). Colour is per column: the value over the column's largest
+    |value| (-1..1, red = worse), so one harsh candidate does not wash out the others; the hover
+    and the cell text give the value itself. Cells a candidate does not change are left blank."""
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     candidates = list(dict.fromkeys(r["candidate"] for r in rows))
     cell = {(r["layer"], r["candidate"]): r for r in rows}
-    z = [[cell[(l, c)][value] if (l, c) in cell and cell[(l, c)]["changed"] else None for c in candidates] for l in layers]
-    fig = go.Figure(go.Heatmap(z=z, x=candidates, y=layers, colorscale="Reds", name=value,
-                               colorbar=dict(title=value.replace("_", " ")),
-                               hovertemplate="%{y} under %{x}: %{z:.4g}<extra></extra>"))
+    values = [[cell[(l, c)][value] if (l, c) in cell and cell[(l, c)]["changed"] else None for c in candidates]
+              for l in layers]
+    largest = [max((abs(row[j]) for row in values if row[j] is not None), default=0.0) for j in range(len(candidates))]
+    z = [[None if v is None else (v / m if m else 0.0) for v, m in zip(row, largest)] for row in values]
+    fig = go.Figure(go.Heatmap(z=z, zmin=-1.0, zmax=1.0, colorscale="RdBu_r", customdata=values, name=value,
+                               text=[["" if v is None else f"{v:+.4f}" for v in row] for row in values],
+                               texttemplate="%{text}", x=[plain(c) for c in candidates], y=[plain(l) for l in layers],
+                               colorbar=dict(title="share of the<br>column's largest"),
+                               hovertemplate="%{y} under %{x}: %{customdata:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category")
-    return _layout(fig, f"{value.replace('_', ' ')} per layer and candidate (blank: candidate changes nothing)",
+    return _layout(fig, f"{value.replace('_', ' ')} per layer and candidate (colour: per candidate; blank: changes nothing)",
                    "candidate", "layer", height=max(300, 120 + 26 * len(layers)))
 
 
@@ -55,11 +71,11 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
     rs = sorted((r for r in rows if r["candidate"] == candidate), key=lambda r: r["rank"])
     drops = [r["metric_drop"] for r in rs]
     colors = [WORST_COLOR if i == 0 else BAR_COLOR for i in range(len(rs))]
-    fig = go.Figure(go.Bar(y=[r["layer"] for r in rs], x=drops, orientation="h", marker_color=colors, name="metric drop",
+    fig = go.Figure(go.Bar(y=[plain(r["layer"]) for r in rs], x=drops, orientation="h", marker_color=colors, name="metric drop",
                            customdata=[r["sqnr_db"] for r in rs], text=[f"{d:+.4f}" for d in drops], textposition="outside",
                            hovertemplate="%{y}: drop %{x:.4g}, output SQNR %{customdata:.1f} dB<extra></extra>"))
     fig.update_yaxes(autorange="reversed", type="category")
-    return _layout(fig, f"Layers ranked by {metric} drop under {candidate} (most sensitive first)",
+    return _layout(fig, f"Layers ranked by {metric} drop under {plain(candidate)} (most sensitive first)",
                    f"{metric} drop (positive = worse)", height=max(300, 120 + 26 * len(rs)))
 
 
@@ -71,14 +87,14 @@ def tradeoff_scatter(points: list[dict], metric: str, higher_is_better: bool = T
 
     def hover(p):
         lat = p.get("latency_ms")
-        return (f"{p['label']}<br>{human_bytes(p['size_bytes'])}, {metric} {p['metric']:.4f}"
+        return (f"{plain(p['label'])}<br>{human_bytes(p['size_bytes'])}, {metric} {p['metric']:.4f}"
                 + (f"<br>latency {lat:.3f} ms ({p.get('latency_source', 'estimate')})" if lat is not None else ""))
 
     fig = go.Figure()
     for on_front, name, color in ((False, "other recipes", OTHER_COLOR), (True, "Pareto front", FRONT_COLOR)):
         ps = [p for i, p in enumerate(points) if (i in front) == on_front]
         fig.add_trace(go.Scatter(x=[p["size_bytes"] / div for p in ps], y=[p["metric"] for p in ps], name=name,
-                                 mode="markers+text", text=[p["label"] for p in ps], textposition="top center",
+                                 mode="markers+text", text=[plain(p["label"]) for p in ps], textposition="top center",
                                  hovertext=[hover(p) for p in ps], hoverinfo="text",
                                  marker=dict(size=11, color=color, line=dict(color="white", width=1))))
     order = pareto_front(points, higher_is_better)
@@ -92,17 +108,17 @@ def tradeoff_scatter(points: list[dict], metric: str, higher_is_better: bool = T
 
 def per_class(fp32: list, quantized: list, class_names: list[str] | None, label: str) -> go.Figure:
     """Per-class accuracy of FP32 and of recipe ``label`` side by side (lists of floats or None per class)."""
-    names = list(class_names) if class_names else [str(i) for i in range(len(fp32))]
+    names = [plain(n) for n in class_names] if class_names else [str(i) for i in range(len(fp32))]
     fig = go.Figure([go.Bar(x=names, y=fp32, name="FP32", marker_color=FP32_COLOR),
-                     go.Bar(x=names, y=quantized, name=label, marker_color=BAR_COLOR)])
+                     go.Bar(x=names, y=quantized, name=plain(label), marker_color=BAR_COLOR)])
     fig.update_layout(barmode="group")
     fig.update_xaxes(type="category")
-    return _layout(fig, f"Accuracy per class: FP32 against {label}", "class", "accuracy")
+    return _layout(fig, f"Accuracy per class: FP32 against {plain(label)}", "class", "accuracy")
 
 
 def layer_sizes(rows: list[dict]) -> go.Figure:
     """Bytes of each layer's weight under the recipe (rows with ``layer``, ``weights`` format, ``size (bytes)``)."""
-    fig = go.Figure(go.Bar(x=[r["layer"] for r in rows], y=[r["size (bytes)"] for r in rows], marker_color=BAR_COLOR,
+    fig = go.Figure(go.Bar(x=[plain(r["layer"]) for r in rows], y=[r["size (bytes)"] for r in rows], marker_color=BAR_COLOR,
                            text=[r["weights"] for r in rows], textposition="outside", name="weight bytes",
                            hovertemplate="%{x}: %{y:,} bytes (%{text})<extra></extra>"))
     fig.update_xaxes(type="category")

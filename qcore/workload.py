@@ -3,14 +3,22 @@
 Zoo entries and uploads both become a ``Workload``; everything downstream (evaluate, sensitivity,
 search, the app) takes one. It caches what every recipe shares -- the BatchNorm-folded FP32 copy,
 its quantizable layers, calibration statistics and the FP32 reference outputs -- and never
-modifies ``model``.
+modifies ``model``. One workload object may serve every session of a server (``st.cache_resource``),
+so what it shares is never changed after it is computed: hooks and in-place edits go on copies.
+
+``content_hash`` identifies what the workload was made from (the uploaded bytes, or the zoo entry's
+weights and data); caches shared between users key on it, never on the in-memory model.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import secrets
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -61,6 +69,52 @@ def classification_task(num_classes: int, has_labels: bool, class_names=None) ->
                 class_names=tuple(class_names) if class_names else None)
 
 
+def content_hash(*parts) -> str:
+    """BLAKE2b-256 hex digest (64 characters) of ``parts`` in order. A part is bytes, a str, a ``Path``
+    (the file's bytes, read in 1 MiB chunks), a tensor (dtype, shape and raw bytes), a number, None,
+    or a list/tuple of parts; each is tagged and length-prefixed, so parts never run together."""
+    h = hashlib.blake2b(digest_size=32)
+
+    def add(tag: bytes, payload: bytes = b"") -> None:
+        h.update(tag + len(payload).to_bytes(8, "little") + payload)
+
+    def visit(part) -> None:
+        if part is None:
+            add(b"n")
+        elif isinstance(part, bytes):
+            add(b"b", part)
+        elif isinstance(part, str):
+            add(b"s", part.encode())
+        elif isinstance(part, (bool, int, float)):
+            add(b"v", repr(part).encode())
+        elif isinstance(part, Path):
+            add(b"f", str(part.stat().st_size).encode())
+            with part.open("rb") as f:
+                while chunk := f.read(2**20):
+                    h.update(chunk)
+        elif isinstance(part, torch.Tensor):
+            t = part.detach().cpu().contiguous()
+            add(b"t", f"{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(part, (list, tuple)):
+            add(b"l", str(len(part)).encode())
+            for p in part:
+                visit(p)
+        else:
+            raise TypeError(f"content_hash cannot hash a {type(part).__name__}")
+
+    for part in parts:
+        visit(part)
+    return h.hexdigest()
+
+
+def _unshared_identity() -> str:
+    """A workload built without its source bytes gets a random identity: nothing it computes is
+    ever served to another workload (or read back from another process's cache)."""
+    return secrets.token_hex(32)
+
+
 @dataclass(eq=False)
 class Workload:
     name: str
@@ -72,15 +126,20 @@ class Workload:
     source: str = "zoo"
     notes: list[str] = field(default_factory=list)
     batch_size: int = 128
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    content_hash: str = field(default_factory=_unshared_identity)  # hex digest of the source bytes
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    # ---- what every recipe shares (computed once) ----------------------------------------
-    @cached_property
+    # ---- what every recipe shares (computed once, under the lock, then never changed) --------
+    @property
     def folded(self) -> tuple[nn.Module, list[tuple[str, str]]]:
-        import copy
-
-        m = copy.deepcopy(self.model).eval()
-        return m, fold_batchnorm(m)
+        """``(model with BatchNorms folded into the convs, [(conv, bn) names])``: a copy of ``model``,
+        shared by every caller -- read it or copy it, never register hooks on it or change it."""
+        if "_folded" not in self.__dict__:
+            with self._lock:
+                if "_folded" not in self.__dict__:
+                    m = copy.deepcopy(self.model).eval()
+                    self.__dict__["_folded"] = (m, fold_batchnorm(m))
+        return self.__dict__["_folded"]
 
     @cached_property
     def layers(self) -> dict[str, LayerInfo]:
@@ -91,11 +150,14 @@ class Workload:
         return {n: i.weight_shape for n, i in self.layers.items()}
 
     def calibration_stats(self, progress=None) -> dict[str, calibrate_mod.ActivationStats]:
-        with self._lock:
-            if "_calib" not in self.__dict__:
-                m = self.folded[0]
-                self.__dict__["_calib"] = calibrate_mod.calibrate(
-                    m, modules_by_name(m, self.layers), self.calibration.batches(self.batch_size), progress)
+        """Input statistics of every layer over the calibration data, computed once (``calibrate``
+        runs on its own copy of the folded model) and shared: read them, never change them."""
+        if "_calib" not in self.__dict__:
+            with self._lock:
+                if "_calib" not in self.__dict__:
+                    m = self.folded[0]
+                    self.__dict__["_calib"] = calibrate_mod.calibrate(
+                        m, modules_by_name(m, self.layers), self.calibration.batches(self.batch_size), progress)
         return self.__dict__["_calib"]
 
     @cached_property

@@ -28,6 +28,8 @@ from qcore.metrics import sqnr_db
 from qcore.quantize import fake_quantize
 from qcore.recipe import TensorSpec
 from qcore.size import float_bytes
+from test_hostile_app import visible
+from ui.text import plain
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")  # AppTest resolves relative paths against this file
 TIMEOUT = 120
@@ -122,7 +124,7 @@ def line_positions(fig, name: str, axis: str = "x") -> list[float]:
 def test_model_page_shows_the_models_sizes_layers_and_data(zoo_models, name):
     at = open_app(name)
     w = zoo_models[0][name]
-    assert at.title[0].value == f"Model: {name}"
+    assert at.title[0].value == f"Model: {plain(name)}"  # names are escaped for Markdown
     shown = metrics(at)
     assert shown["FP32 size"] == viz.human_bytes(float_bytes(w.model))
     assert shown["Parameters"] == f"{sum(p.numel() for p in w.model.parameters()):,}"
@@ -196,7 +198,7 @@ def test_formats_page_grid_bits_and_clipping(zoo_models):
     rerun(at)  # FP16 is a plain cast by default: no scale, no clipping range
     assert metrics(at)["Clip range"] == "none (plain cast)"
     assert not [s for s in figures(at)[0].layout.shapes]
-    assert any("plain cast" in i.value for i in at.info)
+    assert any("plain cast" in visible(i.value) for i in at.info)
     assert metrics(at)["SQNR"] == f"{sqnr_db(fake_quantize(x, TensorSpec(format='fp16')), x):.1f} dB"
 
 
@@ -241,7 +243,7 @@ def test_weights_page_layer_report_and_every_layer(zoo_models):
     assert list(every.data[0].x) == list(w.layers)
     assert list(every.data[0].y) == pytest.approx([r["sqnr_db"] for r in expected])
     worst = min(expected, key=lambda r: r["sqnr_db"])["name"]
-    assert any(f"Worst layer: **{worst}**" in m.value for m in at.markdown)
+    assert any(f"Worst layer: **{plain(worst)}**" in m.value for m in at.markdown)
 
     last = list(w.layers)[-1]
     at.selectbox(key="weights_layer:zoo:digits-cnn").set_value(last)
@@ -259,7 +261,7 @@ def test_weights_page_layer_report_and_every_layer(zoo_models):
     rerun(at)  # the group size slider appears
     at.select_slider(key="weights_group").set_value(32)
     rerun(at)
-    assert any("does not divide the fan-in" in i.value for i in at.info)
+    assert any("does not divide the fan-in" in visible(i.value) for i in at.info)
     assert_unchanged(w, before)
 
 
@@ -312,7 +314,7 @@ def test_every_page_on_minilm(zoo_models, minilm):
     visit(at, "weights")
     big = list(w.layers)[0]  # the word embedding: analysed on a sample of whole rows
     assert w.layers[big].params > explain.MAX_ANALYSED_WEIGHTS
-    assert any("fixed random sample" in i.value for i in at.info)
+    assert any("fixed random sample" in visible(i.value) for i in at.info)
     assert at.toggle(key="weights_all:zoo:minilm-l6").value is False  # too big to quantize every layer unasked
     assert len(figures(at)) == 3
     visit(at, "activations")

@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from pages import state
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
+from test_hostile_app import visible
 from qcore import sensitivity, viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe, TensorSpec, preset
@@ -117,7 +118,7 @@ def test_invalid_uploaded_recipe_shows_an_error_and_keeps_the_table():
     table = at.data_editor[0].value
     at.file_uploader[0].upload("bad.json", json.dumps({"weights": {"format": "int9"}}).encode(), "application/json")
     at.run()
-    assert len(at.error) == 1 and "int9" in at.error[0].value and "bad.json" in at.error[0].value
+    assert len(at.error) == 1 and "int9" in visible(at.error[0].value) and "bad.json" in visible(at.error[0].value)
     assert at.data_editor[0].value.equals(table)
 
 
@@ -257,3 +258,29 @@ def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app
             assert all(got.plan(n) == expected.plan(n) for n in digits_mlp.layers)
         finally:
             browser.close()
+
+
+def test_export_onnx_of_int4_weight_only_then_int8_static_shows_the_file_not_the_theory(digits_mlp):
+    """Regression: fc1 int4 weight-only before fc2 int8-static crashed Export with TensorQuantOverrides' traceback;
+    the download showed the theoretical size. Now the file exports and the page gives its real bytes and the
+    metric of the file run in ONNX Runtime, each labelled, equal to the engine's own export report."""
+    from qcore import runtime
+
+    layers = {"fc1": {"weights": {"format": "int4", "granularity": "per_channel"}, "activations": None},
+              "fc2": {"weights": {"format": "int8", "granularity": "per_channel"},
+                      "activations": {"format": "int8", "dynamic": False}}}
+    at = open_page("export", preset="fp32", layers=state.encode_layers(layers))
+    next(b for b in at.button if b.label == "Prepare onnx").click()
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    recipe = state.build_recipe(digits_mlp, "fp32", layers)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = runtime.export(digits_mlp, recipe, "onnx", f"{tmp}/r.onnx").to_dict()
+    button = next(b for b in at.download_button if b.label.startswith("Download onnx"))
+    assert button.label == f"Download onnx ({rep['file_size_bytes']:,} bytes)"
+    caption = next(c.value for c in at.caption if "file on disk" in c.value)
+    measured = rep["metrics"]["onnxruntime"]["accuracy"]
+    from ui.text import plain
+
+    assert plain(f"{rep['file_size_bytes']:,} bytes") in caption and plain(f"{measured:.4f} measured") in caption

@@ -53,3 +53,23 @@ def test_no_batches_and_nan_inputs_are_clear_errors():
         calibrate(model, {"0": model[0]}, [])
     with pytest.raises(QcoreError, match="contains NaN/Inf"):
         calibrate(model, {"0": model[0]}, [(torch.tensor([[float("nan"), 0.0]]),)])
+
+
+def test_a_copy_taken_during_calibration_does_not_feed_the_statistics():
+    """Another session copying the (shared) model while it is being calibrated -- here from the
+    progress callback, between batches -- and running its copy on other data changes nothing: the
+    hooks are on calibrate's own copy, and the caller's model is left as it was (no hooks, its mode)."""
+    import copy
+
+    model, batches, alone = _setup()
+    model.train()
+
+    def other_session(fraction):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            twin(torch.full((4, 6), 1000.0))
+
+    stats = calibrate(model, {"0": model[0], "2": model[2]}, batches, progress=other_session)
+    assert stats["0"].max == alone["0"].max < 1000  # the old code (hooks on the caller's model) gave 1000
+    assert stats["0"].numel == alone["0"].numel and torch.equal(stats["0"].hist, alone["0"].hist)
+    assert model.training and all(not m._forward_pre_hooks for m in model.modules())

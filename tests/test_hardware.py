@@ -54,3 +54,20 @@ def test_compute_precision_of_weight_only_is_the_activation_precision(digits_mlp
     assert compute_precision("Linear", plan) == "fp32"
     assert compute_precision("Linear", preset("fp8").plan("fc1")) == "fp8"
     assert compute_precision("Linear", preset("int8-dynamic").plan("fc1")) == "int8"
+
+
+def test_roofline_never_puts_hooks_on_the_shared_model(monkeypatch):
+    """Regression: ``_layer_work`` hooked the workload's shared folded model; a copy taken meanwhile by another
+    session kept the hooks. The estimate now records on a private copy."""
+    import torch
+
+    from qcore import zoo
+
+    w = zoo.load("digits-cnn")
+    hooked = []
+    original = torch.nn.Module.register_forward_hook
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook",
+                        lambda self, *a, **k: hooked.append(self) or original(self, *a, **k))
+    roofline(w, preset("int8-static", w.layer_shapes))
+    shared = {id(m) for m in w.folded[0].modules()}
+    assert hooked and not any(id(m) in shared for m in hooked)

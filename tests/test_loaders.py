@@ -94,12 +94,14 @@ def test_pt2_mlp_and_state_dicts_reproduce_outputs(files, digits_mlp, digits_cnn
 
 
 def test_torchscript_is_weight_only_with_a_note(files, digits_mlp):
-    ts = load_model_file(files / "mlp.ts")
+    with pytest.raises(QcoreError, match="compiled code"):
+        load_model_file(files / "mlp.ts")  # untrusted (the app, the CLI without --trust-pickle): refused
+    ts = load_model_file(files / "mlp.ts", allow_pickle=True)
     x = digits_mlp.evaluation.inputs[0][:8]
     assert torch.allclose(outputs(ts.model, x), outputs(digits_mlp.model, x), rtol=0, atol=1e-6)
     assert ts.weight_only and "activation quantization (static or dynamic) is unavailable" in ts.notes[0]
     data = str(files / "digits.npz")
-    w = load_workload(str(files / "mlp.ts"), data)
+    w = load_workload(str(files / "mlp.ts"), data, allow_pickle=True)
     assert list(w.layers) == ["fc1", "fc2", "fc3"]
     recipe = preset("int4-weight-only", w.layer_shapes)
     zoo = load_workload("digits-mlp", data).evaluate(recipe)
@@ -109,8 +111,8 @@ def test_torchscript_is_weight_only_with_a_note(files, digits_mlp):
     with pytest.raises(QcoreError, match="quantizes activations .* unavailable for torchscript models"):
         w.evaluate(preset("int8-static", w.layer_shapes))
     with pytest.raises(QcoreError, match="does not record its input shape"):
-        load_workload(str(files / "mlp.ts"))
-    shaped = load_workload(str(files / "mlp.ts"), "shape:1x1x8x8")
+        load_workload(str(files / "mlp.ts"), allow_pickle=True)
+    shaped = load_workload(str(files / "mlp.ts"), "shape:1x1x8x8", allow_pickle=True)
     assert shaped.calibration.inputs[0].shape[1:] == (1, 8, 8) and any(FIDELITY_NOTE in n for n in shaped.notes)
 
 
@@ -176,10 +178,11 @@ def test_size_limit(files, monkeypatch):
     with pytest.raises(QcoreError, match="above the limit"):
         load_data_file(files / "digits.npz")
     monkeypatch.setenv("QCORE_MAX_UPLOAD_MB", "0.5")
-    assert limits._max_upload_bytes() == 2**19
-    monkeypatch.setenv("QCORE_MAX_UPLOAD_MB", "lots")
-    with pytest.raises(QcoreError, match="QCORE_MAX_UPLOAD_MB='lots' is not a number"):
-        limits._max_upload_bytes()
+    assert limits._env_mib("QCORE_MAX_UPLOAD_MB", 200) == 2**19
+    for raw, problem in (("lots", "is not a number"), ("-1", "is not a positive size"), ("nan", "is not a positive size")):
+        monkeypatch.setenv("QCORE_MAX_UPLOAD_MB", raw)
+        with pytest.raises(QcoreError, match=f"QCORE_MAX_UPLOAD_MB='{raw}' {problem}; set it to a size in MiB"):
+            limits._env_mib("QCORE_MAX_UPLOAD_MB", 200)
 
 
 def _bad_files(d: Path, files: Path) -> dict[str, tuple[str, str]]:

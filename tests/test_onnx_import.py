@@ -1,6 +1,7 @@
 """ONNX -> torch: converted models compute what the source model computes, layers keep the source
 module paths, single operators agree with onnxruntime, and an unsupported operator is named in one line."""
 
+import math
 import warnings
 
 import numpy as np
@@ -13,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qcore import preset
 from qcore.errors import QcoreError
 from qcore.io.models import load_model_file
-from qcore.io.workload import load_workload
 from qcore.io.onnx_import import _module_path_from_node_name, convert
+from qcore.io.workload import load_workload
 from qcore.simulate import find_layers
 
 
@@ -84,8 +85,9 @@ def test_mlp_from_the_dynamo_exporter_with_a_separate_weight_file(tmp_path, digi
     moved = tmp_path / "alone"
     moved.mkdir()
     (moved / "mlp.onnx").write_bytes(path.read_bytes())
-    with pytest.raises(QcoreError, match="keeps its weights in a separate file 'mlp.onnx.data', which is not beside it; "
-                                         r"export a single file with torch.onnx.export\(..., external_data=False\)"):
+    with pytest.raises(QcoreError, match=r"mlp.onnx: initializer '.+' keeps its data in a separate file 'mlp.onnx.data', "
+                                         r"which is not beside it; export a single file with "
+                                         r"torch.onnx.export\(..., external_data=False\)"):
         load_model_file(moved / "mlp.onnx")
 
 
@@ -172,3 +174,49 @@ def test_unsupported_operator_is_named_in_one_line(tmp_path, capsys):
         convert(model)
     with pytest.raises(QcoreError, match="opset 9; the importer needs opset 11 or newer"):
         convert(_graph(helper.make_node("Relu", ["x"], ["y"]), {"x": X}, opset=9))
+
+
+# ---- output sizes found before folding (the bound that stops folding bombs) -----------------------------
+def _t(*shape, dtype=torch.float32):
+    return torch.arange(math.prod(shape)).reshape(shape).to(dtype)
+
+
+SIZE_CASES = {
+    "Add broadcast": ("Add", [_t(3, 1), _t(1, 4)], {}),
+    "Equal to bool": ("Equal", [_t(2, 3), _t(3)], {}),
+    "Where": ("Where", [_t(2, 1, dtype=torch.bool), _t(1, 5), _t(5, dtype=torch.float64)], {}),
+    "Sum variadic": ("Sum", [_t(4), _t(2, 1), _t(3, 1, 1)], {}),
+    "MatMul batched": ("MatMul", [_t(2, 1, 3, 4), _t(5, 4, 6)], {}),
+    "MatMul 1-D left": ("MatMul", [_t(4), _t(2, 4, 6)], {}),
+    "MatMul 1-D right": ("MatMul", [_t(2, 3, 4), _t(4)], {}),
+    "MatMul vectors": ("MatMul", [_t(4), _t(4)], {}),
+    "Gemm transposed": ("Gemm", [_t(4, 3), _t(5, 4), _t(5)], {"transA": 1, "transB": 1}),
+    "Gather axis -1": ("Gather", [_t(2, 3, 4), torch.tensor([[0, -1, 2]])], {"axis": -1}),
+    "GatherElements": ("GatherElements", [_t(3, 4), torch.zeros(5, 4, dtype=torch.int64)], {"axis": 0}),
+    "GatherND batch_dims": ("GatherND", [_t(2, 3, 4, 5), torch.zeros(2, 7, 2, dtype=torch.int64)], {"batch_dims": 1}),
+    "Concat": ("Concat", [_t(2, 3), _t(2, 5)], {"axis": 1}),
+    "Tile": ("Tile", [_t(2, 3, dtype=torch.int8), torch.tensor([3, 2])], {}),
+    "Range float": ("Range", [torch.tensor(0.5), torch.tensor(3.0), torch.tensor(0.7)], {}),
+    "Range empty": ("Range", [torch.tensor(5), torch.tensor(1), torch.tensor(1)], {}),
+    "ConstantOfShape": ("ConstantOfShape", [torch.tensor([2, 3])], {"value": torch.tensor([7], dtype=torch.int32)}),
+    "Expand": ("Expand", [_t(3, 1), torch.tensor([2, 1, 4])], {}),
+    "Pad": ("Pad", [_t(2, 3), torch.tensor([1, 0, 2, 3])], {}),
+    "Reshape -1": ("Reshape", [_t(2, 6), torch.tensor([3, -1])], {}),
+    "Cast widens": ("Cast", [_t(2, 3, dtype=torch.bool)], {"to": 11}),
+}
+
+
+@pytest.mark.parametrize("case", SIZE_CASES)
+def test_output_sizes_match_running_the_operator(case):
+    """The oracle is the operator itself: every output's shape (flattened for Concat, Tile and Range,
+    whose rules give the value count) and bytes per value, found without allocating it."""
+    from qcore.io.onnx_import import OPS, output_sizes
+
+    op, xs, attrs = SIZE_CASES[case]
+    attrs = {"_opset": 17, "_n_out": 1, **attrs}
+    out = OPS[op](xs, attrs)
+    real = [(tuple(o.shape), o.element_size()) for o in (out if isinstance(out, tuple) else (out,))]
+    got = output_sizes(op, xs, attrs)
+    if op in ("Concat", "Tile", "Range"):
+        real = [((math.prod(shape),), size) for shape, size in real]
+    assert got == real

@@ -72,26 +72,65 @@ def test_restored_types_fold_and_compute_like_the_source(program):
         assert torch.allclose(module(x), expected, rtol=0, atol=1e-4)
 
 
-def _archive(path, program: dict, extra: dict | None = None):
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("evil/archive_format", "pt2")
-        zf.writestr("evil/models/model.json", json.dumps(program))
-        for name, data in (extra or {}).items():
-            zf.writestr(f"evil/{name}", data)
-    return path
+def _edited(src, dst, edit):
+    """``dst``: the archive ``src`` with ``edit(program, files)`` applied (program: models/model.json parsed;
+    files: {path below the archive root: bytes})."""
+    with zipfile.ZipFile(src) as zf:
+        root = zf.namelist()[0].split("/")[0] + "/"
+        files = {n[len(root):]: zf.read(n) for n in zf.namelist()}
+    program = json.loads(files["models/model.json"])
+    edit(program, files)
+    files["models/model.json"] = json.dumps(program).encode()
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(root + name, data)
+    return dst
 
 
-@pytest.mark.parametrize("program, extra, message", [
-    ({"graph": {"nodes": [{"target": "builtins.exec", "inputs": [], "outputs": []}]}}, None, "calls 'builtins.exec'"),
-    ({"graph": {"nodes": [{"target": "torch.ops.aten.add.Tensor", "inputs": [], "outputs": []}]},
-      "range_constraints": {"s0": {"expr_str": "__import__('os').system('touch x')"}}}, None,
-     "has a symbolic shape expression that is not plain arithmetic"),
-    ({}, {"data/weights/model_weights_config.json": json.dumps({"config": {"w": {"use_pickle": True}}})},
-     "stores 'w' as a pickled object"),
-    ({}, {"data/aotinductor/model.so": b"\x7fELF"}, "contains compiled AOTInductor code"),
-    ({"guards_code": "import os"}, None, "contains guard code"),
+def _call_exec(program, files):
+    program["graph_module"]["graph"]["nodes"][0]["target"] = "builtins.exec"
+
+
+def _eval_in_shape(program, files):
+    size = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]
+    size["as_expr"]["expr_str"] = "__import__('os').system('touch x')"
+
+
+def _pickled_weight(program, files):
+    config = json.loads(files["data/weights/model_weights_config.json"])
+    config["config"]["head.bias"]["use_pickle"] = True
+    files["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+
+
+def _compiled_code(program, files):
+    files["data/aotinductor/model/model.so"] = b"\x7fELF"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_call_exec, "calls 'builtins.exec'"),
+    (_eval_in_shape, "has a symbolic shape expression that is not plain arithmetic"),
+    (_pickled_weight, "stores 'head.bias' as a pickled object"),
+    (_compiled_code, r"contains compiled code \(AOTInductor\)"),
 ])
-def test_untrusted_archives_are_refused_before_loading(tmp_path, program, extra, message):
+def test_untrusted_archives_are_refused_before_loading(program, tmp_path, edit, message):
     with pytest.raises(QcoreError, match=message) as e:
-        load(_archive(tmp_path / "evil.pt2", program, extra), allow_pickle=False)
+        load(_edited(program[1], tmp_path / "evil.pt2", edit), allow_pickle=False)
     assert "--trust-pickle" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_guard_code_is_dropped_not_run(program, tmp_path):
+    """torch never gets guard code from an untrusted archive (the loader checks input shapes itself)."""
+    def edit(prog, files):
+        prog["guards_code"] = ["__import__('os').system('touch never')"]
+    ep, module = load(_edited(program[1], tmp_path / "guarded.pt2", edit), allow_pickle=False)
+    assert ep._guards_code == [] and tuple(module(torch.randn(3, 3, 8, 8)).shape) == (3, 5)
+
+
+def test_the_raw_tensor_dtype_codes_are_torchs():
+    """The screen's own dtype table (it avoids importing torch's serializer before screening) agrees with it."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE, _SERIALIZE_TO_TORCH_LAYOUT
+
+    from qcore.io.pt2 import _DTYPES, _STRIDED
+
+    assert all(_SERIALIZE_TO_TORCH_DTYPE[code] == dtype for code, dtype in _DTYPES.items())
+    assert _SERIALIZE_TO_TORCH_LAYOUT[_STRIDED] == torch.strided

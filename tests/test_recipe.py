@@ -168,7 +168,30 @@ def _error(fn, *args) -> str:
      "weights.range='moving_average' is not a range method; allowed here: minmax, percentile, mse, entropy"),
     ({"activations": {"range": "kl"}},
      "activations.range='kl' is not a range method; allowed here: minmax, percentile, mse, entropy, moving_average"),
-    ({"weights": {"group_size": 0}}, "weights.group_size=0 must be a positive integer such as 32, 64 or 128"),
+    ({"weights": {"group_size": 0}},
+     "weights.group_size=0 must be a positive integer such as 32, 64 or 128 (at most 1048576)"),
+    # regression: huge integers are refused by range, and shown without converting them to 5,000 digits
+    ({"weights": {"group_size": 2**21}},
+     "weights.group_size=2097152 must be a positive integer such as 32, 64 or 128 (at most 1048576)"),
+    ({"weights": {"group_size": 10**5000}},
+     "weights.group_size=<an integer of about 5,000 digits> must be a positive integer such as 32, 64 or 128 (at most 1048576)"),
+    ({"weights": {"axis": 10**20}},
+     "weights.axis=100000000000000000000 must be a dimension index in [-8, 8), e.g. 0 (output channel) or 1"),
+    ({"weights": {"axis": -9}}, "weights.axis=-9 must be a dimension index in [-8, 8), e.g. 0 (output channel) or 1"),
+    ({"weights": {"group_size": "abc"}}, "weights.group_size='abc' must be an integer"),
+    ({"weights": {"percentile": True}}, "weights.percentile=True must be a number in (50, 100], e.g. 99.9 or 99.99"),
+    ({"weights": {"granularity": ["per_tensor"]}},
+     "weights.granularity=['per_tensor'] is not a granularity; allowed: per_tensor, per_channel, per_group"),
+    ({"weights": {"range": {"minmax": 1}}},
+     "weights.range={'minmax': 1} is not a range method; allowed here: minmax, percentile, mse, entropy"),
+    # regression: the name was turned into a string whatever it was
+    ({"name": {"a": [1, 2, 3]}}, "recipe.name={'a': [1, 2, 3]} must be a string of at most 1000 characters"),
+    ({"name": "n" * 1001}, "recipe.name='" + "n" * 37 + "..." + "n" * 38 + "' must be a string of at most 1000 characters"),
+    ({"layers": {("fc1",): None}}, "recipe.layers key ('fc1',) must be a layer name of at most 1000 characters"),
+    # regression: values in messages are shortened, so a 100,000-character format is not echoed whole
+    ({"weights": {"format": "x" * 100_000}},
+     "unknown format weights.format='" + "x" * 37 + "..." + "x" * 38 + "'; "
+     "allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2, int3, int4, int5, int6, int7, int8, int16, nf4"),
     ({"weights": {"group_size": 32.0}}, "weights.group_size=32.0 must be an integer"),
     ({"weights": {"axis": True}}, "weights.axis=True must be an integer"),
     ({"weights": {"symmetric": "yes"}}, "weights.symmetric='yes' must be true or false"),
@@ -239,3 +262,41 @@ def test_load_recipe_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layers": {"nope": None}}))
     assert "'nope', which is not a quantizable layer" in _error(load_recipe, str(bad), LAYERS)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"weights": {"format": "int8", "group_size": ' + "9" * 5000 + "}}",
+     "the recipe holds an integer with 5,000 digits; recipe numbers are small (at most 12 digits), e.g. group_size 128"),
+    ('{"weights": {"percentile": 1e999}}',
+     "the recipe holds the number 1e999, which is not finite; use a number such as 99.99"),
+    ('{"weights": {"percentile": NaN}}',
+     "the recipe holds NaN, which is not a JSON number; use a finite number such as 99.99"),
+    ('{"weights": {"percentile": -Infinity}}',
+     "the recipe holds -Infinity, which is not a JSON number; use a finite number such as 99.99"),
+    ("[" * 100_000 + "]" * 100_000, "the recipe is nested more than 8 levels deep; a recipe is recipe -> layers -> "
+     "layer -> weights -> values"),
+    ('{"layers": {"a": {"weights": {"format": [[[[[[["int8"]]]]]]]}}}}', "the recipe is nested more than 8 levels deep; "
+     "a recipe is recipe -> layers -> layer -> weights -> values"),
+    ('{"name": "' + "a" * 2**20 + '"}', "the recipe is larger than 1 MiB; a recipe is a small JSON file"),
+    (b'{"name": "\xff"}', "the recipe is not UTF-8 text (byte 10); save it as UTF-8 JSON"),
+])
+def test_recipe_json_is_bounded(text, message):
+    """Regression: deep nesting and 5,000-digit integers raised RecursionError/ValueError (tracebacks)."""
+    assert _error(Recipe.from_json, text) == message
+
+
+def test_recipe_json_within_bounds_still_parses():
+    from qcore.recipe import _parse_json
+
+    assert _parse_json("[" * 8 + "]" * 8) == [[[[[[[[]]]]]]]]  # 8 levels deep is the limit, not 7
+    assert _parse_json('{"a": [999999999999, -999999999999, 1e308]}') == {"a": [10**12 - 1, 1 - 10**12, 1e308]}
+    assert Recipe.from_json(b'\xef\xbb\xbf{"name": "\xc3\xa9"}').name == "\u00e9"  # UTF-8 with a BOM
+
+
+def test_load_recipe_refuses_non_files_and_reads_a_bounded_prefix(tmp_path):
+    assert _error(load_recipe, str(tmp_path)).endswith("is not a regular file; give a JSON file")
+    assert _error(load_recipe, "/dev/zero") == "recipe file '/dev/zero' is not a regular file; give a JSON file"
+    assert "could not be read (File name too long)" in _error(load_recipe, "[" * 100_000)
+    big = tmp_path / "big.json"
+    big.write_text('{"name": "' + "a" * 3 * 2**20 + '"}')
+    assert _error(load_recipe, str(big)) == "the recipe is larger than 1 MiB; a recipe is a small JSON file"

@@ -1,8 +1,14 @@
-"""Real execution: exported files compute the simulated model, sizes add up, unsupported layers are
-named exactly, measurements are self-consistent (no timed assertions)."""
+"""Real execution: the exported file is measured (size from disk, metric from ONNX Runtime on the
+evaluation data), labelled next to the simulated numbers, gaps explained; bench times FP32 and the
+quantized file interleaved. No timed assertions.
 
-import json
+Oracles: ``os.path.getsize`` and hand-computed byte counts for sizes; an ONNX Runtime session opened
+here and accuracy recomputed as argmax == label for the measured metric; ``workload.evaluate`` for the
+simulated one; a recording fake for the order and batch of timed calls.
+"""
+
 import math
+import os
 import struct
 
 import numpy as np
@@ -11,62 +17,169 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qcore import QcoreError, Recipe, preset
-from qcore.cli import main as cli_main
-from qcore.runtime import (bench, executable_recipe, export, input_names, latency_ms, load_safetensors,
-                           unsupported_layers)
-
-# The exported file must compute the simulated model (with unsupported layers in FP32) up to float32
-# accumulation order and fp16 rounding of those tiny differences: max |difference| <= 1e-4 x max |output|.
-OUTPUT_RTOL = 1e-4
+from qcore import QcoreError, Recipe, preset, runtime
+from qcore.hardware import cpu_features
+from qcore.runtime import bench, export, interleaved_times_ms, load_safetensors, speedup
 
 
-def _reference_outputs(path: str, workload, x: torch.Tensor, dynamic: bool) -> np.ndarray:
-    """The exported file evaluated op by op as specified: ONNX Runtime with graph optimizations off,
-    or, for dynamic int8, onnx's reference evaluator (ORT's MatMulInteger kernel on AVX2 without VNNI
-    saturates 16-bit sums, a kernel property bench() measures, not a property of the file)."""
-    if dynamic:
-        from onnx.reference import ReferenceEvaluator
-
-        return ReferenceEvaluator(path).run(None, {"input_0": x.numpy()})[0]
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]).run(None, {"input_0": x.numpy()})[0]
+def crash_recipe(w) -> Recipe:
+    """The issue's recipe: FP32, fc1 int4 weight-only, fc2 int8 static."""
+    return preset("fp32", w.layer_shapes).with_layer(
+        "fc1", {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False}}
+    ).with_layer("fc2", {"weights": {"format": "int8", "granularity": "per_channel"},
+                         "activations": {"format": "int8", "symmetric": False}})
 
 
-@pytest.mark.parametrize("model", ["digits_mlp", "digits_cnn"])
-@pytest.mark.parametrize("name", ["int8-static", "int8-dynamic", "int8-weight-only", "int4-weight-only", "fp16", "bf16"])
-def test_onnx_export_computes_the_simulated_model(request, tmp_path, model, name):
-    w = request.getfixturevalue(model)
-    recipe = preset(name, w.layer_shapes)
+def accuracy_in_onnxruntime(path: str, w) -> float:
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"input_0": w.evaluation.inputs[0].numpy()})[0]  # the whole set as one batch
+    return float((logits.argmax(1) == w.evaluation.labels.numpy()).mean())
+
+
+# ---- old defects ---------------------------------------------------------------------------------
+def test_tensor_quant_overrides_crash_recipe_exports_and_benches(digits_mlp, tmp_path):
+    """The old ORT-quantizer chain crashed on this recipe (TensorQuantOverrides named a tensor
+    quantize_static had not created)."""
+    recipe = crash_recipe(digits_mlp)
     path = tmp_path / "m.onnx"
-    info = export(w, recipe, "onnx", str(path))
-    x = w.evaluation.inputs[0][:64]
-    with torch.no_grad():
-        sim = w.simulate(executable_recipe(w, recipe)).model(x).numpy()
-    out = _reference_outputs(str(path), w, x, dynamic=name == "int8-dynamic")
-    assert np.abs(out - sim).max() <= OUTPUT_RTOL * np.abs(sim).max()
-    assert info["size_bytes"] == path.stat().st_size
-    executed = [n for n, p in info["paths"].items() if "unsupported" not in p]
-    assert len(executed) + len(info["unsupported"]) == len(w.layers)
-    if not info["unsupported"]:  # (per-channel dynamic Conv and 4-bit Conv cannot run: listed, kept FP32)
-        assert info["size_bytes"] < 0.6 * info["fp32_theoretical_size_bytes"]
+    r = export(digits_mlp, recipe, "onnx", str(path))
+    assert r.file_size_bytes == os.path.getsize(path) and r.to_dict()["file_size_bytes"] == r.file_size_bytes
+    rows = {row["layer"]: row for row in r.layers}
+    assert rows["fc1"]["executes"] == "MatMulNBits" and rows["fc3"]["executes"] == "float"
+    b = bench(digits_mlp, recipe, batch_size=8, threads=1, budget_s=0.0)
+    assert b["quantized"]["file_size_bytes"] == r.file_size_bytes  # the same exporter wrote the same file
+    assert b["quantized"]["metrics"]["onnxruntime"] == pytest.approx(accuracy_in_onnxruntime(str(path), digits_mlp))
 
 
-def test_unsupported_lists_exactly_the_layers_that_cannot_run(digits_cnn, tmp_path):
-    recipe = preset("int8-static", digits_cnn.layer_shapes).with_layer("features.3", {"weights": {"format": "int3"}})
-    rows = unsupported_layers(digits_cnn, recipe)
-    assert [r["layer"] for r in rows] == ["features.3"]
-    assert rows[0]["format"] == "int3/int8"
-    assert rows[0]["theoretical_size_bytes"] == math.ceil(32 * 16 * 9 * 3 / 8) + 32 * 4  # codes + per-channel scales
-    info = export(digits_cnn, recipe, "onnx", str(tmp_path / "m.onnx"))
-    assert [r["layer"] for r in info["unsupported"]] == ["features.3"]
-    assert info["paths"]["features.0"] == "int8-static" and "unsupported" in info["paths"]["features.3"]
-    assert {r["layer"] for r in unsupported_layers(digits_cnn, preset("nf4", digits_cnn.layer_shapes))} == set(digits_cnn.layers)
-    assert {r["layer"] for r in unsupported_layers(digits_cnn, preset("fp8", digits_cnn.layer_shapes))} == set(digits_cnn.layers)
-    assert unsupported_layers(digits_cnn, preset("int8-static", digits_cnn.layer_shapes)) == []
+@pytest.mark.parametrize("recipe", [
+    {"name": "nf4", "weights": {"format": "nf4", "granularity": "per_group", "group_size": 32}},
+    {"name": "fp8", "weights": {"format": "fp8_e4m3", "scaled": True},
+     "activations": {"format": "fp8_e4m3", "scaled": True}},
+    {"name": "int3-dyn", "weights": {"format": "int3", "granularity": "per_channel"},
+     "activations": {"format": "int8", "dynamic": True, "range": "percentile", "percentile": 99.9}},
+])
+def test_layers_no_kernel_runs_are_exported_as_simulated_not_kept_fp32(digits_mlp, tmp_path, recipe):
+    """The old export kept such layers in FP32, so the file computed another model than the page showed."""
+    recipe = Recipe.from_dict(recipe)
+    path = str(tmp_path / "m.onnx")
+    r = export(digits_mlp, recipe, "onnx", path)
+    simulated = digits_mlp.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    assert r.metrics["simulated"]["accuracy"] == simulated
+    assert r.metrics["onnxruntime"]["accuracy"] == pytest.approx(accuracy_in_onnxruntime(path, digits_mlp), abs=1e-12)
+    assert abs(r.metrics["onnxruntime"]["accuracy"] - simulated) <= 1 / 360 + 1e-12
+    assert r.file_size_bytes < 0.4 * r.fp32_file_size_bytes  # low-precision values really are in the file
+    for row in r.layers:
+        assert row["executes"] != "float" and (row["executes"] != "float (dequantized)" or row["reason"])
 
 
+def test_bench_times_the_batch_size_it_reports(digits_mlp, monkeypatch):
+    """The old bench timed the first workload.batch_size (128) samples at --batch-size 200."""
+    shapes = []
+    real = runtime.session
+
+    class Recording:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, outputs, inputs):
+            shapes.append(inputs["input_0"].shape[0])
+            return self.sess.run(outputs, inputs)
+
+    monkeypatch.setattr(runtime, "session", lambda path, threads: Recording(real(path, threads)))
+    r = bench(digits_mlp, preset("int8-dynamic", digits_mlp.layer_shapes), batch_size=200, threads=1, budget_s=0.0)
+    timed = 2 * (3 + r["speedup"]["rounds"])  # warm-up and timed rounds, both files
+    assert r["batch_size"] == 200 and shapes[-timed:] == [200] * timed
+
+
+def test_interleaved_timing_alternates_the_models_round_by_round():
+    """The old bench timed all FP32 runs, then all quantized runs: its speed-up swung 1.35x-3x."""
+    calls = []
+    times = interleaved_times_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                 budget_s=0.0, warmup=2, min_rounds=7)
+    assert calls == ["a", "b"] * 9 and [len(t) for t in times.values()] == [7, 7]
+
+
+def test_speedup_is_the_ratio_of_medians_with_the_per_round_spread():
+    s = speedup([2.0, 4.0, 6.0, 8.0, 100.0], [1.0, 1.0, 2.0, 2.0, 50.0])
+    assert s["median_ratio"] == 3.0  # 6 / 2
+    ratios = sorted([2.0, 4.0, 3.0, 4.0, 2.0])  # per round; p10 / p90 by linear interpolation
+    assert s["p10"] == pytest.approx(2.0) and s["p90"] == pytest.approx(4.0) and s["rounds"] == len(ratios)
+
+
+# ---- the numbers export reports ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["int8-static", "int4-weight-only"])
+def test_cnn_metric_in_onnxruntime_is_the_simulated_metric(digits_cnn, tmp_path, name):
+    recipe = preset(name, digits_cnn.layer_shapes)
+    path = str(tmp_path / "m.onnx")
+    r = export(digits_cnn, recipe, "onnx", path)
+    measured, simulated = r.metrics["onnxruntime"]["accuracy"], r.metrics["simulated"]["accuracy"]
+    assert measured == pytest.approx(accuracy_in_onnxruntime(path, digits_cnn), abs=1e-12)
+    assert simulated == digits_cnn.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    assert abs(measured - simulated) <= 1 / 360 + 1e-12  # within one of the 360 test images
+    assert r.file_size_bytes == os.path.getsize(path)
+    assert r.theoretical_size_bytes == digits_cnn.size(recipe)["size_bytes"]
+    gap = abs(r.file_size_bytes / r.theoretical_size_bytes - 1)
+    size_lines = [d for d in r.differences if d.startswith("the file is")]
+    assert bool(size_lines) == (gap > 0.10)  # a gap beyond 10 % is explained, a smaller one is not
+    assert not [d for d in r.differences if d.startswith("ONNX Runtime")]
+
+
+def test_size_differences_name_the_layer_stored_wider_and_why(digits_mlp, tmp_path):
+    """int3 per channel, affine, and fc3 in FP32: MatMulNBits keeps 3-bit codes in 4-bit slots."""
+    recipe = Recipe.from_dict({"name": "w3", "weights": {"format": "int3", "granularity": "per_channel",
+                                                         "symmetric": False}}).with_layer("fc3", None)
+    r = export(digits_mlp, recipe, "onnx", str(tmp_path / "m.onnx"))
+    assert r.file_size_bytes > 1.1 * r.theoretical_size_bytes
+    (fc1,) = [d for d in r.differences if d.startswith("fc1:")]
+    n = 128 * 64  # fc1's weights
+    assert f"codes {n * 4 // 8:,} vs {math.ceil(n * 3 / 8):,} B" in fc1 and "4-bit slots for 3-bit codes" in fc1
+    assert any(d.startswith("outside the layers' weights") for d in r.differences)
+    assert [d for d in r.differences if d.startswith("fc2:")]
+    assert not [d for d in r.differences if d.startswith("fc3:")]  # an FP32 layer is stored as theory says
+
+
+def test_metric_difference_is_explained_beyond_one_sample():
+    rows = [{"layer": "conv", "executes": "int8 kernel"}, {"layer": "fc", "executes": "float (dequantized)"}]
+    assert runtime._metric_differences("accuracy", 0.99, 0.99 - 1 / 360, 360, rows) == []  # one image: noise
+    assert len(runtime._metric_differences("accuracy", 0.99, 0.99 - 2 / 360, 360, rows)) == 1  # two: explained
+    (line,) = runtime._metric_differences("accuracy", 0.99, 0.98, 360, rows)
+    assert "0.9900 vs simulated 0.9800" in line and "conv run in ONNX Runtime's fused int8 kernels" in line
+
+
+def test_export_refuses_bad_formats_and_directories(digits_mlp, tmp_path):
+    with pytest.raises(QcoreError, match="unknown export format"):
+        export(digits_mlp, preset("fp16"), "pdf", str(tmp_path / "m.pdf"))
+    with pytest.raises(QcoreError, match="does not exist"):
+        export(digits_mlp, preset("fp16"), "onnx", str(tmp_path / "missing" / "m.onnx"))
+
+
+# ---- bench -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_bench_reports_interleaved_latency_sizes_and_both_metrics(digits_cnn, batch_size):
+    r = bench(digits_cnn, preset("int8-static", digits_cnn.layer_shapes), batch_size=batch_size, threads=1,
+              budget_s=0.05)
+    assert (r["batch_size"], r["threads"], r["metric"]) == (batch_size, 1, "accuracy")
+    for key in ("fp32", "quantized"):
+        lat = r[key]["latency_ms"]
+        assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] == r["speedup"]["rounds"] >= 20
+    s = r["speedup"]
+    assert s["median_ratio"] == pytest.approx(r["fp32"]["latency_ms"]["median"] / r["quantized"]["latency_ms"]["median"])
+    assert 0 < s["p10"] <= s["median_ratio"] <= s["p90"]
+    assert r["cpu"]["features"] == cpu_features() and r["versions"]["onnxruntime"] == ort.__version__
+    assert r["fp32"]["theoretical_size_bytes"] == digits_cnn.size(preset("fp32"))["fp32_bytes"]
+    assert r["quantized"]["file_size_bytes"] < 0.4 * r["fp32"]["file_size_bytes"]
+    q = r["quantized"]["metrics"]
+    assert abs(q["onnxruntime"] - q["simulated"]) <= 1 / 360 + 1e-12
+    assert r["fp32"]["metrics"]["onnxruntime"] == pytest.approx(digits_cnn.fp32_metrics["accuracy"], abs=1 / 360)
+    assert [row["layer"] for row in r["layers"]] == list(digits_cnn.layers)
+
+
+def test_bench_refuses_non_positive_sizes(digits_mlp):
+    with pytest.raises(QcoreError, match="positive"):
+        bench(digits_mlp, preset("fp16"), batch_size=0)
+
+
+# ---- safetensors -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["int8-static", "int4-weight-only", "nf4"])
 def test_safetensors_round_trip_is_exact(digits_cnn, tmp_path, name):
     recipe = preset(name, digits_cnn.layer_shapes)
@@ -94,11 +207,12 @@ def test_safetensors_sizes_add_up(digits_mlp, tmp_path):
         assert nbytes[f"{layer}.weight.zero_point"] == groups
         assert nbytes[f"{layer}.bias"] == 4 * out
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    assert info["size_bytes"] == 8 + header + sum(nbytes.values())
+    assert info.file_size_bytes == 8 + header + sum(nbytes.values())
     # the recipe's theoretical size counts the same codes and scales, but zero-points at 4 bits
     shapes = ((128, 64), (64, 128), (10, 64))
     theoretical = sum(o * i // 2 + 4 * (o * i // 32) + math.ceil(o * i // 32 * 4 / 8) + 4 * o for o, i in shapes)
-    assert info["theoretical_size_bytes"] == theoretical
+    assert info.theoretical_size_bytes == theoretical
+    assert "metrics" in info.to_dict() and set(info.metrics) == {"simulated"}
 
 
 def test_load_safetensors_rejects_foreign_files(tmp_path):
@@ -113,62 +227,10 @@ def test_load_safetensors_rejects_foreign_files(tmp_path):
         load_safetensors(str(tmp_path / "junk.safetensors"))
 
 
-def test_bench_measures_sizes_latency_and_metrics(digits_mlp):
-    r = bench(digits_mlp, preset("int8-static", digits_mlp.layer_shapes), batch_size=16, threads=1, budget_s=0.05)
-    assert (r["threads"], r["batch_size"], r["unsupported"]) == (1, 16, [])
-    for key in ("fp32", "quantized"):
-        for lat in (r[key]["latency_ms"], r[key]["latency_ms_batch1"]):
-            assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] >= 10
-    assert r["quantized"]["size_bytes"] < 0.4 * r["fp32"]["size_bytes"]
-    assert r["fp32"]["theoretical_size_bytes"] == 4 * (64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10)
-    assert r["fp32"]["metric"] == pytest.approx(digits_mlp.fp32_metrics["accuracy"], abs=1e-9)
-    q = r["quantized"]
-    assert q["metric_difference"] == pytest.approx(q["metric_measured"] - q["metric_simulated"])
-    assert abs(q["metric_difference"]) < 0.03  # real int8 kernels land within 3 points of the simulation
-    assert r["speedup"] == pytest.approx(r["fp32"]["latency_ms"]["median"] / q["latency_ms"]["median"])
-    assert r["versions"]["onnxruntime"] == ort.__version__ and "avx2" in r["cpu_features"]
-
-
-def test_latency_statistics_are_ordered():
-    calls = []
-    stats = latency_ms(lambda: calls.append(sum(range(1000))), warmup=2, min_runs=12, budget_s=0.0)
-    assert len(calls) == 14 and stats["runs"] == 12
-    assert 0 < stats["p10"] <= stats["median"] <= stats["p90"]
-
-
-def test_cli_export_writes_the_file(digits_mlp, tmp_path, capsys):
-    out = tmp_path / "m.onnx"
-    assert cli_main(["export", "digits-mlp", "--preset", "int8-dynamic", "--format", "onnx", "--out", str(out), "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["size_bytes"] == out.stat().st_size and r["unsupported"] == []
-    assert cli_main(["export", "digits-mlp", "--preset", "int8-dynamic", "--format", "onnx",
-                     "--out", str(tmp_path / "missing" / "m.onnx")]) == 2
-
-
-def test_minilm_int8_dynamic_export_runs_every_layer(minilm, tmp_path):
-    recipe = preset("int8-dynamic", minilm.layer_shapes)
-    info = export(minilm, recipe, "onnx", str(tmp_path / "m.onnx"))
-    assert info["unsupported"] == []
-    assert sum(p == "int8-dynamic" for p in info["paths"].values()) == 36  # 6 blocks x 6 Linear
-    assert sum(p == "int8-weight" for p in info["paths"].values()) == 3  # the embedding tables
-    assert info["size_bytes"] < 0.3 * info["fp32_theoretical_size_bytes"]
-
-
-def test_bench_labels_latency_of_unsupported_layers_as_estimate(digits_mlp):
-    recipe = preset("int8-weight-only", digits_mlp.layer_shapes).with_layer("fc2", {"weights": {"format": "int3"}})
-    r = bench(digits_mlp, recipe, batch_size=4, threads=1, budget_s=0.0)
-    assert [u["layer"] for u in r["unsupported"]] == ["fc2"] and r["paths"]["fc1"] == "int8-weight"
-    assert r["estimate"]["label"] == "estimate" and r["estimate"]["latency_ms"] > 0
-    q = r["quantized"]
-    # weight-only int8 runs in float after dequantizing: the real model matches its simulation
-    assert q["metric_measured"] == pytest.approx(q["metric_simulated_as_exported"], abs=0.01)
-
-
+# ---- embeddings --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("weights", [{"format": "int8", "granularity": "per_channel"},
-                                     {"format": "int8", "granularity": "per_channel", "symmetric": False},
                                      {"format": "int8", "granularity": "per_tensor", "symmetric": False}])
-def test_embedding_rows_are_dequantized_as_simulated(tmp_path, weights):
-    """Embedding tables export as int8 rows looked up first and dequantized after the lookup."""
+def test_embedding_tables_export_as_simulated(tmp_path, weights):
     from qcore.workload import Data, Workload, classification_task
 
     torch.manual_seed(0)
@@ -177,9 +239,9 @@ def test_embedding_rows_are_dequantized_as_simulated(tmp_path, weights):
     w = Workload("tiny", model, Data((ids,)), Data((ids,)), classification_task(4, False))
     recipe = Recipe.from_dict({"name": "w8", "weights": weights})
     path = tmp_path / "m.onnx"
-    info = export(w, recipe, "onnx", str(path))
-    assert info["paths"] == {"0": "int8-weight", "1": "int8-weight"}
+    r = export(w, recipe, "onnx", str(path))
     with torch.no_grad():
         sim = w.simulate(recipe).model(ids).numpy()
-    out = _reference_outputs(str(path), w, ids, dynamic=False)
-    assert np.abs(out - sim).max() <= OUTPUT_RTOL * np.abs(sim).max()
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_0": ids.numpy()})[0]
+    assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max()
+    assert [row["layer"] for row in r.layers] == ["0", "1"]

@@ -135,3 +135,27 @@ def test_recipe_naming_missing_layer_is_rejected(digits_mlp):
     recipe = Recipe.from_dict({"weights": W8, "layers": {"fc9": None}})
     with pytest.raises(QcoreError, match="'fc9', which is not a quantizable layer"):
         digits_mlp.evaluate(recipe)
+
+
+def test_too_big_range_search_names_the_layer(digits_mlp, monkeypatch):
+    """A recipe whose range search on a layer is over the limit fails with one line naming that layer."""
+    from qcore import ranges
+
+    monkeypatch.setattr(ranges, "MAX_ENTROPY_BLOCKS", 100)  # fc1 (128 x 64) in groups of 32: 256 blocks
+    recipe = Recipe.from_dict({"weights": {"format": "int8", "granularity": "per_group", "group_size": 32,
+                                           "range": "entropy"}, "layers": {"fc2": None, "fc3": None}})
+    with pytest.raises(QcoreError) as e:
+        digits_mlp.simulate(recipe)
+    assert str(e.value).startswith("layer 'fc1': range 'entropy' with granularity per_group of 32 makes 256 blocks")
+    assert "\n" not in str(e.value)
+
+
+def test_simulation_hooks_live_on_its_copy_only(digits_cnn):
+    """Simulating, calibrating and evaluating leave the shared folded model and the original
+    without a single hook (a hook there would be copied into every other session's models)."""
+    def hooks(m):
+        return sum(len(x._forward_pre_hooks) + len(x._forward_hooks) for x in m.modules())
+
+    sim = digits_cnn.simulate(preset("int8-static", digits_cnn.layer_shapes))
+    assert hooks(sim.model) == len(sim.activation_quantized) > 0
+    assert hooks(digits_cnn.folded[0]) == 0 and hooks(digits_cnn.model) == 0

@@ -65,3 +65,17 @@ def test_per_class_bars_hold_both_series():
     fig = viz_decide.per_class([1.0, 0.5, None], [0.9, 0.25, None], ["a", "b", "c"], "int4")
     assert [t.name for t in fig.data] == ["FP32", "int4"]
     assert list(fig.data[1].y) == [0.9, 0.25, None] and list(fig.data[0].x) == ["a", "b", "c"]
+
+
+def test_user_names_reach_plotly_escaped_so_no_markup_renders():
+    """Plotly renders <b>, <a href> in labels, hover text and titles: a layer, class or recipe name is shown as text."""
+    evil = '<a href="http://evil">x</a>'
+    rows = [{"layer": evil, "candidate": evil, "metric_drop": 0.1, "changed": True, "rank": 0, "sqnr_db": 10.0,
+             "metric": 0.9}]
+    figs = [viz_decide.sensitivity_heatmap(rows), viz_decide.ranked_drops(rows, evil),
+            viz_decide.tradeoff_scatter([{"label": evil, "size_bytes": 10, "metric": 0.5}], "accuracy"),
+            viz_decide.per_class([1.0], [0.5], [evil], evil),
+            viz_decide.layer_sizes([{"layer": evil, "size (bytes)": 4, "weights": "int8"}])]
+    for fig in figs:
+        text = fig.to_json()
+        assert "<a href" not in text and "&lt;a href=" in text, text[:200]

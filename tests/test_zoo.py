@@ -1,7 +1,6 @@
 """The zoo: shipped weights, fixed splits, the README's FP32 numbers, minilm's metrics."""
 
 import pytest
-import torch
 
 from qcore import QcoreError, preset, zoo
 from qcore.zoo import digits

@@ -5,6 +5,7 @@ a ``(x, y)`` tuple or a ``{"x", "y"}`` dict; ``weights_only=True``), ``.csv`` (n
 labels in the column named by ``label_column``). It is split with a seeded permutation into
 calibration (25 %, at least 1) and evaluation (the rest). Without data the inputs are synthetic
 (seeded standard normal, shaped like the model's example input) and metrics compare with FP32 only.
+Every bound on a data file (unpacked bytes, values, CSV columns and cells, synthetic bytes) is in ``limits``.
 ``data="shape:1x3x32x32"`` gives the example input shape for models that do not record one (TorchScript).
 """
 
@@ -12,17 +13,22 @@ from __future__ import annotations
 
 import math
 import re
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import QcoreError
 from ..workload import Data
 from . import limits
-from .limits import checked_file, reading, sniff, zip_members
+from .limits import checked_file, checked_torch_file, human_size, reading, sniff, zip_members
 from .models import InputSpec
 
 DATA_EXTENSIONS = (".npz", ".pt", ".pth", ".csv")
 CALIBRATION_FRACTION, SPLIT_SEED, N_SYNTHETIC = 0.25, 0, 256
+_CSV_PIECE_CELLS = 2**22  # CSV rows are parsed in pieces of about this many cells (a text column: ~100 MiB a piece)
+_HINT = "the file is truncated or corrupted, or not in the documented layout"
 
 
 def _as_tensor(a, what: str) -> torch.Tensor:
@@ -35,64 +41,173 @@ def _as_tensor(a, what: str) -> torch.Tensor:
     return t
 
 
-def load_data_file(path, label_column: str | None = None, max_bytes: int | None = None) -> Data:
-    """Samples (and labels, if any) from .npz, .pt/.pth or .csv; inputs keep the file's shape."""
-    p = checked_file(path, DATA_EXTENSIONS, "data", max_bytes)
-    ext = p.suffix.lower()
-    hint = "the file is truncated or corrupted, or not in the documented layout"
-    if ext == ".npz":
-        import numpy as np
+def _check_data_bytes(name: str, arrays: list[tuple[int, int]]) -> None:
+    """Refuse data whose values, as (elements, bytes per element) per array, exceed ``MAX_DATA_BYTES`` once
+    converted: each element costs max(4, its own size) bytes (float32, or its wider dtype)."""
+    values = sum(n for n, _ in arrays)
+    nbytes = sum(n * max(4, item) for n, item in arrays)
+    if nbytes > limits.MAX_DATA_BYTES:
+        raise QcoreError(f"{name} holds {values:,} values ({human_size(nbytes)} as float32), above the data limit of "
+                         f"{human_size(limits.MAX_DATA_BYTES)}; use fewer samples (a few hundred calibrate well) or "
+                         "raise the limit (env QCORE_MAX_DATA_MB)")
 
-        zip_members(p, limits.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes)
-        with reading(p.name, hint + " (arrays x and optional y, saved with numpy.savez)"):
-            with np.load(p, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        keys = ["x"] if "x" in arrays else sorted((k for k in arrays if re.fullmatch(r"x\d+", k)), key=lambda k: int(k[1:]))
+
+def _npy_header(zf: zipfile.ZipFile, member: str, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy member's header, checked against the bytes the member holds."""
+    fmt = np.lib.format
+    with zf.open(member) as f:
+        version = fmt.read_magic(f)
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise QcoreError(f"{name}: array {member!r} is in .npy format version {version}; save it with numpy.savez")
+        shape, _, dtype = read_header(f)
+        header_bytes = f.tell()
+    if dtype.kind not in "iuf" or dtype.itemsize > 8:
+        raise QcoreError(f"{name} array {member[:-4]!r} has dtype {dtype}; data must be numbers (float or integer arrays)")
+    if math.prod(shape) * dtype.itemsize != zf.getinfo(member).file_size - header_bytes:
+        raise QcoreError(f"{name}: array {member[:-4]!r} says it has shape {shape} of {dtype} but holds "
+                         f"{zf.getinfo(member).file_size - header_bytes:,} bytes; the file is corrupted or crafted")
+    return shape, dtype
+
+
+def _npz_arrays(p: Path, limit: int) -> tuple[list, np.ndarray | None]:
+    """Input arrays and labels of an .npz; each array's header is checked before its data is read."""
+    zip_members(p, limit)
+    with reading(p.name, _HINT + " (arrays x and optional y, saved with numpy.savez)"), zipfile.ZipFile(p) as zf:
+        members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+        keys = ["x"] if "x" in members else sorted((k for k in members if re.fullmatch(r"x\d+", k)), key=lambda k: int(k[1:]))
         if not keys:
-            raise QcoreError(f"{p.name} has arrays {sorted(arrays)} but no 'x'; save it with numpy.savez(path, x=..., y=...)")
-        xs, y = [arrays[k] for k in keys], arrays.get("y")
-    elif ext == ".csv":
-        import pandas as pd
+            raise QcoreError(f"{p.name} has arrays {sorted(members)[:20]} but no 'x'; save it with "
+                             "numpy.savez(path, x=..., y=...)")
+        wanted = keys + ["y"] * ("y" in members)
+        headers = [_npy_header(zf, members[k], p.name) for k in wanted]
+        _check_data_bytes(p.name, [(math.prod(shape), dtype.itemsize) for shape, dtype in headers])
+        arrays = []
+        for k in wanted:
+            with zf.open(members[k]) as f:
+                a = np.lib.format.read_array(f, allow_pickle=False)
+            arrays.append(a.astype(a.dtype.newbyteorder("="), copy=False))  # torch reads native byte order only
+    return arrays[:len(keys)], arrays[len(keys)] if len(wanted) > len(keys) else None
 
-        with reading(p.name, hint + " (a header row, then one numeric row per sample)"):
-            df = pd.read_csv(p)
-        if label_column is not None and label_column not in df.columns:
-            raise QcoreError(f"{p.name} has no column {label_column!r}; columns are: {', '.join(map(str, df.columns[:20]))}")
-        features = df.drop(columns=[label_column]) if label_column else df
-        bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
-        if bad:
-            raise QcoreError(f"{p.name}: columns {', '.join(map(str, bad[:5]))} are not numeric; remove them or name the "
-                             "label column with --label-column")
-        if features.shape[1] == 0 or len(df) == 0:
-            raise QcoreError(f"{p.name} has no feature values")
-        xs = [features.to_numpy(dtype="float32")]
-        y = df[label_column].to_numpy() if label_column else None
+
+def _pt_tensors(p: Path, limit: int) -> tuple[list, torch.Tensor | None]:
+    """Input tensors and labels of a torch.save file, loaded with ``weights_only=True`` after its archive
+    (real inflated sizes) and its pickle (at most ``MAX_PICKLE_BYTES``) were checked."""
+    if sniff(p) not in ("zip", "pickle"):
+        raise QcoreError(f"{p.name} is not a PyTorch file; save data with torch.save({{'x': x, 'y': y}}, path)")
+    checked_torch_file(p, limit, "save only tensors: torch.save({'x': x, 'y': y}, path)")
+    with reading(p.name, _HINT + " ({'x': tensor, 'y': tensor} saved with torch.save; only tensors are loaded)"):
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "x" in obj:
+        x, y = obj["x"], obj.get("y")
+    elif isinstance(obj, (tuple, list)) and len(obj) in (1, 2):
+        x, y = obj[0], obj[1] if len(obj) == 2 else None
     else:
-        if sniff(p) not in ("zip", "pickle"):
-            raise QcoreError(f"{p.name} is not a PyTorch file; save data with torch.save({{'x': x, 'y': y}}, path)")
-        with reading(p.name, hint + " ({'x': tensor, 'y': tensor} saved with torch.save; only tensors are loaded)"):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "x" in obj:
-            x, y = obj["x"], obj.get("y")
-        elif isinstance(obj, (tuple, list)) and len(obj) in (1, 2):
-            x, y = obj[0], obj[1] if len(obj) == 2 else None
-        elif isinstance(obj, torch.Tensor):
-            x, y = obj, None
-        else:
-            raise QcoreError(f"{p.name} holds {type(obj).__name__}; data .pt files hold a tensor, (x, y) or {{'x', 'y'}}")
-        xs = list(x) if isinstance(x, (tuple, list)) else [x]
+        x, y = obj, None
+    xs = list(x) if isinstance(x, (tuple, list)) else [x]
+    tensors = xs + ([] if y is None else [y])
+    if not xs or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise QcoreError(f"{p.name} holds {type(obj).__name__}; data .pt files hold tensors: a tensor, (x, y) or "
+                         "{'x', 'y'}")
+    # a tensor can claim far more elements than its storage holds (stride 0): count elements, not storage bytes
+    _check_data_bytes(p.name, [(t.numel(), t.element_size()) for t in tensors])
+    return xs, y
+
+
+def _csv_lines(p: Path) -> int:
+    """Lines in ``p``, refusing any line longer than ``MAX_CSV_LINE_BYTES``: one pass in 1 MiB pieces
+    (about 0.3 s per 200 MiB), before any parser sees the file."""
+    lines, start, offset = 0, 0, 0  # start: file offset where the current line begins
+    with open(p, "rb") as f:
+        while True:
+            chunk = f.read(2**20)
+            ends = offset + np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
+            end_of_file = not chunk
+            offset += len(chunk)
+            longest = int((np.diff(ends, prepend=start - 1) - 1).max()) if len(ends) else offset - start
+            if longest > limits.MAX_CSV_LINE_BYTES:
+                raise QcoreError(f"{p.name} has a line longer than {human_size(limits.MAX_CSV_LINE_BYTES)} (at most "
+                                 f"{limits.MAX_CSV_COLUMNS:,} columns are read); check that it is a CSV file with one "
+                                 "sample per line")
+            if len(ends):
+                lines, start = lines + len(ends), int(ends[-1]) + 1
+            if end_of_file:
+                return lines + (offset > start)
+
+
+def _csv_arrays(p: Path, label_column: str | None) -> tuple[list, np.ndarray | None]:
+    """Features (float32) and labels of a CSV whose header and size were checked before parsing; parsed
+    by pandas' C engine in pieces of ``_CSV_PIECE_CELLS`` (a text column costs its strings for one piece only).
+    Time: about 4-6 s for the largest accepted file (20 M cells) on one busy core."""
+    import csv
+
+    hint = _HINT + " (a header row, then one numeric row per sample)"
+    rows = _csv_lines(p) - 1
+    with reading(p.name, hint), open(p, "rb") as f:
+        header = f.readline(limits.MAX_CSV_LINE_BYTES + 1).decode("utf-8-sig").rstrip("\r\n")
+        columns = next(csv.reader([header]), [])
+    if len(columns) > limits.MAX_CSV_COLUMNS:
+        raise QcoreError(f"{p.name} has {len(columns):,} columns, above the limit of {limits.MAX_CSV_COLUMNS:,}; "
+                         "save wide data as .npz (numpy.savez(path, x=..., y=...))")
+    if rows * len(columns) > limits.MAX_CSV_CELLS:
+        raise QcoreError(f"{p.name} has {rows:,} rows x {len(columns):,} columns, above the limit of "
+                         f"{limits.MAX_CSV_CELLS:,} values for a CSV file; use fewer rows (a few hundred samples "
+                         "calibrate well) or save the data as .npz")
+    if label_column is not None and label_column not in columns:
+        raise QcoreError(f"{p.name} has no column {label_column!r}; columns are: {', '.join(columns[:20])}")
+    if rows <= 0:
+        raise QcoreError(f"{p.name} has no feature values")
+    import pandas as pd  # after the checks: refusing a file should not cost pandas' import (about 1 s)
+
+    features, labels = [], []
+    with reading(p.name, hint), pd.read_csv(p, header=None, names=columns, skiprows=1, index_col=False, engine="c",
+                                            quoting=csv.QUOTE_NONE, low_memory=False,
+                                            chunksize=max(1, _CSV_PIECE_CELLS // max(1, len(columns)))) as parts:
+        for df in parts:
+            x = df.drop(columns=[label_column]) if label_column else df
+            bad = [c for c, dtype in x.dtypes.items() if not pd.api.types.is_numeric_dtype(dtype)]
+            if bad:
+                raise QcoreError(f"{p.name}: columns {', '.join(map(str, bad[:5]))} are not numeric; remove them or name "
+                                 "the label column with --label-column")
+            if label_column and not pd.api.types.is_numeric_dtype(df[label_column]):
+                raise QcoreError(f"{p.name}: the label column {label_column!r} is not numeric; labels are class indices "
+                                 "0, 1, 2, ...")
+            features.append(x.to_numpy(dtype="float32"))
+            labels.append(df[label_column].to_numpy() if label_column else None)
+    if not features or features[0].shape[1] == 0 or not sum(len(a) for a in features):
+        raise QcoreError(f"{p.name} has no feature values")
+    return [np.concatenate(features)], np.concatenate(labels) if label_column else None
+
+
+def load_data_file(path, label_column: str | None = None, max_bytes: int | None = None) -> Data:
+    """Samples (and labels, if any) from .npz, .pt/.pth or .csv; inputs keep the file's shape.
+
+    ``max_bytes`` replaces the upload limit (``limits.MAX_UPLOAD_BYTES``); every other bound is in ``limits``.
+    """
+    p = checked_file(path, DATA_EXTENSIONS, "data", max_bytes)
+    limit = limits.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
+    ext = p.suffix.lower()
+    if ext == ".npz":
+        xs, y = _npz_arrays(p, limit)
+    elif ext == ".csv":
+        xs, y = _csv_arrays(p, label_column)
+    else:
+        xs, y = _pt_tensors(p, limit)
     inputs = tuple(_as_tensor(x, f"{p.name} input {i}") for i, x in enumerate(xs))
     n = len(inputs[0])
     if any(len(t) != n for t in inputs):
         raise QcoreError(f"{p.name}: the input arrays have different numbers of samples ({[len(t) for t in inputs]})")
+    if n == 0:
+        raise QcoreError(f"{p.name} has no samples")
     labels = None
     if y is not None:
-        labels = _as_tensor(y, f"{p.name} labels").reshape(len(y), -1)
+        labels = _as_tensor(y, f"{p.name} labels")
+        if len(labels) != n:
+            raise QcoreError(f"{p.name} has {n} samples but {len(labels)} labels; give one label per sample")
+        labels = labels.reshape(n, -1)
         if labels.shape[1] != 1:
             raise QcoreError(f"{p.name}: labels must be one class index per sample, got shape {tuple(y.shape)}")
         labels = labels[:, 0]
-        if len(labels) != n:
-            raise QcoreError(f"{p.name} has {n} samples but {len(labels)} labels; give one label per sample")
         if torch.is_floating_point(labels) and bool((labels == labels.round()).all()):
             labels = labels.long()
     return Data(inputs, labels)
@@ -128,11 +243,27 @@ def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:
 
 
 def synthetic_data(specs: list[InputSpec], n: int = N_SYNTHETIC, seed: int = SPLIT_SEED) -> Data:
-    """``n`` seeded samples per input: standard normal floats; integers uniform in ``int_range``."""
+    """``n`` seeded samples per input: standard normal floats; integers uniform in ``int_range``.
+
+    Fewer samples (``len(result) < n``) when ``n`` would take more than ``MAX_SYNTHETIC_BYTES`` (counting the
+    float32 / int64 draws and their cast to the input dtype); a one-line QcoreError when even
+    ``MIN_SYNTHETIC_SAMPLES`` would -- a model can declare inputs of any size.
+    """
+    drawn = [torch.float32 if s.dtype.is_floating_point else torch.int64 for s in specs]  # what randn/randint make
+    per_sample = sum(math.prod(s.sample_shape) * (d.itemsize + (s.dtype.itemsize if s.dtype != d else 0))
+                     for s, d in zip(specs, drawn))  # bytes: the draw, plus its cast to the input dtype
+    fits = limits.MAX_SYNTHETIC_BYTES // max(1, per_sample)
+    if fits < min(n, limits.MIN_SYNTHETIC_SAMPLES):
+        shapes = ", ".join("x".join(map(str, (1,) + s.sample_shape)) for s in specs)
+        raise QcoreError(f"the model's inputs ({shapes}) take {human_size(per_sample)} per sample, so even "
+                         f"{limits.MIN_SYNTHETIC_SAMPLES} synthetic samples exceed the limit of "
+                         f"{human_size(limits.MAX_SYNTHETIC_BYTES)}; export the model for a smaller input shape, or "
+                         "give a few samples in a data file")
+    n = min(n, fits)
     g = torch.Generator().manual_seed(seed)
     inputs = []
     for s in specs:
-        if torch.is_floating_point(torch.empty(0, dtype=s.dtype)):
+        if s.dtype.is_floating_point:
             inputs.append(torch.randn((n, *s.sample_shape), generator=g).to(s.dtype))
         else:
             lo, hi = s.int_range
@@ -141,9 +272,9 @@ def synthetic_data(specs: list[InputSpec], n: int = N_SYNTHETIC, seed: int = SPL
 
 
 def parse_shape(text: str) -> list[InputSpec]:
-    dims = [d for d in re.split(r"[x,\s]+", text.strip()) if d]
-    if len(dims) < 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
-        raise QcoreError(f"input shape {text!r} is not like 1x3x32x32 (batch first, positive integers)")
+    dims = [d for d in re.split(r"[x,\s]+", text.strip()[:200]) if d]
+    if len(dims) < 2 or len(dims) > 9 or not all(d.isdigit() and len(d) <= 9 and int(d) > 0 for d in dims):
+        raise QcoreError(f"input shape {text[:60]!r} is not like 1x3x32x32 (batch first, up to 9 positive integers)")
     return [InputSpec(tuple(int(d) for d in dims[1:]))]
 
 

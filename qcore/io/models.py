@@ -7,15 +7,20 @@ Models (the extension says the format, the content must agree):
   activations, per-layer recipes and BatchNorm folding all work as for the source ``nn.Module``.
 - ``.onnx`` -> ``onnx_import.convert`` (Gemm/MatMul -> Linear, Conv -> Conv1d/2d, Gather -> Embedding);
   weights exported to a separate ``model.onnx.data`` are read when that file sits beside the model.
-- ``.pt`` / ``.pth`` / ``.ts``: a TorchScript archive (``torch.jit.save``; weights and weight-only
-  recipes: hooks never fire inside TorchScript), or a state dict of a zoo architecture.
+- ``.pt`` / ``.pth`` / ``.ts``: a state dict of a zoo architecture, or a TorchScript archive.
 - ``.safetensors``: a state dict of a zoo architecture (digits-mlp, digits-cnn), found by key and shape.
-- A pickled whole model (``torch.save(model)``) runs code when loaded: refused unless
-  ``allow_pickle=True`` (CLI ``--trust-pickle`` or env ``QCORE_TRUST_PICKLE=1``, for files you trust).
 
-Uploaded files are untrusted: ``.pt`` files load with ``weights_only=True``; a ``.pt2`` archive is
-screened before ``torch.export.load`` (``pt2.screen``); every file is bounded by
-``MAX_UPLOAD_BYTES`` (env ``QCORE_MAX_UPLOAD_MB``, default 200 MiB).
+Uploaded files are untrusted, and nothing loaded may run: ``.pt`` files load with ``weights_only=True``;
+torch only ever sees a ``.pt2`` archive's checked copy (``pt2.sanitized_copy``); every file is bounded
+by ``MAX_UPLOAD_BYTES`` (env ``QCORE_MAX_UPLOAD_MB``, default 200 MiB). Two kinds of file are code, and
+are refused unless ``allow_pickle=True`` (CLI ``--trust-pickle`` or env ``QCORE_TRUST_PICKLE=1``, which
+runs code from the file -- only for files you trust; the app never sets it):
+
+- a TorchScript archive (``torch.jit.save``) is compiled code: ``torch.jit.load`` runs its
+  ``__setstate__`` and the model runs its ``forward``, either of which may call any TorchScript op
+  (``torch.from_file`` writes files). Trusted, it loads for weights and weight-only recipes (input
+  hooks never fire inside TorchScript);
+- a pickled whole model (``torch.save(model)``) runs code when unpickled.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 
 from ..errors import QcoreError
 from . import limits
-from .limits import checked_file, first_line, reading, sniff, zip_members
+from .limits import checked_file, checked_torch_file, first_line, reading, sniff, zip_members
 
 MODEL_EXTENSIONS = (".pt2", ".onnx", ".pt", ".pth", ".ts", ".safetensors")
 EXPORT_HINT = ("export the model instead: ep = torch.export.export(model, (example_input,)); "
@@ -60,7 +65,12 @@ class LoadedModel:
 
 
 
-def _load_torchscript(p: Path) -> LoadedModel:
+def _load_torchscript(p: Path, allow_pickle: bool) -> LoadedModel:
+    if not allow_pickle:
+        raise QcoreError(f"{p.name} is a TorchScript archive: compiled code that would run when loaded, so it is "
+                         "refused. Export the model instead: torch.export.save(torch.export.export(model, (x,)), "
+                         "'model.pt2') or torch.onnx.export(model, (x,), 'model.onnx') -- or, for a file you trust, "
+                         "start the CLI with --trust-pickle (env QCORE_TRUST_PICKLE=1), which runs code from the file")
     with reading(p.name, "the TorchScript archive is truncated or corrupted; save it again with torch.jit.save"):
         model = torch.jit.load(str(p), map_location="cpu")
     return LoadedModel(model.eval(), "torchscript", None, notes=[
@@ -98,14 +108,17 @@ def _load_torch_file(p: Path, allow_pickle: bool, limit: int) -> LoadedModel:
         names = zip_members(p, limit)
         if any(n.endswith("/archive_format") for n in names):
             raise QcoreError(f"{p.name} is a torch.export program; give it the .pt2 extension")
-        if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
-            return _load_torchscript(p)
+        inside = [n.split("/", 1)[-1] for n in names]  # paths below the archive's root folder
+        if any(r.startswith("code/") or r in ("constants.pkl", "bytecode.pkl") for r in inside):
+            return _load_torchscript(p, allow_pickle)
     elif kind != "pickle":
         raise QcoreError(f"{p.name} is not a PyTorch file (its first bytes are neither a zip archive nor a pickle); "
                          + ("it looks like safetensors: rename it to .safetensors" if kind == "safetensors" else
                             "check that it is the file you meant"))
     import pickle
 
+    if not allow_pickle:
+        checked_torch_file(p, limit, "save only the weights: safetensors.torch.save_file(model.state_dict(), path)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

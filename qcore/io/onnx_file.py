@@ -1,49 +1,108 @@
-"""An ``.onnx`` file (and the external weight file beside it) -> ``LoadedModel`` via ``onnx_import.convert``."""
+"""An ``.onnx`` file (and the external weight file beside it) -> ``LoadedModel`` via ``onnx_import.convert``.
+
+External data is the one way an ONNX file can make a loader read another file: any tensor -- an
+initializer, a sparse initializer, a Constant's ``value`` or any tensor attribute, in the main graph
+or in any subgraph (If/Loop/Scan bodies) or local function -- may say "my bytes are in file F at
+offset O, length L". ``torch.onnx.export`` writes weights that way to ``model.onnx.data`` beside the
+model. An upload is untrusted, so such a reference is followed only to a plain file name (no folder
+part) of a regular file (not a link, device or FIFO) in the model's own folder, with the byte range
+inside that file and within the upload limit. The bytes are read here and copied into the tensor,
+so nothing later (onnx's checker, ``numpy_helper.to_array``, an export) can resolve a location
+relative to the working directory.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from pathlib import Path
-
+from typing import NoReturn
 
 from ..errors import QcoreError
+from . import onnx_import
 from .limits import human_size, reading
 from .models import InputSpec, LoadedModel
+from .onnx_import import quoted
+
+SINGLE_FILE_HINT = "export a single file with torch.onnx.export(..., external_data=False)"
+_PLAIN_NAME = re.compile(r"[^/\\:\x00]+")  # no folder part, no drive, no NUL
+
+
+def _external_bytes(tensor, where: str, p: Path, budget: int, limit: int) -> bytes:
+    """The bytes an external-data tensor points at, after checking the reference (see the module
+    docstring); ``budget`` is how many bytes may still be read under the upload limit ``limit``."""
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+
+    def refuse(problem: str) -> NoReturn:
+        raise QcoreError(f"{p.name}: {where} keeps its data in a separate file {quoted(location)}, which {problem}; "
+                         f"{SINGLE_FILE_HINT}")
+
+    if not _PLAIN_NAME.fullmatch(location) or location in (".", ".."):
+        refuse("is not a plain file name beside the model")
+    path = p.parent / location
+    try:
+        info = os.lstat(path)
+    except OSError:
+        refuse("is not beside it")
+    if not stat.S_ISREG(info.st_mode):
+        refuse("is not a regular file (a link, device, pipe or folder)")
+    if os.path.realpath(path) != os.path.join(os.path.realpath(p.parent), location):
+        refuse("resolves outside the model's folder")
+    try:
+        offset = int(entries.get("offset", 0))
+        length = int(entries.get("length", max(info.st_size - offset, 0)))
+    except ValueError:
+        refuse("is given with an offset or length that is not a whole number")
+    if offset < 0 or length < 0 or offset + length > info.st_size:
+        refuse(f"has {info.st_size:,} bytes, but the tensor asks for bytes {offset:,} to {offset + length:,}")
+    if length > budget:
+        raise QcoreError(f"{p.name} with the external data of its tensors (up to {where}) is above the limit of "
+                         f"{human_size(limit)}; use a smaller model or raise the limit (env QCORE_MAX_UPLOAD_MB)")
+    try:  # O_NOFOLLOW: a link swapped in after the checks above is refused, not followed
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        refuse("cannot be opened as a plain file")
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            refuse("is not a regular file (a link, device, pipe or folder)")
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        refuse("changed while it was being read")
+    return data
 
 
 def _load_external_data(proto, p: Path, limit: int) -> None:
-    """Weights the exporter wrote beside the model (torch.onnx.export's default ``model.onnx.data``):
-    read them if they sit in the same folder under a plain file name and fit the size limit."""
-    from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
+    """Copy every external-data tensor's bytes into the tensor (``raw_data``), so that afterwards no
+    tensor anywhere in ``proto`` refers to a file. At most ``limit`` bytes in all (the model file
+    included); any reference that fails a check raises one ``QcoreError`` line."""
+    from onnx import TensorProto
 
-    files = {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}
-    if not files:
-        return
-    hint = "export a single file with torch.onnx.export(..., external_data=False)"
-    for name in files:
-        if Path(name).name != name or not (p.parent / name).is_file():
-            raise QcoreError(f"{p.name} keeps its weights in a separate file {name!r}, which is not beside it; {hint}")
-    total = p.stat().st_size + sum((p.parent / name).stat().st_size for name in files)
-    if total > limit:
-        raise QcoreError(f"{p.name} and its weight file are {human_size(total)}, above the limit of {human_size(limit)}; "
-                         "use a smaller model or raise the limit (env QCORE_MAX_UPLOAD_MB)")
-    with reading(p.name, f"its weight file is truncated or corrupted; {hint}"):
-        load_external_data_for_model(proto, str(p.parent))
+    budget = limit - p.stat().st_size
+    for tensor, where in onnx_import.all_tensors(proto):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor.raw_data = _external_bytes(tensor, where, p, budget, limit)
+            budget -= len(tensor.raw_data)
+            tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]  # entries without the EXTERNAL flag are ignored by onnx: drop them too
 
 
 def load_onnx_file(p: Path, limit: int) -> LoadedModel:
+    """An ``.onnx`` file of at most ``limit`` bytes (with its external data) -> ``LoadedModel``."""
     import onnx
-
-    from . import onnx_import
 
     with reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
         proto = onnx.load(str(p), load_external_data=False)
     _load_external_data(proto, p, limit)
     with reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
         onnx.checker.check_model(proto)
-    model = onnx_import.convert(proto)
+    declared = onnx_import.input_shapes(proto)  # refuses absurd declared sizes before anything is built
+    model = onnx_import.convert(proto, limit)
     vocab = onnx_import.embedding_sizes(proto)
     specs, batch = [], 1
-    for i, (name, dims, dtype) in enumerate(onnx_import.input_shapes(proto)):
+    for i, (name, dims, dtype) in enumerate(declared):
         if not dims:
             raise QcoreError(f"{p.name}: input {name!r} has no shape; the engine needs inputs with a batch dimension first")
         shape = tuple(d or 1 for d in dims[1:])
@@ -55,4 +114,3 @@ def load_onnx_file(p: Path, limit: int) -> LoadedModel:
         notes.append(f"the ONNX model has {len(model.output_names)} outputs; the engine scores the first, "
                      f"{model.output_names[0]!r}")
     return LoadedModel(model, "onnx", specs, batch, notes)
-

@@ -18,12 +18,23 @@ name (the TorchScript exporter: ``/features/features.0/Conv`` -> ``features.0``)
 node name (``node_MatMul_95``).
 The module returns the graph's first output. An operator not in ``OPS`` raises ``QcoreError``
 naming it and its node.
+
+Bounds (the file is untrusted; a 3 KB graph can ask ConstantOfShape for 6 GiB): before a node is
+folded, ``output_sizes`` finds its output shapes without allocating them -- from the input shapes,
+or by running the operator on torch's "meta" device (shapes and dtypes, no memory) with real values
+only for the inputs that decide the shape (``VALUE_INPUTS``: a shape, repeats, pads, axes, Range's
+bounds); an expanded view counts as if materialised. Folding stops with one ``QcoreError`` line,
+before anything is allocated, when one folded tensor would exceed the upload limit, all folded
+tensors together twice it, or all folding together ``MAX_FOLD_WORK`` element operations. At run
+time the same check guards the operators whose output size the graph's values decide
+(``RUN_CHECKED``), and ``input_shapes`` refuses absurd declared inputs (``MAX_SAMPLE_ELEMENTS``).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -33,6 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QcoreError
+from . import limits
+from .limits import human_size
+
+# ---- bounds on what an untrusted graph may ask for (see the module docstring) ------------------------
+FOLDED_TENSOR_UPLOADS = 1  # one folded constant: at most 1 x the upload limit, in bytes (default 200 MiB)
+FOLDED_TOTAL_UPLOADS = 2  # all folded constants together: at most 2 x the upload limit, in bytes
+MAX_FOLD_WORK = 2**32  # element operations (values read + written, x the inner size of a contraction or pool)
+MAX_RUN_TENSOR_BYTES = 2**31  # one tensor a RUN_CHECKED operator creates at run time: 2 GiB
+MAX_SAMPLE_ELEMENTS = 2**26  # one declared graph input, per sample (no batch dim): 64 Mi values, 256 MiB float32
+MAX_SHAPE_VALUES = 256  # a shape, repeats, pads or axes input holds at most this many values
 
 MIN_OPSET = 11
 # ONNX TensorProto element types -> torch dtypes (the ones models use).
@@ -149,14 +170,14 @@ def _split(xs, a):
     x, axis = xs[0], a.get("axis", 0)
     sizes = _ints(xs[1]) if len(xs) > 1 and xs[1] is not None else a.get("split")
     if not sizes:
-        n = a.get("num_outputs", a["_n_out"])
+        n = a["_n_out"]  # = the num_outputs attribute in a valid file; the outputs bound the list below
         chunk = math.ceil(x.shape[axis] / n)
         sizes = [min(chunk, x.shape[axis] - i * chunk) for i in range(n)]
     return tuple(torch.split(x, list(sizes), dim=axis))
 
 
 def _expand(xs, a):
-    return xs[0].expand(torch.broadcast_shapes(xs[0].shape, tuple(_ints(xs[1]))))
+    return xs[0].expand(np.broadcast_shapes(tuple(xs[0].shape), tuple(_ints(xs[1]))))
 
 
 def _constant(xs, a):
@@ -170,7 +191,9 @@ def _constant(xs, a):
 
 
 def _constant_of_shape(xs, a):
-    value = a.get("value", torch.zeros(1))
+    value = a.get("value")
+    if value is None:
+        return torch.zeros(_ints(xs[0]))
     return torch.full(_ints(xs[0]), value.reshape(-1)[0].item(), dtype=value.dtype)
 
 
@@ -313,7 +336,8 @@ OPS = {
     "Shape": lambda xs, a: torch.tensor(xs[0].shape[a.get("start", 0):a.get("end", xs[0].dim())], dtype=torch.int64),
     "Size": lambda xs, a: torch.tensor(xs[0].numel(), dtype=torch.int64),
     "Constant": _constant, "ConstantOfShape": _constant_of_shape,
-    "Range": lambda xs, a: torch.arange(xs[0].item(), xs[1].item(), xs[2].item(), dtype=xs[0].dtype),
+    "Range": lambda xs, a: (torch.arange(xs[0].item(), xs[1].item(), xs[2].item(), dtype=xs[0].dtype)
+                            if (xs[1] - xs[0]).item() * xs[2].item() > 0 else torch.empty(0, dtype=xs[0].dtype)),
     "Dropout": lambda xs, a: xs[0] if a["_n_out"] == 1 else (xs[0], torch.ones_like(xs[0], dtype=torch.bool)),
     "MaxPool": _pool("Max"), "AveragePool": _pool("Average"),
     "GlobalAveragePool": lambda xs, a: xs[0].mean(dim=tuple(range(2, xs[0].dim())), keepdim=True),
@@ -330,6 +354,127 @@ OPS = {
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin), "Trilu": _trilu, "Pad": _pad,
 }
 SUPPORTED_OPS = tuple(sorted(OPS))
+# Inputs whose values (not just shapes) decide an operator's output shape: kept real on the meta device.
+VALUE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
+                "Pad": (1, 2, 3), "Slice": (1, 2, 3, 4), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
+                "Trilu": (1,), **{op: (1,) for op in OPS if op.startswith("Reduce")}}
+RUN_CHECKED = ("ConstantOfShape", "Expand", "Tile", "Range", "Pad")  # output size set by values at run time
+BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "Min", "Max", "Sum", "Mean",
+             "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")  # 1 output, broadcast
+BOOL_OUT = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")
+
+
+# ---- bounds ---------------------------------------------------------------------------------------------
+def quoted(text: str) -> str:
+    """A name from the file for a one-line message: repr (escapes newlines), at most ~80 characters."""
+    return repr(text[:80] + ("..." if len(text) > 80 else ""))
+
+
+def output_sizes(op: str, xs: list, attrs: dict) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes per value) of each output ``OPS[op](xs, attrs)`` would return, found without
+    allocating it: from the input shapes for broadcasting ops, MatMul, Gemm, Concat, Range, Tile and the
+    Gathers (exact, or an upper bound where dtypes promote), else by running the operator on torch's
+    "meta" device (shapes and dtypes only) with real values for its ``VALUE_INPUTS``. Concat, Range
+    and Tile report their value count as a 1-D shape. (Elementwise ops on the meta device, like
+    ``torch.broadcast_shapes``, load torch's Python reference kernels, seconds the first time in a
+    process: the rules above keep common folds and run-time checks off that path.)"""
+    for i in VALUE_INPUTS.get(op, ()):
+        if i < len(xs) and xs[i] is not None and xs[i].numel() > MAX_SHAPE_VALUES:
+            raise QcoreError(f"input {i} of operator {op!r} has {xs[i].numel():,} values; as a shape, pads or axes "
+                             f"it can have at most {MAX_SHAPE_VALUES}: the file is malformed")
+    present = [x for x in xs if x is not None]
+    widest = max((x.element_size() for x in present), default=8)
+    if op in BROADCAST:
+        return [(np.broadcast_shapes(*(tuple(x.shape) for x in present)), 1 if op in BOOL_OUT else widest)]
+    if op == "Concat":
+        return [((sum(x.numel() for x in present),), widest)]
+    if op == "MatMul":  # numpy rules: batch dims broadcast; a 1-D operand loses its matrix dim
+        a, b = tuple(xs[0].shape), tuple(xs[1].shape)
+        return [((*np.broadcast_shapes(a[:-2], b[:-2]), *a[-2:-1], *(b[-1:] if len(b) > 1 else ())), widest)]
+    if op == "Gemm":  # (M, K) @ (K, N) + C broadcast to (M, N)
+        m, n = xs[0].shape[1 if attrs.get("transA", 0) else 0], xs[1].shape[0 if attrs.get("transB", 0) else 1]
+        return [(np.broadcast_shapes((m, n), *(tuple(x.shape) for x in present[2:])), widest)]
+    if op == "Range":  # ONNX: max(ceil((limit - start) / delta), 0) values
+        start, limit, delta = (x.item() for x in xs[:3])
+        return [((max(math.ceil((limit - start) / delta), 0),), xs[0].element_size())]
+    if op == "Tile":
+        return [((xs[0].numel() * math.prod(max(r, 0) for r in _ints(xs[1])),), xs[0].element_size())]
+    if op == "Gather":
+        axis = attrs.get("axis", 0) % xs[0].dim()
+        return [((*xs[0].shape[:axis], *xs[1].shape, *xs[0].shape[axis + 1:]), xs[0].element_size())]
+    if op == "GatherElements":
+        return [(tuple(xs[1].shape), xs[0].element_size())]
+    if op == "GatherND":
+        b, m = attrs.get("batch_dims", 0), xs[1].shape[-1]
+        return [((*xs[1].shape[:-1], *xs[0].shape[b + m:]), xs[0].element_size())]
+    keep = VALUE_INPUTS.get(op, ())
+    with torch.device("meta"):
+        out = OPS[op]([x if x is None or i in keep else x.to("meta") for i, x in enumerate(xs)], attrs)
+    return [(tuple(o.shape), o.element_size()) for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _einsum_inner(equation: str, shapes) -> int:
+    """Product of the sizes of an einsum's summed-over letters ('ij,jk->ik': the size of j)."""
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    sizes: dict[str, int] = {}
+    for term, shape in zip(lhs.split(","), shapes):
+        head, _, tail = term.partition("...")
+        for letter, d in [*zip(head, shape), *zip(tail[::-1], shape[::-1])]:
+            sizes[letter] = max(sizes.get(letter, 1), d)
+    kept = set(rhs) if arrow else {c for c in sizes if lhs.count(c) == 1}
+    return math.prod(d for c, d in sizes.items() if c not in kept)
+
+
+def _work(op: str, xs: list, out_values: int, attrs: dict) -> int:
+    """Element operations to evaluate one node with ``out_values`` output values: values read and
+    written, each output value times the inner size it sums over in a contraction (MatMul, Gemm,
+    Einsum) or a pool (its kernel)."""
+    inner = 1
+    if op == "MatMul":
+        inner = xs[0].shape[-1]
+    elif op == "Gemm":
+        inner = xs[0].shape[0 if attrs.get("transA", 0) else -1]
+    elif op == "Einsum":
+        inner = _einsum_inner(attrs["equation"], [x.shape for x in xs])
+    elif op in ("MaxPool", "AveragePool"):
+        inner = math.prod(attrs["kernel_shape"])
+    return sum(x.numel() for x in xs if x is not None) + out_values * inner
+
+
+@dataclass
+class FoldBudget:
+    """What constant folding has used of its limits: bytes of folded tensors (``tensor_limit`` for any
+    one, ``total_limit`` for all together) and element operations (see ``_work``)."""
+
+    tensor_limit: int
+    total_limit: int
+    work_limit: int = MAX_FOLD_WORK
+    total: int = 0
+    work: int = 0
+
+    @classmethod
+    def for_upload(cls, upload_bytes: int) -> FoldBudget:
+        return cls(FOLDED_TENSOR_UPLOADS * upload_bytes, FOLDED_TOTAL_UPLOADS * upload_bytes)
+
+    def charge(self, op: str, xs: list, attrs: dict, where: str) -> None:
+        """Count what folding this node needs; QcoreError, before anything is allocated, if it does not fit."""
+        outs = output_sizes(op, xs, attrs)
+        sizes = [math.prod(shape) * per_value for shape, per_value in outs]
+        hint = "the file is malformed or built to exhaust memory; export the model again"
+        for (shape, _), size in zip(outs, sizes):
+            if size > self.tensor_limit:
+                raise QcoreError(f"ONNX operator {op!r} ({where}) would create a constant of {human_size(size)} "
+                                 f"(shape {shape}) at import, above the limit of {human_size(self.tensor_limit)} "
+                                 f"for one folded tensor; {hint}")
+        if self.total + sum(sizes) > self.total_limit:
+            raise QcoreError(f"ONNX operator {op!r} ({where}) would bring the constants folded at import to "
+                             f"{human_size(self.total + sum(sizes))}, above the limit of {human_size(self.total_limit)}; {hint}")
+        work = _work(op, xs, sum(math.prod(shape) for shape, _ in outs), attrs)
+        if self.work + work > self.work_limit:
+            raise QcoreError(f"ONNX operator {op!r} ({where}) would bring the work of folding constants at import to "
+                             f"{self.work + work:,} element operations, above the limit of {self.work_limit:,}; {hint}")
+        self.total += sum(sizes)
+        self.work += work
 
 
 # ---- the module -----------------------------------------------------------------------------------
@@ -382,6 +527,11 @@ class OnnxModule(nn.Module):
                     x = torch.where(x < 0, x + layer.num_embeddings, x).long()
                 out = layer(x)
             else:
+                if s.op in RUN_CHECKED and any(math.prod(shape) * per_value > MAX_RUN_TENSOR_BYTES
+                                               for shape, per_value in output_sizes(s.op, xs, s.attrs)):
+                    raise QcoreError(f"ONNX operator {s.op!r} (node {quoted(s.name)}) would create a tensor above "
+                                     f"{human_size(MAX_RUN_TENSOR_BYTES)} at run time; check the input shapes, or "
+                                     "the file is built to exhaust memory")
                 out = OPS[s.op](xs, s.attrs)
             outs = out if isinstance(out, tuple) else (out,)
             env.update((n, v) for n, v in zip(s.outputs, outs) if n)
@@ -389,13 +539,49 @@ class OnnxModule(nn.Module):
 
 
 # ---- conversion -------------------------------------------------------------------------------------
+def all_tensors(model) -> Iterator[tuple[object, str]]:
+    """Every ``TensorProto`` in an ``onnx.ModelProto`` with where it sits ("initializer 'fc.weight'",
+    "attribute 'value' of node 'c1'"): the main graph, training graphs, local functions and every
+    subgraph of every node (If/Loop/Scan bodies), however deeply nested (walked with a stack)."""
+    graphs = [model.graph, *(g for t in model.training_info for g in (t.initialization, t.algorithm))]
+    nodes = [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            for t in graph.initializer:
+                yield t, f"initializer {quoted(t.name)}"
+            for sparse in graph.sparse_initializer:
+                yield sparse.values, f"sparse initializer {quoted(sparse.values.name)}"
+                yield sparse.indices, f"sparse initializer {quoted(sparse.values.name)}"
+            nodes.extend(graph.node)
+            continue
+        node = nodes.pop()
+        for a in node.attribute:
+            where = f"attribute {quoted(a.name)} of node {quoted(node.name or node.op_type)}"
+            sparse = [*([a.sparse_tensor] if a.HasField("sparse_tensor") else []), *a.sparse_tensors]
+            for t in [*([a.t] if a.HasField("t") else []), *a.tensors, *(x for sp in sparse for x in (sp.values, sp.indices))]:
+                yield t, where
+            graphs.extend([*([a.g] if a.HasField("g") else []), *a.graphs])
+
+
+def _tensor(proto, where: str) -> torch.Tensor:
+    """A ``TensorProto`` held in the file -> torch tensor (never read from another file)."""
+    from onnx import numpy_helper
+
+    try:
+        return torch.from_numpy(np.array(numpy_helper.to_array(proto)))
+    except Exception as e:  # noqa: BLE001 -- whatever fails to parse in an untrusted tensor is the file's fault
+        raise QcoreError(f"the ONNX model's {where} is not a valid tensor ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}); the file may be corrupted") from None
+
+
 def _attrs(node) -> dict:
-    from onnx import AttributeProto, helper, numpy_helper
+    from onnx import AttributeProto, helper
 
     out = {}
     for a in node.attribute:
         if a.type == AttributeProto.TENSOR:
-            out[a.name] = torch.from_numpy(numpy_helper.to_array(a.t).copy())
+            out[a.name] = _tensor(a.t, f"attribute {quoted(a.name)} of node {quoted(node.name or node.op_type)}")
         elif a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
             raise QcoreError(f"operator {node.op_type!r} (node {node.name!r}) has a subgraph (control flow), which "
                              "the ONNX importer cannot run; export without data-dependent control flow or as .pt2")
@@ -514,21 +700,30 @@ def _where(node, index: int) -> str:
     return f"node {node.name!r}" if node.name else f"node #{index}"
 
 
-def convert(model) -> OnnxModule:
-    """An ``OnnxModule`` computing what the ``onnx.ModelProto`` ``model`` computes (float32)."""
-    from onnx import numpy_helper
+def convert(model, max_bytes: int | None = None) -> OnnxModule:
+    """An ``OnnxModule`` computing what the ``onnx.ModelProto`` ``model`` computes (float32).
+
+    ``max_bytes``: the upload limit the folding budget derives from (default ``limits.MAX_UPLOAD_BYTES``).
+    ``model`` must hold all its data: a tensor referring to an external file is refused here (files
+    load theirs with ``onnx_file.load_onnx_file``, which checks where they are)."""
+    from onnx import TensorProto
 
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise QcoreError(f"the ONNX model uses opset {opset}; the importer needs opset {MIN_OPSET} or newer: "
                          "re-export with torch.onnx.export(..., opset_version=17)")
+    for t, where in all_tensors(model):
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            raise QcoreError(f"the ONNX model's {where} keeps its data in an external file; save it as one "
+                             "self-contained .onnx file (torch.onnx.export(..., external_data=False))")
+    if graph.sparse_initializer:
+        raise QcoreError(f"the ONNX model stores {quoted(graph.sparse_initializer[0].values.name)} as a sparse "
+                         "initializer, which the importer does not read; save its weights dense")
+    budget = FoldBudget.for_upload(limits.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes)
     consts: dict[str, torch.Tensor] = {}
     for init in graph.initializer:
-        if init.data_location == 1:  # EXTERNAL
-            raise QcoreError("the ONNX model keeps its weights in external data files; save it as one "
-                             "self-contained .onnx file (onnx.save(model, path, save_as_external_data=False))")
-        t = torch.from_numpy(np.array(numpy_helper.to_array(init)))
+        t = _tensor(init, f"initializer {quoted(init.name)}")
         if t.dtype in (torch.float16, torch.bfloat16, torch.float64):
             raise QcoreError(f"the ONNX model stores weight {init.name!r} as {t.dtype}; export it in float32 "
                              "(the engine simulates lower precisions itself)")
@@ -559,8 +754,10 @@ def convert(model) -> OnnxModule:
             raise QcoreError(f"Conv ({where}) has a weight computed at run time or {len(consts.get(names[1], []))}-D; "
                              "the importer supports Conv1d/Conv2d with constant weights")
         if all(not n or n in consts for n in names):
+            xs = [consts[n] if n else None for n in names]
             try:  # constant folding: the node's value is the same for every input
-                out = OPS[node.op_type]([consts[n] if n else None for n in names], attrs)
+                budget.charge(node.op_type, xs, attrs, where)
+                out = OPS[node.op_type](xs, attrs)
             except QcoreError:
                 raise
             except Exception as e:
@@ -579,7 +776,8 @@ def convert(model) -> OnnxModule:
 
 
 def input_shapes(model) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]:
-    """(name, shape, dtype) of each graph input that is not a weight; unknown/symbolic dims are None."""
+    """(name, shape, dtype) of each graph input that is not a weight; unknown/symbolic dims are None.
+    QcoreError if one declares more than ``MAX_SAMPLE_ELEMENTS`` values per sample (batch dim excluded)."""
     inits = {i.name for i in model.graph.initializer}
     out = []
     for i in model.graph.input:
@@ -589,6 +787,11 @@ def input_shapes(model) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]
         if tt.elem_type not in DTYPES:
             raise QcoreError(f"ONNX input {i.name!r} has element type {tt.elem_type}, which the importer cannot feed")
         dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        per_sample = math.prod(d or 1 for d in dims[1:])
+        if per_sample > MAX_SAMPLE_ELEMENTS:
+            raise QcoreError(f"ONNX input {quoted(i.name)} declares {per_sample:,} values per sample "
+                             f"(shape {str(dims)[:100]}), above the limit of {MAX_SAMPLE_ELEMENTS:,}; "
+                             "export the model with the input shape it really takes")
         out.append((i.name, dims, DTYPES[tt.elem_type]))
     return out
 

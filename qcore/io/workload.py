@@ -1,4 +1,9 @@
-"""A zoo name or a model file, plus an optional data file -> ``Workload``: the one entry point for uploads."""
+"""A zoo name or a model file, plus an optional data file -> ``Workload``: the one entry point for uploads.
+
+The workload's ``content_hash`` is computed here from what the result depends on: the model file's
+name and bytes (for ONNX also its loaded weights, which may come from a weight file beside it), the
+data file's name and bytes (or the ``shape:`` spec), the label column and the loader options.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from torch import nn
 
 from ..errors import QcoreError
 from ..metrics import mean_cosine, sqnr_db
-from ..workload import Data, Task, Workload, classification_task
+from ..workload import Data, Task, Workload, classification_task, content_hash
 from .data import N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, parse_shape, split, synthetic_data
 from .limits import first_line
 from .models import InputSpec, LoadedModel, load_model_file
@@ -68,6 +73,7 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     from ..zoo import ZOO, load
 
     shape_spec = data is not None and str(data).startswith("shape:")
+    data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]
     if model in ZOO:
         base = load(model)
         if data is None:
@@ -77,11 +83,18 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                            t.dtype, (int(t.min()), int(t.max())) if not torch.is_floating_point(t) else (0, 1)) for t in first]
         loaded = LoadedModel(base.model, "zoo", specs, task_kind=base.task.kind)
         name = base.name
+        model_part = ["zoo", base.content_hash]
     else:
-        if not Path(model).is_file():
+        try:
+            exists = Path(model).is_file()
+        except OSError as e:  # e.g. a file name longer than the file system allows
+            raise QcoreError(f"model file {model[:80]!r}... cannot be opened ({e.strerror})") from None
+        if not exists:
             raise QcoreError(f"{model!r} is neither a zoo model ({', '.join(ZOO)}) nor a file that exists")
         loaded = load_model_file(model, allow_pickle, max_bytes)
         name = Path(model).name
+        weights = sorted(loaded.model.state_dict().items()) if loaded.format == "onnx" else []
+        model_part = ["file", name, Path(model), [[k, t] for k, t in weights]]
     notes = list(loaded.notes)
     if data is None or shape_spec:
         if shape_spec:
@@ -128,7 +141,8 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
         name=name, model=loaded.model, calibration=calibration, evaluation=evaluation, task=task,
         description=(f"{name}, a {loaded.format} model, evaluated on {source} ({len(calibration)} calibration / "
                      f"{len(evaluation)} evaluation samples). Headline metric: {task.headline}."),
-        source=loaded.format, notes=notes, batch_size=fixed or 128)
+        source=loaded.format, notes=notes, batch_size=fixed or 128,
+        content_hash=content_hash("load_workload", model_part, data_part, label_column, allow_pickle))
 
 
 @dataclass(eq=False)

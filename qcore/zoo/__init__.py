@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import QcoreError
-from ..workload import Workload, classification_task
+from ..workload import Workload, classification_task, content_hash
 
 
 def _digits(name: str, description: str) -> Workload:
@@ -38,8 +40,23 @@ ZOO = {
 DEFAULT_MODEL = "digits-mlp"
 
 
+def weight_files(name: str) -> list[Path]:
+    """The shipped files zoo entry ``name`` is loaded from (weights, config, tokenizer)."""
+    if name == "minilm-l6":
+        from .minilm import model_dir
+
+        return sorted(p for p in model_dir().rglob("*") if p.is_file())
+    from .digits import WEIGHTS_DIR
+
+    return [WEIGHTS_DIR / f"{name}.safetensors"]
+
+
 def load(name: str) -> Workload:
-    """The zoo workload ``name`` (a fresh object: cache it, e.g. with st.cache_resource)."""
+    """The zoo workload ``name`` (a fresh object: cache it, e.g. with st.cache_resource). Its
+    ``content_hash`` covers the name, the bytes of its weight files and its data tensors."""
     if name not in ZOO:
         raise QcoreError(f"unknown zoo model {name!r}; available: {', '.join(ZOO)}")
-    return ZOO[name]()
+    w = ZOO[name]()
+    w.content_hash = content_hash("zoo", name, [[p.name, p] for p in weight_files(name)],
+                                  [[d.inputs, d.labels] for d in (w.calibration, w.evaluation)])
+    return w

@@ -1,0 +1,36 @@
+"""User text into Streamlit's Markdown: shown as the characters it is, never as links, images or directives.
+
+Streamlit renders Markdown in ``st.markdown``/``st.write``/``st.caption``/``st.title``, alert and toast bodies,
+spinner and progress texts, and widget and metric labels (and ``help`` tooltips). An uploaded file name,
+layer name, link parameter or an error message quoting one must go through ``plain`` first, or
+``[click](http://evil)`` becomes a live link inside the app's own box. Select-box options and data
+frames are plain text already (do not escape them). Plotly renders a subset of HTML in titles, tick
+labels, legends and hover text: user names that go into a figure go through ``html_plain``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+# CommonMark lets a backslash escape any ASCII punctuation; these are the ones Markdown, GFM, KaTeX ($) and
+# Streamlit's directives (:red[...], :material/icon:, :smile:) give a meaning to.
+_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
+
+
+# Streamlit's directives (:material/home:, :smile:) and GFM's autolinks (www.x.com, a@x.com) are found in the
+# text after backslash escapes are resolved, so they are broken up with an invisible word joiner instead.
+_JOINER = "\u2060"
+_AUTOLINK = re.compile(r"(www|[:@])(?=.)", re.IGNORECASE)
+
+
+def plain(text) -> str:
+    """``text`` (anything; ``str()`` of it) as Markdown that shows those characters on one line: every
+    Markdown character backslash-escaped, a word joiner (U+2060, invisible) after ``:``, ``@`` and ``www``."""
+    one_line = " ".join(str(text).splitlines())
+    return _SPECIAL.sub(r"\\\1", _AUTOLINK.sub(r"\1" + _JOINER, one_line))
+
+
+def html_plain(text) -> str:
+    """``text`` for Plotly titles, labels and hover text: ``<``, ``>``, ``&`` and quotes as HTML entities."""
+    return html.escape(str(text), quote=True)
