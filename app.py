@@ -2,7 +2,10 @@
 
 Run ``streamlit run app.py``. Each page in ``pages/`` reads widgets, calls ``qcore`` and shows the
 result; what pages share (session-state keys, cached loaders) lives in ``pages/state.py``.
-The chosen zoo model is bound to the URL (``?model=digits-cnn``), so a link reopens the same model.
+The chosen zoo model is bound to the URL (``?model=digits-cnn``), so a link reopens the same model; a
+name the zoo does not have is an error box, never a silent fallback. An uploaded model cannot travel in
+a link: the URL carries its content hash (``?upload=<16 hex>``), and the receiver is asked to upload the
+same files, which are checked against it.
 Uploads are loaded once in a throw-away process first (``qcore.io.sandbox.vet_upload``), so a file that
 would exhaust memory or time kills that process, not the server. Every user-derived string shown in
 Markdown goes through ``ui.text.plain``. A bug shows one box with an error id; the traceback goes to the
@@ -67,17 +70,19 @@ def load_upload(model_file, data_file, label_column: str) -> None:
             return
     st.session_state[state.UPLOAD] = {"key": f"upload:{workload.content_hash}", "workload": workload,
                                       "label": model_file.name}
-    st.session_state[state.UPLOAD_ERROR] = None
+    st.session_state[state.UPLOAD_ERROR] = None  # state.active() checks it against a link's ?upload= hash
 
 
 def sidebar() -> None:
     """The model source, the upload form, what is shown and the recipe the link carries."""
+    state.read_link()
     with st.sidebar:
         st.radio("Model source", [state.ZOO, state.UPLOAD_SOURCE], key=state.SOURCE, horizontal=True,
                  format_func={state.ZOO: "Built-in", state.UPLOAD_SOURCE: "Upload"}.get, persist_state="session")
         if st.session_state[state.SOURCE] == state.ZOO:
             st.selectbox("Built-in model", list(ZOO), index=list(ZOO).index(DEFAULT_MODEL), key=state.ZOO_NAME,
                          bind="query-params", persist_state="session",
+                         on_change=lambda: st.session_state.pop(state.MODEL_ERROR, None),
                          help="digits-mlp loads instantly; minilm-l6 (a 22.7M-parameter BERT) takes a few seconds "
                               "and every computation on it is slower.")
         else:
@@ -88,15 +93,26 @@ def sidebar() -> None:
             label_column = st.text_input("CSV label column (optional)", key=state.LABEL_COLUMN)
             if st.button("Load uploaded model", disabled=model_file is None, type="primary"):
                 load_upload(model_file, data_file, label_column)
+            state.active()  # checks a new upload against a link's ?upload= hash before its error is shown
             if st.session_state.get(state.UPLOAD_ERROR):
                 st.error(plain(st.session_state[state.UPLOAD_ERROR]), icon=":material/error:")
+            if st.session_state.get(state.LINK_UPLOAD):
+                st.warning(plain(f"This link was made with an uploaded model (content hash {st.session_state[state.LINK_UPLOAD]}…). "
+                                 "A link cannot carry the file: upload the same model and data files (and label column) "
+                                 "here; their hash is checked and then the link's recipe is applied. Until then "
+                                 "a built-in model is shown."), icon=":material/upload_file:")
+        if st.session_state.get(state.MODEL_ERROR):
+            st.error(plain(st.session_state[state.MODEL_ERROR]), icon=":material/error:")
         key, workload = state.active()
         st.caption(f"Showing **{plain(workload.name)}**: {len(workload.layers)} quantizable layers, "
                    f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
         state.sync_url(key, workload)  # the recipe <-> ?preset=&layers= (the link reproduces the view)
         preset_name, overrides, _ = state.current(key, workload)
+        reach = ("the model, the recipe and the page" if key.startswith("zoo:") else
+                 f"the recipe and the page, not the model: whoever opens it must upload the same files (the address "
+                 f"holds their content hash, {state.upload_tag(workload)}…, and checks it)")
         st.caption(f"Recipe: **{plain(preset_name)}**" + (f" with {len(overrides)} layer override(s)" if overrides else "")
-                   + ". The page's address reproduces the model, the recipe and the page.")
+                   + f". The page's address reproduces {plain(reach)}.")
         if st.session_state.get(state.URL_ERROR):
             st.error(plain(st.session_state[state.URL_ERROR]), icon=":material/link_off:")
 

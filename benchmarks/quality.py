@@ -31,7 +31,6 @@ import torch
 
 from qcore import Recipe, preset, zoo
 from qcore.export import export_qdq
-from qcore.granularity import fan_in
 from qcore.runtime import input_names, run_onnx, session
 from qcore.search import search
 
@@ -137,17 +136,16 @@ def onnxruntime_rows(w, tmp: str) -> list[tuple[str, str, float | str]]:
 
 
 def low_bit_rows(w) -> list[dict]:
-    """Weight-only W4/W3/W2: range method x granularity (group 32, or per-channel where 32 does not divide)."""
+    """Weight-only W4/W3/W2: range method x granularity (per_group: groups of at most 32, the largest divisor of
+    each layer's fan-in, as the engine resolves them)."""
     rows = []
     for bits in (4, 3, 2):
         row = {"weights": f"int{bits}"}
         for gran in ("per_tensor", "per_channel", "per_group"):
             for method in ("minmax", "percentile", "mse"):
-                spec = {"format": f"int{bits}", "granularity": gran, "group_size": 32, "symmetric": True,
-                        "range": method, "percentile": 99.9}
-                layers = {n: {"weights": {"granularity": "per_channel"}} for n, s in w.layer_shapes.items()
-                          if gran == "per_group" and fan_in(s) % 32}
-                r = w.evaluate(Recipe.from_dict({"name": "lowbit", "weights": spec, "layers": layers}))
+                spec = {"format": f"int{bits}", "granularity": gran, "symmetric": True, "range": method,
+                        "percentile": 99.9, **({"group_size": 32} if gran == "per_group" else {})}
+                r = w.evaluate(Recipe.from_dict({"name": "lowbit", "weights": spec}))
                 row[f"{gran}/{method}"] = r["quantized"]["metrics"][w.task.headline]
         rows.append(row)
     return rows

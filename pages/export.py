@@ -88,7 +88,7 @@ def report_html() -> str:
     figures = [("Size against metric", viz_decide.tradeoff_scatter(points, headline, w.task.higher_is_better))]
     if sweep:
         figures += [("Sensitivity per layer", viz_decide.sensitivity_heatmap(sweep["rows"])),
-                    ("Layers ranked", viz_decide.ranked_drops(sweep["rows"], sweep["candidates"][0], headline))]
+                    ("Layers ranked", viz_decide.ranked_drops(sweep["rows"], viz_decide.widest_spread(sweep["rows"]), headline))]
     q = result["quantized"]["metrics"]
     if "per_class_accuracy" in q:
         figures.append(("Accuracy per class", viz_decide.per_class(result["fp32"]["metrics"]["per_class_accuracy"],

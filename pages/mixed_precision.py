@@ -46,6 +46,7 @@ if upload is not None:
             loaded = Recipe.from_json(upload.getvalue())
             loaded.check_against(w.layer_shapes)
             state.set_current(key, w, *state.compact(w, loaded))
+            state.remember(key, w, loaded, f"uploaded: {upload.name}")
             st.session_state["mp_upload_digest"] = digest
             st.rerun()
         except QcoreError as e:
@@ -60,28 +61,30 @@ if st.toggle("Estimate the metric from a sensitivity sweep", state.small(w), key
     estimate = search.estimate_metric(w, recipe, sweep)
 
 version = st.session_state.get(state.EDITOR_VERSION, 0)
-table = pd.DataFrame(state.table_rows(w, recipe, estimate and estimate["drops"]))
+table = pd.DataFrame(state.table_rows(w, recipe, estimate))
 inputs = list(dict.fromkeys(state.INPUT_CHOICES + list(table["inputs"])))
 edited = st.data_editor(
     table, key=f"mp_editor:{key}:{version}", hide_index=True, num_rows="fixed", width="stretch",
     disabled=["layer", "type", "weight shape", "size (bytes)", "drop (estimate)"],
     column_config={
+        state.FLOAT_LAYER: st.column_config.CheckboxColumn(help="weights and inputs stay float: the layer is not quantized"),
         "weights": st.column_config.SelectboxColumn("weights", options=state.WEIGHT_CHOICES, required=True,
-                                                    help="fp32 keeps the layer's weight in float"),
+                                                    format_func=state.weight_choice_label, help=state.WEIGHTS_HELP),
         "granularity": st.column_config.SelectboxColumn(options=["per_tensor", "per_channel", "per_group"], required=True),
         "group size": st.column_config.NumberColumn(min_value=1, step=1, help="per_group only; must divide the input size"),
         "symmetric": st.column_config.CheckboxColumn(help="integer formats: zero-point fixed at 0"),
         "range": st.column_config.SelectboxColumn(options=["minmax", "percentile", "mse", "entropy"], required=True),
         "inputs": st.column_config.SelectboxColumn("inputs", options=inputs, required=True,
                                                    help="how the layer's input is quantized (static = calibrated range)"),
-        "drop (estimate)": st.column_config.NumberColumn(format="%.4f", help="measured drop with only this layer quantized"),
+        "drop (estimate)": st.column_config.TextColumn(help="measured drop with only this layer quantized; \"not swept\": "
+                                                       "no sweep row has this layer's spec"),
     })
 try:
     edited_recipe = state.apply_rows(w, recipe, edited.to_dict("records"))
     edited_recipe.check_against(w.layer_shapes)
     if edited_recipe != recipe:
         # Some edits are adjusted (e.g. a float format is always symmetric): then redraw the table from the recipe.
-        editable = ["weights", "granularity", "group size", "symmetric", "range", "inputs"]
+        editable = [state.FLOAT_LAYER, "weights", "granularity", "group size", "symmetric", "range", "inputs"]
         adjusted = not pd.DataFrame(state.table_rows(w, edited_recipe))[editable].astype(str).equals(
             edited[editable].astype(str))
         state.set_current(key, w, *state.compact(w, edited_recipe, [name]), reset_editor=adjusted)
@@ -96,16 +99,20 @@ m1.metric("Size (bytes)", f"{total['size_bytes']:,}", help=f"{human_bytes(total[
           delta_color="off")
 m2.metric("Average bits per weight", f"{total['bits_per_weight']:.2f}", help="quantizable layers, scales included")
 m3.metric("Weights kept in FP32", f"{100 * total['float_share']:.1f}%", help="share of the quantizable layers' weights")
-if estimate:
+if estimate and estimate["missing"]:
+    m4.metric(f"{plain(w.task.headline)} (estimate)", "incomplete",
+              help="a sum of single-layer drops needs every quantized layer's; Evaluate gives the measured number")
+    st.warning(plain(f"Estimate incomplete: {len(estimate['missing'])} layer(s) not swept ({', '.join(estimate['missing'])}): "
+                     f"no candidate of the sweep ({', '.join(candidates)}) quantizes them as the table does. Evaluate the "
+                     "recipe for the measured number, or add a matching candidate on the Sensitivity page."),
+               icon=":material/warning:")
+elif estimate:
     m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}",
               help="FP32 minus the sum of each layer's single-layer drop from the sweep; not a measurement")
-    if estimate["missing"]:
-        st.caption(f"The estimate leaves out {len(estimate['missing'])} layer(s) whose spec the sweep did not try: "
-                   + plain(", ".join(estimate["missing"])))
 
 if st.button("Evaluate this recipe (measured)", type="primary"):
     result = state.evaluate(key, w, recipe.to_json())
-    state.remember(key, recipe)
+    state.remember(key, w, recipe, f"evaluated: {recipe.name}")
     st.session_state["mp_measured"] = {"recipe": recipe.to_json(), "result": result}
 shown = st.session_state.get("mp_measured")
 if shown and shown["recipe"] == recipe.to_json():
@@ -126,16 +133,26 @@ if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; 
     found = search.search(w, candidates, **target, progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0),
                                                                                           text=f"Search: {msg}"))
     bar.empty()
-    st.session_state.setdefault(state.SEARCH, {})[key] = found
-    state.set_current(key, w, *state.compact(w, Recipe.from_dict(found["recipe"])))
-    state.remember(key, Recipe.from_dict({**found["recipe"], "name": f"search ({goal})"}))
+    goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} ≥ {target['min_metric']:.4f}"
+    found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
+                                    f"search: {goal_text}")
+    st.session_state.setdefault(state.SEARCH, {})[key] = found  # its own entry: the table's recipe is left alone
     st.rerun()
 found = st.session_state.get(state.SEARCH, {}).get(key)
 if found:
+    in_table = state.recipe_id(w, Recipe.from_dict(found["recipe"])) == state.recipe_id(w, recipe)
     (st.success if found["met"] else st.warning)(
         f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {plain(found['metric'])} "
         f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
-        f"{found['fp32']['size_bytes']:,} bytes). " + plain(" ".join(found.get("notes", []))))
+        f"{found['fp32']['size_bytes']:,} bytes). Kept as **{plain(found['label'])}** (see Trade-offs)"
+        + ("; it is the table's recipe. " if in_table else "; the table still holds your recipe. ")
+        + plain(" ".join(found.get("notes", []))))
+    if st.button("In the table" if in_table else "Use this recipe", disabled=in_table, icon=":material/input:",
+                 help="replaces the table's recipe with the search's; yours is kept on Trade-offs"):
+        if overrides:  # hand-made: kept (and shown on Trade-offs) before the table takes the search's recipe
+            state.remember(key, w, recipe, f"replaced: {recipe.name}")
+        state.set_current(key, w, *state.compact(w, Recipe.from_dict(found["recipe"])))
+        st.rerun()
 
 st.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
                    on_click="ignore", icon=":material/download:")

@@ -1,5 +1,7 @@
 """Sensitivity page: which layers hurt when quantized -- a sweep over layers × candidates, a heatmap, a
-ranked chart, and one click from a layer to its Weights / Activations view or to keeping it in float."""
+ranked chart, and one click from a layer to its Weights / Activations view or to keeping it in float
+(weights and inputs). The ranking and the summary start under the candidate whose drops differ most
+between layers (``viz_decide.widest_spread``): the one that tells the layers apart."""
 
 import pandas as pd
 import streamlit as st
@@ -43,15 +45,18 @@ for note in result["notes"]:
     st.info(plain(note), icon=":material/info:")
 
 metric = result["metric"]
+widest = viz_decide.widest_spread(result["rows"])
+chosen = st.selectbox("Rank the layers under", candidates, index=candidates.index(widest),
+                      key=f"sens_rank_candidate:{mode}:{view}",
+                      help=f"starts at {plain(widest)}: its drops differ most between layers, so its ranking tells them apart")
 m1, m2, m3 = st.columns(3)
 m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
-worst = max((r for r in result["rows"] if r["rank"] == 1), key=lambda r: r["metric_drop"])
-m2.metric("Most sensitive layer", plain(worst["layer"]), help=f"under {plain(worst['candidate'])}")
-m3.metric(f"Its {metric} drop", f"{worst['metric_drop']:+.4f}", help="positive = worse than FP32")
+ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
+m2.metric("Most sensitive layer", plain(ranked[0]["layer"]), help=f"under {plain(chosen)}")
+m3.metric(f"Its {metric} drop", f"{ranked[0]['metric_drop']:+.4f}", help=f"under {plain(chosen)}; positive = worse than FP32")
 
-st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")
-chosen = st.selectbox("Rank the layers under", candidates, key="sens_rank_candidate")
 st.plotly_chart(viz_decide.ranked_drops(result["rows"], chosen, metric), width="stretch")
+st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")
 
 
 def open_layer(page: str, layer_key: str, layer: str) -> None:
@@ -62,13 +67,13 @@ def open_layer(page: str, layer_key: str, layer: str) -> None:
 def keep_in_float(layer: str) -> None:
     name, overrides, _ = state.current(key, w)
     state.set_current(key, w, name, {**overrides, layer: None})
-    st.toast(f"{plain(layer)} stays in FP32 in the Mixed precision table.")
+    st.toast(f"{plain(layer)}: weights and inputs stay float in the Mixed precision table.")
 
 
 st.subheader("Act on a layer")
-st.write("Open a layer's weights or inputs, or keep it in FP32 in the Mixed precision recipe.")
+st.write("Open a layer's weights or inputs, or keep the layer in float (weights and inputs: not quantized at all) "
+         "in the Mixed precision recipe.")
 _, _, recipe = state.current(key, w)
-ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
 for r in ranked:
     a, b, c, d = st.columns([3, 1, 1, 1])
     a.markdown(f"**{r['rank']}. {plain(r['layer'])}** ({plain(r['kind'])}): drop {r['metric_drop']:+.4f}, "
@@ -78,9 +83,9 @@ for r in ranked:
     if c.button("Inputs", key=f"sens_a:{r['layer']}", icon=":material/bolt:", disabled=w.layers[r["layer"]].kind == "Embedding"):
         open_layer("pages/activations.py", f"act_layer:{key}", r["layer"])
     in_float = recipe.plan(r["layer"]).is_float
-    d.button("In FP32" if in_float else "Keep in FP32", key=f"sens_f:{r['layer']}", icon=":material/lock:",
-             disabled=in_float, on_click=keep_in_float, args=(r["layer"],))
+    d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{r['layer']}", icon=":material/lock:",
+             disabled=in_float, on_click=keep_in_float, args=(r["layer"],), help="weights and inputs stay float")
 
 with st.expander("All sweep rows"):
     st.dataframe(pd.DataFrame(result["rows"]), hide_index=True, width="stretch")
-state.sync_url(key, w)  # a "Keep in FP32" click changed the recipe: keep the link in step
+state.sync_url(key, w)  # a "Keep layer in float" click changed the recipe: keep the link in step

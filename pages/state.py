@@ -59,7 +59,10 @@ def active() -> tuple[str, object]:
     _through_app()
     uploaded = st.session_state.get(UPLOAD)
     if st.session_state.get(SOURCE) == UPLOAD_SOURCE and uploaded:
+        check_upload(uploaded["workload"])
         return uploaded["key"], uploaded["workload"]
+    if st.session_state.get(SOURCE) != UPLOAD_SOURCE and st.session_state.pop(LINK_UPLOAD, None):
+        st.session_state[URL_RESTORED] = True  # back to the zoo: the link's recipe was for its upload
     name = st.session_state.get(ZOO_NAME, zoo.DEFAULT_MODEL)
     return f"zoo:{name}", zoo_workload(name)
 
@@ -88,16 +91,16 @@ def read_link() -> None:
         st.session_state[SOURCE] = UPLOAD_SOURCE
 
 
-def check_upload(w) -> str | None:
-    """After a file loads: None when no link waits for an upload or ``w`` is the file it names (its
-    recipe is then applied); else a message saying the file is another model (the link's recipe is not
-    applied to it). Either way the link no longer waits."""
+def check_upload(w) -> None:
+    """When a link waits for an upload and ``w`` (the loaded one) is shown: the same hash lets the link's
+    recipe be applied (by ``sync_url``); another hash keeps the file loaded, with an error saying it is
+    not the link's model, and the link's recipe is dropped. Either way the link no longer waits."""
     wanted = st.session_state.pop(LINK_UPLOAD, None)
-    if wanted is None or upload_tag(w) == wanted:
-        return None
-    st.session_state[URL_RESTORED] = True  # the link's recipe names another model's layers
-    return (f"This file is not the model the link was made with: its content hash starts {upload_tag(w)}, the link's "
-            f"{wanted}. It is loaded, but the link's recipe was not applied.")
+    if wanted is not None and upload_tag(w) != wanted:
+        st.session_state[URL_RESTORED] = True  # the link's recipe names another model's layers
+        st.session_state[UPLOAD_ERROR] = (f"This file is not the model the link was made with: its content hash starts "
+                                          f"{upload_tag(w)}, the link's {wanted}. It is loaded; the link's recipe was not "
+                                          "applied.")
 
 
 def spec_from(d: dict, activation: bool = False) -> TensorSpec:
@@ -172,8 +175,8 @@ URL_RESTORED = "url_recipe_restored"  # the link's recipe was read once this ses
 URL_ERROR = "url_recipe_error"  # one-line message when the link's recipe could not be used
 EDITOR_VERSION = "recipe_editor_version"  # bumped when the recipe changes outside the table editor
 SWEEP = "sweep_settings"  # {"key", "candidates", "mode", "view"} of the last sweep the Sensitivity page ran
-USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated on the Mixed precision page
-SEARCH = "search_result"  # {workload key: qcore.search.search result}
+USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated, searched or uploaded; see remember
+SEARCH = "search_result"  # {workload key: qcore.search.search result + "label" it is kept under}
 DEFAULT_PRESET = "int8-static"
 DEFAULT_CANDIDATES = ["int8-static", "int4-weight-only", "int2"]
 PRESET_PARAM, LAYERS_PARAM = "preset", "layers"
@@ -317,8 +320,24 @@ def input_spec(label: str, old: TensorSpec | None) -> TensorSpec | None:
     return TensorSpec.from_dict({"format": fmt, "range": "minmax", "dynamic": how == "dynamic", **extra}, "inputs", True)
 
 
-def table_rows(w, recipe: Recipe, drops: dict | None = None) -> list[dict]:
-    """One editable row per quantizable layer; ``drops`` maps layer -> estimated metric drop."""
+FLOAT_LAYER = "keep in float"  # the table's column: weights AND inputs stay float (the layer is not quantized)
+WEIGHTS_HELP = ("the weight's format. fp32 keeps only the weights in float: the input is still quantized as the "
+                f"inputs column says. Tick \"{FLOAT_LAYER}\" to keep the whole layer (weights and inputs) in float.")
+
+
+def weight_choice_label(choice: str) -> str:
+    return "fp32 (float weights only)" if choice == "fp32" else choice
+
+
+def drop_text(name: str, estimate: dict | None) -> str:
+    """The table's "drop (estimate)" cell: the layer's swept drop, "not swept", or "" without an estimate."""
+    if estimate is None:
+        return ""
+    return f"{estimate['drops'][name]:+.4f}" if name in estimate["drops"] else "not swept"
+
+
+def table_rows(w, recipe: Recipe, estimate: dict | None = None) -> list[dict]:
+    """One editable row per quantizable layer; ``estimate`` is ``search.estimate_metric``'s (drops, missing)."""
     from qcore.size import weight_bytes
 
     rows = []
@@ -326,21 +345,28 @@ def table_rows(w, recipe: Recipe, drops: dict | None = None) -> list[dict]:
         plan = recipe.plan(name)
         spec = plan.weights or NEW_WEIGHTS
         rows.append({"layer": name, "type": info.kind, "weight shape": "×".join(map(str, info.weight_shape)),
-                     "weights": plan.weights.format if plan.weights else "fp32", "granularity": spec.granularity,
+                     FLOAT_LAYER: plan.is_float, "weights": plan.weights.format if plan.weights else "fp32", "granularity": spec.granularity,
                      "group size": spec.group_size, "symmetric": spec.symmetric, "range": spec.range,
                      "inputs": input_label(plan.activations) if info.kind != "Embedding" else "float",
                      "size (bytes)": weight_bytes(info.weight_shape, plan.weights)["total"],
-                     "drop (estimate)": (drops or {}).get(name)})
+                     "drop (estimate)": drop_text(name, estimate)})
     return rows
 
 
 def apply_rows(w, recipe: Recipe, rows: list[dict]) -> Recipe:
-    """``recipe`` with every layer set to what its (possibly edited) table row says."""
+    """``recipe`` with every layer set to what its (possibly edited) table row says. Ticking "keep in float"
+    makes the layer float; unticking it (weights and inputs untouched) gives it int8 per-channel weights."""
     from qcore.recipe import LayerPlan
 
     for row in rows:
         layer = row["layer"]
         plan = recipe.plan(layer)
+        ticked = bool(row.get(FLOAT_LAYER, plan.is_float))
+        if ticked and not plan.is_float:
+            recipe = recipe.with_layer(layer, None)
+            continue
+        if not ticked and plan.is_float and row["weights"] == "fp32" and row["inputs"] == "float":
+            row = {**row, "weights": NEW_WEIGHTS.format}
         weights = None
         if row["weights"] != "fp32":
             old = plan.weights or NEW_WEIGHTS
@@ -390,27 +416,32 @@ def evaluate(key: str, _w, recipe_json: str) -> dict:
     return _w.evaluate(Recipe.from_json(recipe_json))
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """First 8 hex digits of the SHA-256 of the recipe's canonical JSON without its name: the same layers
-    give the same hash under any name; two different recipes (almost surely) two hashes."""
-    return hashlib.sha256(recipe_id(recipe).encode()).hexdigest()[:8]
+def recipe_hash(w, recipe: Recipe) -> str:
+    """First 8 hex digits of the SHA-256 of ``recipe_id``: the same plans give the same hash under any
+    name and any spelling of the recipe; two different recipes (almost surely) two hashes."""
+    return hashlib.sha256(recipe_id(w, recipe).encode()).hexdigest()[:8]
 
 
-def remember(key: str, recipe: Recipe, what: str) -> str:
+def remember(key: str, w, recipe: Recipe, what: str) -> str:
     """Keep ``recipe`` among the user's recipes of workload ``key`` (shown on Trade-offs) under its own
     label ``"<what> [<hash>]"`` and return the label. A recipe kept before keeps its first label; no
     recipe ever replaces another (their hashes differ)."""
     mine = st.session_state.setdefault(USER_RECIPES, {}).setdefault(key, {})
     for label, d in mine.items():
-        if recipe_id(Recipe.from_dict(d)) == recipe_id(recipe):
+        if recipe_id(w, Recipe.from_dict(d)) == recipe_id(w, recipe):
             return label
-    label = f"{what} [{recipe_hash(recipe)}]"
+    label = f"{what} [{recipe_hash(w, recipe)}]"
     mine[label] = recipe.to_dict()
     return label
 
 
-def recipe_id(recipe: Recipe) -> str:
-    return json.dumps({**recipe.to_dict(), "name": None}, sort_keys=True)  # the same recipe under any name
+def recipe_id(w, recipe: Recipe) -> str:
+    """The recipe's canonical JSON: what it does to each of ``w``'s layers, ``{layer: {"weights",
+    "activations"}}`` (spec dicts or null), sorted keys, compact. A preset with overrides and the same
+    plans spelled layer by layer (as the search writes them) are one recipe; the name is not part of it."""
+    plans = {n: {part: spec.to_dict() if spec else None for part, spec in
+                 (("weights", recipe.plan(n).weights), ("activations", recipe.plan(n).activations))} for n in w.layers}
+    return json.dumps(plans, sort_keys=True, separators=(",", ":"))
 
 
 # ---- latency: measured by the runtime where it ran, a hardware-profile estimate elsewhere ---------
@@ -435,8 +466,8 @@ def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict
     measured = st.session_state.get(MEASURED, {}).get(key, {}) if profile == "this-machine" else {}
     out = {}
     for label, recipe in recipes.items():
-        if recipe_id(recipe) in measured:
-            out[label] = measured[recipe_id(recipe)]
+        if recipe_id(w, recipe) in measured:
+            out[label] = measured[recipe_id(w, recipe)]
         else:
             est = _roofline(key, w, recipe.to_json(), profile)
             out[label] = {"latency_ms": est["total"]["latency_ms"], "source": f"estimate ({est['profile']})"}
@@ -451,10 +482,10 @@ def measure_latencies(key: str, w, recipes: dict) -> None:
     bar = st.progress(0.0)
     for i, (label, recipe) in enumerate(recipes.items()):
         bar.progress(i / len(recipes), text=f"Timing {plain(label)} with ONNX Runtime ({i + 1}/{len(recipes)})…")
-        if recipe_id(recipe) not in measured:
+        if recipe_id(w, recipe) not in measured:
             result = runtime.bench(w, recipe, batch_size=1)
             in_float = sum(r["executes"] == "float (dequantized)" for r in result["layers"])
-            measured[recipe_id(recipe)] = {"latency_ms": result["quantized"]["latency_ms"]["median"],
+            measured[recipe_id(w, recipe)] = {"latency_ms": result["quantized"]["latency_ms"]["median"],
                                             "source": "measured" + (f" ({in_float} layer(s) ran in float in ONNX Runtime)"
                                                                     if in_float else "")}
     bar.empty()

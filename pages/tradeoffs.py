@@ -1,5 +1,6 @@
 """Trade-offs page: presets, the user's recipes and search results side by side -- size against metric
-with the Pareto front, latency (measured where the runtime ran, estimated where not), per-class accuracy."""
+with the Pareto front, latency (measured where the runtime ran, estimated where not), per-class accuracy.
+Each recipe is one row under its own label (a kept recipe's label ends in its content hash), shown once."""
 
 import pandas as pd
 import streamlit as st
@@ -20,14 +21,18 @@ st.write(
     "the red **Pareto front** has nothing both smaller and better than it; the others are beaten on both counts."
 )
 recipes = {label: preset(p, w.layer_shapes) for label, p in PRESET_ROWS.items()}
-for label, d in st.session_state.get(state.USER_RECIPES, {}).get(key, {}).items():
-    recipes[f"yours: {label}"] = Recipe.from_dict(d)
+candidates = list(st.session_state.get(state.USER_RECIPES, {}).get(key, {}).items())
 found = st.session_state.get(state.SEARCH, {}).get(key)
-for p in (found or {}).get("pareto", []):
-    recipes[f"search: {p['label']}"] = Recipe.from_dict(p["recipe"])
+candidates += [(f"search: {p['label']} [{state.recipe_hash(w, Recipe.from_dict(p['recipe']))}]", p["recipe"])
+               for p in (found or {}).get("pareto", [])]
 _, overrides, current = state.current(key, w)
-if state.recipe_id(current) not in {state.recipe_id(r) for r in recipes.values()}:
-    recipes[f"yours: {current.name}"] = current
+candidates.append((f"yours (in the table): {current.name} [{state.recipe_hash(w, current)}]", current.to_dict()))
+shown = {state.recipe_id(w, r) for r in recipes.values()}
+for label, d in candidates:  # the first label of a recipe wins: each recipe is one row
+    recipe = Recipe.from_dict(d)
+    if state.recipe_id(w, recipe) not in shown and label not in recipes:
+        recipes[label] = recipe
+        shown.add(state.recipe_id(w, recipe))
 
 if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
     st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")
@@ -69,7 +74,8 @@ if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]
     st.write("A small drop in average accuracy can hide a large drop for one class. Pick a recipe to compare "
              "each class with FP32.")
     labels = [label for label in results if label != "FP32"]
-    chosen = st.selectbox("Recipe", labels, index=labels.index(next((l for l in labels if l.startswith("yours")), "INT4 weight-only")),
+    chosen = st.selectbox("Recipe", labels, index=labels.index(next((l for l in labels if l.startswith("yours")),
+                                                                    "INT4 weight-only")),
                           key=f"trade_class:{key}")
     ref = fp32["quantized"]["metrics"]["per_class_accuracy"]
     got = results[chosen]["quantized"]["metrics"]["per_class_accuracy"]

@@ -1,18 +1,25 @@
 """Command line: ``python -m qcore COMMAND ...``.
 
 Every command prints a human-readable table, or with ``--json`` one JSON document on stdout.
-User errors (bad file, bad recipe, unknown model, an input too large for memory) print exactly one line
-on stderr and exit with code 2; library warnings are held back until the command has succeeded, so they
-never come before that line. Internal bugs stay tracebacks (exit code 1).
+User errors (bad file, bad recipe, unknown model, an input too large for memory, an uploaded model the ONNX
+exporter cannot convert) print exactly one line on stderr and exit with code 2. Warnings are held back
+while a command runs, and so are torch's log lines (its loggers print straight to stderr otherwise:
+"W1201 ... torchvision is not installed"), which become warnings of category ``LibraryLog``. After a
+success the warnings are printed, except library chatter (those log lines, and deprecation warnings
+raised inside installed packages, such as torch.export's pytree FutureWarnings); after a user error none
+are; after an internal bug (a traceback, exit code 1) all are, before the traceback they may explain.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -40,8 +47,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.3f} MiB"
 
 
-def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = False, label_column: str | None = None):
-    """A zoo name or a model file (plus optional data file) -> Workload."""
+def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = False, label_column: str | None = None,
+                     allow_no_data: bool = False):
+    """A zoo name or a model file (plus optional data file) -> Workload (``allow_no_data``: see ``load_workload``)."""
     from .zoo import ZOO, load
 
     if model in ZOO and data is None:
@@ -57,11 +65,12 @@ def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = F
             raise QcoreError(f"{what} path {shown!r} cannot be read ({e.strerror}); give a file path") from None
     from .io.workload import load_workload
 
-    return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column)
+    return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column, allow_no_data=allow_no_data)
 
 
-def _workload(args):
-    return resolve_workload(args.model, getattr(args, "data", None), args.trust_pickle, getattr(args, "label_column", None))
+def _workload(args, allow_no_data: bool = False):
+    return resolve_workload(args.model, getattr(args, "data", None), args.trust_pickle, getattr(args, "label_column", None),
+                            allow_no_data)
 
 
 def _output_file(path: str) -> str:
@@ -124,7 +133,7 @@ def cmd_models(args):
 def cmd_inspect(args):
     from .summary import layer_table
 
-    w = _workload(args)
+    w = _workload(args, allow_no_data=True)  # layers and weight statistics need no input
     rows = layer_table(w)
     result = {"model": w.name, "source": w.source, "notes": w.notes, "layers": rows,
               "calibration_samples": len(w.calibration), "evaluation_samples": len(w.evaluation)}
@@ -218,12 +227,40 @@ def cmd_search(args):
     return r, text
 
 
+@contextlib.contextmanager
+def _onnx_export_of(args, w, what: str):
+    """ONNX export of the user's model: a TorchScript model cannot be traced by the exporter, and an
+    uploaded model the exporter cannot convert (an operator without an ONNX function) is the model's
+    problem, not a bug: either is one QcoreError line. A zoo model failing stays a traceback."""
+    from torch.onnx import OnnxExporterError
+
+    if w.source == "torchscript":
+        raise QcoreError(f"{w.name} is a TorchScript model, which the ONNX exporter cannot trace, so {what} is "
+                         "not possible; use export --format safetensors, or save the model with torch.export.save "
+                         "(.pt2) for ONNX export and bench")
+    try:
+        yield
+    except OnnxExporterError as e:
+        from .io.limits import first_line
+        from .zoo import ZOO
+
+        if args.model in ZOO:
+            raise
+        cause = e
+        while cause.__cause__ is not None:  # the exporter wraps the operator it could not convert
+            cause = cause.__cause__
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(cause))
+        raise QcoreError(f"{w.name} could not be converted to ONNX ({reason}), so {what} is not possible; replace "
+                         "that operator in the model, or use export --format safetensors") from None
+
+
 def cmd_export(args):
     from .runtime import export
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
-    rep = export(w, recipe, args.format, args.out)
+    with contextlib.nullcontext() if args.format != "onnx" else _onnx_export_of(args, w, "an ONNX export"):
+        rep = export(w, recipe, args.format, args.out)
     return rep.to_dict(), "\n".join([f"wrote {rep.path}"] + rep.summary_lines())
 
 
@@ -231,7 +268,8 @@ def cmd_bench(args):
     from .runtime import bench
 
     w, recipe = _workload_and_recipe(args)
-    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
+    with _onnx_export_of(args, w, "bench (it runs ONNX exports in ONNX Runtime)"):
+        r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
     return r, json.dumps(r, indent=2)
 
 
@@ -296,10 +334,51 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = [_add_sweep_commands]
 
 
+class LibraryLog(UserWarning):
+    """A log record of torch's, held back like a warning while a command runs (see the module docstring)."""
+
+
+class _AsWarning(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        warnings.warn_explicit(f"{record.levelname} {record.name}: {record.getMessage()}", LibraryLog,
+                               record.pathname, record.lineno)
+
+
+@contextlib.contextmanager
+def _torch_logs_held_back():
+    """While a command runs, every torch logger with its own stderr handler (torch._logging gives one to
+    torch, torch.onnx, torch.export, torch._export.*, ...) logs into the warning record instead. Other
+    handlers (the TORCH_TRACE file handler) are left alone."""
+    import torch  # noqa: F401 -- its loggers and their stderr handlers exist once it is imported
+
+    handler, saved = _AsWarning(), {}
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch.")) and logger.handlers \
+                and all(type(h) is logging.StreamHandler for h in logger.handlers):
+            saved[logger] = logger.handlers
+            logger.handlers = [handler]
+    try:
+        yield
+    finally:
+        for logger, handlers in saved.items():
+            logger.handlers = handlers
+
+
+_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")})
+
+
+def _chatter(w: warnings.WarningMessage) -> bool:
+    """Library chatter: torch's log lines, and deprecations raised inside installed packages or the standard
+    library (where torch.export's pytree FutureWarnings point: copyreg), which the user cannot act on."""
+    return issubclass(w.category, LibraryLog) or (
+        issubclass(w.category, (FutureWarning, DeprecationWarning)) and str(w.filename).startswith(_LIBRARY_DIRS))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with warnings.catch_warnings(record=True) as caught:  # held back: a failure prints only its one line
+    # held back: a failure prints only its one line, a success no library chatter
+    with warnings.catch_warnings(record=True) as caught, _torch_logs_held_back():
         try:
             result, text = args.func(args)
         except QcoreError as e:
@@ -317,7 +396,7 @@ def main(argv=None) -> int:
         except BaseException:  # an internal bug: its traceback follows, after the warnings that may explain it
             _show_warnings(caught)
             raise
-    _show_warnings(caught)
+    _show_warnings([w for w in caught if not _chatter(w)])
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
 

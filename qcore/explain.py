@@ -237,12 +237,13 @@ def channel_ranges(w: torch.Tensor) -> dict:
 
 
 def spec_for_layer(spec: TensorSpec, shape: tuple[int, ...]) -> tuple[TensorSpec, str | None]:
-    """``spec`` as applied to a weight of ``shape``: a group size that does not divide the fan-in
-    falls back to per-channel (as presets do), with a note saying so."""
-    if spec.granularity == "per_group" and fan_in(shape) % spec.group_size:
-        return replace(spec, granularity="per_channel"), (
-            f"group size {spec.group_size} does not divide the fan-in {fan_in(shape)}: per-channel instead")
-    return spec, None
+    """``spec`` as applied to a weight of ``shape`` (``TensorSpec.for_shape``, as simulation and sizes do): a
+    group size that does not divide the fan-in becomes the largest divisor not above it, with a note saying so."""
+    resolved = spec.for_shape(shape)
+    if resolved.group_size != spec.group_size and spec.granularity == "per_group":
+        return resolved, (f"group size {spec.group_size} does not divide the fan-in {fan_in(shape)}: groups of "
+                          f"{resolved.group_size} (the largest divisor not above {spec.group_size})")
+    return resolved, None
 
 
 def layer_sqnr(weights: dict[str, torch.Tensor], spec: TensorSpec, progress=None) -> list[dict]:

@@ -30,6 +30,7 @@ class QuantizedTensor:
     scale      : (n_blocks,) float32, or None for an unscaled float cast / fp32
     zero_point : (n_blocks,) float32 integer values, or None when symmetric
     lo, hi     : (n_blocks,) float32 clipping range that was chosen (None if the format ignores ranges)
+    spec       : the spec as applied to x (``TensorSpec.for_shape``: per_group holds the resolved group size)
     """
 
     codes: torch.Tensor
@@ -77,8 +78,8 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
 def quantize(x: torch.Tensor, spec: TensorSpec | Mapping[str, Any], lo=None, hi=None) -> QuantizedTensor:
     """Quantize ``x`` under ``spec``. ``lo``/``hi`` (per block) fix the range instead of ``spec.range``
     (how calibrated activation ranges are applied)."""
-    spec = as_spec(spec)
     x = x.detach().to(torch.float32)
+    spec = as_spec(spec).for_shape(tuple(x.shape))  # per_group: the group size this tensor's fan-in takes
     check_finite(x)
     fmt = spec.fmt
     if spec.granularity == "per_channel" and x.dim() > 0 and not -x.dim() <= spec.axis < x.dim():

@@ -165,15 +165,17 @@ class TensorSpec:
             bad("format", "is a weight-only format; use an int or float format for activations")
 
 
-def _recipe_spec(d, where: str, activation: bool) -> TensorSpec | None:
-    """A spec written in a recipe: as ``TensorSpec.from_dict``, but a group_size given next to a
-    granularity other than per_group is refused (it would be stored and do nothing)."""
+def _recipe_spec(d, where: str, activation: bool, written: Mapping | None = None) -> TensorSpec | None:
+    """A spec of a recipe: as ``TensorSpec.from_dict``, but a group_size the recipe writes (in ``written``,
+    default ``d``; an override's inherited keys are not written by it) next to a granularity other than
+    per_group is refused: it would be stored and do nothing."""
     if d is None:
         return None
     spec = TensorSpec.from_dict(d, where, activation)
-    if "group_size" in d and spec.granularity != "per_group":
-        raise QcoreError(f"{where}.group_size={_show(d['group_size'])} is given with granularity {spec.granularity}, "
-                         "where it does nothing; remove group_size or set granularity per_group")
+    written = d if written is None else written
+    if "group_size" in written and spec.granularity != "per_group":
+        raise QcoreError(f"{where}.group_size={_show(written['group_size'])} is given with granularity "
+                         f"{spec.granularity}, where it does nothing; remove group_size or set granularity per_group")
     return spec
 
 
@@ -321,10 +323,8 @@ class Recipe:
                         base.pop("symmetric", None)
                     if family != "float":
                         base.pop("scaled", None)
-                spec = _recipe_spec({**base, **override[part]}, f"{where}.{part}", part == "activations")
-                if "group_size" not in override[part] and spec.granularity != "per_group":
-                    spec = TensorSpec.from_dict({**base, **override[part]}, f"{where}.{part}", part == "activations")
-                parts.append(spec)
+                parts.append(_recipe_spec({**base, **override[part]}, f"{where}.{part}", part == "activations",
+                                          written=override[part]))
         return LayerPlan(*parts)
 
     def with_layer(self, layer: str, override: Mapping | None) -> "Recipe":
@@ -341,12 +341,6 @@ class Recipe:
                 raise QcoreError(f"recipe.layers names {name!r}, which is not a quantizable layer of this model; layers are: {known}")
         for name, shape in layers.items():
             w = self.plan(name).weights
-            if w is not None and w.granularity == "per_group" and fan_in(shape) % w.group_size:
-                where = f"layers[{name!r}].weights" if name in self.layers else "weights"
-                raise QcoreError(
-                    f"{where}.group_size={w.group_size} does not divide the input dimension {fan_in(shape)} of layer "
-                    f"{name!r}; use a divisor of {fan_in(shape)} for that layer or granularity per_channel"
-                )
             if w is not None and w.granularity == "per_channel" and not -len(shape) <= w.axis < len(shape):
                 raise QcoreError(f"weights.axis={w.axis} is out of range for layer {name!r} with weight shape {tuple(shape)}")
 
@@ -379,17 +373,16 @@ PRESET_DESCRIPTIONS = {
 
 
 def preset(name: str, layers: Mapping[str, tuple[int, ...]] | None = None) -> Recipe:
-    """The preset ``name`` as a Recipe. Given the model's layers (name -> weight shape), layers whose
-    input dimension the preset's group size does not divide get an explicit per-channel override, so
-    the written recipe says exactly what was done."""
+    """The preset ``name`` as a Recipe. Given the model's layers (name -> weight shape), a layer whose
+    fan-in the preset's group size does not divide gets its resolved group size (the largest divisor
+    not above the preset's) as an explicit override, so the written recipe says exactly what was done."""
     if name not in PRESETS:
         raise QcoreError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
     recipe = Recipe.from_dict({"name": name, **PRESETS[name]})
     w = recipe.weights
-    if layers and w is not None and w.granularity == "per_group":
-        for layer, shape in layers.items():
-            if fan_in(shape) % w.group_size:
-                recipe = recipe.with_layer(layer, {"weights": {"granularity": "per_channel"}})
+    for layer, shape in (layers or {}).items():
+        if w is not None and (g := w.for_shape(shape).group_size) != w.group_size:
+            recipe = recipe.with_layer(layer, {"weights": {"group_size": g}})
     return recipe
 
 

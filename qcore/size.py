@@ -2,7 +2,8 @@
 
 A quantized weight costs ceil(numel * bits / 8) bytes for its codes, plus 4 bytes (float32) per
 scale and ceil(n_blocks * bits / 8) bytes for the zero-points of affine integer formats. Every
-other tensor (biases, norms, layers kept in float, buffers) counts at its stored dtype.
+other tensor (biases, norms, layers kept in float, buffers) counts at its stored dtype. per_group
+counts the group size each weight resolves to (``TensorSpec.for_shape``), as quantize uses it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ SCALE_BYTES = 4  # scales are stored as float32
 def n_blocks(shape: tuple[int, ...], spec: TensorSpec) -> int:
     numel = math.prod(shape)
     if spec.granularity == "per_channel":
-        return shape[spec.axis] if shape else 1
+        return shape[spec.axis] if len(shape) > 1 else 1  # a 1-D tensor is one channel
     if spec.granularity == "per_group":
-        return numel // spec.group_size
+        return numel // spec.for_shape(shape).group_size
     return 1
 
 

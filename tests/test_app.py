@@ -261,7 +261,7 @@ def test_weights_page_layer_report_and_every_layer(zoo_models):
     rerun(at)  # the group size slider appears
     at.select_slider(key="weights_group").set_value(32)
     rerun(at)
-    assert any("does not divide the fan-in" in visible(i.value) for i in at.info)
+    assert any("does not divide the fan-in 16: groups of 16" in visible(i.value) for i in at.info)
     assert_unchanged(w, before)
 
 

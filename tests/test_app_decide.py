@@ -162,9 +162,9 @@ def test_sensitivity_shows_the_sweep_and_acts_on_a_layer(digits_mlp):
     worst = max((r for r in result["rows"] if r["rank"] == 1), key=lambda r: r["metric_drop"])
     assert metric(at, "Most sensitive layer") == worst["layer"]
     assert metric(at, "Its accuracy drop") == f"{worst['metric_drop']:+.4f}"
-    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]
+    heatmap = next(d for c in at.get("plotly_chart") for d in json.loads(c.proto.spec)["data"] if d["type"] == "heatmap")
     drops = {(r["layer"], r["candidate"]): r["metric_drop"] for r in result["rows"]}
-    assert heatmap["z"][0][0] == pytest.approx(drops[(heatmap["y"][0], heatmap["x"][0])])
+    assert heatmap["customdata"][0][0] == pytest.approx(drops[(heatmap["y"][0], heatmap["x"][0])])
 
     at.button(key="sens_f:fc3").click().run()
     assert state.decode_layers(at.query_params["layers"]) == {"fc3": None}
@@ -216,12 +216,14 @@ def test_compact_and_url_encoding_reproduce_every_layer(digits_cnn, name, layers
     assert all(again.plan(n) == recipe.plan(n) for n in digits_cnn.layers)
 
 
-def test_search_fills_the_table_with_a_measured_recipe_within_the_budget(digits_mlp):
+def test_search_fills_the_table_with_a_measured_recipe_within_the_budget_on_use_this_recipe(digits_mlp):
     at = open_page("mixed_precision")
     at.slider(key="mp_budget").set_value(0.2).run()
     next(b for b in at.button if b.label == "Search").click()
     at.run()
     assert not at.exception and len(at.success) == 1
+    next(b for b in at.button if b.label == "Use this recipe").click()
+    at.run()
     name, overrides = at.query_params.get("preset", state.DEFAULT_PRESET), at.query_params.get("layers")
     recipe = state.build_recipe(digits_mlp, name, state.decode_layers(overrides) if overrides else {})
     measured = digits_mlp.evaluate(recipe)

@@ -64,11 +64,38 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, message):
 
 
 def test_invalid_recipe_file_names_the_key(capsys, tmp_path):
+    """Regression: a group_size typed next to per_channel was stored and did nothing; a recipe file refuses it."""
     path = tmp_path / "bad.json"
-    path.write_text('{"weights": {"format": "int8", "granularity": "per_group", "group_size": 48}}')
-    code, _, err = run(capsys, "evaluate", "digits-mlp", "--recipe", str(path))
-    assert code == 2
-    assert "weights.group_size=48 does not divide the input dimension 64 of layer 'fc1'" in err
+    path.write_text('{"weights": {"format": "int8", "granularity": "per_channel", "group_size": 4096}}')
+    code, out, err = run(capsys, "evaluate", "digits-mlp", "--recipe", str(path))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err == ("error: weights.group_size=4096 is given with granularity per_channel, where it does nothing; "
+                   "remove group_size or set granularity per_group\n")
     path.write_text("{not json")
     code, _, err = run(capsys, "evaluate", "digits-mlp", "--recipe", str(path))
     assert code == 2 and "not valid JSON" in err
+
+
+def test_regression_inspect_torchscript_without_data_lists_the_layers(capsys, tmp_path):
+    """Regression: inspect refused a TorchScript model without a data file, though listing layers and weight
+    statistics needs no input. With --trust-pickle it lists them, and notes that evaluation needs data."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    path = tmp_path / "model.ts"
+    torch.jit.save(torch.jit.script(model), str(path))
+    code, out, err = run(capsys, "--trust-pickle", "inspect", str(path), "--json")
+    assert code == 0 and err == ""
+    r = json.loads(out)
+    assert [(row["name"], row["weight_shape"], row["params"]) for row in r["layers"]] == [
+        ("0", [4, 8], 36), ("2", [2, 4], 10)]
+    w = model[0].weight.detach()
+    assert r["layers"][0]["max"] == pytest.approx(float(w.max())) and r["layers"][0]["min"] == pytest.approx(float(w.min()))
+    assert r["calibration_samples"] == r["evaluation_samples"] == 0
+    assert any("evaluating it needs a data file (--data FILE) or the shape of one example input" in n for n in r["notes"])
+    code, out, err = run(capsys, "--trust-pickle", "inspect", str(path))  # the table, with the note
+    assert code == 0 and "2 quantizable layers" in out and "note: no data" in out
+    code, out, err = run(capsys, "--trust-pickle", "evaluate", str(path), "--preset", "int8-weight-only")
+    assert code == 2 and out == "" and "does not record its input shape" in err and err.count("\n") == 1

@@ -203,10 +203,13 @@ def test_layer_sqnr_and_group_fallback():
     rows = explain.layer_sqnr(weights, spec)
     assert [r["name"] for r in rows] == ["a", "b"]
     assert rows[0]["granularity"] == "per_group" and rows[0]["note"] is None
-    assert rows[1]["granularity"] == "per_channel" and "does not divide the fan-in 48" in rows[1]["note"]
+    assert rows[1]["granularity"] == "per_group" and "does not divide the fan-in 48: groups of 24" in rows[1]["note"]
     assert rows[0]["sqnr_db"] == pytest.approx(sqnr_db(fake_quantize(weights["a"], spec), weights["a"]))
-    fallback = TensorSpec(format="int4", granularity="per_channel")
-    assert rows[1]["sqnr_db"] == pytest.approx(sqnr_db(fake_quantize(weights["b"], fallback), weights["b"]))
+    # 24 = the largest divisor of 48 not above 32; groups of 24 quantized by hand (int4 symmetric absmax per group)
+    b = weights["b"].reshape(-1, 24)
+    scale = b.abs().amax(1, keepdim=True) / 7
+    by_hand = (torch.clamp(torch.round(b / scale), -8, 7) * scale).reshape(8, 48)
+    assert rows[1]["sqnr_db"] == pytest.approx(sqnr_db(by_hand, weights["b"]), rel=1e-4)
 
 
 def test_weight_report_per_channel_beats_per_tensor_on_unequal_channels():

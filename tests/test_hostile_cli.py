@@ -283,3 +283,109 @@ def test_a_real_process_prints_one_line_per_failure_and_a_traceback_for_a_bug(tm
     for i, (_, names) in enumerate(cases):
         assert_one_line(int(errs[2 * i + 1]), outs[i], errs[2 * i], names)
     assert p.returncode == 1 and "Traceback" in errs[-1] and "ZeroDivisionError" in errs[-1]
+
+
+# ---- export / bench: every user-caused failure is one line, a success prints no library chatter ----------
+_PT2_SCRIPT = """
+import sys, torch
+from torch import nn
+kind, path = sys.argv[1], sys.argv[2]
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+    def forward(self, x):
+        y = self.fc(x)
+        if kind == "fails":  # a runtime assertion that no standard-normal input passes
+            n = (x > 1e9).sum().item()
+            torch._check(n > 0)
+            y = y + n
+        if kind == "no_onnx":  # an operator the ONNX exporter has no function for
+            y = y + torch.linalg.eigvalsh(self.fc.weight @ self.fc.weight.T)
+        return y
+ep = torch.export.export(M().eval(), (torch.randn(2, 8),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+torch.export.save(ep, path)
+"""
+
+
+def _pt2(tmp_path, kind: str) -> str:
+    path = tmp_path / f"{kind}.pt2"
+    subprocess.run([sys.executable, "-c", _PT2_SCRIPT, kind, str(path)], check=True, capture_output=True, timeout=120)
+    return str(path)
+
+
+def test_regression_export_and_bench_of_a_failing_pt2_are_one_line(capsys, tmp_path):
+    """Regression: export/bench of a .pt2 printed torch warnings before the error line, and a .pt2 the ONNX
+    exporter cannot convert, or a TorchScript model (nothing to trace), ended in a traceback."""
+    import torch
+    from torch import nn
+
+    fails, no_onnx = _pt2(tmp_path, "fails"), _pt2(tmp_path, "no_onnx")
+    out = str(tmp_path / "m.onnx")
+    for model in (fails,):
+        for trust in ([], ["--trust-pickle"]):  # untrusted: refused by the checker; trusted: its forward fails
+            assert_one_line(*run(capsys, *trust, "export", model, "--preset", "int8-dynamic", "--format", "onnx",
+                                 "--out", out), ["fails.pt2", "the model failed on inputs"])
+            assert_one_line(*run(capsys, *trust, "bench", model, "--preset", "int8-dynamic"),
+                            ["fails.pt2", "the model failed on inputs"])
+    for argv in (["export", no_onnx, "--preset", "int8-dynamic", "--format", "onnx", "--out", out],
+                 ["bench", no_onnx, "--preset", "fp32"]):
+        assert_one_line(*run(capsys, "--trust-pickle", *argv),
+                        "no_onnx.pt2 could not be converted to ONNX (DispatchError: No ONNX function found for "
+                        "<OpOverload(op='aten._linalg_eigh'")
+    ts = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(8, 4))), str(ts))
+    for argv in (["export", str(ts), "--data", "shape:1x8", "--preset", "int8-weight-only", "--format", "onnx",
+                  "--out", out], ["bench", str(ts), "--data", "shape:1x8", "--preset", "int8-weight-only"]):
+        assert_one_line(*run(capsys, "--trust-pickle", *argv), "m.ts is a TorchScript model, which the ONNX exporter "
+                                                               "cannot trace")
+    # a bad recipe and a bad output path, for both commands
+    assert_one_line(*run(capsys, "bench", no_onnx, "--recipe", '{"weights": {"format": "int9"}}'), "int9")
+    assert_one_line(*run(capsys, "export", no_onnx, "--preset", "fp16", "--format", "onnx",
+                         "--out", str(tmp_path / "no" / "m.onnx")), "does not exist")
+
+
+_CHATTY_SCRIPT = """
+import copyreg, json, logging, sys, warnings
+import qcore.cli as c
+def chatty(args):  # what torch does inside torch.onnx.export / torch.export.load
+    logging.getLogger("torch.onnx._internal.exporter._registration").warning("torchvision is not installed. Skipping x")
+    warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, copyreg.__file__, 105)
+    return {}, "ok"
+c.cmd_formats = chatty
+for argv in json.loads(sys.argv[1]):
+    try:
+        code = c.main(argv)
+    except SystemExit as e:
+        code = e.code
+    sys.stdout.flush()
+    print(f"@@exit {code}@@", file=sys.stderr, flush=True)
+    print("@@", flush=True)
+"""
+
+
+def test_a_real_process_exports_and_benches_a_pt2_without_library_chatter(tmp_path):
+    """In a real process torch's loggers write straight to stderr ("W1201 ... torchvision is not installed") and
+    torch.export's pytree raises FutureWarnings: a success prints nothing on stderr, a failure one line."""
+    import re
+
+    good = tmp_path / "good.pt2"
+    subprocess.run([sys.executable, "-c", _PT2_SCRIPT, "good", str(good)], check=True, capture_output=True, timeout=120)
+    cases = [
+        (["export", str(good), "--preset", "int8-dynamic", "--format", "onnx", "--out", str(tmp_path / "g.onnx"),
+          "--json"], None),
+        (["bench", str(good), "--preset", "int8-dynamic", "--json"], None),
+        (["formats"], None),  # torch's log line and pytree FutureWarning, raised inside a command
+        (["bench", str(good), "--recipe", str(tmp_path / "none.json")], "none.json"),
+    ]
+    p = subprocess.run([sys.executable, "-c", _CHATTY_SCRIPT, json.dumps([a for a, _ in cases])], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    errs = re.split(r"@@exit (\S+)@@\n", p.stderr)
+    outs = p.stdout.split("@@\n")
+    assert len(errs) == 2 * len(cases) + 1, p.stderr[-2000:]
+    for i, (_, names) in enumerate(cases):
+        if names is None:
+            assert (errs[2 * i + 1], errs[2 * i]) == ("0", ""), errs[2 * i][:2000]
+        else:
+            assert_one_line(int(errs[2 * i + 1]), outs[i], errs[2 * i], names)
+    assert json.loads(outs[0])["file_size_bytes"] > 0 and json.loads(outs[1])["recipe"] == "int8-dynamic"

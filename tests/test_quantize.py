@@ -154,3 +154,17 @@ def test_more_bits_never_increase_error_on_the_same_range(seed, bits):
     step = float(x.abs().max()) / (2 ** (bits - 1) - 1)
     assert err(bits) <= 256 * step**2 / 4 + 1e-9  # every error is at most half a step
     assert err(8) <= err(bits) + 1e-9
+
+
+def test_regression_per_group_narrower_than_the_group_size_quantizes_with_the_resolved_group():
+    """Regression: per_group without a group_size (a hidden default of 128) failed on any fan-in below
+    128. The spec a QuantizedTensor keeps is the one applied: fan-in 96 under 64 -> groups of 48."""
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(0))
+    q = quantize(x, {"format": "int4", "granularity": "per_group", "group_size": 64})
+    assert q.spec.group_size == 48 and q.scale.shape == (8,)  # 4 rows x 96 / 48
+    for j in range(8):  # each block of 48 consecutive weights of a row has the absmax of that block
+        block = x.reshape(8, 48)[j]
+        assert torch.allclose(q.scale[j], block.abs().max() / 7)
+    narrow = quantize(x[:, :40], {"format": "int8", "granularity": "per_group"})  # default 128 -> 40
+    assert narrow.spec.group_size == 40 and narrow.scale.shape == (4,)
+    assert torch.equal(narrow.dequantize(), fake_quantize(x[:, :40], {"format": "int8", "granularity": "per_channel"}))

@@ -1,6 +1,7 @@
 """Recipes: JSON round trip, key-by-key layer overrides, presets, and validation message by message."""
 
 import json
+import math
 
 import pytest
 from hypothesis import given
@@ -25,7 +26,8 @@ int_specs = st.fixed_dictionaries(
     optional={"granularity": st.sampled_from(["per_tensor", "per_channel", "per_group"]),
               "group_size": st.sampled_from([8, 16, 32]), "symmetric": st.booleans(),
               "range": st.sampled_from(["minmax", "percentile", "mse", "entropy"]),
-              "percentile": st.sampled_from([99.0, 99.9, 99.99, 100.0]), "axis": st.integers(0, 1)})
+              "percentile": st.sampled_from([99.0, 99.9, 99.99, 100.0]), "axis": st.integers(0, 1)}
+).map(lambda d: d if d.get("granularity") == "per_group" else {k: v for k, v in d.items() if k != "group_size"})
 float_specs = st.one_of(st.just({"format": "fp32"}), st.fixed_dictionaries(
     {"format": st.sampled_from(["fp16", "bf16", "fp8_e4m3", "fp8_e5m2"])},
     optional={"scaled": st.booleans(), "granularity": st.sampled_from(["per_tensor", "per_channel"])}))
@@ -122,16 +124,41 @@ def test_presets_match_the_issue():
         assert r.name == name and Recipe.from_json(r.to_json()) == r
 
 
-def test_group_presets_fall_back_to_per_channel_where_the_group_does_not_divide():
-    r = preset("int4-weight-only", LAYERS)  # fan-ins: 9, 144, 288, 64; group 32 divides the last two
-    per_channel = {"weights": {"granularity": "per_channel"}}
-    assert dict(r.layers) == {"features.0": per_channel, "features.3": per_channel}
-    assert r.plan("features.0").weights == TensorSpec(format="int4", granularity="per_channel", group_size=32,
-                                                      symmetric=False)
-    r.check_against(LAYERS)
-    n = preset("nf4", LAYERS)  # group 64 divides only 64
-    assert sorted(n.layers) == ["classifier.1", "features.0", "features.3"]
-    n.check_against(LAYERS)
+def _largest_divisor(n: int, at_most: int) -> int:
+    best = 1
+    for d in range(1, at_most + 1):  # plain loop: the oracle for group_size_for
+        if n % d == 0:
+            best = d
+    return best
+
+
+def test_regression_per_group_presets_resolve_the_group_size_per_layer():
+    """Regression: per_group failed (or fell back to per-channel) on any layer whose fan-in the group size
+    does not divide; now each layer takes the largest divisor of its fan-in not above the preset's size."""
+    shapes = {**LAYERS, "wide": (8, 96)}  # fan-ins: 9, 144, 288, 64, 96
+    r = preset("int4-weight-only", shapes)  # group 32
+    expected = {n: _largest_divisor(math.prod(s[1:]), 32) for n, s in shapes.items()}
+    assert expected == {"features.0": 9, "features.3": 24, "classifier.1": 32, "classifier.3": 32, "wide": 32}
+    assert dict(r.layers) == {"features.0": {"weights": {"group_size": 9}}, "features.3": {"weights": {"group_size": 24}}}
+    for name, g in expected.items():
+        assert r.plan(name).weights == TensorSpec(format="int4", granularity="per_group", group_size=g, symmetric=False)
+    r.check_against(shapes)
+    n = preset("nf4", shapes)  # group 64
+    assert {k: v["weights"]["group_size"] for k, v in n.layers.items()} == {
+        name: _largest_divisor(math.prod(s[1:]), 64) for name, s in shapes.items() if math.prod(s[1:]) % 64}
+    assert n.plan("wide").weights.group_size == 48  # fan-in 96, preset 64
+    assert Recipe.from_json(n.to_json()) == n  # the written recipe reads back as the same recipe
+    assert preset("int8-static", shapes).layers == {}  # no group size: nothing to resolve
+
+
+def test_per_channel_override_on_a_per_group_default_drops_the_inherited_group_size():
+    r = Recipe.from_dict({"weights": {"format": "int4", "granularity": "per_group", "group_size": 32},
+                          "layers": {"fc1": {"weights": {"granularity": "per_channel"}}}})
+    assert r.plan("fc1").weights == TensorSpec(format="int4", granularity="per_channel")
+    assert "group_size" not in r.plan("fc1").weights.to_dict() and r.weights.to_dict()["group_size"] == 32
+    # a spec built in code (the app's table rows) drops a group_size it cannot use instead of refusing it
+    assert TensorSpec.from_dict({"format": "int8", "granularity": "per_channel", "group_size": 4096}) == \
+        TensorSpec(format="int8", granularity="per_channel")
 
 
 def test_load_recipe_from_preset_json_text_and_file(tmp_path):
@@ -168,17 +195,17 @@ def _error(fn, *args) -> str:
      "weights.range='moving_average' is not a range method; allowed here: minmax, percentile, mse, entropy"),
     ({"activations": {"range": "kl"}},
      "activations.range='kl' is not a range method; allowed here: minmax, percentile, mse, entropy, moving_average"),
-    ({"weights": {"group_size": 0}},
+    ({"weights": {"granularity": "per_group", "group_size": 0}},
      "weights.group_size=0 must be a positive integer such as 32, 64 or 128 (at most 1048576)"),
     # regression: huge integers are refused by range, and shown without converting them to 5,000 digits
-    ({"weights": {"group_size": 2**21}},
+    ({"weights": {"granularity": "per_group", "group_size": 2**21}},
      "weights.group_size=2097152 must be a positive integer such as 32, 64 or 128 (at most 1048576)"),
-    ({"weights": {"group_size": 10**5000}},
+    ({"weights": {"granularity": "per_group", "group_size": 10**5000}},
      "weights.group_size=<an integer of about 5,000 digits> must be a positive integer such as 32, 64 or 128 (at most 1048576)"),
     ({"weights": {"axis": 10**20}},
      "weights.axis=100000000000000000000 must be a dimension index in [-8, 8), e.g. 0 (output channel) or 1"),
     ({"weights": {"axis": -9}}, "weights.axis=-9 must be a dimension index in [-8, 8), e.g. 0 (output channel) or 1"),
-    ({"weights": {"group_size": "abc"}}, "weights.group_size='abc' must be an integer"),
+    ({"weights": {"granularity": "per_group", "group_size": "abc"}}, "weights.group_size='abc' must be an integer"),
     ({"weights": {"percentile": True}}, "weights.percentile=True must be a number in (50, 100], e.g. 99.9 or 99.99"),
     ({"weights": {"granularity": ["per_tensor"]}},
      "weights.granularity=['per_tensor'] is not a granularity; allowed: per_tensor, per_channel, per_group"),
@@ -192,7 +219,7 @@ def _error(fn, *args) -> str:
     ({"weights": {"format": "x" * 100_000}},
      "unknown format weights.format='" + "x" * 37 + "..." + "x" * 38 + "'; "
      "allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2, int3, int4, int5, int6, int7, int8, int16, nf4"),
-    ({"weights": {"group_size": 32.0}}, "weights.group_size=32.0 must be an integer"),
+    ({"weights": {"granularity": "per_group", "group_size": 32.0}}, "weights.group_size=32.0 must be an integer"),
     ({"weights": {"axis": True}}, "weights.axis=True must be an integer"),
     ({"weights": {"symmetric": "yes"}}, "weights.symmetric='yes' must be true or false"),
     ({"weights": {"percentile": 50}}, "weights.percentile=50 must be a number in (50, 100], e.g. 99.9 or 99.99"),
@@ -217,6 +244,21 @@ def _error(fn, *args) -> str:
      "layers['fc1'].weights.granularity='per_block' is not a granularity; allowed: per_tensor, per_channel, per_group"),
     ({"layers": {"fc1": {"weights": "int4"}}},
      "layers['fc1'].weights must be an object like {\"format\": \"int8\"} or null, got 'int4'"),
+    # regression (a huge group size typed on a per_channel row was stored as a no-op override): a group_size
+    # next to any granularity but per_group is refused, in the defaults and in a layer's own override
+    ({"weights": {"format": "int8", "granularity": "per_channel", "group_size": 4096}},
+     "weights.group_size=4096 is given with granularity per_channel, where it does nothing; remove group_size or "
+     "set granularity per_group"),
+    ({"weights": {"group_size": 64}},  # the default granularity is per_tensor
+     "weights.group_size=64 is given with granularity per_tensor, where it does nothing; remove group_size or set "
+     "granularity per_group"),
+    ({"activations": {"format": "int8", "group_size": 64}},
+     "activations.group_size=64 is given with granularity per_tensor, where it does nothing; remove group_size or "
+     "set granularity per_group"),
+    ({"weights": {"format": "int4", "granularity": "per_group"},
+      "layers": {"fc1": {"weights": {"granularity": "per_channel", "group_size": 32}}}},
+     "layers['fc1'].weights.group_size=32 is given with granularity per_channel, where it does nothing; remove "
+     "group_size or set granularity per_group"),
     ({"weights": {"format": ["int8"]}},
      "unknown format weights.format=['int8']; allowed: fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, int2, int3, int4, "
      "int5, int6, int7, int8, int16, nf4"),
@@ -233,15 +275,11 @@ def test_model_dependent_validation_names_the_layer():
     assert _error(r.check_against, LAYERS) == (
         "recipe.layers names 'classifier.9', which is not a quantizable layer of this model; layers are: "
         "features.0, features.3, classifier.1, classifier.3")
-    g = Recipe.from_dict({"weights": {"format": "int4", "granularity": "per_group", "group_size": 64}})
-    assert _error(g.check_against, LAYERS) == (
-        "weights.group_size=64 does not divide the input dimension 9 of layer 'features.0'; use a divisor of 9 "
-        "for that layer or granularity per_channel")
-    o = Recipe.from_dict({"layers": {"classifier.1": {"weights": {"format": "int4", "granularity": "per_group",
+    # a group size no layer's fan-in divides is not an error: it resolves per layer (fan-in 9 -> 9, 288 -> 6)
+    g = Recipe.from_dict({"layers": {"classifier.1": {"weights": {"format": "int4", "granularity": "per_group",
                                                                   "group_size": 7}}}})
-    assert _error(o.check_against, LAYERS) == (
-        "layers['classifier.1'].weights.group_size=7 does not divide the input dimension 288 of layer "
-        "'classifier.1'; use a divisor of 288 for that layer or granularity per_channel")
+    g.check_against(LAYERS)
+    assert g.plan("classifier.1").weights.for_shape(LAYERS["classifier.1"]).group_size == 6
     a = Recipe.from_dict({"weights": {"format": "int8", "granularity": "per_channel", "axis": 4}})
     assert _error(a.check_against, LAYERS) == (
         "weights.axis=4 is out of range for layer 'features.0' with weight shape (16, 1, 3, 3)")

@@ -104,3 +104,20 @@ def test_cli_search_writes_a_recipe_that_evaluate_reproduces(capsys, tmp_path, c
     assert code == 0
     assert evaluated["quantized"]["metrics"]["accuracy"] == found["measured"]["metric"]
     assert evaluated["quantized"]["size_bytes"] == found["measured"]["size_bytes"] <= 0.2 * found["fp32"]["size_bytes"]
+
+
+def test_estimate_metric_is_none_when_a_layer_was_not_swept_and_the_sum_of_drops_when_all_were(digits_mlp, cache_dir):
+    """Regression: a layer whose spec no candidate swept was left out of the sum, so the estimate of a recipe with
+    fc1 at int4 (int8 inputs) showed FP32's metric as if complete."""
+    from qcore.recipe import preset
+    from qcore.search import estimate_metric
+    from qcore.sensitivity import sweep
+
+    result = sweep(digits_mlp, CANDIDATES, "both", "only", cache_dir=cache_dir)
+    drop = {(r["layer"], r["candidate"]): r["metric_drop"] for r in result["rows"]}
+    int8 = preset("int8-static", digits_mlp.layer_shapes)
+    partial = estimate_metric(digits_mlp, int8.with_layer("fc1", {"weights": {"format": "int4"}}), result)
+    assert partial["metric"] is None and partial["missing"] == ["fc1"] and "fc1" not in partial["drops"]
+    whole = estimate_metric(digits_mlp, int8.with_layer("fc3", None), result)  # fc3 float: drop 0
+    assert whole["missing"] == [] and whole["drops"]["fc3"] == 0.0
+    assert whole["metric"] == pytest.approx(result["fp32_metric"] - drop[("fc1", "int8-static")] - drop[("fc2", "int8-static")])

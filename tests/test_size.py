@@ -80,9 +80,10 @@ def test_model_size_by_hand():
         "fp32_bytes": fp32, "size_bytes": fp32,
         "layers": [{"name": "0", "format": "fp32", "fp32_bytes": 1024, "size_bytes": 1024, "bits_per_weight": 32.0},
                    {"name": "2", "format": "fp32", "fp32_bytes": 32, "size_bytes": 32, "bits_per_weight": 32.0}]}
-    # int4 groups of 32 (affine) for layer 0: 128 + 8 * 4 + 4 = 164 B. Layer 2's fan-in 4 is not a multiple
-    # of 32, so the preset falls back to per-channel: 4 B codes + 2 * 4 B scales + 1 B of zero-points.
+    # int4 groups of 32 (affine) for layer 0: 128 + 8 * 4 + 4 = 164 B. Layer 2's fan-in 4 is below 32, so its
+    # group is 4 (the largest divisor of 4 up to 32): 4 B codes + 2 groups * 4 B scales + 1 B of zero-points.
     r = preset("int4-weight-only", {n: i.weight_shape for n, i in layers.items()})
+    assert r.plan("2").weights.group_size == 4
     size = model_size(model, layers, r)
     assert size["size_bytes"] == fp32 - 1024 + 164 - 32 + 13
     assert [row["size_bytes"] for row in size["layers"]] == [164, 13]
@@ -100,3 +101,28 @@ def test_float_bytes_counts_dtypes_buffers_and_shared_tensors_once():
     # embedding 40 floats once; BN weight, bias, running mean/var (4 floats each) + num_batches_tracked (int64)
     assert float_bytes(model) == 40 * 4 + 4 * 4 * 4 + 8
     assert float_bytes(nn.Linear(8, 8).half()) == (64 + 8) * 2
+
+
+def test_regression_per_group_on_digits_cnn_first_conv_is_counted_at_its_resolved_group():
+    """Regression: per_group on digits-cnn failed on features.0, a 3x3 conv with one input channel (fan-in
+    9), since 32 does not divide 9. A recipe file's group of 32 now resolves to 9 there (one group per
+    output channel), and the size counts 16 groups: int4 affine codes 144 * 4 bits = 72 B, 16 float32
+    scales = 64 B, 16 zero-points * 4 bits = 8 B -> 144 B."""
+    from qcore.simulate import simulate
+    from qcore.zoo.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    layers = find_layers(model)
+    assert layers["features.0"].weight_shape == (16, 1, 3, 3)
+    recipe = Recipe.from_dict({"weights": {"format": "int4", "granularity": "per_group", "group_size": 32,
+                                           "symmetric": False}})
+    assert weight_bytes((16, 1, 3, 3), recipe.plan("features.0").weights) == _bytes(72, 64, 8)
+    row = next(r for r in model_size(model, layers, recipe)["layers"] if r["name"] == "features.0")
+    assert row["size_bytes"] == 144 and row["bits_per_weight"] == 144 * 8 / 144
+    simulate(model, recipe)  # no longer refused
+    # nf4 (groups of 64, no zero-points) on the same conv: 72 B codes + 16 scales * 4 B = 136 B
+    assert weight_bytes((16, 1, 3, 3), preset("nf4").weights)["total"] == 136
+    # a 1-D tensor is one row: 2560 elements in groups of 64 -> 40 scales
+    assert n_blocks((2560,), preset("nf4").weights) == 40
+    assert n_blocks((2560,), TensorSpec(format="int8", granularity="per_channel")) == 1

@@ -36,11 +36,21 @@ ROWS = [{"layer": l, "candidate": c, "changed": changed, "metric_drop": d, "rank
                                        ("fc1", "int4", True, 0.2, 1, 12.0), ("fc2", "int4", False, 0.0, 2, 200.0)]]
 
 
-def test_heatmap_cells_are_the_sweep_drops_and_unchanged_cells_are_blank():
+def test_heatmap_cells_show_the_sweep_drops_coloured_per_candidate_and_unchanged_cells_are_blank():
     fig = viz_decide.sensitivity_heatmap(ROWS)
     h = fig.data[0]
     assert list(h.y) == ["fc1", "fc2"] and list(h.x) == ["int8", "int4"]
-    assert [list(r) for r in h.z] == [[0.01, 0.2], [0.05, None]]
+    assert [list(r) for r in h.customdata] == [[0.01, 0.2], [0.05, None]]
+    assert h.texttemplate == "%{text}" and [list(r) for r in h.text] == [["+0.0100", "+0.2000"], ["+0.0500", ""]]
+    # colour: each column over its own largest |drop| (int8: 0.05, int4: 0.2), so int4 does not wash out int8
+    assert [list(r) for r in h.z] == [[0.01 / 0.05, 1.0], [1.0, None]] and (h.zmin, h.zmax) == (-1.0, 1.0)
+
+
+def test_widest_spread_is_the_candidate_whose_drops_differ_most_between_layers():
+    rows = [{"layer": l, "candidate": c, "metric_drop": d} for l, c, d in
+            [("a", "int8", 0.0), ("b", "int8", 0.0), ("a", "int2", 0.3), ("b", "int2", 0.5), ("a", "int4", -0.1), ("b", "int4", 0.2)]]
+    assert viz_decide.widest_spread(rows) == "int4"  # 0.3 apart; int2's drops are larger but only 0.2 apart
+    assert viz_decide.widest_spread([r for r in rows if r["candidate"] == "int8"]) == "int8"
 
 
 def test_ranked_drops_orders_by_rank_and_colours_the_worst():

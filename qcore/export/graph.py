@@ -76,8 +76,24 @@ class GraphEditor:
         del self.graph.node[:]
         self.graph.node.extend(ordered)
 
+    def prune(self) -> None:
+        """Drop the nodes no graph output depends on, then the initializers nothing reads (call it
+        before inserting nodes: it walks the node list only)."""
+        needed = {o.name for o in self.graph.output}
+        kept = []
+        for n in reversed(self.nodes):
+            if any(o in needed for o in n.output):
+                kept.append(n)
+                needed.update(i for i in n.input if i)
+        self.nodes = kept[::-1]
+        for name in [name for name in self.inits if name not in needed]:
+            self.drop_initializer(name)
+
     def rename_value(self, old: str, new: str) -> None:
-        """Rename a graph input/output value everywhere it is used."""
+        """Rename a value (graph input/output, node output or initializer) everywhere it is used."""
+        if old in self.inits:
+            self.inits[new] = self.inits.pop(old)
+            self.inits[new].name = new
         for n in self.nodes:
             n.input[:] = [new if i == old else i for i in n.input]
             n.output[:] = [new if o == old else o for o in n.output]

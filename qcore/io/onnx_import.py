@@ -3,7 +3,8 @@
 Why not a converter library: onnx2torch needs torchvision, which does not import beside this torch.
 Why this shape: quantization finds layers by module type, so the weighted nodes become real modules
 
-- ``Gemm`` (alpha = beta = 1, transA = 0) and ``MatMul`` with a constant 2-D weight -> ``nn.Linear``,
+- ``Gemm`` (alpha = beta = 1, transA = 0) and ``MatMul`` with a constant 2-D weight -> ``nn.Linear``
+  (a MatMul's following ``Add`` of a constant bias vector becomes the Linear's bias),
 - ``Conv`` with a constant weight (1-D or 2-D)                                -> ``nn.Conv1d`` / ``nn.Conv2d``,
 - ``Gather`` of rows of a constant 2-D table by run-time indices (axis 0)      -> ``nn.Embedding``,
 
@@ -16,7 +17,9 @@ when it is one (``fc1.weight`` -> ``fc1``, as ``torch.onnx.export`` names untouc
 the module path in the node's ``namespace`` metadata (the dynamo exporter), else the scopes in the node
 name (the TorchScript exporter: ``/features/features.0/Conv`` -> ``features.0``), else the sanitised
 node name (``node_MatMul_95``).
-The module returns the graph's first output. An operator not in ``OPS`` raises ``QcoreError``
+The source graph's other weights (LayerNorm's scale and bias, ...) are parameters, so the module counts
+what the source model counts; the module keeps the source graph and each layer's place in it
+(``LayerSource``), which ``qcore.export`` rewrites. The module returns the graph's first output. An operator not in ``OPS`` raises ``QcoreError``
 naming it and its node.
 
 Bounds (the file is untrusted; a 3 KB graph can ask ConstantOfShape for 6 GiB): before a node is
@@ -491,13 +494,35 @@ class Step:
     pre_pad: list[int] | None = None  # Conv with asymmetric pads: F.pad before the conv layer
 
 
+@dataclass(frozen=True)
+class LayerSource:
+    """Where a layer's weight sits in the source graph (what an export rewrites): the compute node
+    (its index in ``graph.node`` and name), which of its inputs is the weight and which the data, and
+    whether the node reads the weight transposed (MatMul and Gemm without transB hold W^T, (in, out))."""
+
+    node_index: int
+    node_name: str
+    weight_input: int
+    data_input: int
+    transposed: bool
+
+
 class OnnxModule(nn.Module):
     """Runs the converted graph: ``forward(*inputs)`` takes the graph inputs in file order and
-    returns its first output. Layers are submodules (dotted paths); other constants are buffers."""
+    returns its first output. Layers are submodules (dotted paths); the other weights of the source
+    graph (``parameters``: float initializers of rank >= 1 that run-time nodes read, e.g. LayerNorm's
+    scale and bias) are parameters of ``constants``, every other constant a buffer there -- so
+    ``model.parameters()`` counts what the source model's parameters counted.
 
-    def __init__(self, input_names, output_names, steps, layers: dict[str, nn.Module], constants: dict):
+    ``source``: the serialized ``ModelProto`` (external data already inlined and checked) and
+    ``layer_sources`` each layer's ``LayerSource``: an export rewrites that graph itself."""
+
+    def __init__(self, input_names, output_names, steps, layers: dict[str, nn.Module], constants: dict,
+                 parameters: frozenset = frozenset(), source: bytes | None = None,
+                 layer_sources: dict[str, LayerSource] | None = None):
         super().__init__()
         self.input_names, self.output_names, self.steps = list(input_names), list(output_names), steps
+        self.source, self.layer_sources = source, dict(layer_sources or {})
         for path, module in layers.items():
             parent = self
             *parents, leaf = path.split(".")
@@ -509,7 +534,10 @@ class OnnxModule(nn.Module):
         self.constants = nn.Module()
         self._constant_keys = {}
         for i, (name, value) in enumerate(constants.items()):
-            self.constants.register_buffer(f"c{i}", value)
+            if name in parameters:
+                self.constants.register_parameter(f"c{i}", nn.Parameter(value, requires_grad=False))
+            else:
+                self.constants.register_buffer(f"c{i}", value)
             self._constant_keys[name] = f"c{i}"
 
     def forward(self, *inputs):
@@ -517,7 +545,7 @@ class OnnxModule(nn.Module):
             raise QcoreError(f"the ONNX model takes {len(self.input_names)} inputs "
                              f"({', '.join(self.input_names)}), got {len(inputs)}")
         env = dict(zip(self.input_names, inputs))
-        env.update({n: self.constants.get_buffer(k) for n, k in self._constant_keys.items()})
+        env.update({n: getattr(self.constants, k) for n, k in self._constant_keys.items()})
         for s in self.steps:
             xs = [env[n] if n else None for n in s.inputs]
             if s.layer is not None:
@@ -696,6 +724,24 @@ def _layer_for(node, xs: list, consts: dict, attrs: dict):
     return None
 
 
+def _bias_add(node, module, readers: dict, outputs: set, consts: dict):
+    """The ``Add`` that is the only reader of a bias-free Linear's output (a MatMul) and adds a constant
+    float vector of its output size (``x @ W^T + b`` exported as MatMul + Add), after copying that vector
+    into ``module.bias``; else None."""
+    if node.op_type != "MatMul" or node.output[0] in outputs or len(readers.get(node.output[0], [])) != 1:
+        return None
+    add = readers[node.output[0]][0]
+    if add.op_type != "Add" or len(add.input) != 2 or add.domain not in ("", "ai.onnx"):
+        return None
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    bias = consts.get(other)
+    if bias is None or other == node.output[0] or not torch.is_floating_point(bias) or bias.dim() != 1 \
+            or bias.numel() != module.out_features or bias.dtype != module.weight.dtype:
+        return None
+    module.bias = nn.Parameter(bias.clone())
+    return add
+
+
 def _where(node, index: int) -> str:
     return f"node {node.name!r}" if node.name else f"node #{index}"
 
@@ -729,9 +775,17 @@ def convert(model, max_bytes: int | None = None) -> OnnxModule:
                              "(the engine simulates lower precisions itself)")
         consts[init.name] = t
     inputs = [i.name for i in graph.input if i.name not in consts]
-    steps, layers, candidates = [], [], []
+    steps, layers, candidates, sources = [], [], [], []
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for n in node.input:
+            readers.setdefault(n, []).append(node)
+    outputs = {o.name for o in graph.output}
+    absorbed: set[int] = set()  # the Adds of MatMul + bias, which run inside their Linear
     for index, node in enumerate(graph.node):
         where = _where(node, index)
+        if id(node) in absorbed:
+            continue
         if node.domain not in ("", "ai.onnx") or (node.op_type not in OPS and node.op_type != "Conv"):
             domain = f" from domain {node.domain!r}" if node.domain not in ("", "ai.onnx") else ""
             raise QcoreError(f"ONNX operator {node.op_type!r}{domain} ({where}) is not supported by the importer; "
@@ -746,9 +800,16 @@ def convert(model, max_bytes: int | None = None) -> OnnxModule:
                     _module_path_from_metadata(node) or _module_path_from_node_name(node.name))
             candidates.append((path, node.name or f"{node.op_type}_{index}"))
             layers.append(module)
-            data_input = names[1] if node.op_type == "Gather" else names[0]
-            steps.append(Step(node.op_type, node.name, [data_input], list(node.output), layer=str(len(layers) - 1),
-                              pre_pad=pre_pad))
+            weight_input, data_input = (0, 1) if node.op_type == "Gather" else (1, 0)
+            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
+            sources.append(LayerSource(index, node.name, weight_input, data_input, transposed))
+            out = list(node.output)
+            bias_add = _bias_add(node, module, readers, outputs, consts)
+            if bias_add is not None:  # MatMul + Add(bias): the bias is the Linear's (and counts with it)
+                absorbed.add(id(bias_add))
+                out = list(bias_add.output)
+            steps.append(Step(node.op_type, node.name, [names[data_input]], out,
+                              layer=str(len(layers) - 1), pre_pad=pre_pad))
             continue
         if node.op_type == "Conv":
             raise QcoreError(f"Conv ({where}) has a weight computed at run time or {len(consts.get(names[1], []))}-D; "
@@ -772,7 +833,14 @@ def convert(model, max_bytes: int | None = None) -> OnnxModule:
             s.layer = names[int(s.layer)]
     used = {n for s in steps for n in s.inputs} | {o.name for o in graph.output}
     kept = {n: t for n, t in consts.items() if n in used}
-    return OnnxModule(inputs, [o.name for o in graph.output], steps, dict(zip(names, layers)), kept).eval()
+    # The source model's other weights: float initializers (not folded values, not scalars the exporter
+    # lifted) read at run time, except BatchNormalization's running statistics (buffers in torch too).
+    statistics = {n for s in steps if s.op == "BatchNormalization" for n in s.inputs[3:5]}
+    initializers = {i.name for i in graph.initializer}
+    weights = frozenset(n for n, t in kept.items() if n in initializers and n not in statistics
+                        and torch.is_floating_point(t) and t.dim() >= 1)
+    return OnnxModule(inputs, [o.name for o in graph.output], steps, dict(zip(names, layers)), kept, weights,
+                      model.SerializeToString(), dict(zip(names, sources))).eval()
 
 
 def input_shapes(model) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]:

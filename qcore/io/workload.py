@@ -67,9 +67,13 @@ def _fidelity_task() -> Task:
 
 
 def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = False, label_column: str | None = None,
-                  max_bytes: int | None = None) -> Workload:
+                  max_bytes: int | None = None, allow_no_data: bool = False) -> Workload:
     """A zoo name (``data`` then replaces its calibration/evaluation data) or a model file, with an
-    optional data file (or ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line."""
+    optional data file (or ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line.
+
+    A model that records no input shape (TorchScript, a pickled model) needs data to run. With
+    ``allow_no_data`` and no ``data`` it loads anyway, with no samples: its layers and weights only
+    (what ``inspect`` lists), and a note saying that evaluation needs data."""
     from ..zoo import ZOO, load
 
     shape_spec = data is not None and str(data).startswith("shape:")
@@ -96,6 +100,16 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
         weights = sorted(loaded.model.state_dict().items()) if loaded.format == "onnx" else []
         model_part = ["file", name, Path(model), [[k, t] for k, t in weights]]
     notes = list(loaded.notes)
+    workload_cls = WeightOnlyWorkload if loaded.weight_only else Workload
+    if data is None and loaded.inputs is None and allow_no_data:
+        notes.append(f"no data: a {loaded.format} model does not record its input shape, so only its layers and "
+                     "weights are read; evaluating it needs a data file (--data FILE) or the shape of one example "
+                     "input (--data shape:1x3x32x32)")
+        none = Data((torch.zeros(0),))
+        return workload_cls(name=name, model=loaded.model, calibration=none, evaluation=none, task=_fidelity_task(),
+                            description=f"{name}, a {loaded.format} model, without data (layers and weights only).",
+                            source=loaded.format, notes=notes,
+                            content_hash=content_hash("load_workload", model_part, None, label_column, allow_pickle))
     if data is None or shape_spec:
         if shape_spec:
             loaded.inputs = parse_shape(str(data)[len("shape:"):])
@@ -136,7 +150,6 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     if fixed:
         notes.append(f"the program only runs batches of {fixed}: data is used in whole batches "
                      f"({len(calibration)} calibration, {len(evaluation)} evaluation samples)")
-    workload_cls = WeightOnlyWorkload if loaded.weight_only else Workload
     return workload_cls(
         name=name, model=loaded.model, calibration=calibration, evaluation=evaluation, task=task,
         description=(f"{name}, a {loaded.format} model, evaluated on {source} ({len(calibration)} calibration / "
