@@ -32,7 +32,9 @@ m1.metric("Recipe", plain(name) + (f" + {len(overrides)} override(s)" if overrid
 m2.metric("Theoretical size (bytes)", f"{total['size_bytes']:,}", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
           delta_color="off")
 m3.metric(f"{plain(headline)} (simulated)", f"{result['quantized']['metrics'][headline]:.4f}",
-          delta=f"{result['quantized']['metrics'][headline] - result['fp32']['metrics'][headline]:+.4f} vs FP32")
+          delta=f"{result['quantized']['metrics'][headline] - result['fp32']['metrics'][headline]:+.4f} vs FP32",
+          delta_color="normal" if result["quantized"]["metrics"][headline] != result["fp32"]["metrics"][headline]
+          else "off")
 
 
 def exported(fmt: str) -> dict:

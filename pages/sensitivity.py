@@ -53,7 +53,11 @@ m1, m2, m3 = st.columns(3)
 m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
 ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
 m2.metric("Most sensitive layer", plain(ranked[0]["layer"]), help=f"under {plain(chosen)}")
-m3.metric(f"Its {metric} drop", f"{ranked[0]['metric_drop']:+.4f}", help=f"under {plain(chosen)}; positive = worse than FP32")
+m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only it in float",
+          f"{ranked[0]['metric_drop']:+.4f}",
+          help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
+               "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone in float "
+               "recovers the most"))
 
 st.plotly_chart(viz_decide.ranked_drops(result["rows"], chosen, metric), width="stretch")
 st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")

@@ -2,7 +2,6 @@
 module paths, single operators agree with onnxruntime, and an unsupported operator is named in one line."""
 
 import math
-import warnings
 
 import numpy as np
 import onnx
@@ -19,28 +18,26 @@ from qcore.io.workload import load_workload
 from qcore.simulate import find_layers
 
 
-def _export(model, args, path, names, dynamic_axes, dynamo=False, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(path), input_names=names, dynamo=dynamo,
-                          **({"dynamic_axes": dynamic_axes} if not dynamo else kw))
+def _export(model, args, path, names, dynamic_shapes, external_data=False):
+    torch.onnx.export(model, args, str(path), input_names=names, dynamo=True, dynamic_shapes=dynamic_shapes,
+                      external_data=external_data)
     return path
 
 
 @pytest.fixture(scope="session")
 def minilm_onnx(tmp_path_factory, minilm):
-    """minilm-l6 exported once (TorchScript exporter, dynamic batch and sequence length), then loaded."""
+    """minilm-l6 exported once (dynamic batch and sequence length), then loaded."""
     ids, mask = (t[:2, :8] for t in minilm.calibration.inputs)
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    dims = ({0: "batch", 1: "seq"}, {0: "batch", 1: "seq"})
     path = _export(minilm.model, (ids, mask), tmp_path_factory.mktemp("onnx") / "minilm.onnx",
-                   ["input_ids", "attention_mask"], axes)
+                   ["input_ids", "attention_mask"], dims)
     return load_model_file(path)
 
 
 @pytest.fixture(scope="module")
 def cnn_onnx(tmp_path_factory, digits_cnn):
     x = digits_cnn.calibration.inputs[0][:4]
-    return _export(digits_cnn.model, (x,), tmp_path_factory.mktemp("onnx") / "cnn.onnx", ["x"], {"x": {0: "batch"}})
+    return _export(digits_cnn.model, (x,), tmp_path_factory.mktemp("onnx") / "cnn.onnx", ["x"], ({0: "batch"},))
 
 
 def outputs(model, *xs):
@@ -53,7 +50,7 @@ def test_cnn_from_onnx_matches_the_source_model_with_module_paths(cnn_onnx, digi
     x = digits_cnn.evaluation.inputs[0][:100]
     diff = (outputs(loaded.model, x) - outputs(digits_cnn.model, x)).abs().max().item()
     assert diff < 1e-4  # the exporter folds BatchNorm into the convs: float rounding only (measured ~6e-6)
-    # Conv weights were renamed by the exporter's BatchNorm folding: names come from the node scopes.
+    # The exporter folded each BatchNorm into its conv: the layers still carry the source module paths.
     assert {n: i.weight_shape for n, i in find_layers(loaded.model).items()} == \
         {n: i.weight_shape for n, i in digits_cnn.layers.items()}
     assert (loaded.format, loaded.inputs[0].sample_shape, loaded.inputs[0].dynamic) == ("onnx", (1, 8, 8), frozenset())
@@ -67,16 +64,18 @@ def test_onnx_cnn_evaluates_like_the_zoo_model(cnn_onnx, digits_cnn):
     got, expected = w.simulate(recipe).model, digits_cnn.simulate(recipe).model
     x = digits_cnn.evaluation.inputs[0]
     assert (outputs(got, x) - outputs(expected, x)).abs().max().item() < 1e-4
-    # The export folded BatchNorm away: the ONNX model is smaller by exactly the BatchNorm tensors.
+    # The export folded BatchNorm away and stored two int64 shape operands (Reshape's shape, ReduceMean's axes) as
+    # initializers: the ONNX model is smaller by exactly the BatchNorm tensors less those constants.
     bn_bytes = sum(t.numel() * t.element_size() for m in digits_cnn.model.modules() if isinstance(m, torch.nn.BatchNorm2d)
                    for t in [*m.parameters(), *m.buffers()])
-    assert digits_cnn.size(recipe)["size_bytes"] - w.size(recipe)["size_bytes"] == bn_bytes == 1816
+    shape_bytes = sum(t.numel() * t.element_size() for n, t in w.model.named_buffers() if n.startswith("constants."))
+    assert (bn_bytes, shape_bytes) == (1816, 2 * 2 * 8)
+    assert digits_cnn.size(recipe)["size_bytes"] - w.size(recipe)["size_bytes"] == bn_bytes - shape_bytes
 
 
 def test_mlp_from_the_dynamo_exporter_with_a_separate_weight_file(tmp_path, digits_mlp):
     x = digits_mlp.evaluation.inputs[0][:16]
-    path = _export(digits_mlp.model, (x,), tmp_path / "mlp.onnx", ["x"], None, dynamo=True,
-                   dynamic_shapes=({0: "batch"},), external_data=True)
+    path = _export(digits_mlp.model, (x,), tmp_path / "mlp.onnx", ["x"], ({0: "batch"},), external_data=True)
     assert (tmp_path / "mlp.onnx.data").is_file()  # torch.onnx.export's default: weights beside the graph
     loaded = load_model_file(path)
     x = digits_mlp.evaluation.inputs[0][:50]

@@ -163,7 +163,8 @@ def _exported_graph(workload, optimize: bool) -> onnx.ModelProto:
     exporter_log.setLevel(logging.ERROR)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations inside export
+            # torch's own pytree deprecation inside export (it deep-copies TreeSpecs), not a call of ours
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             program = torch.onnx.export(model, example, dynamo=True, opset_version=OPSET, dynamic_shapes=dims,
                                         verbose=False, optimize=optimize)
     finally:

@@ -20,6 +20,12 @@ from .data import N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, parse_shape, spl
 from .limits import first_line
 from .models import InputSpec, LoadedModel, load_model_file
 
+def _a(fmt: str) -> str:
+    """'a torch.export' / 'an ONNX' / 'a TorchScript': the article and the format's usual spelling."""
+    shown = {"onnx": "ONNX", "torchscript": "TorchScript"}.get(fmt, fmt)
+    return ("an " if shown[:1].lower() in "aeiou" or shown.startswith("ONNX") else "a ") + shown
+
+
 FIDELITY_NOTE = "metrics are fidelity-only (agreement with the FP32 model), not accuracy"
 
 
@@ -102,19 +108,19 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     notes = list(loaded.notes)
     workload_cls = WeightOnlyWorkload if loaded.weight_only else Workload
     if data is None and loaded.inputs is None and allow_no_data:
-        notes.append(f"no data: a {loaded.format} model does not record its input shape, so only its layers and "
+        notes.append(f"no data: {_a(loaded.format)} model does not record its input shape, so only its layers and "
                      "weights are read; evaluating it needs a data file (--data FILE) or the shape of one example "
                      "input (--data shape:1x3x32x32)")
         none = Data((torch.zeros(0),))
         return workload_cls(name=name, model=loaded.model, calibration=none, evaluation=none, task=_fidelity_task(),
-                            description=f"{name}, a {loaded.format} model, without data (layers and weights only).",
+                            description=f"{name}, {_a(loaded.format)} model, without data (layers and weights only).",
                             source=loaded.format, notes=notes,
                             content_hash=content_hash("load_workload", model_part, None, label_column, allow_pickle))
     if data is None or shape_spec:
         if shape_spec:
             loaded.inputs = parse_shape(str(data)[len("shape:"):])
         if loaded.inputs is None:
-            raise QcoreError(f"a {loaded.format} model does not record its input shape: give a data file (--data FILE) "
+            raise QcoreError(f"{_a(loaded.format)} model does not record its input shape: give a data file (--data FILE) "
                              "or the shape of one example input (--data shape:1x3x32x32)")
         dataset, source = synthetic_data(loaded.inputs), "synthetic inputs"
         shape = "x".join(map(str, (1,) + loaded.inputs[0].sample_shape))
@@ -152,7 +158,7 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                      f"({len(calibration)} calibration, {len(evaluation)} evaluation samples)")
     return workload_cls(
         name=name, model=loaded.model, calibration=calibration, evaluation=evaluation, task=task,
-        description=(f"{name}, a {loaded.format} model, evaluated on {source} ({len(calibration)} calibration / "
+        description=(f"{name}, {_a(loaded.format)} model, evaluated on {source} ({len(calibration)} calibration / "
                      f"{len(evaluation)} evaluation samples). Headline metric: {task.headline}."),
         source=loaded.format, notes=notes, batch_size=fixed or 128,
         content_hash=content_hash("load_workload", model_part, data_part, label_column, allow_pickle))
