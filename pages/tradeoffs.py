@@ -63,7 +63,7 @@ st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows])
              column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
                             metric: st.column_config.NumberColumn(format="%.4f"),
                             "change": st.column_config.NumberColumn(format="%+.4f", help="against FP32"),
-                            "latency (ms)": st.column_config.NumberColumn(format="%.3f", help=state.LATENCY_HELP)})
+                            "latency (ms)": st.column_config.NumberColumn(format="%.3g", help=state.LATENCY_HELP)})
 st.caption(state.LATENCY_HELP)
 if st.button("Measure latency on this machine (ONNX Runtime)", help="exports each recipe and times it; slow, cached"):
     state.measure_latencies(key, w, recipes)
