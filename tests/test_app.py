@@ -272,6 +272,7 @@ def test_activations_page_ranges_outliers_and_batches(zoo_models):
     at = visit(open_app("digits-cnn"), "activations")
     stats = w.calibration_stats()
     layer = [n for n, s in stats.items() if s.numel > 0][1]
+    assert at.selectbox(key="act_layer:zoo:digits-cnn").value == layer  # not the raw pixels of the first layer
     at.selectbox(key="act_layer:zoo:digits-cnn").set_value(layer)
     rerun(at)
     s = stats[layer]
