@@ -98,8 +98,12 @@ def summary_lines(report: dict) -> list[str]:
     elif headline in simulated:
         lines.append(f"{headline}: {simulated[headline]:.4f} simulated (this format is not run by a runtime here)")
     lines += list(report.get("differences", [])) + list(report.get("notes", []))
-    lines += [f"{r['layer']} runs in float in ONNX Runtime: {r['reason']}" for r in report.get("layers", [])
-              if r.get("executes") == "float (dequantized)"]
+    by_reason: dict[str, list[str]] = {}  # one line per reason, naming every layer it applies to
+    for r in report.get("layers", []):
+        if r.get("executes") == "float (dequantized)":
+            by_reason.setdefault(r["reason"], []).append(r["layer"])
+    lines += [f"{', '.join(names)} run{'s' if len(names) == 1 else ''} in float in ONNX Runtime: {reason}"
+              for reason, names in by_reason.items()]
     return lines
 
 

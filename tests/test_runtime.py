@@ -245,3 +245,22 @@ def test_embedding_tables_export_as_simulated(tmp_path, weights):
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_0": ids.numpy()})[0]
     assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max()
     assert [row["layer"] for row in r.layers] == ["0", "1"]
+
+
+def test_summary_lines_label_every_number_and_state_a_shared_reason_once():
+    """The lines the Export page and ``export`` print: the file's bytes and the theoretical size, the metric measured
+    in ONNX Runtime and the simulated one, and one line per reason naming every layer it applies to."""
+    from qcore.runtime import summary_lines
+
+    report = {"metric": "accuracy", "file_size_bytes": 21192, "theoretical_size_bytes": 18640,
+              "fp32_theoretical_size_bytes": 68904,
+              "metrics": {"onnxruntime": {"accuracy": 0.975}, "simulated": {"accuracy": 0.9722}},
+              "differences": ["d"], "notes": ["n"],
+              "layers": [{"layer": "fc1", "executes": "float (dequantized)", "reason": "r1"},
+                         {"layer": "fc2", "executes": "int8 kernel", "reason": ""},
+                         {"layer": "fc3", "executes": "float (dequantized)", "reason": "r1"},
+                         {"layer": "fc4", "executes": "float (dequantized)", "reason": "r2"}]}
+    assert summary_lines(report) == [
+        "file on disk: 21,192 bytes (theoretical size 18,640 bytes; FP32 68,904 bytes)",
+        "accuracy: 0.9750 measured by running this file in ONNX Runtime on the evaluation data; 0.9722 simulated",
+        "d", "n", "fc1, fc3 run in float in ONNX Runtime: r1", "fc4 runs in float in ONNX Runtime: r2"]
