@@ -227,40 +227,12 @@ def cmd_search(args):
     return r, text
 
 
-@contextlib.contextmanager
-def _onnx_export_of(args, w, what: str):
-    """ONNX export of the user's model: a TorchScript model cannot be traced by the exporter, and an
-    uploaded model the exporter cannot convert (an operator without an ONNX function) is the model's
-    problem, not a bug: either is one QcoreError line. A zoo model failing stays a traceback."""
-    from torch.onnx import OnnxExporterError
-
-    if w.source == "torchscript":
-        raise QcoreError(f"{w.name} is a TorchScript model, which the ONNX exporter cannot trace, so {what} is "
-                         "not possible; use export --format safetensors, or save the model with torch.export.save "
-                         "(.pt2) for ONNX export and bench")
-    try:
-        yield
-    except OnnxExporterError as e:
-        from .io.limits import first_line
-        from .zoo import ZOO
-
-        if args.model in ZOO:
-            raise
-        cause = e
-        while cause.__cause__ is not None:  # the exporter wraps the operator it could not convert
-            cause = cause.__cause__
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(cause))
-        raise QcoreError(f"{w.name} could not be converted to ONNX ({reason}), so {what} is not possible; replace "
-                         "that operator in the model, or use export --format safetensors") from None
-
-
 def cmd_export(args):
     from .runtime import export
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
-    with contextlib.nullcontext() if args.format != "onnx" else _onnx_export_of(args, w, "an ONNX export"):
-        rep = export(w, recipe, args.format, args.out)
+    rep = export(w, recipe, args.format, args.out)
     return rep.to_dict(), "\n".join([f"wrote {rep.path}"] + rep.summary_lines())
 
 
@@ -268,8 +240,7 @@ def cmd_bench(args):
     from .runtime import bench
 
     w, recipe = _workload_and_recipe(args)
-    with _onnx_export_of(args, w, "bench (it runs ONNX exports in ONNX Runtime)"):
-        r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
+    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
     return r, json.dumps(r, indent=2)
 
 

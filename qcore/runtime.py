@@ -23,6 +23,7 @@ wrote and puts both side by side, every number labelled with where it comes from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -107,6 +108,32 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def _onnx_exportable(workload):
+    """ONNX export of the user's model: a TorchScript model cannot be traced by the exporter, and an uploaded
+    model the exporter cannot convert (an operator without an ONNX function) is the model's problem, not a
+    bug: either is one QcoreError line (CLI and app alike). A zoo model failing stays a traceback."""
+    from torch.onnx import OnnxExporterError
+
+    if workload.source == "torchscript":
+        raise QcoreError(f"{workload.name} is a TorchScript model, which the ONNX exporter cannot trace, so an ONNX "
+                         "export (or bench, which runs one) is not possible; export safetensors instead, or save the "
+                         "model with torch.export.save (.pt2)")
+    try:
+        yield
+    except OnnxExporterError as e:
+        if workload.source == "zoo":
+            raise
+        cause = e
+        while cause.__cause__ is not None:  # the exporter wraps the operator it could not convert
+            cause = cause.__cause__
+        text = str(cause).strip().splitlines()
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(cause).__name__}: {text[0][:200]}" if text else type(cause).__name__)
+        raise QcoreError(f"{workload.name} could not be converted to ONNX ({reason}), so an ONNX export (or bench, "
+                         "which runs one) is not possible; replace that operator in the model, or export safetensors "
+                         "instead") from None
+
+
 def export(workload, recipe: Recipe, fmt: str, out: str) -> ExportReport:
     """Write ``workload``'s model under ``recipe`` to ``out`` as ``fmt`` and measure the file (see the
     module docstring and ``ExportReport``)."""
@@ -129,7 +156,8 @@ def export(workload, recipe: Recipe, fmt: str, out: str) -> ExportReport:
                 f"theoretical {size['size_bytes']:,} B: safetensors "
                 "stores codes below 8 bits packed but zero-points as int8, plus a JSON header (tensor index, recipe)")
         return report
-    written = export_qdq(workload, recipe, out)
+    with _onnx_exportable(workload):
+        written = export_qdq(workload, recipe, out)
     theory = {r["name"]: r["size_bytes"] for r in size["layers"]}
     layers = [{**row, "theoretical_bytes": theory[row["layer"]]} for row in written.layers]
     measured = workload.task.metrics(run_onnx(session(out, os.cpu_count() or 1), workload, workload.evaluation),

@@ -36,16 +36,23 @@ from pathlib import Path, PurePosixPath
 from ..errors import QcoreError
 
 
+def env_number(name: str, default: float, unit: str) -> float:
+    """A positive, finite number from the environment variable ``name`` (``default`` when unset); ``unit``
+    names what it measures in the error, e.g. "a size in MiB"."""
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise QcoreError(f"{name}={raw!r} is not a number; set it to {unit} such as {default}") from None
+    if not (math.isfinite(value) and value > 0):
+        what = unit.split(" in ")[0].removeprefix("a ")  # "a size in MiB" -> "size"
+        raise QcoreError(f"{name}={raw!r} is not a positive {what}; set it to {unit} such as {default}")
+    return value
+
+
 def _env_mib(name: str, default_mib: float) -> int:
     """``name`` (a size in MiB) from the environment, in bytes."""
-    raw = os.environ.get(name, str(default_mib))
-    try:
-        mib = float(raw)
-    except ValueError:
-        raise QcoreError(f"{name}={raw!r} is not a number; set it to a size in MiB such as {default_mib}") from None
-    if not (math.isfinite(mib) and mib > 0):
-        raise QcoreError(f"{name}={raw!r} is not a positive size; set it to a size in MiB such as {default_mib}")
-    return int(mib * 2**20)
+    return int(env_number(name, default_mib, "a size in MiB") * 2**20)
 
 
 MAX_UPLOAD_BYTES = _env_mib("QCORE_MAX_UPLOAD_MB", 200)

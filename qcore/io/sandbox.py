@@ -29,24 +29,14 @@ import tempfile
 from pathlib import Path
 
 from ..errors import QcoreError
+from .limits import env_number
 
 log = logging.getLogger(__name__)
 
 
-def _env_number(name: str, default: float, unit: str) -> float:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise QcoreError(f"{name}={raw!r} is not a number; set it to {unit} such as {default}") from None
-    if value <= 0:
-        raise QcoreError(f"{name}={raw!r} must be positive; set it to {unit} such as {default}")
-    return value
-
-
-UPLOAD_MEMORY_BASE_BYTES = int(_env_number("QCORE_UPLOAD_MEMORY_MB", 3072, "a size in MiB") * 2**20)
+UPLOAD_MEMORY_BASE_BYTES = int(env_number("QCORE_UPLOAD_MEMORY_MB", 3072, "a size in MiB") * 2**20)
 UPLOAD_MEMORY_PER_FILE_BYTE = 4  # address space allowed per byte of the uploaded files, on top of the base
-UPLOAD_TIMEOUT_S = _env_number("QCORE_UPLOAD_TIMEOUT_S", 60, "seconds")
+UPLOAD_TIMEOUT_S = env_number("QCORE_UPLOAD_TIMEOUT_S", 60, "a time in seconds")
 _MEMORY_SIGNS = re.compile(r"MemoryError|can't allocate memory|Cannot allocate memory|bad_alloc|out of memory|"
                            r"failed to map segment",
                            re.IGNORECASE)
