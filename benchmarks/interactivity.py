@@ -79,7 +79,7 @@ def clear_caches(tmp_root: str) -> None:
     cache (memory, and disk through a new empty ``$QCORE_CACHE_DIR``)."""
     import streamlit as st
 
-    from qcore import sensitivity
+    from qcore.analysis import sensitivity
 
     st.cache_data.clear()
     st.cache_resource.clear()

@@ -31,8 +31,8 @@ import torch
 
 from qcore import Recipe, preset, zoo
 from qcore.export import export_qdq
-from qcore.runtime import input_names, run_onnx, session
-from qcore.search import search
+from qcore.export.runtime import input_names, run_onnx, session
+from qcore.analysis.search import search
 
 warnings.filterwarnings("ignore")
 SEARCH_CANDIDATES = ["int8-weight-only", "int8-static", "int4-weight-only"]

@@ -1,4 +1,4 @@
-"""Sensitivity sweep speed: ``qcore.sensitivity.sweep`` next to the naive approach, in one run.
+"""Sensitivity sweep speed: ``qcore.analysis.sensitivity.sweep`` next to the naive approach, in one run.
 
     python -m benchmarks.sensitivity [--quick] [--models digits-mlp,digits-cnn,minilm-l6]
 
@@ -21,9 +21,9 @@ import tempfile
 import time
 
 from qcore import zoo
-from qcore.metrics import sqnr_db
-from qcore.sensitivity import check_candidates, clear_memory_cache, evenly_spaced, recipe_for, sweep
-from qcore.workload import Workload
+from qcore.numerics.metrics import sqnr_db
+from qcore.analysis.sensitivity import check_candidates, clear_memory_cache, evenly_spaced, recipe_for, sweep
+from qcore.model.workload import Workload
 
 CANDIDATES = ["int8-dynamic", "int8-static", "int4-weight-only", "nf4"]
 

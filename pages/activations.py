@@ -4,8 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from pages import formulas, state
-from qcore import explain, viz
-from qcore.formats import FORMATS
+from qcore.analysis import explain
+from qcore.figures import viz
+from qcore.numerics.formats import FORMATS
 from ui.text import html_plain
 
 ACTIVATION_FORMATS = ["int8", "int4", "int6", "int16", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]

@@ -8,10 +8,13 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
-from qcore import report, runtime, summary, viz_decide
+from qcore import report
+from qcore.export import runtime
+from qcore.analysis import summary
+from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import preset
-from qcore.size import float_bytes
+from qcore.model.size import float_bytes
 from ui.text import plain
 
 key, w = state.active()
@@ -38,7 +41,7 @@ m3.metric(f"{plain(headline)} (simulated)", f"{result['quantized']['metrics'][he
 
 
 def exported(fmt: str) -> dict:
-    """Export with ``qcore.runtime.export`` into a temporary file; the file's bytes plus its report."""
+    """Export with ``qcore.export.runtime.export`` into a temporary file; the file's bytes plus its report."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{recipe.name}.{fmt}"
         rep = runtime.export(w, recipe, fmt, str(out))

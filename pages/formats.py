@@ -3,9 +3,10 @@
 import streamlit as st
 
 from pages import formulas, state
-from qcore import explain, viz
-from qcore.formats import FORMATS
-from qcore.ranges import RANGE_METHODS
+from qcore.analysis import explain
+from qcore.figures import viz
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.ranges import RANGE_METHODS
 from ui.text import html_plain, plain
 
 FAMILIES = {"integer": "Integer (int-b)", "fp8_e4m3": "FP8 E4M3", "fp8_e5m2": "FP8 E5M2", "nf4": "NF4 (4-bit NormalFloat)",

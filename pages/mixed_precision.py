@@ -7,10 +7,10 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
-from qcore import search, summary
+from qcore.analysis import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
-from qcore.viz import human_bytes
+from qcore.figures.viz import human_bytes
 from ui.text import plain
 
 MAX_RECIPE_BYTES = 2**20

@@ -4,9 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from pages import formulas, state
-from qcore import viz
+from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
-from qcore.size import float_bytes
+from qcore.model.size import float_bytes
 from ui.text import plain
 
 key, w = state.active()

@@ -7,9 +7,9 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
-from qcore import viz_decide
+from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
-from qcore.sensitivity import LAYER_SPECS
+from qcore.analysis.sensitivity import LAYER_SPECS
 from ui.text import plain
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}

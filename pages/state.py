@@ -8,16 +8,19 @@ object per zoo model for every session, never modified (recipes are applied to c
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 
 import streamlit as st
 
-from qcore import explain, summary, zoo
+from qcore.analysis import explain, summary
+from qcore import zoo
 from qcore.errors import QcoreError
-from qcore.recipe import PRESETS, Recipe, TensorSpec, preset
+from qcore.recipe import PRESETS, Recipe
+from qcore.numerics.spec import TensorSpec
 from ui.text import plain
+from qcore.recipe.links import (LAYERS_PARAM, MAX_LAYERS_PARAM_CHARS, PRESET_PARAM, build_recipe, compact,  # noqa: F401
+                                decode_layers, encode_layers, recipe_hash, recipe_id)
+from qcore.recipe.table import (FLOAT_LAYER, INPUT_CHOICES, NEW_WEIGHTS, WEIGHT_CHOICES, WEIGHTS_HELP,  # noqa: F401
+                                apply_rows, drop_text, input_label, input_spec, table_rows, weight_choice_label)
 
 # ---- session-state keys (the only place they are spelled) ----------------------------------------
 SOURCE = "model_source"  # "zoo" | "upload"
@@ -176,76 +179,9 @@ URL_ERROR = "url_recipe_error"  # one-line message when the link's recipe could 
 EDITOR_VERSION = "recipe_editor_version"  # bumped when the recipe changes outside the table editor
 SWEEP = "sweep_settings"  # {"key", "candidates", "mode", "view"} of the last sweep the Sensitivity page ran
 USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated, searched or uploaded; see remember
-SEARCH = "search_result"  # {workload key: qcore.search.search result + "label" it is kept under}
+SEARCH = "search_result"  # {workload key: qcore.analysis.search.search result + "label" it is kept under}
 DEFAULT_PRESET = "int8-static"
 DEFAULT_CANDIDATES = ["int8-static", "int4-weight-only", "int2"]
-PRESET_PARAM, LAYERS_PARAM = "preset", "layers"
-MAX_LAYERS_PARAM_CHARS = 200_000
-
-
-def encode_layers(layers: dict) -> str:
-    """Per-layer overrides -> url-safe base64 (no padding) of their compact JSON."""
-    text = json.dumps(layers, separators=(",", ":"), sort_keys=True)
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
-
-
-def decode_layers(text: str) -> dict:
-    """Inverse of ``encode_layers``; QcoreError when the text is not such an encoding."""
-    try:
-        if len(text) > MAX_LAYERS_PARAM_CHARS:
-            raise ValueError("too long")
-        layers = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
-        if not isinstance(layers, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding ({e}); "
-                         "copy the whole link again or remove that parameter") from None
-    return layers
-
-
-def build_recipe(w, preset_name: str, layers: dict) -> Recipe:
-    """The preset with ``layers`` overrides applied, validated against ``w``'s layers."""
-    base = preset(preset_name, w.layer_shapes).to_dict()
-    recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
-                               "layers": {**base["layers"], **layers}})
-    recipe.check_against(w.layer_shapes)
-    return recipe
-
-
-def _override(base: Recipe, layer: str, target) -> tuple[bool, dict | None]:
-    """(needed, override) turning ``base``'s plan for ``layer`` into the LayerPlan ``target``."""
-    plan = base.plan(layer)
-    if plan == target:
-        return False, None
-    if target.is_float:
-        return True, None
-    short, full = {}, {}
-    for part in ("weights", "activations"):
-        t, b = getattr(target, part), getattr(plan, part)
-        if t == b:
-            continue
-        full[part] = short[part] = None if t is None else t.to_dict()
-        if t is not None and b is not None:
-            short[part] = {k: v for k, v in t.to_dict().items() if v != getattr(b, k)}
-    return True, short if base.with_layer(layer, short).plan(layer) == target else full
-
-
-def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
-    """``(preset, overrides)`` reproducing ``recipe`` on ``w``: of ``presets``, the one needing the
-    shortest overrides."""
-    best = None
-    for name in presets:
-        base = preset(name, w.layer_shapes)
-        layers = {}
-        for layer in w.layers:
-            needed, override = _override(base, layer, recipe.plan(layer))
-            if needed:
-                layers[layer] = override
-        if best is None or len(json.dumps(layers)) < len(json.dumps(best[1])):
-            best = (name, layers)
-    return best
-
-
 def current(key: str, w) -> tuple[str, dict, Recipe]:
     """``(preset, overrides, Recipe)`` of the recipe the user is building for workload ``key``."""
     entry = st.session_state.setdefault(RECIPES, {}).get(key) or {"preset": DEFAULT_PRESET, "layers": {}}
@@ -293,103 +229,6 @@ def switch_page(page: str) -> None:
 
 
 # ---- the per-layer table of the Mixed precision page ---------------------------------------------
-WEIGHT_CHOICES = ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int6", "int5", "int4", "int3", "int2", "nf4"]
-INPUT_CHOICES = ["float", "int8 static", "int8 dynamic", "int16 static", "fp8_e4m3 dynamic", "fp16", "bf16"]
-NEW_WEIGHTS = TensorSpec(format="int8", granularity="per_channel")  # options a float layer's row starts from
-
-
-def input_label(spec: TensorSpec | None) -> str:
-    """How the table names an input spec: "float", "fp16" (a plain cast) or "<format> static|dynamic"."""
-    if spec is None:
-        return "float"
-    if spec.fmt.family == "float" and not spec.scaled:
-        return spec.format
-    return f"{spec.format} {'dynamic' if spec.dynamic else 'static'}"
-
-
-def input_spec(label: str, old: TensorSpec | None) -> TensorSpec | None:
-    """Inverse of ``input_label``: ``old`` when it has that label, else the usual spec for it."""
-    if label == input_label(old):
-        return old
-    if label == "float":
-        return None
-    fmt, _, how = label.partition(" ")
-    if not how:
-        return TensorSpec.from_dict({"format": fmt}, "inputs", True)
-    extra = {"symmetric": False} if fmt.startswith("int") else {"scaled": True}
-    return TensorSpec.from_dict({"format": fmt, "range": "minmax", "dynamic": how == "dynamic", **extra}, "inputs", True)
-
-
-FLOAT_LAYER = "keep in float"  # the table's column: weights AND inputs stay float (the layer is not quantized)
-WEIGHTS_HELP = ("the weight's format. fp32 keeps only the weights in float: the input is still quantized as the "
-                f"inputs column says. Tick \"{FLOAT_LAYER}\" to keep the whole layer (weights and inputs) in float.")
-
-
-def weight_choice_label(choice: str) -> str:
-    return "fp32 (float weights only)" if choice == "fp32" else choice
-
-
-def drop_text(name: str, estimate: dict | None) -> str:
-    """The table's "drop (estimate)" cell: the layer's swept drop, "not swept", or "" without an estimate."""
-    if estimate is None:
-        return ""
-    return f"{estimate['drops'][name]:+.4f}" if name in estimate["drops"] else "not swept"
-
-
-def table_rows(w, recipe: Recipe, estimate: dict | None = None) -> list[dict]:
-    """One editable row per quantizable layer; ``estimate`` is ``search.estimate_metric``'s (drops, missing)."""
-    from qcore.size import weight_bytes
-
-    rows = []
-    for name, info in w.layers.items():
-        plan = recipe.plan(name)
-        spec = plan.weights or NEW_WEIGHTS
-        rows.append({"layer": name, "type": info.kind, "weight shape": "×".join(map(str, info.weight_shape)),
-                     FLOAT_LAYER: plan.is_float, "weights": plan.weights.format if plan.weights else "fp32", "granularity": spec.granularity,
-                     "group size": spec.group_size, "symmetric": spec.symmetric, "range": spec.range,
-                     "inputs": input_label(plan.activations) if info.kind != "Embedding" else "float",
-                     "size (bytes)": weight_bytes(info.weight_shape, plan.weights)["total"],
-                     "drop (estimate)": drop_text(name, estimate)})
-    return rows
-
-
-def apply_rows(w, recipe: Recipe, rows: list[dict]) -> Recipe:
-    """``recipe`` with every layer set to what its (possibly edited) table row says. Ticking "keep in float"
-    makes the layer float; unticking it (weights and inputs untouched) gives it int8 per-channel weights."""
-    from qcore.recipe import LayerPlan
-
-    for row in rows:
-        layer = row["layer"]
-        plan = recipe.plan(layer)
-        ticked = bool(row.get(FLOAT_LAYER, plan.is_float))
-        if ticked and not plan.is_float:
-            recipe = recipe.with_layer(layer, None)
-            continue
-        if not ticked and plan.is_float and row["weights"] == "fp32" and row["inputs"] == "float":
-            row = {**row, "weights": NEW_WEIGHTS.format}
-        weights = None
-        if row["weights"] != "fp32":
-            old = plan.weights or NEW_WEIGHTS
-            d = {**old.to_dict(), "format": row["weights"], "granularity": row["granularity"],
-                 "group_size": int(row["group size"]), "symmetric": bool(row["symmetric"]), "range": row["range"]}
-            family = TensorSpec.from_dict({"format": row["weights"]}).fmt.family
-            if family != "int":
-                d["symmetric"] = True
-            if family != "float":
-                d["scaled"] = False
-            elif row["weights"] != old.format:
-                d["scaled"] = row["weights"].startswith("fp8")
-            if family == "codebook" and old.format != row["weights"]:
-                d["granularity"], d["group_size"] = "per_group", 64  # NF4 is defined per block of 64
-            weights = TensorSpec.from_dict(d, f"layer {layer} weights")
-        inputs = input_spec(row["inputs"], plan.activations) if w.layers[layer].kind != "Embedding" else plan.activations
-        target = LayerPlan(weights, inputs)
-        if target != plan:
-            recipe = recipe.with_layer(layer, None if target.is_float else {
-                "weights": weights.to_dict() if weights else None, "activations": inputs.to_dict() if inputs else None})
-    return recipe
-
-
 # ---- sensitivity: the sweep with a progress bar, and the estimate it gives a recipe --------------
 SMALL_MODEL_WEIGHTS = 2_000_000  # above this, sweeps / evaluations of many recipes start on a click
 
@@ -401,7 +240,7 @@ def small(w) -> bool:
 
 def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> dict:
     """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar."""
-    from qcore import sensitivity
+    from qcore.analysis import sensitivity
 
     bar = st.progress(0.0, text="Sensitivity sweep…")
     result = sensitivity.sweep(w, candidates, mode, view,
@@ -414,12 +253,6 @@ def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> d
 def evaluate(key: str, _w, recipe_json: str) -> dict:
     """``Workload.evaluate`` (measured), cached per workload and recipe."""
     return _w.evaluate(Recipe.from_json(recipe_json))
-
-
-def recipe_hash(w, recipe: Recipe) -> str:
-    """First 8 hex digits of the SHA-256 of ``recipe_id``: the same plans give the same hash under any
-    name and any spelling of the recipe; two different recipes (almost surely) two hashes."""
-    return hashlib.sha256(recipe_id(w, recipe).encode()).hexdigest()[:8]
 
 
 def remember(key: str, w, recipe: Recipe, what: str) -> str:
@@ -435,15 +268,6 @@ def remember(key: str, w, recipe: Recipe, what: str) -> str:
     return label
 
 
-def recipe_id(w, recipe: Recipe) -> str:
-    """The recipe's canonical JSON: what it does to each of ``w``'s layers, ``{layer: {"weights",
-    "activations"}}`` (spec dicts or null), sorted keys, compact. A preset with overrides and the same
-    plans spelled layer by layer (as the search writes them) are one recipe; the name is not part of it."""
-    plans = {n: {part: spec.to_dict() if spec else None for part, spec in
-                 (("weights", recipe.plan(n).weights), ("activations", recipe.plan(n).activations))} for n in w.layers}
-    return json.dumps(plans, sort_keys=True, separators=(",", ":"))
-
-
 # ---- latency: measured by the runtime where it ran, a hardware-profile estimate elsewhere ---------
 MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
 LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": the recipe exported and timed with "
@@ -455,9 +279,9 @@ LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": 
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def _roofline(key: str, _w, recipe_json: str, profile: str) -> dict:
-    from qcore import hardware
+    from qcore.analysis.roofline import roofline
 
-    return hardware.roofline(_w, Recipe.from_json(recipe_json), profile)
+    return roofline(_w, Recipe.from_json(recipe_json), profile)
 
 
 def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict:
@@ -476,7 +300,7 @@ def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict
 
 def measure_latencies(key: str, w, recipes: dict) -> None:
     """Time every recipe with ``runtime.bench`` (ONNX Runtime, this machine) and keep the results."""
-    from qcore import runtime
+    from qcore.export import runtime
 
     measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
     bar = st.progress(0.0)

@@ -6,7 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from pages import state
-from qcore import hardware, viz_decide
+from qcore import hardware
+from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
 from ui.text import plain
 

@@ -3,10 +3,11 @@
 import streamlit as st
 
 from pages import formulas, state
-from qcore import explain, viz
-from qcore.formats import FORMATS
-from qcore.granularity import GRANULARITIES
-from qcore.ranges import RANGE_METHODS
+from qcore.analysis import explain
+from qcore.figures import viz
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.granularity import GRANULARITIES
+from qcore.numerics.ranges import RANGE_METHODS
 from ui.text import html_plain, plain
 
 AUTO_ALL_LAYERS = 2_000_000  # models with more weights compute the all-layers view on request

@@ -1,3 +1,3 @@
-from .cli import main
+from qcore.cli import main
 
 raise SystemExit(main())

@@ -23,7 +23,7 @@ import sysconfig
 import warnings
 from pathlib import Path
 
-from .errors import QcoreError
+from qcore.errors import QcoreError
 
 MAX_BATCH_SIZE = 65536  # bench --batch-size (it is clamped to the evaluation set anyway)
 MAX_ERROR_CHARS = 1000  # an error line is cut here
@@ -50,7 +50,7 @@ def _mib(n: int) -> str:
 def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = False, label_column: str | None = None,
                      allow_no_data: bool = False):
     """A zoo name or a model file (plus optional data file) -> Workload (``allow_no_data``: see ``load_workload``)."""
-    from .zoo import ZOO, load
+    from qcore.zoo import ZOO, load
 
     if model in ZOO and data is None:
         return load(model)
@@ -63,7 +63,7 @@ def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = F
         except OSError as e:  # e.g. a name longer than the file system allows
             shown = path if len(path) <= 80 else path[:80] + "..."
             raise QcoreError(f"{what} path {shown!r} cannot be read ({e.strerror}); give a file path") from None
-    from .io.workload import load_workload
+    from qcore.io.workload import load_workload
 
     return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column, allow_no_data=allow_no_data)
 
@@ -96,7 +96,7 @@ def _output_file(path: str) -> str:
 def _workload_and_recipe(args):
     """The workload and the recipe of --preset or --recipe. A recipe file is read and validated first, so
     a bad recipe fails before a large model is loaded; then it is checked against the model's layers."""
-    from .recipe import load_recipe
+    from qcore.recipe import load_recipe
 
     if bool(args.preset) == bool(args.recipe):
         raise QcoreError("give exactly one of --preset NAME or --recipe FILE")
@@ -110,15 +110,15 @@ def _workload_and_recipe(args):
 
 # ---- commands: each returns (json-able result, human-readable text) --------------------------
 def cmd_formats(args):
-    from .formats import FORMATS
+    from qcore.numerics.formats import FORMATS
 
     rows = [f.describe() for f in FORMATS.values()]
     return rows, _table(rows)
 
 
 def cmd_models(args):
-    from .size import float_bytes
-    from .zoo import ZOO, load
+    from qcore.model.size import float_bytes
+    from qcore.zoo import ZOO, load
 
     rows = []
     for name in ZOO:
@@ -131,7 +131,7 @@ def cmd_models(args):
 
 
 def cmd_inspect(args):
-    from .summary import layer_table
+    from qcore.analysis.summary import layer_table
 
     w = _workload(args, allow_no_data=True)  # layers and weight statistics need no input
     rows = layer_table(w)
@@ -194,7 +194,7 @@ def _candidates(args) -> list[str]:
 
 
 def cmd_sensitivity(args):
-    from .sensitivity import sweep
+    from qcore.analysis.sensitivity import sweep
 
     w = _workload(args)
     r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
@@ -206,7 +206,7 @@ def cmd_sensitivity(args):
 
 
 def cmd_search(args):
-    from .search import search
+    from qcore.analysis.search import search
 
     if args.out:
         _output_file(args.out)
@@ -228,7 +228,7 @@ def cmd_search(args):
 
 
 def cmd_export(args):
-    from .runtime import export
+    from qcore.export.runtime import export
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
@@ -237,7 +237,7 @@ def cmd_export(args):
 
 
 def cmd_bench(args):
-    from .runtime import bench
+    from qcore.export.runtime import bench
 
     w, recipe = _workload_and_recipe(args)
     r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)

@@ -22,12 +22,14 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-from qcore import explain, summary, viz, zoo
-from qcore.formats import FORMATS
-from qcore.metrics import sqnr_db
-from qcore.quantize import fake_quantize
-from qcore.recipe import TensorSpec
-from qcore.size import float_bytes
+from qcore.analysis import explain, summary
+from qcore.figures import viz
+from qcore import zoo
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.metrics import sqnr_db
+from qcore.numerics.quantize import fake_quantize
+from qcore.numerics.spec import TensorSpec
+from qcore.model.size import float_bytes
 from test_hostile_app import visible
 from ui.text import plain
 

@@ -13,10 +13,12 @@ from streamlit.testing.v1 import AppTest
 from pages import state
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from test_hostile_app import visible
-from qcore import sensitivity, viz_decide
+from qcore.analysis import sensitivity
+from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
-from qcore.recipe import PRESETS, Recipe, TensorSpec, preset
-from qcore.size import weight_bytes
+from qcore.recipe import PRESETS, Recipe, preset
+from qcore.numerics.spec import TensorSpec
+from qcore.model.size import weight_bytes
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -266,7 +268,7 @@ def test_export_onnx_of_int4_weight_only_then_int8_static_shows_the_file_not_the
     """Regression: fc1 int4 weight-only before fc2 int8-static crashed Export with TensorQuantOverrides' traceback;
     the download showed the theoretical size. Now the file exports and the page gives its real bytes and the
     metric of the file run in ONNX Runtime, each labelled, equal to the engine's own export report."""
-    from qcore import runtime
+    from qcore.export import runtime
 
     layers = {"fc1": {"weights": {"format": "int4", "granularity": "per_channel"}, "activations": None},
               "fc2": {"weights": {"format": "int8", "granularity": "per_channel"},

@@ -13,7 +13,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from pages import state
-from qcore import search, sensitivity, zoo
+from qcore.analysis import search, sensitivity
+from qcore import zoo
 from qcore.recipe import Recipe
 from test_hostile_app import visible
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from qcore import QcoreError, TensorSpec
-from qcore.calibrate import EMA_CONSTANT, HIST_BINS, calibrate
+from qcore.model.calibrate import EMA_CONSTANT, HIST_BINS, calibrate
 
 
 def _setup():

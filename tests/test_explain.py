@@ -1,4 +1,4 @@
-"""qcore.explain: the numbers behind the Formats, Weights and Activations pages, checked against
+"""qcore.analysis.explain: the numbers behind the Formats, Weights and Activations pages, checked against
 independent computations (quantize / fake_quantize / metrics) and against what they must mean."""
 
 import math
@@ -8,12 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcore import explain
+from qcore.analysis import explain
 from qcore.errors import QcoreError
-from qcore.formats import FORMATS
-from qcore.metrics import sqnr_db
-from qcore.quantize import fake_quantize, quantize
-from qcore.recipe import TensorSpec
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.metrics import sqnr_db
+from qcore.numerics.quantize import fake_quantize, quantize
+from qcore.numerics.spec import TensorSpec
 
 
 def uniform(n=50_000, seed=0):

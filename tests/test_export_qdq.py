@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 from qcore import zoo
 from qcore.export import export_qdq
-from qcore.granularity import fan_in
+from qcore.numerics.granularity import fan_in
 from qcore.recipe import Recipe, preset
 
 # ONNX Runtime without graph optimizations computes the same float ops as PyTorch (only summation

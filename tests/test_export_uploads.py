@@ -27,7 +27,7 @@ from torch import nn
 from qcore.export import export_qdq
 from qcore.io.workload import load_workload
 from qcore.recipe import PRESETS, preset
-from qcore.summary import layer_table
+from qcore.analysis.summary import layer_table
 
 WORST: dict[str, float] = {}
 

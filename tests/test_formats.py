@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcore import fake_quantize, quantize
-from qcore.formats import FORMATS, NF4_CODEBOOK
+from qcore.numerics.formats import FORMATS, NF4_CODEBOOK
 
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16,
                 "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

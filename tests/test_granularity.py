@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcore import QcoreError, fake_quantize, quantize
-from qcore.granularity import fan_in, from_blocks, to_blocks
+from qcore.numerics.granularity import fan_in, from_blocks, to_blocks
 
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
 
@@ -115,7 +115,7 @@ def test_single_element_channels_are_exact():
 
 
 def test_group_size_for_is_the_largest_divisor_not_above_the_size():
-    from qcore.granularity import group_size_for
+    from qcore.numerics.granularity import group_size_for
 
     assert group_size_for(96, 64) == 48  # a fan-in of 96 under a preset of 64
     assert group_size_for(9, 32) == 9  # a 3x3 conv with one input channel under 32: one group per row
@@ -126,7 +126,7 @@ def test_group_size_for_is_the_largest_divisor_not_above_the_size():
 
 @given(n=st.integers(1, 3000), size=st.integers(1, 300))
 def test_group_size_for_matches_a_plain_divisor_loop(n, size):
-    from qcore.granularity import group_size_for
+    from qcore.numerics.granularity import group_size_for
 
     expected = 1
     for d in range(1, size + 1):
@@ -136,7 +136,7 @@ def test_group_size_for_matches_a_plain_divisor_loop(n, size):
 
 
 def _nf4_by_hand(block: torch.Tensor) -> torch.Tensor:
-    from qcore.formats import NF4_CODEBOOK
+    from qcore.numerics.formats import NF4_CODEBOOK
 
     cb = torch.tensor(NF4_CODEBOOK)
     s = block.abs().max()  # absmax of the block

@@ -4,7 +4,8 @@ bytes and operations computed from shapes."""
 import pytest
 
 from qcore import QcoreError, preset
-from qcore.hardware import PROFILES, compute_precision, get_profile, probe, roofline
+from qcore.analysis.roofline import compute_precision, roofline
+from qcore.hardware import PROFILES, get_profile, probe
 
 
 def test_profiles_cite_their_source_and_have_fp32():

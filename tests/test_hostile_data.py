@@ -22,7 +22,7 @@ import torch
 
 from qcore.errors import QcoreError
 from qcore.io.data import load_data_file, synthetic_data
-from qcore.io.limits import zip_members
+from qcore.limits import zip_members
 from qcore.io.models import InputSpec
 
 MiB = 2**20

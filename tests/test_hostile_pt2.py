@@ -18,7 +18,7 @@ from torch import nn
 
 from qcore import preset
 from qcore.errors import QcoreError
-from qcore.io import limits
+from qcore import limits
 from qcore.io.models import load_model_file
 from qcore.io.pt2 import _check_expr, _Refused, sanitized_copy
 from qcore.io.workload import load_workload

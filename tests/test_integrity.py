@@ -16,7 +16,8 @@ import threading
 import pytest
 import torch
 
-from qcore import explain, sweep_cache, zoo
+from qcore.analysis import explain, sweep_cache
+from qcore import zoo
 from qcore.recipe import preset
 
 ROUNDS = 4
@@ -110,7 +111,7 @@ def _rows(result) -> list[tuple]:
 
 def test_same_name_and_weights_different_operator_is_not_served_another_users_rows(tmp_path):
     from qcore.io.workload import load_workload
-    from qcore.sensitivity import clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import clear_memory_cache, sweep
 
     workloads = {}
     for act in ("Relu", "Sigmoid"):
@@ -134,7 +135,7 @@ def test_same_name_and_weights_different_operator_is_not_served_another_users_ro
 @pytest.fixture(scope="module")
 def int4_rows(digits_mlp, tmp_path_factory):
     """The int4 weights-only sweep of digits-mlp, computed with an empty cache."""
-    from qcore.sensitivity import clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import clear_memory_cache, sweep
 
     clear_memory_cache()
     return _rows(sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path_factory.mktemp("clean")))
@@ -144,7 +145,7 @@ def int4_rows(digits_mlp, tmp_path_factory):
                                      '"text"', "1" * 5000, "[" * 100_000],
                          ids=["{}", "[]", "rows=5", "truncated", "null", "string", "huge int", "deep nesting"])
 def test_wrong_shape_cache_files_are_misses(tmp_path, digits_mlp, int4_rows, content):
-    from qcore.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
 
     expected = int4_rows
     path = cache_path(tmp_path, cache_key(digits_mlp, ["int4"], "weights", "only"))
@@ -158,7 +159,7 @@ def test_wrong_shape_cache_files_are_misses(tmp_path, digits_mlp, int4_rows, con
 def test_cache_entry_that_is_not_a_regular_file_is_a_miss(tmp_path, digits_mlp):
     """A cache path that is a symlink to /dev/zero is not read (it would never end), and the
     result written over it is a regular file."""
-    from qcore.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
 
     clear_memory_cache()
     path = cache_path(tmp_path, cache_key(digits_mlp, ["int4"], "weights", "only"))
@@ -171,7 +172,7 @@ def test_cache_entry_that_is_not_a_regular_file_is_a_miss(tmp_path, digits_mlp):
 def test_cache_entry_for_other_layers_is_a_miss(tmp_path, digits_mlp, int4_rows):
     """A well-formed entry whose rows name other layers (or too few, or hold a string for a number)
     is not served."""
-    from qcore.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
 
     clear_memory_cache()
     good = sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path)

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from qcore import preset
-from qcore.io import limits
+from qcore import limits
 from qcore.errors import QcoreError
 from qcore.io.data import load_data_file
 from qcore.io.models import load_model_file
 from qcore.io.workload import FIDELITY_NOTE, load_workload
-from qcore.simulate import find_layers
+from qcore.model.simulate import find_layers
 
 from test_cli import run
 

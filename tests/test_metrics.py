@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcore import QcoreError
-from qcore.metrics import SQNR_EXACT_DB, classification_metrics, kl_divergence, mean_cosine, sqnr_db
+from qcore.numerics.metrics import SQNR_EXACT_DB, classification_metrics, kl_divergence, mean_cosine, sqnr_db
 
 
 def test_sqnr_known_values_and_caps():

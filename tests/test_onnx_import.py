@@ -15,7 +15,7 @@ from qcore.errors import QcoreError
 from qcore.io.models import load_model_file
 from qcore.io.onnx_import import _module_path_from_node_name, convert
 from qcore.io.workload import load_workload
-from qcore.simulate import find_layers
+from qcore.model.simulate import find_layers
 
 
 def _export(model, args, path, names, dynamic_shapes, external_data=False):

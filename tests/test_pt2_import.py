@@ -11,7 +11,7 @@ from torch import nn
 
 from qcore.errors import QcoreError
 from qcore.io.pt2 import load
-from qcore.simulate import find_layers, fold_batchnorm
+from qcore.model.simulate import find_layers, fold_batchnorm
 
 
 class Residual(nn.Module):

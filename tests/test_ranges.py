@@ -9,9 +9,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from qcore import TensorSpec, fake_quantize, quantize
-from qcore.calibrate import ActivationStats
-from qcore.formats import FORMATS
-from qcore.ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS, choose_range, minmax
+from qcore.model.calibrate import ActivationStats
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS, choose_range, minmax
 
 INT8 = FORMATS["int8"]
 blocks = st.lists(st.lists(st.floats(-1e6, 1e6, width=32), min_size=1, max_size=24), min_size=1, max_size=4)
@@ -198,7 +198,7 @@ CHUNK_CASES = [(m, "int8", True, False) for m in RANGE_METHODS] + [(m, "int4", F
 def test_chunked_ranges_equal_one_call(monkeypatch, method, fmt, symmetric, weighted):
     """choose_range in chunks of 3 blocks (and a last chunk of 1) gives bit-identical ranges to the
     method called once on all blocks."""
-    from qcore import ranges
+    from qcore.numerics import ranges
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 40, generator=g) * torch.logspace(-2, 2, 7)[:, None]
@@ -214,8 +214,8 @@ def test_chunked_ranges_equal_one_call(monkeypatch, method, fmt, symmetric, weig
 PEAK_SCRIPT = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
-from qcore import ranges
-from qcore.recipe import TensorSpec
+from qcore.numerics import ranges
+from qcore.numerics.spec import TensorSpec
 ranges.CHUNK_BYTES = int(sys.argv[1])
 spec = TensorSpec(format="int8", granularity="per_group", group_size=32, range="entropy")
 x = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))

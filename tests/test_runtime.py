@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qcore import QcoreError, Recipe, preset, runtime
+from qcore import QcoreError, Recipe, preset
+from qcore.export import runtime
 from qcore.hardware import cpu_features
-from qcore.runtime import bench, export, interleaved_times_ms, load_safetensors, speedup
+from qcore.export.runtime import bench, export, interleaved_times_ms, load_safetensors, speedup
 
 
 def crash_recipe(w) -> Recipe:
@@ -231,7 +232,7 @@ def test_load_safetensors_rejects_foreign_files(tmp_path):
 @pytest.mark.parametrize("weights", [{"format": "int8", "granularity": "per_channel"},
                                      {"format": "int8", "granularity": "per_tensor", "symmetric": False}])
 def test_embedding_tables_export_as_simulated(tmp_path, weights):
-    from qcore.workload import Data, Workload, classification_task
+    from qcore.model.workload import Data, Workload, classification_task
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)).eval()
@@ -250,7 +251,7 @@ def test_embedding_tables_export_as_simulated(tmp_path, weights):
 def test_summary_lines_label_every_number_and_state_a_shared_reason_once():
     """The lines the Export page and ``export`` print: the file's bytes and the theoretical size, the metric measured
     in ONNX Runtime and the simulated one, and one line per reason naming every layer it applies to."""
-    from qcore.runtime import summary_lines
+    from qcore.export.runtime import summary_lines
 
     report = {"metric": "accuracy", "file_size_bytes": 21192, "theoretical_size_bytes": 18640,
               "fp32_theoretical_size_bytes": 68904,

@@ -8,8 +8,8 @@ import pytest
 
 from qcore import QcoreError, Recipe
 from qcore.cli import main
-from qcore.search import SearchCancelled, pareto_front, search
-from qcore.size import float_bytes
+from qcore.analysis.search import SearchCancelled, pareto_front, search
+from qcore.model.size import float_bytes
 
 CANDIDATES = ["int8-static", "int4-weight-only", "int3"]
 
@@ -110,8 +110,8 @@ def test_estimate_metric_is_none_when_a_layer_was_not_swept_and_the_sum_of_drops
     """Regression: a layer whose spec no candidate swept was left out of the sum, so the estimate of a recipe with
     fc1 at int4 (int8 inputs) showed FP32's metric as if complete."""
     from qcore.recipe import preset
-    from qcore.search import estimate_metric
-    from qcore.sensitivity import sweep
+    from qcore.analysis.search import estimate_metric
+    from qcore.analysis.sensitivity import sweep
 
     result = sweep(digits_mlp, CANDIDATES, "both", "only", cache_dir=cache_dir)
     drop = {(r["layer"], r["candidate"]): r["metric_drop"] for r in result["rows"]}

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from qcore import QcoreError
-from qcore import sensitivity
-from qcore.metrics import SQNR_EXACT_DB, sqnr_db
-from qcore.sensitivity import SweepCancelled, cache_key, cache_path, clear_memory_cache, recipe_for, sweep
+from qcore.analysis import sensitivity
+from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db
+from qcore.analysis.sensitivity import SweepCancelled, cache_key, cache_path, clear_memory_cache, recipe_for, sweep
 
 
 def output_sqnr_db(w, recipe) -> float:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from qcore import QcoreError, Recipe, fake_quantize, preset
-from qcore.simulate import find_layers, fold_batchnorm, simulate
+from qcore.model.simulate import find_layers, fold_batchnorm, simulate
 from qcore.zoo.digits import DigitsCNN
 
 W8 = {"format": "int8", "granularity": "per_channel"}
@@ -139,7 +139,7 @@ def test_recipe_naming_missing_layer_is_rejected(digits_mlp):
 
 def test_too_big_range_search_names_the_layer(digits_mlp, monkeypatch):
     """A recipe whose range search on a layer is over the limit fails with one line naming that layer."""
-    from qcore import ranges
+    from qcore.numerics import ranges
 
     monkeypatch.setattr(ranges, "MAX_ENTROPY_BLOCKS", 100)  # fc1 (128 x 64) in groups of 32: 256 blocks
     recipe = Recipe.from_dict({"weights": {"format": "int8", "granularity": "per_group", "group_size": 32,

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qcore import Recipe, TensorSpec, preset, quantize
-from qcore.simulate import find_layers
-from qcore.size import float_bytes, model_size, n_blocks, weight_bytes
+from qcore.model.simulate import find_layers
+from qcore.model.size import float_bytes, model_size, n_blocks, weight_bytes
 
 
 def _bytes(codes, scales=0, zero_points=0):
@@ -108,7 +108,7 @@ def test_regression_per_group_on_digits_cnn_first_conv_is_counted_at_its_resolve
     9), since 32 does not divide 9. A recipe file's group of 32 now resolves to 9 there (one group per
     output channel), and the size counts 16 groups: int4 affine codes 144 * 4 bits = 72 B, 16 float32
     scales = 64 B, 16 zero-points * 4 bits = 8 B -> 144 B."""
-    from qcore.simulate import simulate
+    from qcore.model.simulate import simulate
     from qcore.zoo.digits import DigitsCNN
 
     torch.manual_seed(0)

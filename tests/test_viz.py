@@ -1,12 +1,13 @@
-"""qcore.viz: each figure carries exactly the numbers it is given (counts, ranges, levels, sizes)."""
+"""qcore.figures.viz: each figure carries exactly the numbers it is given (counts, ranges, levels, sizes)."""
 
 import numpy as np
 import pytest
 import torch
 
-from qcore import explain, viz
-from qcore.formats import FORMATS
-from qcore.recipe import TensorSpec
+from qcore.analysis import explain
+from qcore.figures import viz
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.spec import TensorSpec
 
 
 def shapes_named(fig, name):

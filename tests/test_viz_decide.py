@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qcore import viz_decide
+from qcore.figures import decide as viz_decide
 
 points_st = st.lists(st.fixed_dictionaries({"size_bytes": st.integers(1, 50), "metric": st.integers(0, 20).map(lambda m: m / 20)}),
                      min_size=1, max_size=12).map(lambda ps: [{**p, "label": f"r{i}"} for i, p in enumerate(ps)])

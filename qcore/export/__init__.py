@@ -6,6 +6,6 @@ and says per layer what ONNX Runtime executes in low precision and what it runs 
 ``graph`` holds the small ONNX graph-editing helpers it uses.
 """
 
-from .qdq import OnnxExport, export_qdq
+from qcore.export.qdq import OnnxExport, export_qdq
 
 __all__ = ["OnnxExport", "export_qdq"]

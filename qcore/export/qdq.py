@@ -52,15 +52,16 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..errors import QcoreError
-from ..formats import NF4_CODEBOOK, CodebookFormat, FloatFormat, IntFormat
-from ..granularity import fan_in, from_blocks
-from ..io.onnx_import import OnnxModule
-from ..quantize import QuantizedTensor, quantize
-from ..ranges import MSE_GRID
-from ..recipe import Recipe, TensorSpec
-from ..simulate import input_quantizer, needs_calibration
-from .graph import GraphEditor
+from qcore.errors import QcoreError
+from qcore.numerics.formats import NF4_CODEBOOK, CodebookFormat, FloatFormat, IntFormat
+from qcore.numerics.granularity import fan_in, from_blocks
+from qcore.io.onnx_import import OnnxModule
+from qcore.numerics.quantize import QuantizedTensor, quantize
+from qcore.numerics.ranges import MSE_GRID
+from qcore.recipe import Recipe
+from qcore.numerics.spec import TensorSpec
+from qcore.model.simulate import input_quantizer, needs_calibration
+from qcore.export.graph import GraphEditor
 
 OPSET = 21
 _TINY = float(torch.finfo(torch.float32).tiny)

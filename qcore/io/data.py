@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import QcoreError
-from ..workload import Data
-from . import limits
-from .limits import checked_file, checked_torch_file, human_size, reading, sniff, zip_members
-from .models import InputSpec
+from qcore.errors import QcoreError
+from qcore.model.workload import Data
+from qcore import limits
+from qcore.limits import checked_file, checked_torch_file, human_size, reading, sniff, zip_members
+from qcore.io.models import InputSpec
 
 DATA_EXTENSIONS = (".npz", ".pt", ".pth", ".csv")
 CALIBRATION_FRACTION, SPLIT_SEED, N_SYNTHETIC = 0.25, 0, 256

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import QcoreError
-from . import limits
-from .limits import checked_file, checked_torch_file, first_line, reading, sniff, zip_members
+from qcore.errors import QcoreError
+from qcore import limits
+from qcore.limits import checked_file, checked_torch_file, first_line, reading, sniff, zip_members
 
 MODEL_EXTENSIONS = (".pt2", ".onnx", ".pt", ".pth", ".ts", ".safetensors")
 EXPORT_HINT = ("export the model instead: ep = torch.export.export(model, (example_input,)); "
@@ -81,7 +81,7 @@ def _load_torchscript(p: Path, allow_pickle: bool) -> LoadedModel:
 
 def _zoo_architecture(state: dict, source: str) -> LoadedModel:
     """The zoo architecture whose parameters match ``state`` (keys and shapes), loaded with it."""
-    from ..zoo.digits import ARCHITECTURES
+    from qcore.zoo.digits import ARCHITECTURES
 
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise QcoreError(f"{source} is not a state dict (name -> tensor); save one with "
@@ -149,13 +149,13 @@ def load_model_file(path, allow_pickle: bool = False, max_bytes: int | None = No
         if kind != "zip":
             raise QcoreError(f"{p.name} is not a torch.export archive (not a zip file); save it with torch.export.save")
         zip_members(p, limit)
-        from .pt2 import load_pt2_file
+        from qcore.io.pt2 import load_pt2_file
 
         return load_pt2_file(p, allow_pickle)
     if ext == ".onnx":
         if kind in ("zip", "pickle"):
             raise QcoreError(f"{p.name} is a PyTorch file, not ONNX; use the .pt2/.pt extension it was saved with")
-        from .onnx_file import load_onnx_file
+        from qcore.io.onnx_file import load_onnx_file
 
         return load_onnx_file(p, limit)
     if ext == ".safetensors":

@@ -19,11 +19,11 @@ import stat
 from pathlib import Path
 from typing import NoReturn
 
-from ..errors import QcoreError
-from . import onnx_import
-from .limits import human_size, reading
-from .models import InputSpec, LoadedModel
-from .onnx_import import quoted
+from qcore.errors import QcoreError
+from qcore.io import onnx_import
+from qcore.limits import human_size, reading
+from qcore.io.models import InputSpec, LoadedModel
+from qcore.io.onnx_import import quoted
 
 SINGLE_FILE_HINT = "export a single file with torch.onnx.export(..., external_data=False)"
 _PLAIN_NAME = re.compile(r"[^/\\:\x00]+")  # no folder part, no drive, no NUL

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import QcoreError
-from . import limits
-from .limits import human_size
+from qcore.errors import QcoreError
+from qcore import limits
+from qcore.limits import human_size
 
 # ---- bounds on what an untrusted graph may ask for (see the module docstring) ------------------------
 FOLDED_TENSOR_UPLOADS = 1  # one folded constant: at most 1 x the upload limit, in bytes (default 200 MiB)

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import QcoreError
-from .limits import reading
-from .models import InputSpec, LoadedModel
+from qcore.errors import QcoreError
+from qcore.limits import reading
+from qcore.io.models import InputSpec, LoadedModel
 
 MAX_JSON_BYTES = 64 * 2**20  # model.json of a 6-layer transformer is 0.5 MiB
 MAX_JSON_DEPTH = 64  # nesting levels; a plain program has ~10, each no_grad/autocast block adds ~8

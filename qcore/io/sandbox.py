@@ -28,8 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import QcoreError
-from .limits import env_number
+from qcore.errors import QcoreError
+from qcore.limits import env_number
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _child(argv: list[str]) -> None:
     os.dup2(2, 1)
     import torch
 
-    from .workload import load_workload
+    from qcore.io.workload import load_workload
 
     torch.set_num_threads(1)
     try:

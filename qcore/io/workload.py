@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import QcoreError
-from ..metrics import mean_cosine, sqnr_db
-from ..workload import Data, Task, Workload, classification_task, content_hash
-from .data import N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, parse_shape, split, synthetic_data
-from .limits import first_line
-from .models import InputSpec, LoadedModel, load_model_file
+from qcore.errors import QcoreError
+from qcore.numerics.metrics import mean_cosine, sqnr_db
+from qcore.model.workload import Data, Task, Workload, classification_task, content_hash
+from qcore.io.data import N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, parse_shape, split, synthetic_data
+from qcore.limits import first_line
+from qcore.io.models import InputSpec, LoadedModel, load_model_file
 
 def _a(fmt: str) -> str:
     """'a torch.export' / 'an ONNX' / 'a TorchScript': the article and the format's usual spelling."""
@@ -80,7 +80,7 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     A model that records no input shape (TorchScript, a pickled model) needs data to run. With
     ``allow_no_data`` and no ``data`` it loads anyway, with no samples: its layers and weights only
     (what ``inspect`` lists), and a note saying that evaluation needs data."""
-    from ..zoo import ZOO, load
+    from qcore.zoo import ZOO, load
 
     shape_spec = data is not None and str(data).startswith("shape:")
     data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import QcoreError
-from ..workload import Workload, classification_task, content_hash
+from qcore.errors import QcoreError
+from qcore.model.workload import Workload, classification_task, content_hash
 
 
 def _digits(name: str, description: str) -> Workload:
-    from . import digits
+    from qcore.zoo import digits
 
     data = digits.splits()
     return Workload(
@@ -43,10 +43,10 @@ DEFAULT_MODEL = "digits-mlp"
 def weight_files(name: str) -> list[Path]:
     """The shipped files zoo entry ``name`` is loaded from (weights, config, tokenizer)."""
     if name == "minilm-l6":
-        from .minilm import model_dir
+        from qcore.zoo.minilm import model_dir
 
         return sorted(p for p in model_dir().rglob("*") if p.is_file())
-    from .digits import WEIGHTS_DIR
+    from qcore.zoo.digits import WEIGHTS_DIR
 
     return [WEIGHTS_DIR / f"{name}.safetensors"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..workload import Data
+from qcore.model.workload import Data
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SPLIT_SEED = 0

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..metrics import mean_cosine, sqnr_db
-from ..workload import Data, Task, Workload
+from qcore.numerics.metrics import mean_cosine, sqnr_db
+from qcore.model.workload import Data, Task, Workload
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.json"
 

@@ -11,7 +11,7 @@ import argparse
 import torch
 from safetensors.torch import save_file
 
-from .digits import ARCHITECTURES, WEIGHTS_DIR, splits
+from qcore.zoo.digits import ARCHITECTURES, WEIGHTS_DIR, splits
 
 EPOCHS, BATCH, LR, SEED = 60, 64, 3e-3, 0
 

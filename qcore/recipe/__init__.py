@@ -30,15 +30,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import reprlib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import QcoreError
-from .formats import FORMATS, IntFormat
-from .granularity import GRANULARITIES, fan_in, group_size_for
-from .ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
+from qcore.errors import QcoreError, shown as _show
+from qcore.numerics.formats import FORMATS
+from qcore.numerics.spec import TensorSpec
 
 # Bounds on a recipe (untrusted when uploaded). A real recipe is a few KiB, four levels deep
 # (recipe -> layers -> layer -> weights -> values), with small integers.
@@ -47,123 +45,6 @@ MAX_DEPTH = 8  # nesting of JSON objects/arrays
 MAX_INT_DIGITS = 12  # digits of any integer in the JSON text
 MAX_NAME_CHARS = 1000  # recipe name and layer names
 MAX_LAYERS = 100_000  # per-layer overrides
-MAX_GROUP_SIZE = 2**20  # elements per group
-MAX_AXIS = 8  # axis in [-8, 8): weights have at most 8 dimensions
-
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 80
-_repr.maxlevel, _repr.maxlist, _repr.maxdict = 2, 4, 4
-
-
-def _show(value) -> str:
-    """A short, safe repr of an untrusted value for an error line (huge ints and deep lists included)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"<an integer of about {round(value.bit_length() * math.log10(2)):,} digits>"
-    return _repr.repr(value)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """How one tensor is quantized.
-
-    format      : a name in ``formats.FORMATS`` (int2..int8, int16, fp16, bf16, fp8_e4m3, fp8_e5m2, nf4, fp32)
-    granularity : per_tensor | per_channel | per_group (see ``granularity``)
-    axis        : channel axis for per_channel (0 = output channel of a weight)
-    group_size  : per_group only: the largest group, in elements along the fan-in (default 128, nf4 64);
-                  a tensor whose fan-in it does not divide uses the largest divisor below it (``for_shape``)
-    symmetric   : zero-point fixed at 0 (int formats); float and nf4 formats are always symmetric
-    range       : minmax | percentile | mse | entropy (| moving_average for static activations)
-    percentile  : for range=percentile, in (50, 100]
-    dynamic     : activations only: range computed from each batch at run time instead of calibration
-    scaled      : float formats only: scale into the format's range (as FP8 recipes do) instead of a plain cast
-    """
-
-    format: str = "int8"
-    granularity: str = "per_tensor"
-    axis: int = 0
-    group_size: int = 128
-    symmetric: bool = True
-    range: str = "minmax"
-    percentile: float = 99.99
-    dynamic: bool = False
-    scaled: bool = False
-
-    @property
-    def fmt(self):
-        return FORMATS[self.format]
-
-    def to_dict(self) -> dict:
-        """Every field; ``group_size`` only for per_group (elsewhere it means nothing)."""
-        d = asdict(self)
-        if self.granularity != "per_group":
-            del d["group_size"]
-        return d
-
-    def for_shape(self, shape: tuple[int, ...]) -> "TensorSpec":
-        """This spec as applied to a tensor of ``shape``: the group size resolved to the fan-in."""
-        if self.granularity != "per_group":
-            return self
-        g = group_size_for(fan_in(tuple(shape)), self.group_size)
-        return self if g == self.group_size else replace(self, group_size=g)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "spec", activation: bool = False) -> "TensorSpec":
-        if isinstance(d, TensorSpec):
-            d = d.to_dict()
-        if not isinstance(d, Mapping):
-            raise QcoreError(f"{where} must be an object like {{\"format\": \"int8\"}} or null, got {_show(d)}")
-        allowed = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in allowed:
-                raise QcoreError(f"unknown key {where}.{_show(key)}; allowed keys: {', '.join(allowed)}")
-        fmt = d.get("format", cls.format)
-        if not isinstance(fmt, str) or fmt not in FORMATS:
-            hint = " (1-bit integers are not supported: the smallest integer format is int2)" if fmt in ("int1", "uint1", "binary") else ""
-            raise QcoreError(f"unknown format {where}.format={_show(fmt)}{hint}; allowed: {', '.join(FORMATS)}")
-        defaults: dict[str, Any] = {}
-        if fmt == "nf4":  # NF4 is defined block-wise (QLoRA): absmax per block of 64
-            defaults = {"granularity": "per_group", "group_size": 64}
-        merged = {**defaults, **dict(d)}
-        if merged.get("granularity", cls.granularity) != "per_group":
-            merged.pop("group_size", None)  # means nothing here (a recipe refuses it: see Recipe)
-        spec = cls(**merged)
-        spec._check(where, activation)
-        return spec
-
-    def _check(self, where: str, activation: bool) -> None:
-        def bad(key, msg):
-            raise QcoreError(f"{where}.{key}={_show(getattr(self, key))} {msg}")
-
-        fmt = self.fmt
-        if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
-            bad("granularity", f"is not a granularity; allowed: {', '.join(GRANULARITIES)}")
-        methods = list(RANGE_METHODS) + (list(ACTIVATION_ONLY_METHODS) if activation else [])
-        if not isinstance(self.range, str) or self.range not in methods:
-            bad("range", f"is not a range method; allowed here: {', '.join(methods)}")
-        for key, typ in (("axis", int), ("group_size", int)):
-            if not isinstance(getattr(self, key), int) or isinstance(getattr(self, key), bool):
-                bad(key, "must be an integer")
-        if not 1 <= self.group_size <= MAX_GROUP_SIZE:
-            bad("group_size", f"must be a positive integer such as 32, 64 or 128 (at most {MAX_GROUP_SIZE})")
-        if not -MAX_AXIS <= self.axis < MAX_AXIS:
-            bad("axis", f"must be a dimension index in [{-MAX_AXIS}, {MAX_AXIS}), e.g. 0 (output channel) or 1")
-        for key in ("symmetric", "dynamic", "scaled"):
-            if not isinstance(getattr(self, key), bool):
-                bad(key, "must be true or false")
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
-                or not 50 < self.percentile <= 100:
-            bad("percentile", "must be a number in (50, 100], e.g. 99.9 or 99.99")
-        if not isinstance(fmt, IntFormat) and not self.symmetric:
-            bad("symmetric", f"is only possible for integer formats; {self.format} is symmetric by construction")
-        if self.scaled and fmt.family != "float":
-            bad("scaled", "applies to float formats (fp8/fp16/bf16) only; integer and nf4 formats are always scaled")
-        if not activation and self.dynamic:
-            bad("dynamic", "applies to activations only (weights are always quantized ahead of time)")
-        if activation and self.granularity != "per_tensor":
-            bad("granularity", "is not supported for activations; use per_tensor")
-        if activation and fmt.family == "codebook":
-            bad("format", "is a weight-only format; use an int or float format for activations")
-
 
 def _recipe_spec(d, where: str, activation: bool, written: Mapping | None = None) -> TensorSpec | None:
     """A spec of a recipe: as ``TensorSpec.from_dict``, but a group_size the recipe writes (in ``written``,

@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from .errors import QcoreError
-from .workload import Workload
+from qcore.errors import QcoreError
+from qcore.model.workload import Workload
 
 MEMORY_CACHE_SIZE = 128  # sweep results (one per candidate and settings) kept in memory
 MAX_ENTRY_BYTES = 64 * 2**20  # a larger disk entry is not read (minilm-l6's are ~20 KB)

@@ -24,10 +24,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import QcoreError
-from .formats import Format
-from .ranges import choose_range
-from .simulate import temporary_hooks
+from qcore.errors import QcoreError
+from qcore.numerics.formats import Format
+from qcore.numerics.ranges import choose_range
+from qcore.model.simulate import temporary_hooks
 
 HIST_BINS = 2048
 EMA_CONSTANT = 0.01

@@ -29,8 +29,8 @@ import math
 
 import torch
 
-from .errors import QcoreError
-from .formats import Format
+from qcore.errors import QcoreError
+from qcore.numerics.formats import Format
 
 MSE_GRID = 50  # candidate clip factors for ``mse``: 1/50, 2/50, ..., 1
 ENTROPY_BINS = 2048

@@ -12,7 +12,8 @@ import math
 
 from torch import nn
 
-from .recipe import Recipe, TensorSpec
+from qcore.recipe import Recipe
+from qcore.numerics.spec import TensorSpec
 
 SCALE_BYTES = 4  # scales are stored as float32
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .errors import QcoreError
+from qcore.errors import QcoreError
 
 SQNR_EXACT_DB = 200.0
 

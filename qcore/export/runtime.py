@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import QcoreError
-from .export import export_qdq
-from .hardware import cpu_features, cpu_name
-from .quantized_safetensors import export_safetensors, load_safetensors  # noqa: F401 (part of this module's API)
-from .recipe import Recipe, preset
-from .size import weight_bytes
+from qcore.errors import QcoreError
+from qcore.export import export_qdq
+from qcore.hardware import cpu_features, cpu_name
+from qcore.export.safetensors import export_safetensors, load_safetensors  # noqa: F401 (part of this module's API)
+from qcore.recipe import Recipe, preset
+from qcore.model.size import weight_bytes
 
 SIZE_TOLERANCE = 0.10  # file vs theoretical size: a larger relative gap is explained in ``differences``
 

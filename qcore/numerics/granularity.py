@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import QcoreError
+from qcore.errors import QcoreError
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 

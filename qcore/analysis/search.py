@@ -32,12 +32,12 @@ import math
 import os
 from typing import Callable
 
-from .errors import QcoreError
-from .metrics import SQNR_EXACT_DB
-from .recipe import Recipe
-from .sensitivity import SweepCancelled, _override, _plans, candidate_recipe, check_candidates, mode_plan, sweep
-from .size import weight_bytes
-from .workload import Workload
+from qcore.errors import QcoreError
+from qcore.numerics.metrics import SQNR_EXACT_DB
+from qcore.recipe import Recipe
+from qcore.analysis.sensitivity import (SweepCancelled, _override, _plans, candidate_recipe, check_candidates, mode_plan, sweep)
+from qcore.model.size import weight_bytes
+from qcore.model.workload import Workload
 
 NOISE_WEIGHT = 0.01  # cost of an output noise-to-signal power ratio of 1 (0 dB SQNR), in metric units
 PATH_POINTS = 4  # path recipes evaluated (besides the goal's own) to draw the Pareto front

@@ -49,15 +49,16 @@ from typing import Callable
 import torch
 import torch.utils._pytree as pytree
 
-from .errors import QcoreError
-from .granularity import to_blocks
-from .metrics import SQNR_EXACT_DB, sqnr_db
-from .quantize import QuantizedTensor, check_finite, quantize
-from .recipe import PRESETS, LayerPlan, Recipe, TensorSpec, preset
-from .simulate import input_quantizer, modules_by_name, needs_calibration, temporary_hooks
-from . import sweep_cache
-from .sweep_cache import cache_key, cache_path, clear_memory_cache, fingerprint  # noqa: F401 (this module's API)
-from .workload import Workload
+from qcore.errors import QcoreError
+from qcore.numerics.granularity import to_blocks
+from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db
+from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
+from qcore.recipe import PRESETS, LayerPlan, Recipe, preset
+from qcore.numerics.spec import TensorSpec
+from qcore.model.simulate import input_quantizer, modules_by_name, needs_calibration, temporary_hooks
+from qcore.analysis import sweep_cache
+from qcore.analysis.sweep_cache import cache_key, cache_path, clear_memory_cache, fingerprint  # noqa: F401 (this module's API)
+from qcore.model.workload import Workload
 
 MODES = ("weights", "activations", "both")
 VIEWS = ("only", "all_but")

@@ -1,7 +1,7 @@
 """The numbers behind the app's explanatory pages (Formats, Weights, Activations).
 
 Each function takes tensors, specs or a workload and returns plain numbers, tensors and dicts;
-``qcore.viz`` draws them and the pages only show them. All ranges are in the tensor's own units.
+``qcore.figures.viz`` draws them and the pages only show them. All ranges are in the tensor's own units.
 
 - Formats: ``sample_distribution``, ``grid`` (a spec's representable values over a tensor),
   ``bit_layout``, ``format_numbers`` (step size, dynamic range), ``bitwidth_sweep`` (error vs bits),
@@ -20,14 +20,14 @@ from dataclasses import replace
 
 import torch
 
-from .calibrate import ActivationStats
-from .formats import Format
-from .granularity import fan_in
-from .metrics import sqnr_db
-from .quantize import fake_quantize, quantize
-from .ranges import RANGE_METHODS, choose_range
-from .recipe import TensorSpec
-from .simulate import modules_by_name, temporary_hooks
+from qcore.model.calibrate import ActivationStats
+from qcore.numerics.formats import Format
+from qcore.numerics.granularity import fan_in
+from qcore.numerics.metrics import sqnr_db
+from qcore.numerics.quantize import fake_quantize, quantize
+from qcore.numerics.ranges import RANGE_METHODS, choose_range
+from qcore.numerics.spec import TensorSpec
+from qcore.model.simulate import modules_by_name, temporary_hooks
 
 DISTRIBUTIONS = ("normal", "laplace", "normal with outliers")
 MAX_ANALYSED_WEIGHTS = 2**18  # larger weights are analysed on a seeded sample of whole rows

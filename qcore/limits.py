@@ -33,7 +33,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from ..errors import QcoreError
+from qcore.errors import QcoreError
 
 
 def env_number(name: str, default: float, unit: str) -> float:

@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import calibrate as calibrate_mod
-from .metrics import classification_metrics
-from .recipe import Recipe
-from .simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, modules_by_name, simulate
-from .size import model_size
+from qcore.model import calibrate as calibrate_mod
+from qcore.numerics.metrics import classification_metrics
+from qcore.recipe import Recipe
+from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, modules_by_name, simulate
+from qcore.model.size import model_size
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Workload:
             return torch.cat([model(*b).float() for b in data.batches(self.batch_size)])
 
     def simulate(self, recipe: Recipe, quantized_weights=None) -> Simulation:
-        from .simulate import needs_calibration
+        from qcore.model.simulate import needs_calibration
 
         recipe.check_against(self.layer_shapes)
         calib = self.calibration_stats() if needs_calibration(recipe, self.layers) else None

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import QcoreError
-from .formats import FORMATS
-from .recipe import Recipe
-from .simulate import InputQuantizer, input_quantizer, modules_by_name
+from qcore.errors import QcoreError
+from qcore.numerics.formats import FORMATS
+from qcore.recipe import Recipe
+from qcore.model.simulate import InputQuantizer, input_quantizer, modules_by_name
 
 FORMAT_VERSION = "1"
 
@@ -65,7 +65,7 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
     other tensor of the (BatchNorm-folded) model, with the recipe in the metadata."""
     from safetensors.torch import save_file
 
-    from .quantize import quantize
+    from qcore.numerics.quantize import quantize
 
     recipe.check_against(workload.layer_shapes)
     model = workload.folded[0]
@@ -107,8 +107,8 @@ def load_safetensors(path: str, workload=None):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .io.limits import MAX_UPLOAD_BYTES
-    from .quantize import QuantizedTensor
+    from qcore.limits import MAX_UPLOAD_BYTES
+    from qcore.numerics.quantize import QuantizedTensor
 
     p = Path(path)
     if not p.is_file():
@@ -125,7 +125,7 @@ def load_safetensors(path: str, workload=None):
         raise QcoreError(f"{path} was not written by `python -m qcore export --format safetensors` (no qcore metadata)")
     recipe = Recipe.from_json(meta["qcore_recipe"])
     if workload is None:
-        from .zoo import ZOO, load
+        from qcore.zoo import ZOO, load
 
         if meta.get("qcore_model") not in ZOO:
             raise QcoreError(f"{path} holds model {meta.get('qcore_model')!r}, not a zoo model; load it with its workload")

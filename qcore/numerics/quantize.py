@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import QcoreError
-from .granularity import from_blocks, to_blocks
-from .ranges import choose_range
-from .recipe import TensorSpec
+from qcore.errors import QcoreError
+from qcore.numerics.granularity import from_blocks, to_blocks
+from qcore.numerics.ranges import choose_range
+from qcore.numerics.spec import TensorSpec
 
 
 @dataclass

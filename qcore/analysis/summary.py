@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .recipe import PRESETS, preset
-from .size import float_bytes
-from .workload import Workload
+from qcore.recipe import PRESETS, preset
+from qcore.model.size import float_bytes
+from qcore.model.workload import Workload
 
 
 def weight_stats(w: torch.Tensor) -> dict:

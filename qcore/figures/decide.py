@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from .viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes, plain
+from qcore.figures.viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes, plain
 
 FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
 

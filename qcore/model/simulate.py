@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import QcoreError
-from .quantize import QuantizedTensor, check_finite, fake_quantize, quantize
-from .recipe import Recipe, TensorSpec
+from qcore.errors import QcoreError
+from qcore.numerics.quantize import QuantizedTensor, check_finite, fake_quantize, quantize
+from qcore.recipe import Recipe
+from qcore.numerics.spec import TensorSpec
 
 if TYPE_CHECKING:
-    from .calibrate import ActivationStats
+    from qcore.model.calibrate import ActivationStats
 
 # Module types whose weight is quantized, and the op each computes.
 LAYER_TYPES = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Embedding: "Embedding"}

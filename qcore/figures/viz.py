@@ -1,6 +1,6 @@
 """Plotly figures for the app: pure functions, numbers in, ``plotly.graph_objects.Figure`` out.
 
-The numbers come from ``qcore.explain`` / ``qcore.summary``; nothing here quantizes. Conventions
+The numbers come from ``qcore.analysis.explain`` / ``qcore.analysis.summary``; nothing here quantizes. Conventions
 every figure shares, so tests (and readers) can find things:
 
 - a clipping range is a pair of vertical line shapes named after its range method (``minmax``,

@@ -1,0 +1,1 @@
+"""What to choose: explanations, summaries, sensitivity sweeps, search, hardware rooflines."""

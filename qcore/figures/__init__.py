@@ -1,0 +1,1 @@
+"""Plotly figures: plain data in, a figure out."""

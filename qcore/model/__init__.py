@@ -1,0 +1,1 @@
+"""A model under a recipe: layers, BatchNorm folding, calibration, simulation, sizes, workloads."""

@@ -1,0 +1,1 @@
+"""Tensors only: number formats, granularity, range methods, quantize/dequantize, metrics."""

@@ -1,0 +1,98 @@
+"""A recipe as a shareable link, and a recipe's identity.
+
+A link carries a recipe as a preset name plus per-layer overrides (``Recipe`` layer entries, only
+for layers that differ from the preset): ``?preset=int8-static&layers=<url-safe base64 of the
+overrides as compact JSON>``. ``compact`` finds the shortest such pair for any recipe;
+``build_recipe`` is its inverse. ``recipe_id`` / ``recipe_hash`` name what a recipe does to a
+model's layers, whatever its name or spelling.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+from qcore.errors import QcoreError
+from qcore.recipe import PRESETS, Recipe, preset
+
+PRESET_PARAM, LAYERS_PARAM = "preset", "layers"
+MAX_LAYERS_PARAM_CHARS = 200_000
+
+
+def encode_layers(layers: dict) -> str:
+    """Per-layer overrides -> url-safe base64 (no padding) of their compact JSON."""
+    text = json.dumps(layers, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_layers(text: str) -> dict:
+    """Inverse of ``encode_layers``; QcoreError when the text is not such an encoding."""
+    try:
+        if len(text) > MAX_LAYERS_PARAM_CHARS:
+            raise ValueError("too long")
+        layers = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
+        if not isinstance(layers, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding ({e}); "
+                         "copy the whole link again or remove that parameter") from None
+    return layers
+
+
+def build_recipe(w, preset_name: str, layers: dict) -> Recipe:
+    """The preset with ``layers`` overrides applied, validated against ``w``'s layers."""
+    base = preset(preset_name, w.layer_shapes).to_dict()
+    recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
+                               "layers": {**base["layers"], **layers}})
+    recipe.check_against(w.layer_shapes)
+    return recipe
+
+
+def _override(base: Recipe, layer: str, target) -> tuple[bool, dict | None]:
+    """(needed, override) turning ``base``'s plan for ``layer`` into the LayerPlan ``target``."""
+    plan = base.plan(layer)
+    if plan == target:
+        return False, None
+    if target.is_float:
+        return True, None
+    short, full = {}, {}
+    for part in ("weights", "activations"):
+        t, b = getattr(target, part), getattr(plan, part)
+        if t == b:
+            continue
+        full[part] = short[part] = None if t is None else t.to_dict()
+        if t is not None and b is not None:
+            short[part] = {k: v for k, v in t.to_dict().items() if v != getattr(b, k)}
+    return True, short if base.with_layer(layer, short).plan(layer) == target else full
+
+
+def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
+    """``(preset, overrides)`` reproducing ``recipe`` on ``w``: of ``presets``, the one needing the
+    shortest overrides."""
+    best = None
+    for name in presets:
+        base = preset(name, w.layer_shapes)
+        layers = {}
+        for layer in w.layers:
+            needed, override = _override(base, layer, recipe.plan(layer))
+            if needed:
+                layers[layer] = override
+        if best is None or len(json.dumps(layers)) < len(json.dumps(best[1])):
+            best = (name, layers)
+    return best
+
+
+def recipe_hash(w, recipe: Recipe) -> str:
+    """First 8 hex digits of the SHA-256 of ``recipe_id``: the same plans give the same hash under any
+    name and any spelling of the recipe; two different recipes (almost surely) two hashes."""
+    return hashlib.sha256(recipe_id(w, recipe).encode()).hexdigest()[:8]
+
+
+def recipe_id(w, recipe: Recipe) -> str:
+    """The recipe's canonical JSON: what it does to each of ``w``'s layers, ``{layer: {"weights",
+    "activations"}}`` (spec dicts or null), sorted keys, compact. A preset with overrides and the same
+    plans spelled layer by layer (as the search writes them) are one recipe; the name is not part of it."""
+    plans = {n: {part: spec.to_dict() if spec else None for part, spec in
+                 (("weights", recipe.plan(n).weights), ("activations", recipe.plan(n).activations))} for n in w.layers}
+    return json.dumps(plans, sort_keys=True, separators=(",", ":"))
