@@ -1,4 +1,25 @@
-"""qcore: the Quantization Explorer engine (formats, ranges, recipes, simulation, metrics)."""
+"""qcore: the Quantization Explorer engine. The app (``app.py``, ``pages/``, ``ui/``) and the CLI only call it.
+
+Packages, in the order a reader learns quantization from them:
+
+- ``numerics``  tensors only: number formats and their traits, granularity (how a tensor is cut into
+                blocks), range methods (where the clip goes), ``TensorSpec``, quantize/dequantize, metrics;
+- ``recipe``    the JSON that says how every layer is quantized: presets, validation, resolution to one
+                plan per layer, links and the Mixed precision table;
+- ``model``     a model under a recipe: layers and BatchNorm folding, hooks, calibration, simulation,
+                sizes in bytes, ``Workload``;
+- ``io``        untrusted files in (model loaders by extension, ONNX/.pt2 readers, data, the sandbox);
+- ``analysis``  what to choose: explanations, summaries, the sensitivity sweep, search, rooflines;
+- ``export``    files and runtimes out: ONNX and safetensors exports, ONNX Runtime benchmarks;
+- ``figures``   Plotly figures: plain data in, a figure out;
+- top level     ``errors``, ``limits`` (bounds on untrusted input), ``hardware`` (this CPU, reference
+                profiles), ``zoo`` (built-in models), ``report``, ``cli``.
+
+Dependency rules (``tests/test_architecture.py`` checks them): ``numerics`` imports nothing of qcore
+but ``errors``; ``recipe`` only ``numerics``; ``model`` only ``numerics`` and ``recipe``; ``io``,
+``analysis`` and ``export`` build on those (and the top-level ``errors``/``limits``/``hardware``) and
+never import each other; ``figures`` import nothing of qcore; nothing in qcore imports Streamlit.
+"""
 
 from qcore.errors import QcoreError
 from qcore.numerics.formats import FORMATS
