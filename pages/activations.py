@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, keys, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS
@@ -33,7 +33,7 @@ if not layers:
     st.stop()
 
 c1, c2, c3, c4 = st.columns(4)
-layer = c1.selectbox("Layer (its input)", layers, index=min(1, len(layers) - 1), key=f"act_layer:{key}",
+layer = c1.selectbox("Layer (its input)", layers, index=min(1, len(layers) - 1), key=keys.activations_layer(key),
                      persist_state="session", help="starts at the second layer: the first sees the raw model input, "
                                                    "whose range the data's preprocessing fixes (e.g. pixels in [0, 1])")
 spec = {"format": c2.selectbox("Format", ACTIVATION_FORMATS, key="act_format", persist_state="session")}

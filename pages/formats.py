@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS

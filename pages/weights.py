@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, keys, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS
@@ -23,7 +23,7 @@ formulas.intro(
     title="Formulas: scale, zero-point, rounding, clipping, SQNR, granularity")
 
 c1, c2, c3, c4 = st.columns(4)
-layer = c1.selectbox("Layer", list(w.layers), key=f"weights_layer:{key}", persist_state="session",
+layer = c1.selectbox("Layer", list(w.layers), key=keys.weights_layer(key), persist_state="session",
                      format_func=lambda n: f"{n}  ({w.layers[n].kind} {'×'.join(map(str, w.layers[n].weight_shape))})")
 names = [f for f in FORMATS if f != "fp32"]
 spec = {"format": c2.selectbox("Format", names, index=names.index("int4"), key="weights_format", persist_state="session")}
