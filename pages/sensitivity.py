@@ -10,7 +10,7 @@ from ui import keys, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
-from ui.text import plain
+from ui.text import layer_label, plain
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
 VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
@@ -71,7 +71,7 @@ def open_layer(page: str, layer_key: str, layer: str) -> None:
 def keep_in_float(layer: str) -> None:
     name, overrides, _ = state.current(key, w)
     state.set_current(key, w, name, {**overrides, layer: None})
-    st.toast(f"{plain(layer)}: weights and inputs stay float in the Mixed precision table.")
+    st.toast(f"{plain(layer_label(layer))}: weights and inputs stay float in the Mixed precision table.")
 
 
 st.subheader("Act on a layer")
