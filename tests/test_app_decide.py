@@ -254,7 +254,10 @@ def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app
             expect(page.locator("h1").first).to_have_text("Mixed precision: a format for every layer")
             expect(page.locator('[data-testid="stMetric"]', has_text="Size (bytes)")).to_contain_text(
                 f"{digits_mlp.size(expected)['size_bytes']:,}")
-            assert page.locator(ERROR_BOXES).count() == 0
+            # app.py framed the page: its sidebar names the link's recipe, its navigation lists the pages
+            expect(page.locator('[data-testid="stSidebar"]')).to_contain_text("Recipe: int4-weight-only with 2 layer override(s)")
+            assert page.locator('[data-testid="stSidebarNav"] a').count() == 8
+            assert page.locator(ERROR_BOXES).count() == 0 and page.get_by_text("Page not found").count() == 0
             with page.expect_download(timeout=PAGE_TIMEOUT_MS) as download:
                 page.get_by_role("button", name="Download recipe JSON").click()
             saved = tmp_path / "recipe.json"
