@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from ui import keys, state
 from qcore import report
 from qcore.export import runtime
 from qcore.analysis import summary
@@ -53,10 +53,10 @@ for column, fmt, mime in ((c1, "onnx", "application/octet-stream"), (c2, "safete
     if column.button(f"Prepare {fmt}", key=f"export_{fmt}", icon=":material/build:"):
         try:
             with st.spinner(f"Exporting {fmt}…"):
-                st.session_state[f"export_{fmt}:{key}"] = {"recipe": recipe.to_json(), **exported(fmt)}
+                st.session_state[keys.exported(fmt, key)] = {"recipe": recipe.to_json(), **exported(fmt)}
         except QcoreError as e:
             column.error(plain(e), icon=":material/error:")
-    done = st.session_state.get(f"export_{fmt}:{key}")
+    done = st.session_state.get(keys.exported(fmt, key))
     if done and done["recipe"] == recipe.to_json():
         column.download_button(f"Download {fmt} ({done['file_size_bytes']:,} bytes)", done["data"],
                                file_name=f"{recipe.name}.{fmt}", mime=mime, on_click="ignore", icon=":material/download:",
@@ -66,7 +66,7 @@ for column, fmt, mime in ((c1, "onnx", "application/octet-stream"), (c2, "safete
 c3, c4 = st.columns(2)
 c3.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
                    on_click="ignore", icon=":material/download:", key="download_recipe")
-settings = st.session_state.get(state.SWEEP) or {}
+settings = st.session_state.get(keys.SWEEP) or {}
 sweep = None
 if state.small(w) or settings.get("key") == key:  # a large model's sweep only once the Sensitivity page ran it
     sweep = state.sweep(w, settings.get("candidates") or state.DEFAULT_CANDIDATES, settings.get("mode", "both"),

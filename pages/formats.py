@@ -2,12 +2,12 @@
 
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS
 from qcore.numerics.ranges import RANGE_METHODS
-from ui.text import html_plain, plain
+from ui.text import html_plain, layer_label, plain
 
 FAMILIES = {"integer": "Integer (int-b)", "fp8_e4m3": "FP8 E4M3", "fp8_e5m2": "FP8 E5M2", "nf4": "NF4 (4-bit NormalFloat)",
             "fp16": "FP16 (half)", "bf16": "BF16 (bfloat16)"}
@@ -28,7 +28,8 @@ formulas.intro(
 c1, c2, c3, c4 = st.columns(4)
 source = c1.selectbox("Values to quantize", [*explain.DISTRIBUTIONS, LAYER], key="formats_source", persist_state="session")
 if source == LAYER:
-    layer = c1.selectbox("Layer", list(w.layers), key=f"formats_layer:{key}", persist_state="session")
+    layer = c1.selectbox("Layer", list(w.layers), key=f"formats_layer:{key}", persist_state="session",
+                         format_func=layer_label)
     x, sampled = explain.sample_values(state.layer_weight(w, layer), FORMATS_VALUES)
     what = f"layer:{layer}"
 else:

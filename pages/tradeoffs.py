@@ -5,7 +5,8 @@ Each recipe is one row under its own label (a kept recipe's label ends in its co
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from qcore.recipe.links import recipe_hash, recipe_id
+from ui import keys, state
 from qcore import hardware
 from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
@@ -22,18 +23,18 @@ st.write(
     "the red **Pareto front** has nothing both smaller and better than it; the others are beaten on both counts."
 )
 recipes = {label: preset(p, w.layer_shapes) for label, p in PRESET_ROWS.items()}
-candidates = list(st.session_state.get(state.USER_RECIPES, {}).get(key, {}).items())
-found = st.session_state.get(state.SEARCH, {}).get(key)
-candidates += [(f"search: {p['label']} [{state.recipe_hash(w, Recipe.from_dict(p['recipe']))}]", p["recipe"])
+candidates = list(st.session_state.get(keys.USER_RECIPES, {}).get(key, {}).items())
+found = st.session_state.get(keys.SEARCH, {}).get(key)
+candidates += [(f"search: {p['label']} [{recipe_hash(w, Recipe.from_dict(p['recipe']))}]", p["recipe"])
                for p in (found or {}).get("pareto", [])]
 _, overrides, current = state.current(key, w)
-candidates.append((f"yours (in the table): {current.name} [{state.recipe_hash(w, current)}]", current.to_dict()))
-shown = {state.recipe_id(w, r) for r in recipes.values()}
+candidates.append((f"yours (in the table): {current.name} [{recipe_hash(w, current)}]", current.to_dict()))
+shown = {recipe_id(w, r) for r in recipes.values()}
 for label, d in candidates:  # the first label of a recipe wins: each recipe is one row
     recipe = Recipe.from_dict(d)
-    if state.recipe_id(w, recipe) not in shown and label not in recipes:
+    if recipe_id(w, recipe) not in shown and label not in recipes:
         recipes[label] = recipe
-        shown.add(state.recipe_id(w, recipe))
+        shown.add(recipe_id(w, recipe))
 
 if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
     st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")

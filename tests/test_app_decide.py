@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from pages import state
+from qcore.recipe.links import build_recipe, compact, decode_layers, encode_layers
+from ui import state
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from test_hostile_app import visible
 from qcore.analysis import sensitivity
@@ -81,10 +82,10 @@ def test_editing_one_layer_changes_the_size_by_exactly_its_bytes(digits_mlp):
     assert before - size_shown(at) == int8 - int4 == 4096
     table = at.data_editor[0].value
     assert table.loc[table["layer"] == "fc2", "size (bytes)"].item() == int4
-    assert state.decode_layers(at.query_params["layers"]) == {"fc2": {"weights": {"format": "int4"}}}
+    assert decode_layers(at.query_params["layers"]) == {"fc2": {"weights": {"format": "int4"}}}
     edit(at, {layer: {"weights": "fp32"}})  # fp32 weights and float inputs: the layer leaves the recipe
     edit(at, {layer: {"weights": "fp32", "inputs": "float"}})
-    assert state.decode_layers(at.query_params["layers"]) == {"fc2": None}
+    assert decode_layers(at.query_params["layers"]) == {"fc2": None}
     assert metric(at, "Weights kept in FP32") == f"{100 * 64 * 128 / (128 * 64 + 64 * 128 + 10 * 64):.1f}%"
 
 
@@ -94,7 +95,7 @@ def test_an_edit_the_recipe_cannot_hold_is_shown_as_adjusted(digits_mlp):
     row = at.data_editor[0].value.iloc[0]
     assert (row["weights"], bool(row["symmetric"])) == ("fp16", True)
     assert row["size (bytes)"] == 128 * 64 * 2
-    assert state.decode_layers(at.query_params["layers"]) == {"fc1": {"weights": {"format": "fp16"}}}
+    assert decode_layers(at.query_params["layers"]) == {"fc1": {"weights": {"format": "fp16"}}}
 
 
 def test_downloaded_recipe_reloads_to_the_same_table(digits_cnn, downloads):
@@ -127,7 +128,7 @@ def test_invalid_uploaded_recipe_shows_an_error_and_keeps_the_table():
 def test_link_restores_model_preset_and_overrides(digits_cnn):
     overrides = {"features.0": None, "classifier.3": {"weights": {"format": "int8", "granularity": "per_channel"}}}
     at = open_page("mixed_precision", model="digits-cnn", preset="int4-weight-only",
-                   layers=state.encode_layers(overrides))
+                   layers=encode_layers(overrides))
     table = at.data_editor[0].value.set_index("layer")
     assert table["weights"].to_dict() == {"features.0": "fp32", "features.3": "int4", "features.7": "int4",
                                           "classifier.1": "int4", "classifier.3": "int8"}
@@ -135,7 +136,7 @@ def test_link_restores_model_preset_and_overrides(digits_cnn):
     expected = expected.with_layer("classifier.3", overrides["classifier.3"])
     assert size_shown(at) == digits_cnn.size(expected)["size_bytes"]
     assert at.query_params["preset"] == "int4-weight-only"
-    assert state.decode_layers(at.query_params["layers"]) == overrides
+    assert decode_layers(at.query_params["layers"]) == overrides
 
 
 def test_broken_link_says_so_and_falls_back_to_the_default():
@@ -169,7 +170,7 @@ def test_sensitivity_shows_the_sweep_and_acts_on_a_layer(digits_mlp):
     assert heatmap["customdata"][0][0] == pytest.approx(drops[(heatmap["y"][0], heatmap["x"][0])])
 
     at.button(key="sens_f:fc3").click().run()
-    assert state.decode_layers(at.query_params["layers"]) == {"fc3": None}
+    assert decode_layers(at.query_params["layers"]) == {"fc3": None}
     at.button(key="sens_a:fc2").click().run()
     assert at.title[0].value.startswith("Activations")
     assert at.selectbox(key="act_layer:zoo:digits-mlp").value == "fc2"
@@ -210,11 +211,11 @@ def test_export_downloads_recipe_report_and_sensitivity_csv(digits_mlp, download
         [None, {"format": "int4"}, {"format": "fp16"}, {"format": "int8", "granularity": "per_tensor"}])}))))
 def test_compact_and_url_encoding_reproduce_every_layer(digits_cnn, name, layers):
     try:
-        recipe = state.build_recipe(digits_cnn, name, layers)
+        recipe = build_recipe(digits_cnn, name, layers)
     except QcoreError:  # e.g. a group size that does not divide features.0's fan-in of 9
         assume(False)
-    short_name, short = state.compact(digits_cnn, recipe)
-    again = state.build_recipe(digits_cnn, short_name, state.decode_layers(state.encode_layers(short)))
+    short_name, short = compact(digits_cnn, recipe)
+    again = build_recipe(digits_cnn, short_name, decode_layers(encode_layers(short)))
     assert all(again.plan(n) == recipe.plan(n) for n in digits_cnn.layers)
 
 
@@ -227,7 +228,7 @@ def test_search_fills_the_table_with_a_measured_recipe_within_the_budget_on_use_
     next(b for b in at.button if b.label == "Use this recipe").click()
     at.run()
     name, overrides = at.query_params.get("preset", state.DEFAULT_PRESET), at.query_params.get("layers")
-    recipe = state.build_recipe(digits_mlp, name, state.decode_layers(overrides) if overrides else {})
+    recipe = build_recipe(digits_mlp, name, decode_layers(overrides) if overrides else {})
     measured = digits_mlp.evaluate(recipe)
     assert measured["quantized"]["size_bytes"] <= 0.2 * measured["fp32"]["size_bytes"]
     assert size_shown(at) == measured["quantized"]["size_bytes"]
@@ -242,8 +243,8 @@ def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app
     from playwright.sync_api import expect, sync_playwright
 
     overrides = {"fc1": None, "fc3": {"weights": {"format": "int8", "granularity": "per_channel"}}}
-    expected = state.build_recipe(digits_mlp, "int4-weight-only", overrides)
-    link = f"mixed_precision?model=digits-mlp&preset=int4-weight-only&layers={state.encode_layers(overrides)}"
+    expected = build_recipe(digits_mlp, "int4-weight-only", overrides)
+    link = f"mixed_precision?model=digits-mlp&preset=int4-weight-only&layers={encode_layers(overrides)}"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -253,7 +254,10 @@ def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app
             expect(page.locator("h1").first).to_have_text("Mixed precision: a format for every layer")
             expect(page.locator('[data-testid="stMetric"]', has_text="Size (bytes)")).to_contain_text(
                 f"{digits_mlp.size(expected)['size_bytes']:,}")
-            assert page.locator(ERROR_BOXES).count() == 0
+            # app.py framed the page: its sidebar names the link's recipe, its navigation lists the pages
+            expect(page.locator('[data-testid="stSidebar"]')).to_contain_text("Recipe: int4-weight-only with 2 layer override(s)")
+            assert page.locator('[data-testid="stSidebarNav"] a').count() == 8
+            assert page.locator(ERROR_BOXES).count() == 0 and page.get_by_text("Page not found").count() == 0
             with page.expect_download(timeout=PAGE_TIMEOUT_MS) as download:
                 page.get_by_role("button", name="Download recipe JSON").click()
             saved = tmp_path / "recipe.json"
@@ -273,11 +277,11 @@ def test_export_onnx_of_int4_weight_only_then_int8_static_shows_the_file_not_the
     layers = {"fc1": {"weights": {"format": "int4", "granularity": "per_channel"}, "activations": None},
               "fc2": {"weights": {"format": "int8", "granularity": "per_channel"},
                       "activations": {"format": "int8", "dynamic": False}}}
-    at = open_page("export", preset="fp32", layers=state.encode_layers(layers))
+    at = open_page("export", preset="fp32", layers=encode_layers(layers))
     next(b for b in at.button if b.label == "Prepare onnx").click()
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    recipe = state.build_recipe(digits_mlp, "fp32", layers)
+    recipe = build_recipe(digits_mlp, "fp32", layers)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         rep = runtime.export(digits_mlp, recipe, "onnx", f"{tmp}/r.onnx").to_dict()
