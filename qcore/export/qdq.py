@@ -55,7 +55,7 @@ from onnx import TensorProto, helper
 from qcore.errors import QcoreError
 from qcore.numerics.formats import NF4_CODEBOOK, CodebookFormat, FloatFormat, IntFormat
 from qcore.numerics.granularity import fan_in, from_blocks
-from qcore.io.onnx_import import OnnxModule
+from qcore.model.onnx_graph import OnnxModule
 from qcore.numerics.quantize import QuantizedTensor, quantize
 from qcore.numerics.ranges import MSE_GRID
 from qcore.recipe import Recipe
