@@ -7,9 +7,9 @@ a ``Step`` running a torch function of ``qcore.model.onnx_ops.OPS``. The source 
 the module keeps the source graph and each layer's place in it (``LayerSource``), which
 ``qcore.export`` rewrites. The module returns the graph's first output.
 
-``qcore.io.onnx.convert`` builds one from an (untrusted) file. At run time the operators whose output
-size the graph's values decide (``RUN_CHECKED``) are checked before they allocate: one tensor above
-``MAX_RUN_TENSOR_BYTES`` is one ``QcoreError`` line.
+The importer (``io.onnx.convert``) builds one from an (untrusted) file. At run time the operators
+whose output size the graph's values decide (``RUN_CHECKED``) are checked before they allocate: one
+tensor above ``MAX_RUN_TENSOR_BYTES`` is one ``QcoreError`` line.
 """
 
 from __future__ import annotations

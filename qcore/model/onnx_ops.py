@@ -9,7 +9,7 @@ tensor or a tuple of tensors.
 input shapes, or by running the operator on torch's "meta" device (shapes and dtypes, no memory) with
 real values only for the inputs that decide the shape (``VALUE_INPUTS``: a shape, repeats, pads, axes,
 Range's bounds); an expanded view counts as if materialised. The importer's constant folding
-(``qcore.io.onnx.fold``) and the graph's run-time guard (``RUN_CHECKED``) both bound memory with it.
+(``io.onnx.fold``) and the graph's run-time guard (``RUN_CHECKED``) both bound memory with it.
 """
 
 from __future__ import annotations

@@ -165,12 +165,12 @@ def _rename_io(ed: GraphEditor) -> None:
     io = [i.name for i in graph.input if i.name not in ed.inits] + [graph.output[0].name]
     targets = [f"input_{i}" for i in range(len(io) - 1)] + ["output"]
     for k, name in enumerate(io):
-        ed.rename_value(name, f"__qcore_io_{k}")
+        ed.rename_value(name, f"__qcore_graph_io_{k}")
     used = {n for node in ed.nodes for n in [*node.input, *node.output]} | set(ed.inits)
     for k, target in enumerate(targets):
         if target in used:
             ed.rename_value(target, ed.fresh(f"{target}_source"))
-        ed.rename_value(f"__qcore_io_{k}", target)
+        ed.rename_value(f"__qcore_graph_io_{k}", target)
 
 
 def _strip(proto: onnx.ModelProto) -> None:
