@@ -31,7 +31,7 @@ import torch
 
 from qcore import Recipe, preset, zoo
 from qcore.export import export_qdq
-from qcore.export.runtime import input_names, run_onnx, session
+from qcore.export.sessions import input_names, run_onnx, session
 from qcore.analysis.search import search
 
 warnings.filterwarnings("ignore")

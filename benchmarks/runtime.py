@@ -4,7 +4,7 @@
 
 In one process and one run, on the same inputs and thread count, for each model:
 - FP32 in ONNX Runtime (the baseline) and in torch (eager);
-- the project's exports (``qcore.export.runtime.export``) executed by ONNX Runtime: int8-dynamic, int8-static,
+- the project's exports (``qcore.export.export``) executed by ONNX Runtime: int8-dynamic, int8-static,
   int8-static with symmetric (signed) activations, int4 weight-only (MatMulNBits where it applies);
 - torch.ao ``quantize_dynamic`` (int8 Linear, fbgemm) and ONNX Runtime's own ``quantize_dynamic``.
 Every row is timed in the same interleaved rounds (each round runs every row once, same inputs), so a
@@ -29,11 +29,12 @@ import warnings
 import torch
 
 from qcore import preset, zoo
-from qcore.export import export_qdq
+from qcore.export import export, export_qdq
 from qcore.analysis.roofline import roofline
 from qcore.hardware import PROFILES
 from qcore.recipe import Recipe
-from qcore.export.runtime import export, feed, interleaved_times_ms, run_onnx, session, speedup, spread
+from qcore.export.bench import interleaved_times_ms, speedup, spread
+from qcore.export.sessions import feed, run_onnx, session
 
 warnings.filterwarnings("ignore")
 
@@ -44,7 +45,7 @@ def _metric(w, outputs) -> float:
 
 def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float) -> list[dict]:
     """One row per way of running ``w``; every call of every row timed in the same interleaved rounds
-    (``qcore.export.runtime.interleaved_times_ms``), at batch 1 and at ``batch_size``."""
+    (``qcore.export.bench.interleaved_times_ms``), at batch 1 and at ``batch_size``."""
     torch.set_num_threads(threads)
     fp32_theory = w.size(Recipe(name="fp32"))["fp32_bytes"]
     rows, calls = [], []  # calls[i](data) runs row i on an input batch

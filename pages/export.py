@@ -9,7 +9,7 @@ import streamlit as st
 
 from ui import keys, state
 from qcore import report
-from qcore.export import runtime
+from qcore.export import export, summary_lines
 from qcore.analysis import summary
 from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
@@ -41,10 +41,10 @@ m3.metric(f"{plain(headline)} (simulated)", f"{result['quantized']['metrics'][he
 
 
 def exported(fmt: str) -> dict:
-    """Export with ``qcore.export.runtime.export`` into a temporary file; the file's bytes plus its report."""
+    """Export with ``qcore.export.export`` into a temporary file; the file's bytes plus its report."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{recipe.name}.{fmt}"
-        rep = runtime.export(w, recipe, fmt, str(out))
+        rep = export(w, recipe, fmt, str(out))
         return {**rep.to_dict(), "data": Path(rep.path).read_bytes()}
 
 
@@ -61,7 +61,7 @@ for column, fmt, mime in ((c1, "onnx", "application/octet-stream"), (c2, "safete
         column.download_button(f"Download {fmt} ({done['file_size_bytes']:,} bytes)", done["data"],
                                file_name=f"{recipe.name}.{fmt}", mime=mime, on_click="ignore", icon=":material/download:",
                                key=f"download_{fmt}")
-        column.caption("  \n".join(plain(line) for line in runtime.summary_lines(done)))
+        column.caption("  \n".join(plain(line) for line in summary_lines(done)))
 
 c3, c4 = st.columns(2)
 c3.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",

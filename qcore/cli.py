@@ -228,7 +228,7 @@ def cmd_search(args):
 
 
 def cmd_export(args):
-    from qcore.export.runtime import export
+    from qcore.export import export
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
@@ -237,10 +237,10 @@ def cmd_export(args):
 
 
 def cmd_bench(args):
-    from qcore.export.runtime import bench
+    from qcore.export.bench import bench
 
     w, recipe = _workload_and_recipe(args)
-    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
+    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads).to_dict()
     return r, json.dumps(r, indent=2)
 
 

@@ -272,7 +272,7 @@ def test_export_onnx_of_int4_weight_only_then_int8_static_shows_the_file_not_the
     """Regression: fc1 int4 weight-only before fc2 int8-static crashed Export with TensorQuantOverrides' traceback;
     the download showed the theoretical size. Now the file exports and the page gives its real bytes and the
     metric of the file run in ONNX Runtime, each labelled, equal to the engine's own export report."""
-    from qcore.export import runtime
+    from qcore.export import export
 
     layers = {"fc1": {"weights": {"format": "int4", "granularity": "per_channel"}, "activations": None},
               "fc2": {"weights": {"format": "int8", "granularity": "per_channel"},
@@ -284,7 +284,7 @@ def test_export_onnx_of_int4_weight_only_then_int8_static_shows_the_file_not_the
     recipe = build_recipe(digits_mlp, "fp32", layers)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        rep = runtime.export(digits_mlp, recipe, "onnx", f"{tmp}/r.onnx").to_dict()
+        rep = export(digits_mlp, recipe, "onnx", f"{tmp}/r.onnx").to_dict()
     button = next(b for b in at.download_button if b.label.startswith("Download onnx"))
     assert button.label == f"Download onnx ({rep['file_size_bytes']:,} bytes)"
     caption = next(c.value for c in at.caption if "file on disk" in c.value)

@@ -291,17 +291,17 @@ def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict
 
 
 def measure_latencies(key: str, w, recipes: dict) -> None:
-    """Time every recipe with ``runtime.bench`` (ONNX Runtime, this machine) and keep the results."""
-    from qcore.export import runtime
+    """Time every recipe with ``qcore.export.bench.bench`` (ONNX Runtime, this machine) and keep the results."""
+    from qcore.export.bench import bench
 
     measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
     bar = st.progress(0.0)
     for i, (label, recipe) in enumerate(recipes.items()):
         bar.progress(i / len(recipes), text=f"Timing {plain(label)} with ONNX Runtime ({i + 1}/{len(recipes)})…")
         if recipe_id(w, recipe) not in measured:
-            result = runtime.bench(w, recipe, batch_size=1)
-            in_float = sum(r["executes"] == "float (dequantized)" for r in result["layers"])
-            measured[recipe_id(w, recipe)] = {"latency_ms": result["quantized"]["latency_ms"]["median"],
+            result = bench(w, recipe, batch_size=1)
+            in_float = sum(r["executes"] == "float (dequantized)" for r in result.layers)
+            measured[recipe_id(w, recipe)] = {"latency_ms": result.quantized.latency_ms["median"],
                                             "source": "measured" + (f" ({in_float} layer(s) ran in float in ONNX Runtime)"
                                                                     if in_float else "")}
     bar.empty()
