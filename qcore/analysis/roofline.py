@@ -5,7 +5,7 @@
 weights and activations take longer to move than to multiply. This is why INT8 can be 4x smaller
 but not 4x faster where the chip has no faster int8 units.
 
-Every number ``roofline`` returns is an **estimate** (labelled so); only ``export.runtime.bench`` measures.
+Every number ``roofline`` returns is an **estimate** (labelled so); only ``export.bench.bench`` measures.
 Units: bytes, ms; profiles (``qcore.hardware``) give GB/s (1e9 bytes/s) and TOPS (1e12 operations/s, a multiply-add = 2).
 """
 
