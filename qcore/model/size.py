@@ -34,10 +34,10 @@ def weight_bytes(shape: tuple[int, ...], spec: TensorSpec | None) -> dict:
         return {"codes": numel * 4, "scales": 0, "zero_points": 0, "total": numel * 4}
     fmt = spec.fmt
     blocks = n_blocks(shape, spec)
-    has_scale = fmt.family in ("int", "codebook") or (fmt.family == "float" and spec.scaled)
+    params = fmt.params(spec.symmetric, spec.scaled)
     codes = math.ceil(numel * fmt.bits / 8)
-    scales = blocks * SCALE_BYTES if has_scale else 0
-    zps = math.ceil(blocks * fmt.bits / 8) if fmt.family == "int" and not spec.symmetric else 0
+    scales = blocks * SCALE_BYTES if "scale" in params else 0
+    zps = math.ceil(blocks * fmt.bits / 8) if "zero_point" in params else 0
     return {"codes": codes, "scales": scales, "zero_points": zps, "total": codes + scales + zps}
 
 
