@@ -30,12 +30,12 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
 
     from qcore.numerics.quantize import quantize
 
-    recipe.check_against(workload.layer_shapes)
+    plans = recipe.resolve(workload.layer_shapes)
     model = workload.folded[0]
     sim = workload.simulate(recipe)
     tensors, skip = {}, set()
     for name, mod in modules_by_name(model, workload.layers).items():
-        spec = recipe.plan(name).weights
+        spec = plans[name].weights
         if spec is None or spec.format == "fp32":
             continue
         q = quantize(mod.weight.detach(), spec)
@@ -97,9 +97,9 @@ def load_safetensors(path: str, workload=None):
         raise QcoreError(f"{path} was exported from a different model than {workload.name!r} (layer shapes differ)")
     model = copy.deepcopy(workload.folded[0]).eval()
     state = {k: v for k, v in tensors.items() if not any(k.endswith(s) for s in (".codes", ".scale", ".zero_point", ".input.range"))}
-    modules = modules_by_name(model, workload.layers)
+    modules, plans = modules_by_name(model, workload.layers), recipe.resolve(workload.layer_shapes)
     for name, mod in modules.items():
-        plan = recipe.plan(name)
+        plan = plans[name]
         spec = plan.weights
         if spec is not None and spec.format != "fp32":
             shape = tuple(mod.weight.shape)
