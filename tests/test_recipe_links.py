@@ -181,3 +181,93 @@ def test_the_oracle_reads_todays_files():
         d = json.loads(case["json"])
         assert json.dumps({n: todays_plan(d, n) for n in TOY.layers}, sort_keys=True,
                           separators=(",", ":")) == case["plans"], name
+
+
+# ---- random recipes, drawn from the format registry by the formats' own traits ------------------------------
+def spec_of(fmt_names, activation: bool, partial: bool):
+    """A spec dict for one of ``fmt_names``; ``partial`` leaves out keys at random (an override's)."""
+    from qcore.numerics.ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
+
+    @st.composite
+    def draw(d):
+        name = d(st.sampled_from(fmt_names))
+        fmt = FORMATS[name]
+        spec = {"format": name, "range": d(st.sampled_from(list(RANGE_METHODS) + (list(ACTIVATION_ONLY_METHODS)
+                                                                                   if activation else [])))}
+        if not activation:
+            spec["granularity"] = d(st.sampled_from(["per_tensor", "per_channel", "per_group"]))
+            if spec["granularity"] == "per_group":
+                spec["group_size"] = d(st.sampled_from([8, 16, 32, 64, 128]))
+        else:
+            spec["dynamic"] = d(st.booleans())
+        if fmt.can_be_affine:
+            spec["symmetric"] = d(st.booleans())
+        if fmt.can_be_scaled:
+            spec["scaled"] = d(st.booleans())
+        if spec["range"] == "percentile":
+            spec["percentile"] = d(st.sampled_from([99.0, 99.9, 100.0]))
+        if partial:
+            keep = d(st.sets(st.sampled_from(sorted(spec))))
+            spec = {k: v for k, v in spec.items() if k in keep or k == "format" and d(st.booleans())}
+        return spec
+    return draw()
+
+
+WEIGHT_FORMATS = list(FORMATS)
+ACTIVATION_FORMATS = [n for n, f in FORMATS.items() if f.for_activations]
+entries = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+    "weights": st.one_of(st.none(), spec_of(WEIGHT_FORMATS, False, True)),
+    "activations": st.one_of(st.none(), spec_of(ACTIVATION_FORMATS, True, True))}))
+recipe_dicts = st.fixed_dictionaries({
+    "name": st.just("random"), "weights": st.one_of(st.none(), spec_of(WEIGHT_FORMATS, False, False)),
+    "activations": st.one_of(st.none(), spec_of(ACTIVATION_FORMATS, True, False)),
+    "layers": st.dictionaries(st.sampled_from(list(TOY.layers)), entries, max_size=4)})
+
+
+def valid(d: dict) -> Recipe | None:
+    from qcore.errors import QcoreError
+
+    try:
+        return Recipe.from_dict(d)
+    except QcoreError:  # e.g. a partial override keeping symmetric=False onto a float default
+        return None
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(d=recipe_dicts)
+def test_random_recipes_round_trip_through_json_links_and_the_table(d):
+    recipe = valid(d)
+    if recipe is None:
+        return
+    plans = recipe.resolve(TOY.layer_shapes)
+    expected = fitted(json.dumps({n: todays_plan(d, n) for n in TOY.layers}, sort_keys=True, separators=(",", ":")))
+    assert plans_of(recipe) == expected  # resolve agrees with the independent reading of the rules
+    again = Recipe.from_json(recipe.to_json())
+    assert again == recipe and hash(again) == hash(recipe) and again.resolve(TOY.layer_shapes) == plans
+    preset_name, layers = compact(TOY, recipe)
+    assert build_recipe(TOY, preset_name, decode_layers(encode_layers(layers))).resolve(TOY.layer_shapes) == plans
+    assert fitted(todays_link_plans(preset_name, layers)) == expected  # the previous version reads the link
+    assert apply_rows(TOY, recipe, table_rows(TOY, recipe)).resolve(TOY.layer_shapes) == plans
+
+
+def test_a_recipe_is_a_cache_key_and_equal_means_same_json():
+    import functools
+    import pickle
+
+    d = json.loads(TODAYS["int8_static_mixed"]["json"])
+    r = Recipe.from_dict(d)
+    shuffled = Recipe.from_dict({**d, "layers": dict(reversed(list(d["layers"].items())))})
+    assert r == shuffled and hash(r) == hash(shuffled)  # same JSON objects, keys in another order
+    assert {r: 1}[shuffled] == 1
+    assert pickle.loads(pickle.dumps(r)) == r  # st.cache_data hashes and stores pickles
+    assert r.with_layer("features.3", None) != r and r.with_layer("features.3", None) == r.with_layer("features.3", None)
+    assert Recipe.from_dict({**d, "name": "other"}) != r  # the name is part of the JSON
+    calls = []
+
+    @functools.lru_cache
+    def size_of(recipe: Recipe) -> int:
+        calls.append(recipe)
+        return len(recipe.to_json())
+
+    assert size_of(r) == size_of(shuffled) == size_of(Recipe.from_json(r.to_json())) and len(calls) == 1
+    assert r.to_json() == TODAYS["int8_static_mixed"]["json"]  # equality does not reorder what is written

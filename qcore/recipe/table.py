@@ -86,7 +86,7 @@ def apply_rows(w, recipe: Recipe, rows: list[dict]) -> Recipe:
             continue
         if not ticked and plan.is_float and row["weights"] == "fp32" and row["inputs"] == "float":
             row = {**row, "weights": NEW_WEIGHTS.format}
-        weights = None
+        weights = plan.weights if plan.weights and not plan.weights.fmt.quantizes else None  # fp32 = float weights
         if row["weights"] != "fp32":
             old = plan.weights or NEW_WEIGHTS
             d = {**old.to_dict(), "format": row["weights"], "granularity": row["granularity"],
