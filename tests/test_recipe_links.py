@@ -271,3 +271,16 @@ def test_a_recipe_is_a_cache_key_and_equal_means_same_json():
 
     assert size_of(r) == size_of(shuffled) == size_of(Recipe.from_json(r.to_json())) and len(calls) == 1
     assert r.to_json() == TODAYS["int8_static_mixed"]["json"]  # equality does not reorder what is written
+
+
+def test_a_layer_switching_format_drops_what_the_new_format_cannot_take():
+    """Every pair of registry formats: a default using all its options (affine, scaled) and a layer entry naming
+    only another format is valid, and resolves as the independent reading says."""
+    for a, fa in FORMATS.items():
+        default = {"format": a, "granularity": "per_channel", **({"symmetric": False} if fa.can_be_affine else {}),
+                   **({"scaled": True} if fa.can_be_scaled else {})}
+        for b in FORMATS:
+            d = {"name": "switch", "weights": default, "activations": None,
+                 "layers": {"classifier.1": {"weights": {"format": b}}}}
+            expected = fitted(json.dumps({n: todays_plan(d, n) for n in TOY.layers}, sort_keys=True, separators=(",", ":")))
+            assert plans_of(Recipe.from_dict(d)) == expected, (a, b)
