@@ -25,7 +25,7 @@ formulas.intro(
 c1, c2, c3, c4 = st.columns(4)
 layer = c1.selectbox("Layer", list(w.layers), key=f"weights_layer:{key}", persist_state="session",
                      format_func=lambda n: f"{n}  ({w.layers[n].kind} {'×'.join(map(str, w.layers[n].weight_shape))})")
-names = [f for f in FORMATS if f != "fp32"]
+names = [name for name, f in FORMATS.items() if f.quantizes]
 spec = {"format": c2.selectbox("Format", names, index=names.index("int4"), key="weights_format", persist_state="session")}
 fmt = FORMATS[spec["format"]]
 if fmt.can_be_affine:

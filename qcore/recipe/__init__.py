@@ -23,7 +23,8 @@ A ``TensorSpec`` says how one tensor is quantized (format x granularity x range 
 
 Pages, CLI and exports all read and write this format; ``Recipe.from_dict`` validates it and
 raises ``QcoreError`` naming the offending key or layer and what is allowed. ``Recipe.resolve(layers)``
-gives every layer's plan for a model, group sizes fitted, checked once. The types live in ``core``,
+gives every layer's plan for a model, group sizes fitted, checked once. A layer entry is a
+``LayerOverride`` (it owns the merge rule above); a ``Recipe`` is frozen and hashable, a cache key as it is. The types live in ``core``,
 the bounded JSON parser in ``parse``; links and the Mixed precision table in ``links`` and ``table``.
 """
 
