@@ -16,7 +16,7 @@ from qcore.numerics.formats import FORMATS, CodebookFormat, choices
 from qcore.numerics.spec import TensorSpec
 from qcore.recipe import Recipe
 
-TERNARY = CodebookFormat("ternary", 2, "codebook", "INT2", (), (("weights", 12), ("formats", 106)),
+TERNARY = CodebookFormat("ternary", 2, "codebook", "UINT4", (), (("weights", 12), ("formats", 106)),
                          "Ternary (-1, 0, +1)", "", (-1.0, 0.0, 1.0))
 
 
