@@ -6,10 +6,10 @@ import streamlit as st
 from ui import formulas, keys, state
 from qcore.analysis import explain
 from qcore.figures import viz
-from qcore.numerics.formats import FORMATS
+from qcore.numerics.formats import FORMATS, choices
 from ui.text import html_plain, layer_label
 
-ACTIVATION_FORMATS = ["int8", "int4", "int6", "int16", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
+ACTIVATION_FORMATS = choices("activations")
 
 key, w = state.active()
 st.title("Activations: what each layer receives")
@@ -39,7 +39,7 @@ layer = c1.selectbox("Layer (its input)", layers, index=min(1, len(layers) - 1),
                           "preprocessing fixes (e.g. pixels in [0, 1])")
 spec = {"format": c2.selectbox("Format", ACTIVATION_FORMATS, key="act_format", persist_state="session")}
 fmt = FORMATS[spec["format"]]
-if fmt.family == "int":
+if fmt.can_be_affine:
     spec["symmetric"] = c2.toggle("Symmetric (zero-point 0)", False, key="act_symmetric", persist_state="session",
                                   help="off (affine) suits inputs after a ReLU, which are never negative")
 else:

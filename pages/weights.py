@@ -25,12 +25,12 @@ formulas.intro(
 c1, c2, c3, c4 = st.columns(4)
 layer = c1.selectbox("Layer", list(w.layers), key=keys.weights_layer(key), persist_state="session",
                      format_func=lambda n: f"{layer_label(n)}  ({w.layers[n].kind} {'×'.join(map(str, w.layers[n].weight_shape))})")
-names = [f for f in FORMATS if f != "fp32"]
+names = [name for name, f in FORMATS.items() if f.quantizes]
 spec = {"format": c2.selectbox("Format", names, index=names.index("int4"), key="weights_format", persist_state="session")}
 fmt = FORMATS[spec["format"]]
-if fmt.family == "int":
+if fmt.can_be_affine:
     spec["symmetric"] = c2.toggle("Symmetric (zero-point 0)", True, key="weights_symmetric", persist_state="session")
-elif fmt.family == "float":
+elif fmt.can_be_scaled:
     spec["scaled"] = c2.toggle("Scale into the format's range", True, key="weights_scaled", persist_state="session")
 if fmt.uses_range(spec.get("scaled", False)):
     spec["range"] = c3.selectbox("Range method", list(RANGE_METHODS), key="weights_range", persist_state="session")
@@ -59,7 +59,7 @@ st.plotly_chart(viz.distribution(counts, edges, report["ranges"],
                                  explain.visible_levels(grid, float(edges[0]), float(edges[-1])),
                                  title=f"{html_plain(layer_label(layer))}: weights, per-tensor {spec.format} grid ({spec.range}) and each method's clip range",
                                  x_title="weight value"), width="stretch")
-step = grid["scale"] if fmt.family == "int" and spec.granularity == "per_tensor" else None
+step = grid["scale"] if fmt.step_is_scale and spec.granularity == "per_tensor" else None
 st.plotly_chart(viz.error_histogram(*report["error_hist"], step=step), width="stretch")
 st.caption("Rounding alone moves a weight by at most half a step (dotted lines, shown for per-tensor integer "
            "grids); errors beyond come from clipping.")

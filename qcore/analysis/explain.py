@@ -66,7 +66,7 @@ def grid(x: torch.Tensor, spec: TensorSpec, lo=None, hi=None) -> dict:
     fmt = spec.fmt
     scale = float(q.scale[0]) if q.scale is not None else None
     zero_point = float(q.zero_point[0]) if q.zero_point is not None else None
-    if fmt.family == "identity":
+    if not fmt.quantizes:
         levels = None
     else:
         levels = fmt.values() - (zero_point or 0.0)
@@ -86,13 +86,7 @@ def visible_levels(g: dict, lo: float, hi: float) -> torch.Tensor | None:
 
 def bit_layout(fmt: Format) -> list[tuple[str, int]]:
     """The fields of one stored value, most significant first: ``[(field, bits), ...]``."""
-    if fmt.family == "float":
-        return [("sign", 1), ("exponent", fmt.exponent_bits), ("mantissa", fmt.mantissa_bits)]
-    if fmt.family == "identity":
-        return [("sign", 1), ("exponent", 8), ("mantissa", 23)]
-    if fmt.family == "codebook":
-        return [("codebook index", fmt.bits)]
-    return [("sign", 1), ("magnitude (two's complement)", fmt.bits - 1)]
+    return fmt.bit_fields()
 
 
 def format_numbers(x: torch.Tensor, spec: TensorSpec) -> dict:
@@ -306,7 +300,7 @@ def activation_ranges(stats: ActivationStats, spec: TensorSpec) -> list[dict]:
         _, scale, _ = s.fmt.encode(torch.zeros(1, 1), torch.tensor([lo]), torch.tensor([hi]), s.symmetric, s.scaled)
         outside = float(stats.hist[(centers < lo) | (centers > hi)].sum()) / total
         rows.append({"range": method, "lo": lo, "hi": hi,
-                     "step": float(scale[0]) if scale is not None and s.fmt.family == "int" else None,
+                     "step": float(scale[0]) if scale is not None and s.fmt.step_is_scale else None,
                      "clipped_fraction": outside})
     return rows
 

@@ -139,12 +139,12 @@ def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
     """
     s = qt.spec
     fmt = s.fmt
-    if fmt.family == "identity" or x.numel() == 0:
+    if not fmt.quantizes or x.numel() == 0:
         return None
     xb = to_blocks(x.detach().float(), s.granularity, s.axis, s.group_size)
     qb = to_blocks(qt.dequantize(), s.granularity, s.axis, s.group_size)
     scale = qt.scale[:, None] if qt.scale is not None else torch.ones(1, 1)
-    if fmt.family == "int":
+    if fmt.step_is_scale:
         step = scale
     else:
         grid = fmt.values().float()

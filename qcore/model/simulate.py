@@ -203,14 +203,14 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
     q = copy.deepcopy(model).eval()
     folded = fold_batchnorm(q) if fold else []
     layers = find_layers(q)
-    recipe.check_against({n: i.weight_shape for n, i in layers.items()})
+    plans = recipe.resolve({n: i.weight_shape for n, i in layers.items()})
     if calibration is None and needs_calibration(recipe, layers):
         raise QcoreError("this recipe has static activation quantization: calibration data is needed "
                          "(provide a data file, or use dynamic activations)")
     sim = Simulation(q, recipe, folded)
     modules = modules_by_name(q, layers)
     for name, module in modules.items():
-        plan = recipe.plan(name)
+        plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
             w = (quantized_weights or {}).get(name)
             if w is None:
