@@ -65,8 +65,9 @@ def size_differences(workload, recipe: Recipe, report) -> list[str]:
     if abs(file_b / theory_b - 1) <= SIZE_TOLERANCE:
         return []
     lines = [f"the file is {file_b:,} B, {file_b / theory_b - 1:+.0%} against the theoretical {theory_b:,} B"]
+    plans = recipe.resolve(workload.layer_shapes)
     for row in report.layers:
-        spec = recipe.plan(row["layer"]).weights
+        spec = plans[row["layer"]].weights
         theory = weight_bytes(workload.layer_shapes[row["layer"]], spec)
         stored = row["stored_bytes"]
         extra = stored["total"] - theory["total"]

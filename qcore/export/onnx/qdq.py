@@ -72,7 +72,7 @@ def _compute_node(ed, weight_value: str):
 def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     """Write ``workload``'s model under ``recipe`` to ``path`` as ONNX holding exactly the simulated
     model (see the module docstring); returns what was written and what ONNX Runtime executes."""
-    recipe.check_against(workload.layer_shapes)
+    plans = recipe.resolve(workload.layer_shapes)
     calib = workload.calibration_stats() if needs_calibration(recipe, workload.layers) else None
     graph = float_graph(workload)
     proto = graph.proto
@@ -80,7 +80,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     modules = dict(workload.folded[0].named_modules())
     rows, notes, codes_of = [], list(graph.notes), {}
     for name, info in workload.layers.items():
-        plan = recipe.plan(name)
+        plan = plans[name]
         weight = modules[name].weight.detach().float()
         init, transposed = graph.weights[name]
         node = _compute_node(ed, init)
@@ -127,13 +127,13 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     del proto.opset_import[:]
     proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1), *others])
     onnx.save(proto, path)
-    _executes(path, rows, codes_of, recipe)
+    _executes(path, rows, codes_of, plans)
     return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
 
 
 
 # ---- what ONNX Runtime makes of it -----------------------------------------------------------------
-def _executes(path: str, rows: list[dict], codes_of: dict[str, str], recipe: Recipe) -> None:
+def _executes(path: str, rows: list[dict], codes_of: dict[str, str], plans) -> None:
     """Fill ``executes``/``reason`` of each row from ONNX Runtime's optimized graph of ``path``."""
     import onnxruntime as ort
 
@@ -159,4 +159,4 @@ def _executes(path: str, rows: list[dict], codes_of: dict[str, str], recipe: Rec
             row["executes"], row["reason"] = kernels[0], ""
             continue
         row["executes"] = "float (dequantized)"
-        row["reason"] = why_float(recipe.plan(row["layer"]), row["kind"])
+        row["reason"] = why_float(plans[row["layer"]], row["kind"])
