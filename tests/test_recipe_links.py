@@ -5,9 +5,11 @@ JSON, links and the Mixed precision table to identical ``Recipe.resolve`` result
 import json
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qcore.errors import QcoreError
 from qcore.model.simulate import LayerInfo
 from qcore.numerics.formats import FORMATS
 from qcore.recipe import PRESETS, Recipe
@@ -284,3 +286,16 @@ def test_a_layer_switching_format_drops_what_the_new_format_cannot_take():
                  "layers": {"classifier.1": {"weights": {"format": b}}}}
             expected = fitted(json.dumps({n: todays_plan(d, n) for n in TOY.layers}, sort_keys=True, separators=(",", ":")))
             assert plans_of(Recipe.from_dict(d)) == expected, (a, b)
+
+
+
+@pytest.mark.parametrize("text", ["%%%", "abc", "W10", "bnVsbA", "x" * 200_001])
+def test_a_broken_layers_parameter_is_one_plain_line(text):
+    """A cut, edited or non-object ``layers=`` value ("W10" is ``[]``, "bnVsbA" is ``null``): one line that says
+    what to do, without the decoder's own words (e.g. "Incorrect padding", "Expecting value")."""
+    with pytest.raises(QcoreError) as err:
+        decode_layers(text)
+    msg = str(err.value)
+    assert "\n" not in msg and "layers= parameter" in msg and "copy the whole link again" in msg
+    assert not any(w in msg for w in ("padding", "Expecting", "codec", "char ", "Error"))
+    assert decode_layers("e30") == {}  # the encoding of {}: valid and empty

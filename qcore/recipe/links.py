@@ -28,15 +28,16 @@ def encode_layers(layers: dict) -> str:
 
 def decode_layers(text: str) -> dict:
     """Inverse of ``encode_layers``; QcoreError when the text is not such an encoding."""
+    if len(text) > MAX_LAYERS_PARAM_CHARS:
+        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is longer than {MAX_LAYERS_PARAM_CHARS:,} characters; "
+                         "copy the whole link again or remove that parameter")
     try:
-        if len(text) > MAX_LAYERS_PARAM_CHARS:
-            raise ValueError("too long")
         layers = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
-        if not isinstance(layers, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding ({e}); "
-                         "copy the whole link again or remove that parameter") from None
+    except (ValueError, UnicodeDecodeError):
+        layers = None
+    if not isinstance(layers, dict):
+        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding (it was cut or changed); "
+                         "copy the whole link again or remove that parameter")
     return layers
 
 
