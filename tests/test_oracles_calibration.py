@@ -8,6 +8,7 @@
   +absmax is exactly representable); the test checks that ratio 127.5 / 127 exactly;
 - percentile (from the 2048-bin histogram) vs ``numpy.percentile(method="inverted_cdf")`` of all samples: within one
   histogram bin (two for |x|: its bins are those of x folded);
+- the 2048-bin histogram           vs ``numpy.histogram`` over [min, max] (at most 2 values in a neighbouring bin);
 - entropy (KL) threshold               vs onnxruntime's ``HistogramCollector.get_entropy_threshold`` on the same
   distribution (mirrored to ORT's signed histogram, 4096 bins, 255 quantized bins = our 128 levels a side):
   within two of our candidate steps (2 x 30 / 2048 of the range; ORT tries every bin, we 64 thresholds, and
@@ -125,3 +126,11 @@ def test_entropy_threshold_matches_onnxruntime_within_two_candidate_steps(name, 
     assert float(lo[0]) == -float(hi[0])
     if name == "laplace":
         assert float(hi[0]) < 0.8 * extent and float(ort_hi) < 0.8 * extent  # both clip the long tail
+
+
+def test_histogram_is_numpys_histogram_over_min_max_of_all_batches(stats):
+    x = torch.cat([b[0] for b in _batches()]).reshape(-1).double().numpy()
+    expected, _ = np.histogram(x, bins=2048, range=(stats.min, stats.max))  # last bin closed: the max lands in it
+    assert stats.hist.sum() == len(x) == stats.numel
+    # identical except where float rounding puts a value exactly on a bin edge into the neighbouring bin
+    assert np.abs(stats.hist.numpy() - expected).sum() <= 2
