@@ -186,7 +186,7 @@ def probe(mutants=MUTANTS, tests: list[str] | None = None, focused: bool = False
         for i, m in enumerate(mutants, 1):
             selection = list(m.tests) if focused and m.tests else list(tests or [])
             status, where, seconds = run_mutant(repo, m, selection, env)
-            rows.append({"id": i, "target": m.target, "description": m.description, "file": where or m.path,
+            rows.append({"id": MUTANTS.index(m) + 1 if m in MUTANTS else i, "target": m.target, "description": m.description, "file": where or m.path,
                          "status": status, "seconds": round(seconds, 1)})
             if progress:
                 progress(rows[-1])
