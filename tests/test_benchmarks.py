@@ -225,3 +225,37 @@ def test_readme_keeps_the_results_of_benchmarks_not_run_again(tmp_path, monkeypa
     section = readme.read_text().split(runner.START)[1].split(runner.END)[0]
     assert section == "\n### quality\n\nq 0.97\n\n### runtime\n\nnew runtime\n\n### memory\n\n12 MiB\n\n"
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith(f"{runner.END}\nafter\n")
+
+
+def _tiny_repo(root: Path) -> Path:
+    (root / "qcore" / "sub").mkdir(parents=True)
+    (root / "qcore" / "__init__.py").write_text("")
+    (root / "qcore" / "sub" / "__init__.py").write_text("")
+    (root / "qcore" / "sub" / "calc.py").write_text("def double(x):\n    return 2 * x\n\n\nHALF = 0.5\nTWICE = 0.5\n")
+    (root / "tests").mkdir()
+    (root / "tests" / "test_calc.py").write_text(
+        "from qcore.sub.calc import double\n\n\ndef test_double():\n    assert double(3) == 6\n")
+    return root
+
+
+def test_mutation_probe_locates_moved_code_by_text_and_always_restores(tmp_path):
+    from benchmarks.mutation_probe import Mutant, locate, run_mutant
+
+    repo = _tiny_repo(tmp_path)
+    moved = Mutant("t", "qcore/calc.py", "return 2 * x", "return 3 * x", "moved file")
+    assert locate(repo, moved) == ("ok", repo / "qcore" / "sub" / "calc.py")
+    assert locate(repo, Mutant("t", "qcore/sub/calc.py", "= 0.5", "= 1", "twice in one file"))[0] == "ambiguous"
+    assert locate(repo, Mutant("t", "qcore/sub/calc.py", "return 4 * x", "", "gone"))[0] == "not found"
+    before = (repo / "qcore" / "sub" / "calc.py").read_bytes()
+    env = {**__import__("os").environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    assert run_mutant(repo, moved, ["tests/test_calc.py"], env)[:2] == ("killed", "qcore/sub/calc.py")
+    harmless = Mutant("t", "qcore/sub/calc.py", "HALF = 0.5", "HALF = 0.25", "unused constant")
+    assert run_mutant(repo, harmless, ["tests/test_calc.py"], env)[0] == "SURVIVED"
+    assert (repo / "qcore" / "sub" / "calc.py").read_bytes() == before
+
+
+def test_mutation_probe_mutants_are_all_found_in_qcore():
+    from benchmarks.mutation_probe import MUTANTS, ROOT, locate
+
+    assert len(MUTANTS) >= 25
+    assert [m.description for m in MUTANTS if locate(ROOT, m)[0] != "ok"] == []
