@@ -87,9 +87,10 @@ def test_sweep_layer_sqnr_and_drop_recomputed_from_the_layers_own_input_and_weig
     assert len(rows) == 6
     for (name, cand), row in rows.items():
         layer = getattr(model, name)
+        weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
         wq = fake_quant_weight(layer.weight.detach(), int(cand[3:])).double()
-        y = torch.nn.functional.linear(inputs[name], layer.weight.double(), layer.bias.double())
-        yq = torch.nn.functional.linear(inputs[name], wq, layer.bias.double())
+        y = torch.nn.functional.linear(inputs[name], weight, bias)
+        yq = torch.nn.functional.linear(inputs[name], wq, bias)
         assert row["layer_sqnr_db"] == pytest.approx(db(float((y**2).sum()), float(((yq - y) ** 2).sum())), abs=0.01)
         original = layer.weight.detach().clone()
         with torch.no_grad():

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -30,8 +29,6 @@ from qcore.model.calibrate import calibrate
 from qcore.numerics.quantize import quantize
 from qcore.numerics.ranges import choose_range
 from qcore.numerics.spec import TensorSpec
-
-warnings.filterwarnings("ignore", message=".*(quantize_per|deprecat).*")
 
 
 def _batches(n=7, seed=0):

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +28,8 @@ from qcore.numerics.spec import TensorSpec
 
 shapes = st.tuples(st.integers(1, 12), st.integers(1, 40))
 seeds = st.integers(0, 2**31 - 1)
-warnings.filterwarnings("ignore", message="torch.quantize_per_tensor")
+# torch deprecates its quantized tensor type; torch.quantize_per_channel is still the reference quantizer here
+pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor, torch.quantize_per_channel:UserWarning")
 
 
 def _weights(shape, seed, outliers=True):
