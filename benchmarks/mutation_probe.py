@@ -124,7 +124,7 @@ MUTANTS = [
     Mutant("ranges", "qcore/numerics/ranges.py", "k = min(max(math.ceil(round(q * n, 9)), 1), n)",
            "k = min(max(math.floor(round(q * n, 9)), 1), n)", "percentile one rank low", NUMERICS),
     Mutant("ranges", "qcore/numerics/ranges.py", "amax = _quantile(x.abs(), p, w)", "amax = _quantile(x, p, w)",
-           "symmetric percentile of x instead of |x|", NUMERICS),
+           "symmetric percentile of x instead of abs(x)", NUMERICS),
     Mutant("ranges", "qcore/numerics/ranges.py", "for k in range(MSE_GRID, 0, -1):",
            "for k in range(MSE_GRID, MSE_GRID // 2, -1):", "MSE searches only half the clip grid", NUMERICS),
     Mutant("ranges", "qcore/numerics/ranges.py", "p[:, -1] += hist[:, i:].sum(1)", "p[:, -1] += 0",
