@@ -151,31 +151,48 @@ def low_bit_rows(w) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> str:
-    import pandas as pd
-
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="digits-mlp only (used by the test suite)")
     ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def measure(argv=None) -> list[dict]:
+    """Per model: ``{"model", "metric" (headline name), "fp32", "rows": [{"tool", "method", "value"}],
+    "low_bit": [{"weights", "<granularity>/<range>": value}]}``; ``value`` is the measured headline metric,
+    or a string "n/a: reason" for a peer that could not run the model."""
+    args = _args(argv)
     models = ["digits-mlp"] if args.quick else args.models.split(",")
-    report = []
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             w = zoo.load(name)
-            fp32 = w.fp32_metrics[w.task.headline]
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print progress
                 rows = project_rows(w) + torch_ao_rows(w) + onnxruntime_rows(w, tmp)
-            rows = [(t, m, round(v, 4) if isinstance(v, float) else v) for t, m, v in rows]
-            df = pd.DataFrame(rows, columns=["tool", "method (W8A8 unless stated)", w.task.headline])
-            best_peer = max((v for t, _, v in rows if t != "qcore" and isinstance(v, float)), default=float("nan"))
-            best_own = max(v for t, _, v in rows if t == "qcore" and isinstance(v, float))
-            verdict = "matches or beats" if best_own >= best_peer - 1e-9 else "is BELOW"
-            report.append(f"#### {name} (FP32 {w.task.headline} = {fp32:.4f})\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n\n"
-                          f"Best qcore recipe at or below the int8 size {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
-            low = pd.DataFrame(low_bit_rows(w))
-            report.append(f"Low-bit weight-only {w.task.headline} (columns: granularity/range method):\n\n"
-                          f"{low.to_markdown(index=False, floatfmt='.4f')}\n")
+            results.append({"model": name, "metric": w.task.headline, "fp32": w.fp32_metrics[w.task.headline],
+                            "rows": [{"tool": t, "method": m, "value": v} for t, m, v in rows],
+                            "low_bit": low_bit_rows(w)})
+    return results
+
+
+def main(argv=None) -> str:
+    import pandas as pd
+
+    report = []
+    for r in measure(argv):
+        name, head, fp32 = r["model"], r["metric"], r["fp32"]
+        rows = [(x["tool"], x["method"], round(x["value"], 4) if isinstance(x["value"], float) else x["value"])
+                for x in r["rows"]]
+        df = pd.DataFrame(rows, columns=["tool", "method (W8A8 unless stated)", head])
+        best_peer = max((v for t, _, v in rows if t != "qcore" and isinstance(v, float)), default=float("nan"))
+        best_own = max(v for t, _, v in rows if t == "qcore" and isinstance(v, float))
+        verdict = "matches or beats" if best_own >= best_peer - 1e-9 else "is BELOW"
+        report.append(f"#### {name} (FP32 {head} = {fp32:.4f})\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n\n"
+                      f"Best qcore recipe at or below the int8 size {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
+        low = pd.DataFrame(r["low_bit"])
+        report.append(f"Low-bit weight-only {head} (columns: granularity/range method):\n\n"
+                      f"{low.to_markdown(index=False, floatfmt='.4f')}\n")
     text = "\n".join(report)
     print(text)
     return text
