@@ -261,7 +261,7 @@ def test_weight_bytes_by_hand(shape, spec, expected):
 
 # ---- latency statistics vs the statistics module ------------------------------------------------
 def test_spread_and_speedup_match_the_statistics_module():
-    from qcore.export.runtime import speedup, spread
+    from qcore.export.bench import speedup, spread
 
     base = [5.0, 3.0, 9.0, 4.0, 7.0, 6.0, 30.0, 5.5]  # an outlier round: the median ignores it
     other = [2.0, 1.5, 4.0, 2.5, 3.0, 2.0, 3.0, 2.75]
