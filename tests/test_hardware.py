@@ -26,17 +26,17 @@ def test_roofline_counts_bytes_and_ops_from_shapes(digits_mlp):
     fp32 = roofline(digits_mlp, preset("fp32"), "h100-sxm", batch_size=1)
     int8 = roofline(digits_mlp, preset("int8-static", digits_mlp.layer_shapes), "h100-sxm", batch_size=1)
     macs = 64 * 128 + 128 * 64 + 64 * 10
-    assert fp32["total"]["ops"] == int8["total"]["ops"] == 2 * macs
+    assert fp32.total.ops == int8.total.ops == 2 * macs
     weights = 4 * macs
     activations_fp32 = 4 * (64 + 128) + 4 * (128 + 64) + 4 * (64 + 10)  # inputs + outputs, float32
-    assert fp32["total"]["bytes"] == weights + activations_fp32
+    assert fp32.total.bytes == weights + activations_fp32
     int8_weights = macs + 4 * (128 + 64 + 10)  # int8 codes + per-channel float32 scales
-    assert int8["total"]["bytes"] == int8_weights + (64 + 128 + 64) + 4 * (128 + 64 + 10)  # int8 inputs, fp32 outputs
-    assert int8["total"]["bytes"] < fp32["total"]["bytes"] and int8["total"]["latency_ms"] < fp32["total"]["latency_ms"]
+    assert int8.total.bytes == int8_weights + (64 + 128 + 64) + 4 * (128 + 64 + 10)  # int8 inputs, fp32 outputs
+    assert int8.total.bytes < fp32.total.bytes and int8.total.latency_ms < fp32.total.latency_ms
     for r in (fp32, int8):
-        assert r["label"] == r["total"]["label"] == "estimate" and all(row["label"] == "estimate" for row in r["layers"])
-    assert {row["compute_precision"] for row in int8["layers"]} == {"int8"}
-    assert all(row["bound"] == "memory" for row in int8["layers"])  # tiny layers on a big GPU
+        assert r.label == r.total.label == "estimate" and all(row.label == "estimate" for row in r.layers)
+    assert {row.compute_precision for row in int8.layers} == {"int8"}
+    assert all(row.bound == "memory" for row in int8.layers)  # tiny layers on a big GPU
 
 
 def test_roofline_falls_back_where_a_precision_has_no_units(digits_mlp):
@@ -46,8 +46,8 @@ def test_roofline_falls_back_where_a_precision_has_no_units(digits_mlp):
     from qcore import Recipe
 
     r = roofline(digits_mlp, Recipe.from_dict(recipe), "h100-sxm")
-    assert {(row["compute_precision"], row["runs_at"]) for row in r["layers"]} == {("int4", "int8")}
-    assert any("no int4 units" in n for n in r["notes"])
+    assert {(row.compute_precision, row.runs_at) for row in r.layers} == {("int4", "int8")}
+    assert any("no int4 units" in n for n in r.notes)
 
 
 def test_compute_precision_of_weight_only_is_the_activation_precision(digits_mlp):
