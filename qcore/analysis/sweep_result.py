@@ -34,18 +34,19 @@ class SweepRow:
     metric_drop: float
     sqnr_db: float
     layer_sqnr_db: float
-    rmse_over_step: float | None
-    clipped_fraction: float | None
     input_rmse_over_step: float | None
     input_clipped_fraction: float | None
+    rmse_over_step: float | None
+    clipped_fraction: float | None
     rank: int
     recovered: float | None = None
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.view != "all_but":
-            del d["recovered"]
-        return d
+        """The row's fields in this order, ``recovered`` (all_but only) before ``rank``."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("rank", "recovered")}
+        if self.view == "all_but":
+            d["recovered"] = self.recovered
+        return {**d, "rank": self.rank}
 
 
 @dataclass(frozen=True)
