@@ -14,7 +14,6 @@ from pages import state
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from test_hostile_app import visible
 from qcore.analysis import sensitivity
-from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe, preset
 from qcore.numerics.spec import TensorSpec

@@ -27,7 +27,7 @@ from torch import nn
 from qcore.model import calibrate as calibrate_mod
 from qcore.numerics.metrics import classification_metrics
 from qcore.recipe import Recipe
-from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, modules_by_name, simulate
+from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, simulate
 from qcore.model.size import model_size
 
 
