@@ -1,6 +1,8 @@
 """Hardware profiles and the roofline estimate: spec-sheet figures cited, estimates labelled,
 bytes and operations computed from shapes."""
 
+import json
+
 import pytest
 
 from qcore import QcoreError, preset
@@ -37,6 +39,13 @@ def test_roofline_counts_bytes_and_ops_from_shapes(digits_mlp):
         assert r.label == r.total.label == "estimate" and all(row.label == "estimate" for row in r.layers)
     assert {row.compute_precision for row in int8.layers} == {"int8"}
     assert all(row.bound == "memory" for row in int8.layers)  # tiny layers on a big GPU
+    d = json.loads(json.dumps(int8.to_dict()))  # the JSON form: the fields by name, "label" first
+    assert list(d) == ["label", "profile", "profile_source", "measured_profile", "batch_size", "layers", "total",
+                       "fp32_total", "notes"]
+    assert d["total"] == {"bytes": int8.total.bytes, "ops": 2 * macs, "latency_ms": int8.total.latency_ms, "label": "estimate"}
+    assert [list(r) for r in d["layers"]] == [["layer", "compute_precision", "runs_at", "bytes", "ops", "memory_ms",
+                                               "compute_ms", "latency_ms", "bound", "label"]] * 3
+    assert [r["layer"] for r in d["layers"]] == ["fc1", "fc2", "fc3"] and d["profile"] == "NVIDIA H100 SXM5 80GB"
 
 
 def test_roofline_falls_back_where_a_precision_has_no_units(digits_mlp):

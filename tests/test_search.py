@@ -123,12 +123,18 @@ def test_cancel_stops_the_search(digits_mlp, cache_dir):
         search(digits_mlp, CANDIDATES, max_size_fraction=0.3, cache_dir=cache_dir, should_stop=lambda: True)
 
 
-def test_cli_search_writes_a_recipe_that_evaluate_reproduces(capsys, tmp_path, cache_dir):
+def test_cli_search_writes_a_recipe_that_evaluate_reproduces(capsys, tmp_path, cache_dir, digits_cnn):
     out = tmp_path / "mixed.json"
     code = main(["search", "digits-cnn", "--candidates", ",".join(CANDIDATES), "--max-size-fraction", "0.2",
                  "--out", str(out), "--cache-dir", str(cache_dir), "--json"])
     found = json.loads(capsys.readouterr().out)
     assert code == 0 and json.loads(out.read_text()) == found["recipe"]
+    assert list(found) == ["model", "metric", "higher_is_better", "candidates", "goal", "met", "recipe", "measured",
+                           "fp32", "pareto", "evaluated", "notes"]
+    assert found["goal"] == {"max_size_fraction": 0.2, "max_size_bytes": math.floor(0.2 * float_bytes(digits_cnn.model)),
+                             "min_metric": None}
+    assert list(found["measured"]) == list(found["fp32"]) == ["metric", "size_bytes"]
+    assert all(list(e) == ["label", "size_bytes", "metric", "recipe"] for e in found["pareto"] + found["evaluated"])
     code = main(["evaluate", "digits-cnn", "--recipe", str(out), "--json"])
     evaluated = json.loads(capsys.readouterr().out)
     assert code == 0

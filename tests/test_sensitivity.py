@@ -132,3 +132,38 @@ def test_int2_is_more_sensitive_than_int5_on_every_layer(digits_mlp, tmp_path):
 def test_bad_arguments_raise_one_clear_error(digits_mlp, tmp_path, kwargs, message):
     with pytest.raises(QcoreError, match=message):
         sweep(digits_mlp, cache_dir=tmp_path, **kwargs)
+
+
+def test_layer_sqnr_is_the_layers_own_output_error_recomputed_by_hand(digits_mlp, tmp_path):
+    """fc1 sees the flattened image: its int3 output error, computed here with torch in float64, is the row's
+    ``layer_sqnr_db`` (accumulated over batches from summed squares)."""
+    import torch
+
+    from qcore.numerics.quantize import fake_quantize
+    from qcore.numerics.spec import TensorSpec
+
+    row = next(r for r in sweep(digits_mlp, ["int3"], "weights", cache_dir=tmp_path).rows if r.layer == "fc1")
+    fc1 = digits_mlp.model.fc1
+    x = digits_mlp.evaluation.inputs[0].reshape(360, -1)
+    wq = fake_quantize(fc1.weight.detach(), TensorSpec.from_dict(sensitivity.LAYER_SPECS["int3"]["weights"]))
+    with torch.no_grad():
+        y, yq = fc1(x).double(), torch.nn.functional.linear(x, wq, fc1.bias).double()
+    expected = 10 * math.log10(float((y ** 2).sum()) / float(((yq - y) ** 2).sum()))
+    assert row.changed and row.layer_sqnr_db == pytest.approx(expected, rel=1e-6)
+
+
+def test_sweep_json_is_the_documented_schema_and_rebuilds_the_same_sweep(digits_mlp, tmp_path):
+    from qcore.analysis.sweep_result import Sweep
+
+    for view in ("only", "all_but"):
+        s = sweep(digits_mlp, ["int3", "int4-weight-only"], "activations", view, cache_dir=tmp_path)
+        d = json.loads(json.dumps(s.to_dict()))
+        assert list(d) == ["model", "metric", "higher_is_better", "fp32_metric", "candidates", "mode", "view", "samples",
+                           "evaluation_samples", "base", "notes", "rows"]
+        assert d["base"] == {c: {"metric": s.base[c].metric, "sqnr_db": s.base[c].sqnr_db} for c in s.candidates}
+        row_keys = ["layer", "kind", "candidate", "mode", "view", "changed", "weight_format", "input_format", "metric",
+                    "metric_drop", "sqnr_db", "layer_sqnr_db", "input_rmse_over_step", "input_clipped_fraction",
+                    "rmse_over_step", "clipped_fraction"] + (["recovered"] if view == "all_but" else []) + ["rank"]
+        assert all(list(r) == row_keys for r in d["rows"]) and len(d["rows"]) == 6
+        assert [r["metric_drop"] for r in d["rows"]] == [r.metric_drop for r in s.rows]
+        assert Sweep.from_dict(d) == s
