@@ -37,7 +37,8 @@ from typing import Callable
 from qcore.errors import QcoreError
 from qcore.numerics.metrics import SQNR_EXACT_DB
 from qcore.recipe import Recipe
-from qcore.analysis.sensitivity import (SweepCancelled, _override, _plans, candidate_recipe, check_candidates, mode_plan, sweep)
+from qcore.analysis.sensitivity import (SweepCancelled, candidate_plans, candidate_recipe, check_candidates, mode_plan, plan_override,
+                                        sweep)
 from qcore.analysis.sweep_result import Sweep, SweepRow
 from qcore.model.size import weight_bytes
 from qcore.model.workload import Workload
@@ -132,7 +133,7 @@ def greedy_path(workload: Workload, rows: list[SweepRow], candidates: list[str])
     """The path of recipes from all-FP32 to the smallest recipe (see the module docstring).
 
     Returns ``[{"choice": {layer: candidate}, "predicted_cost": float}]``, step 0 = all FP32."""
-    plans = {c: _plans(workload, c, "both") for c in candidates}
+    plans = {c: candidate_plans(workload, c, "both") for c in candidates}
     by_layer: dict[str, list] = {n: [] for n in workload.layers}
     for row in rows:
         n, c = row.layer, row.candidate
@@ -157,8 +158,8 @@ def greedy_path(workload: Workload, rows: list[SweepRow], candidates: list[str])
 
 def recipe_from_choice(workload: Workload, choice: dict[str, str], name: str) -> Recipe:
     """A recipe quantizing each layer in ``choice`` as its candidate does (mode both), others FP32."""
-    plans = {c: _plans(workload, c, "both") for c in set(choice.values())}
-    layers = {n: _override(plans[c][n]) for n, c in choice.items()}
+    plans = {c: candidate_plans(workload, c, "both") for c in set(choice.values())}
+    layers = {n: plan_override(plans[c][n]) for n, c in choice.items()}
     return Recipe.from_dict({"name": name, "weights": None, "activations": None,
                              "layers": {n: o for n, o in layers.items() if o is not None}})
 

@@ -103,12 +103,14 @@ def mode_plan(plan: LayerPlan, mode: str, kind: str) -> LayerPlan:
     return LayerPlan(None if w is None or w.format == "fp32" else w, None if a is None or a.format == "fp32" else a)
 
 
-def _plans(workload: Workload, candidate: str, mode: str) -> dict[str, LayerPlan]:
+def candidate_plans(workload: Workload, candidate: str, mode: str) -> dict[str, LayerPlan]:
+    """Per layer of ``workload``, the part of ``candidate`` that ``mode`` quantizes."""
     recipe = candidate_recipe(candidate, workload.layer_shapes)
     return {n: mode_plan(recipe.plan(n), mode, info.kind) for n, info in workload.layers.items()}
 
 
-def _override(plan: LayerPlan) -> dict | None:
+def plan_override(plan: LayerPlan) -> dict | None:
+    """``plan`` as a recipe's per-layer override dict (None: the layer stays float)."""
     if plan.is_float:
         return None
     return {"weights": plan.weights.to_dict() if plan.weights else None,
@@ -116,16 +118,16 @@ def _override(plan: LayerPlan) -> dict | None:
 
 
 def _overrides(plans: dict[str, LayerPlan]) -> MappingProxyType:
-    return MappingProxyType({n: _override(p) for n, p in plans.items()})
+    return MappingProxyType({n: plan_override(p) for n, p in plans.items()})
 
 
 def recipe_for(workload: Workload, layer: str, candidate: str, mode: str = "both", view: str = "only") -> Recipe:
     """The recipe a sweep row measures: ``layer`` alone quantized (only) or kept in float (all_but)."""
-    plans = _plans(workload, candidate, mode)
+    plans = candidate_plans(workload, candidate, mode)
     if view == "only":
-        layers = {layer: _override(plans[layer])}
+        layers = {layer: plan_override(plans[layer])}
     else:
-        layers = {n: (None if n == layer else _override(p)) for n, p in plans.items()}
+        layers = {n: (None if n == layer else plan_override(p)) for n, p in plans.items()}
     return Recipe.from_dict({"name": f"{candidate}/{mode}/{view}/{layer}", "weights": None,
                              "activations": None, "layers": layers})
 
@@ -244,7 +246,7 @@ def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
 
 def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
     task, layers = workload.task, workload.layers
-    plans = {c: _plans(workload, c, mode) for c in candidates}
+    plans = {c: candidate_plans(workload, c, mode) for c in candidates}
     calibration = workload.calibration_stats() if any(
         needs_calibration(Recipe(layers=_overrides(plans[c])), layers) for c in candidates) else None
     runner = Runner(workload)

@@ -99,12 +99,3 @@ def per_class(fp32: list, quantized: list, class_names: list[str] | None, label:
     fig.update_layout(barmode="group")
     fig.update_xaxes(type="category")
     return _layout(fig, f"Accuracy per class: FP32 against {plain(label)}", "class", "accuracy")
-
-
-def layer_sizes(rows: list[dict]) -> go.Figure:
-    """Bytes of each layer's weight under the recipe (rows with ``layer``, ``weights`` format, ``size (bytes)``)."""
-    fig = go.Figure(go.Bar(x=[plain(r["layer"]) for r in rows], y=[r["size (bytes)"] for r in rows], marker_color=BAR_COLOR,
-                           text=[r["weights"] for r in rows], textposition="outside", name="weight bytes",
-                           hovertemplate="%{x}: %{y:,} bytes (%{text})<extra></extra>"))
-    fig.update_xaxes(type="category")
-    return _layout(fig, "Weight bytes per layer under the recipe (format on top)", "layer", "bytes")
