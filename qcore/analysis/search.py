@@ -37,8 +37,8 @@ from typing import Callable
 from qcore.errors import QcoreError
 from qcore.numerics.metrics import SQNR_EXACT_DB
 from qcore.recipe import Recipe
-from qcore.analysis.sensitivity import (SweepCancelled, candidate_plans, candidate_recipe, check_candidates, mode_plan, plan_override,
-                                        sweep)
+from qcore.analysis.sensitivity import (SweepCancelled, candidate_plans, candidate_recipe, check_candidates, mode_plan,
+                                        plan_override, sweep)
 from qcore.analysis.sweep_result import Sweep, SweepRow
 from qcore.model.size import weight_bytes
 from qcore.model.workload import Workload
