@@ -116,11 +116,13 @@ def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[tu
             return None
         return hook
 
-    for p, make_hook in ((0, observe), (1, count)):
-        if p == 1:
-            for s in stats.values():
-                s.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
-        run_with_hooks(model, batches, pre={n: make_hook(n) for n in names},
-                       progress=progress and (lambda f, p=p: progress((p * len(batches) + round(f * len(batches)))
-                                                                       / (2 * len(batches)))))
+    n = len(batches)
+
+    def overall(done: int):  # progress over both passes: pass ``done`` (0 or 1) plus the fraction of this one
+        return None if progress is None else lambda f: progress((done * n + round(f * n)) / (2 * n))
+
+    run_with_hooks(model, batches, pre={name: observe(name) for name in names}, progress=overall(0))
+    for s in stats.values():
+        s.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+    run_with_hooks(model, batches, pre={name: count(name) for name in names}, progress=overall(1))
     return stats
