@@ -47,20 +47,20 @@ def project_rows(w) -> list[tuple[str, str, float]]:
     rows = []
     for name in ("int8-weight-only", "int8-dynamic", "int8-static"):
         r = w.evaluate(preset(name, w.layer_shapes))
-        rows.append(("qcore", name, r["quantized"]["metrics"][w.task.headline]))
+        rows.append(("qcore", name, r.quantized.metrics[w.task.headline]))
     base = preset("int8-static", w.layer_shapes).to_dict()
     for method, extra in (("percentile", {"percentile": 99.99}), ("mse", {}), ("entropy", {}), ("moving_average", {})):
         d = copy.deepcopy(base)
         d["name"] = f"int8-static/{method}"
         d["activations"].update({"range": method, **extra})
         r = w.evaluate(Recipe.from_dict(d))
-        rows.append(("qcore", d["name"], r["quantized"]["metrics"][w.task.headline]))
+        rows.append(("qcore", d["name"], r.quantized.metrics[w.task.headline]))
     # the mixed-precision search, held to the int8-static size (equal size to the W8 peers)
     budget = w.size(preset("int8-static", w.layer_shapes))["size_bytes"]
     with tempfile.TemporaryDirectory() as cache:
         found = search(w, SEARCH_CANDIDATES, max_size_bytes=budget, cache_dir=cache)
     rows.append(("qcore", f"search ({' / '.join(SEARCH_CANDIDATES)}, <= int8-static size: "
-                          f"{found['measured']['size_bytes']:,} of {budget:,} B)", found["measured"]["metric"]))
+                          f"{found.measured.size_bytes:,} of {budget:,} B)", found.measured.metric))
     return rows
 
 
@@ -146,7 +146,7 @@ def low_bit_rows(w) -> list[dict]:
                 spec = {"format": f"int{bits}", "granularity": gran, "symmetric": True, "range": method,
                         "percentile": 99.9, **({"group_size": 32} if gran == "per_group" else {})}
                 r = w.evaluate(Recipe.from_dict({"name": "lowbit", "weights": spec}))
-                row[f"{gran}/{method}"] = r["quantized"]["metrics"][w.task.headline]
+                row[f"{gran}/{method}"] = r.quantized.metrics[w.task.headline]
         rows.append(row)
     return rows
 

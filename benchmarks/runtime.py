@@ -134,7 +134,7 @@ def roofline_rows(w, batch_size: int) -> list[dict]:
         row = {"profile (estimate)": prof.name}
         for name in ("fp32", "fp16", "int8-static", "int4-weight-only"):
             r = roofline(w, preset(name, w.layer_shapes), key, batch_size=batch_size)
-            row[f"{name} µs"] = 1e3 * r["total"]["latency_ms"]
+            row[f"{name} µs"] = 1e3 * r.total.latency_ms
         rows.append(row)
     return rows
 

@@ -22,7 +22,8 @@ import time
 
 from qcore import zoo
 from qcore.numerics.metrics import sqnr_db
-from qcore.analysis.sensitivity import check_candidates, clear_memory_cache, evenly_spaced, recipe_for, sweep
+from qcore.analysis.sensitivity import check_candidates, evenly_spaced, recipe_for, sweep
+from qcore.analysis.sweep_cache import clear_memory_cache
 from qcore.model.workload import Workload
 
 CANDIDATES = ["int8-dynamic", "int8-static", "int4-weight-only", "nf4"]
@@ -61,12 +62,12 @@ def bench_model(name: str, candidates: list[str], naive_rows: int | None) -> dic
         from_disk = sweep(w, candidates, cache_dir=cache_dir)
         disk = time.perf_counter() - start
     assert again == result == from_disk
-    rows = [(r["layer"], r["candidate"]) for r in result["rows"] if r["changed"]]
+    rows = [(r.layer, r.candidate) for r in result.rows if r.changed]
     timed = rows
     if naive_rows is not None and naive_rows < len(rows):  # evenly spread over layers and candidates
         step = len(rows) / naive_rows
         timed = [rows[int(i * step)] for i in range(naive_rows)]
-    n_eval, n_sweep = result["evaluation_samples"], result["samples"]
+    n_eval, n_sweep = result.evaluation_samples, result.samples
     seconds, naive = naive_seconds(w, timed, torch.arange(n_eval))
     full = shared + seconds * len(rows) / len(timed)
     subset_index = evenly_spaced(n_eval, n_sweep)  # the sweep's own samples
@@ -77,7 +78,7 @@ def bench_model(name: str, candidates: list[str], naive_rows: int | None) -> dic
     else:
         same = full
     # the sweep's numbers against the naive loop's (a second implementation: whole model simulated per row)
-    swept = {(r["layer"], r["candidate"]): (r["metric"], r["sqnr_db"]) for r in result["rows"]}
+    swept = {(r["layer"], r["candidate"]): (r["metric"], r["sqnr_db"]) for r in result.to_dict()["rows"]}
     return {"model": name, "layers": len(w.layers), "runs": len(rows), "timed": len(timed),
             "samples": f"{n_sweep} of {n_eval}", "shared": shared, "cold": cold, "memory": memory, "disk": disk,
             "naive_full": full, "naive_same": same, "compared": len(naive),

@@ -10,7 +10,7 @@ import streamlit as st
 from ui import keys, state
 from qcore import report
 from qcore.export import export, summary_lines
-from qcore.analysis import summary
+from qcore.analysis import search, summary
 from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import preset
@@ -70,7 +70,7 @@ settings = st.session_state.get(keys.SWEEP) or {}
 sweep = None
 if state.small(w) or settings.get("key") == key:  # a large model's sweep only once the Sensitivity page ran it
     sweep = state.sweep(w, settings.get("candidates") or state.DEFAULT_CANDIDATES, settings.get("mode", "both"),
-                        settings.get("view", "only"))
+                        settings.get("view", "only")).to_dict()
     c4.download_button("Download sensitivity table (CSV)", pd.DataFrame(sweep["rows"]).to_csv(index=False),
                        file_name=f"{w.name}-sensitivity-{sweep['mode']}-{sweep['view']}.csv", mime="text/csv",
                        on_click="ignore", icon=":material/download:", key="download_sensitivity",
@@ -90,7 +90,8 @@ def report_html() -> str:
     points = [{"label": label, "size_bytes": e["quantized"]["size_bytes"], "metric": e["quantized"]["metrics"][headline],
                "latency_ms": latency[label]["latency_ms"], "latency_source": latency[label]["source"]}
               for label, e in evaluated.items()]
-    figures = [("Size against metric", viz_decide.tradeoff_scatter(points, headline, w.task.higher_is_better))]
+    front = search.pareto_front(points, w.task.higher_is_better)
+    figures = [("Size against metric", viz_decide.tradeoff_scatter(points, front, headline, w.task.higher_is_better))]
     if sweep:
         figures += [("Sensitivity per layer", viz_decide.sensitivity_heatmap(sweep["rows"])),
                     ("Layers ranked", viz_decide.ranked_drops(sweep["rows"], viz_decide.widest_spread(sweep["rows"]), headline))]

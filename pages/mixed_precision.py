@@ -121,7 +121,7 @@ else:
 if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
     bar = st.progress(0.0, text="Searching…")
     found = search.search(w, candidates, **target, progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0),
-                                                                                          text=f"Search: {msg}"))
+                                                                                          text=f"Search: {msg}")).to_dict()
     bar.empty()
     goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} ≥ {target['min_metric']:.4f}"
     found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),

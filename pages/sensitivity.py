@@ -39,7 +39,7 @@ if not state.small(w) and st.session_state.get(keys.SWEEP) != settings and not s
         f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)", type="primary"):
     st.info("This model is large: the sweep takes a while (it is cached once run).", icon=":material/info:")
     st.stop()
-result = state.sweep(w, candidates, mode, view)
+result = state.sweep(w, candidates, mode, view).to_dict()
 st.session_state[keys.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
 for note in result["notes"]:
     st.info(plain(note), icon=":material/info:")

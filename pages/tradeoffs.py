@@ -8,6 +8,7 @@ import streamlit as st
 from qcore.recipe.links import recipe_hash, recipe_id
 from ui import keys, state
 from qcore import hardware
+from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
 from ui.text import plain
@@ -59,8 +60,9 @@ rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
         for label, r in results.items()]
 points = [{"label": r["recipe"], "size_bytes": r["size (bytes)"], "metric": r[metric], "latency_ms": r["latency (ms)"],
            "latency_source": r["latency source"]} for r in rows]
-st.plotly_chart(viz_decide.tradeoff_scatter(points, metric, higher), width="stretch")
-front = {points[i]["label"] for i in viz_decide.pareto_front(points, higher)}
+front_order = search.pareto_front(points, higher)
+st.plotly_chart(viz_decide.tradeoff_scatter(points, front_order, metric, higher), width="stretch")
+front = {points[i]["label"] for i in front_order}
 st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]), hide_index=True, width="stretch",
              column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
                             metric: st.column_config.NumberColumn(format="%.4f"),

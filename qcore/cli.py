@@ -146,14 +146,13 @@ def cmd_inspect(args):
 def cmd_evaluate(args):
     w, recipe = _workload_and_recipe(args)
     r = w.evaluate(recipe)
-    head = r["metric"]
-    lines = [f"model {r['model']}  recipe {r['recipe']['name']}  headline metric: {head}"]
-    keys = [k for k, v in r["quantized"]["metrics"].items() if isinstance(v, float)]
-    rows = [{"": "fp32", "size": _mib(r["fp32"]["size_bytes"]), **{k: r["fp32"]["metrics"].get(k) for k in keys}},
-            {"": "quantized", "size": _mib(r["quantized"]["size_bytes"]), **{k: r["quantized"]["metrics"][k] for k in keys}}]
+    lines = [f"model {r.model}  recipe {r.recipe['name']}  headline metric: {r.metric}"]
+    keys = [k for k, v in r.quantized.metrics.items() if isinstance(v, float)]
+    rows = [{"": "fp32", "size": _mib(r.fp32.size_bytes), **{k: r.fp32.metrics.get(k) for k in keys}},
+            {"": "quantized", "size": _mib(r.quantized.size_bytes), **{k: r.quantized.metrics[k] for k in keys}}]
     lines.append(_table(rows))
-    lines += [f"folded {conv} + {bn}" for conv, bn in r["folded"]] + [f"note: {n}" for n in r["notes"]]
-    return r, "\n".join(lines)
+    lines += [f"folded {conv} + {bn}" for conv, bn in r.folded] + [f"note: {n}" for n in r.notes]
+    return r.to_dict(), "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,11 +197,11 @@ def cmd_sensitivity(args):
 
     w = _workload(args)
     r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
-    text = f"{r['model']}: {r['metric']} fp32 = {r['fp32_metric']:.4g}  (view {args.view}, mode {args.mode})\n"
-    return r, text + _table(r["rows"], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
+    text = f"{r.model}: {r.metric} fp32 = {r.fp32_metric:.4g}  (view {args.view}, mode {args.mode})\n"
+    return r.to_dict(), text + _table([row.to_dict() for row in r.rows], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
                                        "metric", "metric_drop", "sqnr_db", "layer_sqnr_db", "rmse_over_step",
                                        "clipped_fraction", "input_rmse_over_step", "input_clipped_fraction", "rank"]) \
-        + "".join(f"\nnote: {n}" for n in r["notes"])
+        + "".join(f"\nnote: {n}" for n in r.notes)
 
 
 def cmd_search(args):
@@ -215,16 +214,16 @@ def cmd_search(args):
                min_metric=args.min_metric, progress=_progress(args), cache_dir=args.cache_dir)
     if args.out:
         try:
-            Path(args.out).write_text(json.dumps(r["recipe"], indent=2))
+            Path(args.out).write_text(json.dumps(r.recipe, indent=2))
         except OSError as e:
             raise QcoreError(f"--out {args.out!r} cannot be written ({e.strerror}); choose another path") from None
-    m, f = r["measured"], r["fp32"]
-    text = (f"{r['model']}: chosen recipe measured {m['metric']:.4g} at {_mib(m['size_bytes'])} "
-            f"(fp32 {f['metric']:.4g} at {_mib(f['size_bytes'])})" + (f"; written to {args.out}" if args.out else "")
-            + ("" if r["met"] else "; the goal is NOT met")
-            + "\nPareto front (measured):\n" + _table(r["pareto"], ["label", "size_bytes", "metric"])
-            + "".join(f"\nnote: {n}" for n in r["notes"]))
-    return r, text
+    m, f = r.measured, r.fp32
+    text = (f"{r.model}: chosen recipe measured {m.metric:.4g} at {_mib(m.size_bytes)} "
+            f"(fp32 {f.metric:.4g} at {_mib(f.size_bytes)})" + (f"; written to {args.out}" if args.out else "")
+            + ("" if r.met else "; the goal is NOT met")
+            + "\nPareto front (measured):\n" + _table(r.to_dict()["pareto"], ["label", "size_bytes", "metric"])
+            + "".join(f"\nnote: {n}" for n in r.notes))
+    return r.to_dict(), text
 
 
 def cmd_export(args):

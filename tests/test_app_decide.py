@@ -15,7 +15,6 @@ from ui import state
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from test_hostile_app import visible
 from qcore.analysis import sensitivity
-from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe, preset
 from qcore.numerics.spec import TensorSpec
@@ -153,7 +152,7 @@ def test_evaluate_shows_the_measured_metric(digits_mlp):
     at = open_page("mixed_precision", preset="int4-weight-only")
     next(b for b in at.button if b.label.startswith("Evaluate")).click()
     at.run()
-    result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes))
+    result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes)).to_dict()
     acc = result["quantized"]["metrics"]["accuracy"]
     assert metric(at, "accuracy (measured)") == f"{acc:.4f}"
     assert acc != result["fp32"]["metrics"]["accuracy"]
@@ -161,7 +160,7 @@ def test_evaluate_shows_the_measured_metric(digits_mlp):
 
 def test_sensitivity_shows_the_sweep_and_acts_on_a_layer(digits_mlp):
     at = open_page("sensitivity")
-    result = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")
+    result = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()
     worst = max((r for r in result["rows"] if r["rank"] == 1), key=lambda r: r["metric_drop"])
     assert metric(at, "Most sensitive layer") == worst["layer"]
     assert metric(at, "Its accuracy drop") == f"{worst['metric_drop']:+.4f}"
@@ -180,13 +179,15 @@ def test_tradeoffs_table_holds_measured_metrics_and_the_pareto_front(digits_mlp)
     at = open_page("tradeoffs")
     table = at.dataframe[0].value.set_index("recipe")
     for label, name in (("FP32", "fp32"), ("INT8 static", "int8-static"), ("NF4", "nf4"), ("FP8", "fp8")):
-        result = digits_mlp.evaluate(preset(name, digits_mlp.layer_shapes))
+        result = digits_mlp.evaluate(preset(name, digits_mlp.layer_shapes)).to_dict()
         assert table.loc[label, "accuracy"] == result["quantized"]["metrics"]["accuracy"]
         assert table.loc[label, "size (bytes)"] == result["quantized"]["size_bytes"]
     assert set(table.index) == {"FP32", "FP16", "BF16", "INT8 dynamic", "INT8 static", "INT4 weight-only", "NF4", "FP8"}
     assert table["latency source"].str.startswith("estimate").all()
     points = [{"label": k, "size_bytes": r["size (bytes)"], "metric": r["accuracy"]} for k, r in table.iterrows()]
-    front = {points[i]["label"] for i in viz_decide.pareto_front(points)}
+    front = {p["label"] for p in points if not any(  # brute force: nothing at most as large and as good, and better in one
+        q["size_bytes"] <= p["size_bytes"] and q["metric"] >= p["metric"]
+        and (q["size_bytes"] < p["size_bytes"] or q["metric"] > p["metric"]) for q in points)}
     assert set(table.index[table["Pareto"]]) == front
     best = table[table["accuracy"] == table["accuracy"].max()]
     assert table["size (bytes)"].idxmin() in front and best["size (bytes)"].idxmin() in front
@@ -198,7 +199,7 @@ def test_export_downloads_recipe_report_and_sensitivity_csv(digits_mlp, download
     recipe = preset("int4-weight-only", digits_mlp.layer_shapes)
     assert Recipe.from_json(downloads(buttons["Download recipe JSON"])).to_dict()["layers"] == recipe.to_dict()["layers"]
     html = downloads(buttons["Download the HTML report"])
-    acc = digits_mlp.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    acc = digits_mlp.evaluate(recipe).quantized.metrics["accuracy"]
     assert "digits-mlp" in html and f"{acc:.6g}" in html and html.count("Plotly.newPlot") >= 3
     csv = downloads(buttons["Download sensitivity table (CSV)"]).splitlines()
     assert len(csv) == 1 + len(digits_mlp.layers) * len(state.DEFAULT_CANDIDATES)
@@ -229,7 +230,7 @@ def test_search_fills_the_table_with_a_measured_recipe_within_the_budget_on_use_
     at.run()
     name, overrides = at.query_params.get("preset", state.DEFAULT_PRESET), at.query_params.get("layers")
     recipe = build_recipe(digits_mlp, name, decode_layers(overrides) if overrides else {})
-    measured = digits_mlp.evaluate(recipe)
+    measured = digits_mlp.evaluate(recipe).to_dict()
     assert measured["quantized"]["size_bytes"] <= 0.2 * measured["fp32"]["size_bytes"]
     assert size_shown(at) == measured["quantized"]["size_bytes"]
     assert (f"measured accuracy {measured['quantized']['metrics']['accuracy']:.4f} at "

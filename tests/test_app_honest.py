@@ -98,7 +98,7 @@ def test_tradeoffs_a_search_after_a_hand_made_recipe_keeps_both_with_their_own_n
     assert same(table_recipe(at, digits_mlp), hand, digits_mlp), "the search overwrote the table's recipe"
     assert at.data_editor[0].value.set_index("layer").loc["fc2", "weights"] == "int4"
 
-    found = search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.15)
+    found = search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.15).to_dict()
     searched = Recipe.from_dict(found["recipe"])
     assert not same(searched, hand, digits_mlp)  # two different recipes, or the test proves nothing
     assert not found["recipe"]["name"].startswith("uniform")  # at 15 % a mix, not a preset (a preset shows as its row)
@@ -108,7 +108,7 @@ def test_tradeoffs_a_search_after_a_hand_made_recipe_keeps_both_with_their_own_n
         held = rows_holding(table, recipe)
         assert len(held) == 1, f"the recipe with hash {sha8(recipe)} is not exactly one row: {list(table.index)}"
         row = held.iloc[0]
-        measured = digits_mlp.evaluate(recipe)["quantized"]
+        measured = digits_mlp.evaluate(recipe).to_dict()["quantized"]
         assert row["accuracy"] == measured["metrics"]["accuracy"]
         assert row["size (bytes)"] == measured["size_bytes"]
     evaluated = [label for label in table.index if label.startswith("evaluated:")]
@@ -127,14 +127,14 @@ def test_the_search_result_replaces_the_table_only_on_use_this_recipe(digits_mlp
     hand = build_recipe(digits_mlp, "int8-static", HAND_MADE)
     assert same(table_recipe(at, digits_mlp), hand, digits_mlp)
     click(at, "Use this recipe")
-    searched = Recipe.from_dict(search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.2)["recipe"])
+    searched = Recipe.from_dict(search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.2).recipe)
     assert same(table_recipe(at, digits_mlp), searched, digits_mlp)
     assert int(metric(at, "Size (bytes)").replace(",", "")) == digits_mlp.size(searched)["size_bytes"]
     assert next(b for b in at.button if b.label == "In the table").disabled
     (label,) = at.session_state[keys.USER_RECIPES]["zoo:digits-mlp"].keys() - {at.session_state[keys.SEARCH]["zoo:digits-mlp"]["label"]}
     assert label == f"replaced: digits-mlp-int8-static-mixed [{sha8(hand)}]"  # the hand-made recipe was kept
     table = visit(at, "tradeoffs").dataframe[0].value.set_index("recipe")
-    assert table.loc[label, "accuracy"] == digits_mlp.evaluate(hand)["quantized"]["metrics"]["accuracy"]
+    assert table.loc[label, "accuracy"] == digits_mlp.evaluate(hand).quantized.metrics["accuracy"]
 
 
 def test_remembered_labels_carry_the_sha256_of_the_canonical_recipe(digits_mlp):
@@ -149,7 +149,7 @@ def test_mixed_precision_estimate_with_an_unswept_layer_says_incomplete_not_fp32
     """Regression: with fc1 at int4 (no sweep row has that spec) the estimate showed FP32's 0.9750 and the
     drop column a raw None."""
     at = visit(start(), "mixed_precision")
-    sweep = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")
+    sweep = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()
     int8 = {r["layer"]: r["metric_drop"] for r in sweep["rows"] if r["candidate"] == "int8-static"}
     shown = metric(at, "accuracy (estimate)")  # complete before the edit: FP32 minus the int8-static drops
     assert shown == f"{sweep['fp32_metric'] - sum(int8.values()):.4f}"
@@ -229,7 +229,7 @@ def test_sensitivity_ranks_and_sums_up_under_the_widest_spread_not_an_all_zero_i
     """Regression: the summary showed int2's result while the ranked chart defaulted to int8-static, whose drops
     are all +0.0000."""
     at = visit(start(), "sensitivity")
-    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")["rows"]
+    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()["rows"]
     spread = spreads(rows)
     widest = max(spread, key=spread.get)
     assert spread[widest] > 0 and spread[widest] > min(spread.values())
@@ -245,7 +245,7 @@ def test_sensitivity_ranks_and_sums_up_under_the_widest_spread_not_an_all_zero_i
 def test_sensitivity_heatmap_cells_show_their_values_on_a_per_candidate_scale(digits_mlp):
     """Regression: one candidate's colour scale dominated the heatmap and its cells showed no values."""
     at = visit(start(), "sensitivity")
-    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")["rows"]
+    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()["rows"]
     heat = next(d for c in at.get("plotly_chart") for d in json.loads(c.proto.spec)["data"] if d["type"] == "heatmap")
     assert heat["texttemplate"] == "%{text}"
     cell = {(r["layer"], r["candidate"]): r for r in rows}

@@ -325,7 +325,7 @@ def test_a_two_input_program_loads_and_evaluates(two_inputs):
     w = load_workload(str(two_inputs))
     ids, features = w.calibration.inputs
     assert ids.dtype == torch.int64 and int(ids.max()) == 10 and int(ids.min()) == 0 and features.shape[1:] == (5, 4)
-    result = w.evaluate(preset("int8-dynamic", w.layer_shapes))
+    result = w.evaluate(preset("int8-dynamic", w.layer_shapes)).to_dict()
     assert w.task.headline == "agreement" and result["fp32"]["metrics"]["agreement"] == 1.0
     assert 0.8 < result["quantized"]["metrics"]["agreement"] <= 1.0
 

@@ -67,7 +67,7 @@ def test_layers_no_kernel_runs_are_exported_as_simulated_not_kept_fp32(digits_ml
     recipe = Recipe.from_dict(recipe)
     path = str(tmp_path / "m.onnx")
     r = export(digits_mlp, recipe, "onnx", path)
-    simulated = digits_mlp.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    simulated = digits_mlp.evaluate(recipe).quantized.metrics["accuracy"]
     assert r.metrics["simulated"]["accuracy"] == simulated
     assert r.metrics["onnxruntime"]["accuracy"] == pytest.approx(accuracy_in_onnxruntime(path, digits_mlp), abs=1e-12)
     assert abs(r.metrics["onnxruntime"]["accuracy"] - simulated) <= 1 / 360 + 1e-12
@@ -118,7 +118,7 @@ def test_cnn_metric_in_onnxruntime_is_the_simulated_metric(digits_cnn, tmp_path,
     r = export(digits_cnn, recipe, "onnx", path)
     measured, simulated = r.metrics["onnxruntime"]["accuracy"], r.metrics["simulated"]["accuracy"]
     assert measured == pytest.approx(accuracy_in_onnxruntime(path, digits_cnn), abs=1e-12)
-    assert simulated == digits_cnn.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    assert simulated == digits_cnn.evaluate(recipe).quantized.metrics["accuracy"]
     assert abs(measured - simulated) <= 1 / 360 + 1e-12  # within one of the 360 test images
     assert r.file_size_bytes == os.path.getsize(path)
     assert r.theoretical_size_bytes == digits_cnn.size(recipe)["size_bytes"]

@@ -231,7 +231,7 @@ def small(w) -> bool:
     return sum(i.params for i in w.layers.values()) <= SMALL_MODEL_WEIGHTS
 
 
-def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> dict:
+def sweep(w, candidates: list[str], mode: str = "both", view: str = "only"):
     """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar."""
     from qcore.analysis import sensitivity
 
@@ -245,7 +245,7 @@ def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> d
 @st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)
 def evaluate(key: str, _w, recipe_json: str) -> dict:
     """``Workload.evaluate`` (measured), cached per workload and recipe."""
-    return _w.evaluate(Recipe.from_json(recipe_json))
+    return _w.evaluate(Recipe.from_json(recipe_json)).to_dict()
 
 
 def remember(key: str, w, recipe: Recipe, what: str) -> str:
@@ -273,7 +273,7 @@ LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": 
 def _roofline(key: str, _w, recipe_json: str, profile: str) -> dict:
     from qcore.analysis.roofline import roofline
 
-    return roofline(_w, Recipe.from_json(recipe_json), profile)
+    return roofline(_w, Recipe.from_json(recipe_json), profile).to_dict()
 
 
 def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict:

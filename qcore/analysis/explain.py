@@ -14,7 +14,6 @@ Each function takes tensors, specs or a workload and returns plain numbers, tens
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 
@@ -27,7 +26,7 @@ from qcore.numerics.metrics import sqnr_db
 from qcore.numerics.quantize import fake_quantize, quantize
 from qcore.numerics.ranges import RANGE_METHODS, choose_range
 from qcore.numerics.spec import TensorSpec
-from qcore.model.simulate import modules_by_name, temporary_hooks
+from qcore.model.hooks import run_with_hooks
 
 DISTRIBUTIONS = ("normal", "laplace", "normal with outliers")
 MAX_ANALYSED_WEIGHTS = 2**18  # larger weights are analysed on a seeded sample of whole rows
@@ -326,7 +325,6 @@ def batch_ranges(workload, batch_size: int, progress=None) -> dict[str, list[tup
     point, such as token indices, get an empty list). One pass over the data on a private copy of
     the folded model, so the shared (cached) model never carries this function's hooks;
     ``progress(fraction)`` after each batch."""
-    model = copy.deepcopy(workload.folded[0]).eval()
     ranges: dict[str, list[tuple[float, float]]] = {name: [] for name in workload.layers}
 
     def record(name):
@@ -336,13 +334,8 @@ def batch_ranges(workload, batch_size: int, progress=None) -> dict[str, list[tup
                 ranges[name].append((float(x.min()), float(x.max())))
         return hook
 
-    batches = workload.calibration.batches(batch_size)
-    recorders = [(m, record(n)) for n, m in modules_by_name(model, workload.layers).items()]
-    with temporary_hooks(pre=recorders), torch.no_grad():
-        for i, batch in enumerate(batches):
-            model(*batch)
-            if progress:
-                progress((i + 1) / len(batches))
+    run_with_hooks(workload.folded[0], workload.calibration.batches(batch_size),
+                   pre={n: record(n) for n in workload.layers}, progress=progress)
     return ranges
 
 

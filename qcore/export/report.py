@@ -129,7 +129,7 @@ def export(workload, recipe: Recipe, fmt: str, out: str) -> ExportReport:
     out = str(out)
     head = workload.task.headline
     size = workload.size(recipe)
-    simulated = workload.evaluate(recipe)["quantized"]["metrics"]
+    simulated = workload.evaluate(recipe).quantized.metrics
     if fmt == "safetensors":
         export_safetensors(workload, recipe, out)
         report = ExportReport(out, fmt, os.path.getsize(out), size["size_bytes"], size["fp32_bytes"], None, head,
