@@ -134,13 +134,14 @@ def roofline(workload, recipe: Recipe, profile="this-machine", batch_size: int =
     ops = 2 x multiply-accumulates. Layers not found by the single forward pass are skipped.
     """
     prof = get_profile(profile)
-    recipe.check_against(workload.layer_shapes)
+    resolved = {"total": recipe.resolve(workload.layer_shapes),
+                "fp32_total": Recipe(name="fp32").resolve(workload.layer_shapes)}
     work = _layer_work(workload)
     rows, totals = [], {}
-    for label, rec in (("total", recipe), ("fp32_total", Recipe(name="fp32"))):
+    for label, plans in resolved.items():
         t_bytes = t_ops = t_ms = 0.0
         for name, w in work.items():
-            plan = rec.plan(name)
+            plan = plans[name]
             kind = workload.layers[name].kind
             prec = compute_precision(kind, plan)
             runs_at, tops = _peak(prof, prec)

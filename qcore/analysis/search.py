@@ -306,14 +306,15 @@ def estimate_metric(w, recipe: Recipe, result: Sweep) -> dict:
     measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``;
     ``metric`` is None when a layer is missing: a sum without its drop would look complete and is not."""
     rows = {(r.layer, r.candidate): r for r in result.rows}
-    plans = {c: candidate_recipe(c, w.layer_shapes) for c in result.candidates}
+    plans = {c: candidate_recipe(c, w.layer_shapes).resolve(w.layer_shapes) for c in result.candidates}
+    mine = recipe.resolve(w.layer_shapes)
     drops, missing = {}, []
     for name, info in w.layers.items():
-        plan = mode_plan(recipe.plan(name), "both", info.kind)
+        plan = mode_plan(mine[name], "both", info.kind)
         if plan.is_float:
             drops[name] = 0.0
             continue
-        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r.plan(name), "both", info.kind) == plan]
+        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r[name], "both", info.kind) == plan]
         if match:
             drops[name] = rows[(name, match[0])].metric_drop
         else:
