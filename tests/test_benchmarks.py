@@ -15,7 +15,7 @@ import pytest
 import benchmarks.__main__ as runner
 from benchmarks import interactivity, memory, quality, runtime, sensitivity
 
-APP = Path(__file__).resolve().parent.parent / "app.py"
+NAVIGATION = Path(__file__).resolve().parent.parent / "ui" / "frame.py"  
 
 
 def markdown_tables(text: str) -> list[list[dict]]:
@@ -39,8 +39,10 @@ def number(cell: str) -> float:
 
 
 def navigation_titles() -> list[str]:
-    """Page titles as app.py declares them (st.Page(..., title="...")), in menu order."""
-    return re.findall(r'st\.Page\([^)]*title="([^"]+)"', APP.read_text())
+    """Page titles as the navigation declares them (st.Page(..., title="...")), in menu order."""
+    titles = re.findall(r'st\.Page\([^)]*title="([^"]+)"', NAVIGATION.read_text())
+    assert titles, "no st.Page(..., title=...) found in ui/frame.py"
+    return titles
 
 
 @pytest.fixture(scope="module")
