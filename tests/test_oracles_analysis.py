@@ -20,6 +20,7 @@ functions; every expected number is computed here another way:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -131,7 +132,9 @@ def _bytes_saved(shape, bits):
     return 4 * numel - (math.ceil(numel * bits / 8) + 4 * shape[0])
 
 
-def _check_path_against_brute_force(workload, rows, cands):
+def _check_path_against_brute_force(workload, rows, cands, swept_rows):
+    """``rows``: the sweep's rows as dicts (the oracle reads them); ``swept_rows``: the same rows as the
+    engine's ``SweepRow`` objects (what ``greedy_path`` takes)."""
     from qcore.analysis.search import NOISE_WEIGHT, greedy_path
 
     by = {(r["layer"], r["candidate"]): r for r in rows}
@@ -143,7 +146,7 @@ def _check_path_against_brute_force(workload, rows, cands):
                for n in SHAPES}
     everything = [(sum(o[0] for o in combo), sum(o[1] for o in combo))
                   for combo in itertools.product(*options.values())]
-    path = [as_dict(p) for p in greedy_path(workload, rows, cands)]
+    path = [as_dict(p) for p in greedy_path(workload, swept_rows, cands)]
     assert path[0]["choice"] == {} and path[-1]["choice"] == {n: "int2" for n in SHAPES}
     assert len(path) >= 4
     previous = -1
@@ -160,11 +163,14 @@ def test_greedy_path_points_are_brute_force_optimal_for_their_size(digits_mlp, t
     from qcore.analysis.sensitivity import sweep
 
     cands = ["int2", "int4"]
-    rows = [as_dict(r) for r in as_dict(sweep(digits_mlp, cands, mode="both", view="only", cache_dir=tmp_path))["rows"]]
-    _check_path_against_brute_force(digits_mlp, rows, cands)
+    swept = sweep(digits_mlp, cands, mode="both", view="only", cache_dir=tmp_path)
+    rows = [as_dict(r) for r in as_dict(swept)["rows"]]
+    _check_path_against_brute_force(digits_mlp, rows, cands, swept.rows)
     # a layer whose quantization happened to raise the metric: its drop counts as 0, not as a gain
-    lucky = [dict(r, metric_drop=-0.05) if (r["layer"], r["candidate"]) == ("fc2", "int4") else r for r in rows]
-    _check_path_against_brute_force(digits_mlp, lucky, cands)
+    hit = ("fc2", "int4")
+    lucky = [dict(r, metric_drop=-0.05) if (r["layer"], r["candidate"]) == hit else r for r in rows]
+    lucky_rows = [dataclasses.replace(r, metric_drop=-0.05) if (r.layer, r.candidate) == hit else r for r in swept.rows]
+    _check_path_against_brute_force(digits_mlp, lucky, cands, lucky_rows)
 
 
 def _dominated(e, others, higher=True):
@@ -174,8 +180,8 @@ def _dominated(e, others, higher=True):
 
 
 def brute_force_front(entries, higher=True):
-    points = {(e["size_bytes"], e["metric"]) for e in entries if not _dominated(e, entries, higher)}
-    return sorted(points)
+    """Every entry no other entry dominates (an identical twin does not dominate), as sorted (size, metric)."""
+    return sorted((e["size_bytes"], e["metric"]) for e in entries if not _dominated(e, entries, higher))
 
 
 entries_st = st.lists(st.fixed_dictionaries({"size_bytes": st.integers(1, 8), "metric": st.integers(0, 6).map(lambda v: v / 6)}),
@@ -186,10 +192,11 @@ entries_st = st.lists(st.fixed_dictionaries({"size_bytes": st.integers(1, 8), "m
 def test_pareto_front_is_brute_force_non_dominated_set(entries, higher):
     from qcore.analysis.search import pareto_front
 
-    front = [as_dict(e) for e in pareto_front(entries, higher)]
+    indices = pareto_front(entries, higher)
+    assert len(set(indices)) == len(indices)
+    front = [entries[i] for i in indices]
     assert sorted((e["size_bytes"], e["metric"]) for e in front) == brute_force_front(entries, higher)
-    assert len(front) == len(brute_force_front(entries, higher))  # one entry per front point
-    assert [e["size_bytes"] for e in front] == sorted(e["size_bytes"] for e in front)
+    assert [e["size_bytes"] for e in front] == sorted(e["size_bytes"] for e in front)  # smallest first
 
 
 def test_search_under_a_budget_picks_the_best_evaluated_recipe_and_measures_it(capsys, tmp_path):
