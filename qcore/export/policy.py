@@ -63,12 +63,12 @@ def why_float(plan, kind: str) -> str:
 
 def size_differences(workload, recipe: Recipe, report) -> list[str]:
     """Where the file's bytes go when the ``ExportReport`` ``report`` is more than 10 % off the theoretical
-    size: one line for the
-    gap, one per layer stored wider (or narrower), one for everything outside the layers' weights."""
+    size: one line per layer stored wider (or narrower), one for everything outside the layers' weights
+    (the two sizes and the gap itself are stated once, by ``summary_lines``)."""
     file_b, theory_b = report.file_size_bytes, report.theoretical_size_bytes
     if abs(file_b / theory_b - 1) <= SIZE_TOLERANCE:
         return []
-    lines = [f"the file is {file_b:,} B, {file_b / theory_b - 1:+.0%} against the theoretical {theory_b:,} B"]
+    lines = []
     plans = recipe.resolve(workload.layer_shapes)
     for row in report.layers:
         spec = plans[row["layer"]].weights
