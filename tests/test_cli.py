@@ -1,6 +1,8 @@
 """The CLI's core commands: JSON output equals the Python API; user errors exit 2 with one line."""
 
 import json
+import math
+import os
 
 import pytest
 
@@ -99,3 +101,19 @@ def test_regression_inspect_torchscript_without_data_lists_the_layers(capsys, tm
     assert code == 0 and "2 quantizable layers" in out and "note: no data" in out
     code, out, err = run(capsys, "--trust-pickle", "evaluate", str(path), "--preset", "int8-weight-only")
     assert code == 2 and out == "" and "does not record its input shape" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
+def test_export_states_the_sizes_and_their_gap_once(capsys, tmp_path, fmt):
+    """Regression: the size line and the first difference line both gave the file and theoretical sizes (and the
+    +N% for safetensors). int4 affine per group of 32 on digits-mlp: theoretical = 4-bit codes + a float32 scale
+    and a 4-bit zero-point per group + float32 biases, by hand; the file's bytes from os.path.getsize."""
+    path = tmp_path / f"m.{fmt}"
+    code, out, _ = run(capsys, "export", "digits-mlp", "--preset", "int4-weight-only", "--format", fmt, "--out", str(path))
+    file_b = os.path.getsize(path)
+    theory = sum(o * i // 2 + 4 * (o * i // 32) + math.ceil(o * i // 32 * 4 / 8) + 4 * o
+                 for o, i in ((128, 64), (64, 128), (10, 64)))
+    assert code == 0 and file_b > 1.1 * theory  # beyond the 10 % that is explained
+    assert (f"file on disk: {file_b:,} bytes ({file_b / theory - 1:+.0%} against the theoretical size {theory:,} bytes; "
+            "FP32 68,904 bytes)") in out.splitlines()
+    assert out.count(f"{file_b:,}") == out.count(f"{theory:,}") == out.count("%") == 1

@@ -75,7 +75,9 @@ _FALLBACK = {"int4": "int8", "int8": "fp16", "fp8": "fp16", "bf16": "fp16", "fp1
 
 
 def _precision(fmt: str) -> str:
-    return {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "nf4": "int4"}.get(fmt, fmt)
+    from qcore.numerics.formats import FORMATS  # the format's own trait: nf4 -> int4, fp8_e4m3 -> fp8, ...
+
+    return FORMATS[fmt].compute
 
 
 def compute_precision(kind: str, plan) -> str:

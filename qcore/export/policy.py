@@ -13,44 +13,48 @@ from __future__ import annotations
 import re
 
 from qcore.model.size import weight_bytes
-from qcore.numerics.formats import IntFormat
 from qcore.recipe import Recipe
 
 SIZE_TOLERANCE = 0.10  # file vs theoretical size: a larger relative gap is explained in ``differences``
 
 
+def _qdq_fused(spec) -> bool:
+    """ONNX Runtime's QDQ fusions (QLinearMatMul, QLinearConv, ...) compute with this ``TensorSpec``'s format."""
+    return "QLinearMatMul" in spec.fmt.ort_kernels
+
+
 def uses_matmul_nbits(weights, iq) -> bool:
     """True if a Linear's weights (``TensorSpec``) with input quantizer ``iq`` (or None) are written as
-    MatMulNBits: integer codes of at most 8 bits, except int8 weights meeting int8 static inputs,
-    which ONNX Runtime's QDQ fusions turn into an int8 kernel."""
-    return (isinstance(weights.fmt, IntFormat) and weights.fmt.bits <= 8
-            and not (weights.fmt.bits == 8 and iq is not None and not iq.spec.dynamic and iq.spec.format == "int8"))
+    MatMulNBits: a format MatMulNBits takes (int2..int8), except when weights and static inputs are both
+    of a format ONNX Runtime's QDQ fusions turn into an int8 kernel (int8)."""
+    fused = iq is not None and not iq.spec.dynamic and _qdq_fused(weights) and _qdq_fused(iq.spec)
+    return "MatMulNBits" in weights.fmt.ort_kernels and not fused
 
 
 def why_float(plan, kind: str) -> str:
     """Why ONNX Runtime runs this layer in float (the file still holds the exact quantized values)."""
     w, a = plan.weights, plan.activations
-    fam = w.fmt.family
-    if fam == "codebook":
-        return "NF4 needs a codebook-lookup kernel; ONNX Runtime's CPU provider has none, so it dequantizes at load"
-    if fam == "float":
-        return (f"ONNX Runtime's CPU provider has no {w.format} MatMul/Conv; the stored {w.format} weight is cast "
-                "to float32")
-    if w.fmt.bits == 16:
-        return "ONNX Runtime has no int16 MatMul/Conv kernels on CPU"
+    if not w.fmt.ort_kernels:  # no ONNX Runtime CPU kernel computes with this format
+        if w.fmt.codebook:
+            return (f"{w.format.upper()} needs a codebook-lookup kernel; ONNX Runtime's CPU provider has none, so it "
+                    "dequantizes at load")
+        if w.fmt.can_be_scaled:  # a float type
+            return (f"ONNX Runtime's CPU provider has no {w.format} MatMul/Conv; the stored {w.format} weight is "
+                    "cast to float32")
+        return f"ONNX Runtime has no {w.format} MatMul/Conv kernels on CPU"
     if kind == "Embedding":
         return "the table is dequantized before the Gather (no quantized Gather for this layout)"
-    if a is None or a.format == "fp32":
+    if a is None or not a.fmt.quantizes:
         return (f"{w.format} weight-only: ONNX Runtime fuses weight-only integers only as MatMulNBits on a Linear "
                 "with blocks of a power of two >= 16 inside one scale; here the weight is dequantized")
     if a.dynamic:
         return ("dynamic activations are written with the engine's own per-batch range formula; ONNX Runtime "
                 "fuses only constant scales, so the layer computes on dequantized values")
-    if kind == "Linear" and a.format == "int8" and w.format == "int8":
+    if kind == "Linear" and _qdq_fused(a) and _qdq_fused(w):
         return ("ONNX Runtime's MatMulAddFusion (level 1) turns the QDQ MatMul + bias Add into a float Gemm before "
                 "its QDQ fusions run, so the Linear computes in float on the exact dequantized values (with "
                 "disabled_optimizers=['MatMulAddFusion'] it becomes MatMulIntegerToFloat)")
-    if a.format != "int8" or w.format != "int8":
+    if not (_qdq_fused(a) and _qdq_fused(w)):
         return (f"ONNX Runtime's integer kernels take int8 (or uint8) weights and inputs; {w.format} weights with "
                 f"{a.format} inputs run as float on the exact quantized values")
     return ("ONNX Runtime fuses a QDQ Conv into QLinearConv only when its output is quantized again by the next "
@@ -59,12 +63,12 @@ def why_float(plan, kind: str) -> str:
 
 def size_differences(workload, recipe: Recipe, report) -> list[str]:
     """Where the file's bytes go when the ``ExportReport`` ``report`` is more than 10 % off the theoretical
-    size: one line for the
-    gap, one per layer stored wider (or narrower), one for everything outside the layers' weights."""
+    size: one line per layer stored wider (or narrower), one for everything outside the layers' weights
+    (the two sizes and the gap itself are stated once, by ``summary_lines``)."""
     file_b, theory_b = report.file_size_bytes, report.theoretical_size_bytes
     if abs(file_b / theory_b - 1) <= SIZE_TOLERANCE:
         return []
-    lines = [f"the file is {file_b:,} B, {file_b / theory_b - 1:+.0%} against the theoretical {theory_b:,} B"]
+    lines = []
     plans = recipe.resolve(workload.layer_shapes)
     for row in report.layers:
         spec = plans[row["layer"]].weights

@@ -45,8 +45,9 @@ class ExportReport:
                                   data (onnx only), "simulated": task metrics of ``workload.simulate(recipe)``}
     layers                      : per quantizable layer {layer, kind, weights, activations, executes, reason,
                                   stored_bytes, theoretical_bytes} (onnx only)
-    differences                 : one line per gap: file vs theoretical size beyond 10 %, ONNX Runtime vs
-                                  simulated headline metric beyond one evaluation sample
+    differences                 : one line per gap: where the bytes go when the file is more than 10 % off the
+                                  theoretical size (the sizes and the gap are ``summary_lines``' first line),
+                                  ONNX Runtime vs simulated headline metric beyond one evaluation sample
     notes                       : other remarks (layers running in float, CPU caveats)
     """
 
@@ -71,10 +72,12 @@ class ExportReport:
 
 
 def summary_lines(report: dict) -> list[str]:
-    """``ExportReport.to_dict()`` -> labelled lines: file on disk vs theoretical size, the headline metric of
-    the file run in ONNX Runtime vs the simulation, why they differ, which layers run in float in ONNX Runtime."""
+    """``ExportReport.to_dict()`` -> labelled lines: file on disk vs theoretical size (the only statement of
+    either, with the relative gap), the headline metric of the file run in ONNX Runtime vs the simulation, why
+    they differ, which layers run in float in ONNX Runtime."""
     headline = report["metric"]
-    lines = [f"file on disk: {report['file_size_bytes']:,} bytes (theoretical size {report['theoretical_size_bytes']:,} "
+    file_b, theory_b = report["file_size_bytes"], report["theoretical_size_bytes"]
+    lines = [f"file on disk: {file_b:,} bytes ({file_b / theory_b - 1:+.0%} against the theoretical size {theory_b:,} "
              f"bytes; FP32 {report['fp32_theoretical_size_bytes']:,} bytes)"]
     measured, simulated = report["metrics"].get("onnxruntime"), report["metrics"].get("simulated", {})
     if measured and headline in measured:
@@ -135,10 +138,9 @@ def export(workload, recipe: Recipe, fmt: str, out: str) -> ExportReport:
         report = ExportReport(out, fmt, os.path.getsize(out), size["size_bytes"], size["fp32_bytes"], None, head,
                               {"simulated": simulated})
         if abs(report.file_size_bytes / size["size_bytes"] - 1) > SIZE_TOLERANCE:
-            report.differences.append(
-                f"the file is {report.file_size_bytes:,} B, {report.file_size_bytes / size['size_bytes'] - 1:+.0%} against the "
-                f"theoretical {size['size_bytes']:,} B: safetensors "
-                "stores codes below 8 bits packed but zero-points as int8, plus a JSON header (tensor index, recipe)")
+            report.differences.append(  # the sizes and the gap: summary_lines' first line
+                "safetensors stores codes below 8 bits packed but zero-points as int8, plus a JSON header (tensor "
+                "index, recipe)")
         return report
     with _onnx_exportable(workload):
         written = export_qdq(workload, recipe, out)

@@ -19,7 +19,8 @@ than dividing by zero. Codes, scales and zero-points are always finite for finit
 quantization parameters a block stores (``params``), how its codes are stored in bytes (``store`` /
 ``load``), its bit fields (``bit_fields``), whether it may quantize activations, be affine or be
 scaled, the spec defaults it implies (nf4: per_group 64), how ONNX Runtime holds and runs it
-(``onnx_type``, ``ort_kernels``) and where the app lists it (``menus``, ``label``, ``group``).
+(``onnx_type``, ``ort_kernels``), the arithmetic a chip needs for it (``compute``) and where the app lists it
+(``menus``, ``label``, ``group``).
 Adding a format is adding one entry; nothing else switches on format names or classes.
 """
 
@@ -62,6 +63,8 @@ class Format:
     onnx_type   : the ONNX element type its codes are stored as in an exported model ("INT4", "FLOAT8E4M3FN",
                   "UINT4" for codebook indices, ...)
     ort_kernels : ONNX Runtime CPU kernels that compute with it in low precision (empty: dequantized to float)
+    compute     : the arithmetic a layer of it needs on a chip (``roofline``): "int4", "int8", "fp8", "fp16", ...
+    codebook    : the levels its codes index (empty: not a codebook format)
     menus       : ``((list, position), ...)``: the app's choice lists it appears in (see ``choices``)
     label       : its name in the Formats page's list; ``group``: formats sharing a group are one entry
                   there with a Bits slider (the integers)
@@ -84,6 +87,11 @@ class Format:
     for_activations = True  # may quantize a layer's input
     step_is_scale = False  # the grid is uniform and its step is the block's scale
     spec_defaults = ()  # ((key, value), ...): what a spec of this format defaults to
+    codebook = ()  # a field of CodebookFormat; a class attribute here, so that field positions stay
+
+    @property
+    def compute(self) -> str:
+        return self.name
 
     def uses_range(self, scaled: bool) -> bool:
         return True
@@ -132,6 +140,10 @@ class IntFormat(Format):
 
     def params(self, symmetric: bool, scaled: bool) -> tuple[str, ...]:
         return ("scale",) if symmetric else ("scale", "zero_point")
+
+    @property
+    def compute(self) -> str:
+        return f"int{self.bits}"
 
     def bit_fields(self) -> list[tuple[str, int]]:
         return [("sign", 1), ("magnitude (two's complement)", self.bits - 1)]
@@ -191,6 +203,10 @@ class FloatFormat(Format):
     def scaled_by_default(self) -> bool:
         return self.bits == 8  # FP8 recipes scale; FP16/BF16 are usually a plain cast
 
+    @property
+    def compute(self) -> str:
+        return "fp8" if self.bits == 8 else self.name  # FP8 units take both E4M3 and E5M2
+
     def params(self, symmetric: bool, scaled: bool) -> tuple[str, ...]:
         return ("scale",) if scaled else ()
 
@@ -244,6 +260,10 @@ class CodebookFormat(Format):
 
     def bit_fields(self) -> list[tuple[str, int]]:
         return [("codebook index", self.bits)]
+
+    @property
+    def compute(self) -> str:
+        return f"int{self.bits}"  # its b-bit indices move like int-b codes (the lookup is expanded before multiplying)
 
     def store(self, codes):
         return pack_bits(codes, self.bits)

@@ -14,8 +14,7 @@ import torch
 from onnx import TensorProto
 
 from qcore.errors import QcoreError
-from qcore.export.onnx.weights import FLOAT_TYPES
-from qcore.numerics.formats import FloatFormat
+from qcore.export.onnx.weights import ELEMENT_TYPES, decoder
 from qcore.numerics.quantize import quantize
 from qcore.numerics.ranges import MSE_GRID
 from qcore.numerics.spec import TensorSpec
@@ -70,7 +69,7 @@ def _safe(ed, s: str, before) -> str:
 def _params_ops(ed, lo: str, hi: str, spec: TensorSpec, fmt, before) -> tuple[str, str | None]:
     """(scale, zero_point as float or None) from a range, ``fmt.encode``'s formula as ops (any shape)."""
     n = lambda op, ins, **kw: ed.node(op, ins, "qparams", before, **kw)  # noqa: E731
-    if isinstance(fmt, FloatFormat):
+    if decoder(fmt) == "Cast":
         amax = n("Max", [n("Abs", [lo]), n("Abs", [hi])])
         return _safe(ed, n("Div", [amax, _c(ed, fmt.max_value)]), before), None
     if spec.symmetric:
@@ -86,11 +85,11 @@ def _params_ops(ed, lo: str, hi: str, spec: TensorSpec, fmt, before) -> tuple[st
 def _fake_quant_ops(ed, x: str, scale: str, zp: str | None, fmt, before) -> str:
     """Quantize-dequantize ``x`` with broadcastable scale / zero-point, as float ops (the MSE search)."""
     n = lambda op, ins, **kw: ed.node(op, ins, "mse", before, **kw)  # noqa: E731
-    if isinstance(fmt, FloatFormat):
-        onnx_type = FLOAT_TYPES[fmt.name][0]
+    if decoder(fmt) == "Cast":
         m = fmt.max_value
         v = n("Clip", [n("Div", [x, scale]), _c(ed, -m), _c(ed, m)])
-        return n("Mul", [n("Cast", [n("Cast", [v], to=onnx_type)], to=TensorProto.FLOAT), scale])
+        return n("Mul", [n("Cast", [n("Cast", [v], to=getattr(TensorProto, fmt.onnx_type))], to=TensorProto.FLOAT),
+                         scale])
     ratio = n("Div", [n("Cast", [x], to=TensorProto.DOUBLE), n("Cast", [scale], to=TensorProto.DOUBLE)])
     q = n("Cast", [n("Round", [ratio])], to=TensorProto.FLOAT)
     if zp is not None:
@@ -121,10 +120,12 @@ def quantize_input(ed, x: str, iq, before) -> tuple[str, str]:
     spec, fmt = iq.spec, iq.spec.fmt
     n = lambda op, ins, **kw: ed.node(op, ins, "input_q", before, **kw)  # noqa: E731
     static = not spec.dynamic and iq.lo is not None
-    if isinstance(fmt, FloatFormat) and not spec.scaled:  # a plain saturating cast
+    op = decoder(fmt)  # "DequantizeLinear" (Q/DQ pair) or "Cast"; codebooks are weight-only formats
+    if op == "Cast" and not spec.scaled:  # a plain saturating cast
         m = fmt.max_value
         v = n("Clip", [x, _c(ed, -m), _c(ed, m)])
-        return n("Cast", [n("Cast", [v], to=FLOAT_TYPES[fmt.name][0])], to=TensorProto.FLOAT), f"{fmt.name} Cast pair"
+        return n("Cast", [n("Cast", [v], to=getattr(TensorProto, fmt.onnx_type))], to=TensorProto.FLOAT), \
+            f"{fmt.name} Cast pair"
     if static:
         qt = quantize(torch.zeros(1), spec, iq.lo, iq.hi)
         scale = _c(ed, float(qt.scale[0]), "input_scale")
@@ -133,17 +134,20 @@ def quantize_input(ed, x: str, iq, before) -> tuple[str, str]:
         lo, hi = _range_ops(ed, x, spec, fmt, before)
         scale, zp = _params_ops(ed, lo, hi, spec, fmt, before)
     how = f"static (calibrated {spec.range})" if static else f"dynamic ({spec.range} per batch)"
-    if isinstance(fmt, FloatFormat):
+    if op == "Cast":
         return _fake_quant_ops(ed, x, scale, None, fmt, before), f"{fmt.name} scaled {how}: Div/Cast/Mul"
-    container, onnx_type = (np.int8, TensorProto.INT8) if fmt.bits <= 8 else (np.int16, TensorProto.INT16)
+    # An input's codes are held in 8 bits at least (ONNX Runtime's QuantizeLinear and its QDQ fusions take
+    # 8- and 16-bit codes), clipped to the format's range when it is narrower than its container.
+    onnx_type = "INT8" if fmt.onnx_type == "INT4" else fmt.onnx_type
+    container, container_bits = ELEMENT_TYPES[onnx_type]
     if zp is None:
         zp = ed.const(np.array(0, container), "input_zero_point")
     elif static:
         zp = ed.const(np.array(zp, container), "input_zero_point")
     else:
-        zp = n("Cast", [zp], to=onnx_type)
+        zp = n("Cast", [zp], to=getattr(TensorProto, onnx_type))
     codes = n("QuantizeLinear", [x, scale, zp])
-    if fmt.bits not in (8, 16):
+    if fmt.bits < container_bits:
         codes = n("Clip", [codes, ed.const(np.array(fmt.qmin, container), "qmin"),
                            ed.const(np.array(fmt.qmax, container), "qmax")])
     return n("DequantizeLinear", [codes, scale, zp]), f"{fmt.name} {how}: QuantizeLinear/DequantizeLinear"

@@ -22,10 +22,9 @@ from onnx import helper
 from qcore.export.graph import GraphEditor
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.float_graph import OPSET, float_graph
-from qcore.export.onnx.weights import decode_weight, matmul_nbits, nbits_block, stored_bytes
+from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
 from qcore.model.simulate import input_quantizer, needs_calibration
-from qcore.numerics.formats import IntFormat
 from qcore.numerics.quantize import quantize
 from qcore.recipe import Recipe
 
@@ -91,11 +90,11 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if iq is not None and data_input is not None:
             new_input, row["activations"] = quantize_input(ed, node.input[data_input], iq, node)
             node.input[data_input] = new_input
-        elif plan.activations is not None and info.kind != "Embedding" and plan.activations.format != "fp32":
+        elif plan.activations is not None and info.kind != "Embedding" and plan.activations.fmt.quantizes:
             row["activations"] = "fp32 (layer not reached by the calibration data: the simulation leaves it float)"
         w = plan.weights
         before_weight = set(ed.inits)
-        if w is not None and w.format != "fp32":
+        if w is not None and w.fmt.quantizes:
             q = quantize(weight, w)
             # a Linear as MatMul(A, W^T) reading the weight directly
             nbits_ok = (node is not None and node.op_type == "MatMul" and transposed and node.input[1] == init
@@ -107,15 +106,16 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
                 ed.replace(node, new)
                 row["weights"] = f"{w.format} codes packed in MatMulNBits (bits={bits}, block_size={block})"
                 codes_of[name] = new.input[1]
-            elif isinstance(w.fmt, IntFormat):  # DequantizeLinear reads transposed codes directly
+            elif decoder(w.fmt) == "DequantizeLinear":  # it reads transposed codes directly
                 row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), init, transposed)
             else:
                 out = ed.fresh(f"{init}_dequantized") if transposed else init
                 row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), out)
                 if transposed:
                     ed.node("Transpose", [out], "w", output=init, perm=[1, 0])
-            if isinstance(w.fmt, IntFormat) and w.fmt.bits not in (4, 8, 16) and block is None:
-                notes.append(f"{name}: {w.format} codes are stored in a {'4' if w.fmt.bits < 4 else '8'}-bit "
+            container_bits = ELEMENT_TYPES[w.fmt.onnx_type][1]
+            if w.fmt.bits < container_bits and block is None:
+                notes.append(f"{name}: {w.format} codes are stored in a {container_bits}-bit "
                              "container (ONNX has no narrower integer type), so the file is larger than the "
                              "theoretical size")
         row["stored_bytes"] = stored_bytes(ed, set(ed.inits) - before_weight) if set(ed.inits) - before_weight \

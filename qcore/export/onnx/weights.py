@@ -13,8 +13,9 @@ fp16 / bf16 / fp8            values in that type + ``Cast`` (+ ``Mul`` by the sc
 nf4                          4-bit codebook indices (UINT4) + ``Gather`` from the 16 levels + ``Mul``
 ===========================  =====================================================================
 
-Initializers are named by role (``codes``/``values``/``indices``, ``scale``, ``zero_point``), which
-``stored_bytes`` counts.
+Which row applies is read from the format's traits (``decoder``), the element type from its
+``onnx_type`` (``ELEMENT_TYPES``). Initializers are named by role (``codes``/``values``/``indices``,
+``scale``, ``zero_point``), which ``stored_bytes`` counts.
 """
 
 from __future__ import annotations
@@ -26,14 +27,28 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from qcore.numerics.formats import NF4_CODEBOOK, CodebookFormat, FloatFormat, IntFormat
+from qcore.errors import QcoreError
 from qcore.numerics.granularity import fan_in, from_blocks
 from qcore.numerics.quantize import QuantizedTensor
 
-# ONNX element type and numpy dtype holding a float format's values
-FLOAT_TYPES = {"fp16": (TensorProto.FLOAT16, np.float16), "bf16": (TensorProto.BFLOAT16, ml_dtypes.bfloat16),
-                "fp8_e4m3": (TensorProto.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn),
-                "fp8_e5m2": (TensorProto.FLOAT8E5M2, ml_dtypes.float8_e5m2)}
+# A format's ``onnx_type`` -> (numpy / ml_dtypes dtype holding its codes in an initializer, bits per element)
+ELEMENT_TYPES = {"INT4": (ml_dtypes.int4, 4), "UINT4": (ml_dtypes.uint4, 4), "INT8": (np.int8, 8),
+                 "INT16": (np.int16, 16), "FLOAT16": (np.float16, 16), "BFLOAT16": (ml_dtypes.bfloat16, 16),
+                 "FLOAT8E4M3FN": (ml_dtypes.float8_e4m3fn, 8), "FLOAT8E5M2": (ml_dtypes.float8_e5m2, 8)}
+
+
+def decoder(fmt) -> str:
+    """The op turning a format's stored codes into its values, from its traits: "DequantizeLinear" for a
+    uniform integer grid whose step is the scale (x = (q - z) * s), "Gather" for indices into a codebook,
+    "Cast" for values of an ONNX float type (then * s when scaled)."""
+    if fmt.step_is_scale:
+        return "DequantizeLinear"
+    if fmt.codebook:
+        return "Gather"
+    if fmt.can_be_scaled:
+        return "Cast"
+    raise QcoreError(f"the {fmt.name} format has no ONNX form (neither an integer grid, a codebook nor a float "
+                     "type); export safetensors instead")
 
 
 def _full(q: QuantizedTensor, per_block: torch.Tensor | None, shape) -> np.ndarray | None:
@@ -65,14 +80,10 @@ def _stored_shape(q: QuantizedTensor, shape) -> tuple[int, ...]:
     return (shape[0], fan_in(shape) // s.group_size, s.group_size) if s.granularity == "per_group" else tuple(shape)
 
 
-def _int_container(bits: int):
-    return ml_dtypes.int4 if bits <= 4 else np.int8 if bits <= 8 else np.int16
-
-
 def _dequantize_linear(ed, q: QuantizedTensor, shape, out: str, transposed: bool = False) -> str:
     """Integer codes + DequantizeLinear (per tensor / per axis / blocked on the (C_out, fan_in) view);
     ``transposed``: a 2-D weight stored as W^T (codes, scales and the axis transposed with it)."""
-    s, dtype = q.spec, _int_container(q.spec.fmt.bits)
+    s, dtype = q.spec, ELEMENT_TYPES[q.spec.fmt.onnx_type][0]
     codes = q.codes.numpy().astype(np.int64)
     zp = None if q.zero_point is None else q.zero_point.numpy().astype(np.int64)
     scale = q.scale.numpy()
@@ -108,21 +119,19 @@ def decode_weight(ed, q: QuantizedTensor, shape, out: str, transposed: bool = Fa
     """Graph ops computing ``q.dequantize()`` (the simulated weight) into value ``out``; returns
     (what is stored, the initializer holding the codes)."""
     fmt = q.spec.fmt
-    if isinstance(fmt, IntFormat):
-        container = {ml_dtypes.int4: "INT4", np.int8: "INT8", np.int16: "INT16"}[_int_container(fmt.bits)]
-        return f"{fmt.name} codes as {container} + DequantizeLinear", _dequantize_linear(ed, q, shape, out, transposed)
+    op, dtype = decoder(fmt), ELEMENT_TYPES[fmt.onnx_type][0]
+    if op == "DequantizeLinear":
+        return f"{fmt.name} codes as {fmt.onnx_type} + DequantizeLinear", _dequantize_linear(ed, q, shape, out, transposed)
     stored = q.codes.numpy().reshape(_stored_shape(q, shape))
-    if isinstance(fmt, FloatFormat):
-        codes = ed.const(stored.astype(FLOAT_TYPES[fmt.name][1]), "values")
+    if op == "Cast":
+        codes = ed.const(stored.astype(dtype), "values")
         values = ed.node("Cast", [codes], "w", to=TensorProto.FLOAT)
         what = f"{fmt.name} values + Cast" + (" + Mul(scale)" if q.scale is not None else "")
-    elif isinstance(fmt, CodebookFormat):
-        codes = ed.const(stored.astype(np.uint8).astype(ml_dtypes.uint4), "indices")
-        index = ed.node("Cast", [codes], "w", to=TensorProto.INT32)
-        values = ed.node("Gather", [ed.const(np.array(NF4_CODEBOOK, np.float32), "codebook"), index], "w")
-        what = "nf4 indices as UINT4 + Gather(codebook) + Mul(scale)"
     else:
-        raise AssertionError(fmt)
+        codes = ed.const(stored.astype(np.uint8).astype(dtype), "indices")
+        index = ed.node("Cast", [codes], "w", to=TensorProto.INT32)
+        values = ed.node("Gather", [ed.const(np.array(fmt.codebook, np.float32), "codebook"), index], "w")
+        what = f"{fmt.name} indices as {fmt.onnx_type} + Gather(codebook) + Mul(scale)"
     _scale_view(ed, values, q, shape, out)
     return what, codes
 
@@ -159,7 +168,7 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
 
 def matmul_nbits(ed, q: QuantizedTensor, a: str, bias: str | None, out: str, before, block: int):
     """MatMulNBits(A, packed codes, scales, zero-points, bias) computing A @ W^T (+ bias), W (N, K)."""
-    bits = {2: 2, 3: 4, 4: 4}.get(q.spec.fmt.bits, 8)
+    bits = next(slot for slot in (2, 4, 8) if slot >= q.spec.fmt.bits)  # MatMulNBits' code widths
     offset = 2 ** (bits - 1)  # unsigned code = signed code + offset; MatMulNBits' default zero-point
     N, K = q.shape
     kb = -(-K // block)
