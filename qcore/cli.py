@@ -143,8 +143,18 @@ def cmd_inspect(args):
     return result, text + "".join(f"\nnote: {n}" for n in w.notes)
 
 
+def _finetuned(args, w):
+    """The workload itself, or with --weights the fine-tuned weights `qat --out` wrote for it."""
+    if not getattr(args, "weights", None):
+        return w
+    from qcore.training import load_finetuned
+
+    return load_finetuned(w, args.weights)
+
+
 def cmd_evaluate(args):
     w, recipe = _workload_and_recipe(args)
+    w = _finetuned(args, w)
     r = w.evaluate(recipe)
     head = r["metric"]
     lines = [f"model {r['model']}  recipe {r['recipe']['name']}  headline metric: {head}"]
@@ -232,7 +242,7 @@ def cmd_export(args):
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
-    rep = export(w, recipe, args.format, args.out)
+    rep = export(_finetuned(args, w), recipe, args.format, args.out)
     return rep.to_dict(), "\n".join([f"wrote {rep.path}"] + rep.summary_lines())
 
 
@@ -262,6 +272,7 @@ def _add_sweep_commands(command):
     c = command("export", cmd_export, "export a model under a recipe (onnx or safetensors)", model=True, recipe=True, data=True)
     c.add_argument("--format", required=True, choices=["onnx", "safetensors"])
     c.add_argument("--out", required=True, help="output file path")
+    c.add_argument("--weights", help="fine-tuned weights written by `qat --out DIR` (DIR/weights.safetensors)")
     c = command("bench", cmd_bench, "measure size, latency and metric in a real runtime", model=True, recipe=True, data=True)
     c.add_argument("--batch-size", type=_count(MAX_BATCH_SIZE), default=8)
     cores = os.cpu_count() or 1
@@ -294,15 +305,57 @@ def build_parser() -> argparse.ArgumentParser:
     command("formats", cmd_formats, "every number format with bits, min/max and smallest step near zero")
     command("models", cmd_models, "the model zoo with parameters, FP32 size and FP32 metric")
     command("inspect", cmd_inspect, "quantizable layers of a model with weight statistics", model=True, data=True)
-    command("evaluate", cmd_evaluate, "metrics and size of a model under a preset or recipe",
-            model=True, recipe=True, data=True)
+    c = command("evaluate", cmd_evaluate, "metrics and size of a model under a preset or recipe",
+                model=True, recipe=True, data=True)
+    c.add_argument("--weights", help="fine-tuned weights written by `qat --out DIR` (DIR/weights.safetensors)")
     for extra in _EXTRA_COMMANDS:
         extra(command)
     return p
 
 
 # Functions that add more commands: each gets command(...) and adds arguments to what it returns.
-_EXTRA_COMMANDS: list = [_add_sweep_commands]
+def cmd_qat(args):
+    from qcore.training import QATConfig, finetune, save
+
+    w, recipe = _workload_and_recipe(args)
+    config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, loss=args.loss, seed=args.seed,
+                       patience=args.patience, learn_scales=args.learn_scales)
+    progress = _progress(args)
+    r = finetune(w, recipe, config, progress=(lambda f, row: progress(f, f"epoch {row.epoch}" if row else "")) if progress else None)
+    if progress:
+        print(file=sys.stderr)
+    result = r.to_dict()
+    if args.out:
+        result["files"] = save(r.workload, w, recipe, args.out)
+    head = r.metric
+    rows = [{"": name, head: m[head], **{k: m[k] for k in ("agreement", "sqnr_db") if k in m and k != head}}
+            for name, m in (("fp32", r.fp32_metrics), ("ptq", r.ptq_metrics), ("qat", r.qat_metrics))]
+    lines = [f"model {w.name}  recipe {recipe.name}  loss {r.loss}  {r.message} in {r.seconds:.1f} s; best epoch {r.best_epoch}",
+             _table(rows), "per epoch (epoch 0 = PTQ):",
+             _table([{"epoch": h.epoch, "train_loss": h.train_loss, "calibration_loss": h.calibration_loss, head: h.metric}
+                     for h in r.history])]
+    lines += [f"note: {n}" for n in r.notes]
+    if args.out:
+        lines.append(f"wrote {result['files']['weights']} and {result['files']['recipe']}; reproduce with: python -m qcore "
+                     f"evaluate {args.model} --recipe {result['files']['recipe']} --weights {result['files']['weights']}")
+    return result, "\n".join(lines)
+
+
+def _add_qat_command(command):
+    c = command("qat", cmd_qat, "quantization-aware training: fine-tune under a recipe, compare FP32, PTQ and QAT",
+                model=True, recipe=True, data=True)
+    c.add_argument("--epochs", type=_count(1000), default=5)
+    c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant)")
+    c.add_argument("--batch-size", type=_count(MAX_BATCH_SIZE), default=64)
+    c.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "distillation"],
+                   help="auto: cross-entropy where the data has labels, else distillation to the FP32 outputs")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--patience", type=_count(1000), default=3, help="epochs without a better calibration loss before stopping")
+    c.add_argument("--learn-scales", action="store_true", help="LSQ: learn the weights' step sizes too")
+    c.add_argument("--out", help="directory for weights.safetensors and recipe.json")
+
+
+_EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command]
 
 
 class LibraryLog(UserWarning):

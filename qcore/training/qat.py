@@ -297,11 +297,15 @@ def finetune(workload: Workload, recipe: Recipe, config: QATConfig = QATConfig()
             if should_stop and should_stop():
                 stopped, message = "cancelled", f"cancelled during epoch {epoch}"
                 break
-            out = trainer.model(*_batch(train, idx))
-            loss = loss_fn(out.float(), train_targets[idx], None if train.labels is None else train.labels[idx])
-            if not torch.isfinite(loss):
-                stopped, message = "diverged", (f"the loss became {float(loss)} at epoch {epoch}, step {step + 1}: "
-                                                f"training stopped (try a smaller learning rate than {config.lr:g})")
+            try:  # weights that became NaN/Inf are refused by the quantizer (QcoreError) before the loss sees them
+                out = trainer.model(*_batch(train, idx))
+                loss = loss_fn(out.float(), train_targets[idx], None if train.labels is None else train.labels[idx])
+                bad = None if torch.isfinite(loss) else f"the loss became {float(loss)}"
+            except QcoreError:
+                bad = "the weights or activations became NaN/Inf"
+            if bad:
+                stopped, message = "diverged", (f"{bad} at epoch {epoch}, step {step + 1}: training stopped "
+                                                f"(try a smaller learning rate than {config.lr:g})")
                 break
             opt.zero_grad()
             loss.backward()
