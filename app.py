@@ -40,6 +40,7 @@ page = st.navigation([
     st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/troubleshoot:"),
     st.Page("pages/mixed_precision.py", title="Mixed precision", icon=":material/tune:"),
     st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
+    st.Page("pages/qat.py", title="QAT", icon=":material/model_training:"),
     st.Page("pages/export.py", title="Export", icon=":material/download:"),
 ])
 
