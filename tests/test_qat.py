@@ -200,3 +200,31 @@ def test_lsq_refuses_affine_weights(digits_mlp):
     with pytest.raises(QcoreError, match="symmetric integer weights"):
         finetune(digits_mlp, Recipe.from_dict({"name": "a", "weights": {"format": "int4", "symmetric": False}}),
                  QATConfig(epochs=1, learn_scales=True))
+
+
+# ---- the command line and the benchmark ----------------------------------------------------
+def test_cli_qat_prints_fp32_ptq_qat_and_writes_what_evaluate_reproduces(digits_mlp, tmp_path, capsys):
+    import json
+
+    from qcore.cli import main
+
+    recipe_file = tmp_path / "w2.json"
+    recipe_file.write_text(per_channel("int2").to_json())
+    assert main(["qat", "digits-mlp", "--recipe", str(recipe_file), "--epochs", "1", "--out", str(tmp_path / "run"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["loss"] == "cross_entropy" and r["best_epoch"] == 1 and len(r["history"]) == 2
+    assert r["ptq"]["accuracy"] == digits_mlp.evaluate(per_channel("int2"))["quantized"]["metrics"]["accuracy"]
+    assert r["qat"]["accuracy"] > r["ptq"]["accuracy"] + 0.1  # measured 0.9000 against 0.7167
+    assert main(["evaluate", "digits-mlp", "--recipe", r["files"]["recipe"], "--weights", r["files"]["weights"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized"]["metrics"] == r["qat"]
+    assert main(["qat", "digits-mlp", "--preset", "fp32"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line
+
+
+def test_benchmark_rows_hold_measured_values(digits_mlp):
+    from benchmarks.qat import recipe, rows
+
+    (row,) = rows(["digits-mlp"], ["W2 per-channel"], QATConfig(epochs=1), lsq=False)
+    assert row["ptq"] == digits_mlp.evaluate(recipe("W2 per-channel"))["quantized"]["metrics"]["accuracy"]
+    assert row["qat"] > row["ptq"] and row["qat_s"] > 0
+    assert row["torch_ao"] > row["ptq"] and row["torch_ao_note"] == ""  # torch.ao's FX QAT runs weight-only int2
