@@ -300,7 +300,7 @@ def finetune(workload: Workload, recipe: Recipe, config: QATConfig = QATConfig()
             try:  # weights that became NaN/Inf are refused by the quantizer (QcoreError) before the loss sees them
                 out = trainer.model(*_batch(train, idx))
                 loss = loss_fn(out.float(), train_targets[idx], None if train.labels is None else train.labels[idx])
-                bad = None if torch.isfinite(loss) else f"the loss became {float(loss)}"
+                bad = None if torch.isfinite(loss) else f"the loss became {float(loss.detach())}"
             except QcoreError:
                 bad = "the weights or activations became NaN/Inf"
             if bad:
