@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_qat(args):
     from qcore.training import QATConfig, finetune, save
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise QcoreError(f"--out {args.out[:200]!r} exists and is not a directory; give a directory for the weights and recipe")
     w, recipe = _workload_and_recipe(args)
     config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, loss=args.loss, seed=args.seed,
                        patience=args.patience, learn_scales=args.learn_scales)

@@ -207,6 +207,7 @@ def test_cli_qat_prints_fp32_ptq_qat_and_writes_what_evaluate_reproduces(digits_
     import json
 
     from qcore.cli import main
+    from qcore.zoo.digits import WEIGHTS_DIR
 
     recipe_file = tmp_path / "w2.json"
     recipe_file.write_text(per_channel("int2").to_json())
@@ -217,8 +218,16 @@ def test_cli_qat_prints_fp32_ptq_qat_and_writes_what_evaluate_reproduces(digits_
     assert r["qat"]["accuracy"] > r["ptq"]["accuracy"] + 0.1  # measured 0.9000 against 0.7167
     assert main(["evaluate", "digits-mlp", "--recipe", r["files"]["recipe"], "--weights", r["files"]["weights"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantized"]["metrics"] == r["qat"]
-    assert main(["qat", "digits-mlp", "--preset", "fp32"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1  # one line
+    bad = [(["qat", "digits-mlp", "--preset", "fp32"], "keeps every layer in float"),
+           (["qat", "digits-mlp", "--preset", "int8-static", "--out", str(recipe_file)], "is not a directory"),
+           (["evaluate", "digits-mlp", "--preset", "int8-static", "--weights", str(WEIGHTS_DIR / "digits-mlp.safetensors")],
+            "was not written by `qat`"),
+           (["evaluate", "digits-mlp", "--preset", "int8-static", "--weights", str(recipe_file)], "not a readable safetensors"),
+           (["evaluate", "digits-mlp", "--preset", "int8-static", "--weights", str(tmp_path / "none")], "cannot be read")]
+    for argv, message in bad:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
 
 
 def test_benchmark_rows_hold_measured_values(digits_mlp):
