@@ -47,3 +47,13 @@ def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypa
     assert calls == [1] and not [b for b in at.button if b.key == "qat_run"]
     assert metrics(at)["QAT accuracy"] == f"{r.qat_metrics['accuracy']:.4f}"
     assert any("Already trained" in c.value for c in at.caption)
+
+
+def test_qat_page_cancel_and_all_float_recipe(zoo_models):
+    at = open_app("digits-mlp")
+    at.session_state[state.RECIPES] = {"zoo:digits-mlp": {"preset": "fp32", "layers": {}}}
+    visit(at, "qat")
+    at.button(key="qat_cancel").click().run()
+    assert "Cancelled" in at.info[0].value and not at.metric  # nothing ran, nothing shown
+    at.button(key="qat_run").click().run()  # the current recipe keeps every layer in float: one error box
+    assert len(at.error) == 1 and plain("keeps every layer in float") in at.error[0].value and not at.metric
