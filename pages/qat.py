@@ -11,6 +11,7 @@ import streamlit as st
 
 from pages import state
 from pages.formulas import error_box, intro
+from qcore.figures import decide as viz_decide
 from qcore.figures import qat as viz_qat
 from qcore.numerics.quantize import fake_quantize
 from qcore.recipe import PRESETS, preset
@@ -102,10 +103,15 @@ if quantized:
     st.plotly_chart(viz_qat.weight_change(before, after, fake_quantize(before, spec), fake_quantize(after, spec), layer),
                     key="qat_weights", width="stretch")
 
-size = result.workload.size(recipe)
-st.caption(f"The fine-tuned model under {plain(recipe.name)} is {size['size_bytes']:,} bytes (FP32 folded: "
-           f"{size['fp32_bytes']:,}); the command line reproduces it: `python -m qcore qat MODEL --recipe FILE "
-           f"--epochs {config.epochs} --lr {config.lr:g}{' --learn-scales' if learn else ''}`.")
+size, base_size = result.workload.size(recipe), w.size(recipe)
+points = [{"label": "FP32", "size_bytes": base_size["fp32_bytes"], "metric": fp32},
+          {"label": f"PTQ {recipe.name}", "size_bytes": base_size["size_bytes"], "metric": ptq},
+          {"label": f"QAT {recipe.name}", "size_bytes": size["size_bytes"], "metric": qat}]
+st.plotly_chart(viz_decide.tradeoff_scatter(points, head, w.task.higher_is_better), key="qat_tradeoff", width="stretch")
+st.caption(f"QAT changes the weights, not their format: {size['size_bytes']:,} bytes under {plain(recipe.name)}, PTQ "
+           f"{base_size['size_bytes']:,} (a difference is the BatchNorm parameters, folded into the convolutions). The command line "
+           f"reproduces the run: `python -m qcore qat MODEL --recipe FILE --epochs {config.epochs} --lr {config.lr:g}"
+           f"{' --learn-scales' if learn else ''} --out DIR`.")
 with tempfile.TemporaryDirectory() as tmp:
     files = save(result.workload, w, recipe, tmp)
     st.download_button("Download the fine-tuned weights (safetensors)", Path(files["weights"]).read_bytes(),
