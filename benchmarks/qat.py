@@ -62,8 +62,13 @@ def _train(model: nn.Module, w, config: QATConfig) -> None:
 
 
 def torch_ao_qat(w, name: str, config: QATConfig) -> tuple[float, float]:
-    from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
-                                       PlaceholderObserver, QConfig)
+    from torch.ao.quantization import (
+        FakeQuantize,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PlaceholderObserver,
+        QConfig,
+    )
     from torch.ao.quantization.qconfig_mapping import QConfigMapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
@@ -115,7 +120,7 @@ def _peer(fn, *args) -> tuple[float | None, float | None, str]:
         return acc, seconds, ""
     except ImportError as e:
         return None, None, f"not installed ({e.name})"
-    except Exception as e:  # a peer that cannot run this recipe says why, in the table
+    except Exception as e:  # noqa: BLE001 -- a peer that cannot run this recipe says why, in the table
         return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
 
 
@@ -155,8 +160,8 @@ def _cell(v, digits=4) -> str:
 
 
 def markdown(table: list[dict], config: QATConfig) -> str:
-    lines = [f"Accuracy on the 360 test images after {config.epochs} epochs (Adam, lr {config.lr:g}, batch {config.batch_size}, "
-             f"seed {config.seed}, {torch.get_num_threads()} thread(s)); time in seconds for the whole fine-tuning.", "",
+    lines = [(f"Accuracy on the 360 test images after {config.epochs} epochs (Adam, lr {config.lr:g}, batch {config.batch_size}, "
+              f"seed {config.seed}, {torch.get_num_threads()} thread(s)); time in seconds for the whole fine-tuning."), "",
              "| model | recipe | FP32 | PTQ | QAT (qcore) | s | QAT+LSQ (qcore) | s | torch.ao QAT | s | Brevitas QAT | s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = set()

@@ -3,13 +3,13 @@ never trained twice in one session."""
 
 import pytest
 import torch
+from test_app import metrics, open_app, visit, zoo_models  # noqa: F401 -- zoo_models is a fixture
 
 import qcore.training
 from pages import state
 from qcore.recipe.links import build_recipe
 from qcore.training import QATConfig, finetune
 from ui.text import plain
-from test_app import metrics, open_app, visit, zoo_models  # noqa: F401 -- zoo_models is a fixture
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypatch):
+def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypatch):  # noqa: F811
     calls = []
     monkeypatch.setattr(qcore.training, "finetune", lambda *a, **k: calls.append(1) or finetune(*a, **k))
     at = open_app("digits-mlp")
@@ -49,7 +49,7 @@ def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypa
     assert any("Already trained" in c.value for c in at.caption)
 
 
-def test_qat_page_cancel_and_all_float_recipe(zoo_models):
+def test_qat_page_cancel_and_all_float_recipe(zoo_models):  # noqa: F811
     at = open_app("digits-mlp")
     at.session_state[state.RECIPES] = {"zoo:digits-mlp": {"preset": "fp32", "layers": {}}}
     visit(at, "qat")

@@ -63,7 +63,7 @@ def save(workload: Workload, base: Workload, recipe: Recipe, out_dir: str | Path
 
 def load_finetuned(base: Workload, path: str | Path) -> Workload:
     """The fine-tuned Workload saved at ``path`` (a weights.safetensors, or the directory holding one) for ``base``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     p = Path(path)
     if p.is_dir():
@@ -71,11 +71,11 @@ def load_finetuned(base: Workload, path: str | Path) -> Workload:
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- a safe_open handle, not a dict
     except (OSError, FileNotFoundError) as e:
         raise QcoreError(f"--weights {str(path)[:200]!r} cannot be read ({getattr(e, 'strerror', None) or e}); "
                          f"give the {WEIGHTS_FILE} that `qat --out DIR` wrote") from None
-    except Exception as e:  # safetensors raises its own error types for a damaged header
+    except SafetensorError as e:  # a damaged or foreign header
         raise QcoreError(f"--weights {str(path)[:200]!r} is not a readable safetensors file ({str(e)[:100]})") from None
     if meta.get("format") != "qcore-qat":
         raise QcoreError(f"{str(p)[:200]!r} was not written by `qat`; give the {WEIGHTS_FILE} of a `qat --out DIR` run")
