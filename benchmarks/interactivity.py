@@ -79,11 +79,11 @@ def clear_caches(tmp_root: str) -> None:
     cache (memory, and disk through a new empty ``$QCORE_CACHE_DIR``)."""
     import streamlit as st
 
-    from qcore.analysis import sensitivity
+    from qcore.analysis import sweep_cache
 
     st.cache_data.clear()
     st.cache_resource.clear()
-    sensitivity.clear_memory_cache()
+    sweep_cache.clear_memory_cache()
     os.environ["QCORE_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp_root)
 
 

@@ -31,7 +31,7 @@ import torch
 
 from qcore import Recipe, preset, zoo
 from qcore.export import export_qdq
-from qcore.export.runtime import input_names, run_onnx, session
+from qcore.export.sessions import input_names, run_onnx, session
 from qcore.analysis.search import search
 
 warnings.filterwarnings("ignore")
@@ -47,20 +47,20 @@ def project_rows(w) -> list[tuple[str, str, float]]:
     rows = []
     for name in ("int8-weight-only", "int8-dynamic", "int8-static"):
         r = w.evaluate(preset(name, w.layer_shapes))
-        rows.append(("qcore", name, r["quantized"]["metrics"][w.task.headline]))
+        rows.append(("qcore", name, r.quantized.metrics[w.task.headline]))
     base = preset("int8-static", w.layer_shapes).to_dict()
     for method, extra in (("percentile", {"percentile": 99.99}), ("mse", {}), ("entropy", {}), ("moving_average", {})):
         d = copy.deepcopy(base)
         d["name"] = f"int8-static/{method}"
         d["activations"].update({"range": method, **extra})
         r = w.evaluate(Recipe.from_dict(d))
-        rows.append(("qcore", d["name"], r["quantized"]["metrics"][w.task.headline]))
+        rows.append(("qcore", d["name"], r.quantized.metrics[w.task.headline]))
     # the mixed-precision search, held to the int8-static size (equal size to the W8 peers)
     budget = w.size(preset("int8-static", w.layer_shapes))["size_bytes"]
     with tempfile.TemporaryDirectory() as cache:
         found = search(w, SEARCH_CANDIDATES, max_size_bytes=budget, cache_dir=cache)
     rows.append(("qcore", f"search ({' / '.join(SEARCH_CANDIDATES)}, <= int8-static size: "
-                          f"{found['measured']['size_bytes']:,} of {budget:,} B)", found["measured"]["metric"]))
+                          f"{found.measured.size_bytes:,} of {budget:,} B)", found.measured.metric))
     return rows
 
 
@@ -146,36 +146,53 @@ def low_bit_rows(w) -> list[dict]:
                 spec = {"format": f"int{bits}", "granularity": gran, "symmetric": True, "range": method,
                         "percentile": 99.9, **({"group_size": 32} if gran == "per_group" else {})}
                 r = w.evaluate(Recipe.from_dict({"name": "lowbit", "weights": spec}))
-                row[f"{gran}/{method}"] = r["quantized"]["metrics"][w.task.headline]
+                row[f"{gran}/{method}"] = r.quantized.metrics[w.task.headline]
         rows.append(row)
     return rows
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="digits-mlp only (used by the test suite)")
+    ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
+    return ap.parse_args(argv)
+
+
+def measure(argv=None) -> list[dict]:
+    """Per model: ``{"model", "metric" (headline name), "fp32", "rows": [{"tool", "method", "value"}],
+    "low_bit": [{"weights", "<granularity>/<range>": value}]}``; ``value`` is the measured headline metric,
+    or a string "n/a: reason" for a peer that could not run the model."""
+    args = _args(argv)
+    models = ["digits-mlp"] if args.quick else args.models.split(",")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            w = zoo.load(name)
+            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print progress
+                rows = project_rows(w) + torch_ao_rows(w) + onnxruntime_rows(w, tmp)
+            results.append({"model": name, "metric": w.task.headline, "fp32": w.fp32_metrics[w.task.headline],
+                            "rows": [{"tool": t, "method": m, "value": v} for t, m, v in rows],
+                            "low_bit": low_bit_rows(w)})
+    return results
 
 
 def main(argv=None) -> str:
     import pandas as pd
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="digits-mlp only (used by the test suite)")
-    ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
-    args = ap.parse_args(argv)
-    models = ["digits-mlp"] if args.quick else args.models.split(",")
     report = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            w = zoo.load(name)
-            fp32 = w.fp32_metrics[w.task.headline]
-            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrators print progress
-                rows = project_rows(w) + torch_ao_rows(w) + onnxruntime_rows(w, tmp)
-            rows = [(t, m, round(v, 4) if isinstance(v, float) else v) for t, m, v in rows]
-            df = pd.DataFrame(rows, columns=["tool", "method (W8A8 unless stated)", w.task.headline])
-            best_peer = max((v for t, _, v in rows if t != "qcore" and isinstance(v, float)), default=float("nan"))
-            best_own = max(v for t, _, v in rows if t == "qcore" and isinstance(v, float))
-            verdict = "matches or beats" if best_own >= best_peer - 1e-9 else "is BELOW"
-            report.append(f"#### {name} (FP32 {w.task.headline} = {fp32:.4f})\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n\n"
-                          f"Best qcore recipe at or below the int8 size {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
-            low = pd.DataFrame(low_bit_rows(w))
-            report.append(f"Low-bit weight-only {w.task.headline} (columns: granularity/range method):\n\n"
-                          f"{low.to_markdown(index=False, floatfmt='.4f')}\n")
+    for r in measure(argv):
+        name, head, fp32 = r["model"], r["metric"], r["fp32"]
+        rows = [(x["tool"], x["method"], round(x["value"], 4) if isinstance(x["value"], float) else x["value"])
+                for x in r["rows"]]
+        df = pd.DataFrame(rows, columns=["tool", "method (W8A8 unless stated)", head])
+        best_peer = max((v for t, _, v in rows if t != "qcore" and isinstance(v, float)), default=float("nan"))
+        best_own = max(v for t, _, v in rows if t == "qcore" and isinstance(v, float))
+        verdict = "matches or beats" if best_own >= best_peer - 1e-9 else "is BELOW"
+        report.append(f"#### {name} (FP32 {head} = {fp32:.4f})\n\n{df.to_markdown(index=False, floatfmt='.4f')}\n\n"
+                      f"Best qcore recipe at or below the int8 size {verdict} the best peer ({best_own:.4f} vs {best_peer:.4f}).\n")
+        low = pd.DataFrame(r["low_bit"])
+        report.append(f"Low-bit weight-only {head} (columns: granularity/range method):\n\n"
+                      f"{low.to_markdown(index=False, floatfmt='.4f')}\n")
     text = "\n".join(report)
     print(text)
     return text

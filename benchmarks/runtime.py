@@ -4,7 +4,7 @@
 
 In one process and one run, on the same inputs and thread count, for each model:
 - FP32 in ONNX Runtime (the baseline) and in torch (eager);
-- the project's exports (``qcore.export.runtime.export``) executed by ONNX Runtime: int8-dynamic, int8-static,
+- the project's exports (``qcore.export.export``) executed by ONNX Runtime: int8-dynamic, int8-static,
   int8-static with symmetric (signed) activations, int4 weight-only (MatMulNBits where it applies);
 - torch.ao ``quantize_dynamic`` (int8 Linear, fbgemm) and ONNX Runtime's own ``quantize_dynamic``.
 Every row is timed in the same interleaved rounds (each round runs every row once, same inputs), so a
@@ -29,11 +29,12 @@ import warnings
 import torch
 
 from qcore import preset, zoo
-from qcore.export import export_qdq
+from qcore.export import export, export_qdq
 from qcore.analysis.roofline import roofline
 from qcore.hardware import PROFILES
 from qcore.recipe import Recipe
-from qcore.export.runtime import export, feed, interleaved_times_ms, run_onnx, session, speedup, spread
+from qcore.export.bench import interleaved_times_ms, speedup, spread
+from qcore.export.sessions import feed, run_onnx, session
 
 warnings.filterwarnings("ignore")
 
@@ -44,7 +45,7 @@ def _metric(w, outputs) -> float:
 
 def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float) -> list[dict]:
     """One row per way of running ``w``; every call of every row timed in the same interleaved rounds
-    (``qcore.export.runtime.interleaved_times_ms``), at batch 1 and at ``batch_size``."""
+    (``qcore.export.bench.interleaved_times_ms``), at batch 1 and at ``batch_size``."""
     torch.set_num_threads(threads)
     fp32_theory = w.size(Recipe(name="fp32"))["fp32_bytes"]
     rows, calls = [], []  # calls[i](data) runs row i on an input batch
@@ -105,8 +106,7 @@ def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float) -> l
     for r in rows:
         r["size MiB"] = r.pop("size") / 2**20
         r["size / FP32"] = r["size MiB"] / base["size MiB"]
-        limit = r.pop("limit")
-        r["physical limit"] = "n/a" if limit is None else f"{limit:.3f}"
+        r["physical limit"] = "n/a" if r["limit"] is None else f"{r['limit']:.3f}"
     return rows
 
 
@@ -134,38 +134,54 @@ def roofline_rows(w, batch_size: int) -> list[dict]:
         row = {"profile (estimate)": prof.name}
         for name in ("fp32", "fp16", "int8-static", "int4-weight-only"):
             r = roofline(w, preset(name, w.layer_shapes), key, batch_size=batch_size)
-            row[f"{name} µs"] = 1e3 * r["total"]["latency_ms"]
+            row[f"{name} µs"] = 1e3 * r.total.latency_ms
         rows.append(row)
     return rows
 
 
-def main(argv=None) -> str:
-    import pandas as pd
-
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="digits-cnn only, short timing (used by the test suite)")
     ap.add_argument("--models", default="digits-cnn,minilm-l6")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--batch-size", type=int, default=8)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def measure(argv=None) -> list[dict]:
+    """Per model: ``{"model", "metric" (headline name), "rows": model_rows (numbers: ms, MiB, ratios; "limit" =
+    theoretical size / FP32 or None), "verdict", "roofline": roofline_rows at batch 1}``."""
+    args = _args(argv)
     models = ["digits-cnn"] if args.quick else args.models.split(",")
     budget = 0.1 if args.quick else 1.5
-    report = [f"ONNX Runtime and torch on this CPU, {args.threads} thread(s), batch size B = {args.batch_size}; latency is "
-              "measured (warm-up, then every row timed in the same interleaved rounds, median; the speed-up is the ratio of "
-              "medians against ONNX Runtime FP32, its spread the p10-p90 of per-round ratios); 'physical limit' is the "
-              "recipe's theoretical size / FP32."]
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             w = zoo.load(name)
             rows = model_rows(w, tmp, args.batch_size, args.threads, budget)
-            df = pd.DataFrame(rows)
-            cols = ["tool", "method", "batch 1 ms", "batch B ms", "p10-p90 B ms", "speed-up", "speed-up p10-p90",
-                    "size MiB", "size / FP32",
-                    "physical limit", w.task.headline, "note"]
-            report.append(f"#### {name}\n\n{df[cols].to_markdown(index=False, floatfmt='.4g')}\n\n{verdict(w, rows)}\n")
-            est = pd.DataFrame(roofline_rows(w, 1))
-            report.append(f"Roofline ESTIMATES for {name} at batch 1 (quantizable layers only; spec-sheet peaks, not "
-                          f"measured):\n\n{est.to_markdown(index=False, floatfmt='.3g')}\n")
+            results.append({"model": name, "metric": w.task.headline, "rows": rows, "verdict": verdict(w, rows),
+                            "roofline": roofline_rows(w, 1)})
+    return results
+
+
+def main(argv=None) -> str:
+    import pandas as pd
+
+    args = _args(argv)
+    report = [f"ONNX Runtime and torch on this CPU, {args.threads} thread(s), batch size B = {args.batch_size}; latency is "
+              "measured (warm-up, then every row timed in the same interleaved rounds, median; the speed-up is the ratio of "
+              "medians against ONNX Runtime FP32, its spread the p10-p90 of per-round ratios); 'physical limit' is the "
+              "recipe's theoretical size / FP32."]
+    for r in measure(argv):
+        name = r["model"]
+        df = pd.DataFrame(r["rows"])
+        cols = ["tool", "method", "batch 1 ms", "batch B ms", "p10-p90 B ms", "speed-up", "speed-up p10-p90",
+                "size MiB", "size / FP32",
+                "physical limit", r["metric"], "note"]
+        report.append(f"#### {name}\n\n{df[cols].to_markdown(index=False, floatfmt='.4g')}\n\n{r['verdict']}\n")
+        est = pd.DataFrame(r["roofline"])
+        report.append(f"Roofline ESTIMATES for {name} at batch 1 (quantizable layers only; spec-sheet peaks, not "
+                      f"measured):\n\n{est.to_markdown(index=False, floatfmt='.3g')}\n")
     text = "\n".join(report)
     print(text)
     return text

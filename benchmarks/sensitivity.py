@@ -22,22 +22,24 @@ import time
 
 from qcore import zoo
 from qcore.numerics.metrics import sqnr_db
-from qcore.analysis.sensitivity import check_candidates, clear_memory_cache, evenly_spaced, recipe_for, sweep
+from qcore.analysis.sensitivity import check_candidates, evenly_spaced, recipe_for, sweep
+from qcore.analysis.sweep_cache import clear_memory_cache
 from qcore.model.workload import Workload
 
 CANDIDATES = ["int8-dynamic", "int8-static", "int4-weight-only", "nf4"]
 
 
-def naive_seconds(w: Workload, rows: list[tuple[str, str]], index) -> float:
-    """Wall time of the naive sweep over ``rows`` (layer, candidate) on evaluation samples ``index``."""
+def naive_seconds(w: Workload, rows: list[tuple[str, str]], index) -> tuple[float, dict]:
+    """Wall time (s) of the naive sweep over ``rows`` (layer, candidate) on evaluation samples ``index``, and
+    what it measured: {(layer, candidate): (headline metric, output SQNR dB)}."""
     data = w.evaluation.subset(index)
     reference = w.reference_outputs[index]
+    measured = {}
     start = time.perf_counter()
     for layer, candidate in rows:
         out = w.run(w.simulate(recipe_for(w, layer, candidate)).model, data)
-        w.task.metrics(out, reference, data.labels)[w.task.headline]
-        sqnr_db(out, reference)
-    return time.perf_counter() - start
+        measured[layer, candidate] = (w.task.metrics(out, reference, data.labels)[w.task.headline], sqnr_db(out, reference))
+    return time.perf_counter() - start, measured
 
 
 def bench_model(name: str, candidates: list[str], naive_rows: int | None) -> dict:
@@ -60,35 +62,54 @@ def bench_model(name: str, candidates: list[str], naive_rows: int | None) -> dic
         from_disk = sweep(w, candidates, cache_dir=cache_dir)
         disk = time.perf_counter() - start
     assert again == result == from_disk
-    rows = [(r["layer"], r["candidate"]) for r in result["rows"] if r["changed"]]
+    rows = [(r.layer, r.candidate) for r in result.rows if r.changed]
     timed = rows
     if naive_rows is not None and naive_rows < len(rows):  # evenly spread over layers and candidates
         step = len(rows) / naive_rows
         timed = [rows[int(i * step)] for i in range(naive_rows)]
-    n_eval, n_sweep = result["evaluation_samples"], result["samples"]
-    full = shared + naive_seconds(w, timed, torch.arange(n_eval)) * len(rows) / len(timed)
+    n_eval, n_sweep = result.evaluation_samples, result.samples
+    seconds, naive = naive_seconds(w, timed, torch.arange(n_eval))
+    full = shared + seconds * len(rows) / len(timed)
     subset_index = evenly_spaced(n_eval, n_sweep)  # the sweep's own samples
     assert len(subset_index) == n_sweep
-    same = shared + naive_seconds(w, timed, subset_index) * len(rows) / len(timed) if n_sweep < n_eval else full
+    if n_sweep < n_eval:
+        seconds, naive = naive_seconds(w, timed, subset_index)
+        same = shared + seconds * len(rows) / len(timed)
+    else:
+        same = full
+    # the sweep's numbers against the naive loop's (a second implementation: whole model simulated per row)
+    swept = {(r["layer"], r["candidate"]): (r["metric"], r["sqnr_db"]) for r in result.to_dict()["rows"]}
     return {"model": name, "layers": len(w.layers), "runs": len(rows), "timed": len(timed),
             "samples": f"{n_sweep} of {n_eval}", "shared": shared, "cold": cold, "memory": memory, "disk": disk,
-            "naive_full": full, "naive_same": same}
+            "naive_full": full, "naive_same": same, "compared": len(naive),
+            "max_metric_diff": max(abs(swept[k][0] - v[0]) for k, v in naive.items()),
+            "max_sqnr_diff_db": max(abs(swept[k][1] - v[1]) for k, v in naive.items()),
+            "min_sqnr_db": min(v[1] for v in naive.values())}
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="digits models only")
+    ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
+    ap.add_argument("--naive-rows", type=int, default=8, help="naive rows timed on minilm-l6 (then extrapolated)")
+    return ap.parse_args(argv)
+
+
+def measure(argv=None) -> list[dict]:
+    """One row per model (``bench_model``: seconds, and the sweep-vs-naive agreement)."""
+    args = _args(argv)
+    models = ["digits-mlp", "digits-cnn"] if args.quick else args.models.split(",")
+    candidates = check_candidates(CANDIDATES)
+    return [bench_model(name, candidates, args.naive_rows if name == "minilm-l6" else None) for name in models]
 
 
 def main(argv=None) -> str:
     import pandas as pd
     import torch
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="digits models only")
-    ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
-    ap.add_argument("--naive-rows", type=int, default=8, help="naive rows timed on minilm-l6 (then extrapolated)")
-    args = ap.parse_args(argv)
-    models = ["digits-mlp", "digits-cnn"] if args.quick else args.models.split(",")
     candidates = check_candidates(CANDIDATES)
     table = []
-    for name in models:
-        r = bench_model(name, candidates, args.naive_rows if name == "minilm-l6" else None)
+    for r in measure(argv):
         mark = "~" if r["timed"] < r["runs"] else ""
         table.append({
             "model": r["model"], "layers x candidates": f"{r['layers']} x {len(candidates)} ({r['runs']} runs)",
@@ -97,6 +118,7 @@ def main(argv=None) -> str:
             "naive, all samples (s)": f"{mark}{r['naive_full']:.3g}", "ratio": f"{mark}{r['naive_full'] / r['cold']:.1f}x",
             "naive, sweep's samples (s)": f"{mark}{r['naive_same']:.3g}",
             "ratio (same samples)": f"{mark}{r['naive_same'] / r['cold']:.1f}x",
+            "max |sweep - naive| metric / SQNR dB": f"{r['max_metric_diff']:.2g} / {r['max_sqnr_diff_db']:.2g}",
             "_note": (f"naive time for {r['model']} extrapolated from {r['timed']} of {r['runs']} runs"
                       if mark else None)})
     notes = [t.pop("_note") for t in table]

@@ -3,13 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, keys, state
 from qcore.analysis import explain
 from qcore.figures import viz
-from qcore.numerics.formats import FORMATS
-from ui.text import html_plain
+from qcore.numerics.formats import FORMATS, choices
+from ui.text import html_plain, layer_label
 
-ACTIVATION_FORMATS = ["int8", "int4", "int6", "int16", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16"]
+ACTIVATION_FORMATS = choices("activations")
 
 key, w = state.active()
 st.title("Activations: what each layer receives")
@@ -33,12 +33,13 @@ if not layers:
     st.stop()
 
 c1, c2, c3, c4 = st.columns(4)
-layer = c1.selectbox("Layer (its input)", layers, index=min(1, len(layers) - 1), key=f"act_layer:{key}",
-                     persist_state="session", help="starts at the second layer: the first sees the raw model input, "
-                                                   "whose range the data's preprocessing fixes (e.g. pixels in [0, 1])")
+layer = c1.selectbox("Layer (its input)", layers, index=min(1, len(layers) - 1), key=keys.activations_layer(key),
+                     persist_state="session", format_func=layer_label,
+                     help="starts at the second layer: the first sees the raw model input, whose range the data's "
+                          "preprocessing fixes (e.g. pixels in [0, 1])")
 spec = {"format": c2.selectbox("Format", ACTIVATION_FORMATS, key="act_format", persist_state="session")}
 fmt = FORMATS[spec["format"]]
-if fmt.family == "int":
+if fmt.can_be_affine:
     spec["symmetric"] = c2.toggle("Symmetric (zero-point 0)", False, key="act_symmetric", persist_state="session",
                                   help="off (affine) suits inputs after a ReLU, which are never negative")
 else:
@@ -61,7 +62,7 @@ m1.metric("Values seen", f"{s.numel:,}")
 m2.metric("Smallest input", f"{s.min:.4g}")
 m3.metric("Largest input", f"{s.max:.4g}")
 st.plotly_chart(viz.distribution(counts, edges, ranges if fmt.uses_range(spec.scaled) else {}, levels, log_y=log_y,
-                                 title=f"Input of {html_plain(layer)}: calibration histogram, each method's range, {chosen} grid",
+                                 title=f"Input of {html_plain(layer_label(layer))}: calibration histogram, each method's range, {chosen} grid",
                                  x_title="input value"), width="stretch")
 st.dataframe(pd.DataFrame([{"method": r["range"], "lo": r["lo"], "hi": r["hi"], "step (scale)": r["step"],
                             "clipped": r["clipped_fraction"]} for r in rows]),

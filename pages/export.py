@@ -7,10 +7,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from ui import keys, state
 from qcore import report
-from qcore.export import runtime
-from qcore.analysis import summary
+from qcore.export import export, summary_lines
+from qcore.analysis import search, summary
 from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import preset
@@ -41,10 +41,10 @@ m3.metric(f"{plain(headline)} (simulated)", f"{result['quantized']['metrics'][he
 
 
 def exported(fmt: str) -> dict:
-    """Export with ``qcore.export.runtime.export`` into a temporary file; the file's bytes plus its report."""
+    """Export with ``qcore.export.export`` into a temporary file; the file's bytes plus its report."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{recipe.name}.{fmt}"
-        rep = runtime.export(w, recipe, fmt, str(out))
+        rep = export(w, recipe, fmt, str(out))
         return {**rep.to_dict(), "data": Path(rep.path).read_bytes()}
 
 
@@ -53,24 +53,24 @@ for column, fmt, mime in ((c1, "onnx", "application/octet-stream"), (c2, "safete
     if column.button(f"Prepare {fmt}", key=f"export_{fmt}", icon=":material/build:"):
         try:
             with st.spinner(f"Exporting {fmt}…"):
-                st.session_state[f"export_{fmt}:{key}"] = {"recipe": recipe.to_json(), **exported(fmt)}
+                st.session_state[keys.exported(fmt, key)] = {"recipe": recipe.to_json(), **exported(fmt)}
         except QcoreError as e:
             column.error(plain(e), icon=":material/error:")
-    done = st.session_state.get(f"export_{fmt}:{key}")
+    done = st.session_state.get(keys.exported(fmt, key))
     if done and done["recipe"] == recipe.to_json():
         column.download_button(f"Download {fmt} ({done['file_size_bytes']:,} bytes)", done["data"],
                                file_name=f"{recipe.name}.{fmt}", mime=mime, on_click="ignore", icon=":material/download:",
                                key=f"download_{fmt}")
-        column.caption("  \n".join(plain(line) for line in runtime.summary_lines(done)))
+        column.caption("  \n".join(plain(line) for line in summary_lines(done)))
 
 c3, c4 = st.columns(2)
 c3.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
                    on_click="ignore", icon=":material/download:", key="download_recipe")
-settings = st.session_state.get(state.SWEEP) or {}
+settings = st.session_state.get(keys.SWEEP) or {}
 sweep = None
 if state.small(w) or settings.get("key") == key:  # a large model's sweep only once the Sensitivity page ran it
     sweep = state.sweep(w, settings.get("candidates") or state.DEFAULT_CANDIDATES, settings.get("mode", "both"),
-                        settings.get("view", "only"))
+                        settings.get("view", "only")).to_dict()
     c4.download_button("Download sensitivity table (CSV)", pd.DataFrame(sweep["rows"]).to_csv(index=False),
                        file_name=f"{w.name}-sensitivity-{sweep['mode']}-{sweep['view']}.csv", mime="text/csv",
                        on_click="ignore", icon=":material/download:", key="download_sensitivity",
@@ -90,7 +90,8 @@ def report_html() -> str:
     points = [{"label": label, "size_bytes": e["quantized"]["size_bytes"], "metric": e["quantized"]["metrics"][headline],
                "latency_ms": latency[label]["latency_ms"], "latency_source": latency[label]["source"]}
               for label, e in evaluated.items()]
-    figures = [("Size against metric", viz_decide.tradeoff_scatter(points, headline, w.task.higher_is_better))]
+    front = search.pareto_front(points, w.task.higher_is_better)
+    figures = [("Size against metric", viz_decide.tradeoff_scatter(points, front, headline, w.task.higher_is_better))]
     if sweep:
         figures += [("Sensitivity per layer", viz_decide.sensitivity_heatmap(sweep["rows"])),
                     ("Layers ranked", viz_decide.ranked_drops(sweep["rows"], viz_decide.widest_spread(sweep["rows"]), headline))]

@@ -2,15 +2,16 @@
 
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, state
 from qcore.analysis import explain
 from qcore.figures import viz
-from qcore.numerics.formats import FORMATS
+from qcore.numerics.formats import FORMATS, choices
 from qcore.numerics.ranges import RANGE_METHODS
-from ui.text import html_plain, plain
+from ui.text import html_plain, layer_label, plain
 
-FAMILIES = {"integer": "Integer (int-b)", "fp8_e4m3": "FP8 E4M3", "fp8_e5m2": "FP8 E5M2", "nf4": "NF4 (4-bit NormalFloat)",
-            "fp16": "FP16 (half)", "bf16": "BF16 (bfloat16)"}
+FAMILIES: dict[str, list[str]] = {}  # the list's entries -> their formats: a group (the integers) is one entry + Bits
+for _name in choices("formats"):
+    FAMILIES.setdefault(FORMATS[_name].group or _name, []).append(_name)
 LAYER = "a layer of the loaded model"
 FORMATS_VALUES = 2**16  # a layer's weights are sampled down to this many values here
 
@@ -28,22 +29,26 @@ formulas.intro(
 c1, c2, c3, c4 = st.columns(4)
 source = c1.selectbox("Values to quantize", [*explain.DISTRIBUTIONS, LAYER], key="formats_source", persist_state="session")
 if source == LAYER:
-    layer = c1.selectbox("Layer", list(w.layers), key=f"formats_layer:{key}", persist_state="session")
+    layer = c1.selectbox("Layer", list(w.layers), key=f"formats_layer:{key}", persist_state="session",
+                         format_func=layer_label)
     x, sampled = explain.sample_values(state.layer_weight(w, layer), FORMATS_VALUES)
     what = f"layer:{layer}"
 else:
     x, sampled, what = explain.sample_distribution(source), None, source
 scope = key if source == LAYER else "distributions"  # a made-up distribution's curves serve every model
-family = c2.selectbox("Format", list(FAMILIES), format_func=FAMILIES.get, key="formats_family", persist_state="session")
-spec = {"granularity": "per_tensor", "format": family}
-if family == "integer":
-    bits = c2.select_slider("Bits", [2, 3, 4, 5, 6, 7, 8, 16], value=4, key="formats_bits", persist_state="session")
-    spec |= {"format": f"int{bits}", "symmetric": c3.toggle("Symmetric (zero-point 0)", True, key="formats_symmetric",
-                                                              persist_state="session")}
-elif FORMATS[family].family == "float":
-    spec["scaled"] = c3.toggle("Scale into the format's range", family.startswith("fp8"), key=f"formats_scaled:{family}",
-                               persist_state="session", help="FP8 recipes scale; FP16/BF16 are usually a plain cast")
+family = c2.selectbox("Format", list(FAMILIES), format_func=lambda f: FORMATS[FAMILIES[f][0]].label, key="formats_family",
+                      persist_state="session")
+spec = {"granularity": "per_tensor", "format": FAMILIES[family][0]}
+if len(FAMILIES[family]) > 1:
+    by_bits = {FORMATS[n].bits: n for n in FAMILIES[family]}
+    bits = c2.select_slider("Bits", list(by_bits), value=4, key="formats_bits", persist_state="session")
+    spec["format"] = by_bits[bits]
 fmt = FORMATS[spec["format"]]
+if fmt.can_be_affine:
+    spec["symmetric"] = c3.toggle("Symmetric (zero-point 0)", True, key="formats_symmetric", persist_state="session")
+elif fmt.can_be_scaled:
+    spec["scaled"] = c3.toggle("Scale into the format's range", fmt.scaled_by_default, key=f"formats_scaled:{family}",
+                               persist_state="session", help="FP8 recipes scale; FP16/BF16 are usually a plain cast")
 uses_range = fmt.uses_range(spec.get("scaled", False))
 if uses_range:
     spec["range"] = c4.selectbox("Clipping range", list(RANGE_METHODS), key="formats_range", persist_state="session")
@@ -85,7 +90,7 @@ with left:
     st.caption("Integers spend their bits on evenly spaced steps; floats split them into an exponent (how far from "
                "zero) and a mantissa (how finely), so their steps grow with the value.")
 with right:
-    sym = spec.symmetric if fmt.family == "int" else True
+    sym = spec.symmetric if fmt.can_be_affine else True
     st.plotly_chart(viz.sqnr_vs_bits(state.bitwidth_sweep(scope, what, sym, x)), width="stretch")
 
 st.subheader("Where to clip")

@@ -1,19 +1,18 @@
 """Mixed precision page: pick each layer's format in a table, see size and an estimated metric at once,
 measure the recipe for real, search one automatically, download or upload it."""
 
-import hashlib
-
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from qcore.recipe.links import compact, recipe_id
+from qcore.recipe.table import (FLOAT_LAYER, INPUT_CHOICES, WEIGHT_CHOICES, WEIGHTS_HELP, apply_rows, table_rows,
+                                weight_choice_label)
+from ui import keys, state
 from qcore.analysis import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
 from qcore.figures.viz import human_bytes
 from ui.text import plain
-
-MAX_RECIPE_BYTES = 2**20
 
 key, w = state.active()
 st.title("Mixed precision: a format for every layer")
@@ -26,33 +25,24 @@ st.write(
 name, overrides, recipe = state.current(key, w)
 
 
+preset_key = f"mp_preset:{key}"  # the select box below; set here when the recipe changes elsewhere
+
+
 def choose_preset():
-    state.set_current(key, w, st.session_state[f"mp_preset:{key}"], {})
+    state.set_current(key, w, st.session_state[preset_key], {})
 
 
 c1, c2 = st.columns([2, 3])
-if st.session_state.get(f"mp_preset:{key}") != name:
-    st.session_state[f"mp_preset:{key}"] = name
-c1.selectbox("Start from a preset", list(PRESETS), key=f"mp_preset:{key}", on_change=choose_preset,
+if st.session_state.get(preset_key) != name:
+    st.session_state[preset_key] = name
+c1.selectbox("Start from a preset", list(PRESETS), key=preset_key, on_change=choose_preset,
              help="choosing a preset discards the per-layer changes")
 c1.caption(PRESET_DESCRIPTIONS.get(name, ""))
 upload = c2.file_uploader("…or upload a recipe JSON", type=["json"], key=f"mp_upload:{key}")
-if upload is not None:
-    digest = hashlib.sha256(upload.getvalue()).hexdigest()
-    if st.session_state.get("mp_upload_digest") != digest:
-        try:
-            if upload.size > MAX_RECIPE_BYTES:
-                raise QcoreError(f"{upload.name} is larger than 1 MiB; a recipe is a small JSON file")
-            loaded = Recipe.from_json(upload.getvalue())
-            loaded.check_against(w.layer_shapes)
-            state.set_current(key, w, *state.compact(w, loaded))
-            state.remember(key, w, loaded, f"uploaded: {upload.name}")
-            st.session_state["mp_upload_digest"] = digest
-            st.rerun()
-        except QcoreError as e:
-            c2.error(plain(f"{upload.name} was not loaded, the table is unchanged: {e}"), icon=":material/error:")
+if upload is not None and (problem := state.load_recipe_file(key, w, upload)):
+    c2.error(plain(f"{upload.name} was not loaded, the table is unchanged: {problem}"), icon=":material/error:")
 
-settings = st.session_state.get(state.SWEEP) or {}
+settings = st.session_state.get(keys.SWEEP) or {}
 candidates = list(dict.fromkeys(settings.get("candidates", state.DEFAULT_CANDIDATES) + ([name] if name != "fp32" else [])))
 estimate = None
 if st.toggle("Estimate the metric from a sensitivity sweep", state.small(w), key=f"mp_estimate:{key}",
@@ -60,16 +50,16 @@ if st.toggle("Estimate the metric from a sensitivity sweep", state.small(w), key
     sweep = state.sweep(w, candidates, "both", "only")
     estimate = search.estimate_metric(w, recipe, sweep)
 
-version = st.session_state.get(state.EDITOR_VERSION, 0)
-table = pd.DataFrame(state.table_rows(w, recipe, estimate))
-inputs = list(dict.fromkeys(state.INPUT_CHOICES + list(table["inputs"])))
+version = st.session_state.get(keys.EDITOR_VERSION, 0)
+table = pd.DataFrame(table_rows(w, recipe, estimate))
+inputs = list(dict.fromkeys(INPUT_CHOICES + list(table["inputs"])))
 edited = st.data_editor(
     table, key=f"mp_editor:{key}:{version}", hide_index=True, num_rows="fixed", width="stretch",
     disabled=["layer", "type", "weight shape", "size (bytes)", "drop (estimate)"],
     column_config={
-        state.FLOAT_LAYER: st.column_config.CheckboxColumn(help="weights and inputs stay float: the layer is not quantized"),
-        "weights": st.column_config.SelectboxColumn("weights", options=state.WEIGHT_CHOICES, required=True,
-                                                    format_func=state.weight_choice_label, help=state.WEIGHTS_HELP),
+        FLOAT_LAYER: st.column_config.CheckboxColumn(help="weights and inputs stay float: the layer is not quantized"),
+        "weights": st.column_config.SelectboxColumn("weights", options=WEIGHT_CHOICES, required=True,
+                                                    format_func=weight_choice_label, help=WEIGHTS_HELP),
         "granularity": st.column_config.SelectboxColumn(options=["per_tensor", "per_channel", "per_group"], required=True),
         "group size": st.column_config.NumberColumn(min_value=1, step=1, help="per_group only; must divide the input size"),
         "symmetric": st.column_config.CheckboxColumn(help="integer formats: zero-point fixed at 0"),
@@ -80,14 +70,14 @@ edited = st.data_editor(
                                                        "no sweep row has this layer's spec"),
     })
 try:
-    edited_recipe = state.apply_rows(w, recipe, edited.to_dict("records"))
+    edited_recipe = apply_rows(w, recipe, edited.to_dict("records"))
     edited_recipe.check_against(w.layer_shapes)
     if edited_recipe != recipe:
         # Some edits are adjusted (e.g. a float format is always symmetric): then redraw the table from the recipe.
-        editable = [state.FLOAT_LAYER, "weights", "granularity", "group size", "symmetric", "range", "inputs"]
-        adjusted = not pd.DataFrame(state.table_rows(w, edited_recipe))[editable].astype(str).equals(
+        editable = [FLOAT_LAYER, "weights", "granularity", "group size", "symmetric", "range", "inputs"]
+        adjusted = not pd.DataFrame(table_rows(w, edited_recipe))[editable].astype(str).equals(
             edited[editable].astype(str))
-        state.set_current(key, w, *state.compact(w, edited_recipe, [name]), reset_editor=adjusted)
+        state.set_current(key, w, *compact(w, edited_recipe, [name]), reset_editor=adjusted)
         st.rerun()
 except QcoreError as e:
     st.error(f"That change was not applied: {plain(e)}", icon=":material/error:")
@@ -113,8 +103,8 @@ elif estimate:
 if st.button("Evaluate this recipe (measured)", type="primary"):
     result = state.evaluate(key, w, recipe.to_json())
     state.remember(key, w, recipe, f"evaluated: {recipe.name}")
-    st.session_state["mp_measured"] = {"recipe": recipe.to_json(), "result": result}
-shown = st.session_state.get("mp_measured")
+    st.session_state[keys.MEASURED_RECIPE] = {"recipe": recipe.to_json(), "result": result}
+shown = st.session_state.get(keys.MEASURED_RECIPE)
 if shown and shown["recipe"] == recipe.to_json():
     q, f = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"]
     headline = shown["result"]["metric"]
@@ -131,16 +121,16 @@ else:
 if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
     bar = st.progress(0.0, text="Searching…")
     found = search.search(w, candidates, **target, progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0),
-                                                                                          text=f"Search: {msg}"))
+                                                                                          text=f"Search: {msg}")).to_dict()
     bar.empty()
     goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} ≥ {target['min_metric']:.4f}"
     found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
                                     f"search: {goal_text}")
-    st.session_state.setdefault(state.SEARCH, {})[key] = found  # its own entry: the table's recipe is left alone
+    st.session_state.setdefault(keys.SEARCH, {})[key] = found  # its own entry: the table's recipe is left alone
     st.rerun()
-found = st.session_state.get(state.SEARCH, {}).get(key)
+found = st.session_state.get(keys.SEARCH, {}).get(key)
 if found:
-    in_table = state.recipe_id(w, Recipe.from_dict(found["recipe"])) == state.recipe_id(w, recipe)
+    in_table = recipe_id(w, Recipe.from_dict(found["recipe"])) == recipe_id(w, recipe)
     (st.success if found["met"] else st.warning)(
         f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {plain(found['metric'])} "
         f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
@@ -151,7 +141,7 @@ if found:
                  help="replaces the table's recipe with the search's; yours is kept on Trade-offs"):
         if overrides:  # hand-made: kept (and shown on Trade-offs) before the table takes the search's recipe
             state.remember(key, w, recipe, f"replaced: {recipe.name}")
-        state.set_current(key, w, *state.compact(w, Recipe.from_dict(found["recipe"])))
+        state.set_current(key, w, *compact(w, Recipe.from_dict(found["recipe"])))
         st.rerun()
 
 st.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",

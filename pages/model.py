@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, state
 from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.model.size import float_bytes

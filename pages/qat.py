@@ -9,16 +9,17 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages import state
-from pages.formulas import error_box, intro
+from ui import keys, state
+from ui.formulas import error_box, intro
+from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 from qcore.figures import qat as viz_qat
 from qcore.numerics.quantize import fake_quantize
 from qcore.recipe import PRESETS, preset
+from qcore.recipe.links import recipe_id
 from qcore.training import QATConfig, finetune, save, training_data
 from ui.text import plain
 
-QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished in this session
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 STE = r"""
 The forward pass uses the quantized weight $\hat{w} = \operatorname{fakequant}(w)$, exactly as the simulation does;
@@ -53,8 +54,8 @@ train, train_name = training_data(w)
 st.caption(f"Trains on {plain(train_name)} ({len(train):,} samples), picks the epoch with the lowest loss on the "
            f"calibration split and reports on the evaluation split ({len(w.evaluation):,} samples), never trained on.")
 
-runs = st.session_state.setdefault(QAT_RUNS, {})
-run_key = (key, state.recipe_id(w, recipe), config)
+runs = st.session_state.setdefault(keys.QAT_RUNS, {})
+run_key = (key, recipe_id(w, recipe), config)
 if run_key not in runs:
     b1, b2 = st.columns([1, 4])
     run = b1.button("Run QAT", type="primary", key="qat_run")
@@ -94,12 +95,13 @@ if "per_class_accuracy" in result.qat_metrics:
                                             result.qat_metrics["per_class_accuracy"], list(w.task.class_names or [])),
                     key="qat_per_class", width="stretch")
 
-quantized = [n for n in w.layers if (s := recipe.plan(n).weights) is not None and s.format != "fp32"]
+plans = recipe.resolve(w.layer_shapes)
+quantized = [n for n, p in plans.items() if p.weights is not None and p.weights.format != "fp32"]
 if quantized:
     layer = st.selectbox("Layer", quantized, key=f"qat_layer:{key}", help="whose weights to compare")
     before = dict(w.folded[0].named_modules())[layer].weight.detach()
     after = dict(result.workload.model.named_modules())[layer].weight.detach()
-    spec = recipe.plan(layer).weights
+    spec = plans[layer].weights
     st.plotly_chart(viz_qat.weight_change(before, after, fake_quantize(before, spec), fake_quantize(after, spec), layer),
                     key="qat_weights", width="stretch")
 
@@ -107,7 +109,8 @@ size, base_size = result.workload.size(recipe), w.size(recipe)
 points = [{"label": "FP32", "size_bytes": base_size["fp32_bytes"], "metric": fp32},
           {"label": f"PTQ {recipe.name}", "size_bytes": base_size["size_bytes"], "metric": ptq},
           {"label": f"QAT {recipe.name}", "size_bytes": size["size_bytes"], "metric": qat}]
-st.plotly_chart(viz_decide.tradeoff_scatter(points, head, w.task.higher_is_better), key="qat_tradeoff", width="stretch")
+front = search.pareto_front(points, w.task.higher_is_better)
+st.plotly_chart(viz_decide.tradeoff_scatter(points, front, head, w.task.higher_is_better), key="qat_tradeoff", width="stretch")
 st.caption(f"QAT changes the weights, not their format: {size['size_bytes']:,} bytes under {plain(recipe.name)}, PTQ "
            f"{base_size['size_bytes']:,} (a difference is the BatchNorm parameters, folded into the convolutions). The command line "
            f"reproduces the run: `python -m qcore qat MODEL --recipe FILE --epochs {config.epochs} --lr {config.lr:g}"

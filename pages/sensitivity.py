@@ -6,11 +6,11 @@ between layers (``viz_decide.widest_spread``): the one that tells the layers apa
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from ui import keys, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
-from ui.text import plain
+from ui.text import layer_label, plain
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
 VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
@@ -24,7 +24,7 @@ st.write(
     "in float does not help). Quantizing only the weights or only the inputs shows which of the two is the problem. "
     "Results are cached: a sweep someone already ran on this server appears at once."
 )
-settings = st.session_state.get(state.SWEEP) or {}
+settings = st.session_state.get(keys.SWEEP) or {}
 c1, c2, c3 = st.columns([3, 1, 1])
 candidates = c1.multiselect("Candidates", list(PRESETS)[1:] + list(LAYER_SPECS), key="sens_candidates",
                             default=settings.get("candidates", state.DEFAULT_CANDIDATES), persist_state="session",
@@ -35,12 +35,12 @@ if not candidates:
     st.info("Choose at least one candidate.", icon=":material/info:")
     st.stop()
 settings = {"key": key, "candidates": candidates, "mode": mode, "view": view}
-if not state.small(w) and st.session_state.get(state.SWEEP) != settings and not st.button(
+if not state.small(w) and st.session_state.get(keys.SWEEP) != settings and not st.button(
         f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)", type="primary"):
     st.info("This model is large: the sweep takes a while (it is cached once run).", icon=":material/info:")
     st.stop()
-result = state.sweep(w, candidates, mode, view)
-st.session_state[state.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
+result = state.sweep(w, candidates, mode, view).to_dict()
+st.session_state[keys.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
 for note in result["notes"]:
     st.info(plain(note), icon=":material/info:")
 
@@ -71,7 +71,7 @@ def open_layer(page: str, layer_key: str, layer: str) -> None:
 def keep_in_float(layer: str) -> None:
     name, overrides, _ = state.current(key, w)
     state.set_current(key, w, name, {**overrides, layer: None})
-    st.toast(f"{plain(layer)}: weights and inputs stay float in the Mixed precision table.")
+    st.toast(f"{plain(layer_label(layer))}: weights and inputs stay float in the Mixed precision table.")
 
 
 st.subheader("Act on a layer")
@@ -83,9 +83,9 @@ for r in ranked:
     a.markdown(f"**{r['rank']}. {plain(r['layer'])}** ({plain(r['kind'])}): drop {r['metric_drop']:+.4f}, "
                f"output SQNR {r['sqnr_db']:.1f} dB")
     if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
-        open_layer("pages/weights.py", f"weights_layer:{key}", r["layer"])
+        open_layer("pages/weights.py", keys.weights_layer(key), r["layer"])
     if c.button("Inputs", key=f"sens_a:{r['layer']}", icon=":material/bolt:", disabled=w.layers[r["layer"]].kind == "Embedding"):
-        open_layer("pages/activations.py", f"act_layer:{key}", r["layer"])
+        open_layer("pages/activations.py", keys.activations_layer(key), r["layer"])
     in_float = recipe.plan(r["layer"]).is_float
     d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{r['layer']}", icon=":material/lock:",
              disabled=in_float, on_click=keep_in_float, args=(r["layer"],), help="weights and inputs stay float")

@@ -5,8 +5,10 @@ Each recipe is one row under its own label (a kept recipe's label ends in its co
 import pandas as pd
 import streamlit as st
 
-from pages import state
+from qcore.recipe.links import recipe_hash, recipe_id
+from ui import keys, state
 from qcore import hardware
+from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
 from ui.text import plain
@@ -22,18 +24,18 @@ st.write(
     "the red **Pareto front** has nothing both smaller and better than it; the others are beaten on both counts."
 )
 recipes = {label: preset(p, w.layer_shapes) for label, p in PRESET_ROWS.items()}
-candidates = list(st.session_state.get(state.USER_RECIPES, {}).get(key, {}).items())
-found = st.session_state.get(state.SEARCH, {}).get(key)
-candidates += [(f"search: {p['label']} [{state.recipe_hash(w, Recipe.from_dict(p['recipe']))}]", p["recipe"])
+candidates = list(st.session_state.get(keys.USER_RECIPES, {}).get(key, {}).items())
+found = st.session_state.get(keys.SEARCH, {}).get(key)
+candidates += [(f"search: {p['label']} [{recipe_hash(w, Recipe.from_dict(p['recipe']))}]", p["recipe"])
                for p in (found or {}).get("pareto", [])]
 _, overrides, current = state.current(key, w)
-candidates.append((f"yours (in the table): {current.name} [{state.recipe_hash(w, current)}]", current.to_dict()))
-shown = {state.recipe_id(w, r) for r in recipes.values()}
+candidates.append((f"yours (in the table): {current.name} [{recipe_hash(w, current)}]", current.to_dict()))
+shown = {recipe_id(w, r) for r in recipes.values()}
 for label, d in candidates:  # the first label of a recipe wins: each recipe is one row
     recipe = Recipe.from_dict(d)
-    if state.recipe_id(w, recipe) not in shown and label not in recipes:
+    if recipe_id(w, recipe) not in shown and label not in recipes:
         recipes[label] = recipe
-        shown.add(state.recipe_id(w, recipe))
+        shown.add(recipe_id(w, recipe))
 
 if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
     st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")
@@ -58,8 +60,9 @@ rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
         for label, r in results.items()]
 points = [{"label": r["recipe"], "size_bytes": r["size (bytes)"], "metric": r[metric], "latency_ms": r["latency (ms)"],
            "latency_source": r["latency source"]} for r in rows]
-st.plotly_chart(viz_decide.tradeoff_scatter(points, metric, higher), width="stretch")
-front = {points[i]["label"] for i in viz_decide.pareto_front(points, higher)}
+front_order = search.pareto_front(points, higher)
+st.plotly_chart(viz_decide.tradeoff_scatter(points, front_order, metric, higher), width="stretch")
+front = {points[i]["label"] for i in front_order}
 st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]), hide_index=True, width="stretch",
              column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
                             metric: st.column_config.NumberColumn(format="%.4f"),

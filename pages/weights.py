@@ -2,13 +2,13 @@
 
 import streamlit as st
 
-from pages import formulas, state
+from ui import formulas, keys, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS
 from qcore.numerics.granularity import GRANULARITIES
 from qcore.numerics.ranges import RANGE_METHODS
-from ui.text import html_plain, plain
+from ui.text import html_plain, layer_label, plain
 
 AUTO_ALL_LAYERS = 2_000_000  # models with more weights compute the all-layers view on request
 
@@ -23,14 +23,14 @@ formulas.intro(
     title="Formulas: scale, zero-point, rounding, clipping, SQNR, granularity")
 
 c1, c2, c3, c4 = st.columns(4)
-layer = c1.selectbox("Layer", list(w.layers), key=f"weights_layer:{key}", persist_state="session",
-                     format_func=lambda n: f"{n}  ({w.layers[n].kind} {'×'.join(map(str, w.layers[n].weight_shape))})")
-names = [f for f in FORMATS if f != "fp32"]
+layer = c1.selectbox("Layer", list(w.layers), key=keys.weights_layer(key), persist_state="session",
+                     format_func=lambda n: f"{layer_label(n)}  ({w.layers[n].kind} {'×'.join(map(str, w.layers[n].weight_shape))})")
+names = [name for name, f in FORMATS.items() if f.quantizes]
 spec = {"format": c2.selectbox("Format", names, index=names.index("int4"), key="weights_format", persist_state="session")}
 fmt = FORMATS[spec["format"]]
-if fmt.family == "int":
+if fmt.can_be_affine:
     spec["symmetric"] = c2.toggle("Symmetric (zero-point 0)", True, key="weights_symmetric", persist_state="session")
-elif fmt.family == "float":
+elif fmt.can_be_scaled:
     spec["scaled"] = c2.toggle("Scale into the format's range", True, key="weights_scaled", persist_state="session")
 if fmt.uses_range(spec.get("scaled", False)):
     spec["range"] = c3.selectbox("Range method", list(RANGE_METHODS), key="weights_range", persist_state="session")
@@ -57,9 +57,9 @@ counts, edges = report["hist"]
 grid = report["grid"]
 st.plotly_chart(viz.distribution(counts, edges, report["ranges"],
                                  explain.visible_levels(grid, float(edges[0]), float(edges[-1])),
-                                 title=f"{html_plain(layer)}: weights, per-tensor {spec.format} grid ({spec.range}) and each method's clip range",
+                                 title=f"{html_plain(layer_label(layer))}: weights, per-tensor {spec.format} grid ({spec.range}) and each method's clip range",
                                  x_title="weight value"), width="stretch")
-step = grid["scale"] if fmt.family == "int" and spec.granularity == "per_tensor" else None
+step = grid["scale"] if fmt.step_is_scale and spec.granularity == "per_tensor" else None
 st.plotly_chart(viz.error_histogram(*report["error_hist"], step=step), width="stretch")
 st.caption("Rounding alone moves a weight by at most half a step (dotted lines, shown for per-tensor integer "
            "grids); errors beyond come from clipping.")
@@ -85,5 +85,5 @@ if st.toggle(f"Quantize all {len(w.layers)} layers", total <= AUTO_ALL_LAYERS, k
         rows = state.layer_sqnr(key, w, spec.to_dict())
     worst = min(rows, key=lambda r: r["sqnr_db"])
     st.plotly_chart(viz.layer_sqnr(rows), width="stretch")
-    st.write(f"Worst layer: **{plain(worst['name'])}** at {worst['sqnr_db']:.1f} dB. Weight SQNR says how much each "
+    st.write(f"Worst layer: **{plain(layer_label(worst['name']))}** at {worst['sqnr_db']:.1f} dB. Weight SQNR says how much each "
              "layer's weights change, not how much the model's output suffers.")

@@ -13,17 +13,15 @@ are; after an internal bug (a traceback, exit code 1) all are, before the traceb
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import re
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
 
 from qcore.errors import QcoreError
+from qcore.quiet import chatter, show_warnings, torch_logs_held_back
 
 MAX_BATCH_SIZE = 65536  # bench --batch-size (it is clamped to the evaluation set anyway)
 MAX_ERROR_CHARS = 1000  # an error line is cut here
@@ -156,14 +154,13 @@ def cmd_evaluate(args):
     w, recipe = _workload_and_recipe(args)
     w = _finetuned(args, w)
     r = w.evaluate(recipe)
-    head = r["metric"]
-    lines = [f"model {r['model']}  recipe {r['recipe']['name']}  headline metric: {head}"]
-    keys = [k for k, v in r["quantized"]["metrics"].items() if isinstance(v, float)]
-    rows = [{"": "fp32", "size": _mib(r["fp32"]["size_bytes"]), **{k: r["fp32"]["metrics"].get(k) for k in keys}},
-            {"": "quantized", "size": _mib(r["quantized"]["size_bytes"]), **{k: r["quantized"]["metrics"][k] for k in keys}}]
+    lines = [f"model {r.model}  recipe {r.recipe['name']}  headline metric: {r.metric}"]
+    keys = [k for k, v in r.quantized.metrics.items() if isinstance(v, float)]
+    rows = [{"": "fp32", "size": _mib(r.fp32.size_bytes), **{k: r.fp32.metrics.get(k) for k in keys}},
+            {"": "quantized", "size": _mib(r.quantized.size_bytes), **{k: r.quantized.metrics[k] for k in keys}}]
     lines.append(_table(rows))
-    lines += [f"folded {conv} + {bn}" for conv, bn in r["folded"]] + [f"note: {n}" for n in r["notes"]]
-    return r, "\n".join(lines)
+    lines += [f"folded {conv} + {bn}" for conv, bn in r.folded] + [f"note: {n}" for n in r.notes]
+    return r.to_dict(), "\n".join(lines)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -208,11 +205,11 @@ def cmd_sensitivity(args):
 
     w = _workload(args)
     r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
-    text = f"{r['model']}: {r['metric']} fp32 = {r['fp32_metric']:.4g}  (view {args.view}, mode {args.mode})\n"
-    return r, text + _table(r["rows"], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
+    text = f"{r.model}: {r.metric} fp32 = {r.fp32_metric:.4g}  (view {args.view}, mode {args.mode})\n"
+    return r.to_dict(), text + _table([row.to_dict() for row in r.rows], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
                                        "metric", "metric_drop", "sqnr_db", "layer_sqnr_db", "rmse_over_step",
                                        "clipped_fraction", "input_rmse_over_step", "input_clipped_fraction", "rank"]) \
-        + "".join(f"\nnote: {n}" for n in r["notes"])
+        + "".join(f"\nnote: {n}" for n in r.notes)
 
 
 def cmd_search(args):
@@ -225,20 +222,20 @@ def cmd_search(args):
                min_metric=args.min_metric, progress=_progress(args), cache_dir=args.cache_dir)
     if args.out:
         try:
-            Path(args.out).write_text(json.dumps(r["recipe"], indent=2))
+            Path(args.out).write_text(json.dumps(r.recipe, indent=2))
         except OSError as e:
             raise QcoreError(f"--out {args.out!r} cannot be written ({e.strerror}); choose another path") from None
-    m, f = r["measured"], r["fp32"]
-    text = (f"{r['model']}: chosen recipe measured {m['metric']:.4g} at {_mib(m['size_bytes'])} "
-            f"(fp32 {f['metric']:.4g} at {_mib(f['size_bytes'])})" + (f"; written to {args.out}" if args.out else "")
-            + ("" if r["met"] else "; the goal is NOT met")
-            + "\nPareto front (measured):\n" + _table(r["pareto"], ["label", "size_bytes", "metric"])
-            + "".join(f"\nnote: {n}" for n in r["notes"]))
-    return r, text
+    m, f = r.measured, r.fp32
+    text = (f"{r.model}: chosen recipe measured {m.metric:.4g} at {_mib(m.size_bytes)} "
+            f"(fp32 {f.metric:.4g} at {_mib(f.size_bytes)})" + (f"; written to {args.out}" if args.out else "")
+            + ("" if r.met else "; the goal is NOT met")
+            + "\nPareto front (measured):\n" + _table(r.to_dict()["pareto"], ["label", "size_bytes", "metric"])
+            + "".join(f"\nnote: {n}" for n in r.notes))
+    return r.to_dict(), text
 
 
 def cmd_export(args):
-    from qcore.export.runtime import export
+    from qcore.export import export
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
@@ -247,10 +244,10 @@ def cmd_export(args):
 
 
 def cmd_bench(args):
-    from qcore.export.runtime import bench
+    from qcore.export.bench import bench
 
     w, recipe = _workload_and_recipe(args)
-    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads)
+    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads).to_dict()
     return r, json.dumps(r, indent=2)
 
 
@@ -360,58 +357,18 @@ def _add_qat_command(command):
 _EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command]
 
 
-class LibraryLog(UserWarning):
-    """A log record of torch's, held back like a warning while a command runs (see the module docstring)."""
-
-
-class _AsWarning(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        warnings.warn_explicit(f"{record.levelname} {record.name}: {record.getMessage()}", LibraryLog,
-                               record.pathname, record.lineno)
-
-
-@contextlib.contextmanager
-def _torch_logs_held_back():
-    """While a command runs, every torch logger with its own stderr handler (torch._logging gives one to
-    torch, torch.onnx, torch.export, torch._export.*, ...) logs into the warning record instead. Other
-    handlers (the TORCH_TRACE file handler) are left alone."""
-    import torch  # noqa: F401 -- its loggers and their stderr handlers exist once it is imported
-
-    handler, saved = _AsWarning(), {}
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch.")) and logger.handlers \
-                and all(type(h) is logging.StreamHandler for h in logger.handlers):
-            saved[logger] = logger.handlers
-            logger.handlers = [handler]
-    try:
-        yield
-    finally:
-        for logger, handlers in saved.items():
-            logger.handlers = handlers
-
-
-_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")})
-
-
-def _chatter(w: warnings.WarningMessage) -> bool:
-    """Library chatter: torch's log lines, and deprecations raised inside installed packages or the standard
-    library (where torch.export's pytree FutureWarnings point: copyreg), which the user cannot act on."""
-    return issubclass(w.category, LibraryLog) or (
-        issubclass(w.category, (FutureWarning, DeprecationWarning)) and str(w.filename).startswith(_LIBRARY_DIRS))
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # held back: a failure prints only its one line, a success no library chatter
-    with warnings.catch_warnings(record=True) as caught, _torch_logs_held_back():
+    with warnings.catch_warnings(record=True) as caught, torch_logs_held_back():
         try:
             result, text = args.func(args)
         except QcoreError as e:
             return _fail(str(e))
         except (MemoryError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and not _OUT_OF_MEMORY.search(str(e)):
-                _show_warnings(caught)
+                show_warnings(caught)
                 raise
             asked = re.search(r"tried to allocate (\d+) bytes", str(e))
             size = f" (it tried to allocate {int(asked[1]) / 2**30:.1f} GiB)" if asked else ""
@@ -420,14 +377,8 @@ def main(argv=None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
         except BaseException:  # an internal bug: its traceback follows, after the warnings that may explain it
-            _show_warnings(caught)
+            show_warnings(caught)
             raise
-    _show_warnings([w for w in caught if not _chatter(w)])
+    show_warnings([w for w in caught if not chatter(w)])
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
-
-
-def _show_warnings(caught: list) -> None:
-    """Print warnings recorded by ``warnings.catch_warnings(record=True)`` to stderr, as Python would have."""
-    for w in caught:
-        print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line), end="", file=sys.stderr)

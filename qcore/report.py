@@ -66,7 +66,7 @@ def html_report(model: dict, recipe: dict, evaluation: dict, *, sizes: dict | No
 
     model      : {"name", "description", ...} (every key is listed)
     recipe     : a recipe dict (``Recipe.to_dict``), shown as JSON
-    evaluation : ``Workload.evaluate`` result: {"metric", "fp32": {"size_bytes", "metrics"}, "quantized": {...}}
+    evaluation : ``Workload.evaluate(...).to_dict()`` (plain data, as the page caches it)
     sizes      : extra size figures, e.g. {"bits_per_weight": 5.1}
     latency    : rows {"recipe", "latency_ms", "source" ("measured" | "estimate"), ...}
     figures    : (title, Plotly figure) pairs, drawn in order

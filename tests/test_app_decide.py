@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from pages import state
+from qcore.recipe.links import build_recipe, compact, decode_layers, encode_layers
+from ui import state
 from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from test_hostile_app import visible
 from qcore.analysis import sensitivity
-from qcore.figures import decide as viz_decide
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe, preset
 from qcore.numerics.spec import TensorSpec
@@ -81,10 +81,10 @@ def test_editing_one_layer_changes_the_size_by_exactly_its_bytes(digits_mlp):
     assert before - size_shown(at) == int8 - int4 == 4096
     table = at.data_editor[0].value
     assert table.loc[table["layer"] == "fc2", "size (bytes)"].item() == int4
-    assert state.decode_layers(at.query_params["layers"]) == {"fc2": {"weights": {"format": "int4"}}}
+    assert decode_layers(at.query_params["layers"]) == {"fc2": {"weights": {"format": "int4"}}}
     edit(at, {layer: {"weights": "fp32"}})  # fp32 weights and float inputs: the layer leaves the recipe
     edit(at, {layer: {"weights": "fp32", "inputs": "float"}})
-    assert state.decode_layers(at.query_params["layers"]) == {"fc2": None}
+    assert decode_layers(at.query_params["layers"]) == {"fc2": None}
     assert metric(at, "Weights kept in FP32") == f"{100 * 64 * 128 / (128 * 64 + 64 * 128 + 10 * 64):.1f}%"
 
 
@@ -94,7 +94,7 @@ def test_an_edit_the_recipe_cannot_hold_is_shown_as_adjusted(digits_mlp):
     row = at.data_editor[0].value.iloc[0]
     assert (row["weights"], bool(row["symmetric"])) == ("fp16", True)
     assert row["size (bytes)"] == 128 * 64 * 2
-    assert state.decode_layers(at.query_params["layers"]) == {"fc1": {"weights": {"format": "fp16"}}}
+    assert decode_layers(at.query_params["layers"]) == {"fc1": {"weights": {"format": "fp16"}}}
 
 
 def test_downloaded_recipe_reloads_to_the_same_table(digits_cnn, downloads):
@@ -127,7 +127,7 @@ def test_invalid_uploaded_recipe_shows_an_error_and_keeps_the_table():
 def test_link_restores_model_preset_and_overrides(digits_cnn):
     overrides = {"features.0": None, "classifier.3": {"weights": {"format": "int8", "granularity": "per_channel"}}}
     at = open_page("mixed_precision", model="digits-cnn", preset="int4-weight-only",
-                   layers=state.encode_layers(overrides))
+                   layers=encode_layers(overrides))
     table = at.data_editor[0].value.set_index("layer")
     assert table["weights"].to_dict() == {"features.0": "fp32", "features.3": "int4", "features.7": "int4",
                                           "classifier.1": "int4", "classifier.3": "int8"}
@@ -135,7 +135,7 @@ def test_link_restores_model_preset_and_overrides(digits_cnn):
     expected = expected.with_layer("classifier.3", overrides["classifier.3"])
     assert size_shown(at) == digits_cnn.size(expected)["size_bytes"]
     assert at.query_params["preset"] == "int4-weight-only"
-    assert state.decode_layers(at.query_params["layers"]) == overrides
+    assert decode_layers(at.query_params["layers"]) == overrides
 
 
 def test_broken_link_says_so_and_falls_back_to_the_default():
@@ -152,7 +152,7 @@ def test_evaluate_shows_the_measured_metric(digits_mlp):
     at = open_page("mixed_precision", preset="int4-weight-only")
     next(b for b in at.button if b.label.startswith("Evaluate")).click()
     at.run()
-    result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes))
+    result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes)).to_dict()
     acc = result["quantized"]["metrics"]["accuracy"]
     assert metric(at, "accuracy (measured)") == f"{acc:.4f}"
     assert acc != result["fp32"]["metrics"]["accuracy"]
@@ -160,7 +160,7 @@ def test_evaluate_shows_the_measured_metric(digits_mlp):
 
 def test_sensitivity_shows_the_sweep_and_acts_on_a_layer(digits_mlp):
     at = open_page("sensitivity")
-    result = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")
+    result = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()
     worst = max((r for r in result["rows"] if r["rank"] == 1), key=lambda r: r["metric_drop"])
     assert metric(at, "Most sensitive layer") == worst["layer"]
     assert metric(at, "Its accuracy drop") == f"{worst['metric_drop']:+.4f}"
@@ -169,7 +169,7 @@ def test_sensitivity_shows_the_sweep_and_acts_on_a_layer(digits_mlp):
     assert heatmap["customdata"][0][0] == pytest.approx(drops[(heatmap["y"][0], heatmap["x"][0])])
 
     at.button(key="sens_f:fc3").click().run()
-    assert state.decode_layers(at.query_params["layers"]) == {"fc3": None}
+    assert decode_layers(at.query_params["layers"]) == {"fc3": None}
     at.button(key="sens_a:fc2").click().run()
     assert at.title[0].value.startswith("Activations")
     assert at.selectbox(key="act_layer:zoo:digits-mlp").value == "fc2"
@@ -179,13 +179,15 @@ def test_tradeoffs_table_holds_measured_metrics_and_the_pareto_front(digits_mlp)
     at = open_page("tradeoffs")
     table = at.dataframe[0].value.set_index("recipe")
     for label, name in (("FP32", "fp32"), ("INT8 static", "int8-static"), ("NF4", "nf4"), ("FP8", "fp8")):
-        result = digits_mlp.evaluate(preset(name, digits_mlp.layer_shapes))
+        result = digits_mlp.evaluate(preset(name, digits_mlp.layer_shapes)).to_dict()
         assert table.loc[label, "accuracy"] == result["quantized"]["metrics"]["accuracy"]
         assert table.loc[label, "size (bytes)"] == result["quantized"]["size_bytes"]
     assert set(table.index) == {"FP32", "FP16", "BF16", "INT8 dynamic", "INT8 static", "INT4 weight-only", "NF4", "FP8"}
     assert table["latency source"].str.startswith("estimate").all()
     points = [{"label": k, "size_bytes": r["size (bytes)"], "metric": r["accuracy"]} for k, r in table.iterrows()]
-    front = {points[i]["label"] for i in viz_decide.pareto_front(points)}
+    front = {p["label"] for p in points if not any(  # brute force: nothing at most as large and as good, and better in one
+        q["size_bytes"] <= p["size_bytes"] and q["metric"] >= p["metric"]
+        and (q["size_bytes"] < p["size_bytes"] or q["metric"] > p["metric"]) for q in points)}
     assert set(table.index[table["Pareto"]]) == front
     best = table[table["accuracy"] == table["accuracy"].max()]
     assert table["size (bytes)"].idxmin() in front and best["size (bytes)"].idxmin() in front
@@ -197,7 +199,7 @@ def test_export_downloads_recipe_report_and_sensitivity_csv(digits_mlp, download
     recipe = preset("int4-weight-only", digits_mlp.layer_shapes)
     assert Recipe.from_json(downloads(buttons["Download recipe JSON"])).to_dict()["layers"] == recipe.to_dict()["layers"]
     html = downloads(buttons["Download the HTML report"])
-    acc = digits_mlp.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    acc = digits_mlp.evaluate(recipe).quantized.metrics["accuracy"]
     assert "digits-mlp" in html and f"{acc:.6g}" in html and html.count("Plotly.newPlot") >= 3
     csv = downloads(buttons["Download sensitivity table (CSV)"]).splitlines()
     assert len(csv) == 1 + len(digits_mlp.layers) * len(state.DEFAULT_CANDIDATES)
@@ -210,11 +212,11 @@ def test_export_downloads_recipe_report_and_sensitivity_csv(digits_mlp, download
         [None, {"format": "int4"}, {"format": "fp16"}, {"format": "int8", "granularity": "per_tensor"}])}))))
 def test_compact_and_url_encoding_reproduce_every_layer(digits_cnn, name, layers):
     try:
-        recipe = state.build_recipe(digits_cnn, name, layers)
+        recipe = build_recipe(digits_cnn, name, layers)
     except QcoreError:  # e.g. a group size that does not divide features.0's fan-in of 9
         assume(False)
-    short_name, short = state.compact(digits_cnn, recipe)
-    again = state.build_recipe(digits_cnn, short_name, state.decode_layers(state.encode_layers(short)))
+    short_name, short = compact(digits_cnn, recipe)
+    again = build_recipe(digits_cnn, short_name, decode_layers(encode_layers(short)))
     assert all(again.plan(n) == recipe.plan(n) for n in digits_cnn.layers)
 
 
@@ -227,8 +229,8 @@ def test_search_fills_the_table_with_a_measured_recipe_within_the_budget_on_use_
     next(b for b in at.button if b.label == "Use this recipe").click()
     at.run()
     name, overrides = at.query_params.get("preset", state.DEFAULT_PRESET), at.query_params.get("layers")
-    recipe = state.build_recipe(digits_mlp, name, state.decode_layers(overrides) if overrides else {})
-    measured = digits_mlp.evaluate(recipe)
+    recipe = build_recipe(digits_mlp, name, decode_layers(overrides) if overrides else {})
+    measured = digits_mlp.evaluate(recipe).to_dict()
     assert measured["quantized"]["size_bytes"] <= 0.2 * measured["fp32"]["size_bytes"]
     assert size_shown(at) == measured["quantized"]["size_bytes"]
     assert (f"measured accuracy {measured['quantized']['metrics']['accuracy']:.4f} at "
@@ -242,8 +244,8 @@ def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app
     from playwright.sync_api import expect, sync_playwright
 
     overrides = {"fc1": None, "fc3": {"weights": {"format": "int8", "granularity": "per_channel"}}}
-    expected = state.build_recipe(digits_mlp, "int4-weight-only", overrides)
-    link = f"mixed_precision?model=digits-mlp&preset=int4-weight-only&layers={state.encode_layers(overrides)}"
+    expected = build_recipe(digits_mlp, "int4-weight-only", overrides)
+    link = f"mixed_precision?model=digits-mlp&preset=int4-weight-only&layers={encode_layers(overrides)}"
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -253,7 +255,10 @@ def test_a_shared_link_opens_the_same_recipe_in_the_browser_and_downloads_it(app
             expect(page.locator("h1").first).to_have_text("Mixed precision: a format for every layer")
             expect(page.locator('[data-testid="stMetric"]', has_text="Size (bytes)")).to_contain_text(
                 f"{digits_mlp.size(expected)['size_bytes']:,}")
-            assert page.locator(ERROR_BOXES).count() == 0
+            # app.py framed the page: its sidebar names the link's recipe, its navigation lists the pages
+            expect(page.locator('[data-testid="stSidebar"]')).to_contain_text("Recipe: int4-weight-only with 2 layer override(s)")
+            assert page.locator('[data-testid="stSidebarNav"] a').count() == 8
+            assert page.locator(ERROR_BOXES).count() == 0 and page.get_by_text("Page not found").count() == 0
             with page.expect_download(timeout=PAGE_TIMEOUT_MS) as download:
                 page.get_by_role("button", name="Download recipe JSON").click()
             saved = tmp_path / "recipe.json"
@@ -268,19 +273,19 @@ def test_export_onnx_of_int4_weight_only_then_int8_static_shows_the_file_not_the
     """Regression: fc1 int4 weight-only before fc2 int8-static crashed Export with TensorQuantOverrides' traceback;
     the download showed the theoretical size. Now the file exports and the page gives its real bytes and the
     metric of the file run in ONNX Runtime, each labelled, equal to the engine's own export report."""
-    from qcore.export import runtime
+    from qcore.export import export
 
     layers = {"fc1": {"weights": {"format": "int4", "granularity": "per_channel"}, "activations": None},
               "fc2": {"weights": {"format": "int8", "granularity": "per_channel"},
                       "activations": {"format": "int8", "dynamic": False}}}
-    at = open_page("export", preset="fp32", layers=state.encode_layers(layers))
+    at = open_page("export", preset="fp32", layers=encode_layers(layers))
     next(b for b in at.button if b.label == "Prepare onnx").click()
     at.run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    recipe = state.build_recipe(digits_mlp, "fp32", layers)
+    recipe = build_recipe(digits_mlp, "fp32", layers)
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
-        rep = runtime.export(digits_mlp, recipe, "onnx", f"{tmp}/r.onnx").to_dict()
+        rep = export(digits_mlp, recipe, "onnx", f"{tmp}/r.onnx").to_dict()
     button = next(b for b in at.download_button if b.label.startswith("Download onnx"))
     assert button.label == f"Download onnx ({rep['file_size_bytes']:,} bytes)"
     caption = next(c.value for c in at.caption if "file on disk" in c.value)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pages import state
+from qcore.recipe.links import build_recipe, decode_layers, encode_layers
+from qcore.recipe.table import FLOAT_LAYER
+from ui import keys, state
 from qcore.analysis import search, sensitivity
 from qcore import zoo
 from qcore.recipe import Recipe
@@ -63,8 +65,8 @@ def click(at: AppTest, label: str) -> None:
 def table_recipe(at: AppTest, w) -> Recipe:
     """The recipe in the editor, read back from the address (?preset=&layers=) the way a link is."""
     layers = at.query_params.get("layers")
-    return state.build_recipe(w, at.query_params.get("preset", state.DEFAULT_PRESET),
-                              state.decode_layers(layers) if layers else {})
+    return build_recipe(w, at.query_params.get("preset", state.DEFAULT_PRESET),
+                              decode_layers(layers) if layers else {})
 
 
 def same(a: Recipe, b: Recipe, w) -> bool:
@@ -88,15 +90,15 @@ def rows_holding(table, recipe: Recipe):
 def test_tradeoffs_a_search_after_a_hand_made_recipe_keeps_both_with_their_own_numbers(digits_mlp):
     """Regression: the search's numbers showed under the hand-made recipe's name, which vanished (same
     automatic name), and the search overwrote the editor. Now both are rows, each with its own measured numbers."""
-    at = visit(start(layers=state.encode_layers(HAND_MADE)), "mixed_precision")
-    hand = state.build_recipe(digits_mlp, "int8-static", HAND_MADE)
+    at = visit(start(layers=encode_layers(HAND_MADE)), "mixed_precision")
+    hand = build_recipe(digits_mlp, "int8-static", HAND_MADE)
     click(at, "Evaluate this recipe (measured)")
     at.slider(key="mp_budget").set_value(0.15).run()
     click(at, "Search")
     assert same(table_recipe(at, digits_mlp), hand, digits_mlp), "the search overwrote the table's recipe"
     assert at.data_editor[0].value.set_index("layer").loc["fc2", "weights"] == "int4"
 
-    found = search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.15)
+    found = search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.15).to_dict()
     searched = Recipe.from_dict(found["recipe"])
     assert not same(searched, hand, digits_mlp)  # two different recipes, or the test proves nothing
     assert not found["recipe"]["name"].startswith("uniform")  # at 15 % a mix, not a preset (a preset shows as its row)
@@ -106,7 +108,7 @@ def test_tradeoffs_a_search_after_a_hand_made_recipe_keeps_both_with_their_own_n
         held = rows_holding(table, recipe)
         assert len(held) == 1, f"the recipe with hash {sha8(recipe)} is not exactly one row: {list(table.index)}"
         row = held.iloc[0]
-        measured = digits_mlp.evaluate(recipe)["quantized"]
+        measured = digits_mlp.evaluate(recipe).to_dict()["quantized"]
         assert row["accuracy"] == measured["metrics"]["accuracy"]
         assert row["size (bytes)"] == measured["size_bytes"]
     evaluated = [label for label in table.index if label.startswith("evaluated:")]
@@ -114,32 +116,32 @@ def test_tradeoffs_a_search_after_a_hand_made_recipe_keeps_both_with_their_own_n
     assert len(evaluated) == 1 and evaluated[0].endswith(f"[{sha8(hand)}]")
     assert len(searched_rows) == 1 and searched_rows[0].endswith(f"[{sha8(searched)}]")
     # every recipe once: no two rows hold the same recipe
-    kept = at.session_state[state.USER_RECIPES]["zoo:digits-mlp"].values()
+    kept = at.session_state[keys.USER_RECIPES]["zoo:digits-mlp"].values()
     assert sorted(sha8(Recipe.from_dict(d)) for d in kept) == sorted([sha8(hand), sha8(searched)])
 
 
 def test_the_search_result_replaces_the_table_only_on_use_this_recipe(digits_mlp):
-    at = visit(start(layers=state.encode_layers(HAND_MADE)), "mixed_precision")
+    at = visit(start(layers=encode_layers(HAND_MADE)), "mixed_precision")
     at.slider(key="mp_budget").set_value(0.2).run()
     click(at, "Search")
-    hand = state.build_recipe(digits_mlp, "int8-static", HAND_MADE)
+    hand = build_recipe(digits_mlp, "int8-static", HAND_MADE)
     assert same(table_recipe(at, digits_mlp), hand, digits_mlp)
     click(at, "Use this recipe")
-    searched = Recipe.from_dict(search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.2)["recipe"])
+    searched = Recipe.from_dict(search.search(digits_mlp, state.DEFAULT_CANDIDATES, max_size_fraction=0.2).recipe)
     assert same(table_recipe(at, digits_mlp), searched, digits_mlp)
     assert int(metric(at, "Size (bytes)").replace(",", "")) == digits_mlp.size(searched)["size_bytes"]
     assert next(b for b in at.button if b.label == "In the table").disabled
-    (label,) = at.session_state[state.USER_RECIPES]["zoo:digits-mlp"].keys() - {at.session_state[state.SEARCH]["zoo:digits-mlp"]["label"]}
+    (label,) = at.session_state[keys.USER_RECIPES]["zoo:digits-mlp"].keys() - {at.session_state[keys.SEARCH]["zoo:digits-mlp"]["label"]}
     assert label == f"replaced: digits-mlp-int8-static-mixed [{sha8(hand)}]"  # the hand-made recipe was kept
     table = visit(at, "tradeoffs").dataframe[0].value.set_index("recipe")
-    assert table.loc[label, "accuracy"] == digits_mlp.evaluate(hand)["quantized"]["metrics"]["accuracy"]
+    assert table.loc[label, "accuracy"] == digits_mlp.evaluate(hand).quantized.metrics["accuracy"]
 
 
 def test_remembered_labels_carry_the_sha256_of_the_canonical_recipe(digits_mlp):
-    at = visit(start(layers=state.encode_layers(HAND_MADE)), "mixed_precision")
+    at = visit(start(layers=encode_layers(HAND_MADE)), "mixed_precision")
     click(at, "Evaluate this recipe (measured)")
-    (label,) = at.session_state[state.USER_RECIPES]["zoo:digits-mlp"]
-    assert label == f"evaluated: digits-mlp-int8-static-mixed [{sha8(state.build_recipe(digits_mlp, 'int8-static', HAND_MADE))}]"
+    (label,) = at.session_state[keys.USER_RECIPES]["zoo:digits-mlp"]
+    assert label == f"evaluated: digits-mlp-int8-static-mixed [{sha8(build_recipe(digits_mlp, 'int8-static', HAND_MADE))}]"
 
 
 # ---- Mixed precision: estimates say what they cover -------------------------------------------------
@@ -147,7 +149,7 @@ def test_mixed_precision_estimate_with_an_unswept_layer_says_incomplete_not_fp32
     """Regression: with fc1 at int4 (no sweep row has that spec) the estimate showed FP32's 0.9750 and the
     drop column a raw None."""
     at = visit(start(), "mixed_precision")
-    sweep = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")
+    sweep = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()
     int8 = {r["layer"]: r["metric_drop"] for r in sweep["rows"] if r["candidate"] == "int8-static"}
     shown = metric(at, "accuracy (estimate)")  # complete before the edit: FP32 minus the int8-static drops
     assert shown == f"{sweep['fp32_metric'] - sum(int8.values()):.4f}"
@@ -171,9 +173,9 @@ def test_link_unknown_model_is_an_error_naming_the_zoo_not_a_silent_digits_mlp()
 
 def test_link_with_an_old_model_preset_and_layers_still_opens_without_an_error(digits_cnn):
     overrides = {"features.0": None}
-    at = visit(start(model="digits-cnn", preset="nf4", layers=state.encode_layers(overrides)), "mixed_precision")
+    at = visit(start(model="digits-cnn", preset="nf4", layers=encode_layers(overrides)), "mixed_precision")
     assert not at.error and "upload" not in at.query_params
-    assert same(table_recipe(at, digits_cnn), state.build_recipe(digits_cnn, "nf4", overrides), digits_cnn)
+    assert same(table_recipe(at, digits_cnn), build_recipe(digits_cnn, "nf4", overrides), digits_cnn)
 
 
 def as_upload(w) -> dict:
@@ -183,8 +185,8 @@ def as_upload(w) -> dict:
 def test_link_of_an_uploaded_model_carries_its_hash_and_says_the_file_must_be_uploaded(digits_mlp):
     """Regression: an uploaded model vanished on reload while the sidebar said the address reproduced the model."""
     at = AppTest.from_file(APP, default_timeout=180)
-    at.session_state[state.SOURCE] = state.UPLOAD_SOURCE
-    at.session_state[state.UPLOAD] = as_upload(digits_mlp)
+    at.session_state[keys.SOURCE] = keys.UPLOAD_SOURCE
+    at.session_state[keys.UPLOAD] = as_upload(digits_mlp)
     at.run()
     assert at.query_params["upload"] == digits_mlp.content_hash[:16]
     caption = next(visible(c.value) for c in at.sidebar.caption if "address reproduces" in c.value)
@@ -200,10 +202,10 @@ def test_link_of_an_uploaded_model_carries_its_hash_and_says_the_file_must_be_up
 def test_link_upload_hash_is_checked_when_the_file_arrives(digits_mlp, matches):
     at = AppTest.from_file(APP, default_timeout=180)
     at.query_params.update(upload=digits_mlp.content_hash[:16] if matches else "0123456789abcdef", preset="int4-weight-only")
-    at.session_state[state.UPLOAD] = as_upload(digits_mlp)  # the receiver's file, loaded
+    at.session_state[keys.UPLOAD] = as_upload(digits_mlp)  # the receiver's file, loaded
     at.run()
     assert not at.exception
-    entry = (at.session_state[state.RECIPES] if state.RECIPES in at.session_state else {}).get(f"upload:{digits_mlp.content_hash}")
+    entry = (at.session_state[keys.RECIPES] if keys.RECIPES in at.session_state else {}).get(f"upload:{digits_mlp.content_hash}")
     errors = [visible(e.value) for e in at.error]
     if matches:
         assert not errors and entry == {"preset": "int4-weight-only", "layers": {}}
@@ -227,7 +229,7 @@ def test_sensitivity_ranks_and_sums_up_under_the_widest_spread_not_an_all_zero_i
     """Regression: the summary showed int2's result while the ranked chart defaulted to int8-static, whose drops
     are all +0.0000."""
     at = visit(start(), "sensitivity")
-    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")["rows"]
+    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()["rows"]
     spread = spreads(rows)
     widest = max(spread, key=spread.get)
     assert spread[widest] > 0 and spread[widest] > min(spread.values())
@@ -243,7 +245,7 @@ def test_sensitivity_ranks_and_sums_up_under_the_widest_spread_not_an_all_zero_i
 def test_sensitivity_heatmap_cells_show_their_values_on_a_per_candidate_scale(digits_mlp):
     """Regression: one candidate's colour scale dominated the heatmap and its cells showed no values."""
     at = visit(start(), "sensitivity")
-    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only")["rows"]
+    rows = sensitivity.sweep(digits_mlp, state.DEFAULT_CANDIDATES, "both", "only").to_dict()["rows"]
     heat = next(d for c in at.get("plotly_chart") for d in json.loads(c.proto.spec)["data"] if d["type"] == "heatmap")
     assert heat["texttemplate"] == "%{text}"
     cell = {(r["layer"], r["candidate"]): r for r in rows}
@@ -270,7 +272,7 @@ def test_float_means_weights_and_inputs_and_fp32_weights_keep_the_inputs_quantiz
     plan = table_recipe(at, digits_mlp).plan("fc2")
     assert plan.weights is None and plan.activations is not None and not plan.is_float
     row = at.data_editor[0].value.set_index("layer").loc["fc2"]
-    assert (row["weights"], row["inputs"], bool(row[state.FLOAT_LAYER])) == ("fp32", "int8 static", False)
+    assert (row["weights"], row["inputs"], bool(row[FLOAT_LAYER])) == ("fp32", "int8 static", False)
     config = json.loads(at.data_editor[0].proto.columns)
     assert "fp32 (float weights only)" in json.dumps(config["weights"])
 
@@ -281,19 +283,19 @@ def test_float_means_weights_and_inputs_and_fp32_weights_keep_the_inputs_quantiz
     assert table_recipe(at, digits_mlp).plan("fc2").is_float
     assert at.button(key="sens_f:fc2").label == "Layer in float"
     row = visit(at, "mixed_precision").data_editor[0].value.set_index("layer").loc["fc2"]
-    assert (row["weights"], row["inputs"], bool(row[state.FLOAT_LAYER])) == ("fp32", "float", True)
+    assert (row["weights"], row["inputs"], bool(row[FLOAT_LAYER])) == ("fp32", "float", True)
 
 
 def test_ticking_keep_in_float_makes_the_whole_layer_float(digits_mlp):
     at = visit(start(), "mixed_precision")
-    edit(at, {list(digits_mlp.layers).index("fc1"): {state.FLOAT_LAYER: True}})
+    edit(at, {list(digits_mlp.layers).index("fc1"): {FLOAT_LAYER: True}})
     assert table_recipe(at, digits_mlp).plan("fc1").is_float
-    assert state.decode_layers(at.query_params["layers"]) == {"fc1": None}
+    assert decode_layers(at.query_params["layers"]) == {"fc1": None}
 
 
 def test_link_waiting_for_an_upload_is_dropped_when_the_receiver_goes_back_to_the_zoo(digits_mlp):
     at = start(upload=digits_mlp.content_hash[:16], preset="int4-weight-only")
-    at.session_state[state.SOURCE] = state.ZOO
+    at.session_state[keys.SOURCE] = keys.ZOO
     visit(at, "mixed_precision")  # a page that writes the address (AppTest runs later pages without app.py)
-    assert state.LINK_UPLOAD not in at.session_state
+    assert keys.LINK_UPLOAD not in at.session_state
     assert "upload" not in at.query_params and "preset" not in at.query_params  # the zoo model's own (default) recipe

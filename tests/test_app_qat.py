@@ -6,7 +6,7 @@ import torch
 from test_app import metrics, open_app, visit, zoo_models  # noqa: F401 -- zoo_models is a fixture
 
 import qcore.training
-from pages import state
+from ui import keys
 from qcore.recipe.links import build_recipe
 from qcore.training import QATConfig, finetune
 from ui.text import plain
@@ -25,7 +25,7 @@ def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypa
     monkeypatch.setattr(qcore.training, "finetune", lambda *a, **k: calls.append(1) or finetune(*a, **k))
     at = open_app("digits-mlp")
     int2 = {"weights": {"format": "int2", "granularity": "per_channel", "symmetric": True}}  # PTQ loses ~26 points here
-    at.session_state[state.RECIPES] = {"zoo:digits-mlp": {"preset": "int8-weight-only", "layers": {n: int2 for n in ("fc1", "fc2", "fc3")}}}
+    at.session_state[keys.RECIPES] = {"zoo:digits-mlp": {"preset": "int8-weight-only", "layers": {n: int2 for n in ("fc1", "fc2", "fc3")}}}
     visit(at, "qat")
     at.number_input(key="qat_epochs").set_value(2)
     at.run()
@@ -51,7 +51,7 @@ def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypa
 
 def test_qat_page_cancel_and_all_float_recipe(zoo_models):  # noqa: F811
     at = open_app("digits-mlp")
-    at.session_state[state.RECIPES] = {"zoo:digits-mlp": {"preset": "fp32", "layers": {}}}
+    at.session_state[keys.RECIPES] = {"zoo:digits-mlp": {"preset": "fp32", "layers": {}}}
     visit(at, "qat")
     at.button(key="qat_cancel").click().run()
     assert "Cancelled" in at.info[0].value and not at.metric  # nothing ran, nothing shown

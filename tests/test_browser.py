@@ -159,3 +159,20 @@ def test_a_bad_upload_shows_an_error_box_and_keeps_the_loaded_model(app_url, tmp
             assert page.locator('[data-testid="stException"]').count() == 0
         finally:
             browser.close()
+
+
+def test_a_link_to_the_home_page_by_its_file_name_goes_home(app_url):
+    """/model (the home page's file name) opens the Model page at "/" with the link's query, not "page not found"."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{app_url}/model?model=digits-cnn", timeout=PAGE_TIMEOUT_MS)
+            _wait_until_idle(page)
+            expect(page.locator("h1").first).to_have_text("Model: digits-cnn")
+            assert page.get_by_text("Page not found").count() == 0 and page.locator(ERROR_BOXES).count() == 0
+            assert page.url.split("?")[0].rstrip("/") == app_url, page.url
+        finally:
+            browser.close()

@@ -73,3 +73,29 @@ def test_a_copy_taken_during_calibration_does_not_feed_the_statistics():
     assert stats["0"].max == alone["0"].max < 1000  # the old code (hooks on the caller's model) gave 1000
     assert stats["0"].numel == alone["0"].numel and torch.equal(stats["0"].hist, alone["0"].hist)
     assert model.training and all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_run_with_hooks_runs_a_private_copy_and_leaves_the_model_alone():
+    """The hooks see what the layers see (checked against the layers applied by hand) and the progress after each
+    batch; the caller's model keeps no hook, its mode and its weights."""
+    from qcore.model.hooks import run_with_hooks
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(4, 6),), (torch.randn(2, 6),)]
+    seen_in, seen_out, fractions = [], [], []
+
+    def pre(module, args):
+        seen_in.append(args[0].clone())
+        module.weight.data.zero_()  # changes the copy only
+
+    run_with_hooks(model, batches, pre={"2": pre}, post={"0": lambda m, a, out: seen_out.append(out.clone())},
+                   progress=fractions.append)
+    with torch.no_grad():
+        for (x,), inp, out in zip(batches, seen_in, seen_out):
+            assert torch.equal(out, x @ before["0.weight"].T + before["0.bias"])
+            assert torch.allclose(inp, torch.relu(out))
+    assert fractions == [0.5, 1.0] and model.training
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

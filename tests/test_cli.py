@@ -30,7 +30,7 @@ def test_evaluate_json_matches_python_api(capsys, digits_mlp):
     code, out, _ = run(capsys, "evaluate", "digits-mlp", "--preset", "int4-weight-only", "--json")
     assert code == 0
     r = json.loads(out)
-    expected = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes))
+    expected = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes)).to_dict()
     assert r["metric"] == "accuracy"
     assert r["quantized"]["metrics"]["accuracy"] == pytest.approx(expected["quantized"]["metrics"]["accuracy"])
     assert r["quantized"]["size_bytes"] == expected["quantized"]["size_bytes"] < r["fp32"]["size_bytes"] == 68904

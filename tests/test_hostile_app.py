@@ -22,7 +22,8 @@ from markdown_it import MarkdownIt
 from onnx import TensorProto, helper, numpy_helper
 from streamlit.testing.v1 import AppTest
 
-from pages import state
+from qcore.recipe.links import encode_layers
+from ui import keys, state
 from qcore.errors import QcoreError
 from qcore.io.sandbox import vet_upload
 from qcore.io.workload import load_workload
@@ -34,7 +35,7 @@ EVIL = "[click](http://evil/a) ![img](http://evil/x.png) <b>bold</b> :red[r] :ma
 EVIL_FILE = "[c](https:evil.com) <b>b <img src=x onerror=alert(1)> www.evil.com.onnx"  # no "/" in a file name
 # what must never reach a Markdown call unescaped (each is a live link, image, tag or directive when rendered)
 RAW = ["](http", "![", "<b>", ":red[", ":material/", "www.evil", "](https"]
-PAGES = ["model", "formats", "weights", "activations", "sensitivity", "mixed_precision", "tradeoffs", "export"]
+PAGES = ["model", "formats", "weights", "activations", "sensitivity", "mixed_precision", "tradeoffs", "qat", "export"]
 
 
 def visible(markdown: str) -> str:
@@ -111,8 +112,8 @@ def legit(tmp_path_factory, digits_mlp):
 # ---- (a) link parameters -------------------------------------------------------------------------
 @pytest.mark.parametrize("query", [
     {"preset": EVIL},
-    {"layers": state.encode_layers({f"fc1 {EVIL}": None})},  # an unknown layer: the error quotes its name
-    {"layers": state.encode_layers({"fc1": {"weights": {"format": EVIL}}})},  # the error quotes the format
+    {"layers": encode_layers({f"fc1 {EVIL}": None})},  # an unknown layer: the error quotes its name
+    {"layers": encode_layers({"fc1": {"weights": {"format": EVIL}}})},  # the error quotes the format
 ])
 def test_a_hostile_link_is_reported_as_text(query):
     at = AppTest.from_file(APP, default_timeout=120)
@@ -133,8 +134,8 @@ def test_hostile_onnx_names_are_shown_as_text_on_every_page(tmp_path, monkeypatc
     assert any("](http://evil" in n for n in workload.notes)  # the loader does quote the names
 
     at = AppTest.from_file(APP, default_timeout=120)
-    at.session_state[state.SOURCE] = state.UPLOAD_SOURCE
-    at.session_state[state.UPLOAD] = {"key": "upload:hostile", "workload": workload, "label": path.name}
+    at.session_state[keys.SOURCE] = keys.UPLOAD_SOURCE
+    at.session_state[keys.UPLOAD] = {"key": "upload:hostile", "workload": workload, "label": path.name}
     at.run()
     seen = []
     for page in PAGES:

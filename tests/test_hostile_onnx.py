@@ -16,9 +16,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qcore.errors import QcoreError
-from qcore.io import onnx_import
+from qcore.io.onnx.convert import convert
+from qcore.io.onnx.proto import all_tensors
 from qcore.io.models import load_model_file
-from qcore.io.onnx_file import _load_external_data
+from qcore.io.onnx.file import _load_external_data
 from qcore.io.workload import load_workload
 
 SECRET = b"TOP-SECRET-0123!"  # 16 bytes: the size of the tensor each payload asks for
@@ -131,8 +132,8 @@ def test_external_data_beside_the_upload_loads_and_is_copied_into_the_model(serv
         if place == "subgraph":  # the data loads; the converter then names the If it cannot run
             _load_external_data(proto, server, 10_000)
             assert all(t.data_location == TensorProto.DEFAULT and not t.external_data
-                       for t, _ in onnx_import.all_tensors(proto))
-            assert [t.raw_data for t, _ in onnx_import.all_tensors(proto) if t.name == "leak"] == [weights[8:24]]
+                       for t, _ in all_tensors(proto))
+            assert [t.raw_data for t, _ in all_tensors(proto) if t.name == "leak"] == [weights[8:24]]
             with pytest.raises(QcoreError, match="ONNX operator 'If' \\(node 'outer_if'\\) is not supported"):
                 load_model_file(server)
             continue
@@ -150,7 +151,7 @@ def test_convert_never_resolves_external_data_itself(server):
     """A proto handed to ``convert`` directly (not through the file loader) cannot read a file either."""
     for place in ("attribute", "initializer"):
         with pytest.raises(QcoreError, match=f"the ONNX model's {WHERE[place]} keeps its data in an external file"):
-            onnx_import.convert(_leaky(place, "secret.txt"))
+            convert(_leaky(place, "secret.txt"))
 
 
 def test_export_is_never_reached_with_a_leaking_upload(server, capsys):

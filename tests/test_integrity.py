@@ -36,7 +36,7 @@ def serial():
     """What one session alone computes on a fresh digits-cnn workload."""
     w = zoo.load("digits-cnn")
     recipe = preset("int8-static", w.layer_shapes)
-    return _calibration_summary(w), w.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    return _calibration_summary(w), w.evaluate(recipe).quantized.metrics["accuracy"]
 
 
 def test_serial_reference_values(serial):
@@ -71,7 +71,7 @@ def test_concurrent_sessions_see_their_own_numbers(serial):
             b = threading.Thread(target=session_b)
             b.start()
             try:
-                accuracy = w.evaluate(preset("int8-static", w.layer_shapes))["quantized"]["metrics"]["accuracy"]
+                accuracy = w.evaluate(preset("int8-static", w.layer_shapes)).quantized.metrics["accuracy"]
                 stats = _calibration_summary(w)
                 while copies[0] < 3:  # B keeps running models it copied meanwhile
                     stop.wait(0.01)
@@ -106,12 +106,13 @@ def _two_gemm_onnx(path, activation: str) -> None:
 
 
 def _rows(result) -> list[tuple]:
-    return [(r["layer"], r["candidate"], r["metric"], r["sqnr_db"], r["layer_sqnr_db"]) for r in result["rows"]]
+    return [(r.layer, r.candidate, r.metric, r.sqnr_db, r.layer_sqnr_db) for r in result.rows]
 
 
 def test_same_name_and_weights_different_operator_is_not_served_another_users_rows(tmp_path):
     from qcore.io.workload import load_workload
-    from qcore.analysis.sensitivity import clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import sweep
+    from qcore.analysis.sweep_cache import clear_memory_cache
 
     workloads = {}
     for act in ("Relu", "Sigmoid"):
@@ -135,7 +136,8 @@ def test_same_name_and_weights_different_operator_is_not_served_another_users_ro
 @pytest.fixture(scope="module")
 def int4_rows(digits_mlp, tmp_path_factory):
     """The int4 weights-only sweep of digits-mlp, computed with an empty cache."""
-    from qcore.analysis.sensitivity import clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import sweep
+    from qcore.analysis.sweep_cache import clear_memory_cache
 
     clear_memory_cache()
     return _rows(sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path_factory.mktemp("clean")))
@@ -145,7 +147,8 @@ def int4_rows(digits_mlp, tmp_path_factory):
                                      '"text"', "1" * 5000, "[" * 100_000],
                          ids=["{}", "[]", "rows=5", "truncated", "null", "string", "huge int", "deep nesting"])
 def test_wrong_shape_cache_files_are_misses(tmp_path, digits_mlp, int4_rows, content):
-    from qcore.analysis.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import sweep
+    from qcore.analysis.sweep_cache import cache_key, cache_path, clear_memory_cache
 
     expected = int4_rows
     path = cache_path(tmp_path, cache_key(digits_mlp, ["int4"], "weights", "only"))
@@ -159,24 +162,26 @@ def test_wrong_shape_cache_files_are_misses(tmp_path, digits_mlp, int4_rows, con
 def test_cache_entry_that_is_not_a_regular_file_is_a_miss(tmp_path, digits_mlp):
     """A cache path that is a symlink to /dev/zero is not read (it would never end), and the
     result written over it is a regular file."""
-    from qcore.analysis.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import sweep
+    from qcore.analysis.sweep_cache import cache_key, cache_path, clear_memory_cache
 
     clear_memory_cache()
     path = cache_path(tmp_path, cache_key(digits_mlp, ["int4"], "weights", "only"))
     path.parent.mkdir(parents=True)
     path.symlink_to("/dev/zero")
-    assert len(sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path)["rows"]) == 3
+    assert len(sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path).rows) == 3
     assert path.is_file() and not path.is_symlink()
 
 
 def test_cache_entry_for_other_layers_is_a_miss(tmp_path, digits_mlp, int4_rows):
     """A well-formed entry whose rows name other layers (or too few, or hold a string for a number)
     is not served."""
-    from qcore.analysis.sensitivity import cache_key, cache_path, clear_memory_cache, sweep
+    from qcore.analysis.sensitivity import sweep
+    from qcore.analysis.sweep_cache import cache_key, cache_path, clear_memory_cache
 
     clear_memory_cache()
-    good = sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path)
-    assert _rows(good) == int4_rows
+    good = sweep(digits_mlp, ["int4"], "weights", "only", cache_dir=tmp_path).to_dict()
+    assert [(r["layer"], r["candidate"], r["metric"], r["sqnr_db"], r["layer_sqnr_db"]) for r in good["rows"]] == int4_rows
     path = cache_path(tmp_path, cache_key(digits_mlp, ["int4"], "weights", "only"))
     for bad in ({**good, "rows": good["rows"][:-1]},
                 {**good, "rows": [{**r, "layer": "evil." + r["layer"]} for r in good["rows"]]},

@@ -47,7 +47,7 @@ def files(tmp_path_factory, digits_mlp, digits_cnn):
 def pt2_int8_static(files):
     """evaluate() of the uploaded digits-cnn program on the uploaded data under int8-static."""
     w = load_workload(str(files / "cnn.pt2"), str(files / "digits.npz"))
-    return w.evaluate(preset("int8-static", w.layer_shapes))
+    return w.evaluate(preset("int8-static", w.layer_shapes)).to_dict()
 
 
 def outputs(model, x):
@@ -72,10 +72,10 @@ def test_uploaded_copies_evaluate_exactly_like_the_zoo_model(files, pt2_int8_sta
     data = str(files / "digits.npz")
     zoo = load_workload("digits-cnn", data)
     recipe = preset("int8-static", zoo.layer_shapes)
-    expected = zoo.evaluate(recipe)
+    expected = zoo.evaluate(recipe).to_dict()
     assert expected["quantized"]["metrics"]["accuracy"] > 0.95 and expected["quantized"]["size_bytes"] == 31224
     for upload, got in (("cnn.pt2", pt2_int8_static), ("cnn.safetensors", None)):
-        got = got or load_workload(str(files / upload), data).evaluate(recipe)
+        got = got or load_workload(str(files / upload), data).evaluate(recipe).to_dict()
         assert got["fp32"] == expected["fp32"], upload
         assert got["quantized"]["size_bytes"] == expected["quantized"]["size_bytes"]
         for key, value in expected["quantized"]["metrics"].items():
@@ -104,8 +104,8 @@ def test_torchscript_is_weight_only_with_a_note(files, digits_mlp):
     w = load_workload(str(files / "mlp.ts"), data, allow_pickle=True)
     assert list(w.layers) == ["fc1", "fc2", "fc3"]
     recipe = preset("int4-weight-only", w.layer_shapes)
-    zoo = load_workload("digits-mlp", data).evaluate(recipe)
-    got = w.evaluate(recipe)
+    zoo = load_workload("digits-mlp", data).evaluate(recipe).to_dict()
+    got = w.evaluate(recipe).to_dict()
     assert got["quantized"]["size_bytes"] == zoo["quantized"]["size_bytes"]
     assert got["quantized"]["metrics"]["accuracy"] == pytest.approx(zoo["quantized"]["metrics"]["accuracy"], abs=1e-9)
     with pytest.raises(QcoreError, match="quantizes activations .* unavailable for torchscript models"):
@@ -137,7 +137,7 @@ def test_without_data_inputs_are_synthetic_and_metrics_fidelity_only(files, digi
     assert w.task.headline == "agreement" and w.fp32_metrics["agreement"] == 1.0
     assert any("256 synthetic samples" in n and FIDELITY_NOTE in n for n in w.notes)
     result = w.evaluate(preset("int8-dynamic", w.layer_shapes))
-    assert 0.5 < result["quantized"]["metrics"]["agreement"] <= 1.0
+    assert 0.5 < result.quantized.metrics["agreement"] <= 1.0
 
 
 # ---- bad input: one line, QcoreError, never code execution ----------------------------------------------

@@ -8,7 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qcore import QcoreError
-from qcore.numerics.metrics import SQNR_EXACT_DB, classification_metrics, kl_divergence, mean_cosine, sqnr_db
+import numpy as np
+from hypothesis.extra.numpy import arrays
+
+from qcore.numerics.metrics import (SQNR_EXACT_DB, classification_metrics, kl_divergence, mean_cosine, sqnr_db,
+                                    sqnr_db_from_sums)
 
 
 def test_sqnr_known_values_and_caps():
@@ -21,6 +25,31 @@ def test_sqnr_known_values_and_caps():
     assert sqnr_db(torch.zeros(3), torch.zeros(3)) == SQNR_EXACT_DB
     assert sqnr_db(torch.tensor([1e30, -1e30]), torch.tensor([1.1e30, -1e30])) == pytest.approx(
         10 * math.log10((1.1**2 + 1) / 0.01), rel=1e-9)  # no overflow: computed in float64
+
+
+_values = arrays(np.float32, st.integers(1, 40), elements=st.floats(-1e3, 1e3, width=32))
+
+
+@given(x=_values, delta=_values)
+def test_sqnr_from_sums_and_from_tensors_match_numpy_in_float64(x, delta):
+    y = (x + np.resize(delta, x.shape)).astype(np.float32)  # x perturbed by delta (repeated to x.shape)
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    signal, noise = float(np.sum(x64**2)), float(np.sum((y64 - x64) ** 2))
+    if noise == 0.0:
+        expected = 200.0
+    elif signal == 0.0:
+        expected = -200.0
+    else:
+        expected = float(np.clip(10 * np.log10(signal / noise), -200.0, 200.0))
+    assert sqnr_db_from_sums(signal, noise) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert sqnr_db(torch.from_numpy(y), torch.from_numpy(x)) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("signal, noise", [(float("nan"), 1.0), (1.0, float("nan")), (float("inf"), 1.0),
+                                           (1.0, float("inf"))])
+def test_sqnr_from_sums_refuses_non_finite_sums(signal, noise):
+    with pytest.raises(QcoreError, match="finite"):
+        sqnr_db_from_sums(signal, noise)
 
 
 @given(bits=st.integers(3, 12), seed=st.integers(0, 1000))

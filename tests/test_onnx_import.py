@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qcore import preset
 from qcore.errors import QcoreError
 from qcore.io.models import load_model_file
-from qcore.io.onnx_import import _module_path_from_node_name, convert
+from qcore.io.onnx.convert import convert
+from qcore.io.onnx.names import module_path_from_node_name
 from qcore.io.workload import load_workload
 from qcore.model.simulate import find_layers
 
@@ -109,7 +110,7 @@ def test_minilm_from_onnx_matches_the_source_encoder(minilm_onnx, minilm):
     ("node_MatMul_95", None),
 ])
 def test_module_path_from_node_name(name, path):
-    assert _module_path_from_node_name(name) == path
+    assert module_path_from_node_name(name) == path
 
 
 # ---- single operators against onnxruntime ---------------------------------------------------------------
@@ -209,7 +210,7 @@ SIZE_CASES = {
 def test_output_sizes_match_running_the_operator(case):
     """The oracle is the operator itself: every output's shape (flattened for Concat, Tile and Range,
     whose rules give the value count) and bytes per value, found without allocating it."""
-    from qcore.io.onnx_import import OPS, output_sizes
+    from qcore.model.onnx_ops import OPS, output_sizes
 
     op, xs, attrs = SIZE_CASES[case]
     attrs = {"_opset": 17, "_n_out": 1, **attrs}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
-from qcore.io.pt2 import load
+from qcore.io.pt2.file import load
 from qcore.model.simulate import find_layers, fold_batchnorm
 
 
@@ -130,7 +130,7 @@ def test_the_raw_tensor_dtype_codes_are_torchs():
     """The screen's own dtype table (it avoids importing torch's serializer before screening) agrees with it."""
     from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE, _SERIALIZE_TO_TORCH_LAYOUT
 
-    from qcore.io.pt2 import _DTYPES, _STRIDED
+    from qcore.io.pt2.archive import DTYPES, STRIDED
 
-    assert all(_SERIALIZE_TO_TORCH_DTYPE[code] == dtype for code, dtype in _DTYPES.items())
-    assert _SERIALIZE_TO_TORCH_LAYOUT[_STRIDED] == torch.strided
+    assert all(_SERIALIZE_TO_TORCH_DTYPE[code] == dtype for code, dtype in DTYPES.items())
+    assert _SERIALIZE_TO_TORCH_LAYOUT[STRIDED] == torch.strided

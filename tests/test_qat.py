@@ -92,10 +92,10 @@ def test_the_result_is_a_workload_whose_evaluate_reproduces_qat(cnn_w3, digits_c
     r = cnn_w3
     assert r.workload.content_hash != digits_cnn.content_hash
     again = r.workload.evaluate(r.recipe)
-    assert again["quantized"]["metrics"] == r.qat_metrics
+    assert again.quantized.metrics == r.qat_metrics
     assert r.history[r.best_epoch].metric == r.qat_metrics["accuracy"]
-    assert r.history[0].metric == digits_cnn.evaluate(r.recipe)["quantized"]["metrics"]["accuracy"]  # epoch 0 is PTQ
-    assert again["fp32"]["metrics"] == digits_cnn.fp32_metrics  # compared with the original FP32 model
+    assert r.history[0].metric == digits_cnn.evaluate(r.recipe).quantized.metrics["accuracy"]  # epoch 0 is PTQ
+    assert again.fp32.metrics == digits_cnn.fp32_metrics  # compared with the original FP32 model
 
 
 def test_training_forward_equals_the_simulation_of_the_result(digits_cnn):
@@ -119,7 +119,7 @@ def test_lsq_result_holds_baked_weights_the_simulation_keeps(digits_mlp):
         assert torch.allclose(fake_quantize(w, recipe.plan(name).weights), w, rtol=1e-6, atol=0)
         codes = w / (w.abs().amax(1, keepdim=True) / 3)  # min-max step of each output channel
         assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() == pytest.approx(3)
-    assert r.workload.evaluate(recipe)["quantized"]["metrics"] == r.qat_metrics
+    assert r.workload.evaluate(recipe).quantized.metrics == r.qat_metrics
 
 
 def test_same_seed_same_weights_other_seed_other_weights(digits_mlp):
@@ -214,7 +214,7 @@ def test_cli_qat_prints_fp32_ptq_qat_and_writes_what_evaluate_reproduces(digits_
     assert main(["qat", "digits-mlp", "--recipe", str(recipe_file), "--epochs", "1", "--out", str(tmp_path / "run"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["loss"] == "cross_entropy" and r["best_epoch"] == 1 and len(r["history"]) == 2
-    assert r["ptq"]["accuracy"] == digits_mlp.evaluate(per_channel("int2"))["quantized"]["metrics"]["accuracy"]
+    assert r["ptq"]["accuracy"] == digits_mlp.evaluate(per_channel("int2")).quantized.metrics["accuracy"]
     assert r["qat"]["accuracy"] > r["ptq"]["accuracy"] + 0.1  # measured 0.9000 against 0.7167
     assert main(["evaluate", "digits-mlp", "--recipe", r["files"]["recipe"], "--weights", r["files"]["weights"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantized"]["metrics"] == r["qat"]
@@ -234,6 +234,6 @@ def test_benchmark_rows_hold_measured_values(digits_mlp):
     from benchmarks.qat import recipe, rows
 
     (row,) = rows(["digits-mlp"], ["W2 per-channel"], QATConfig(epochs=1), lsq=False)
-    assert row["ptq"] == digits_mlp.evaluate(recipe("W2 per-channel"))["quantized"]["metrics"]["accuracy"]
+    assert row["ptq"] == digits_mlp.evaluate(recipe("W2 per-channel")).quantized.metrics["accuracy"]
     assert row["qat"] > row["ptq"] and row["qat_s"] > 0
     assert row["torch_ao"] > row["ptq"] and row["torch_ao_note"] == ""  # torch.ao's FX QAT runs weight-only int2

@@ -98,7 +98,7 @@ def test_plan_merges_key_by_key_and_null_parts():
 def test_with_layer_returns_a_new_recipe():
     r = preset("int8-static")
     r2 = r.with_layer("fc1", None).with_layer("fc2", {"weights": {"format": "int4"}})
-    assert dict(r.layers) == {} and r2.plan("fc1").is_float
+    assert r.to_dict()["layers"] == {} and r2.plan("fc1").is_float
     assert r2.plan("fc2").weights == TensorSpec(format="int4", granularity="per_channel")
     assert Recipe.from_json(r2.to_json()) == r2
 
@@ -139,16 +139,16 @@ def test_regression_per_group_presets_resolve_the_group_size_per_layer():
     r = preset("int4-weight-only", shapes)  # group 32
     expected = {n: _largest_divisor(math.prod(s[1:]), 32) for n, s in shapes.items()}
     assert expected == {"features.0": 9, "features.3": 24, "classifier.1": 32, "classifier.3": 32, "wide": 32}
-    assert dict(r.layers) == {"features.0": {"weights": {"group_size": 9}}, "features.3": {"weights": {"group_size": 24}}}
+    assert r.to_dict()["layers"] == {"features.0": {"weights": {"group_size": 9}}, "features.3": {"weights": {"group_size": 24}}}
     for name, g in expected.items():
         assert r.plan(name).weights == TensorSpec(format="int4", granularity="per_group", group_size=g, symmetric=False)
     r.check_against(shapes)
     n = preset("nf4", shapes)  # group 64
-    assert {k: v["weights"]["group_size"] for k, v in n.layers.items()} == {
+    assert {k: v["weights"]["group_size"] for k, v in n.to_dict()["layers"].items()} == {
         name: _largest_divisor(math.prod(s[1:]), 64) for name, s in shapes.items() if math.prod(s[1:]) % 64}
     assert n.plan("wide").weights.group_size == 48  # fan-in 96, preset 64
     assert Recipe.from_json(n.to_json()) == n  # the written recipe reads back as the same recipe
-    assert preset("int8-static", shapes).layers == {}  # no group size: nothing to resolve
+    assert preset("int8-static", shapes).to_dict()["layers"] == {}  # no group size: nothing to resolve
 
 
 def test_per_channel_override_on_a_per_group_default_drops_the_inherited_group_size():
@@ -324,7 +324,7 @@ def test_recipe_json_is_bounded(text, message):
 
 
 def test_recipe_json_within_bounds_still_parses():
-    from qcore.recipe import _parse_json
+    from qcore.recipe.parse import parse_json as _parse_json
 
     assert _parse_json("[" * 8 + "]" * 8) == [[[[[[[[]]]]]]]]  # 8 levels deep is the limit, not 7
     assert _parse_json('{"a": [999999999999, -999999999999, 1e308]}') == {"a": [10**12 - 1, 1 - 10**12, 1e308]}

@@ -10,7 +10,7 @@ from qcore.recipe import preset
 
 def test_report_holds_model_metrics_sizes_latency_and_figures(digits_mlp):
     recipe = preset("int4-weight-only", digits_mlp.layer_shapes)
-    result = digits_mlp.evaluate(recipe)
+    result = digits_mlp.evaluate(recipe).to_dict()
     figures = [("one", go.Figure(go.Bar(x=[1, 2], y=[3, 4]))), ("two", go.Figure(go.Scatter(x=[1], y=[2])))]
     html = report.html_report({"name": digits_mlp.name, "description": "a <b>small</b> MLP"}, recipe.to_dict(), result,
                               latency=[{"recipe": "int4", "latency_ms": 0.125, "source": "estimate (this machine)"}],

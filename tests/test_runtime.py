@@ -7,6 +7,7 @@ here and accuracy recomputed as argmax == label for the measured metric; ``workl
 simulated one; a recording fake for the order and batch of timed calls.
 """
 
+import json
 import math
 import os
 import struct
@@ -18,9 +19,11 @@ import torch
 from safetensors import safe_open
 
 from qcore import QcoreError, Recipe, preset
-from qcore.export import runtime
+from qcore.export import bench as bench_module, export, summary_lines
+from qcore.export.bench import BenchResult, bench, interleaved_times_ms, speedup
+from qcore.export.policy import metric_differences
+from qcore.export.safetensors import load_safetensors
 from qcore.hardware import cpu_features
-from qcore.export.runtime import bench, export, interleaved_times_ms, load_safetensors, speedup
 
 
 def crash_recipe(w) -> Recipe:
@@ -48,8 +51,8 @@ def test_tensor_quant_overrides_crash_recipe_exports_and_benches(digits_mlp, tmp
     rows = {row["layer"]: row for row in r.layers}
     assert rows["fc1"]["executes"] == "MatMulNBits" and rows["fc3"]["executes"] == "float"
     b = bench(digits_mlp, recipe, batch_size=8, threads=1, budget_s=0.0)
-    assert b["quantized"]["file_size_bytes"] == r.file_size_bytes  # the same exporter wrote the same file
-    assert b["quantized"]["metrics"]["onnxruntime"] == pytest.approx(accuracy_in_onnxruntime(str(path), digits_mlp))
+    assert b.quantized.file_size_bytes == r.file_size_bytes  # the same exporter wrote the same file
+    assert b.quantized.metrics["onnxruntime"] == pytest.approx(accuracy_in_onnxruntime(str(path), digits_mlp))
 
 
 @pytest.mark.parametrize("recipe", [
@@ -64,7 +67,7 @@ def test_layers_no_kernel_runs_are_exported_as_simulated_not_kept_fp32(digits_ml
     recipe = Recipe.from_dict(recipe)
     path = str(tmp_path / "m.onnx")
     r = export(digits_mlp, recipe, "onnx", path)
-    simulated = digits_mlp.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    simulated = digits_mlp.evaluate(recipe).quantized.metrics["accuracy"]
     assert r.metrics["simulated"]["accuracy"] == simulated
     assert r.metrics["onnxruntime"]["accuracy"] == pytest.approx(accuracy_in_onnxruntime(path, digits_mlp), abs=1e-12)
     assert abs(r.metrics["onnxruntime"]["accuracy"] - simulated) <= 1 / 360 + 1e-12
@@ -76,7 +79,7 @@ def test_layers_no_kernel_runs_are_exported_as_simulated_not_kept_fp32(digits_ml
 def test_bench_times_the_batch_size_it_reports(digits_mlp, monkeypatch):
     """The old bench timed the first workload.batch_size (128) samples at --batch-size 200."""
     shapes = []
-    real = runtime.session
+    real = bench_module.session
 
     class Recording:
         def __init__(self, sess):
@@ -86,10 +89,10 @@ def test_bench_times_the_batch_size_it_reports(digits_mlp, monkeypatch):
             shapes.append(inputs["input_0"].shape[0])
             return self.sess.run(outputs, inputs)
 
-    monkeypatch.setattr(runtime, "session", lambda path, threads: Recording(real(path, threads)))
+    monkeypatch.setattr(bench_module, "session", lambda path, threads: Recording(real(path, threads)))
     r = bench(digits_mlp, preset("int8-dynamic", digits_mlp.layer_shapes), batch_size=200, threads=1, budget_s=0.0)
-    timed = 2 * (3 + r["speedup"]["rounds"])  # warm-up and timed rounds, both files
-    assert r["batch_size"] == 200 and shapes[-timed:] == [200] * timed
+    timed = 2 * (3 + r.speedup["rounds"])  # warm-up and timed rounds, both files
+    assert r.batch_size == 200 and shapes[-timed:] == [200] * timed
 
 
 def test_interleaved_timing_alternates_the_models_round_by_round():
@@ -115,7 +118,7 @@ def test_cnn_metric_in_onnxruntime_is_the_simulated_metric(digits_cnn, tmp_path,
     r = export(digits_cnn, recipe, "onnx", path)
     measured, simulated = r.metrics["onnxruntime"]["accuracy"], r.metrics["simulated"]["accuracy"]
     assert measured == pytest.approx(accuracy_in_onnxruntime(path, digits_cnn), abs=1e-12)
-    assert simulated == digits_cnn.evaluate(recipe)["quantized"]["metrics"]["accuracy"]
+    assert simulated == digits_cnn.evaluate(recipe).quantized.metrics["accuracy"]
     assert abs(measured - simulated) <= 1 / 360 + 1e-12  # within one of the 360 test images
     assert r.file_size_bytes == os.path.getsize(path)
     assert r.theoretical_size_bytes == digits_cnn.size(recipe)["size_bytes"]
@@ -141,9 +144,9 @@ def test_size_differences_name_the_layer_stored_wider_and_why(digits_mlp, tmp_pa
 
 def test_metric_difference_is_explained_beyond_one_sample():
     rows = [{"layer": "conv", "executes": "int8 kernel"}, {"layer": "fc", "executes": "float (dequantized)"}]
-    assert runtime._metric_differences("accuracy", 0.99, 0.99 - 1 / 360, 360, rows) == []  # one image: noise
-    assert len(runtime._metric_differences("accuracy", 0.99, 0.99 - 2 / 360, 360, rows)) == 1  # two: explained
-    (line,) = runtime._metric_differences("accuracy", 0.99, 0.98, 360, rows)
+    assert metric_differences("accuracy", 0.99, 0.99 - 1 / 360, 360, rows) == []  # one image: noise
+    assert len(metric_differences("accuracy", 0.99, 0.99 - 2 / 360, 360, rows)) == 1  # two: explained
+    (line,) = metric_differences("accuracy", 0.99, 0.98, 360, rows)
     assert "0.9900 vs simulated 0.9800" in line and "conv run in ONNX Runtime's fused int8 kernels" in line
 
 
@@ -159,20 +162,32 @@ def test_export_refuses_bad_formats_and_directories(digits_mlp, tmp_path):
 def test_bench_reports_interleaved_latency_sizes_and_both_metrics(digits_cnn, batch_size):
     r = bench(digits_cnn, preset("int8-static", digits_cnn.layer_shapes), batch_size=batch_size, threads=1,
               budget_s=0.05)
-    assert (r["batch_size"], r["threads"], r["metric"]) == (batch_size, 1, "accuracy")
-    for key in ("fp32", "quantized"):
-        lat = r[key]["latency_ms"]
-        assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] == r["speedup"]["rounds"] >= 20
-    s = r["speedup"]
-    assert s["median_ratio"] == pytest.approx(r["fp32"]["latency_ms"]["median"] / r["quantized"]["latency_ms"]["median"])
+    assert isinstance(r, BenchResult)
+    assert (r.batch_size, r.threads, r.metric) == (batch_size, 1, "accuracy")
+    for side in (r.fp32, r.quantized):
+        lat = side.latency_ms
+        assert 0 < lat["p10"] <= lat["median"] <= lat["p90"] and lat["runs"] == r.speedup["rounds"] >= 20
+    s = r.speedup
+    assert s["median_ratio"] == pytest.approx(r.fp32.latency_ms["median"] / r.quantized.latency_ms["median"])
     assert 0 < s["p10"] <= s["median_ratio"] <= s["p90"]
-    assert r["cpu"]["features"] == cpu_features() and r["versions"]["onnxruntime"] == ort.__version__
-    assert r["fp32"]["theoretical_size_bytes"] == digits_cnn.size(preset("fp32"))["fp32_bytes"]
-    assert r["quantized"]["file_size_bytes"] < 0.4 * r["fp32"]["file_size_bytes"]
-    q = r["quantized"]["metrics"]
+    assert r.cpu["features"] == cpu_features() and r.versions["onnxruntime"] == ort.__version__
+    assert r.fp32.theoretical_size_bytes == digits_cnn.size(preset("fp32"))["fp32_bytes"]
+    assert r.quantized.file_size_bytes < 0.4 * r.fp32.file_size_bytes
+    q = r.quantized.metrics
     assert abs(q["onnxruntime"] - q["simulated"]) <= 1 / 360 + 1e-12
-    assert r["fp32"]["metrics"]["onnxruntime"] == pytest.approx(digits_cnn.fp32_metrics["accuracy"], abs=1 / 360)
-    assert [row["layer"] for row in r["layers"]] == list(digits_cnn.layers)
+    assert r.fp32.metrics["onnxruntime"] == pytest.approx(digits_cnn.fp32_metrics["accuracy"], abs=1 / 360)
+    assert [row["layer"] for row in r.layers] == list(digits_cnn.layers)
+    # the CLI's bench --json: exactly these keys, in this order, nested as before BenchResult existed
+    d = r.to_dict()
+    assert list(d) == ["model", "recipe", "backend", "threads", "batch_size", "metric", "timing", "cpu", "versions",
+                       "fp32", "quantized", "speedup", "layers", "differences", "notes"]
+    for key in ("fp32", "quantized"):
+        assert list(d[key]) == ["file_size_bytes", "theoretical_size_bytes", "latency_ms", "metrics"]
+        assert list(d[key]["latency_ms"]) == ["median", "p10", "p90", "runs"]
+        assert set(d[key]["metrics"]) == {"onnxruntime", "simulated"}
+    assert list(d["speedup"]) == ["median_ratio", "p10", "p90", "rounds"] and list(d["cpu"]) == ["name", "features"]
+    assert d["quantized"]["latency_ms"]["median"] == r.quantized.latency_ms["median"] and d["layers"] == r.layers
+    assert json.loads(json.dumps(d)) == d  # plain JSON types only
 
 
 def test_bench_refuses_non_positive_sizes(digits_mlp):
@@ -251,8 +266,6 @@ def test_embedding_tables_export_as_simulated(tmp_path, weights):
 def test_summary_lines_label_every_number_and_state_a_shared_reason_once():
     """The lines the Export page and ``export`` print: the file's bytes and the theoretical size, the metric measured
     in ONNX Runtime and the simulated one, and one line per reason naming every layer it applies to."""
-    from qcore.export.runtime import summary_lines
-
     report = {"metric": "accuracy", "file_size_bytes": 21192, "theoretical_size_bytes": 18640,
               "fp32_theoretical_size_bytes": 68904,
               "metrics": {"onnxruntime": {"accuracy": 0.975}, "simulated": {"accuracy": 0.9722}},

@@ -1,35 +1,7 @@
-"""Figures of the decide pages: the Pareto front and that each figure carries the numbers it is given."""
-
-from hypothesis import given
-from hypothesis import strategies as st
+"""Figures of the decide pages: each figure carries the numbers it is given (the Pareto front itself is
+computed and tested in ``analysis.search``)."""
 
 from qcore.figures import decide as viz_decide
-
-points_st = st.lists(st.fixed_dictionaries({"size_bytes": st.integers(1, 50), "metric": st.integers(0, 20).map(lambda m: m / 20)}),
-                     min_size=1, max_size=12).map(lambda ps: [{**p, "label": f"r{i}"} for i, p in enumerate(ps)])
-
-
-def dominates(q, p, sign):
-    return (q["size_bytes"] <= p["size_bytes"] and sign * q["metric"] >= sign * p["metric"]
-            and (q["size_bytes"] < p["size_bytes"] or sign * q["metric"] > sign * p["metric"]))
-
-
-@given(points_st, st.booleans())
-def test_pareto_front_is_exactly_the_undominated_points(points, higher):
-    sign = 1 if higher else -1
-    front = viz_decide.pareto_front(points, higher)
-    for i, p in enumerate(points):
-        assert (i in front) == (not any(dominates(q, p, sign) for q in points))
-    sizes = [points[i]["size_bytes"] for i in front]
-    assert sizes == sorted(sizes)
-
-
-def test_pareto_front_small_example():
-    points = [{"label": "fp32", "size_bytes": 100, "metric": 0.98}, {"label": "int8", "size_bytes": 30, "metric": 0.98},
-              {"label": "int4", "size_bytes": 20, "metric": 0.90}, {"label": "bad", "size_bytes": 40, "metric": 0.85}]
-    assert [points[i]["label"] for i in viz_decide.pareto_front(points)] == ["int4", "int8"]
-    assert [points[i]["label"] for i in viz_decide.pareto_front(points, higher_is_better=False)] == ["int4", "bad"]
-
 
 ROWS = [{"layer": l, "candidate": c, "changed": changed, "metric_drop": d, "rank": r, "sqnr_db": s}
         for l, c, changed, d, r, s in [("fc1", "int8", True, 0.01, 2, 40.0), ("fc2", "int8", True, 0.05, 1, 30.0),
@@ -63,7 +35,7 @@ def test_tradeoff_scatter_puts_the_front_in_its_own_trace_with_latency_sources()
     points = [{"label": "fp32", "size_bytes": 4096, "metric": 0.98, "latency_ms": 1.5, "latency_source": "measured"},
               {"label": "int8", "size_bytes": 1024, "metric": 0.97, "latency_ms": 0.2, "latency_source": "estimate (x)"},
               {"label": "bad", "size_bytes": 2048, "metric": 0.9}]
-    fig = viz_decide.tradeoff_scatter(points, "accuracy")
+    fig = viz_decide.tradeoff_scatter(points, [1, 0], "accuracy")  # the front as the caller computed it
     others, front, line = fig.data
     assert list(front.text) == ["fp32", "int8"] and list(others.text) == ["bad"]
     assert list(front.x) == [4.0, 1.0]  # KiB
@@ -83,9 +55,8 @@ def test_user_names_reach_plotly_escaped_so_no_markup_renders():
     rows = [{"layer": evil, "candidate": evil, "metric_drop": 0.1, "changed": True, "rank": 0, "sqnr_db": 10.0,
              "metric": 0.9}]
     figs = [viz_decide.sensitivity_heatmap(rows), viz_decide.ranked_drops(rows, evil),
-            viz_decide.tradeoff_scatter([{"label": evil, "size_bytes": 10, "metric": 0.5}], "accuracy"),
-            viz_decide.per_class([1.0], [0.5], [evil], evil),
-            viz_decide.layer_sizes([{"layer": evil, "size (bytes)": 4, "weights": "int8"}])]
+            viz_decide.tradeoff_scatter([{"label": evil, "size_bytes": 10, "metric": 0.5}], [0], "accuracy"),
+            viz_decide.per_class([1.0], [0.5], [evil], evil)]
     for fig in figs:
         text = fig.to_json()
         assert "<a href" not in text and "&lt;a href=" in text, text[:200]

@@ -27,7 +27,7 @@ def test_unknown_zoo_name():
 
 
 def test_evaluate_result_shape_and_sizes(digits_cnn):
-    r = digits_cnn.evaluate(preset("int8-static", digits_cnn.layer_shapes))
+    r = digits_cnn.evaluate(preset("int8-static", digits_cnn.layer_shapes)).to_dict()
     assert set(r) >= {"model", "recipe", "metric", "fp32", "quantized"}
     assert r["metric"] == "accuracy" and r["fp32"]["size_bytes"] == 114240
     # int8 per-channel: weights to a quarter plus a float32 scale per output channel
@@ -44,7 +44,7 @@ def test_minilm_metrics(minilm):
     assert fp32["cosine_to_fp32"] == pytest.approx(1.0) and fp32["retrieval_agreement"] == 1.0
     # real ground truth: the FP32 model finds most paraphrases and separates them from unrelated pairs
     assert fp32["paraphrase_top1"] > 0.85 and fp32["separation"] > 0.4
-    r = minilm.evaluate(preset("int8-weight-only", minilm.layer_shapes))["quantized"]["metrics"]
+    r = minilm.evaluate(preset("int8-weight-only", minilm.layer_shapes)).quantized.metrics
     assert 0.995 < r["cosine_to_fp32"] < 1.0 and r["retrieval_agreement"] > 0.95
-    r4 = minilm.evaluate(preset("int4-weight-only", minilm.layer_shapes))["quantized"]["metrics"]
+    r4 = minilm.evaluate(preset("int4-weight-only", minilm.layer_shapes)).quantized.metrics
     assert r4["cosine_to_fp32"] < r["cosine_to_fp32"] and r4["sqnr_db"] < r["sqnr_db"]

@@ -34,3 +34,9 @@ def plain(text) -> str:
 def html_plain(text) -> str:
     """``text`` for Plotly titles, labels and hover text: ``<``, ``>``, ``&`` and quotes as HTML entities."""
     return html.escape(str(text), quote=True)
+
+
+def layer_label(name: str) -> str:
+    """A layer's name for prose and chart titles: a bare index (``nn.Sequential`` names its children ``"0"``,
+    ``"2"``) reads ``"layer 0"``; any other name stays as it is. Display only: tables and recipes keep ``name``."""
+    return f"layer {name}" if str(name).isdigit() else str(name)

@@ -14,7 +14,6 @@ Each function takes tensors, specs or a workload and returns plain numbers, tens
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import replace
 
@@ -27,7 +26,7 @@ from qcore.numerics.metrics import sqnr_db
 from qcore.numerics.quantize import fake_quantize, quantize
 from qcore.numerics.ranges import RANGE_METHODS, choose_range
 from qcore.numerics.spec import TensorSpec
-from qcore.model.simulate import modules_by_name, temporary_hooks
+from qcore.model.hooks import run_with_hooks
 
 DISTRIBUTIONS = ("normal", "laplace", "normal with outliers")
 MAX_ANALYSED_WEIGHTS = 2**18  # larger weights are analysed on a seeded sample of whole rows
@@ -66,7 +65,7 @@ def grid(x: torch.Tensor, spec: TensorSpec, lo=None, hi=None) -> dict:
     fmt = spec.fmt
     scale = float(q.scale[0]) if q.scale is not None else None
     zero_point = float(q.zero_point[0]) if q.zero_point is not None else None
-    if fmt.family == "identity":
+    if not fmt.quantizes:
         levels = None
     else:
         levels = fmt.values() - (zero_point or 0.0)
@@ -86,13 +85,7 @@ def visible_levels(g: dict, lo: float, hi: float) -> torch.Tensor | None:
 
 def bit_layout(fmt: Format) -> list[tuple[str, int]]:
     """The fields of one stored value, most significant first: ``[(field, bits), ...]``."""
-    if fmt.family == "float":
-        return [("sign", 1), ("exponent", fmt.exponent_bits), ("mantissa", fmt.mantissa_bits)]
-    if fmt.family == "identity":
-        return [("sign", 1), ("exponent", 8), ("mantissa", 23)]
-    if fmt.family == "codebook":
-        return [("codebook index", fmt.bits)]
-    return [("sign", 1), ("magnitude (two's complement)", fmt.bits - 1)]
+    return fmt.bit_fields()
 
 
 def format_numbers(x: torch.Tensor, spec: TensorSpec) -> dict:
@@ -306,7 +299,7 @@ def activation_ranges(stats: ActivationStats, spec: TensorSpec) -> list[dict]:
         _, scale, _ = s.fmt.encode(torch.zeros(1, 1), torch.tensor([lo]), torch.tensor([hi]), s.symmetric, s.scaled)
         outside = float(stats.hist[(centers < lo) | (centers > hi)].sum()) / total
         rows.append({"range": method, "lo": lo, "hi": hi,
-                     "step": float(scale[0]) if scale is not None and s.fmt.family == "int" else None,
+                     "step": float(scale[0]) if scale is not None and s.fmt.step_is_scale else None,
                      "clipped_fraction": outside})
     return rows
 
@@ -332,7 +325,6 @@ def batch_ranges(workload, batch_size: int, progress=None) -> dict[str, list[tup
     point, such as token indices, get an empty list). One pass over the data on a private copy of
     the folded model, so the shared (cached) model never carries this function's hooks;
     ``progress(fraction)`` after each batch."""
-    model = copy.deepcopy(workload.folded[0]).eval()
     ranges: dict[str, list[tuple[float, float]]] = {name: [] for name in workload.layers}
 
     def record(name):
@@ -342,13 +334,8 @@ def batch_ranges(workload, batch_size: int, progress=None) -> dict[str, list[tup
                 ranges[name].append((float(x.min()), float(x.max())))
         return hook
 
-    batches = workload.calibration.batches(batch_size)
-    recorders = [(m, record(n)) for n, m in modules_by_name(model, workload.layers).items()]
-    with temporary_hooks(pre=recorders), torch.no_grad():
-        for i, batch in enumerate(batches):
-            model(*batch)
-            if progress:
-                progress((i + 1) / len(batches))
+    run_with_hooks(workload.folded[0], workload.calibration.batches(batch_size),
+                   pre={n: record(n) for n in workload.layers}, progress=progress)
     return ranges
 
 

@@ -5,21 +5,69 @@
 weights and activations take longer to move than to multiply. This is why INT8 can be 4x smaller
 but not 4x faster where the chip has no faster int8 units.
 
-Every number ``roofline`` returns is an **estimate** (labelled so); only ``export.runtime.bench`` measures.
+Every number ``roofline`` returns is an **estimate** (labelled so); only ``export.bench.bench`` measures.
 Units: bytes, ms; profiles (``qcore.hardware``) give GB/s (1e9 bytes/s) and TOPS (1e12 operations/s, a multiply-add = 2).
 """
 
 from __future__ import annotations
 
-import copy
-
-import torch
+from dataclasses import asdict, dataclass
 
 from qcore.errors import QcoreError
 from qcore.hardware import Profile, get_profile
-from qcore.model.simulate import modules_by_name, temporary_hooks
+from qcore.model.hooks import run_with_hooks
 from qcore.model.size import weight_bytes
 from qcore.recipe import Recipe
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """One layer's estimate: ``bytes`` moved, ``ops`` (2 x multiply-accumulates), times in ms; it runs
+    at ``runs_at`` (the profile's nearest precision to ``compute_precision``) and is ``bound`` by
+    "memory" or "compute"."""
+
+    layer: str
+    compute_precision: str
+    runs_at: str
+    bytes: int
+    ops: int
+    memory_ms: float
+    compute_ms: float
+    latency_ms: float
+    bound: str
+    label: str = "estimate"
+
+
+@dataclass(frozen=True)
+class Total:
+    """Sums over the quantizable layers: bytes, ops, latency in ms."""
+
+    bytes: int
+    ops: int
+    latency_ms: float
+    label: str = "estimate"
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A roofline ESTIMATE on ``profile`` at ``batch_size``: per layer, the recipe's ``total`` and FP32's
+    ``fp32_total``. ``measured_profile``: the profile's figures were measured on this machine."""
+
+    profile: str
+    profile_source: str
+    measured_profile: bool
+    batch_size: int
+    layers: list[LayerEstimate]
+    total: Total
+    fp32_total: Total
+    notes: list[str]
+    label: str = "estimate"
+
+    def to_dict(self) -> dict:
+        """The JSON form: ``{"label", "profile", "profile_source", "measured_profile", "batch_size",
+        "layers": [...], "total", "fp32_total", "notes"}``."""
+        d = asdict(self)
+        return {"label": d.pop("label"), **d}
+
 
 # A precision the target has no units for runs at the next wider one it has.
 _FALLBACK = {"int4": "int8", "int8": "fp16", "fp8": "fp16", "bf16": "fp16", "fp16": "fp32", "tf32": "fp32"}
@@ -59,7 +107,6 @@ def _layer_work(workload) -> dict[str, dict]:
     pass of the first calibration sample, recorded with hooks; cached on the workload)."""
     if "_layer_work" in workload.__dict__:
         return workload.__dict__["_layer_work"]
-    model = copy.deepcopy(workload.folded[0])  # hooks go on a private copy: the workload's model is shared
     found = {}
 
     def recorder(name):
@@ -74,32 +121,27 @@ def _layer_work(workload) -> dict[str, dict]:
             found[name] = {"macs": macs, "in": args[0].numel(), "out": out.numel()}
         return hook
 
-    hooks = [(mod, recorder(name)) for name, mod in modules_by_name(model, workload.layers).items()]
-    with temporary_hooks(post=hooks), torch.no_grad():
-        model(*(t[:1] for t in workload.calibration.inputs))
+    first = tuple(t[:1] for t in workload.calibration.inputs)
+    run_with_hooks(workload.folded[0], [first], post={n: recorder(n) for n in workload.layers})
     workload.__dict__["_layer_work"] = found
     return found
 
 
-def roofline(workload, recipe: Recipe, profile="this-machine", batch_size: int = 1) -> dict:
-    """Latency ESTIMATE of ``workload``'s quantizable layers under ``recipe`` on ``profile``::
-
-        {"label": "estimate", "profile", "profile_source", "batch_size",
-         "layers": [{"layer", "compute_precision", "runs_at", "bytes", "ops", "memory_ms", "compute_ms",
-                     "latency_ms", "bound", "label": "estimate"}],
-         "total": {"bytes", "ops", "latency_ms", "label"}, "fp32_total": {...}, "notes"}
+def roofline(workload, recipe: Recipe, profile="this-machine", batch_size: int = 1) -> Roofline:
+    """Latency ESTIMATE of ``workload``'s quantizable layers under ``recipe`` on ``profile``.
 
     bytes = weights at the recipe's size (codes + scales) + inputs at their precision + fp32 outputs;
     ops = 2 x multiply-accumulates. Layers not found by the single forward pass are skipped.
     """
     prof = get_profile(profile)
-    recipe.check_against(workload.layer_shapes)
+    resolved = {"total": recipe.resolve(workload.layer_shapes),
+                "fp32_total": Recipe(name="fp32").resolve(workload.layer_shapes)}
     work = _layer_work(workload)
     rows, totals = [], {}
-    for label, rec in (("total", recipe), ("fp32_total", Recipe(name="fp32"))):
+    for label, plans in resolved.items():
         t_bytes = t_ops = t_ms = 0.0
         for name, w in work.items():
-            plan = rec.plan(name)
+            plan = plans[name]
             kind = workload.layers[name].kind
             prec = compute_precision(kind, plan)
             runs_at, tops = _peak(prof, prec)
@@ -112,13 +154,12 @@ def roofline(workload, recipe: Recipe, profile="this-machine", batch_size: int =
             ms = max(memory_ms, compute_ms)
             t_bytes, t_ops, t_ms = t_bytes + nbytes, t_ops + ops, t_ms + ms
             if label == "total":
-                rows.append({"layer": name, "compute_precision": prec, "runs_at": runs_at, "bytes": int(nbytes),
-                             "ops": int(ops), "memory_ms": memory_ms, "compute_ms": compute_ms, "latency_ms": ms,
-                             "bound": "memory" if memory_ms >= compute_ms else "compute", "label": "estimate"})
-        totals[label] = {"bytes": int(t_bytes), "ops": int(t_ops), "latency_ms": t_ms, "label": "estimate"}
+                rows.append(LayerEstimate(name, prec, runs_at, int(nbytes), int(ops), memory_ms, compute_ms, ms,
+                                          "memory" if memory_ms >= compute_ms else "compute"))
+        totals[label] = Total(int(t_bytes), int(t_ops), t_ms)
     notes = ["estimate: roofline (max of memory time and compute time per layer) over the quantizable layers only; "
              "ignores caches, kernel launch/dispatch overhead, other ops (attention, norms) and achievable-vs-peak gaps"]
-    fell_back = sorted({(r["compute_precision"], r["runs_at"]) for r in rows if r["compute_precision"] != r["runs_at"]})
+    fell_back = sorted({(r.compute_precision, r.runs_at) for r in rows if r.compute_precision != r.runs_at})
     notes += [f"{prof.name} has no {p} units: those layers are estimated at its {q} rate" for p, q in fell_back]
-    return {"label": "estimate", "profile": prof.name, "profile_source": prof.source, "measured_profile": prof.measured,
-            "batch_size": batch_size, "layers": rows, **totals, "notes": notes}
+    return Roofline(profile=prof.name, profile_source=prof.source, measured_profile=prof.measured,
+                    batch_size=batch_size, layers=rows, total=totals["total"], fp32_total=totals["fp32_total"], notes=notes)

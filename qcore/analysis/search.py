@@ -22,7 +22,8 @@
 
 Every ``metric`` in the result is measured on the whole evaluation set; sizes are exact weight
 storage in bytes (``Workload.size``). ``recipe`` is a plain recipe dict with one override per
-quantized layer: ``Recipe.from_dict(result["recipe"])`` evaluates to ``result["measured"]``.
+quantized layer: ``Recipe.from_dict(result.recipe)`` evaluates to ``result.measured``. The front is
+``pareto_front`` (the one used by the Trade-offs figure too).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from qcore.errors import QcoreError
 from qcore.numerics.metrics import SQNR_EXACT_DB
 from qcore.recipe import Recipe
-from qcore.analysis.sensitivity import (SweepCancelled, _override, _plans, candidate_recipe, check_candidates, mode_plan, sweep)
+from qcore.analysis.sensitivity import (SweepCancelled, candidate_plans, candidate_recipe, check_candidates, mode_plan,
+                                        plan_override, sweep)
+from qcore.analysis.sweep_result import Sweep, SweepRow
 from qcore.model.size import weight_bytes
 from qcore.model.workload import Workload
 
@@ -49,11 +53,63 @@ class SearchCancelled(SweepCancelled):
     """The search was stopped by ``should_stop``."""
 
 
+@dataclass(frozen=True)
+class Goal:
+    """What the search must meet: a size budget in bytes (``max_size_fraction`` of FP32 when given
+    that way) or a headline metric floor; the unused ones are None."""
+
+    max_size_fraction: float | None
+    max_size_bytes: int | None
+    min_metric: float | None
+
+
+@dataclass(frozen=True)
+class Point:
+    """One evaluated recipe: weight storage in bytes and the headline metric measured on the whole
+    evaluation set; ``recipe`` is the recipe's dict (named ``label``)."""
+
+    label: str
+    size_bytes: int
+    metric: float
+    recipe: dict
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The headline metric and weight storage in bytes of one model."""
+
+    metric: float
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen ``recipe`` (a dict; ``Recipe.from_dict(recipe)`` evaluates to ``measured``), whether it
+    ``met`` the goal, FP32 for comparison, everything ``evaluated`` (by size) and its Pareto front."""
+
+    model: str
+    metric: str
+    higher_is_better: bool
+    candidates: list[str]
+    goal: Goal
+    met: bool
+    recipe: dict
+    measured: Measurement
+    fp32: Measurement
+    pareto: list[Point]
+    evaluated: list[Point]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        """The ``--json`` form: nested dicts with the field names as keys."""
+        return asdict(self)
+
+
 # ---- the greedy path -------------------------------------------------------------------------
-def _cost(row: dict, higher_is_better: bool) -> float:
+def _cost(row: SweepRow) -> float:
     """Predicted harm of one layer's option: metric drop (>= 0) plus weighted output noise power."""
-    noise = 0.0 if row["sqnr_db"] >= SQNR_EXACT_DB else 10.0 ** (-row["sqnr_db"] / 10.0)
-    return max(row["metric_drop"], 0.0) + NOISE_WEIGHT * noise
+    noise = 0.0 if row.sqnr_db >= SQNR_EXACT_DB else 10.0 ** (-row.sqnr_db / 10.0)
+    return max(row.metric_drop, 0.0) + NOISE_WEIGHT * noise
 
 
 def _hull_steps(options: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
@@ -73,18 +129,17 @@ def _hull_steps(options: list[tuple[int, float, str]]) -> list[tuple[int, float,
         at = best
 
 
-def greedy_path(workload: Workload, rows: list[dict], candidates: list[str]) -> list[dict]:
+def greedy_path(workload: Workload, rows: list[SweepRow], candidates: list[str]) -> list[dict]:
     """The path of recipes from all-FP32 to the smallest recipe (see the module docstring).
 
     Returns ``[{"choice": {layer: candidate}, "predicted_cost": float}]``, step 0 = all FP32."""
-    higher = workload.task.higher_is_better
-    plans = {c: _plans(workload, c, "both") for c in candidates}
+    plans = {c: candidate_plans(workload, c, "both") for c in candidates}
     by_layer: dict[str, list] = {n: [] for n in workload.layers}
     for row in rows:
-        n, c = row["layer"], row["candidate"]
+        n, c = row.layer, row.candidate
         shape = workload.layers[n].weight_shape
         saved = weight_bytes(shape, None)["total"] - weight_bytes(shape, plans[c][n].weights)["total"]
-        by_layer[n].append((saved, _cost(row, higher), c))
+        by_layer[n].append((saved, _cost(row), c))
     steps = []
     for li, (n, options) in enumerate(by_layer.items()):
         at = (0, 0.0)
@@ -103,14 +158,14 @@ def greedy_path(workload: Workload, rows: list[dict], candidates: list[str]) -> 
 
 def recipe_from_choice(workload: Workload, choice: dict[str, str], name: str) -> Recipe:
     """A recipe quantizing each layer in ``choice`` as its candidate does (mode both), others FP32."""
-    plans = {c: _plans(workload, c, "both") for c in set(choice.values())}
-    layers = {n: _override(plans[c][n]) for n, c in choice.items()}
+    plans = {c: candidate_plans(workload, c, "both") for c in set(choice.values())}
+    layers = {n: plan_override(plans[c][n]) for n, c in choice.items()}
     return Recipe.from_dict({"name": name, "weights": None, "activations": None,
                              "layers": {n: o for n, o in layers.items() if o is not None}})
 
 
 # ---- the goal --------------------------------------------------------------------------------
-def _goal(workload: Workload, max_size_fraction, max_size_bytes, min_metric) -> dict:
+def _goal(workload: Workload, max_size_fraction, max_size_bytes, min_metric) -> Goal:
     given = [g is not None for g in (max_size_fraction, max_size_bytes, min_metric)]
     if sum(given) != 1:
         raise QcoreError("give exactly one goal: a size budget (max_size_fraction or max_size_bytes) "
@@ -125,7 +180,7 @@ def _goal(workload: Workload, max_size_fraction, max_size_bytes, min_metric) -> 
         raise QcoreError(f"max_size_bytes={max_size_bytes!r} must be a positive whole number of bytes")
     if min_metric is not None and not (isinstance(min_metric, (int, float)) and math.isfinite(min_metric)):
         raise QcoreError(f"min_metric={min_metric!r} must be a finite number, e.g. 0.95")
-    return {"max_size_fraction": max_size_fraction, "max_size_bytes": max_size_bytes, "min_metric": min_metric}
+    return Goal(max_size_fraction, max_size_bytes, min_metric)
 
 
 def _meets_metric(metric: float, floor: float, higher_is_better: bool) -> bool:
@@ -136,14 +191,8 @@ def _meets_metric(metric: float, floor: float, higher_is_better: bool) -> bool:
 def search(workload: Workload, candidates: list[str], *, max_size_fraction: float | None = None,
            max_size_bytes: int | None = None, min_metric: float | None = None,
            progress: Callable[[float, str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-           cache_dir: str | os.PathLike | None = None) -> dict:
-    """Per-layer precision for ``workload`` meeting one goal (see the module docstring)::
-
-        {"model", "metric", "higher_is_better", "candidates", "goal": {"max_size_fraction",
-         "max_size_bytes", "min_metric"}, "met": bool, "recipe": <recipe dict>,
-         "measured": {"metric", "size_bytes"}, "fp32": {"metric", "size_bytes"},
-         "pareto": [{"label", "size_bytes", "metric", "recipe"}], "evaluated": [...same...], "notes"}
-    """
+           cache_dir: str | os.PathLike | None = None) -> SearchResult:
+    """Per-layer precision for ``workload`` meeting one goal (see the module docstring)."""
     candidates = check_candidates(candidates)
     goal = _goal(workload, max_size_fraction, max_size_bytes, min_metric)
     task, headline = workload.task, workload.task.headline
@@ -155,13 +204,13 @@ def search(workload: Workload, candidates: list[str], *, max_size_fraction: floa
 
     sens = sweep(workload, candidates, mode="both", view="only", progress=sweep_progress,
                  should_stop=should_stop, cache_dir=cache_dir)
-    path = greedy_path(workload, sens["rows"], candidates)
+    path = greedy_path(workload, sens.rows, candidates)
     recipes = [recipe_from_choice(workload, p["choice"], f"search step {k}") for k, p in enumerate(path)]
     sizes = [workload.size(r)["size_bytes"] for r in recipes]
 
-    evaluated: dict[str, dict] = {}  # recipe JSON (without name) -> entry
+    evaluated: dict[str, Point] = {}  # recipe JSON (without name) -> its point
 
-    def evaluate(recipe: Recipe, label: str) -> dict:
+    def evaluate(recipe: Recipe, label: str) -> Point:
         d = recipe.to_dict()
         key = json.dumps({**d, "name": None}, sort_keys=True)
         if key not in evaluated:
@@ -170,8 +219,7 @@ def search(workload: Workload, candidates: list[str], *, max_size_fraction: floa
             if progress:
                 progress(SWEEP_SHARE + (1 - SWEEP_SHARE) * min(len(evaluated) / planned, 0.99), f"evaluating {label}")
             r = workload.evaluate(recipe)
-            evaluated[key] = {"label": label, "size_bytes": r["quantized"]["size_bytes"],
-                              "metric": r["quantized"]["metrics"][headline], "recipe": {**d, "name": label}}
+            evaluated[key] = Point(label, r.quantized.size_bytes, r.quantized.metrics[headline], {**d, "name": label})
         return evaluated[key]
 
     def step_label(k: int) -> str:
@@ -188,83 +236,89 @@ def search(workload: Workload, candidates: list[str], *, max_size_fraction: floa
         k = min(range(len(path)), key=lambda k: abs(sizes[k] - target))
         evaluate(recipes[k], step_label(k))
 
-    notes = list(sens["notes"])
-    if goal["max_size_bytes"] is not None:
-        budget = goal["max_size_bytes"]
+    notes = list(sens.notes)
+    if goal.max_size_bytes is not None:
+        budget = goal.max_size_bytes
         fits = [k for k in range(len(path)) if sizes[k] <= budget]
         for k in fits[:BUDGET_STEPS]:  # the first steps that fit: measured, not predicted, decides
             evaluate(recipes[k], step_label(k))
         if not fits:
             notes.append(f"no recipe from these candidates fits in {budget} bytes: the smallest is {sizes[-1]} "
                          f"bytes ({sizes[-1] / sizes[0]:.1%} of FP32); it is returned and the goal is not met")
-        ok = [e for e in evaluated.values() if e["size_bytes"] <= budget]
+        ok = [e for e in evaluated.values() if e.size_bytes <= budget]
         sign = 1 if higher else -1
-        best = max(ok, key=lambda e: (sign * e["metric"], -e["size_bytes"])) if ok \
-            else min(evaluated.values(), key=lambda e: e["size_bytes"])
+        best = max(ok, key=lambda e: (sign * e.metric, -e.size_bytes)) if ok \
+            else min(evaluated.values(), key=lambda e: e.size_bytes)
         met = bool(ok)
     else:
-        floor = goal["min_metric"]
+        floor = goal.min_metric
         last = len(path) - 1
         smallest = evaluate(recipes[last], step_label(last))
-        if not _meets_metric(smallest["metric"], floor, higher) and _meets_metric(fp32["metric"], floor, higher):
+        if not _meets_metric(smallest.metric, floor, higher) and _meets_metric(fp32.metric, floor, higher):
             good, bad = 0, last  # binary search: the longest prefix whose measured metric meets the floor
             while bad - good > 1:
                 mid = (good + bad) // 2
-                if _meets_metric(evaluate(recipes[mid], step_label(mid))["metric"], floor, higher):
+                if _meets_metric(evaluate(recipes[mid], step_label(mid)).metric, floor, higher):
                     good = mid
                 else:
                     bad = mid
-        ok = [e for e in evaluated.values() if _meets_metric(e["metric"], floor, higher)]
+        ok = [e for e in evaluated.values() if _meets_metric(e.metric, floor, higher)]
         if ok:
-            best = min(ok, key=lambda e: (e["size_bytes"], -e["metric"] if higher else e["metric"]))
+            best = min(ok, key=lambda e: (e.size_bytes, -e.metric if higher else e.metric))
         else:
             best = fp32
             notes.append(f"even FP32 does not reach {headline} {floor} (it measures {workload.fp32_metrics[headline]:.6g}); "
                          "FP32 is returned and the goal is not met")
         met = bool(ok)
 
-    if sens["samples"] < sens["evaluation_samples"]:
+    if sens.samples < sens.evaluation_samples:
         notes.append("the sensitivity sweep (which orders the greedy path) used a subset of the evaluation data; "
                      "every metric reported here is measured on all of it")
-    entries = sorted(evaluated.values(), key=lambda e: e["size_bytes"])
+    entries = sorted(evaluated.values(), key=lambda e: e.size_bytes)
     if progress:
         progress(1.0, "done")
-    return {"model": workload.name, "metric": headline, "higher_is_better": higher, "candidates": candidates,
-            "goal": goal, "met": met, "recipe": best["recipe"],
-            "measured": {"metric": best["metric"], "size_bytes": best["size_bytes"]},
-            "fp32": {"metric": workload.fp32_metrics[headline], "size_bytes": fp32["size_bytes"]},
-            "pareto": pareto_front(entries, higher), "evaluated": entries, "notes": notes}
+    return SearchResult(model=workload.name, metric=headline, higher_is_better=higher, candidates=candidates,
+                        goal=goal, met=met, recipe=best.recipe, measured=Measurement(best.metric, best.size_bytes),
+                        fp32=Measurement(workload.fp32_metrics[headline], fp32.size_bytes),
+                        pareto=[entries[i] for i in pareto_front([asdict(e) for e in entries], higher)],
+                        evaluated=entries, notes=notes)
 
 
-def pareto_front(entries: list[dict], higher_is_better: bool = True) -> list[dict]:
-    """Entries no other entry beats on both size (smaller) and metric, sorted by size ascending."""
-    sign = 1 if higher_is_better else -1
-    front, best = [], -math.inf
-    for e in sorted(entries, key=lambda e: (e["size_bytes"], -sign * e["metric"])):
-        if sign * e["metric"] > best:
-            front.append(e)
-            best = sign * e["metric"]
+def pareto_front(points: list[dict], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points (dicts with ``size_bytes`` and ``metric``) that no other point dominates,
+    sorted by size, smallest first (on equal size the better metric first). A point dominates another
+    when it is at most as large and at least as good, and strictly smaller or strictly better: two
+    identical points do not dominate each other, so both are on the front."""
+    sign = 1.0 if higher_is_better else -1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i]["size_bytes"], -sign * points[i]["metric"]))
+    front, best = [], None  # best = (size, oriented metric) of the last point kept
+    for i in order:
+        size, metric = points[i]["size_bytes"], sign * points[i]["metric"]
+        if best is None or metric > best[1] or (size, metric) == best:
+            front.append(i)
+            best = (size, metric)
     return front
 
 
-def estimate_metric(w, recipe: Recipe, result: dict) -> dict:
+def estimate_metric(w, recipe: Recipe, result: Sweep) -> dict:
     """Metric ESTIMATE for ``recipe`` from a "both"/"only" sweep: the FP32 metric minus the sum of the
     measured single-layer drops of each quantized layer's spec (drops rarely add exactly; never a
     measurement). ``{"metric", "drops": {layer: drop}, "missing": [layers whose spec was not swept]}``;
     ``metric`` is None when a layer is missing: a sum without its drop would look complete and is not."""
-    rows = {(r["layer"], r["candidate"]): r for r in result["rows"]}
-    plans = {c: candidate_recipe(c, w.layer_shapes) for c in result["candidates"]}
+    rows = {(r.layer, r.candidate): r for r in result.rows}
+    plans = {c: candidate_recipe(c, w.layer_shapes).resolve(w.layer_shapes) for c in result.candidates}
+    mine = recipe.resolve(w.layer_shapes)
     drops, missing = {}, []
     for name, info in w.layers.items():
-        plan = mode_plan(recipe.plan(name), "both", info.kind)
+        plan = mode_plan(mine[name], "both", info.kind)
         if plan.is_float:
             drops[name] = 0.0
             continue
-        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r.plan(name), "both", info.kind) == plan]
+        match = [c for c, r in plans.items() if (name, c) in rows and mode_plan(r[name], "both", info.kind) == plan]
         if match:
-            drops[name] = rows[(name, match[0])]["metric_drop"]
+            drops[name] = rows[(name, match[0])].metric_drop
         else:
             missing.append(name)
-    sign = 1.0 if result["higher_is_better"] else -1.0
-    metric = None if missing else result["fp32_metric"] - sign * sum(drops.values())
+    sign = 1.0 if result.higher_is_better else -1.0
+    metric = None if missing else result.fp32_metric - sign * sum(drops.values())
     return {"metric": metric, "drops": drops, "missing": missing}

@@ -13,7 +13,8 @@ nothing for a layer in a mode (a weight-only candidate in ``"activations"`` mode
 integer input) still gets a row: ``changed`` is false and its numbers are the base model's, measured
 once (the FP32 model for ``"only"``, the all-quantized model for ``"all_but"``).
 
-Each row holds measured numbers: the headline ``metric`` and ``metric_drop`` (FP32 minus metric,
+The result is a ``Sweep`` (``qcore.analysis.sweep_result``: its ``to_dict`` is the JSON and cache
+form) with one ``SweepRow`` per layer and candidate. Each row holds measured numbers: the headline ``metric`` and ``metric_drop`` (FP32 minus metric,
 oriented so that positive is worse), ``sqnr_db`` of the model output against the FP32 reference, and
 the layer's own error with FP32 inputs: ``layer_sqnr_db`` (the layer's output quantized vs FP32),
 ``rmse_over_step`` / ``clipped_fraction`` of its weight and ``input_rmse_over_step`` /
@@ -21,7 +22,7 @@ the layer's own error with FP32 inputs: ``layer_sqnr_db`` (the layer's output qu
 layer (``"only"``: largest drop, then lowest SQNR) or the one whose float copy recovers most
 (``"all_but"``), per candidate.
 
-Speed: nothing shared is recomputed. One working copy of the BatchNorm-folded model is changed in
+Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded model is changed in
 place (one layer's weight swapped in, then restored), each weight is quantized once per spec, the
 calibration statistics and FP32 reference outputs come from the workload, and each run replays the
 recorded outputs of every module that finished before the perturbed layer started (the unaffected
@@ -39,7 +40,6 @@ raises ``SweepCancelled`` and caches nothing.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -47,17 +47,18 @@ from types import MappingProxyType
 from typing import Callable
 
 import torch
-import torch.utils._pytree as pytree
 
 from qcore.errors import QcoreError
 from qcore.numerics.granularity import to_blocks
-from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db
+from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db, sqnr_db_from_sums
 from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
 from qcore.recipe import PRESETS, LayerPlan, Recipe, preset
 from qcore.numerics.spec import TensorSpec
-from qcore.model.simulate import input_quantizer, modules_by_name, needs_calibration, temporary_hooks
+from qcore.model.simulate import input_quantizer, needs_calibration
 from qcore.analysis import sweep_cache
-from qcore.analysis.sweep_cache import cache_key, cache_path, clear_memory_cache, fingerprint  # noqa: F401 (this module's API)
+from qcore.analysis.replay import Runner, call_order, replay_set
+from qcore.analysis.sweep_cache import cache_key
+from qcore.analysis.sweep_result import Score, Sweep, SweepRow, valid_entry
 from qcore.model.workload import Workload
 
 MODES = ("weights", "activations", "both")
@@ -102,12 +103,14 @@ def mode_plan(plan: LayerPlan, mode: str, kind: str) -> LayerPlan:
     return LayerPlan(None if w is None or w.format == "fp32" else w, None if a is None or a.format == "fp32" else a)
 
 
-def _plans(workload: Workload, candidate: str, mode: str) -> dict[str, LayerPlan]:
+def candidate_plans(workload: Workload, candidate: str, mode: str) -> dict[str, LayerPlan]:
+    """Per layer of ``workload``, the part of ``candidate`` that ``mode`` quantizes."""
     recipe = candidate_recipe(candidate, workload.layer_shapes)
     return {n: mode_plan(recipe.plan(n), mode, info.kind) for n, info in workload.layers.items()}
 
 
-def _override(plan: LayerPlan) -> dict | None:
+def plan_override(plan: LayerPlan) -> dict | None:
+    """``plan`` as a recipe's per-layer override dict (None: the layer stays float)."""
     if plan.is_float:
         return None
     return {"weights": plan.weights.to_dict() if plan.weights else None,
@@ -115,16 +118,16 @@ def _override(plan: LayerPlan) -> dict | None:
 
 
 def _overrides(plans: dict[str, LayerPlan]) -> MappingProxyType:
-    return MappingProxyType({n: _override(p) for n, p in plans.items()})
+    return MappingProxyType({n: plan_override(p) for n, p in plans.items()})
 
 
 def recipe_for(workload: Workload, layer: str, candidate: str, mode: str = "both", view: str = "only") -> Recipe:
     """The recipe a sweep row measures: ``layer`` alone quantized (only) or kept in float (all_but)."""
-    plans = _plans(workload, candidate, mode)
+    plans = candidate_plans(workload, candidate, mode)
     if view == "only":
-        layers = {layer: _override(plans[layer])}
+        layers = {layer: plan_override(plans[layer])}
     else:
-        layers = {n: (None if n == layer else _override(p)) for n, p in plans.items()}
+        layers = {n: (None if n == layer else plan_override(p)) for n, p in plans.items()}
     return Recipe.from_dict({"name": f"{candidate}/{mode}/{view}/{layer}", "weights": None,
                              "activations": None, "layers": layers})
 
@@ -139,12 +142,12 @@ def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
     """
     s = qt.spec
     fmt = s.fmt
-    if fmt.family == "identity" or x.numel() == 0:
+    if not fmt.quantizes or x.numel() == 0:
         return None
     xb = to_blocks(x.detach().float(), s.granularity, s.axis, s.group_size)
     qb = to_blocks(qt.dequantize(), s.granularity, s.axis, s.group_size)
     scale = qt.scale[:, None] if qt.scale is not None else torch.ones(1, 1)
-    if fmt.family == "int":
+    if fmt.step_is_scale:
         step = scale
     else:
         grid = fmt.values().float()
@@ -152,15 +155,6 @@ def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
         lower, upper = grid[(i - 1).clamp(min=0)], grid[(i + 1).clamp(max=len(grid) - 1)]
         step = (upper - lower) / ((i > 0).float() + (i < len(grid) - 1).float()) * scale
     return float(((qb - xb) / step).double().pow(2).mean().sqrt())
-
-
-def _db(signal: float, noise: float) -> float:
-    """SQNR in dB from summed squares, with the same limits as ``metrics.sqnr_db``."""
-    if noise == 0.0:
-        return SQNR_EXACT_DB
-    if signal == 0.0:
-        return -SQNR_EXACT_DB
-    return max(min(10.0 * math.log10(signal / noise), SQNR_EXACT_DB), -SQNR_EXACT_DB)
 
 
 class _LayerError:
@@ -196,126 +190,16 @@ class _LayerError:
 
     def row(self) -> dict:
         n = self.input_n
-        return {"layer_sqnr_db": _db(self.signal, self.noise),
+        return {"layer_sqnr_db": sqnr_db_from_sums(self.signal, self.noise),
                 "input_rmse_over_step": math.sqrt(self.input_sq / n) if n else None,
                 "input_clipped_fraction": self.input_clipped / n if n else None}
-
-
-# ---- reusing the unaffected prefix -------------------------------------------------------------
-def _call_order(model, layers, batch) -> tuple[dict[str, tuple[int, int]], set[str], float]:
-    """Run ``batch`` once recording, per module name, (first start, last end) event numbers, the names
-    called exactly once, and the Linear/Conv multiply-add FLOPs per sample."""
-    events, spans, calls, flops = [0], {}, {}, [0.0]
-
-    def pre(name):
-        def hook(module, args):
-            events[0] += 1
-            calls[name] = calls.get(name, 0) + 1
-            spans.setdefault(name, [events[0], None])
-        return hook
-
-    def post(name):
-        def hook(module, args, output):
-            events[0] += 1
-            spans[name][1] = events[0]
-            if layers.get(name) is not None and layers[name].kind != "Embedding" and torch.is_tensor(output):
-                flops[0] += 2.0 * module.weight.numel() * output.numel() / module.weight.shape[0]
-        return hook
-
-    named = [(n, m) for n, m in model.named_modules() if n]
-    with temporary_hooks(pre=[(m, pre(n)) for n, m in named], post=[(m, post(n)) for n, m in named]), torch.no_grad():
-        model(*batch)
-    order = {n: (s, e) for n, (s, e) in spans.items() if e is not None}
-    return order, {n for n, c in calls.items() if c == 1}, flops[0] / max(len(batch[0]), 1)
-
-
-def _replay_set(model, target: str, order, once: set[str]) -> list[str]:
-    """The largest modules whose every call ends before ``target`` starts: their outputs do not depend
-    on ``target``, so a run perturbing ``target`` can replay them. Modules holding a tensor that shares
-    storage with the target's weight (tied weights) are recomputed."""
-    start = order[target][0]
-    modules = dict(model.named_modules(remove_duplicate=False))
-    ptr = modules[target].weight.data_ptr()
-    tied = {n for n, m in modules.items() if n != target and any(
-        p is not None and p.data_ptr() == ptr for p in list(m._parameters.values()) + list(m._buffers.values()))}
-    keep = {n for n in modules if n and any(t == n or t.startswith(n + ".") for t in tied)}
-    found = []
-
-    def visit(prefix, module):
-        for child_name, child in module.named_children():
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            if name == target or name not in order:
-                continue
-            if target.startswith(name + ".") or name in keep or name not in once:
-                if order[name][0] < start:
-                    visit(name, child)
-            elif order[name][1] < start and "forward" not in child.__dict__:
-                found.append(name)
-
-    visit("", model)
-    return found
-
-
-def _clone(output):
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output)
-
-
-class _Runner:
-    """A private working copy of the folded FP32 model (the workload's own is shared and only read);
-    layers of the copy are switched to quantized in place."""
-
-    def __init__(self, workload: Workload):
-        fp32 = workload.folded[0]
-        self.model = copy.deepcopy(fp32).eval()
-        self.fp32_weights = {n: m.weight for n, m in modules_by_name(fp32, workload.layers).items()}
-        self.layers = modules_by_name(self.model, workload.layers)
-        self.input_hooks: dict[str, object] = {}
-        self.batches: list[tuple] = []
-        self.batch = 0
-
-    def set_layer(self, name: str, weight: torch.Tensor | None = None, aq=None) -> None:
-        """Layer ``name`` computes with ``weight`` (None: its FP32 weight) and input quantizer ``aq``."""
-        module = self.layers[name]
-        with torch.no_grad():
-            module.weight.copy_(self.fp32_weights[name] if weight is None else weight)
-        old = self.input_hooks.pop(name, None)
-        if old is not None:
-            old.remove()
-        if aq is not None:
-            self.input_hooks[name] = module.register_forward_pre_hook(aq)
-
-    def run(self, replay: dict[str, list] | None = None, record=(), layer_hooks=None):
-        """Model outputs over the batches, concatenated, and the recorded outputs of ``record`` modules
-        (name -> one per batch). ``replay`` modules return their recorded outputs instead of computing."""
-        recorded = {n: [] for n in record}
-        recorders = [(self.model.get_submodule(n), lambda m, a, out, n=n: recorded[n].append(_clone(out)))
-                     for n in record]
-        errors = [(self.layers[n], h) for n, h in (layer_hooks or {}).items()]
-        for name, outputs in (replay or {}).items():
-            self.model.get_submodule(name).forward = lambda *a, _outs=outputs, **k: _clone(_outs[self.batch])
-        try:
-            outs = []
-            with temporary_hooks(post=recorders, post_kwargs=errors), torch.no_grad():
-                for self.batch, b in enumerate(self.batches):
-                    outs.append(self.model(*b).float())
-        finally:
-            for name in replay or {}:
-                del self.model.get_submodule(name).forward
-        return torch.cat(outs), recorded
 
 
 # ---- the sweep -------------------------------------------------------------------------------
 def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: str = "only",
           progress: Callable[[float, str], None] | None = None, cache_dir: str | os.PathLike | None = None,
-          should_stop: Callable[[], bool] | None = None) -> dict:
-    """Per-layer sensitivity of ``workload`` to each candidate (see the module docstring)::
-
-        {"model", "metric", "higher_is_better", "fp32_metric", "candidates", "mode", "view",
-         "samples", "evaluation_samples", "base": {candidate: {"metric", "sqnr_db"}}, "notes",
-         "rows": [{"layer", "kind", "candidate", "mode", "view", "changed", "metric", "metric_drop",
-                   "sqnr_db", "layer_sqnr_db", "rmse_over_step", "clipped_fraction",
-                   "input_rmse_over_step", "input_clipped_fraction", "rank"(, "recovered")}]}
-    """
+          should_stop: Callable[[], bool] | None = None) -> Sweep:
+    """Per-layer sensitivity of ``workload`` to each candidate (see the module docstring)."""
     candidates = check_candidates(candidates)
     if mode not in MODES:
         raise QcoreError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
@@ -323,71 +207,21 @@ def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: s
         raise QcoreError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}")
     keys = {c: cache_key(workload, [c], mode, view) for c in candidates}  # one entry per candidate
     with sweep_cache.lock_for(cache_key(workload, [], mode, view)):
-        found = {c: sweep_cache.cached(cache_dir, keys[c], _entry_check(workload, c, mode, view)) for c in candidates}
+        found = {c: sweep_cache.cached(cache_dir, keys[c], lambda e, c=c: valid_entry(e, workload, c, mode, view))
+                 for c in candidates}
         texts = {c: f[0] for c, f in found.items() if f is not None}
-        values = {c: f[1] for c, f in found.items() if f is not None}
+        parts = {c: Sweep.from_dict(f[1]) for c, f in found.items() if f is not None}
         missing = [c for c in candidates if c not in texts]
         if missing:
             computed = _compute(workload, missing, mode, view, progress, should_stop)
             for c in missing:
-                values[c] = {**computed, "candidates": [c], "base": {c: computed["base"][c]},
-                             "rows": [r for r in computed["rows"] if r["candidate"] == c]}
-                texts[c] = json.dumps(values[c])
+                texts[c] = json.dumps(computed.for_candidate(c).to_dict())
                 sweep_cache.write_disk(cache_dir, keys[c], texts[c])
-                values[c] = json.loads(texts[c])  # what a later read returns (tuples become lists)
+                parts[c] = Sweep.from_dict(json.loads(texts[c]))  # exactly what a later read returns
         sweep_cache.remember({keys[c]: texts[c] for c in candidates})
     if progress:
         progress(1.0, "done")
-    parts = [values[c] for c in candidates]
-    return {**parts[0], "candidates": candidates, "base": {c: p["base"][c] for c, p in zip(candidates, parts)},
-            "notes": list(dict.fromkeys(n for p in parts for n in p["notes"])),
-            "rows": [r for p in parts for r in p["rows"]]}
-
-
-# ---- what a cache entry must look like -------------------------------------------------------
-_NUMBER, _OPTIONAL_NUMBER = "number", "number or None"
-_ROW_FIELDS = {"layer": str, "kind": str, "candidate": str, "mode": str, "view": str, "changed": bool,
-               "weight_format": str, "input_format": str, "metric": _NUMBER, "metric_drop": _NUMBER,
-               "sqnr_db": _NUMBER, "layer_sqnr_db": _NUMBER, "rmse_over_step": _OPTIONAL_NUMBER,
-               "clipped_fraction": _OPTIONAL_NUMBER, "input_rmse_over_step": _OPTIONAL_NUMBER,
-               "input_clipped_fraction": _OPTIONAL_NUMBER, "rank": int}
-
-
-def _is(value, kind) -> bool:
-    if kind is _NUMBER:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is _OPTIONAL_NUMBER:
-        return value is None or _is(value, _NUMBER)
-    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-
-
-def _entry_check(workload: Workload, candidate: str, mode: str, view: str) -> Callable[[object], bool]:
-    """Whether a parsed cache entry is a sweep result of ``candidate`` on ``workload``: the fields and
-    types ``sweep`` writes, and one row per layer of this workload, in its order, with its kinds."""
-    layers = [(n, info.kind) for n, info in workload.layers.items()]
-    fields = {**_ROW_FIELDS, **({"recovered": _NUMBER} if view == "all_but" else {})}
-
-    def valid(entry) -> bool:
-        if not isinstance(entry, dict) or set(entry) != {
-                "model", "metric", "higher_is_better", "fp32_metric", "candidates", "mode", "view", "samples",
-                "evaluation_samples", "base", "notes", "rows"}:
-            return False
-        base, rows, notes = entry["base"], entry["rows"], entry["notes"]
-        header_ok = (entry["model"] == workload.name and entry["metric"] == workload.task.headline
-                     and entry["higher_is_better"] is workload.task.higher_is_better and _is(entry["fp32_metric"], _NUMBER)
-                     and entry["candidates"] == [candidate] and entry["mode"] == mode and entry["view"] == view
-                     and _is(entry["samples"], int) and 0 < entry["samples"] <= len(workload.evaluation)
-                     and entry["evaluation_samples"] == len(workload.evaluation)
-                     and isinstance(notes, list) and all(isinstance(n, str) for n in notes)
-                     and isinstance(base, dict) and set(base) == {candidate} and isinstance(base[candidate], dict)
-                     and set(base[candidate]) == {"metric", "sqnr_db"}
-                     and all(_is(v, _NUMBER) for v in base[candidate].values()))
-        if not header_ok or not isinstance(rows, list) or len(rows) != len(layers):
-            return False
-        return all(isinstance(r, dict) and set(r) == set(fields) and all(_is(r[k], t) for k, t in fields.items())
-                   and (r["layer"], r["kind"]) == layer and (r["candidate"], r["mode"], r["view"]) == (candidate, mode, view)
-                   for r, layer in zip(rows, layers))
-    return valid
+    return Sweep.merged([parts[c] for c in candidates])
 
 
 def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:
@@ -410,20 +244,20 @@ def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
     return torch.cat([half, half + n_total // 2])
 
 
-def _compute(workload, candidates, mode, view, progress, should_stop) -> dict:
+def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
     task, layers = workload.task, workload.layers
-    plans = {c: _plans(workload, c, mode) for c in candidates}
+    plans = {c: candidate_plans(workload, c, mode) for c in candidates}
     calibration = workload.calibration_stats() if any(
         needs_calibration(Recipe(layers=_overrides(plans[c])), layers) for c in candidates) else None
-    runner = _Runner(workload)
+    runner = Runner(workload)
     evaluation = workload.evaluation
-    order, once, flops = _call_order(runner.model, layers, tuple(t[:2] for t in evaluation.inputs))
+    order, once, flops = call_order(runner.model, layers, tuple(t[:2] for t in evaluation.inputs))
     index = _sweep_index(len(evaluation), flops)
     runner.batches = evaluation.subset(index).batches(workload.batch_size)
     reference = workload.reference_outputs[index]
     labels = None if evaluation.labels is None else evaluation.labels[index]
     fp32_metric = float(task.metrics(reference, reference, labels)[task.headline])
-    replay = {n: _replay_set(runner.model, n, order, once) for n in layers if n in order}
+    replay = {n: replay_set(runner.model, n, order, once) for n in layers if n in order}
     recorded_names = sorted({m for ms in replay.values() for m in ms})
     notes = [] if len(index) == len(evaluation) else [
         f"swept on {len(index)} of {len(evaluation)} evaluation samples (evenly spaced) to keep the sweep fast"]
@@ -475,14 +309,14 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> dict:
         if view == "only":
             if fp32_record is None:
                 fp32_record, base_outputs = rec, outputs
-            base[c] = dict(zip(("metric", "sqnr_db"), score(base_outputs)))
+            base[c] = Score(*score(base_outputs))
             record_now = fp32_record
         else:  # 2. the all-quantized base
             step(f"{c}: everything quantized")
             for n in changed[c]:
                 runner.set_layer(n, wq.get(n), aqs[n])
             base_outputs, record_now = runner.run(record=recorded_names)
-            base[c] = dict(zip(("metric", "sqnr_db"), score(base_outputs)))
+            base[c] = Score(*score(base_outputs))
         if not checked:  # replaying must reproduce the base exactly; otherwise recompute everything
             step("checking prefix reuse")
             last = max(replay, key=lambda n: order[n][0]) if replay else None
@@ -513,22 +347,21 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> dict:
                 metric, sqnr = score(outputs)
                 stats = {**errors[n].row(), **wstats.get(n, {"rmse_over_step": None, "clipped_fraction": None})}
             else:
-                metric, sqnr = base[c]["metric"], base[c]["sqnr_db"]
+                metric, sqnr = base[c].metric, base[c].sqnr_db
                 stats = {"layer_sqnr_db": SQNR_EXACT_DB, "rmse_over_step": None, "clipped_fraction": None,
                          "input_rmse_over_step": None, "input_clipped_fraction": None}
             drop = fp32_metric - metric if task.higher_is_better else metric - fp32_metric
             row.update(metric=metric, metric_drop=drop, sqnr_db=sqnr, **stats)
             if view == "all_but":
-                row["recovered"] = (metric - base[c]["metric"]) * (1 if task.higher_is_better else -1)
+                row["recovered"] = (metric - base[c].metric) * (1 if task.higher_is_better else -1)
             rows.append(row)
         for n in changed[c]:
             runner.set_layer(n)
         del record_now
     _rank(rows, view)
-    return {"model": workload.name, "metric": task.headline, "higher_is_better": task.higher_is_better,
-            "fp32_metric": fp32_metric, "candidates": candidates, "mode": mode, "view": view,
-            "samples": len(index), "evaluation_samples": len(evaluation), "base": base, "notes": notes,
-            "rows": rows}
+    return Sweep(model=workload.name, metric=task.headline, higher_is_better=task.higher_is_better,
+                 fp32_metric=fp32_metric, candidates=candidates, mode=mode, view=view, samples=len(index),
+                 evaluation_samples=len(evaluation), base=base, notes=notes, rows=[SweepRow(**r) for r in rows])
 
 
 def _rank(rows: list[dict], view: str) -> None:

@@ -1,11 +1,19 @@
-"""Exports whose file is the simulation: the quantized model written with the engine's own numbers.
+"""Real low-precision execution: export a model under a recipe, run the file, measure it.
 
-``qdq.export_qdq(workload, recipe, path)`` writes an ONNX file holding exactly what
-``workload.simulate(recipe)`` computes (integer codes, scales, zero-points, calibrated input ranges)
-and says per layer what ONNX Runtime executes in low precision and what it runs in float, and why.
-``graph`` holds the small ONNX graph-editing helpers it uses.
+The simulation predicts what quantization does; this package writes the file that computes it and
+puts both side by side, every number labelled with where it comes from:
+
+- ``report``: ``export(workload, recipe, "onnx" | "safetensors", out) -> ExportReport`` (size on disk,
+  metrics measured in ONNX Runtime next to the simulated ones, how each layer executes, every gap explained);
+- ``onnx``: ``export_qdq``, the ONNX file holding exactly the simulated model (codes, scales,
+  zero-points, calibrated input ranges), and ``graph`` the small ONNX graph-editing helpers it uses;
+- ``safetensors``: codes, scales and zero-points in a safetensors file, and back;
+- ``policy``: which kernel each layer gets in ONNX Runtime and why numbers differ from the simulation;
+- ``sessions``: ONNX Runtime sessions and feeds; ``bench``: ``bench(...) -> BenchResult``, FP32 and
+  quantized files timed in interleaved rounds.
 """
 
-from qcore.export.qdq import OnnxExport, export_qdq
+from qcore.export.onnx import OnnxExport, export_qdq
+from qcore.export.report import ExportReport, export, summary_lines
 
-__all__ = ["OnnxExport", "export_qdq"]
+__all__ = ["ExportReport", "OnnxExport", "export", "export_qdq", "summary_lines"]

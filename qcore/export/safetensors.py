@@ -1,8 +1,8 @@
 """A quantized model as one safetensors file: what the simulation holds, loadable back.
 
-``export_safetensors`` writes, for every quantized layer, its integer codes (bit-packed below 8 bits,
-most significant bit first; NF4 as 4-bit codebook indices; int16 as int16; float formats in their own
-dtype), float32 scales, zero-points (int8, or int16 above 8 bits) and static input ranges, plus every
+``export_safetensors`` writes, for every quantized layer, its codes as its format stores them
+(``Format.store``: integers bit-packed below 8 bits, most significant bit first; NF4 as 4-bit codebook
+indices; int16 as int16; float formats in their own dtype), float32 scales, zero-points (int8, or int16 above 8 bits) and static input ranges, plus every
 other tensor of the BatchNorm-folded model, with the recipe JSON in the metadata. ``load_safetensors``
 rebuilds the identical simulated model (same codes, scales and ranges, so the same outputs).
 No pickle anywhere: the file is plain tensors and string metadata.
@@ -12,52 +12,15 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qcore.errors import QcoreError
-from qcore.numerics.formats import FORMATS
 from qcore.recipe import Recipe
 from qcore.model.simulate import InputQuantizer, input_quantizer, modules_by_name
 
 FORMAT_VERSION = "1"
-
-
-def _pack(codes: torch.Tensor, fmt) -> torch.Tensor:
-    """Integer codes (any shape, values in [qmin, qmax]) -> uint8 bit stream, ``fmt.bits`` bits each
-    (offset by -qmin so they are unsigned), most significant bit first."""
-    u = (codes.reshape(-1).to(torch.int64) - fmt.qmin).numpy().astype(np.uint8)
-    bits = np.unpackbits(u[:, None], axis=1)[:, 8 - fmt.bits:]
-    return torch.from_numpy(np.packbits(bits.reshape(-1)))
-
-
-def _unpack(packed: torch.Tensor, fmt, shape: tuple[int, ...]) -> torch.Tensor:
-    n = math.prod(shape)
-    bits = np.unpackbits(packed.numpy())[: n * fmt.bits].reshape(n, fmt.bits)
-    full = np.concatenate([np.zeros((n, 8 - fmt.bits), np.uint8), bits], axis=1)
-    u = np.packbits(full, axis=1).reshape(-1).astype(np.int64)
-    return torch.from_numpy(u + fmt.qmin).to(torch.float32).reshape(shape)
-
-
-def _code_tensor(codes: torch.Tensor, fmt) -> torch.Tensor:
-    """Codes as stored: int <= 8 bits packed, int16 as int16, NF4 indices packed 4-bit, float formats in
-    their own dtype (fp32 values stay float32)."""
-    if fmt.family == "int":
-        return codes.to(torch.int16) if fmt.bits > 8 else _pack(codes, fmt)
-    if fmt.family == "codebook":
-        return _pack(codes - 8, FORMATS["int4"])  # indices 0..15 stored as 4 bits
-    return codes.to(getattr(fmt, "dtype", torch.float32)).contiguous()
-
-
-def _decode_codes(t: torch.Tensor, fmt, shape) -> torch.Tensor:
-    if fmt.family == "int":
-        return t.to(torch.float32).reshape(shape) if fmt.bits > 8 else _unpack(t, fmt, shape)
-    if fmt.family == "codebook":
-        return _unpack(t, FORMATS["int4"], shape) + 8
-    return t.to(torch.float32).reshape(shape)
 
 
 def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
@@ -67,16 +30,16 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
 
     from qcore.numerics.quantize import quantize
 
-    recipe.check_against(workload.layer_shapes)
+    plans = recipe.resolve(workload.layer_shapes)
     model = workload.folded[0]
     sim = workload.simulate(recipe)
     tensors, skip = {}, set()
     for name, mod in modules_by_name(model, workload.layers).items():
-        spec = recipe.plan(name).weights
+        spec = plans[name].weights
         if spec is None or spec.format == "fp32":
             continue
         q = quantize(mod.weight.detach(), spec)
-        tensors[f"{name}.weight.codes"] = _code_tensor(q.codes, spec.fmt)
+        tensors[f"{name}.weight.codes"] = spec.fmt.store(q.codes)
         if q.scale is not None:
             tensors[f"{name}.weight.scale"] = q.scale.contiguous()
         if q.zero_point is not None:
@@ -134,14 +97,14 @@ def load_safetensors(path: str, workload=None):
         raise QcoreError(f"{path} was exported from a different model than {workload.name!r} (layer shapes differ)")
     model = copy.deepcopy(workload.folded[0]).eval()
     state = {k: v for k, v in tensors.items() if not any(k.endswith(s) for s in (".codes", ".scale", ".zero_point", ".input.range"))}
-    modules = modules_by_name(model, workload.layers)
+    modules, plans = modules_by_name(model, workload.layers), recipe.resolve(workload.layer_shapes)
     for name, mod in modules.items():
-        plan = recipe.plan(name)
+        plan = plans[name]
         spec = plan.weights
         if spec is not None and spec.format != "fp32":
             shape = tuple(mod.weight.shape)
             zp = tensors.get(f"{name}.weight.zero_point")
-            q = QuantizedTensor(_decode_codes(tensors[f"{name}.weight.codes"], spec.fmt, shape),
+            q = QuantizedTensor(spec.fmt.load(tensors[f"{name}.weight.codes"], shape),
                                 tensors.get(f"{name}.weight.scale"), None if zp is None else zp.to(torch.float32),
                                 None, None, spec)
             state[f"{name}.weight"] = q.dequantize()

@@ -1,7 +1,7 @@
 """Plotly figures for the app's decide pages (Sensitivity, Trade-offs, Export report): pure functions,
 numbers in, ``plotly.graph_objects.Figure`` out. The explore pages' figures live in ``viz``.
 
-Inputs are the plain rows the engine returns: sweep rows of ``sensitivity.sweep`` and points
+Inputs are plain data from the caller: sweep rows (``SweepRow.to_dict()``) and points
 ``{"label", "size_bytes", "metric", "latency_ms"?, "latency_source"? ("measured" | "estimate")}``.
 Sizes are bytes (axes show KiB or MiB); a metric's direction comes from ``higher_is_better``.
 """
@@ -13,21 +13,6 @@ import plotly.graph_objects as go
 from qcore.figures.viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes, plain
 
 FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
-
-
-def pareto_front(points: list[dict], higher_is_better: bool = True) -> list[int]:
-    """Indices of the points no other point beats: none is at most as large and at least as good
-    while strictly better in one of the two. Sorted by size (smallest first)."""
-    sign = 1.0 if higher_is_better else -1.0
-    front = []
-    for i, p in enumerate(points):
-        dominated = any(
-            q["size_bytes"] <= p["size_bytes"] and sign * q["metric"] >= sign * p["metric"]
-            and (q["size_bytes"] < p["size_bytes"] or sign * q["metric"] > sign * p["metric"])
-            for j, q in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i]["size_bytes"], -sign * points[i]["metric"]))
 
 
 def _size_unit(largest: float) -> tuple[str, float]:
@@ -79,10 +64,11 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
                    f"{metric} drop (positive = worse)", height=max(300, 120 + 26 * len(rs)))
 
 
-def tradeoff_scatter(points: list[dict], metric: str, higher_is_better: bool = True) -> go.Figure:
-    """Size against metric, one marker per recipe; the Pareto front joined by a line. The hover text
+def tradeoff_scatter(points: list[dict], front: list[int], metric: str, higher_is_better: bool = True) -> go.Figure:
+    """Size against metric, one marker per recipe; the Pareto front (``front``: indices into ``points``
+    in size order, as ``analysis.search.pareto_front`` gives them) joined by a line. The hover text
     gives latency with its source: "measured" (this machine's runtime) or "estimate" (hardware profile)."""
-    front = set(pareto_front(points, higher_is_better))
+    order, front = front, set(front)
     unit, div = _size_unit(max(p["size_bytes"] for p in points))
 
     def hover(p):
@@ -97,7 +83,6 @@ def tradeoff_scatter(points: list[dict], metric: str, higher_is_better: bool = T
                                  mode="markers+text", text=[plain(p["label"]) for p in ps], textposition="top center",
                                  hovertext=[hover(p) for p in ps], hoverinfo="text",
                                  marker=dict(size=11, color=color, line=dict(color="white", width=1))))
-    order = pareto_front(points, higher_is_better)
     fig.add_trace(go.Scatter(x=[points[i]["size_bytes"] / div for i in order], y=[points[i]["metric"] for i in order],
                              mode="lines", name="front", line=dict(color=FRONT_COLOR, dash="dot"), hoverinfo="skip",
                              showlegend=False))
@@ -114,12 +99,3 @@ def per_class(fp32: list, quantized: list, class_names: list[str] | None, label:
     fig.update_layout(barmode="group")
     fig.update_xaxes(type="category")
     return _layout(fig, f"Accuracy per class: FP32 against {plain(label)}", "class", "accuracy")
-
-
-def layer_sizes(rows: list[dict]) -> go.Figure:
-    """Bytes of each layer's weight under the recipe (rows with ``layer``, ``weights`` format, ``size (bytes)``)."""
-    fig = go.Figure(go.Bar(x=[plain(r["layer"]) for r in rows], y=[r["size (bytes)"] for r in rows], marker_color=BAR_COLOR,
-                           text=[r["weights"] for r in rows], textposition="outside", name="weight bytes",
-                           hovertemplate="%{x}: %{y:,} bytes (%{text})<extra></extra>"))
-    fig.update_xaxes(type="category")
-    return _layout(fig, "Weight bytes per layer under the recipe (format on top)", "layer", "bytes")

@@ -5,7 +5,7 @@ Models (the extension says the format, the content must agree):
 - ``.pt2``  ``torch.export.save`` program -> ``pt2.load_pt2_file``: a module tree with the original module
   paths (``features.0``), so recipes name layers as in the source model and weights, static/dynamic
   activations, per-layer recipes and BatchNorm folding all work as for the source ``nn.Module``.
-- ``.onnx`` -> ``onnx_import.convert`` (Gemm/MatMul -> Linear, Conv -> Conv1d/2d, Gather -> Embedding);
+- ``.onnx`` -> ``onnx.convert.convert`` (Gemm/MatMul -> Linear, Conv -> Conv1d/2d, Gather -> Embedding);
   weights exported to a separate ``model.onnx.data`` are read when that file sits beside the model.
 - ``.pt`` / ``.pth`` / ``.ts``: a state dict of a zoo architecture, or a TorchScript archive.
 - ``.safetensors``: a state dict of a zoo architecture (digits-mlp, digits-cnn), found by key and shape.
@@ -149,13 +149,13 @@ def load_model_file(path, allow_pickle: bool = False, max_bytes: int | None = No
         if kind != "zip":
             raise QcoreError(f"{p.name} is not a torch.export archive (not a zip file); save it with torch.export.save")
         zip_members(p, limit)
-        from qcore.io.pt2 import load_pt2_file
+        from qcore.io.pt2.file import load_pt2_file
 
         return load_pt2_file(p, allow_pickle)
     if ext == ".onnx":
         if kind in ("zip", "pickle"):
             raise QcoreError(f"{p.name} is a PyTorch file, not ONNX; use the .pt2/.pt extension it was saved with")
-        from qcore.io.onnx_file import load_onnx_file
+        from qcore.io.onnx.file import load_onnx_file
 
         return load_onnx_file(p, limit)
     if ext == ".safetensors":

@@ -1,7 +1,7 @@
 """Calibration: statistics of each layer's input activations over calibration batches.
 
 ``calibrate(model, layer_names, batches)`` runs the FP32 model twice over the batches with
-forward pre-hooks on the named layers:
+forward pre-hooks on the named layers (``hooks.run_with_hooks``: on a private copy each pass):
 
 1. pass 1 records, per layer input, the running min/max, the exponential moving average of the
    per-batch min/max (averaging constant 0.01, as torch.ao's MovingAverageMinMaxObserver), the
@@ -11,13 +11,12 @@ forward pre-hooks on the named layers:
    and entropy ranges are computed over *all* batches, not one.
 
 The result, one ``ActivationStats`` per layer, serves every static range method, so one
-calibration is shared by every recipe evaluated on the same model and data. The hooks go on a
-private copy of the model: the caller's model (often shared by every session) is only read.
+calibration is shared by every recipe evaluated on the same model and data. The caller's model
+(often shared by every session) is only read.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -27,7 +26,7 @@ from torch import nn
 from qcore.errors import QcoreError
 from qcore.numerics.formats import Format
 from qcore.numerics.ranges import choose_range
-from qcore.model.simulate import temporary_hooks
+from qcore.model.hooks import run_with_hooks
 
 HIST_BINS = 2048
 EMA_CONSTANT = 0.01
@@ -71,55 +70,59 @@ def _channel_axis(module: nn.Module, x: torch.Tensor) -> int:
     return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d)) and x.dim() > 2 else -1
 
 
-def calibrate(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[tuple],
+def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[tuple],
               progress: Callable[[float], None] | None = None) -> dict[str, ActivationStats]:
-    """Input statistics of each module in ``layers`` (name -> module of ``model``) over ``batches``
-    (each a tuple of model inputs). A copy of the model, carrying the hooks, is run in eval mode
-    under ``torch.no_grad``; ``model`` itself is left exactly as it was (no hooks, same mode)."""
+    """Input statistics of each module of ``model`` named in ``layer_names`` over ``batches`` (each a
+    tuple of model inputs). Each pass runs a private copy carrying the hooks (``run_with_hooks``);
+    ``model`` itself is left exactly as it was (no hooks, same mode)."""
     batches = list(batches)
     if not batches:
         raise QcoreError("no calibration data: static activation quantization needs at least one batch")
-    model, layers = copy.deepcopy((model, layers))  # one memo: the copied layers are the copy's modules
-    model.eval()
-    stats = {name: ActivationStats() for name in layers}
-    state = {"pass": 1}
+    names = list(layer_names)
+    stats = {name: ActivationStats() for name in names}
 
-    def hook_for(name):
+    def observe(name):  # pass 1: ranges, moving averages, per-batch ranges, per-channel max |x|
+        def hook(mod, args):
+            x = args[0].detach().float()
+            if not torch.is_floating_point(args[0]) or x.numel() == 0:
+                return None
+            if not torch.isfinite(x).all():
+                raise QcoreError(f"the input of layer {name!r} contains NaN/Inf during calibration; check the data")
+            s = stats[name]
+            lo, hi = float(x.min()), float(x.max())
+            s.min, s.max = min(s.min, lo), max(s.max, hi)
+            s.ema_min = lo if s.ema_min is None else s.ema_min + EMA_CONSTANT * (lo - s.ema_min)
+            s.ema_max = hi if s.ema_max is None else s.ema_max + EMA_CONSTANT * (hi - s.ema_max)
+            s.batch_ranges.append((lo, hi))
+            axis = _channel_axis(mod, x)
+            ch = x.abs().movedim(axis, -1).reshape(-1, x.shape[axis]).amax(0)
+            s.channel_absmax = ch if s.channel_absmax is None else torch.maximum(s.channel_absmax, ch)
+            s.numel += x.numel()
+            return None
+        return hook
+
+    def count(name):  # pass 2: histogram over the final [min, max]
         def hook(mod, args):
             x = args[0].detach().float()
             if not torch.is_floating_point(args[0]) or x.numel() == 0:
                 return None
             s = stats[name]
-            if state["pass"] == 1:
-                if not torch.isfinite(x).all():
-                    raise QcoreError(f"the input of layer {name!r} contains NaN/Inf during calibration; check the data")
-                lo, hi = float(x.min()), float(x.max())
-                s.min, s.max = min(s.min, lo), max(s.max, hi)
-                s.ema_min = lo if s.ema_min is None else s.ema_min + EMA_CONSTANT * (lo - s.ema_min)
-                s.ema_max = hi if s.ema_max is None else s.ema_max + EMA_CONSTANT * (hi - s.ema_max)
-                s.batch_ranges.append((lo, hi))
-                axis = _channel_axis(mod, x)
-                ch = x.abs().movedim(axis, -1).reshape(-1, x.shape[axis]).amax(0)
-                s.channel_absmax = ch if s.channel_absmax is None else torch.maximum(s.channel_absmax, ch)
-                s.numel += x.numel()
+            width = s.max - s.min
+            if width <= 0:
+                idx = torch.zeros(x.numel(), dtype=torch.long)
             else:
-                width = s.max - s.min
-                if width <= 0:
-                    idx = torch.zeros(x.numel(), dtype=torch.long)
-                else:
-                    idx = ((x.reshape(-1).double() - s.min) / width * HIST_BINS).long().clamp(0, HIST_BINS - 1)
-                s.hist += torch.bincount(idx, minlength=HIST_BINS).double()
+                idx = ((x.reshape(-1).double() - s.min) / width * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+            s.hist += torch.bincount(idx, minlength=HIST_BINS).double()
             return None
         return hook
 
-    with temporary_hooks(pre=[(m, hook_for(n)) for n, m in layers.items()]), torch.no_grad():
-        for p in (1, 2):
-            state["pass"] = p
-            if p == 2:
-                for s in stats.values():
-                    s.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
-            for i, batch in enumerate(batches):
-                model(*batch)
-                if progress:
-                    progress(((p - 1) * len(batches) + i + 1) / (2 * len(batches)))
+    n = len(batches)
+
+    def overall(done: int):  # progress over both passes: pass ``done`` (0 or 1) plus the fraction of this one
+        return None if progress is None else lambda f: progress((done * n + round(f * n)) / (2 * n))
+
+    run_with_hooks(model, batches, pre={name: observe(name) for name in names}, progress=overall(0))
+    for s in stats.values():
+        s.hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+    run_with_hooks(model, batches, pre={name: count(name) for name in names}, progress=overall(1))
     return stats

@@ -11,18 +11,14 @@ compute, then on a *copy* of the model
 The original model is never modified. Conv+BatchNorm pairs are folded first (the folded conv is
 what an inference runtime would quantize); ``Simulation.folded`` reports which.
 
-Hooks are how the engine watches and changes a model without editing its code; every module that
-adds them (here, ``calibrate``, ``sensitivity``, ``explain``) adds them to a *private copy*: a hook
-on a shared model would be copied, with the model, into every copy another thread takes meanwhile.
-``temporary_hooks`` registers hooks for a ``with`` block and always removes them.
+The input hooks go on the copy only (see ``qcore.model.hooks``: hooks always go on a private copy).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -117,24 +113,6 @@ def modules_by_name(model: nn.Module, names) -> dict[str, nn.Module]:
     return {n: table[n] for n in names}
 
 
-Hooks = Iterable[tuple[nn.Module, Callable]]
-
-
-@contextmanager
-def temporary_hooks(pre: Hooks = (), post: Hooks = (), post_kwargs: Hooks = ()):
-    """For the ``with`` block, each ``(module, hook)`` of ``pre`` is a forward pre-hook, of ``post`` a
-    forward hook, of ``post_kwargs`` a forward hook that also receives keyword arguments; all are
-    removed when the block ends, also on errors. Use it on a private copy of a model only."""
-    with ExitStack() as stack:
-        for module, hook in pre:
-            stack.enter_context(module.register_forward_pre_hook(hook))
-        for module, hook in post:
-            stack.enter_context(module.register_forward_hook(hook))
-        for module, hook in post_kwargs:
-            stack.enter_context(module.register_forward_hook(hook, with_kwargs=True))
-        yield
-
-
 class InputQuantizer:
     """Forward pre-hook that fake-quantizes a layer's first input.
 
@@ -203,14 +181,14 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
     q = copy.deepcopy(model).eval()
     folded = fold_batchnorm(q) if fold else []
     layers = find_layers(q)
-    recipe.check_against({n: i.weight_shape for n, i in layers.items()})
+    plans = recipe.resolve({n: i.weight_shape for n, i in layers.items()})
     if calibration is None and needs_calibration(recipe, layers):
         raise QcoreError("this recipe has static activation quantization: calibration data is needed "
                          "(provide a data file, or use dynamic activations)")
     sim = Simulation(q, recipe, folded)
     modules = modules_by_name(q, layers)
     for name, module in modules.items():
-        plan = recipe.plan(name)
+        plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
             w = (quantized_weights or {}).get(name)
             if w is None:

@@ -3,7 +3,8 @@
 A quantized weight costs ceil(numel * bits / 8) bytes for its codes, plus 4 bytes (float32) per
 scale and ceil(n_blocks * bits / 8) bytes for the zero-points of affine integer formats. Every
 other tensor (biases, norms, layers kept in float, buffers) counts at its stored dtype. per_group
-counts the group size each weight resolves to (``TensorSpec.for_shape``), as quantize uses it.
+counts the group size each weight resolves to (``Recipe.resolve``, ``TensorSpec.for_shape``), as quantize
+uses it. Which parameters a block stores is the format's (``Format.params``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def weight_bytes(shape: tuple[int, ...], spec: TensorSpec | None) -> dict:
         return {"codes": numel * 4, "scales": 0, "zero_points": 0, "total": numel * 4}
     fmt = spec.fmt
     blocks = n_blocks(shape, spec)
-    has_scale = fmt.family in ("int", "codebook") or (fmt.family == "float" and spec.scaled)
+    params = fmt.params(spec.symmetric, spec.scaled)
     codes = math.ceil(numel * fmt.bits / 8)
-    scales = blocks * SCALE_BYTES if has_scale else 0
-    zps = math.ceil(blocks * fmt.bits / 8) if fmt.family == "int" and not spec.symmetric else 0
+    scales = blocks * SCALE_BYTES if "scale" in params else 0
+    zps = math.ceil(blocks * fmt.bits / 8) if "zero_point" in params else 0
     return {"codes": codes, "scales": scales, "zero_points": zps, "total": codes + scales + zps}
 
 
@@ -59,8 +60,9 @@ def model_size(model: nn.Module, layers: dict, recipe: Recipe) -> dict:
     """
     fp32 = float_bytes(model)
     rows, saved = [], 0
+    plans = recipe.resolve({name: info.weight_shape for name, info in layers.items()})
     for name, info in layers.items():
-        spec = recipe.plan(name).weights
+        spec = plans[name].weights
         b = weight_bytes(info.weight_shape, spec)
         full = math.prod(info.weight_shape) * 4
         saved += full - b["total"]

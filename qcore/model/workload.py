@@ -27,7 +27,7 @@ from torch import nn
 from qcore.model import calibrate as calibrate_mod
 from qcore.numerics.metrics import classification_metrics
 from qcore.recipe import Recipe
-from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, modules_by_name, simulate
+from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, simulate
 from qcore.model.size import model_size
 
 
@@ -157,7 +157,7 @@ class Workload:
                 if "_calib" not in self.__dict__:
                     m = self.folded[0]
                     self.__dict__["_calib"] = calibrate_mod.calibrate(
-                        m, modules_by_name(m, self.layers), self.calibration.batches(self.batch_size), progress)
+                        m, self.layers, self.calibration.batches(self.batch_size), progress)
         return self.__dict__["_calib"]
 
     @cached_property
@@ -188,22 +188,45 @@ class Workload:
     def size(self, recipe: Recipe) -> dict:
         return model_size(self.model, self.layers, recipe)
 
-    def evaluate(self, recipe: Recipe) -> dict:
-        """Metrics and sizes of FP32 and of the simulated model under ``recipe``::
-
-            {"model", "recipe", "metric", "fp32": {"size_bytes", "metrics"},
-             "quantized": {"size_bytes", "metrics"}, "folded": [...], "notes": [...]}
-        """
+    def evaluate(self, recipe: Recipe) -> "Evaluation":
+        """Metrics and sizes of FP32 and of the simulated model under ``recipe``, on the whole
+        evaluation set (metrics against the FP32 reference outputs and the labels)."""
         sim = self.simulate(recipe)
         outputs = self.run(sim.model, self.evaluation)
         size = self.size(recipe)
-        return {
-            "model": self.name,
-            "recipe": recipe.to_dict(),
-            "metric": self.task.headline,
-            "fp32": {"size_bytes": size["fp32_bytes"], "metrics": self.fp32_metrics},
-            "quantized": {"size_bytes": size["size_bytes"],
-                          "metrics": self.task.metrics(outputs, self.reference_outputs, self.evaluation.labels)},
-            "folded": [list(p) for p in sim.folded],
-            "notes": list(self.notes),
-        }
+        return Evaluation(
+            model=self.name, recipe=recipe.to_dict(), metric=self.task.headline,
+            fp32=Measured(size["fp32_bytes"], self.fp32_metrics),
+            quantized=Measured(size["size_bytes"],
+                               self.task.metrics(outputs, self.reference_outputs, self.evaluation.labels)),
+            folded=[list(p) for p in sim.folded], notes=list(self.notes))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One model's weight storage in bytes and its metrics (the task's dict: name -> value)."""
+
+    size_bytes: int
+    metrics: dict
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """``Workload.evaluate``'s result: ``metric`` names the headline; ``recipe`` is the recipe's dict;
+    ``folded`` the (conv, bn) pairs folded before quantizing; ``notes`` the workload's notes."""
+
+    model: str
+    recipe: dict
+    metric: str
+    fp32: Measured
+    quantized: Measured
+    folded: list[list[str]]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        """``{"model", "recipe", "metric", "fp32": {"size_bytes", "metrics"}, "quantized": {...},
+        "folded", "notes"}`` (the ``--json`` output)."""
+        return {"model": self.model, "recipe": self.recipe, "metric": self.metric,
+                "fp32": {"size_bytes": self.fp32.size_bytes, "metrics": self.fp32.metrics},
+                "quantized": {"size_bytes": self.quantized.size_bytes, "metrics": self.quantized.metrics},
+                "folded": self.folded, "notes": self.notes}

@@ -25,17 +25,26 @@ def _check_finite(outputs: torch.Tensor, reference: torch.Tensor) -> None:
                              "model); metrics need finite outputs: check the model and its inputs")
 
 
-def sqnr_db(outputs: torch.Tensor, reference: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (higher is better; ~6 dB per bit for uniform grids)."""
-    _check_finite(outputs, reference)
-    ref = reference.double()
-    noise = float(((outputs.double() - ref) ** 2).sum())
-    signal = float((ref**2).sum())
+def sqnr_db_from_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from summed squares: 10 log10(signal / noise), with signal = sum ref^2 and
+    noise = sum (out - ref)^2 (accumulated in float64 by the caller). No noise gives ``SQNR_EXACT_DB``;
+    noise without signal gives ``-SQNR_EXACT_DB``; anything else is clamped to +-``SQNR_EXACT_DB``.
+    NaN or infinite sums raise ``QcoreError`` (they would otherwise compare as neither limit)."""
+    if not (math.isfinite(signal) and math.isfinite(noise)):
+        raise QcoreError(f"cannot compute an SQNR from signal {signal} and noise {noise} (an overflow inside the "
+                         "model); metrics need finite outputs: check the model and its inputs")
     if noise == 0.0:
         return SQNR_EXACT_DB
     if signal == 0.0:
         return -SQNR_EXACT_DB
     return max(min(10.0 * math.log10(signal / noise), SQNR_EXACT_DB), -SQNR_EXACT_DB)
+
+
+def sqnr_db(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better; ~6 dB per bit for uniform grids)."""
+    _check_finite(outputs, reference)
+    ref = reference.double()
+    return sqnr_db_from_sums(float((ref**2).sum()), float(((outputs.double() - ref) ** 2).sum()))
 
 
 def mean_cosine(outputs: torch.Tensor, reference: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from qcore.errors import QcoreError, shown as _show
-from qcore.numerics.formats import FORMATS, IntFormat
+from qcore.numerics.formats import FORMATS
 from qcore.numerics.granularity import GRANULARITIES, fan_in, group_size_for
 from qcore.numerics.ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
 
@@ -77,10 +77,7 @@ class TensorSpec:
         if not isinstance(fmt, str) or fmt not in FORMATS:
             hint = " (1-bit integers are not supported: the smallest integer format is int2)" if fmt in ("int1", "uint1", "binary") else ""
             raise QcoreError(f"unknown format {where}.format={_show(fmt)}{hint}; allowed: {', '.join(FORMATS)}")
-        defaults: dict[str, Any] = {}
-        if fmt == "nf4":  # NF4 is defined block-wise (QLoRA): absmax per block of 64
-            defaults = {"granularity": "per_group", "group_size": 64}
-        merged = {**defaults, **dict(d)}
+        merged = {**dict(FORMATS[fmt].spec_defaults), **dict(d)}  # nf4: per_group 64
         if merged.get("granularity", cls.granularity) != "per_group":
             merged.pop("group_size", None)  # means nothing here (a recipe refuses it: see Recipe)
         spec = cls(**merged)
@@ -110,13 +107,13 @@ class TensorSpec:
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
                 or not 50 < self.percentile <= 100:
             bad("percentile", "must be a number in (50, 100], e.g. 99.9 or 99.99")
-        if not isinstance(fmt, IntFormat) and not self.symmetric:
+        if not fmt.can_be_affine and not self.symmetric:
             bad("symmetric", f"is only possible for integer formats; {self.format} is symmetric by construction")
-        if self.scaled and fmt.family != "float":
+        if self.scaled and not fmt.can_be_scaled:
             bad("scaled", "applies to float formats (fp8/fp16/bf16) only; integer and nf4 formats are always scaled")
         if not activation and self.dynamic:
             bad("dynamic", "applies to activations only (weights are always quantized ahead of time)")
         if activation and self.granularity != "per_tensor":
             bad("granularity", "is not supported for activations; use per_tensor")
-        if activation and fmt.family == "codebook":
+        if activation and not fmt.for_activations:
             bad("format", "is a weight-only format; use an int or float format for activations")

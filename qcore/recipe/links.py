@@ -14,7 +14,7 @@ import hashlib
 import json
 
 from qcore.errors import QcoreError
-from qcore.recipe import PRESETS, Recipe, preset
+from qcore.recipe import PRESETS, LayerOverride, Recipe, preset
 
 PRESET_PARAM, LAYERS_PARAM = "preset", "layers"
 MAX_LAYERS_PARAM_CHARS = 200_000
@@ -28,15 +28,16 @@ def encode_layers(layers: dict) -> str:
 
 def decode_layers(text: str) -> dict:
     """Inverse of ``encode_layers``; QcoreError when the text is not such an encoding."""
+    if len(text) > MAX_LAYERS_PARAM_CHARS:
+        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is longer than {MAX_LAYERS_PARAM_CHARS:,} characters; "
+                         "copy the whole link again or remove that parameter")
     try:
-        if len(text) > MAX_LAYERS_PARAM_CHARS:
-            raise ValueError("too long")
         layers = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
-        if not isinstance(layers, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding ({e}); "
-                         "copy the whole link again or remove that parameter") from None
+    except (ValueError, UnicodeDecodeError):
+        layers = None
+    if not isinstance(layers, dict):
+        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding (it was cut or changed); "
+                         "copy the whole link again or remove that parameter")
     return layers
 
 
@@ -45,26 +46,8 @@ def build_recipe(w, preset_name: str, layers: dict) -> Recipe:
     base = preset(preset_name, w.layer_shapes).to_dict()
     recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
                                "layers": {**base["layers"], **layers}})
-    recipe.check_against(w.layer_shapes)
+    recipe.resolve(w.layer_shapes)  # validates it against the model
     return recipe
-
-
-def _override(base: Recipe, layer: str, target) -> tuple[bool, dict | None]:
-    """(needed, override) turning ``base``'s plan for ``layer`` into the LayerPlan ``target``."""
-    plan = base.plan(layer)
-    if plan == target:
-        return False, None
-    if target.is_float:
-        return True, None
-    short, full = {}, {}
-    for part in ("weights", "activations"):
-        t, b = getattr(target, part), getattr(plan, part)
-        if t == b:
-            continue
-        full[part] = short[part] = None if t is None else t.to_dict()
-        if t is not None and b is not None:
-            short[part] = {k: v for k, v in t.to_dict().items() if v != getattr(b, k)}
-    return True, short if base.with_layer(layer, short).plan(layer) == target else full
 
 
 def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
@@ -74,10 +57,10 @@ def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
     for name in presets:
         base = preset(name, w.layer_shapes)
         layers = {}
-        for layer in w.layers:
-            needed, override = _override(base, layer, recipe.plan(layer))
-            if needed:
-                layers[layer] = override
+        for layer in w.layers:  # the plans as written (a group size as given): the link repeats the recipe
+            entry = LayerOverride.to_reach(base.defaults, base.plan(layer), recipe.plan(layer))
+            if entry is not None:
+                layers[layer] = entry.to_json()
         if best is None or len(json.dumps(layers)) < len(json.dumps(best[1])):
             best = (name, layers)
     return best
@@ -91,8 +74,10 @@ def recipe_hash(w, recipe: Recipe) -> str:
 
 def recipe_id(w, recipe: Recipe) -> str:
     """The recipe's canonical JSON: what it does to each of ``w``'s layers, ``{layer: {"weights",
-    "activations"}}`` (spec dicts or null), sorted keys, compact. A preset with overrides and the same
-    plans spelled layer by layer (as the search writes them) are one recipe; the name is not part of it."""
-    plans = {n: {part: spec.to_dict() if spec else None for part, spec in
-                 (("weights", recipe.plan(n).weights), ("activations", recipe.plan(n).activations))} for n in w.layers}
+    "activations"}}`` (spec dicts or null, as ``Recipe.resolve`` gives them: group sizes fitted), sorted keys,
+    compact. A preset with overrides and the same plans spelled layer by layer (as the search writes them) are
+    one recipe, and so are a group size and the one it resolves to; the name is not part of it."""
+    plans = {n: {"weights": p.weights.to_dict() if p.weights else None,
+                 "activations": p.activations.to_dict() if p.activations else None}
+             for n, p in recipe.resolve(w.layer_shapes).items()}
     return json.dumps(plans, sort_keys=True, separators=(",", ":"))

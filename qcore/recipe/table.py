@@ -6,11 +6,15 @@ say. Column names and the choice lists of the ``weights`` / ``inputs`` columns a
 
 from __future__ import annotations
 
+from qcore.numerics.formats import FORMATS, choices
 from qcore.numerics.spec import TensorSpec
-from qcore.recipe import LayerPlan, Recipe
+from qcore.recipe import FLOAT, LayerOverride, LayerPlan, Recipe
 
-WEIGHT_CHOICES = ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "int8", "int6", "int5", "int4", "int3", "int2", "nf4"]
-INPUT_CHOICES = ["float", "int8 static", "int8 dynamic", "int16 static", "fp8_e4m3 dynamic", "fp16", "bf16"]
+WEIGHT_CHOICES = choices("weights")
+# "float", then each format's input choices in the order their positions say ("<format> static|dynamic", "<format>")
+INPUT_CHOICES = ["float"] + [label for _, label in sorted(
+    (dict(FORMATS[name].menus)[menu], f"{name} {menu.removeprefix('inputs ')}".removesuffix(" cast"))
+    for menu in ("inputs static", "inputs dynamic", "inputs cast") for name in choices(menu))]
 NEW_WEIGHTS = TensorSpec(format="int8", granularity="per_channel")  # options a float layer's row starts from
 
 
@@ -18,7 +22,7 @@ def input_label(spec: TensorSpec | None) -> str:
     """How the table names an input spec: "float", "fp16" (a plain cast) or "<format> static|dynamic"."""
     if spec is None:
         return "float"
-    if spec.fmt.family == "float" and not spec.scaled:
+    if spec.fmt.can_be_scaled and not spec.scaled:
         return spec.format
     return f"{spec.format} {'dynamic' if spec.dynamic else 'static'}"
 
@@ -32,7 +36,7 @@ def input_spec(label: str, old: TensorSpec | None) -> TensorSpec | None:
     fmt, _, how = label.partition(" ")
     if not how:
         return TensorSpec.from_dict({"format": fmt}, "inputs", True)
-    extra = {"symmetric": False} if fmt.startswith("int") else {"scaled": True}
+    extra = {"symmetric": False} if FORMATS[fmt].can_be_affine else {"scaled": True}
     return TensorSpec.from_dict({"format": fmt, "range": "minmax", "dynamic": how == "dynamic", **extra}, "inputs", True)
 
 
@@ -56,9 +60,9 @@ def table_rows(w, recipe: Recipe, estimate: dict | None = None) -> list[dict]:
     """One editable row per quantizable layer; ``estimate`` is ``search.estimate_metric``'s (drops, missing)."""
     from qcore.model.size import weight_bytes
 
-    rows = []
+    rows, plans = [], recipe.resolve(w.layer_shapes)
     for name, info in w.layers.items():
-        plan = recipe.plan(name)
+        plan = plans[name]
         spec = plan.weights or NEW_WEIGHTS
         rows.append({"layer": name, "type": info.kind, "weight shape": "×".join(map(str, info.weight_shape)),
                      FLOAT_LAYER: plan.is_float, "weights": plan.weights.format if plan.weights else "fp32", "granularity": spec.granularity,
@@ -72,33 +76,33 @@ def table_rows(w, recipe: Recipe, estimate: dict | None = None) -> list[dict]:
 def apply_rows(w, recipe: Recipe, rows: list[dict]) -> Recipe:
     """``recipe`` with every layer set to what its (possibly edited) table row says. Ticking "keep in float"
     makes the layer float; unticking it (weights and inputs untouched) gives it int8 per-channel weights."""
+    plans = recipe.resolve(w.layer_shapes)
     for row in rows:
         layer = row["layer"]
-        plan = recipe.plan(layer)
+        plan = plans[layer]
         ticked = bool(row.get(FLOAT_LAYER, plan.is_float))
         if ticked and not plan.is_float:
-            recipe = recipe.with_layer(layer, None)
+            recipe = recipe.with_layer(layer, FLOAT)
             continue
         if not ticked and plan.is_float and row["weights"] == "fp32" and row["inputs"] == "float":
             row = {**row, "weights": NEW_WEIGHTS.format}
-        weights = None
+        weights = plan.weights if plan.weights and not plan.weights.fmt.quantizes else None  # fp32 = float weights
         if row["weights"] != "fp32":
             old = plan.weights or NEW_WEIGHTS
             d = {**old.to_dict(), "format": row["weights"], "granularity": row["granularity"],
                  "group_size": int(row["group size"]), "symmetric": bool(row["symmetric"]), "range": row["range"]}
-            family = TensorSpec.from_dict({"format": row["weights"]}).fmt.family
-            if family != "int":
+            fmt = TensorSpec.from_dict({"format": row["weights"]}).fmt
+            if not fmt.can_be_affine:
                 d["symmetric"] = True
-            if family != "float":
+            if not fmt.can_be_scaled:
                 d["scaled"] = False
             elif row["weights"] != old.format:
-                d["scaled"] = row["weights"].startswith("fp8")
-            if family == "codebook" and old.format != row["weights"]:
-                d["granularity"], d["group_size"] = "per_group", 64  # NF4 is defined per block of 64
+                d["scaled"] = fmt.scaled_by_default
+            if old.format != row["weights"]:
+                d |= dict(fmt.spec_defaults)  # NF4 is defined per block of 64
             weights = TensorSpec.from_dict(d, f"layer {layer} weights")
         inputs = input_spec(row["inputs"], plan.activations) if w.layers[layer].kind != "Embedding" else plan.activations
         target = LayerPlan(weights, inputs)
         if target != plan:
-            recipe = recipe.with_layer(layer, None if target.is_float else {
-                "weights": weights.to_dict() if weights else None, "activations": inputs.to_dict() if inputs else None})
+            recipe = recipe.with_layer(layer, LayerOverride.of(target))
     return recipe

@@ -52,7 +52,6 @@ from torch.nn.utils import parametrize
 from qcore.errors import QcoreError
 from qcore.model.simulate import input_quantizer, modules_by_name
 from qcore.model.workload import Data, Workload
-from qcore.numerics.formats import IntFormat
 from qcore.numerics.granularity import to_blocks
 from qcore.numerics.spec import TensorSpec
 from qcore.numerics.ste import lsq_fake_quantize, ste_fake_quantize
@@ -169,8 +168,7 @@ class _InputSTE:
 
 
 def _check_recipe(workload: Workload, recipe: Recipe, learn_scales: bool) -> None:
-    recipe.check_against(workload.layer_shapes)
-    plans = {n: recipe.plan(n) for n in workload.layers}
+    plans = recipe.resolve(workload.layer_shapes)
     quantized = [n for n, p in plans.items() if any(s is not None and s.format != "fp32" for s in (p.weights, p.activations))]
     if not quantized:
         raise QcoreError(f"recipe {recipe.name!r} keeps every layer in float: QAT has nothing to adapt to; "
@@ -180,7 +178,7 @@ def _check_recipe(workload: Workload, recipe: Recipe, learn_scales: bool) -> Non
     if learn_scales:
         for n, p in plans.items():
             w = p.weights
-            if w is not None and w.format != "fp32" and not (isinstance(w.fmt, IntFormat) and w.symmetric and w.range == "minmax"):
+            if w is not None and w.format != "fp32" and not (w.fmt.step_is_scale and w.symmetric and w.range == "minmax"):
                 raise QcoreError(f"learned scales (LSQ) need symmetric integer weights with range minmax; layer {n!r} has "
                                  f"{w.format} {'symmetric' if w.symmetric else 'affine'} {w.range}: turn learned scales off")
 
@@ -192,12 +190,13 @@ class _Trainer:
         self.workload, self.recipe, self.learn_scales = workload, recipe, learn_scales
         self.model = copy.deepcopy(workload.folded[0]).eval()
         self.inputs: dict[str, _InputSTE] = {}
+        plans = recipe.resolve(workload.layer_shapes)
         for name, module in modules_by_name(self.model, workload.layers).items():
-            spec = recipe.plan(name).weights
+            spec = plans[name].weights
             if spec is not None and spec.format != "fp32":
                 q = _WeightLSQ(spec, module.weight) if learn_scales else _WeightSTE(spec)
                 parametrize.register_parametrization(module, "weight", q)
-            a = recipe.plan(name).activations
+            a = plans[name].activations
             if a is not None and a.format != "fp32" and workload.layers[name].kind != "Embedding":
                 self.inputs[name] = hook = _InputSTE(a, None, None)
                 module.register_forward_pre_hook(hook)
@@ -327,5 +326,5 @@ def finetune(workload: Workload, recipe: Recipe, config: QATConfig = QATConfig()
     if stopped in ("cancelled", "diverged"):
         message += f"; kept epoch {best_epoch}" + (" (the PTQ model)" if best_epoch == 0 else "")
     return QATResult(result, recipe, loss_name, config, history, best_epoch, stopped, message,
-                     workload.fp32_metrics, workload.evaluate(recipe)["quantized"]["metrics"], qat_metrics,
+                     workload.fp32_metrics, workload.evaluate(recipe).quantized.metrics, qat_metrics,
                      len(train), time.perf_counter() - start, notes + [f"best epoch (lowest calibration loss): {best_epoch}"])

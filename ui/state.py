@@ -1,6 +1,7 @@
-"""What the pages share: session-state keys, the active workload, and cached loaders / tables.
+"""What the pages share: the active workload, cached loaders / tables, the recipe in session and URL, the sweep
+with a progress bar, latencies. The session-state keys are spelled in ``ui.keys``.
 
-Not a page (``app.py`` lists the pages). Workloads are cached with ``st.cache_resource`` -- one
+Not a page (``ui.frame`` lists the pages). Workloads are cached with ``st.cache_resource`` -- one
 object per zoo model for every session, never modified (recipes are applied to copies by
 ``Workload.simulate``). Derived tables use ``st.cache_data`` keyed by the workload's ``key``
 (zoo name, or a digest of the uploaded bytes) with the workload itself passed unhashed.
@@ -8,6 +9,7 @@ object per zoo model for every session, never modified (recipes are applied to c
 
 from __future__ import annotations
 
+import hashlib
 
 import streamlit as st
 
@@ -16,23 +18,11 @@ from qcore import zoo
 from qcore.errors import QcoreError
 from qcore.recipe import PRESETS, Recipe
 from qcore.numerics.spec import TensorSpec
+from ui.keys import (EDITOR_VERSION, LAYERS_PARAM, LINK_READ, LINK_UPLOAD, MEASURED, MODEL_ERROR, PRESET_PARAM,
+                     RECIPE_UPLOAD_DIGEST, RECIPES, SOURCE, UPLOAD, UPLOAD_ERROR, UPLOAD_PARAM, UPLOAD_SOURCE, URL_ERROR,
+                     URL_RESTORED, USER_RECIPES, ZOO_NAME)
 from ui.text import plain
-from qcore.recipe.links import (LAYERS_PARAM, MAX_LAYERS_PARAM_CHARS, PRESET_PARAM, build_recipe, compact,  # noqa: F401
-                                decode_layers, encode_layers, recipe_hash, recipe_id)
-from qcore.recipe.table import (FLOAT_LAYER, INPUT_CHOICES, NEW_WEIGHTS, WEIGHT_CHOICES, WEIGHTS_HELP,  # noqa: F401
-                                apply_rows, drop_text, input_label, input_spec, table_rows, weight_choice_label)
-
-# ---- session-state keys (the only place they are spelled) ----------------------------------------
-SOURCE = "model_source"  # "zoo" | "upload"
-ZOO_NAME = "model"  # the zoo model chosen in the sidebar; also its URL query parameter (?model=...)
-LABEL_COLUMN = "label_column"  # CSV label column typed in the sidebar
-UPLOAD = "uploaded"  # {"key", "workload", "label"} of the last upload that loaded
-UPLOAD_ERROR = "upload_error"  # one-line message of the last upload that failed
-ZOO, UPLOAD_SOURCE = "zoo", "upload"
-UPLOAD_PARAM = "upload"  # ?upload=<first 16 hex of the upload's content_hash>: a link cannot carry the file itself
-LINK_READ = "link_model_read"  # the link's ?model= / ?upload= were read once this session
-MODEL_ERROR = "link_model_error"  # one-line message when the link names a model that is not in the zoo
-LINK_UPLOAD = "link_upload"  # the ?upload= hash a link asked for, until a file with that hash is loaded
+from qcore.recipe.links import build_recipe, compact, decode_layers, encode_layers, recipe_hash, recipe_id
 
 
 @st.cache_resource(show_spinner="Loading the model (minilm-l6 takes a few seconds)…", max_entries=4)
@@ -40,26 +30,13 @@ def zoo_workload(name: str):
     return zoo.load(name)
 
 
-def _through_app() -> None:
-    """Make sure app.py frames this run. With a ``pages/`` folder next to app.py, Streamlit runs a
-    requested page file on its own (its old "pages directory" mode) until some session has run
-    app.py's ``st.navigation`` -- e.g. when the first visitor of a fresh server opens a shared link
-    to a page. Leave that mode for the whole server and rerun, so the sidebar, the model and the
-    recipe from the link are there. (After app.py's ``st.navigation`` this is a no-op. Streamlit's
-    AppTest resets the mode before every run and a rerun would drop a clicked button, so under
-    AppTest a page after ``switch_page`` runs on its own, as before.)"""
-    from streamlit import config
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if PagesManager.uses_pages_directory and not config.get_option("global.appTest"):
-        PagesManager.uses_pages_directory = False
-        st.rerun()
-
-
 def active() -> tuple[str, object]:
     """``(key, workload)`` of the model every page shows: the loaded upload when the sidebar is on
-    "upload" and one loaded, else the chosen zoo model."""
-    _through_app()
+    "upload" and one loaded, else the chosen zoo model. A page calls it first: run without ``app.py`` (the
+    legacy ``pages/`` mode of a fresh server, see ``ui.frame.ensure``), it runs the app around the page instead."""
+    from ui import frame
+
+    frame.ensure()
     uploaded = st.session_state.get(UPLOAD)
     if st.session_state.get(SOURCE) == UPLOAD_SOURCE and uploaded:
         check_upload(uploaded["workload"])
@@ -173,13 +150,6 @@ def clipping_tradeoff(key: str, what: str, spec: dict, _x) -> dict:
 # One recipe per workload, kept as a preset name plus per-layer overrides (recipe.Recipe layer
 # entries, only for layers that differ from the preset). The same pair is the URL:
 # ?preset=int8-static&layers=<url-safe base64 of the overrides as compact JSON>.
-RECIPES = "recipes"  # {workload key: {"preset": str, "layers": {layer: override | None}}}
-URL_RESTORED = "url_recipe_restored"  # the link's recipe was read once this session
-URL_ERROR = "url_recipe_error"  # one-line message when the link's recipe could not be used
-EDITOR_VERSION = "recipe_editor_version"  # bumped when the recipe changes outside the table editor
-SWEEP = "sweep_settings"  # {"key", "candidates", "mode", "view"} of the last sweep the Sensitivity page ran
-USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated, searched or uploaded; see remember
-SEARCH = "search_result"  # {workload key: qcore.analysis.search.search result + "label" it is kept under}
 DEFAULT_PRESET = "int8-static"
 DEFAULT_CANDIDATES = ["int8-static", "int4-weight-only", "int2"]
 def current(key: str, w) -> tuple[str, dict, Recipe]:
@@ -222,6 +192,29 @@ def sync_url(key: str, w) -> None:
             params[param] = value
 
 
+MAX_RECIPE_BYTES = 2**20  # a recipe JSON larger than 1 MiB is refused unread
+
+
+def load_recipe_file(key: str, w, upload) -> str | None:
+    """Make the uploaded recipe JSON (a Streamlit ``UploadedFile``) the recipe of workload ``key``, keep it
+    among the user's recipes and rerun; the same file is read once. Returns the one-line reason when
+    it cannot be used (the recipe stays as it was), else ``None``."""
+    digest = hashlib.sha256(upload.getvalue()).hexdigest()
+    if st.session_state.get(RECIPE_UPLOAD_DIGEST) == digest:
+        return None
+    try:
+        if upload.size > MAX_RECIPE_BYTES:
+            raise QcoreError(f"{upload.name} is larger than 1 MiB; a recipe is a small JSON file")
+        loaded = Recipe.from_json(upload.getvalue())
+        loaded.check_against(w.layer_shapes)
+        set_current(key, w, *compact(w, loaded))
+        remember(key, w, loaded, f"uploaded: {upload.name}")
+    except QcoreError as e:
+        return str(e)
+    st.session_state[RECIPE_UPLOAD_DIGEST] = digest
+    st.rerun()
+
+
 def switch_page(page: str) -> None:
     """``st.switch_page`` keeping the recipe's query parameters. The model's (``?model=``) is bound to
     the sidebar's select box, which carries it over itself and may not be set by hand."""
@@ -238,7 +231,7 @@ def small(w) -> bool:
     return sum(i.params for i in w.layers.values()) <= SMALL_MODEL_WEIGHTS
 
 
-def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> dict:
+def sweep(w, candidates: list[str], mode: str = "both", view: str = "only"):
     """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar."""
     from qcore.analysis import sensitivity
 
@@ -252,7 +245,7 @@ def sweep(w, candidates: list[str], mode: str = "both", view: str = "only") -> d
 @st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)
 def evaluate(key: str, _w, recipe_json: str) -> dict:
     """``Workload.evaluate`` (measured), cached per workload and recipe."""
-    return _w.evaluate(Recipe.from_json(recipe_json))
+    return _w.evaluate(Recipe.from_json(recipe_json)).to_dict()
 
 
 def remember(key: str, w, recipe: Recipe, what: str) -> str:
@@ -269,7 +262,6 @@ def remember(key: str, w, recipe: Recipe, what: str) -> str:
 
 
 # ---- latency: measured by the runtime where it ran, a hardware-profile estimate elsewhere ---------
-MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
 LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": the recipe exported and timed with "
                 "ONNX Runtime on this machine (layers ONNX Runtime has no low-precision kernel for run in float on their "
                 "dequantized values; the source says how many). "
@@ -281,7 +273,7 @@ LATENCY_HELP = ("Latency of one sample (batch 1) in milliseconds. \"measured\": 
 def _roofline(key: str, _w, recipe_json: str, profile: str) -> dict:
     from qcore.analysis.roofline import roofline
 
-    return roofline(_w, Recipe.from_json(recipe_json), profile)
+    return roofline(_w, Recipe.from_json(recipe_json), profile).to_dict()
 
 
 def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict:
@@ -299,17 +291,17 @@ def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict
 
 
 def measure_latencies(key: str, w, recipes: dict) -> None:
-    """Time every recipe with ``runtime.bench`` (ONNX Runtime, this machine) and keep the results."""
-    from qcore.export import runtime
+    """Time every recipe with ``qcore.export.bench.bench`` (ONNX Runtime, this machine) and keep the results."""
+    from qcore.export.bench import bench
 
     measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
     bar = st.progress(0.0)
     for i, (label, recipe) in enumerate(recipes.items()):
         bar.progress(i / len(recipes), text=f"Timing {plain(label)} with ONNX Runtime ({i + 1}/{len(recipes)})…")
         if recipe_id(w, recipe) not in measured:
-            result = runtime.bench(w, recipe, batch_size=1)
-            in_float = sum(r["executes"] == "float (dequantized)" for r in result["layers"])
-            measured[recipe_id(w, recipe)] = {"latency_ms": result["quantized"]["latency_ms"]["median"],
+            result = bench(w, recipe, batch_size=1)
+            in_float = sum(r["executes"] == "float (dequantized)" for r in result.layers)
+            measured[recipe_id(w, recipe)] = {"latency_ms": result.quantized.latency_ms["median"],
                                             "source": "measured" + (f" ({in_float} layer(s) ran in float in ONNX Runtime)"
                                                                     if in_float else "")}
     bar.empty()

@@ -1,4 +1,4 @@
-"""An ``.onnx`` file (and the external weight file beside it) -> ``LoadedModel`` via ``onnx_import.convert``.
+"""An ``.onnx`` file (and the external weight file beside it) -> ``LoadedModel`` via ``convert.convert``.
 
 External data is the one way an ONNX file can make a loader read another file: any tensor -- an
 initializer, a sparse initializer, a Constant's ``value`` or any tensor attribute, in the main graph
@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from qcore.errors import QcoreError
-from qcore.io import onnx_import
 from qcore.limits import human_size, reading
 from qcore.io.models import InputSpec, LoadedModel
-from qcore.io.onnx_import import quoted
+from qcore.io.onnx.convert import convert, embedding_sizes, input_shapes
+from qcore.io.onnx.proto import all_tensors
+from qcore.model.onnx_graph import quoted
 
 SINGLE_FILE_HINT = "export a single file with torch.onnx.export(..., external_data=False)"
 _PLAIN_NAME = re.compile(r"[^/\\:\x00]+")  # no folder part, no drive, no NUL
@@ -81,7 +82,7 @@ def _load_external_data(proto, p: Path, limit: int) -> None:
     from onnx import TensorProto
 
     budget = limit - p.stat().st_size
-    for tensor, where in onnx_import.all_tensors(proto):
+    for tensor, where in all_tensors(proto):
         if tensor.data_location == TensorProto.EXTERNAL:
             tensor.raw_data = _external_bytes(tensor, where, p, budget, limit)
             budget -= len(tensor.raw_data)
@@ -98,9 +99,9 @@ def load_onnx_file(p: Path, limit: int) -> LoadedModel:
     _load_external_data(proto, p, limit)
     with reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
         onnx.checker.check_model(proto)
-    declared = onnx_import.input_shapes(proto)  # refuses absurd declared sizes before anything is built
-    model = onnx_import.convert(proto, limit)
-    vocab = onnx_import.embedding_sizes(proto)
+    declared = input_shapes(proto)  # refuses absurd declared sizes before anything is built
+    model = convert(proto, limit)
+    vocab = embedding_sizes(proto)
     specs, batch = [], 1
     for i, (name, dims, dtype) in enumerate(declared):
         if not dims:

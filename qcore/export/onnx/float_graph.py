@@ -1,0 +1,239 @@
+"""The FP32 ONNX graph the export edits, built once per workload, batch dimension dynamic.
+
+An uploaded ONNX model's own graph (``OnnxModule.source``; each layer's weight input replaced by the
+simulated model's weight, upgraded to opset 21 if older, checked at batch 1 and 8, a note if a Reshape
+fixes the batch); any other model's BatchNorm-folded copy (``workload.folded[0]``) exported with
+``torch.onnx.export(dynamo=True)`` at opset 21 (a ``.pt2`` program's unflattened module too), without the
+exporter's BatchNorm fusion when the simulation kept a BatchNorm. Inputs are named ``input_0..``, the
+first output ``output``; a Gemm with a constant weight becomes MatMul (+ Add), which ONNX Runtime fuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from qcore.errors import QcoreError
+from qcore.export.graph import GraphEditor
+from qcore.model.onnx_graph import OnnxModule
+
+OPSET = 21
+
+
+@dataclass
+class FloatGraph:
+    """The FP32 graph the export edits: ``proto`` (inputs ``input_0..``, output ``output``, batch
+    dimension dynamic), each layer's weight initializer as ``(name, stored transposed?)`` and notes."""
+
+    proto: onnx.ModelProto
+    weights: dict[str, tuple[str, bool]]
+    notes: list[str]
+
+
+_FLOAT_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def float_graph(workload) -> FloatGraph:
+    """The folded FP32 model as ONNX: an uploaded ONNX model's own graph (``_uploaded_graph``), any
+    other model exported with ``torch.onnx.export(dynamo=True)`` (``_exported_graph``). Built once
+    per workload; returns a fresh copy to edit."""
+    if workload not in _FLOAT_GRAPHS:
+        model = workload.folded[0]
+        modules = dict(model.named_modules())
+
+        def located(proto, names):
+            ed = GraphEditor(proto)
+            _gemm_to_matmul(ed)
+            ed.finish()
+            return {name: _weight_initializer(ed, name, modules[name].weight.detach().float().numpy(), names.get(name))
+                    for name in workload.layers}
+
+        if isinstance(model, OnnxModule):
+            proto, notes, names = _uploaded_graph(workload)
+            weights = located(proto, names)
+        else:
+            proto, notes = _exported_graph(workload, optimize=True), []
+            try:
+                weights = located(proto, {})
+            except QcoreError:  # the optimizer fused a BatchNorm the simulation keeps into a conv's weight
+                proto = _exported_graph(workload, optimize=False)
+                weights = located(proto, {})
+        _FLOAT_GRAPHS[workload] = (proto.SerializeToString(), weights, notes)
+    data, weights, notes = _FLOAT_GRAPHS[workload]
+    return FloatGraph(onnx.load_from_string(data), dict(weights), list(notes))
+
+
+def _exported_graph(workload, optimize: bool) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)`` of the folded model at opset 21, batch (and the sequence
+    length of token inputs) dynamic. ``optimize=False`` replaces the exporter's optimizer by constant
+    folding alone: its rewrite rules fuse a BatchNorm the simulation kept (one outside an
+    ``nn.Sequential``) into the conv's weight, and the file must hold the weights the simulation quantizes."""
+    import inspect
+
+    import onnx_ir.passes.common as ir_passes
+    import onnxscript.optimizer
+
+    model = workload.folded[0]
+    example = tuple(t[:2] for t in workload.calibration.inputs)
+    dims = tuple({0: torch.export.Dim.DYNAMIC, **({1: torch.export.Dim.DYNAMIC}
+                  if t.dim() == 2 and not t.is_floating_point() else {})} for t in example)
+    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+        dims = (dims,)  # forward(*args) (an unflattened .pt2 program): the inputs are one tuple argument
+    exporter_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" and similar chatter
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's own pytree deprecation inside export (it deep-copies TreeSpecs), not a call of ours
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            program = torch.onnx.export(model, example, dynamo=True, opset_version=OPSET, dynamic_shapes=dims,
+                                        verbose=False, optimize=optimize)
+    finally:
+        exporter_log.setLevel(level)
+    if not optimize:
+        onnxscript.optimizer.fold_constants(program.model)
+        onnxscript.optimizer.remove_unused_nodes(program.model)
+        ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(program.model)
+    proto = program.model_proto
+    ed = GraphEditor(proto)
+    _rename_io(ed)
+    ed.finish()
+    _strip(proto)
+    return proto
+
+
+def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
+    """An uploaded ONNX model's own graph (``OnnxModule.source``), each layer's weight input replaced
+    by the simulated model's weight (read in the node's orientation), its first output only, upgraded
+    to opset 21 if older, the batch dimension made dynamic and checked at batch 1 and 8. Returns
+    (graph, notes, each layer's weight initializer)."""
+    model = workload.folded[0]
+    proto = onnx.load_from_string(model.source)
+    ed = GraphEditor(proto)
+    modules = dict(model.named_modules())
+    names = {}
+    for name, src in model.layer_sources.items():
+        node = ed.nodes[src.node_index]
+        assert node.name == src.node_name, (node.name, src)
+        weight = modules[name].weight.detach().float().numpy()
+        names[name] = node.input[src.weight_input] = ed.const(
+            np.ascontiguousarray(weight.T if src.transposed else weight), f"{name}.weight")
+    del proto.graph.output[1:]  # the engine scores the first output
+    ed.prune()  # the source weights (and what folded them at import) are no longer read
+    for name, init in names.items():  # "fc.weight_1" -> "fc.weight" once the source's "fc.weight" is gone
+        if init != f"{name}.weight" and f"{name}.weight" not in ed.inits and ed.producer(f"{name}.weight") is None:
+            ed.rename_value(init, f"{name}.weight")
+            names[name] = f"{name}.weight"
+    weights = set(ed.inits)
+    for i in [i for i in proto.graph.input if i.name in weights]:  # initializers as inputs: constants
+        proto.graph.input.remove(i)
+    ed.finish()
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < OPSET:
+        from onnx import version_converter
+
+        try:
+            proto = version_converter.convert_version(proto, OPSET)
+        except Exception as e:  # noqa: BLE001 -- an operator without an adapter to opset 21
+            raise QcoreError(f"the uploaded ONNX model (opset {opset}) cannot be upgraded to opset {OPSET}, which "
+                             f"the quantized file needs ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             f"export it again with opset_version={OPSET}") from None
+    proto.ir_version = max(proto.ir_version, 10)  # INT4 / UINT4 initializers and opset 21 need IR 10
+    batch = "batch"
+    for v in [*(i for i in proto.graph.input), proto.graph.output[0]]:
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value"):
+            dims[0].dim_param = batch  # a oneof with dim_value: setting it clears the fixed size
+    ed = GraphEditor(proto)
+    _rename_io(ed)
+    ed.finish()
+    _strip(proto)
+    return proto, _batch_notes(proto, workload), names
+
+
+def _rename_io(ed: GraphEditor) -> None:
+    """Graph inputs -> ``input_0..``, the first output -> ``output`` (what ``runtime.feeds`` passes);
+    a value of the source graph already holding one of those names is renamed out of the way."""
+    graph = ed.graph
+    io = [i.name for i in graph.input if i.name not in ed.inits] + [graph.output[0].name]
+    targets = [f"input_{i}" for i in range(len(io) - 1)] + ["output"]
+    for k, name in enumerate(io):
+        ed.rename_value(name, f"__qcore_graph_io_{k}")
+    used = {n for node in ed.nodes for n in [*node.input, *node.output]} | set(ed.inits)
+    for k, target in enumerate(targets):
+        if target in used:
+            ed.rename_value(target, ed.fresh(f"{target}_source"))
+        ed.rename_value(f"__qcore_graph_io_{k}", target)
+
+
+def _strip(proto: onnx.ModelProto) -> None:
+    """Drop what is bytes, not model: exporter stack traces and module scopes, recorded shapes of values
+    the export rewrites (ONNX Runtime infers them), model metadata."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
+    del proto.metadata_props[:]
+
+
+def _batch_notes(proto: onnx.ModelProto, workload) -> list[str]:
+    """Run the float graph at batch 1 and 8 in ONNX Runtime; a note for each batch it does not run
+    (a Reshape or Expand in the source graph with the batch size written in)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    notes = []
+    for b in (1, 8):
+        feed = {f"input_{i}": t[torch.arange(b) % len(t)].numpy() for i, t in enumerate(workload.calibration.inputs)}
+        try:
+            out = sess.run(None, feed)[0]
+            problem = None if out.shape[:1] == (b,) else f"gives an output of shape {out.shape}"
+        except Exception as e:  # noqa: BLE001 -- ONNX Runtime's error for a shape the graph fixes
+            problem = f"fails ({str(e).splitlines()[0][:160]})"
+        if problem:
+            notes.append(f"the uploaded graph {problem} at batch {b}: it hard-codes the batch size (a Reshape or "
+                         "Expand with a fixed first dimension), so the file runs only the batch size it was "
+                         "exported with; export the source model with a dynamic batch dimension")
+    return notes
+
+
+def _gemm_to_matmul(ed: GraphEditor) -> None:
+    """Gemm(A, W, b; transB=1) with constant W -> MatMul(A, W^T) + b: ONNX Runtime fuses QDQ int8
+    MatMul (QLinearMatMul, MatMulIntegerToFloat) but not QDQ Gemm. W^T keeps W's initializer name."""
+    from onnx import numpy_helper
+
+    for node in list(ed.nodes):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in ed.inits or attrs.get("transA", 0)
+                or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue
+        w = node.input[1]
+        ed.inits[w].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(ed.array(w).T), w))
+        has_bias = len(node.input) > 2 and node.input[2]
+        out = ed.fresh(f"{node.output[0]}_matmul") if has_bias else node.output[0]
+        ed.replace(node, helper.make_node("MatMul", list(node.input[:2]), [out], name=node.name))
+        if has_bias:
+            ed.nodes.insert(ed.nodes.index(ed.producer(out)) + 1,
+                            helper.make_node("Add", [out, node.input[2]], list(node.output), name=node.name + "_bias"))
+
+
+def _weight_initializer(ed: GraphEditor, layer: str, weight: np.ndarray, known: str | None = None) -> tuple[str, bool]:
+    """(initializer name, stored transposed?) of ``layer``'s weight: ``known`` (an upload's), else by
+    parameter name, else by value."""
+    by_name = [known] if known else [f"{layer}.weight"] * (f"{layer}.weight" in ed.inits) + list(ed.inits)
+    for init_name in by_name:
+        a = ed.array(init_name)
+        if a.shape == weight.shape and np.array_equal(a, weight):
+            return init_name, False
+        if a.ndim == 2 and a.shape == weight.shape[::-1] and np.array_equal(a.T, weight):
+            return init_name, True
+    raise QcoreError(f"the ONNX export found no weight for layer {layer!r}; the exporter renamed or folded it")

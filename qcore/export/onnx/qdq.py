@@ -1,0 +1,162 @@
+"""``export_qdq(workload, recipe, path)``: the ONNX file whose graph *is* the simulation.
+
+The FP32 graph (``float_graph``) with each quantized layer's weight initializer replaced by what
+``quantize(weight, spec)`` returns (``weights``) and each quantized layer input given the simulation's
+input quantizer (``activations``) -- the engine's own numbers, never a float graph re-quantized by
+another tool.
+
+What ONNX Runtime then executes is read back from its optimized graph, not guessed: a layer is
+"int8 kernel" when its weight codes feed a fused integer op (QLinearConv, QLinearMatMul, QGemm, ...),
+"MatMulNBits" when it is one, else "float (dequantized)" with the reason (``policy.why_float``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import onnx
+from onnx import helper
+
+from qcore.export.graph import GraphEditor
+from qcore.export.onnx.activations import quantize_input
+from qcore.export.onnx.float_graph import OPSET, float_graph
+from qcore.export.onnx.weights import decode_weight, matmul_nbits, nbits_block, stored_bytes
+from qcore.export.policy import uses_matmul_nbits, why_float
+from qcore.model.simulate import input_quantizer, needs_calibration
+from qcore.numerics.formats import IntFormat
+from qcore.numerics.quantize import quantize
+from qcore.recipe import Recipe
+
+# Fused integer ops of ONNX Runtime's optimized graph, and what they mean for a layer
+_INT_KERNELS = {"QLinearConv": "int8 kernel", "QLinearMatMul": "int8 kernel", "QGemm": "int8 kernel",
+                "MatMulIntegerToFloat": "int8 kernel", "ConvInteger": "int8 kernel", "MatMulInteger": "int8 kernel",
+                "DynamicQuantizeMatMul": "int8 kernel", "MatMulNBits": "MatMulNBits",
+                "GatherBlockQuantized": "quantized Gather"}
+
+
+@dataclass
+class OnnxExport:
+    """An exported file and what each layer became.
+
+    path       : the .onnx file
+    size_bytes : its size on disk (os.path.getsize)
+    opset      : ONNX opset of the default domain
+    layers     : per quantizable layer ``{layer, kind, weights, activations, executes, reason, stored_bytes}``
+                 (executes: "int8 kernel" | "MatMulNBits" | "float (dequantized)" | "float";
+                 stored_bytes: {codes, scales, zero_points, other, total} of its weight's initializers)
+    notes      : file-level remarks (containers wider than the format, ...)
+    """
+
+    path: str
+    size_bytes: int
+    opset: int
+    layers: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _compute_node(ed, weight_value: str):
+    """The Gemm / MatMul / Conv / Gather reading ``weight_value`` (through a Transpose if any)."""
+    for node in ed.consumers(weight_value):
+        if node.op_type == "Transpose":
+            return _compute_node(ed, node.output[0])
+        if node.op_type in ("Gemm", "MatMul", "Conv", "Gather"):
+            return node
+    return None
+
+
+def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
+    """Write ``workload``'s model under ``recipe`` to ``path`` as ONNX holding exactly the simulated
+    model (see the module docstring); returns what was written and what ONNX Runtime executes."""
+    plans = recipe.resolve(workload.layer_shapes)
+    calib = workload.calibration_stats() if needs_calibration(recipe, workload.layers) else None
+    graph = float_graph(workload)
+    proto = graph.proto
+    ed = GraphEditor(proto)
+    modules = dict(workload.folded[0].named_modules())
+    rows, notes, codes_of = [], list(graph.notes), {}
+    for name, info in workload.layers.items():
+        plan = plans[name]
+        weight = modules[name].weight.detach().float()
+        init, transposed = graph.weights[name]
+        node = _compute_node(ed, init)
+        row = {"layer": name, "kind": info.kind, "weights": "fp32", "activations": "fp32", "executes": "float",
+               "reason": "kept in FP32 by the recipe"}
+        iq = input_quantizer(name, info.kind, plan.activations, calib)
+        data_input = None if node is None or node.op_type == "Gather" else 0
+        if iq is not None and data_input is not None:
+            new_input, row["activations"] = quantize_input(ed, node.input[data_input], iq, node)
+            node.input[data_input] = new_input
+        elif plan.activations is not None and info.kind != "Embedding" and plan.activations.format != "fp32":
+            row["activations"] = "fp32 (layer not reached by the calibration data: the simulation leaves it float)"
+        w = plan.weights
+        before_weight = set(ed.inits)
+        if w is not None and w.format != "fp32":
+            q = quantize(weight, w)
+            # a Linear as MatMul(A, W^T) reading the weight directly
+            nbits_ok = (node is not None and node.op_type == "MatMul" and transposed and node.input[1] == init
+                        and uses_matmul_nbits(w, iq))
+            block = nbits_block(q, weight.shape[1]) if nbits_ok else None
+            ed.drop_initializer(init)
+            if block is not None:
+                new, bits = matmul_nbits(ed, q, node.input[0], None, node.output[0], node, block)
+                ed.replace(node, new)
+                row["weights"] = f"{w.format} codes packed in MatMulNBits (bits={bits}, block_size={block})"
+                codes_of[name] = new.input[1]
+            elif isinstance(w.fmt, IntFormat):  # DequantizeLinear reads transposed codes directly
+                row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), init, transposed)
+            else:
+                out = ed.fresh(f"{init}_dequantized") if transposed else init
+                row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), out)
+                if transposed:
+                    ed.node("Transpose", [out], "w", output=init, perm=[1, 0])
+            if isinstance(w.fmt, IntFormat) and w.fmt.bits not in (4, 8, 16) and block is None:
+                notes.append(f"{name}: {w.format} codes are stored in a {'4' if w.fmt.bits < 4 else '8'}-bit "
+                             "container (ONNX has no narrower integer type), so the file is larger than the "
+                             "theoretical size")
+        row["stored_bytes"] = stored_bytes(ed, set(ed.inits) - before_weight) if set(ed.inits) - before_weight \
+            else {"codes": weight.numel() * 4, "scales": 0, "zero_points": 0, "other": 0, "total": weight.numel() * 4}
+        rows.append(row)
+    ed.finish()
+    opset = max([OPSET] + [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")])
+    others = [o for o in proto.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft")]
+    del proto.opset_import[:]
+    proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1), *others])
+    onnx.save(proto, path)
+    _executes(path, rows, codes_of, plans)
+    return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
+
+
+
+# ---- what ONNX Runtime makes of it -----------------------------------------------------------------
+def _executes(path: str, rows: list[dict], codes_of: dict[str, str], plans) -> None:
+    """Fill ``executes``/``reason`` of each row from ONNX Runtime's optimized graph of ``path``."""
+    import onnxruntime as ort
+
+    if not codes_of:  # nothing quantized: nothing for ONNX Runtime to fuse
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        opts.log_severity_level = 3
+        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath)
+    ops_reading = {}
+    for node in optimized.graph.node:
+        for i in node.input:
+            ops_reading.setdefault(i, []).append(node.op_type)
+    for row in rows:
+        codes = codes_of.get(row["layer"])
+        if codes is None:
+            continue
+        kernels = [_INT_KERNELS[op] for op in ops_reading.get(codes, []) if op in _INT_KERNELS]
+        if kernels:
+            row["executes"], row["reason"] = kernels[0], ""
+            continue
+        row["executes"] = "float (dequantized)"
+        row["reason"] = why_float(plans[row["layer"]], row["kind"])

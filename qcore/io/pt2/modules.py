@@ -1,0 +1,75 @@
+"""An unflattened ``.pt2`` program given back the module types BatchNorm folding and layer discovery look for."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)  # aten.convNd(input, weight, bias, stride, padding, dilation, groups)
+
+
+def _as_torch_module(leaf: nn.Module) -> nn.Module | None:
+    """An unflattened leaf whose graph is one ``aten.conv1d/2d`` or inference ``aten.batch_norm`` call on
+    its own parameters, rebuilt as the ``nn.Conv1d/2d`` / ``nn.BatchNorm1d/2d`` it was (same tensors)."""
+    graph = getattr(leaf, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or next(leaf.children(), None) is not None:
+        return None
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if len(calls) != 1 or len(placeholders) != 1 or output.args[0] is not calls[0] or calls[0].kwargs:
+        return None
+    call, target = calls[0], str(calls[0].target)
+
+    def value(a):
+        return getattr(leaf, a.target) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else a
+    args = [value(a) for a in call.args]
+    if args[0] is not placeholders[0] or not all(isinstance(a, (torch.Tensor, int, float, bool, list, tuple, type(None)))
+                                                 for a in args[1:]):
+        return None
+    rank = {"aten.conv1d.default": 1, "aten.conv2d.default": 2}.get(target)
+    if rank is not None:
+        _, w, bias, stride, padding, dilation, groups = args + list(_CONV_DEFAULTS[len(args):])
+        module = (nn.Conv1d if rank == 1 else nn.Conv2d)(
+            w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding, dilation=dilation,
+            groups=groups, bias=bias is not None)
+        state = {"weight": w} if bias is None else {"weight": w, "bias": bias}
+    elif target == "aten.batch_norm.default" and len(args) >= 8 and args[5] is False and all(
+            isinstance(t, torch.Tensor) for t in args[1:5]):
+        gamma, beta, mean, var = args[1:5]
+        module = nn.BatchNorm2d(len(mean), eps=args[7], momentum=args[6])
+        state = {"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var}
+    else:
+        return None
+    module.load_state_dict(state, strict=False)
+    return module.eval()
+
+
+def _is_chain(module: nn.Module) -> bool:
+    """True if ``module``'s graph calls its children once each, in order, each on the previous output."""
+    graph, names = getattr(module, "graph", None), list(module._modules)
+    if not isinstance(graph, torch.fx.Graph) or not names:
+        return False
+    nodes = list(graph.nodes)
+    if [n.op for n in nodes] != ["placeholder"] + ["call_module"] * len(names) + ["output"]:
+        return False
+    calls = nodes[1:-1]
+    return ([n.target for n in calls] == names and all(n.args == (prev,) and not n.kwargs for prev, n in zip(nodes, calls))
+            and nodes[-1].args[0] is calls[-1])
+
+
+def restore_module_types(root: nn.Module) -> None:
+    """Give an unflattened program back the module types BatchNorm folding looks for: Conv and BatchNorm
+    leaves become ``nn.Conv*d`` / ``nn.BatchNorm2d``, and a container that just chains its children becomes
+    an ``nn.Sequential`` -- so a ``.pt2`` CNN is folded exactly like the source model."""
+    deepest_first = sorted(root.named_modules(), key=lambda item: -len(item[0].split(".")) if item[0] else 0)
+    for _, parent in deepest_first:
+        for name, child in list(parent.named_children()):
+            restored = _as_torch_module(child)
+            if restored is None and _is_chain(child) and child is not root:
+                restored = nn.Sequential(OrderedDict(child._modules))
+            if restored is not None:
+                setattr(parent, name, restored)
