@@ -134,7 +134,7 @@ def test_same_seed_same_weights_other_seed_other_weights(digits_mlp):
 def test_qat_onnx_runs_in_onnxruntime_like_the_engine(digits_mlp, tmp_path):
     import onnxruntime as ort
 
-    from qcore.export.runtime import export
+    from qcore.export import export
 
     recipe = per_channel("int4")
     r = finetune(digits_mlp, recipe, QATConfig(epochs=1))
