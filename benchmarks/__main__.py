@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["quality", "sensitivity", "runtime", "interactivity", "memory"]
+BENCHMARKS = ["quality", "sensitivity", "runtime", "interactivity", "memory", "qat"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 

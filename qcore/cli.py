@@ -13,17 +13,15 @@ are; after an internal bug (a traceback, exit code 1) all are, before the traceb
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import re
 import sys
-import sysconfig
 import warnings
 from pathlib import Path
 
 from qcore.errors import QcoreError
+from qcore.quiet import chatter, show_warnings, torch_logs_held_back
 
 MAX_BATCH_SIZE = 65536  # bench --batch-size (it is clamped to the evaluation set anyway)
 MAX_ERROR_CHARS = 1000  # an error line is cut here
@@ -143,8 +141,18 @@ def cmd_inspect(args):
     return result, text + "".join(f"\nnote: {n}" for n in w.notes)
 
 
+def _finetuned(args, w):
+    """The workload itself, or with --weights the fine-tuned weights `qat --out` wrote for it."""
+    if not getattr(args, "weights", None):
+        return w
+    from qcore.training import load_finetuned
+
+    return load_finetuned(w, args.weights)
+
+
 def cmd_evaluate(args):
     w, recipe = _workload_and_recipe(args)
+    w = _finetuned(args, w)
     r = w.evaluate(recipe)
     lines = [f"model {r.model}  recipe {r.recipe['name']}  headline metric: {r.metric}"]
     keys = [k for k, v in r.quantized.metrics.items() if isinstance(v, float)]
@@ -231,7 +239,7 @@ def cmd_export(args):
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
-    rep = export(w, recipe, args.format, args.out)
+    rep = export(_finetuned(args, w), recipe, args.format, args.out)
     return rep.to_dict(), "\n".join([f"wrote {rep.path}"] + rep.summary_lines())
 
 
@@ -261,6 +269,7 @@ def _add_sweep_commands(command):
     c = command("export", cmd_export, "export a model under a recipe (onnx or safetensors)", model=True, recipe=True, data=True)
     c.add_argument("--format", required=True, choices=["onnx", "safetensors"])
     c.add_argument("--out", required=True, help="output file path")
+    c.add_argument("--weights", help="fine-tuned weights written by `qat --out DIR` (DIR/weights.safetensors)")
     c = command("bench", cmd_bench, "measure size, latency and metric in a real runtime", model=True, recipe=True, data=True)
     c.add_argument("--batch-size", type=_count(MAX_BATCH_SIZE), default=8)
     cores = os.cpu_count() or 1
@@ -293,69 +302,73 @@ def build_parser() -> argparse.ArgumentParser:
     command("formats", cmd_formats, "every number format with bits, min/max and smallest step near zero")
     command("models", cmd_models, "the model zoo with parameters, FP32 size and FP32 metric")
     command("inspect", cmd_inspect, "quantizable layers of a model with weight statistics", model=True, data=True)
-    command("evaluate", cmd_evaluate, "metrics and size of a model under a preset or recipe",
-            model=True, recipe=True, data=True)
+    c = command("evaluate", cmd_evaluate, "metrics and size of a model under a preset or recipe",
+                model=True, recipe=True, data=True)
+    c.add_argument("--weights", help="fine-tuned weights written by `qat --out DIR` (DIR/weights.safetensors)")
     for extra in _EXTRA_COMMANDS:
         extra(command)
     return p
 
 
 # Functions that add more commands: each gets command(...) and adds arguments to what it returns.
-_EXTRA_COMMANDS: list = [_add_sweep_commands]
+def cmd_qat(args):
+    from qcore.training import QATConfig, finetune, save
+
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise QcoreError(f"--out {args.out[:200]!r} exists and is not a directory; give a directory for the weights and recipe")
+    w, recipe = _workload_and_recipe(args)
+    config = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, loss=args.loss, seed=args.seed,
+                       patience=args.patience, learn_scales=args.learn_scales)
+    progress = _progress(args)
+    r = finetune(w, recipe, config, progress=(lambda f, row: progress(f, f"epoch {row.epoch}" if row else "")) if progress else None)
+    if progress:
+        print(file=sys.stderr)
+    result = r.to_dict()
+    if args.out:
+        result["files"] = save(r.workload, w, recipe, args.out)
+    head = r.metric
+    rows = [{"": name, head: m[head], **{k: m[k] for k in ("agreement", "sqnr_db") if k in m and k != head}}
+            for name, m in (("fp32", r.fp32_metrics), ("ptq", r.ptq_metrics), ("qat", r.qat_metrics))]
+    lines = [f"model {w.name}  recipe {recipe.name}  loss {r.loss}  {r.message} in {r.seconds:.1f} s; best epoch {r.best_epoch}",
+             _table(rows), "per epoch (epoch 0 = PTQ):",
+             _table([{"epoch": h.epoch, "train_loss": h.train_loss, "calibration_loss": h.calibration_loss, head: h.metric}
+                     for h in r.history])]
+    lines += [f"note: {n}" for n in r.notes]
+    if args.out:
+        lines.append(f"wrote {result['files']['weights']} and {result['files']['recipe']}; reproduce with: python -m qcore "
+                     f"evaluate {args.model} --recipe {result['files']['recipe']} --weights {result['files']['weights']}")
+    return result, "\n".join(lines)
 
 
-class LibraryLog(UserWarning):
-    """A log record of torch's, held back like a warning while a command runs (see the module docstring)."""
+def _add_qat_command(command):
+    c = command("qat", cmd_qat, "quantization-aware training: fine-tune under a recipe, compare FP32, PTQ and QAT",
+                model=True, recipe=True, data=True)
+    c.add_argument("--epochs", type=_count(1000), default=5)
+    c.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant)")
+    c.add_argument("--batch-size", type=_count(MAX_BATCH_SIZE), default=64)
+    c.add_argument("--loss", default="auto", choices=["auto", "cross_entropy", "distillation"],
+                   help="auto: cross-entropy where the data has labels, else distillation to the FP32 outputs")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--patience", type=_count(1000), default=3, help="epochs without a better calibration loss before stopping")
+    c.add_argument("--learn-scales", action="store_true", help="LSQ: learn the weights' step sizes too")
+    c.add_argument("--out", help="directory for weights.safetensors and recipe.json")
 
 
-class _AsWarning(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        warnings.warn_explicit(f"{record.levelname} {record.name}: {record.getMessage()}", LibraryLog,
-                               record.pathname, record.lineno)
-
-
-@contextlib.contextmanager
-def _torch_logs_held_back():
-    """While a command runs, every torch logger with its own stderr handler (torch._logging gives one to
-    torch, torch.onnx, torch.export, torch._export.*, ...) logs into the warning record instead. Other
-    handlers (the TORCH_TRACE file handler) are left alone."""
-    import torch  # noqa: F401 -- its loggers and their stderr handlers exist once it is imported
-
-    handler, saved = _AsWarning(), {}
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch.")) and logger.handlers \
-                and all(type(h) is logging.StreamHandler for h in logger.handlers):
-            saved[logger] = logger.handlers
-            logger.handlers = [handler]
-    try:
-        yield
-    finally:
-        for logger, handlers in saved.items():
-            logger.handlers = handlers
-
-
-_LIBRARY_DIRS = tuple({sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")})
-
-
-def _chatter(w: warnings.WarningMessage) -> bool:
-    """Library chatter: torch's log lines, and deprecations raised inside installed packages or the standard
-    library (where torch.export's pytree FutureWarnings point: copyreg), which the user cannot act on."""
-    return issubclass(w.category, LibraryLog) or (
-        issubclass(w.category, (FutureWarning, DeprecationWarning)) and str(w.filename).startswith(_LIBRARY_DIRS))
+_EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command]
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # held back: a failure prints only its one line, a success no library chatter
-    with warnings.catch_warnings(record=True) as caught, _torch_logs_held_back():
+    with warnings.catch_warnings(record=True) as caught, torch_logs_held_back():
         try:
             result, text = args.func(args)
         except QcoreError as e:
             return _fail(str(e))
         except (MemoryError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and not _OUT_OF_MEMORY.search(str(e)):
-                _show_warnings(caught)
+                show_warnings(caught)
                 raise
             asked = re.search(r"tried to allocate (\d+) bytes", str(e))
             size = f" (it tried to allocate {int(asked[1]) / 2**30:.1f} GiB)" if asked else ""
@@ -364,14 +377,8 @@ def main(argv=None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
         except BaseException:  # an internal bug: its traceback follows, after the warnings that may explain it
-            _show_warnings(caught)
+            show_warnings(caught)
             raise
-    _show_warnings([w for w in caught if not _chatter(w)])
+    show_warnings([w for w in caught if not chatter(w)])
     print(json.dumps(result, indent=2) if args.json else text)
     return 0
-
-
-def _show_warnings(caught: list) -> None:
-    """Print warnings recorded by ``warnings.catch_warnings(record=True)`` to stderr, as Python would have."""
-    for w in caught:
-        print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line), end="", file=sys.stderr)

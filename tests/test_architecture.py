@@ -21,6 +21,7 @@ ALLOWED = {
     "analysis": {"model", "recipe", "numerics", "errors", "limits", "hardware", "zoo"},
     "export": {"model", "recipe", "numerics", "errors", "limits", "hardware", "zoo"},
     "figures": set(),
+    "training": {"model", "recipe", "numerics", "errors", "zoo"},
     "zoo": {"model", "numerics", "errors"},
 }
 EXCEPTIONS = {  # module -> extra allowed imports, each with its reason

@@ -35,7 +35,7 @@ EVIL = "[click](http://evil/a) ![img](http://evil/x.png) <b>bold</b> :red[r] :ma
 EVIL_FILE = "[c](https:evil.com) <b>b <img src=x onerror=alert(1)> www.evil.com.onnx"  # no "/" in a file name
 # what must never reach a Markdown call unescaped (each is a live link, image, tag or directive when rendered)
 RAW = ["](http", "![", "<b>", ":red[", ":material/", "www.evil", "](https"]
-PAGES = ["model", "formats", "weights", "activations", "sensitivity", "mixed_precision", "tradeoffs", "export"]
+PAGES = ["model", "formats", "weights", "activations", "sensitivity", "mixed_precision", "tradeoffs", "qat", "export"]
 
 
 def visible(markdown: str) -> str:

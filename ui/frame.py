@@ -46,6 +46,7 @@ def pages() -> list:
         st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/troubleshoot:"),
         st.Page("pages/mixed_precision.py", title="Mixed precision", icon=":material/tune:"),
         st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
+        st.Page("pages/qat.py", title="QAT", icon=":material/model_training:"),
         st.Page("pages/export.py", title="Export", icon=":material/download:"),
         # The home page's address is "/" (its url_path only has to differ from "model"); its file is model.py, so
         # a link to /model goes home instead of to "page not found".

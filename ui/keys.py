@@ -30,6 +30,7 @@ USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated,
 SEARCH = "search_result"  # {workload key: qcore.analysis.search.search result + "label" it is kept under}
 MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
 RECIPE_UPLOAD_DIGEST = "mp_upload_digest"  # sha256 of the recipe JSON the Mixed precision page loaded last
+QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished on the QAT page this session
 MEASURED_RECIPE = "mp_measured"  # {"recipe": JSON, "result": Workload.evaluate} of the last "Evaluate" click
 
 

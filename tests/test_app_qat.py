@@ -1,0 +1,59 @@
+"""The QAT page under AppTest: a short run from the page shows the engine's numbers, and the same inputs are
+never trained twice in one session."""
+
+import pytest
+import torch
+from test_app import metrics, open_app, visit, zoo_models  # noqa: F401 -- zoo_models is a fixture
+
+import qcore.training
+from ui import keys
+from qcore.recipe.links import build_recipe
+from qcore.training import QATConfig, finetune
+from ui.text import plain
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypatch):  # noqa: F811
+    calls = []
+    monkeypatch.setattr(qcore.training, "finetune", lambda *a, **k: calls.append(1) or finetune(*a, **k))
+    at = open_app("digits-mlp")
+    int2 = {"weights": {"format": "int2", "granularity": "per_channel", "symmetric": True}}  # PTQ loses ~26 points here
+    at.session_state[keys.RECIPES] = {"zoo:digits-mlp": {"preset": "int8-weight-only", "layers": {n: int2 for n in ("fc1", "fc2", "fc3")}}}
+    visit(at, "qat")
+    at.number_input(key="qat_epochs").set_value(2)
+    at.run()
+    at.button(key="qat_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+
+    w = zoo_models[0]["digits-mlp"]
+    recipe = build_recipe(w, "int8-weight-only", {n: int2 for n in ("fc1", "fc2", "fc3")})
+    assert at.selectbox(key="qat_recipe:zoo:digits-mlp").value.startswith("yours")  # the current recipe by default
+    r = finetune(w, recipe, QATConfig(epochs=2, lr=1e-3))
+    assert r.best_epoch > 0 and r.qat_metrics["accuracy"] != r.ptq_metrics["accuracy"]  # QAT changed the model
+    shown = metrics(at)
+    assert shown["FP32 accuracy"] == f"{w.fp32_metrics['accuracy']:.4f}"
+    assert shown["PTQ accuracy"] == f"{r.ptq_metrics['accuracy']:.4f}"
+    assert shown["QAT accuracy"] == f"{r.qat_metrics['accuracy']:.4f}"
+    assert plain("Loss: cross-entropy") in at.success[0].value and plain("digits training split") in at.success[0].value
+
+    at.run()  # same inputs again: the kept result, no second run, no Run button
+    assert calls == [1] and not [b for b in at.button if b.key == "qat_run"]
+    assert metrics(at)["QAT accuracy"] == f"{r.qat_metrics['accuracy']:.4f}"
+    assert any("Already trained" in c.value for c in at.caption)
+
+
+def test_qat_page_cancel_and_all_float_recipe(zoo_models):  # noqa: F811
+    at = open_app("digits-mlp")
+    at.session_state[keys.RECIPES] = {"zoo:digits-mlp": {"preset": "fp32", "layers": {}}}
+    visit(at, "qat")
+    at.button(key="qat_cancel").click().run()
+    assert "Cancelled" in at.info[0].value and not at.metric  # nothing ran, nothing shown
+    at.button(key="qat_run").click().run()  # the current recipe keeps every layer in float: one error box
+    assert len(at.error) == 1 and plain("keeps every layer in float") in at.error[0].value and not at.metric
