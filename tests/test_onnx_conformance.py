@@ -86,8 +86,10 @@ CASES = {c.name: c for c in _cases()}
 
 
 def _data_sets(case):
-    """(inputs, outputs) lists of numpy arrays (some cases store TensorProtos to keep their element type)."""
-    array = lambda v: numpy_helper.to_array(v) if isinstance(v, TensorProto) else v
+    """(inputs, outputs) lists of numpy arrays (some cases store TensorProtos to keep their element type,
+    scalars as numpy scalars: rank-0 inputs)."""
+    array = lambda v: (numpy_helper.to_array(v) if isinstance(v, TensorProto) else
+                       np.asarray(v) if isinstance(v, np.generic) else v)
     return [([array(v) for v in inputs], [array(v) for v in outputs]) for inputs, outputs in case.data_sets]
 
 
