@@ -313,7 +313,8 @@ def _resize_axis(x, axis: int, out_n: int, scale: float, a) -> torch.Tensor:
     i = torch.arange(out_n, dtype=torch.float64)
     length = scale * n  # the real-valued output length, as the ONNX reference uses it
     if mode == "align_corners":
-        src = i * (n - 1) / (length - 1) if length != 1 else torch.zeros_like(i)
+        # the integer output length, as onnxruntime and torch use it (ONNX's reference uses scale * n)
+        src = i * (n - 1) / (out_n - 1) if out_n != 1 else torch.zeros_like(i)
     elif mode == "asymmetric":
         src = i / scale
     elif mode == "pytorch_half_pixel":
