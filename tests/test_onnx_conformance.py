@@ -60,9 +60,9 @@ KNOWN = {
        for s in ("scales_cubic", "scales_linear", "sizes_cubic", "sizes_linear")},
     **{f"test_resize_tf_crop_and_resize{s}": "Resize's tf_crop_and_resize (roi) mode is refused"
        for s in ("", "_axes_2_3", "_axes_3_2", "_extrapolation_value")},
-    "test_resize_downsample_scales_linear_align_corners": (
+    **{f"test_resize_downsample_scales_{m}_align_corners": (
         "align_corners with a non-integer output length (scale 0.6): ONNX's reference divides by scale * n - 1, "
-        "onnxruntime and torch by the integer size - 1, which the importer follows (onnxruntime gives [1, 4])"),
+        "onnxruntime and torch by the integer size - 1, which the importer follows") for m in ("linear", "cubic")},
     **{n: "ReduceMax/Min over an empty axis (ONNX: -inf/+inf; torch refuses)" for n in (
         "test_reduce_max_empty_set", "test_reduce_max_empty_set_bool", "test_reduce_min_empty_set")},
 }
