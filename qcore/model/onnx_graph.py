@@ -1,7 +1,8 @@
 """An ONNX graph as an ``nn.Module``: ``OnnxModule`` runs the nodes in the file's order.
 
 Quantization finds layers by module type, so the weighted nodes are real modules (``nn.Linear``,
-``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, named by their source module paths) and every other node
+``nn.Conv1d``/``nn.Conv2d``, ``nn.ConvTranspose1d``/``2d``, ``nn.Embedding``, ``OnnxLSTM``/``OnnxGRU``, named
+by their source module paths) and every other node
 a ``Step`` running a torch function of ``qcore.model.onnx_ops.OPS``. The source graph's other weights
 (LayerNorm's scale and bias, ...) are parameters, so the module counts what the source model counts;
 the module keeps the source graph and each layer's place in it (``LayerSource``), which
