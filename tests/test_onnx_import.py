@@ -220,3 +220,139 @@ def test_output_sizes_match_running_the_operator(case):
     if op in ("Concat", "Tile", "Range"):
         real = [((math.prod(shape),), size) for shape, size in real]
     assert got == real
+
+
+# ---- operator families real models use, against onnxruntime on the same inputs ------------------------
+def _model(nodes, inputs: dict, outputs: list[str], consts: dict | None = None, opset=17, subgraphs=()):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                     for k, v in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in (consts or {}).items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _branch(name, node_list, outputs):
+    return helper.make_graph(node_list, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                    for o in outputs])
+
+
+def _agree(model, inputs: dict, atol=1e-5):
+    """All outputs of our module equal onnxruntime's (shape and values); returns the module."""
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, inputs)
+    module = convert(model)
+    got = outputs(module.run, *(torch.from_numpy(np.asarray(v)) for v in inputs.values()))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and np.abs(g.numpy() - e).max() <= atol, (g.shape, e.shape)
+    return module
+
+
+H, I, T, B = 5, 4, 6, 3
+SEQ = rng.standard_normal((T, B, I)).astype(np.float32)
+
+
+def _rnn_weights(gates, dirs, peepholes=False):
+    w = {"W": rng.standard_normal((dirs, gates * H, I)).astype(np.float32) * 0.5,
+         "R": rng.standard_normal((dirs, gates * H, H)).astype(np.float32) * 0.5,
+         "B": rng.standard_normal((dirs, 2 * gates * H)).astype(np.float32) * 0.5}
+    if peepholes:
+        w["P"] = rng.standard_normal((dirs, 3 * H)).astype(np.float32)
+    return w
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_lstm_is_a_layer_and_agrees_with_onnxruntime(direction):
+    from qcore.model.onnx_graph import OnnxLSTM
+
+    dirs = 2 if direction == "bidirectional" else 1
+    w = _rnn_weights(4, dirs, peepholes=True)
+    state = {"h0": rng.standard_normal((dirs, B, H)).astype(np.float32),
+             "c0": rng.standard_normal((dirs, B, H)).astype(np.float32)}
+    node = helper.make_node("LSTM", ["x", "W", "R", "B", "lens", "h0", "c0", "P"], ["y", "yh", "yc"],
+                            hidden_size=H, direction=direction)
+    model = _model([node], {"x": SEQ, "lens": np.array([6, 3, 1], np.int32), **state}, ["y", "yh", "yc"], w)
+    module = _agree(model, {"x": SEQ, "lens": np.array([6, 3, 1], np.int32), **state})
+    (lstm,) = [m for m in module.modules() if isinstance(m, OnnxLSTM)]
+    assert lstm.weight_ih.shape == (dirs, 4 * H, I) and torch.equal(lstm.weight_hh, torch.from_numpy(w["R"]))
+
+
+@pytest.mark.parametrize("linear_before_reset", [0, 1])
+def test_gru_agrees_with_onnxruntime(linear_before_reset):
+    w = _rnn_weights(3, 2)
+    node = helper.make_node("GRU", ["x", "W", "R", "B"], ["y", "yh"], hidden_size=H, direction="bidirectional",
+                            linear_before_reset=linear_before_reset)
+    _agree(_model([node], {"x": SEQ}, ["y", "yh"], w), {"x": SEQ})
+
+
+def test_if_with_a_constant_condition_is_inlined_and_a_run_time_one_runs_its_branch():
+    then = _branch("then", [helper.make_node("Mul", ["x", "two"], ["t"])], ["t"])
+    other = _branch("else", [helper.make_node("Neg", ["x"], ["e"])], ["e"])
+    two = {"two": np.float32(2) * np.ones(1, np.float32)}
+    const = _model([helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(False))),
+                    helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                   {"x": X}, ["y"], two)
+    module = _agree(const, {"x": X})
+    assert [s.op for s in module.steps] == ["Neg", "Identity"]  # the else branch, inlined (and named y)
+    # Data-dependent: the sign of x's sum picks the branch at run time (both outcomes checked).
+    dynamic = _model([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+                      helper.make_node("Greater", ["s", "zero"], ["c"]),
+                      helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                     {"x": X}, ["y"], {**two, "zero": np.zeros((), np.float32)})
+    for x in (np.abs(X), -np.abs(X)):
+        _agree(dynamic, {"x": x})
+
+
+@pytest.mark.parametrize("mode, coordinates, scales", [
+    ("nearest", "asymmetric", [1, 1, 2, 1.5]), ("nearest", "half_pixel", [1, 1, 0.6, 0.5]),
+    ("linear", "half_pixel", [1, 1, 2, 1.5]), ("linear", "align_corners", [1, 1, 1.7, 0.5]),
+    ("linear", "pytorch_half_pixel", [1, 1, 0.2, 3]), ("cubic", "half_pixel", [1, 1, 1.5, 0.75]),
+])
+def test_resize_agrees_with_onnxruntime(mode, coordinates, scales):
+    node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode=mode, coordinate_transformation_mode=coordinates)
+    _agree(_model([node], {"x": X}, ["y"], {"s": np.array(scales, np.float32)}), {"x": X})
+
+
+def test_resize_to_sizes_read_at_run_time():
+    """sizes from a graph input: the output shape is decided at run time (and checked against the bound)."""
+    node = helper.make_node("Resize", ["x", "", "", "sz"], ["y"], mode="linear")
+    _agree(_model([node], {"x": X, "sz": np.array([2, 3, 9, 4], np.int64)}, ["y"]),
+           {"x": X, "sz": np.array([2, 3, 9, 4], np.int64)})
+    with pytest.raises(QcoreError, match="'Resize' .* would create a tensor above 2.0 GiB at run time"):
+        outputs(convert(_model([node], {"x": X, "sz": np.array([2, 3, 9, 4], np.int64)}, ["y"])),
+                torch.from_numpy(X), torch.tensor([2, 3, 10**5, 10**5]))
+
+
+@pytest.mark.parametrize("pads, output_padding, strides", [
+    ([1, 1, 1, 1], [0, 0], [2, 2]), ([0, 2, 1, 0], [1, 0], [2, 3]), ([0, 0, 0, 0], [1, 1], [2, 2])])
+def test_conv_transpose_is_a_layer_and_agrees_with_onnxruntime(pads, output_padding, strides):
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(2).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], pads=pads, output_padding=output_padding,
+                            strides=strides)
+    module = _agree(_model([node], {"x": X}, ["y"], {"w": w, "b": b}), {"x": X})
+    (layer,) = [m for m in module.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert torch.equal(layer.weight, torch.from_numpy(w))
+
+
+def test_prelu_pad_split_and_dynamic_slice_agree_with_onnxruntime():
+    slope = rng.standard_normal((3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("PRelu", ["x", "slope"], ["p"]),
+             helper.make_node("Pad", ["p", "pads"], ["padded"], mode="edge"),
+             helper.make_node("Split", ["padded"], ["a", "b", "c"], axis=3, num_outputs=3),
+             helper.make_node("Shape", ["x"], ["shape"]),  # dynamic Slice: the end is x's own size - 1
+             helper.make_node("Gather", ["shape", "three"], ["w"]),
+             helper.make_node("Sub", ["w", "one"], ["end"]),
+             helper.make_node("Slice", ["a", "one", "end", "three"], ["s"])]
+    consts = {"slope": slope, "pads": np.array([0, 0, 1, 2, 0, 0, 0, 3]), "one": np.array([1]), "three": np.array([3])}
+    model = _model(nodes, {"x": X}, ["s", "b", "c"], consts, opset=18)
+    _agree(model, {"x": X})
+
+
+def test_several_inputs_and_outputs_and_a_scalar_input():
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"]), helper.make_node("Add", ["y", "z"], ["w"])]
+    inputs = {"x": X, "k": np.array(3.0, np.float32), "z": X[:, :, :1]}
+    module = _agree(_model(nodes, inputs, ["w", "y"]), inputs)
+    assert module.input_names == ["x", "k", "z"] and module.output_names == ["w", "y"]
+    x, k, z = (torch.from_numpy(v) for v in inputs.values())
+    assert torch.equal(outputs(module, x, k, z), outputs(module.run, x, k, z)[0])  # forward: the first output

@@ -1,11 +1,17 @@
 """An ONNX graph as an ``nn.Module``: ``OnnxModule`` runs the nodes in the file's order.
 
 Quantization finds layers by module type, so the weighted nodes are real modules (``nn.Linear``,
-``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, named by their source module paths) and every other node
+``nn.Conv1d``/``nn.Conv2d``, ``nn.ConvTranspose1d``/``2d``, ``nn.Embedding``, ``OnnxLSTM``/``OnnxGRU``, named
+by their source module paths) and every other node
 a ``Step`` running a torch function of ``qcore.model.onnx_ops.OPS``. The source graph's other weights
 (LayerNorm's scale and bias, ...) are parameters, so the module counts what the source model counts;
 the module keeps the source graph and each layer's place in it (``LayerSource``), which
-``qcore.export`` rewrites. The module returns the graph's first output.
+``qcore.export`` rewrites. ``forward`` returns the graph's first output, ``run`` all of them.
+
+Control flow: an ``If`` whose condition is a constant is inlined at import (the taken branch's nodes
+become steps); otherwise its ``Step`` holds both branches as step lists and runs the one the condition
+picks at run time (branches read the outer values by name). Recurrent layers (``OnnxLSTM``, ``OnnxGRU``)
+are modules holding their weight matrices as parameters, in ONNX's layout and gate order.
 
 The importer (``io.onnx.convert``) builds one from an (untrusted) file. At run time the operators
 whose output size the graph's values decide (``RUN_CHECKED``) are checked before they allocate: one
@@ -44,6 +50,109 @@ class Step:
     attrs: dict = field(default_factory=dict)
     layer: str | None = None
     pre_pad: list[int] | None = None  # Conv with asymmetric pads: F.pad before the conv layer
+    post_pad: list[int] | None = None  # ConvTranspose with asymmetric pads: F.pad (negative: crop) after it
+    branches: tuple | None = None  # If: ((then steps, then outputs), (else steps, else outputs))
+
+
+def _gates(x, h, w_ih, w_hh, b_ih, b_hh, n: int):
+    """The ``n`` gate pre-activations of one time step, split: x (B, I) @ W^T + h (B, H) @ R^T + biases."""
+    return (x @ w_ih.T + b_ih).chunk(n, -1), (h @ w_hh.T + b_hh).chunk(n, -1)
+
+
+class _OnnxRNN(nn.Module):
+    """Shared by ``OnnxLSTM`` and ``OnnxGRU``: the ONNX node's W, R, B as parameters.
+
+    ``weight_ih`` (num_directions, G * hidden, input), ``weight_hh`` (num_directions, G * hidden, hidden),
+    ``bias_ih``/``bias_hh`` (num_directions, G * hidden): ONNX's W, R and the two halves of B, gates in
+    ONNX order (LSTM iofc, G = 4; GRU zrh, G = 3). ``forward(X, sequence_lens, initial_h[, initial_c])``
+    with X (seq, batch, input) (``layout=1``: (batch, seq, input)) returns ONNX's (Y, Y_h[, Y_c]):
+    Y (seq, num_directions, batch, hidden), Y_h (num_directions, batch, hidden). A batch entry's steps
+    at or beyond its ``sequence_lens`` leave its state unchanged and output zeros."""
+
+    GATES = 0
+
+    def __init__(self, w, r, b, attrs: dict):
+        super().__init__()
+        dirs, gh = w.shape[0], w.shape[1]
+        self.hidden, self.direction = gh // self.GATES, attrs.get("direction", "forward")
+        self.layout, self.clip = attrs.get("layout", 0), attrs.get("clip")
+        self.weight_ih, self.weight_hh = nn.Parameter(w.clone(), False), nn.Parameter(r.clone(), False)
+        b = torch.zeros(dirs, 2 * gh, dtype=w.dtype) if b is None else b
+        self.bias_ih, self.bias_hh = nn.Parameter(b[:, :gh].clone(), False), nn.Parameter(b[:, gh:].clone(), False)
+
+    def forward(self, x, lens=None, h0=None, c0=None):
+        if self.layout:  # batch first: X (batch, seq, input), initial states (batch, dirs, hidden)
+            x, h0, c0 = (None if v is None else v.transpose(0, 1) for v in (x, h0, c0))
+        seq, batch = x.shape[:2]
+        lens = torch.full((batch,), seq) if lens is None else lens
+        ys, hs, cs = [], [], []
+        for d in range(self.weight_ih.shape[0]):
+            reverse = self.direction == "reverse" or d == 1
+            h = torch.zeros(batch, self.hidden, dtype=x.dtype) if h0 is None else h0[d]
+            c = torch.zeros(batch, self.hidden, dtype=x.dtype) if c0 is None else c0[d]
+            out = [None] * seq
+            for t in (reversed(range(seq)) if reverse else range(seq)):
+                h_new, c_new = self.cell(x[t], h, c, d)
+                live = (t < lens).reshape(batch, 1)
+                h, c = torch.where(live, h_new, h), torch.where(live, c_new, c)
+                out[t] = torch.where(live, h_new, torch.zeros_like(h_new))
+            ys.append(torch.stack(out))
+            hs.append(h)
+            cs.append(c)
+        y, h, c = torch.stack(ys, 1), torch.stack(hs), torch.stack(cs)
+        if self.layout:  # batch first: Y (batch, seq, dirs, hidden), Y_h (batch, dirs, hidden)
+            y, h, c = y.permute(2, 0, 1, 3), h.transpose(0, 1), c.transpose(0, 1)
+        return (y, h, c) if self.GATES == 4 else (y, h)
+
+    def _clipped(self, v):
+        return v if self.clip is None else v.clamp(-self.clip, self.clip)
+
+
+class OnnxLSTM(_OnnxRNN):
+    """ONNX LSTM (default activations sigmoid/tanh/tanh), ``peephole`` (num_directions, 3 * hidden) in
+    iof order; ``input_forget`` couples the forget gate to 1 - input gate."""
+
+    GATES = 4
+
+    def __init__(self, w, r, b, p, attrs: dict):
+        super().__init__(w, r, b, attrs)
+        self.input_forget = bool(attrs.get("input_forget", 0))
+        p = torch.zeros(w.shape[0], 3 * self.hidden, dtype=w.dtype) if p is None else p
+        self.peephole = nn.Parameter(p.clone(), False)
+
+    def cell(self, x, h, c, d):
+        (xi, xo, xf, xc), (hi, ho, hf, hc) = _gates(x, h, self.weight_ih[d], self.weight_hh[d],
+                                                    self.bias_ih[d], self.bias_hh[d], 4)
+        pi, po, pf = self.peephole[d].chunk(3)
+        i = torch.sigmoid(self._clipped(xi + hi + pi * c))
+        f = 1 - i if self.input_forget else torch.sigmoid(self._clipped(xf + hf + pf * c))
+        c = f * c + i * torch.tanh(self._clipped(xc + hc))
+        o = torch.sigmoid(self._clipped(xo + ho + po * c))
+        return o * torch.tanh(c), c
+
+
+class OnnxGRU(_OnnxRNN):
+    """ONNX GRU (default activations sigmoid/tanh); ``linear_before_reset`` applies the reset gate
+    after R_h (as torch's GRU does) instead of before it."""
+
+    GATES = 3
+
+    def __init__(self, w, r, b, attrs: dict):
+        super().__init__(w, r, b, attrs)
+        self.linear_before_reset = bool(attrs.get("linear_before_reset", 0))
+
+    def cell(self, x, h, c, d):
+        (xz, xr, xh), (hz, hr, hh) = _gates(x, h, self.weight_ih[d], self.weight_hh[d],
+                                            self.bias_ih[d], self.bias_hh[d], 3)
+        z = torch.sigmoid(self._clipped(xz + hz))
+        r = torch.sigmoid(self._clipped(xr + hr))
+        if self.linear_before_reset:
+            candidate = xh + r * hh
+        else:
+            _, _, w_hh = self.weight_hh[d].chunk(3)
+            candidate = xh + (r * h) @ w_hh.T + self.bias_hh[d].chunk(3)[2]
+        candidate = torch.tanh(self._clipped(candidate))
+        return (1 - z) * candidate + z * h, c
 
 
 @dataclass(frozen=True)
@@ -93,19 +202,34 @@ class OnnxModule(nn.Module):
             self._constant_keys[name] = f"c{i}"
 
     def forward(self, *inputs):
+        return self.run(*inputs)[0]
+
+    def run(self, *inputs) -> tuple:
+        """All the graph's outputs, in file order."""
         if len(inputs) != len(self.input_names):
             raise QcoreError(f"the ONNX model takes {len(self.input_names)} inputs "
                              f"({', '.join(self.input_names)}), got {len(inputs)}")
         env = dict(zip(self.input_names, inputs))
         env.update({n: getattr(self.constants, k) for n, k in self._constant_keys.items()})
-        for s in self.steps:
+        self._execute(self.steps, env)
+        return tuple(env[n] for n in self.output_names)
+
+    def _execute(self, steps: list[Step], env: dict) -> None:
+        """Run ``steps`` in order, adding the values they compute to ``env``."""
+        for s in steps:
             xs = [env[n] if n else None for n in s.inputs]
-            if s.layer is not None:
+            if s.branches is not None:  # If: the branch the condition picks, in a scope that sees env
+                branch, names = s.branches[0 if bool(xs[0].reshape(-1)[0]) else 1]
+                scope = dict(env)
+                self._execute(branch, scope)
+                out = tuple(scope[n] for n in names)
+            elif s.layer is not None:
                 x = xs[0] if s.pre_pad is None else F.pad(xs[0], s.pre_pad)
                 layer = self.get_submodule(s.layer)
                 if isinstance(layer, nn.Embedding):
                     x = torch.where(x < 0, x + layer.num_embeddings, x).long()
-                out = layer(x)
+                out = layer(x, *xs[1:])
+                out = out if s.post_pad is None else F.pad(out, s.post_pad)
             else:
                 if s.op in RUN_CHECKED and any(math.prod(shape) * per_value > MAX_RUN_TENSOR_BYTES
                                                for shape, per_value in output_sizes(s.op, xs, s.attrs)):
@@ -115,5 +239,4 @@ class OnnxModule(nn.Module):
                 out = OPS[s.op](xs, s.attrs)
             outs = out if isinstance(out, tuple) else (out,)
             env.update((n, v) for n, v in zip(s.outputs, outs) if n)
-        return env[self.output_names[0]]
 

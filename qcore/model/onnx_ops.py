@@ -10,6 +10,9 @@ input shapes, or by running the operator on torch's "meta" device (shapes and dt
 real values only for the inputs that decide the shape (``VALUE_INPUTS``: a shape, repeats, pads, axes,
 Range's bounds); an expanded view counts as if materialised. The importer's constant folding
 (``io.onnx.fold``) and the graph's run-time guard (``RUN_CHECKED``) both bound memory with it.
+
+Longer than ~400 lines on purpose: one table of operators (checked case by case against ONNX's own node
+tests in ``tests/test_onnx_conformance.py``) reads best in one place.
 """
 
 from __future__ import annotations
@@ -219,7 +222,12 @@ def _layer_norm(xs, a):
     x = xs[0]
     axis = a.get("axis", -1) % x.dim()
     bias = xs[2] if len(xs) > 2 else None
-    return F.layer_norm(x, x.shape[axis:], xs[1], bias, a.get("epsilon", 1e-5))
+    y = F.layer_norm(x, x.shape[axis:], xs[1], bias, a.get("epsilon", 1e-5))
+    if a["_n_out"] == 1:
+        return y
+    dims = tuple(range(axis, x.dim()))  # the optional outputs: Mean and 1 / sqrt(Var + epsilon), reduced dims kept
+    mean = x.mean(dims, keepdim=True)
+    return y, mean, torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + a.get("epsilon", 1e-5))
 
 
 def _pad(xs, a):
@@ -234,16 +242,164 @@ def _pad(xs, a):
     torch_pad = torch_pads({"pads": full}, x.dim())
     while len(torch_pad) > 2 and torch_pad[-2:] == [0, 0]:  # F.pad's reflect/edge modes want only trailing dims
         torch_pad = torch_pad[:-2]
-    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
+    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}.get(mode)
     if torch_mode is None:
-        raise QcoreError(f"Pad mode {mode!r} is not supported (constant, reflect and edge are)")
+        raise QcoreError(f"Pad mode {mode!r} is not supported (constant, reflect, edge and wrap are)")
     return F.pad(x, torch_pad, mode=torch_mode, value=value) if torch_mode == "constant" else F.pad(x, torch_pad, mode=torch_mode)
+
+
+def _same_pads(a, in_sizes, kernel, strides, dilations) -> list[int]:
+    """ONNX pads [begins..., ends...] for ``auto_pad`` SAME_UPPER/SAME_LOWER (output size ceil(in / stride);
+    the odd pixel goes at the end for SAME_UPPER, at the start for SAME_LOWER), explicit ``pads`` otherwise."""
+    rank = len(kernel)
+    mode = a.get("auto_pad", "NOTSET")
+    if mode in ("NOTSET", "VALID"):
+        return list(a.get("pads", [0] * 2 * rank)) if mode == "NOTSET" else [0] * 2 * rank
+    total = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+             for n, k, s, d in zip(in_sizes, kernel, strides, dilations)]
+    small = [t // 2 for t in total]
+    big = [t - t // 2 for t in total]
+    return small + big if mode == "SAME_UPPER" else big + small
+
+
+def _conv(xs, a):
+    """Conv with a run-time (or N-d) weight: x (N, C, *spatial), w (C_out, C / group, *kernel)."""
+    x, w = xs[0], xs[1]
+    rank = w.dim() - 2
+    strides, dilations = list(a.get("strides", [1] * rank)), list(a.get("dilations", [1] * rank))
+    pads = _same_pads(a, x.shape[2:], w.shape[2:], strides, dilations)
+    x = F.pad(x, torch_pads({"pads": pads}, rank))
+    fn = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+    return fn(x, w, xs[2] if len(xs) > 2 else None, strides, 0, dilations, a.get("group", 1))
+
+
+def conv_transpose_geometry(a, in_sizes, kernel) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(strides, dilations, pads [begins..., ends...], output_padding) of an ONNX ConvTranspose on inputs of
+    spatial sizes ``in_sizes``: ``output_shape`` and ``auto_pad`` SAME turned into pads as the ONNX spec says
+    (total = stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - out; SAME_UPPER puts the
+    smaller half first). The output is the full transposed convolution, extended by output_padding at the
+    end, cropped by the pads."""
+    rank = len(kernel)
+    strides, dilations = list(a.get("strides", [1] * rank)), list(a.get("dilations", [1] * rank))
+    extra = list(a.get("output_padding", [0] * rank))
+    pads = list(a.get("pads", [0] * 2 * rank))
+    out = list(a["output_shape"])[-rank:] if "output_shape" in a else None
+    if out is None and a.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+        out = [n * s for n, s in zip(in_sizes, strides)]
+    if out is not None:
+        total = [s * (n - 1) + e + (k - 1) * d + 1 - o
+                 for n, k, s, d, e, o in zip(in_sizes, kernel, strides, dilations, extra, out)]
+        first = [t // 2 if a.get("auto_pad") == "SAME_UPPER" else t - t // 2 for t in total]
+        pads = first + [t - f for t, f in zip(total, first)]
+    elif a.get("auto_pad") == "VALID":
+        pads = [0] * 2 * rank
+    return strides, dilations, pads, extra
+
+
+def _conv_transpose(xs, a):
+    """ConvTranspose with a run-time weight or one the layers do not take: w (C_in, C_out / group, *kernel)."""
+    x, w = xs[0], xs[1]
+    rank = w.dim() - 2
+    strides, dilations, pads, extra = conv_transpose_geometry(a, x.shape[2:], w.shape[2:])
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
+    y = fn(x, w, None, strides, 0, 0, a.get("group", 1), dilations)
+    y = F.pad(y, torch_pads({"pads": [-p for p in pads[:rank]] + [e - p for e, p in zip(extra, pads[rank:])]}, rank))
+    return y if len(xs) < 3 or xs[2] is None else y + xs[2].reshape(-1, *[1] * rank)
+
+
+def _resize_axis(x, axis: int, out_n: int, scale: float, a) -> torch.Tensor:
+    """Resize along one axis (ONNX Resize is separable): output coordinate i -> source coordinate by
+    ``coordinate_transformation_mode``, then nearest (``nearest_mode``), linear (2 taps) or cubic (4 taps,
+    ``cubic_coeff_a``) interpolation; taps outside the input take the edge value, or are dropped and the
+    weights renormalised with ``exclude_outside``."""
+    n, mode = x.shape[axis], a.get("coordinate_transformation_mode", "half_pixel")
+    i = torch.arange(out_n, dtype=torch.float64)
+    length = scale * n  # the real-valued output length, as the ONNX reference uses it
+    if mode == "align_corners":
+        # the integer output length, as onnxruntime and torch use it (ONNX's reference uses scale * n)
+        src = i * (n - 1) / (out_n - 1) if out_n != 1 else torch.zeros_like(i)
+    elif mode == "asymmetric":
+        src = i / scale
+    elif mode == "pytorch_half_pixel":
+        src = (i + 0.5) / scale - 0.5 if out_n > 1 else torch.full_like(i, -0.5)
+    elif mode == "half_pixel":
+        src = (i + 0.5) / scale - 0.5
+    elif mode == "half_pixel_symmetric":
+        src = n / 2 * (1 - out_n / length) + (i + 0.5) / scale - 0.5
+    else:
+        raise QcoreError(f"Resize with coordinate_transformation_mode={mode!r} is not supported "
+                         "(half_pixel, half_pixel_symmetric, pytorch_half_pixel, asymmetric, align_corners are)")
+    kind = a.get("mode", "nearest")
+    if kind == "nearest":
+        pick = {"round_prefer_floor": lambda v: torch.ceil(v - 0.5), "round_prefer_ceil": lambda v: torch.floor(v + 0.5),
+                "floor": torch.floor, "ceil": torch.ceil}[a.get("nearest_mode", "round_prefer_floor")]
+        return x.index_select(axis, pick(src).clamp(0, n - 1).long())
+    base = torch.floor(src)
+    t = src - base
+    if kind == "linear":
+        offsets, weights = [0, 1], [1 - t, t]
+    elif kind == "cubic":
+        c = a.get("cubic_coeff_a", -0.75)
+        near = lambda d: ((c + 2) * d - (c + 3)) * d * d + 1  # |d| <= 1
+        far = lambda d: ((c * d - 5 * c) * d + 8 * c) * d - 4 * c  # 1 < |d| < 2
+        offsets, weights = [-1, 0, 1, 2], [far(t + 1), near(t), near(1 - t), far(2 - t)]
+    else:
+        raise QcoreError(f"Resize mode {kind!r} is not supported (nearest, linear and cubic are)")
+    taps = [base.long() + o for o in offsets]
+    if a.get("exclude_outside", 0):
+        weights = [w * ((k >= 0) & (k < n)) for w, k in zip(weights, taps)]
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    shape = [1] * x.dim()
+    shape[axis] = out_n
+    out = sum(x.index_select(axis, k.clamp(0, n - 1)) * w.to(x.dtype).reshape(shape) for k, w in zip(taps, weights))
+    return out.to(x.dtype)
+
+
+def _resize(xs, a):
+    """Resize (opset >= 11: X, roi, scales, sizes; opset 10: X, scales): per axis, output size
+    floor(in * scale) or ``sizes``; a scale of 1 and an unchanged size leave the axis as it is."""
+    x = xs[0]
+    if a.get("antialias", 0):
+        raise QcoreError("Resize with antialias=1 is not supported; export without antialiasing")
+    if a.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        raise QcoreError("Resize with coordinate_transformation_mode='tf_crop_and_resize' is not supported")
+    if a["_opset"] < 11:
+        a = {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor", **a}
+    scales = xs[1] if a["_opset"] < 11 else (xs[2] if len(xs) > 2 else None)
+    sizes = xs[3] if len(xs) > 3 and xs[3] is not None else None
+    axes = [ax % x.dim() for ax in a.get("axes", range(x.dim()))]
+    if sizes is not None and sizes.numel():
+        sizes = _ints(sizes)
+        wanted = [s / x.shape[ax] for s, ax in zip(sizes, axes)]
+        policy = a.get("keep_aspect_ratio_policy", "stretch")
+        if policy != "stretch":
+            one = (min if policy == "not_larger" else max)(wanted)
+            wanted, sizes = [one] * len(axes), [int(math.floor(one * x.shape[ax] + 0.5)) for ax in axes]
+    else:
+        wanted = [float(s) for s in scales.reshape(-1).tolist()]
+        sizes = [int(math.floor(x.shape[ax] * s)) for s, ax in zip(wanted, axes)]
+    for ax, out_n, scale in zip(axes, sizes, wanted):
+        if out_n != x.shape[ax] or scale != 1:
+            x = _resize_axis(x, ax, out_n, scale, a)
+    return x
+
+
+def _upsample(xs, a):
+    """Upsample (deprecated since opset 10): Resize with asymmetric coordinates and floor for nearest."""
+    scales = xs[1] if len(xs) > 1 else torch.tensor(a["scales"])
+    return _resize([xs[0], scales], {**a, "_opset": 10})
+
+
+def _prelu(xs, a):
+    x, slope = xs
+    return torch.where(x >= 0, x, x * slope)
 
 
 def _clip(xs, a):
     lo = xs[1] if len(xs) > 1 and xs[1] is not None else a.get("min")
     hi = xs[2] if len(xs) > 2 and xs[2] is not None else a.get("max")
-    return torch.clamp(xs[0], lo, hi)
+    return xs[0].clone() if lo is None and hi is None else torch.clamp(xs[0], lo, hi)
 
 
 def _arg(fn):
@@ -321,13 +477,14 @@ OPS = {
     "ReduceSumSquare": _reduce(lambda x, ax, k: x.square().sum(ax, keepdim=k)),
     "ReduceLogSumExp": _reduce(lambda x, ax, k: torch.logsumexp(x, ax, keepdim=k)),
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin), "Trilu": _trilu, "Pad": _pad,
+    "PRelu": _prelu, "Resize": _resize, "Upsample": _upsample, "Conv": _conv, "ConvTranspose": _conv_transpose,
 }
 SUPPORTED_OPS = tuple(sorted(OPS))
 # Inputs whose values (not just shapes) decide an operator's output shape: kept real on the meta device.
 VALUE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
                 "Pad": (1, 2, 3), "Slice": (1, 2, 3, 4), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
-                "Trilu": (1,), **{op: (1,) for op in OPS if op.startswith("Reduce")}}
-RUN_CHECKED = ("ConstantOfShape", "Expand", "Tile", "Range", "Pad")  # output size set by values at run time
+                "Trilu": (1,), "Resize": (1, 2, 3), "Upsample": (1,), **{op: (1,) for op in OPS if op.startswith("Reduce")}}
+RUN_CHECKED = ("ConstantOfShape", "Expand", "Tile", "Range", "Pad", "Resize", "Upsample")  # output size set by values at run time
 BROADCAST = ("Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "Min", "Max", "Sum", "Mean",
              "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")  # 1 output, broadcast
 BOOL_OUT = ("Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor")

@@ -25,6 +25,7 @@ from qcore.model.onnx_graph import LayerSource, OnnxModule, Step, quoted
 from qcore.model.onnx_ops import DTYPES, OPS, SUPPORTED_OPS
 
 MIN_OPSET = 11
+SUPPORTED = tuple(sorted(SUPPORTED_OPS + ("If", "LSTM", "GRU")))  # OPS plus what only ``layers`` or ``If`` run
 MAX_SAMPLE_ELEMENTS = 2**26  # one declared graph input, per sample (no batch dim): 64 Mi values, 256 MiB float32
 
 
@@ -61,72 +62,114 @@ def convert(model, max_bytes: int | None = None) -> OnnxModule:
                              "(the engine simulates lower precisions itself)")
         consts[init.name] = t
     inputs = [i.name for i in graph.input if i.name not in consts]
-    steps, layers, candidates, sources = [], [], [], []
+    layers, candidates, sources = [], [], []
     readers: dict[str, list] = {}
     for node in graph.node:
         for n in node.input:
             readers.setdefault(n, []).append(node)
     outputs = {o.name for o in graph.output}
     absorbed: set[int] = set()  # the Adds of MatMul + bias, which run inside their Linear
-    for index, node in enumerate(graph.node):
-        where = _where(node, index)
-        if id(node) in absorbed:
-            continue
-        if node.domain not in ("", "ai.onnx") or (node.op_type not in OPS and node.op_type != "Conv"):
-            domain = f" from domain {node.domain!r}" if node.domain not in ("", "ai.onnx") else ""
-            raise QcoreError(f"ONNX operator {node.op_type!r}{domain} ({where}) is not supported by the importer; "
-                             "export the model as a torch.export program (.pt2) instead, or with a different "
-                             f"opset or options that avoid it. Supported: {', '.join(SUPPORTED_OPS + ('Conv',))}")
-        attrs = {**node_attrs(node), "_opset": opset, "_n_out": len(node.output)}
-        names = list(node.input)
-        layer = layer_for(node, names, consts, attrs)
-        if layer is not None:
-            module, pre_pad, weight_name = layer
-            path = (weight_name[:-len(".weight")] if weight_name.endswith(".weight") else
-                    module_path_from_metadata(node) or module_path_from_node_name(node.name))
-            candidates.append((path, node.name or f"{node.op_type}_{index}"))
-            layers.append(module)
-            weight_input, data_input = (0, 1) if node.op_type == "Gather" else (1, 0)
-            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
-            sources.append(LayerSource(index, node.name, weight_input, data_input, transposed))
-            out = list(node.output)
-            add = bias_add(node, module, readers, outputs, consts)
-            if add is not None:  # MatMul + Add(bias): the bias is the Linear's (and counts with it)
-                absorbed.add(id(add))
-                out = list(add.output)
-            steps.append(Step(node.op_type, node.name, [names[data_input]], out,
-                              layer=str(len(layers) - 1), pre_pad=pre_pad))
-            continue
-        if node.op_type == "Conv":
-            raise QcoreError(f"Conv ({where}) has a weight computed at run time or {len(consts.get(names[1], []))}-D; "
-                             "the importer supports Conv1d/Conv2d with constant weights")
-        if all(not n or n in consts for n in names):
-            xs = [consts[n] if n else None for n in names]
-            try:  # constant folding: the node's value is the same for every input
-                budget.charge(node.op_type, xs, attrs, where)
-                out = OPS[node.op_type](xs, attrs)
-            except QcoreError:
-                raise
-            except Exception as e:
-                raise QcoreError(f"ONNX operator {node.op_type!r} ({where}) failed on its constant inputs "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the file may be corrupted") from None
-            consts.update((n, v) for n, v in zip(node.output, out if isinstance(out, tuple) else (out,)) if n)
-            continue
-        steps.append(Step(node.op_type, node.name, names, list(node.output), attrs))
+
+    def walk(nodes, main: bool) -> list[Step]:
+        """The steps of ``nodes`` (the main graph's, or a branch's: ``main`` False), folding constants into
+        ``consts`` and adding layers; a branch's layers have no ``LayerSource`` (an export keeps them as they are)."""
+        steps = []
+        for index, node in enumerate(nodes):
+            where = _where(node, index)
+            if id(node) in absorbed:
+                continue
+            if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED:
+                domain = f" from domain {node.domain!r}" if node.domain not in ("", "ai.onnx") else ""
+                raise QcoreError(f"ONNX operator {node.op_type!r}{domain} ({where}) is not supported by the importer; "
+                                 "export the model as a torch.export program (.pt2) instead, or with a different "
+                                 f"opset or options that avoid it. Supported: {', '.join(SUPPORTED)}")
+            attrs = {**node_attrs(node), "_opset": opset, "_n_out": len(node.output)}
+            names = list(node.input)
+            if node.op_type == "If":
+                steps += _if(node, names, attrs, where)
+                continue
+            layer = layer_for(node, names, consts, attrs)
+            if layer is not None:
+                path = (layer.weight[:-len(".weight")] if layer.weight.endswith(".weight") else
+                        module_path_from_metadata(node) or module_path_from_node_name(node.name))
+                candidates.append((path, node.name or f"{node.op_type}_{index}"))
+                layers.append(layer.module)
+                weight_input, data_input = (0, 1) if node.op_type == "Gather" else (1, 0)
+                transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not attrs.get("transB", 0))
+                sources.append(LayerSource(index, node.name, weight_input, data_input, transposed)
+                               if main and hasattr(layer.module, "weight") else None)
+                out = list(node.output)
+                add = bias_add(node, layer.module, readers, outputs, consts)
+                if add is not None:  # MatMul + Add(bias): the bias is the Linear's (and counts with it)
+                    absorbed.add(id(add))
+                    out = list(add.output)
+                steps.append(Step(node.op_type, node.name, layer.inputs, out, layer=str(len(layers) - 1),
+                                  pre_pad=layer.pre_pad, post_pad=layer.post_pad))
+                continue
+            if node.op_type not in OPS:
+                raise QcoreError(f"{node.op_type} ({where}) has weights computed at run time; the importer "
+                                 f"supports {node.op_type} with constant weights")
+            if all(not n or n in consts for n in names):
+                xs = [consts[n] if n else None for n in names]
+                try:  # constant folding: the node's value is the same for every input
+                    budget.charge(node.op_type, xs, attrs, where)
+                    out = OPS[node.op_type](xs, attrs)
+                except QcoreError:
+                    raise
+                except Exception as e:
+                    raise QcoreError(f"ONNX operator {node.op_type!r} ({where}) failed on its constant inputs "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the file may be corrupted") from None
+                consts.update((n, v) for n, v in zip(node.output, out if isinstance(out, tuple) else (out,)) if n)
+                continue
+            steps.append(Step(node.op_type, node.name, names, list(node.output), attrs))
+        return steps
+
+    def branch(g) -> tuple[list[Step], list[str]]:
+        for init in g.initializer:
+            consts[init.name] = tensor(init, f"initializer {quoted(init.name)}")
+        return walk(g.node, main=False), [o.name for o in g.output]
+
+    def _if(node, names, attrs, where) -> list[Step]:
+        """A constant condition inlines the taken branch (its outputs copied to the If's); otherwise both
+        branches become step lists of one ``If`` step."""
+        graphs = {a.name: a.g for a in node.attribute if a.name in ("then_branch", "else_branch")}
+        if names[0] in consts:
+            taken = graphs["then_branch" if bool(consts[names[0]].reshape(-1)[0]) else "else_branch"]
+            steps, results = branch(taken)
+            for out, result in zip(node.output, results):
+                if result in consts:
+                    consts[out] = consts[result]
+                else:
+                    steps.append(Step("Identity", node.name, [result], [out], attrs))
+            return steps
+        taken, other = branch(graphs["then_branch"]), branch(graphs["else_branch"])
+        return [Step("If", node.name, names[:1], list(node.output), attrs, branches=(taken, other))]
+
+    steps = walk(graph.node, main=True)
     names = layer_names(candidates)
-    for s in steps:
+    every = list(_all_steps(steps))
+    for s in every:
         if s.layer is not None:
             s.layer = names[int(s.layer)]
-    used = {n for s in steps for n in s.inputs} | {o.name for o in graph.output}
+    used = {n for s in every for n in s.inputs} | {o.name for o in graph.output}
+    used |= {n for s in every if s.branches for _, outs in s.branches for n in outs}
     kept = {n: t for n, t in consts.items() if n in used}
     # The source model's other weights: float initializers (not folded values, not scalars the exporter
     # lifted) read at run time, except BatchNormalization's running statistics (buffers in torch too).
-    statistics = {n for s in steps if s.op == "BatchNormalization" for n in s.inputs[3:5]}
+    statistics = {n for s in every if s.op == "BatchNormalization" for n in s.inputs[3:5]}
     initializers = {i.name for i in graph.initializer}
     weights = frozenset(n for n, t in kept.items() if n in initializers and n not in statistics
                         and torch.is_floating_point(t) and t.dim() >= 1)
     return OnnxModule(inputs, [o.name for o in graph.output], steps, dict(zip(names, layers)), kept, weights,
-                      model.SerializeToString(), dict(zip(names, sources))).eval()
+                      model.SerializeToString(), {n: s for n, s in zip(names, sources) if s is not None}).eval()
+
+
+def _all_steps(steps):
+    """Every step, the ones inside If branches included (depth first)."""
+    for s in steps:
+        yield s
+        for branch, _ in s.branches or ():
+            yield from _all_steps(branch)
 
 
 def input_shapes(model) -> list[tuple[str, tuple[int | None, ...], torch.dtype]]:

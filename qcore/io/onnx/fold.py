@@ -46,6 +46,8 @@ def _work(op: str, xs: list, out_values: int, attrs: dict) -> int:
         inner = _einsum_inner(attrs["equation"], [x.shape for x in xs])
     elif op in ("MaxPool", "AveragePool"):
         inner = math.prod(attrs["kernel_shape"])
+    elif op in ("Conv", "ConvTranspose"):  # each output value sums kernel x input channels per group
+        inner = math.prod(xs[1].shape[1:]) if op == "Conv" else math.prod(xs[1].shape[2:]) * xs[1].shape[0]
     return sum(x.numel() for x in xs if x is not None) + out_values * inner
 
 

@@ -51,6 +51,7 @@ def tensor(proto, where: str) -> torch.Tensor:
 
 
 def attrs(node) -> dict:
+    """The node's attributes as Python/torch values (subgraphs left out)."""
     from onnx import AttributeProto, helper
 
     out = {}
@@ -58,8 +59,7 @@ def attrs(node) -> dict:
         if a.type == AttributeProto.TENSOR:
             out[a.name] = tensor(a.t, f"attribute {quoted(a.name)} of node {quoted(node.name or node.op_type)}")
         elif a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
-            raise QcoreError(f"operator {node.op_type!r} (node {node.name!r}) has a subgraph (control flow), which "
-                             "the ONNX importer cannot run; export without data-dependent control flow or as .pt2")
+            continue  # If's branches: read by the importer from the node itself
         else:
             value = helper.get_attribute_value(a)
             out[a.name] = value.decode() if isinstance(value, bytes) else value
