@@ -28,7 +28,6 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from qcore.io.onnx.convert import MIN_OPSET, SUPPORTED, convert
-from qcore.model.onnx_ops import DTYPES
 
 WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3)}
 FEEDABLE = {np.dtype(t) for t in ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}

@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from qcore.numerics.formats import FORMATS, NF4_CODEBOOK
 from qcore.numerics.metrics import kl_divergence, mean_cosine, sqnr_db
