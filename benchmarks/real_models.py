@@ -67,7 +67,7 @@ def model_rows(m: registry.RealModel, tmp: Path, threads: int, budget_s: float) 
 
     base = {"model": m.name, "kind": m.kind}
     try:
-        model_path, data_path = _quiet(m.build, m, tmp)
+        model_path, data_path, _ = _quiet(m.build, m, tmp)
     except Exception as e:  # the package's class or torch.export failed: not qcore's doing, but recorded
         return [{**base, "recipe": "-", "stage": "build", "error": _line(e)}]
     try:

