@@ -10,8 +10,8 @@ package's own class with the wheel's weights) with a data file of real or realis
 2. ``test_the_headline_metric_fits_the_output``: class scores get top-1 agreement (accuracy with labels),
    every other output (embeddings, maps, one event's probability) cosine / SQNR against FP32.
 3. ``test_int8_export_runs_as_simulated``: int8-static is simulated, exported to ONNX and run in ONNX
-   Runtime at batch 1 and 8: the file's outputs agree with the simulation's (cosine >= 0.99 per sample,
-   the int8 kernels rounding differently from the float simulation on a few values), the first
+   Runtime at batch 1 and 8: the file's outputs agree with the simulation's (SQNR >= 30 dB: ONNX Runtime's
+   int8 kernels round a few values differently from the float simulation, nothing more), the first
    sample's output does not depend on the batch it runs in, and the simulated model stays close to
    FP32 (cosine >= 0.9: int8 keeps the model useful).
 
@@ -46,6 +46,7 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
     **{("resemblyzer", t): "resemblyzer.pt2 calls 'torch.ops.aten.lstm.input', which is not on the engine's list"
        for t in ("fp32", "metric", "int8")},
     ("minilm-l6", "metric"): "the output is a sentence embedding (batch, 384) but the headline metric is 'agreement'",
+    ("ocr-rec", "int8"): "the int8-static file differs from the simulation",  # 13.6 dB measured: steps' argmax flip
     ("minilm-l6", "int8"): "minilm-l6.pt2 could not be converted to ONNX (ValueError: Found the following conflicts "
                            "between user-specified ranges and inferred ranges",
 }
@@ -110,6 +111,12 @@ def workloads(built):
     return get
 
 
+def _sqnr_db(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """10 log10(sum reference^2 / sum (x - reference)^2), in float64."""
+    ref = reference.double()
+    return float(10 * torch.log10((ref ** 2).sum() / ((x.double() - ref) ** 2).sum().clamp_min(1e-300)))
+
+
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
@@ -158,6 +165,7 @@ def test_int8_export_runs_as_simulated(name, workloads, tmp_path):
     one = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 1))))[0]).float()
     eight = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 8))))[0]).float()
     assert eight.shape == simulated.shape
-    assert float(_cosines(eight, simulated).min()) >= 0.99
+    gap_db = _sqnr_db(eight, simulated)
+    assert gap_db >= 30, f"the int8-static file differs from the simulation: SQNR {gap_db:.1f} dB < 30 dB"
     torch.testing.assert_close(one[0], eight[0], rtol=1e-4, atol=1e-5 * float(eight.abs().max()))
     assert float(_cosines(simulated, w.reference_outputs[:8]).min()) >= 0.9
