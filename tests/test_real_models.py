@@ -126,11 +126,11 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def test_fp32_matches_the_original(name, built, workloads):
     with known(name, "fp32"):
         w = workloads(name)
-    _, _, oracle = built(name)
-    expected = torch.from_numpy(np.asarray(oracle([t.numpy() for t in w.evaluation.inputs]), np.float32))
-    got = w.reference_outputs
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+        _, _, oracle = built(name)
+        expected = torch.from_numpy(np.asarray(oracle([t.numpy() for t in w.evaluation.inputs]), np.float32))
+        got = w.reference_outputs
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("name", _cases("metric"))
@@ -160,12 +160,12 @@ def test_int8_export_runs_as_simulated(name, workloads, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export(w, recipe, "onnx", str(path))
-    simulated = w.run(w.simulate(recipe).model, w.evaluation.subset(slice(0, 8)))
-    sess = session(str(path), 1)
-    one = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 1))))[0]).float()
-    eight = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 8))))[0]).float()
-    assert eight.shape == simulated.shape
-    gap_db = _sqnr_db(eight, simulated)
-    assert gap_db >= 30, f"the int8-static file differs from the simulation: SQNR {gap_db:.1f} dB < 30 dB"
-    torch.testing.assert_close(one[0], eight[0], rtol=1e-4, atol=1e-5 * float(eight.abs().max()))
-    assert float(_cosines(simulated, w.reference_outputs[:8]).min()) >= 0.9
+        simulated = w.run(w.simulate(recipe).model, w.evaluation.subset(slice(0, 8)))
+        sess = session(str(path), 1)
+        one = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 1))))[0]).float()
+        eight = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 8))))[0]).float()
+        assert eight.shape == simulated.shape
+        gap_db = _sqnr_db(eight, simulated)
+        assert gap_db >= 30, f"the int8-static file differs from the simulation: SQNR {gap_db:.1f} dB < 30 dB"
+        torch.testing.assert_close(one[0], eight[0], rtol=1e-4, atol=1e-5 * float(eight.abs().max()))
+        assert float(_cosines(simulated, w.reference_outputs[:8]).min()) >= 0.9
