@@ -47,10 +47,12 @@ def package_dir(module: str) -> Path | None:
 def import_class(module: str, attr: str, stubs: dict[str, dict]) -> type:
     """``module.attr`` from an installed package whose imports we do not have, without running the
     package ``__init__``: the parent packages are bare namespaces and each module in ``stubs`` is a
-    stand-in holding the given names. ``sys.modules`` is restored afterwards."""
+    stand-in holding the given names. Those ``sys.modules`` entries are restored afterwards (other
+    modules the import brought in, e.g. ``resemblyzer.hparams``, stay: they are the real ones)."""
     parts = module.split(".")
     root = package_dir(parts[0])
-    saved = dict(sys.modules)
+    placed = {".".join(parts[:i]): None for i in range(1, len(parts) + 1)} | dict.fromkeys(stubs)
+    saved = {name: sys.modules.get(name) for name in placed}  # only these entries are touched
     try:
         for i in range(1, len(parts)):  # bare parent packages, so submodules import from their folders
             name = ".".join(parts[:i])
@@ -67,8 +69,11 @@ def import_class(module: str, attr: str, stubs: dict[str, dict]) -> type:
         spec.loader.exec_module(mod)
         return getattr(mod, attr)
     finally:
-        sys.modules.clear()
-        sys.modules.update(saved)
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
 
 
 def export_pt2(model: torch.nn.Module, example: tuple, path: Path, dynamic_batch: bool = True) -> Path:
