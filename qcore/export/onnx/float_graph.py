@@ -23,6 +23,7 @@ from onnx import helper
 from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
 from qcore.model.onnx_graph import OnnxModule
+from qcore.model.workload import Workload
 
 OPSET = 21
 
@@ -59,42 +60,55 @@ def float_graph(workload) -> FloatGraph:
             proto, notes, names = _uploaded_graph(workload)
             weights = located(proto, names)
         else:
-            proto, notes = _exported_graph(workload, optimize=True), []
+            proto, notes = _exported_graph(workload, optimize=True)
             try:
                 weights = located(proto, {})
             except QcoreError:  # the optimizer fused a BatchNorm the simulation keeps into a conv's weight
-                proto = _exported_graph(workload, optimize=False)
+                proto, notes = _exported_graph(workload, optimize=False)
                 weights = located(proto, {})
         _FLOAT_GRAPHS[workload] = (proto.SerializeToString(), weights, notes)
     data, weights, notes = _FLOAT_GRAPHS[workload]
     return FloatGraph(onnx.load_from_string(data), dict(weights), list(notes))
 
 
-def _exported_graph(workload, optimize: bool) -> onnx.ModelProto:
+def _exported_graph(workload, optimize: bool) -> tuple[onnx.ModelProto, list[str]]:
     """``torch.onnx.export(dynamo=True)`` of the folded model at opset 21, batch (and the sequence
-    length of token inputs) dynamic. ``optimize=False`` replaces the exporter's optimizer by constant
-    folding alone: its rewrite rules fuse a BatchNorm the simulation kept (one outside an
-    ``nn.Sequential``) into the conv's weight, and the file must hold the weights the simulation quantizes."""
+    length of token inputs) dynamic unless the model fixes them (``Dim.AUTO``: a program saved at a
+    fixed batch specializes it; the file is then declared at that batch and a note says so).
+    ``optimize=False`` replaces the exporter's optimizer by constant folding alone: its rewrite rules
+    fuse a BatchNorm the simulation kept (one outside an ``nn.Sequential``) into the conv's weight, and
+    the file must hold the weights the simulation quantizes. Returns (graph, notes)."""
     import inspect
 
     import onnx_ir.passes.common as ir_passes
     import onnxscript.optimizer
+    from torch.onnx import OnnxExporterError
 
     model = workload.folded[0]
-    example = tuple(t[:2] for t in workload.calibration.inputs)
-    dims = tuple({0: torch.export.Dim.DYNAMIC, **({1: torch.export.Dim.DYNAMIC}
-                  if t.dim() == 2 and not t.is_floating_point() else {})} for t in example)
-    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
-        dims = (dims,)  # forward(*args) (an unflattened .pt2 program): the inputs are one tuple argument
+
+    def exported(batch: int):
+        example = tuple(t[torch.arange(batch) % len(t)] for t in workload.calibration.inputs)
+        dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO}
+                      if t.dim() == 2 and not t.is_floating_point() else {})} for t in example)
+        if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+            dims = (dims,)  # forward(*args) (an unflattened .pt2 program): the inputs are one tuple argument
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's own pytree deprecation inside export (it deep-copies TreeSpecs), not a call of ours
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            return torch.onnx.export(model, example, dynamo=True, opset_version=OPSET, dynamic_shapes=dims,
+                                     verbose=False, optimize=optimize)
+
     exporter_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" and similar chatter
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch's own pytree deprecation inside export (it deep-copies TreeSpecs), not a call of ours
-            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-            program = torch.onnx.export(model, example, dynamo=True, opset_version=OPSET, dynamic_shapes=dims,
-                                        verbose=False, optimize=optimize)
+        try:
+            program = exported(2)
+        except OnnxExporterError:
+            # a program that runs only one batch size (the loader's ``workload.batch_size``) traced at it
+            if workload.batch_size in (2, Workload.batch_size) or workload.batch_size > len(workload.calibration):
+                raise
+            program = exported(workload.batch_size)
     finally:
         exporter_log.setLevel(level)
     if not optimize:
@@ -106,7 +120,7 @@ def _exported_graph(workload, optimize: bool) -> onnx.ModelProto:
     _rename_io(ed)
     ed.finish()
     _strip(proto)
-    return proto
+    return _free_batch(proto, workload)
 
 
 def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
@@ -150,8 +164,7 @@ def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str
     _rename_io(ed)
     ed.finish()
     _strip(proto)
-    proto, notes = _free_batch(proto, workload)
-    return proto, notes, names
+    return (*_free_batch(proto, workload), names)
 
 
 def _rename_io(ed: GraphEditor) -> None:
@@ -180,9 +193,13 @@ def _strip(proto: onnx.ModelProto) -> None:
 
 
 def _declared_batch(proto: onnx.ModelProto) -> int | None:
-    """The first input's first dimension as the graph declares it: a size, or None when symbolic."""
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if len(dims) and dims[0].HasField("dim_value") else None
+    """The batch size the graph declares (its first input's first dimension, else its output's), or None
+    when both are symbolic."""
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value"):
+            return dims[0].dim_value
+    return None
 
 
 def _declare_batch(proto: onnx.ModelProto, batch: int | str) -> None:
@@ -220,8 +237,8 @@ def _batch_from_input(proto: onnx.ModelProto, size: int) -> int:
 
 
 def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list[str]]:
-    """The uploaded graph with a dynamic batch dimension where it can have one: shapes that write the
-    traced batch size B rewritten (``_batch_from_input``), then checked in ONNX Runtime -- at batch 1,
+    """The graph with a dynamic batch dimension where it can have one: shapes that write the batch size B
+    it was traced at (``_declared_batch``) rewritten (``_batch_from_input``), then checked in ONNX Runtime -- at batch 1,
     B and 8 each sample's output must be the one the source graph gives at batch B. If they are not,
     the source graph is kept with its inputs and output declared at batch B, and a note says so."""
     fixed = _declared_batch(proto)
@@ -245,12 +262,12 @@ def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list
         if problem:
             break
     if problem is None:
-        return proto, [f"the uploaded graph was exported at batch {fixed}: {rewritten} shape(s) writing {fixed} now "
+        return proto, [f"the model's graph was traced at batch {fixed}: {rewritten} shape(s) writing {fixed} now "
                        f"read the batch of each run, so the file runs any batch size (checked at 1, {fixed} and 8)"
                        ] if rewritten else []
     fixed_proto = onnx.load_from_string(source)
     _declare_batch(fixed_proto, fixed)
-    return fixed_proto, [f"the uploaded graph hard-codes batch {fixed} and {problem} even with the shapes that write "
+    return fixed_proto, [f"the model's graph hard-codes batch {fixed} and {problem} even with the shapes that write "
                          f"{fixed} rewritten, so the file is declared and runs at batch {fixed} only; export the source "
                          "model with a dynamic batch dimension to run other batch sizes"]
 
