@@ -1,11 +1,12 @@
 """The FP32 ONNX graph the export edits, built once per workload, batch dimension dynamic.
 
 An uploaded ONNX model's own graph (``OnnxModule.source``; each layer's weight input replaced by the
-simulated model's weight, upgraded to opset 21 if older, checked at batch 1 and 8, a note if a Reshape
-fixes the batch); any other model's BatchNorm-folded copy (``workload.folded[0]``) exported with
+simulated model's weight, upgraded to opset 21 if older); any other model's BatchNorm-folded copy (``workload.folded[0]``) exported with
 ``torch.onnx.export(dynamo=True)`` at opset 21 (a ``.pt2`` program's unflattened module too), without the
 exporter's BatchNorm fusion when the simulation kept a BatchNorm. Inputs are named ``input_0..``, the
 first output ``output``; a Gemm with a constant weight becomes MatMul (+ Add), which ONNX Runtime fuses.
+Either graph then gets a dynamic batch (``_free_batch``): shapes that write the traced batch read the batch
+of the run, checked in ONNX Runtime at 1, B and 8; a graph that still fixes it is declared at B, with a note.
 """
 
 from __future__ import annotations
