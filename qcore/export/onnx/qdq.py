@@ -20,6 +20,7 @@ import onnx
 from onnx import helper
 
 from qcore.export.graph import GraphEditor
+from qcore.export.onnx import integer
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.float_graph import OPSET, float_graph
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
@@ -87,6 +88,12 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
                "reason": "kept in FP32 by the recipe"}
         iq = input_quantizer(name, info.kind, plan.activations, calib)
         data_input = None if node is None or node.op_type == "Gather" else 0
+        if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
+            ed.drop_initializer(init)
+            row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, quantize(weight, plan.weights))
+            codes_of[name], row["stored_bytes"] = stored[0], stored_bytes(ed, set(stored))
+            rows.append(row)
+            continue
         if iq is not None and data_input is not None:
             new_input, row["activations"] = quantize_input(ed, node.input[data_input], iq, node)
             node.input[data_input] = new_input
