@@ -131,6 +131,21 @@ MUTANTS = [
            "entropy reference drops the clipped outliers", CALIBRATION),
     Mutant("granularity", "qcore/numerics/granularity.py", "return x.movedim(axis, 0).reshape(x.shape[axis], -1)",
            "return x.reshape(x.shape[axis], -1)", "per_channel ignores the axis", NUMERICS),
+    # the recipe, training and file-level analyses (their own test files are the oracles named)
+    Mutant("recipe", "qcore/numerics/spec.py", "g = group_size_for(fan_in(tuple(shape)), self.group_size)",
+           "g = self.group_size", "group size not fitted to the layer's fan-in", ("tests/test_recipe_links.py", "tests/test_recipe.py")),
+    Mutant("recipe", "qcore/recipe/core.py", "specs.append(default if written is KEEP else None)",
+           "specs.append(default)", "a layer entry's null part inherits the default instead of staying float",
+           ("tests/test_recipe_links.py", "tests/test_recipe.py")),
+    Mutant("qat", "qcore/numerics/ste.py", "return (grad if inside is None else grad * inside), None, None, None",
+           "return grad, None, None, None", "the STE passes gradients of clipped values", ("tests/test_qat.py",)),
+    Mutant("sweep cache", "qcore/analysis/sweep_cache.py", "task.kind, task.headline, task.higher_is_better,",
+           "task.kind, task.higher_is_better,", "the cache key ignores the headline metric", ("tests/test_sensitivity.py", "tests/test_integrity.py")),
+    Mutant("summary", "qcore/analysis/summary.py", '"share": info.params / total,', '"share": info.params / (total + 1),',
+           "a layer's share of the weights off by one parameter", ("tests/test_cli.py", "tests/test_app.py")),
+    Mutant("export policy", "qcore/export/policy.py", "    if kind == \"Embedding\":\n        return \"the table is dequantized",
+           "    if kind == \"Embeddin\":\n        return \"the table is dequantized", "embeddings explained as a missing int8 kernel",
+           ("tests/test_export_qdq.py",)),
 ]
 
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import threading
@@ -122,6 +124,10 @@ def test_same_name_and_weights_different_operator_is_not_served_another_users_ro
     relu, sigmoid = workloads["Relu"], workloads["Sigmoid"]
     assert relu.name == sigmoid.name and relu.layer_shapes == sigmoid.layer_shapes
     assert sweep_cache.fingerprint(relu) != sweep_cache.fingerprint(sigmoid)
+    # the same bytes scored by another headline metric (or direction) are other results
+    other = [dataclasses.replace(relu, task=dataclasses.replace(relu.task, **change))
+             for change in ({"headline": "sqnr_db"}, {"higher_is_better": not relu.task.higher_is_better})]
+    assert len({sweep_cache.fingerprint(x) for x in (relu, *other)}) == 3
 
     clear_memory_cache()
     shared = tmp_path / "shared-cache"

@@ -265,6 +265,8 @@ def test_embedding_tables_export_as_simulated(tmp_path, weights):
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_0": ids.numpy()})[0]
     assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max()
     assert [row["layer"] for row in r.layers] == ["0", "1"]
+    table = r.layers[0]  # the table is read by a Gather: no int8 kernel, and the reason says so (not "no kernel")
+    assert table["executes"] == "float (dequantized)" and "dequantized before the Gather" in table["reason"]
 
 
 def test_summary_lines_label_every_number_and_state_a_shared_reason_once():
