@@ -72,28 +72,30 @@ def _npy_header(zf: zipfile.ZipFile, member: str, name: str) -> tuple[tuple[int,
     return shape, dtype
 
 
-def _npz_arrays(p: Path, limit: int) -> tuple[list, np.ndarray | None, tuple[str, ...] | None]:
-    """(input arrays, labels, names) of an .npz; each array's header is checked before its data is read.
-    ``names`` is None for positional inputs (``x`` or ``x0, x1, ...``), else the arrays' names in file order."""
+def _npz_arrays(p: Path, limit: int) -> tuple[list, np.ndarray | None, tuple[str, ...] | None, dict]:
+    """(input arrays, labels, names, scalars) of an .npz; each array's header is checked before its data is
+    read. ``names`` is None for positional inputs (``x`` or ``x0, x1, ...``), else the arrays' names in file
+    order; ``scalars`` are the 0-d arrays by name (values of scalar inputs)."""
     zip_members(p, limit)
     with reading(p.name, _HINT + " (arrays x and optional y, saved with numpy.savez)"), zipfile.ZipFile(p) as zf:
         members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+        headers = {k: _npy_header(zf, m, p.name) for k, m in members.items()}
         label = "labels" if "labels" in members else "y" if "y" in members else None
+        scalars = [k for k, (shape, _) in headers.items() if shape == () and k != label]
         keys = ["x"] if "x" in members else sorted((k for k in members if re.fullmatch(r"x\d+", k)), key=lambda k: int(k[1:]))
-        names = None if keys else tuple(k for k in members if k != label)
+        names = None if keys else tuple(k for k in members if k != label and k not in scalars)
         keys = keys or list(names)
         if not keys:
             raise QcoreError(f"{p.name} has arrays {sorted(members)[:20]} but no 'x'; save it with "
                              "numpy.savez(path, x=..., y=...), or one array per model input named after it")
-        wanted = keys + [label] * (label is not None)
-        headers = [_npy_header(zf, members[k], p.name) for k in wanted]
-        _check_data_bytes(p.name, [(math.prod(shape), dtype.itemsize) for shape, dtype in headers])
-        arrays = []
+        wanted = keys + [label] * (label is not None) + scalars
+        _check_data_bytes(p.name, [(math.prod(headers[k][0]), headers[k][1].itemsize) for k in wanted])
+        arrays = {}
         for k in wanted:
             with zf.open(members[k]) as f:
                 a = np.lib.format.read_array(f, allow_pickle=False)
-            arrays.append(a.astype(a.dtype.newbyteorder("="), copy=False))  # torch reads native byte order only
-    return arrays[:len(keys)], arrays[len(keys)] if len(wanted) > len(keys) else None, names
+            arrays[k] = a.astype(a.dtype.newbyteorder("="), copy=False)  # torch reads native byte order only
+    return [arrays[k] for k in keys], arrays.get(label), names, {k: arrays[k] for k in scalars}
 
 
 def _pt_tensors(p: Path, limit: int) -> tuple[list, torch.Tensor | None]:
@@ -195,18 +197,15 @@ def load_data_file(path, label_column: str | None = None, max_bytes: int | None 
     ext = p.suffix.lower()
     names, constants = None, {}
     if ext == ".npz":
-        xs, y, names = _npz_arrays(p, limit)
+        xs, y, names, scalars = _npz_arrays(p, limit)
+        constants = {k: _as_tensor(v, f"{p.name} input {k!r}", scalar=True) for k, v in scalars.items()}
     elif ext == ".csv":
         xs, y = _csv_arrays(p, label_column)
     else:
         xs, y = _pt_tensors(p, limit)
-    if names is not None:  # named inputs: 0-d arrays are scalar inputs, the rest one row per sample
-        constants = {k: _as_tensor(x, f"{p.name} input {k!r}", scalar=True) for k, x in zip(names, xs) if np.ndim(x) == 0}
-        xs = [x for k, x in zip(names, xs) if k not in constants]
-        names = tuple(k for k in names if k not in constants)
-        if not xs:
-            raise QcoreError(f"{p.name} holds only single numbers ({', '.join(constants)}); give at least one input "
-                             "with one row per sample")
+    if not xs:
+        raise QcoreError(f"{p.name} holds only single numbers ({', '.join(constants)}); give at least one input "
+                         "with one row per sample")
     inputs = tuple(_as_tensor(x, f"{p.name} input {i if names is None else repr(names[i])}") for i, x in enumerate(xs))
     n = len(inputs[0])
     if any(len(t) != n for t in inputs):
@@ -257,23 +256,24 @@ def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:
                          "give one array per input (npz: x0, x1, ...; pt: {'x': (x0, x1)})")
     out = []
     for i, x in enumerate(data.inputs):
+        which = f"input {i}" if data.names is None else f"input {data.names[i]!r}"
         spec = specs[i] if specs is not None else InputSpec(tuple(x.shape[1:]))
         sample = tuple(x.shape[1:])
         fits = len(sample) == len(spec.sample_shape) and all(
             a == b or j in spec.dynamic for j, (a, b) in enumerate(zip(sample, spec.sample_shape)))
         if not fits:
             if spec.dynamic or math.prod(sample) != math.prod(spec.sample_shape):
-                raise QcoreError(f"{source}: input {i} has samples of shape {sample} ({math.prod(sample)} values) but the "
+                raise QcoreError(f"{source}: {which} has samples of shape {sample} ({math.prod(sample)} values) but the "
                                  f"model expects {spec.sample_shape} ({math.prod(spec.sample_shape)} values); reshape the "
                                  "data, or export the model for that shape")
             x = x.reshape(len(x), *spec.sample_shape)
         if torch.is_floating_point(torch.empty(0, dtype=spec.dtype)):
             x = x.to(spec.dtype)
             if not torch.isfinite(x).all():
-                raise QcoreError(f"{source}: input {i} contains NaN or Inf; clean the data first")
+                raise QcoreError(f"{source}: {which} contains NaN or Inf; clean the data first")
         else:
             if torch.is_floating_point(x) and not bool((x == x.round()).all()):
-                raise QcoreError(f"{source}: input {i} must hold whole numbers (e.g. token ids) for this model")
+                raise QcoreError(f"{source}: {which} must hold whole numbers (e.g. token ids) for this model")
             x = x.to(spec.dtype)
         out.append(x)
     return Data(tuple(out), data.labels, data.names)
