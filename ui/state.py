@@ -10,6 +10,7 @@ object per zoo model for every session, never modified (recipes are applied to c
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 import streamlit as st
 
@@ -232,14 +233,38 @@ def small(w) -> bool:
 
 
 def sweep(w, candidates: list[str], mode: str = "both", view: str = "only"):
-    """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar."""
+    """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar and a Stop button."""
     from qcore.analysis import sensitivity
 
-    bar = st.progress(0.0, text="Sensitivity sweep…")
-    result = sensitivity.sweep(w, candidates, mode, view,
-                               progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0), text=f"Sweep: {plain(msg)}"))
-    bar.empty()
-    return result
+    with stoppable("sweep", "Sensitivity sweep…") as advance:
+        return sensitivity.sweep(w, candidates, mode, view, progress=lambda f, msg="": advance(f, f"Sweep: {plain(msg)}"))
+
+
+@contextmanager
+def stoppable(what: str, text: str):
+    """A progress bar and a Stop button for the long computation run inside; yields ``advance(fraction, text)``.
+
+    Streamlit's own stop: a click reruns the page, and Streamlit ends the running script at its next call
+    (``runner.fastReruns``, on by default) -- here the next ``advance`` -- so the computation stops at its next
+    progress step, and nothing partial is cached (the engine caches only finished sweeps and evaluations). On
+    that rerun the button reads true: the page says so and stops, so the computation does not start again.
+    Bar and button are removed when the computation ends."""
+    stop, bar = st.empty(), st.empty()
+    if stop.button(f"Stop the {what}", key=f"stop:{what}", icon=":material/stop_circle:",
+                   help="stops at the next progress step; nothing partial is kept"):
+        stop.info(f"The {what} was stopped. Start it again to finish it.", icon=":material/stop_circle:")
+        st.stop()
+    bar.progress(0.0, text=text)
+    try:
+        yield lambda fraction, shown=text: bar.progress(min(max(float(fraction), 0.0), 1.0), text=shown)
+    finally:
+        stop.empty()
+        bar.empty()
+
+
+def on_samples(samples: int, total: int) -> str:
+    """``" (computed on N of M samples)"`` for a number computed on a subset of the evaluation data, else ``""``."""
+    return f" (computed on {samples:,} of {total:,} samples)" if samples < total else ""
 
 
 @st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)

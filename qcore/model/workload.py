@@ -231,11 +231,20 @@ class Workload:
         return self.task.metrics(ref, ref, self.evaluation.labels)
 
     # ---- per recipe ------------------------------------------------------------------------
-    def run(self, model: nn.Module, data: Data) -> torch.Tensor:
-        """Outputs of ``model`` over ``data``, concatenated along the batch dimension."""
+    def run(self, model: nn.Module, data: Data, progress: Callable[[float], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Outputs of ``model`` over ``data``, concatenated along the batch dimension. ``progress(fraction)``
+        is called after each batch; ``should_stop()`` true before a batch raises ``EvaluationCancelled``."""
         model.eval()
+        batches, outputs = data.batches(self.batch_size), []
         with torch.no_grad():
-            return torch.cat([model(*b).float() for b in data.batches(self.batch_size)])
+            for i, b in enumerate(batches):
+                if should_stop and should_stop():
+                    raise EvaluationCancelled("the evaluation was cancelled; run it again to finish")
+                outputs.append(model(*b).float())
+                if progress:
+                    progress((i + 1) / len(batches))
+        return torch.cat(outputs)
 
     def simulate(self, recipe: Recipe, quantized_weights=None) -> Simulation:
         from qcore.model.simulate import needs_calibration
@@ -249,11 +258,13 @@ class Workload:
     def size(self, recipe: Recipe) -> dict:
         return model_size(self.model, self.layers, recipe)
 
-    def evaluate(self, recipe: Recipe) -> "Evaluation":
+    def evaluate(self, recipe: Recipe, progress: Callable[[float], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> "Evaluation":
         """Metrics and sizes of FP32 and of the simulated model under ``recipe``, on the whole
-        evaluation set (metrics against the FP32 reference outputs and the labels)."""
+        evaluation set (metrics against the FP32 reference outputs and the labels); ``progress`` and
+        ``should_stop`` as in ``run`` (over the quantized model's batches)."""
         sim = self.simulate(recipe)
-        outputs = self.run(sim.model, self.evaluation)
+        outputs = self.run(sim.model, self.evaluation, progress, should_stop)
         size = self.size(recipe)
         return Evaluation(
             model=self.name, recipe=recipe.to_dict(), metric=self.task.headline,
@@ -261,6 +272,10 @@ class Workload:
             quantized=Measured(size["size_bytes"],
                                self.task.metrics(outputs, self.reference_outputs, self.evaluation.labels)),
             folded=[list(p) for p in sim.folded], notes=list(self.notes))
+
+
+class EvaluationCancelled(QcoreError):
+    """``Workload.run`` was stopped by ``should_stop``."""
 
 
 @dataclass(frozen=True)
