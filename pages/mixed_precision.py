@@ -103,7 +103,8 @@ elif estimate:
         m4.caption(state.on_samples(sweep.samples, sweep.evaluation_samples).strip(" ()"))
 
 if st.button("Evaluate this recipe (measured)", type="primary"):
-    result = state.evaluate(key, w, recipe.to_json())
+    with state.stoppable("evaluation", "Evaluating the recipe…"):
+        result = state.evaluate(key, w, recipe.to_json())
     state.remember(key, w, recipe, f"evaluated: {recipe.name}")
     st.session_state[keys.MEASURED_RECIPE] = {"recipe": recipe.to_json(), "result": result}
 shown = st.session_state.get(keys.MEASURED_RECIPE)

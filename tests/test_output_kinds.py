@@ -239,3 +239,14 @@ def test_scalar_onnx_input_without_a_value_is_one_line(scalar_onnx, tmp_path):
         with pytest.raises(QcoreError) as e:
             load_workload(str(scalar_onnx[0]), data)
         assert "input 'gain' is a scalar (rank 0)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_zoo_model_with_an_output_kind_set(digits_mlp):
+    w = load_workload("digits-mlp", output_kind="embedding")
+    assert (w.task.kind, w.task.headline, w.task.why) == ("embedding", "cosine_to_fp32", "set by you")
+    assert w.evaluation.labels is None and w.content_hash != digits_mlp.content_hash
+    ref = digits_mlp.reference_outputs.double()
+    assert w.fp32_metrics["cosine_to_fp32"] == pytest.approx(1.0)
+    out = w.run(w.simulate(preset("int4-weight-only", w.layer_shapes)).model, w.evaluation).double()
+    cos = ((out * ref).sum(1) / out.norm(dim=1) / ref.norm(dim=1)).mean()
+    assert w.evaluate(preset("int4-weight-only", w.layer_shapes)).quantized.metrics["cosine_to_fp32"] == pytest.approx(float(cos))

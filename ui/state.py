@@ -269,8 +269,19 @@ def on_samples(samples: int, total: int) -> str:
 
 @st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)
 def evaluate(key: str, _w, recipe_json: str) -> dict:
-    """``Workload.evaluate`` (measured), cached per workload and recipe."""
-    return _w.evaluate(Recipe.from_json(recipe_json)).to_dict()
+    """``Workload.evaluate`` (measured), cached per workload and recipe, with a progress bar over its batches
+    (made and removed in here, so a cached result replays nothing visible). Each bar update is a point where a
+    Stop click (``stoppable`` around the call) ends the run; the bar moves at most 50 times."""
+    text = f"Evaluating on {len(_w.evaluation):,} samples…"
+    bar, shown = st.progress(0.0, text=text), [0.0]
+
+    def advance(fraction: float) -> None:
+        if fraction - shown[0] >= 0.02 or fraction >= 1.0:
+            shown[0] = fraction
+            bar.progress(min(fraction, 1.0), text=text)
+    result = _w.evaluate(Recipe.from_json(recipe_json), progress=advance).to_dict()
+    bar.empty()
+    return result
 
 
 def remember(key: str, w, recipe: Recipe, what: str) -> str:
