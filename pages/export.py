@@ -75,7 +75,7 @@ if state.small(w) or settings.get("key") == key:  # a large model's sweep only o
                        file_name=f"{w.name}-sensitivity-{sweep['mode']}-{sweep['view']}.csv", mime="text/csv",
                        on_click="ignore", icon=":material/download:", key="download_sensitivity",
                        help=f"{plain(', '.join(sweep['candidates']))}; mode {sweep['mode']}, view {sweep['view']} "
-                            "(chosen on the Sensitivity page)")
+                            "(chosen on the Sensitivity page)" + state.on_samples(sweep["samples"], sweep["evaluation_samples"]))
 else:
     c4.info("Run the sweep on the Sensitivity page to export its table and charts.", icon=":material/info:")
 

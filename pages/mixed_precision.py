@@ -97,11 +97,14 @@ if estimate and estimate["missing"]:
                      "recipe for the measured number, or add a matching candidate on the Sensitivity page."),
                icon=":material/warning:")
 elif estimate:
-    m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}",
-              help="FP32 minus the sum of each layer's single-layer drop from the sweep; not a measurement")
+    m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}", help="FP32 minus the sum of each layer's "
+              "single-layer drop from the sweep; not a measurement" + state.on_samples(sweep.samples, sweep.evaluation_samples))
+    if sweep.samples < sweep.evaluation_samples:
+        m4.caption(state.on_samples(sweep.samples, sweep.evaluation_samples).strip(" ()"))
 
 if st.button("Evaluate this recipe (measured)", type="primary"):
-    result = state.evaluate(key, w, recipe.to_json())
+    with state.stoppable("evaluation", "Evaluating the recipe…"):
+        result = state.evaluate(key, w, recipe.to_json())
     state.remember(key, w, recipe, f"evaluated: {recipe.name}")
     st.session_state[keys.MEASURED_RECIPE] = {"recipe": recipe.to_json(), "result": result}
 shown = st.session_state.get(keys.MEASURED_RECIPE)
@@ -119,10 +122,8 @@ else:
     target = {"min_metric": st.number_input(f"Smallest acceptable {plain(w.task.headline)}", value=round(
         w.fp32_metrics[w.task.headline] - 0.01, 4), format="%.4f", key="mp_target")}
 if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
-    bar = st.progress(0.0, text="Searching…")
-    found = search.search(w, candidates, **target, progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0),
-                                                                                          text=f"Search: {msg}")).to_dict()
-    bar.empty()
+    with state.stoppable("search", "Searching…") as advance:
+        found = search.search(w, candidates, **target, progress=lambda f, msg="": advance(f, f"Search: {plain(msg)}")).to_dict()
     goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} ≥ {target['min_metric']:.4f}"
     found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
                                     f"search: {goal_text}")

@@ -7,6 +7,7 @@ from ui import formulas, state
 from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.model.size import float_bytes
+from qcore.model.workload import OUTPUT_KINDS
 from ui.text import plain
 
 key, w = state.active()
@@ -62,6 +63,8 @@ d2.metric("Evaluation samples", f"{len(w.evaluation):,}", help="the quantized mo
 d3.metric(f"FP32 {headline}", f"{fp32_metrics[headline]:.4f}", help="the reference every quantized model is compared with")
 st.write(f"The headline metric is **{headline}**"
          + (" (top-1 accuracy against the labels)." if headline == "accuracy" else
-            " (how often the quantized model's top-1 agrees with FP32's; no labels)." if headline == "agreement" else "."))
+            " (how often the quantized model's top-1 agrees with FP32's; no labels)." if headline == "agreement" else ".")
+         + f" The output is scored as **{w.task.kind}**" + (f" ({plain(w.task.why)})" if w.task.why else "")
+         + f": {OUTPUT_KINDS.get(w.task.kind, '')}.")
 for note in w.notes:
     st.info(plain(note), icon=":material/info:")

@@ -50,6 +50,7 @@ chosen = st.selectbox("Rank the layers under", candidates, index=candidates.inde
                       key=f"sens_rank_candidate:{mode}:{view}",
                       help=f"starts at {plain(widest)}: its drops differ most between layers, so its ranking tells them apart")
 m1, m2, m3 = st.columns(3)
+subset = state.on_samples(result["samples"], result["evaluation_samples"])
 m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
 ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
 m2.metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
@@ -58,6 +59,9 @@ m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only 
           help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
                "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone in float "
                "recovers the most"))
+if subset:
+    st.caption(f"Every number of this sweep is {subset.strip(' ()')} (evenly spaced), to keep it fast; Evaluate on "
+               "Mixed precision measures a recipe on all of them.")
 
 st.plotly_chart(viz_decide.ranked_drops(result["rows"], chosen, metric), width="stretch")
 st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")

@@ -40,12 +40,11 @@ for label, d in candidates:  # the first label of a recipe wins: each recipe is 
 if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
     st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")
     st.stop()
-bar = st.progress(0.0)
 results = {}
-for i, (label, recipe) in enumerate(recipes.items()):
-    bar.progress(i / len(recipes), text=f"Evaluating {plain(label)} ({i + 1}/{len(recipes)})…")
-    results[label] = state.evaluate(key, w, recipe.to_json())
-bar.empty()
+with state.stoppable("evaluation", "Evaluating…") as advance:
+    for i, (label, recipe) in enumerate(recipes.items()):
+        advance(i / len(recipes), f"Evaluating {plain(label)} ({i + 1}/{len(recipes)})…")
+        results[label] = state.evaluate(key, w, recipe.to_json())
 
 metric, higher = w.task.headline, w.task.higher_is_better
 fp32 = results["FP32"]

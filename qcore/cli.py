@@ -46,11 +46,12 @@ def _mib(n: int) -> str:
 
 
 def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = False, label_column: str | None = None,
-                     allow_no_data: bool = False):
-    """A zoo name or a model file (plus optional data file) -> Workload (``allow_no_data``: see ``load_workload``)."""
+                     allow_no_data: bool = False, output_kind: str | None = None):
+    """A zoo name or a model file (plus optional data file) -> Workload (``allow_no_data``, ``output_kind``: see
+    ``load_workload``)."""
     from qcore.zoo import ZOO, load
 
-    if model in ZOO and data is None:
+    if model in ZOO and data is None and output_kind is None:
         return load(model)
     for what, path in (("model", model), ("data", data)):
         try:
@@ -63,12 +64,13 @@ def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = F
             raise QcoreError(f"{what} path {shown!r} cannot be read ({e.strerror}); give a file path") from None
     from qcore.io.workload import load_workload
 
-    return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column, allow_no_data=allow_no_data)
+    return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column, allow_no_data=allow_no_data,
+                         output_kind=output_kind)
 
 
 def _workload(args, allow_no_data: bool = False):
     return resolve_workload(args.model, getattr(args, "data", None), args.trust_pickle, getattr(args, "label_column", None),
-                            allow_no_data)
+                            allow_no_data, getattr(args, "output_kind", None))
 
 
 def _output_file(path: str) -> str:
@@ -278,6 +280,8 @@ def _add_sweep_commands(command):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qcore.model.workload import OUTPUT_KINDS
+
     p = _Parser(prog="python -m qcore", description="Quantization Explorer engine")
     p.add_argument("--trust-pickle", action="store_true", default=os.environ.get("QCORE_TRUST_PICKLE") == "1",
                    help="runs code from the file: allow pickled whole models (torch.save(model)) and TorchScript "
@@ -292,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         if data:
             c.add_argument("--data", help="data file (.npz with x[,y], .pt tensors, .csv)")
             c.add_argument("--label-column", help="CSV: the column holding labels")
+            c.add_argument("--output-kind", choices=list(OUTPUT_KINDS),
+                           help="what the model's output is, which sets the headline metric (default: inferred from "
+                                "a final Sigmoid/Softmax, the labels and the output shape): "
+                                + "; ".join(f"{k}: {v}" for k, v in OUTPUT_KINDS.items()))
         if recipe:
             c.add_argument("--preset", help="a preset name (fp16, int8-static, ...)")
             c.add_argument("--recipe", help="a recipe JSON file")

@@ -299,3 +299,41 @@ def test_link_waiting_for_an_upload_is_dropped_when_the_receiver_goes_back_to_th
     visit(at, "mixed_precision")  # a page that writes the address (AppTest runs later pages without app.py)
     assert keys.LINK_UPLOAD not in at.session_state
     assert "upload" not in at.query_params and "preset" not in at.query_params  # the zoo model's own (default) recipe
+
+
+# ---- issue 14: sweeps on a subset say so beside their numbers; the Model page names the output kind ----
+def test_a_sweep_on_a_subset_says_on_how_many_samples(tmp_path, monkeypatch):
+    from qcore.analysis import sweep_cache
+
+    monkeypatch.setenv("QCORE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sensitivity, "SWEEP_FLOPS", 1.0)  # every sweep drops to MIN_SWEEP_SAMPLES
+    sweep_cache.clear_memory_cache()
+    try:
+        at = visit(start(), "sensitivity")
+        n = len(zoo.load("digits-mlp").evaluation)
+        expected = f"computed on {sensitivity.MIN_SWEEP_SAMPLES} of {n:,} samples"
+        assert any(expected in c.value for c in at.caption), [c.value for c in at.caption]
+    finally:
+        sweep_cache.clear_memory_cache()  # the subset sweep must not serve other tests
+
+
+def test_model_page_says_which_output_kind_and_why(tmp_path):
+    import numpy as np
+    import torch
+    from qcore.io.workload import load_workload
+    from test_output_kinds import Vad
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(Vad(x).eval(), (x[:2],), dynamic_shapes=({0: batch},)), tmp_path / "vad.pt2")
+    np.savez(tmp_path / "vad.npz", x=x.numpy())
+    workload = load_workload(str(tmp_path / "vad.pt2"), str(tmp_path / "vad.npz"))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state[keys.SOURCE] = keys.UPLOAD_SOURCE
+    at.session_state[keys.UPLOAD] = {"key": "upload:vad", "workload": workload, "label": "vad.pt2"}
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    text = " ".join(visible(m.value) for m in at.markdown)
+    assert "The headline metric is **decision_agreement**" in text
+    assert "scored as **probabilities** (inferred from the final Sigmoid)" in text
+    assert "The model's output is" in [s.label for s in at.sidebar.selectbox]

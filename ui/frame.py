@@ -24,6 +24,7 @@ from pathlib import Path
 import streamlit as st
 
 from qcore.errors import QcoreError
+from qcore.model.workload import OUTPUT_KINDS
 from qcore.zoo import DEFAULT_MODEL, ZOO
 from ui import keys, state
 from ui.text import plain
@@ -57,7 +58,7 @@ def pages() -> list:
 _framed = contextvars.ContextVar("framed", default=False)  # this script run is inside run() (per session thread)
 
 
-def load_upload(model_file, data_file, label_column: str) -> None:
+def load_upload(model_file, data_file, label_column: str, output_kind: str | None = None) -> None:
     """Load the uploaded files into session state; a user error is kept as a message and whatever
     was loaded before stays loaded."""
     from qcore.io.sandbox import vet_upload
@@ -76,7 +77,7 @@ def load_upload(model_file, data_file, label_column: str) -> None:
         try:
             with st.spinner(f"Loading {plain(model_file.name)}…"):
                 vet_upload(paths[0], paths[1], label_column or None)  # in a child process, under limits
-                workload = load_workload(paths[0], paths[1], label_column=label_column or None)
+                workload = load_workload(paths[0], paths[1], label_column=label_column or None, output_kind=output_kind)
                 _ = workload.layers  # find the layers while the files exist
         except QcoreError as e:
             st.session_state[keys.UPLOAD_ERROR] = str(e)
@@ -104,8 +105,11 @@ def sidebar() -> None:
             data_file = st.file_uploader("Data file (optional)", type=DATA_TYPES,
                                          help=".npz with x (and y), .pt tensors, or .csv; used for calibration and evaluation")
             label_column = st.text_input("CSV label column (optional)", key=keys.LABEL_COLUMN)
+            output_kind = st.selectbox("The model's output is", [None, *OUTPUT_KINDS], key="output_kind",
+                                       format_func=lambda k: "inferred from the model and data" if k is None else k,
+                                       help="sets the headline metric: " + "; ".join(f"{k}: {v}" for k, v in OUTPUT_KINDS.items()))
             if st.button("Load uploaded model", disabled=model_file is None, type="primary"):
-                load_upload(model_file, data_file, label_column)
+                load_upload(model_file, data_file, label_column, output_kind)
             state.active()  # checks a new upload against a link's ?upload= hash before its error is shown
             if st.session_state.get(keys.UPLOAD_ERROR):
                 st.error(plain(st.session_state[keys.UPLOAD_ERROR]), icon=":material/error:")

@@ -10,6 +10,7 @@ object per zoo model for every session, never modified (recipes are applied to c
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 
 import streamlit as st
 
@@ -232,20 +233,55 @@ def small(w) -> bool:
 
 
 def sweep(w, candidates: list[str], mode: str = "both", view: str = "only"):
-    """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar."""
+    """``sensitivity.sweep`` (memory + disk cache shared by every session) with a progress bar and a Stop button."""
     from qcore.analysis import sensitivity
 
-    bar = st.progress(0.0, text="Sensitivity sweep…")
-    result = sensitivity.sweep(w, candidates, mode, view,
-                               progress=lambda f, msg="": bar.progress(min(max(float(f), 0.0), 1.0), text=f"Sweep: {plain(msg)}"))
-    bar.empty()
-    return result
+    with stoppable("sweep", "Sensitivity sweep…") as advance:
+        return sensitivity.sweep(w, candidates, mode, view, progress=lambda f, msg="": advance(f, f"Sweep: {plain(msg)}"))
+
+
+@contextmanager
+def stoppable(what: str, text: str):
+    """A progress bar and a Stop button for the long computation run inside; yields ``advance(fraction, text)``.
+
+    Streamlit's own stop: a click reruns the page, and Streamlit ends the running script at its next call
+    (``runner.fastReruns``, on by default) -- here the next ``advance`` -- so the computation stops at its next
+    progress step, and nothing partial is cached (the engine caches only finished sweeps and evaluations). On
+    that rerun the button reads true: the page says so and stops, so the computation does not start again.
+    Bar and button are removed when the computation ends."""
+    stop, bar = st.empty(), st.empty()
+    if stop.button(f"Stop the {what}", key=f"stop:{what}", icon=":material/stop_circle:",
+                   help="stops at the next progress step; nothing partial is kept"):
+        stop.info(f"The {what} was stopped. Start it again to finish it.", icon=":material/stop_circle:")
+        st.stop()
+    bar.progress(0.0, text=text)
+    try:
+        yield lambda fraction, shown=text: bar.progress(min(max(float(fraction), 0.0), 1.0), text=shown)
+    finally:
+        stop.empty()
+        bar.empty()
+
+
+def on_samples(samples: int, total: int) -> str:
+    """``" (computed on N of M samples)"`` for a number computed on a subset of the evaluation data, else ``""``."""
+    return f" (computed on {samples:,} of {total:,} samples)" if samples < total else ""
 
 
 @st.cache_data(show_spinner="Evaluating the recipe on the evaluation data…", max_entries=256)
 def evaluate(key: str, _w, recipe_json: str) -> dict:
-    """``Workload.evaluate`` (measured), cached per workload and recipe."""
-    return _w.evaluate(Recipe.from_json(recipe_json)).to_dict()
+    """``Workload.evaluate`` (measured), cached per workload and recipe, with a progress bar over its batches
+    (made and removed in here, so a cached result replays nothing visible). Each bar update is a point where a
+    Stop click (``stoppable`` around the call) ends the run; the bar moves at most 50 times."""
+    text = f"Evaluating on {len(_w.evaluation):,} samples…"
+    bar, shown = st.progress(0.0, text=text), [0.0]
+
+    def advance(fraction: float) -> None:
+        if fraction - shown[0] >= 0.02 or fraction >= 1.0:
+            shown[0] = fraction
+            bar.progress(min(fraction, 1.0), text=text)
+    result = _w.evaluate(Recipe.from_json(recipe_json), progress=advance).to_dict()
+    bar.empty()
+    return result
 
 
 def remember(key: str, w, recipe: Recipe, what: str) -> str:

@@ -1,6 +1,8 @@
 """Data files -> ``Data``; fitting data to a model's inputs; synthetic inputs; the calibration/evaluation split.
 
-Data: ``.npz`` (``x`` [or ``x0``, ``x1``, ... for several inputs] and optional ``y``), ``.pt`` (a tensor,
+Data: ``.npz`` (``x`` [or ``x0``, ``x1``, ... for several inputs, in order], or one array named after each
+of the model's inputs, matched by name; labels in ``labels``, else ``y``; a 0-d array is the value of a
+scalar input, fed to every batch), ``.pt`` (a tensor,
 a ``(x, y)`` tuple or a ``{"x", "y"}`` dict; ``weights_only=True``), ``.csv`` (numeric feature columns;
 labels in the column named by ``label_column``). It is split with a seeded permutation into
 calibration (25 %, at least 1) and evaluation (the rest). Without data the inputs are synthetic
@@ -31,12 +33,12 @@ _CSV_PIECE_CELLS = 2**22  # CSV rows are parsed in pieces of about this many cel
 _HINT = "the file is truncated or corrupted, or not in the documented layout"
 
 
-def _as_tensor(a, what: str) -> torch.Tensor:
+def _as_tensor(a, what: str, scalar: bool = False) -> torch.Tensor:
     t = torch.as_tensor(a)
     if t.dtype == torch.bool or not (torch.is_floating_point(t) or t.dtype in (torch.int8, torch.int16, torch.int32,
                                                                                 torch.int64, torch.uint8)):
         raise QcoreError(f"{what} has dtype {t.dtype}; data must be numbers (float or integer arrays)")
-    if t.dim() == 0:
+    if t.dim() == 0 and not scalar:
         raise QcoreError(f"{what} is a single number; it needs one row per sample")
     return t
 
@@ -70,24 +72,30 @@ def _npy_header(zf: zipfile.ZipFile, member: str, name: str) -> tuple[tuple[int,
     return shape, dtype
 
 
-def _npz_arrays(p: Path, limit: int) -> tuple[list, np.ndarray | None]:
-    """Input arrays and labels of an .npz; each array's header is checked before its data is read."""
+def _npz_arrays(p: Path, limit: int) -> tuple[list, np.ndarray | None, tuple[str, ...] | None, dict]:
+    """(input arrays, labels, names, scalars) of an .npz; each array's header is checked before its data is
+    read. ``names`` is None for positional inputs (``x`` or ``x0, x1, ...``), else the arrays' names in file
+    order; ``scalars`` are the 0-d arrays by name (values of scalar inputs)."""
     zip_members(p, limit)
     with reading(p.name, _HINT + " (arrays x and optional y, saved with numpy.savez)"), zipfile.ZipFile(p) as zf:
         members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+        headers = {k: _npy_header(zf, m, p.name) for k, m in members.items()}
+        label = "labels" if "labels" in members else "y" if "y" in members else None
+        scalars = [k for k, (shape, _) in headers.items() if shape == () and k != label]
         keys = ["x"] if "x" in members else sorted((k for k in members if re.fullmatch(r"x\d+", k)), key=lambda k: int(k[1:]))
+        names = None if keys else tuple(k for k in members if k != label and k not in scalars)
+        keys = keys or list(names)
         if not keys:
             raise QcoreError(f"{p.name} has arrays {sorted(members)[:20]} but no 'x'; save it with "
-                             "numpy.savez(path, x=..., y=...)")
-        wanted = keys + ["y"] * ("y" in members)
-        headers = [_npy_header(zf, members[k], p.name) for k in wanted]
-        _check_data_bytes(p.name, [(math.prod(shape), dtype.itemsize) for shape, dtype in headers])
-        arrays = []
+                             "numpy.savez(path, x=..., y=...), or one array per model input named after it")
+        wanted = keys + [label] * (label is not None) + scalars
+        _check_data_bytes(p.name, [(math.prod(headers[k][0]), headers[k][1].itemsize) for k in wanted])
+        arrays = {}
         for k in wanted:
             with zf.open(members[k]) as f:
                 a = np.lib.format.read_array(f, allow_pickle=False)
-            arrays.append(a.astype(a.dtype.newbyteorder("="), copy=False))  # torch reads native byte order only
-    return arrays[:len(keys)], arrays[len(keys)] if len(wanted) > len(keys) else None
+            arrays[k] = a.astype(a.dtype.newbyteorder("="), copy=False)  # torch reads native byte order only
+    return [arrays[k] for k in keys], arrays.get(label), names, {k: arrays[k] for k in scalars}
 
 
 def _pt_tensors(p: Path, limit: int) -> tuple[list, torch.Tensor | None]:
@@ -187,13 +195,18 @@ def load_data_file(path, label_column: str | None = None, max_bytes: int | None 
     p = checked_file(path, DATA_EXTENSIONS, "data", max_bytes)
     limit = limits.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
     ext = p.suffix.lower()
+    names, constants = None, {}
     if ext == ".npz":
-        xs, y = _npz_arrays(p, limit)
+        xs, y, names, scalars = _npz_arrays(p, limit)
+        constants = {k: _as_tensor(v, f"{p.name} input {k!r}", scalar=True) for k, v in scalars.items()}
     elif ext == ".csv":
         xs, y = _csv_arrays(p, label_column)
     else:
         xs, y = _pt_tensors(p, limit)
-    inputs = tuple(_as_tensor(x, f"{p.name} input {i}") for i, x in enumerate(xs))
+    if not xs:
+        raise QcoreError(f"{p.name} holds only single numbers ({', '.join(constants)}); give at least one input "
+                         "with one row per sample")
+    inputs = tuple(_as_tensor(x, f"{p.name} input {i if names is None else repr(names[i])}") for i, x in enumerate(xs))
     n = len(inputs[0])
     if any(len(t) != n for t in inputs):
         raise QcoreError(f"{p.name}: the input arrays have different numbers of samples ({[len(t) for t in inputs]})")
@@ -210,36 +223,60 @@ def load_data_file(path, label_column: str | None = None, max_bytes: int | None 
         labels = labels[:, 0]
         if torch.is_floating_point(labels) and bool((labels == labels.round()).all()):
             labels = labels.long()
-    return Data(inputs, labels)
+    return Data(inputs, labels, names, constants)
+
+
+def match_names(data: Data, input_names: tuple[str, ...] | None, source: str) -> Data:
+    """``data`` with its named inputs in the model's order (``input_names``); scalars stay in ``constants``.
+    Unnamed data (``x``, ``x0, x1, ...``) is positional and returned as it is. One QcoreError line for an
+    input the file lacks, or an array that is no input of the model."""
+    if data.names is None:
+        return data
+    if input_names is None:
+        raise QcoreError(f"{source} names its arrays ({', '.join(data.names)}) but the model does not name its inputs; "
+                         "save them as x0, x1, ... in the model's input order")
+    given = dict(zip(data.names, data.inputs))
+    missing = [k for k in input_names if k not in given and k not in data.constants]
+    if missing:
+        raise QcoreError(f"{source} has no {missing[0]!r} array for the model's input of that name (its inputs: "
+                         f"{', '.join(input_names)}); save one array per input named after it, or x0, x1, ... in order")
+    extra = [k for k in (*given, *data.constants) if k not in input_names]
+    if extra:
+        raise QcoreError(f"{source}: array {extra[0]!r} is no input of the model (its inputs: {', '.join(input_names)}); "
+                         "rename or remove it (labels go in 'labels' or 'y')")
+    order = tuple(k for k in input_names if k in given)
+    return Data(tuple(given[k] for k in order), data.labels, order, data.constants)
 
 
 def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:
-    """Data reshaped and cast to the model's inputs (per-sample element counts must match)."""
+    """Data reshaped and cast to the model's inputs (per-sample element counts must match); named data
+    must have gone through ``match_names`` first."""
     if specs is not None and len(data.inputs) != len(specs):
         raise QcoreError(f"the model takes {len(specs)} inputs but {source} has {len(data.inputs)}; "
                          "give one array per input (npz: x0, x1, ...; pt: {'x': (x0, x1)})")
     out = []
     for i, x in enumerate(data.inputs):
+        which = f"input {i}" if data.names is None else f"input {data.names[i]!r}"
         spec = specs[i] if specs is not None else InputSpec(tuple(x.shape[1:]))
         sample = tuple(x.shape[1:])
         fits = len(sample) == len(spec.sample_shape) and all(
             a == b or j in spec.dynamic for j, (a, b) in enumerate(zip(sample, spec.sample_shape)))
         if not fits:
             if spec.dynamic or math.prod(sample) != math.prod(spec.sample_shape):
-                raise QcoreError(f"{source}: input {i} has samples of shape {sample} ({math.prod(sample)} values) but the "
+                raise QcoreError(f"{source}: {which} has samples of shape {sample} ({math.prod(sample)} values) but the "
                                  f"model expects {spec.sample_shape} ({math.prod(spec.sample_shape)} values); reshape the "
                                  "data, or export the model for that shape")
             x = x.reshape(len(x), *spec.sample_shape)
         if torch.is_floating_point(torch.empty(0, dtype=spec.dtype)):
             x = x.to(spec.dtype)
             if not torch.isfinite(x).all():
-                raise QcoreError(f"{source}: input {i} contains NaN or Inf; clean the data first")
+                raise QcoreError(f"{source}: {which} contains NaN or Inf; clean the data first")
         else:
             if torch.is_floating_point(x) and not bool((x == x.round()).all()):
-                raise QcoreError(f"{source}: input {i} must hold whole numbers (e.g. token ids) for this model")
+                raise QcoreError(f"{source}: {which} must hold whole numbers (e.g. token ids) for this model")
             x = x.to(spec.dtype)
         out.append(x)
-    return Data(tuple(out), data.labels)
+    return Data(tuple(out), data.labels, data.names)
 
 
 def synthetic_data(specs: list[InputSpec], n: int = N_SYNTHETIC, seed: int = SPLIT_SEED) -> Data:

@@ -62,6 +62,8 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     weight_only: bool = False  # input hooks cannot run (TorchScript): weight quantization only
     task_kind: str | None = None  # "classification" | "embedding" when known (zoo models)
+    final_activation: str | None = None  # "sigmoid" | "softmax" when the graph's first output ends in one
+    input_names: tuple[str, ...] | None = None  # the graph's input names, in order (matched by name in .npz data)
 
 
 
@@ -140,8 +142,10 @@ def _load_torch_file(p: Path, allow_pickle: bool, limit: int) -> LoadedModel:
 
 
 
-def load_model_file(path, allow_pickle: bool = False, max_bytes: int | None = None) -> LoadedModel:
-    """A model file (.pt2, .onnx, .pt/.pth/.ts, .safetensors) -> ``LoadedModel``; QcoreError if unusable."""
+def load_model_file(path, allow_pickle: bool = False, max_bytes: int | None = None,
+                    constants: dict | None = None) -> LoadedModel:
+    """A model file (.pt2, .onnx, .pt/.pth/.ts, .safetensors) -> ``LoadedModel``; QcoreError if unusable.
+    ``constants``: values of an ONNX model's scalar (rank-0) inputs by name, from the data file."""
     p = checked_file(path, MODEL_EXTENSIONS, "model", max_bytes)
     limit = limits.MAX_UPLOAD_BYTES if max_bytes is None else max_bytes
     ext, kind = p.suffix.lower(), sniff(p)
@@ -157,7 +161,7 @@ def load_model_file(path, allow_pickle: bool = False, max_bytes: int | None = No
             raise QcoreError(f"{p.name} is a PyTorch file, not ONNX; use the .pt2/.pt extension it was saved with")
         from qcore.io.onnx.file import load_onnx_file
 
-        return load_onnx_file(p, limit)
+        return load_onnx_file(p, limit, constants)
     if ext == ".safetensors":
         if kind != "safetensors":
             raise QcoreError(f"{p.name} is not a safetensors file (bad header); save it with safetensors.torch.save_file")

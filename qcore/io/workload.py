@@ -7,6 +7,9 @@ data file's name and bytes (or the ``shape:`` spec), the label column and the lo
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +17,9 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
-from qcore.numerics.metrics import mean_cosine, sqnr_db
-from qcore.model.workload import Data, Task, Workload, classification_task, content_hash
-from qcore.io.data import N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, parse_shape, split, synthetic_data
+from qcore.model.workload import OUTPUT_KINDS, Data, Task, Workload, content_hash, output_task
+from qcore.io.data import (N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, match_names, parse_shape, split,
+                           synthetic_data)
 from qcore.limits import first_line
 from qcore.io.models import InputSpec, LoadedModel, load_model_file
 
@@ -68,26 +71,94 @@ def _batchhuman_size(model: nn.Module, data: Data, example_batch: int) -> int | 
 
 
 def _fidelity_task() -> Task:
-    return Task("embedding", "cosine_to_fp32",
-                lambda out, ref, labels: {"cosine_to_fp32": mean_cosine(out, ref), "sqnr_db": sqnr_db(out, ref)})
+    return output_task("embedding", (), False, "no data to run the model on")
+
+
+def infer_output_kind(sample_shape: tuple[int, ...], final_activation: str | None, has_labels: bool,
+                      known: str | None = None) -> tuple[str, str]:
+    """(kind, why) for an output with per-sample shape ``sample_shape``, in this order: the model's own task
+    (zoo models); probabilities if the graph ends in a Sigmoid or Softmax; class logits if the output is
+    (N, C) with C >= 2; a regression value if it is one number per sample; otherwise an embedding (compared
+    with FP32 by cosine) -- detection maps and sequence logits look like embeddings by shape alone, so they
+    are chosen by the user (``--output-kind``, the sidebar)."""
+    if known:
+        return known, "the model's own task"
+    if final_activation:
+        return "probabilities", f"inferred from the final {final_activation.capitalize()}"
+    if len(sample_shape) == 1 and sample_shape[0] >= 2:
+        return "classification", (f"inferred from the output shape (N, {sample_shape[0]})"
+                                   + (" and the labels in the data" if has_labels else ""))
+    if math.prod(sample_shape) == 1:
+        return "regression", "inferred from one output value per sample"
+    return "embedding", f"inferred from the output shape (N, {', '.join(map(str, sample_shape))})"
+
+
+def _probability_activation(reference: torch.Tensor, final_activation: str | None) -> str:
+    """How the probabilities were made: the graph's final op, else softmax if every row sums to 1."""
+    if final_activation:
+        return final_activation
+    lo, hi = float(reference.min()), float(reference.max())
+    if lo < 0 or hi > 1:
+        raise QcoreError(f"the model's outputs run from {lo:.4g} to {hi:.4g}, so they are not probabilities; choose "
+                         "another output kind (classification for logits, regression for values)")
+    rows = reference.reshape(-1, reference.shape[-1]).double().sum(-1)
+    return "softmax" if reference.shape[-1] > 1 and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-3)) \
+        else "sigmoid"
+
+
+def _choose_task(output_kind: str | None, loaded: LoadedModel, reference: torch.Tensor, labels: torch.Tensor | None,
+                 source: str) -> Task:
+    """The task for ``output_kind`` (None: inferred); labels are checked against it here."""
+    sample = tuple(reference.shape[1:])
+    if output_kind is not None and output_kind not in OUTPUT_KINDS:
+        raise QcoreError(f"unknown output kind {output_kind!r}; choose one of {', '.join(OUTPUT_KINDS)}")
+    kind, why = (output_kind, "set by you") if output_kind else \
+        infer_output_kind(sample, loaded.final_activation, labels is not None, loaded.task_kind)
+    activation = _probability_activation(reference, loaded.final_activation) if kind == "probabilities" else None
+    if labels is not None and (kind == "classification" or activation == "softmax"):
+        n_classes = sample[-1]
+        if torch.is_floating_point(labels):
+            raise QcoreError(f"{source}: labels must be whole class indices 0..{n_classes - 1}, got fractional values")
+        if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+            raise QcoreError(f"{source}: labels run from {int(labels.min())} to {int(labels.max())} but the model has "
+                             f"{n_classes} outputs (classes 0..{n_classes - 1}); check the label column")
+    if labels is not None and activation == "sigmoid" and math.prod(sample) == 1 and not bool(
+            ((labels == 0) | (labels == 1)).all()):
+        raise QcoreError(f"{source}: labels of a probability output must be 0 or 1 (got values from "
+                         f"{float(labels.min()):g} to {float(labels.max()):g}); check the label column")
+    return output_task(kind, sample, labels is not None, why, activation)
 
 
 def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = False, label_column: str | None = None,
-                  max_bytes: int | None = None, allow_no_data: bool = False) -> Workload:
+                  max_bytes: int | None = None, allow_no_data: bool = False,
+                  output_kind: str | None = None) -> Workload:
     """A zoo name (``data`` then replaces its calibration/evaluation data) or a model file, with an
     optional data file (or ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line.
 
     A model that records no input shape (TorchScript, a pickled model) needs data to run. With
     ``allow_no_data`` and no ``data`` it loads anyway, with no samples: its layers and weights only
-    (what ``inspect`` lists), and a note saying that evaluation needs data."""
+    (what ``inspect`` lists), and a note saying that evaluation needs data.
+
+    ``output_kind`` (one of ``OUTPUT_KINDS``) says what the model's first output is; None infers it
+    (``infer_output_kind``). The headline metric follows it, and a note says which and why."""
     from qcore.zoo import ZOO, load
 
     shape_spec = data is not None and str(data).startswith("shape:")
     data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]
+    # the data first: an ONNX model's scalar inputs take their values from it (see ``load_onnx_file``)
+    raw = None if data is None or shape_spec else load_data_file(data, label_column, max_bytes)
     if model in ZOO:
         base = load(model)
-        if data is None:
+        if data is None and output_kind is None:
             return base
+        if data is None:
+            ref = base.reference_outputs
+            task = _choose_task(output_kind, LoadedModel(base.model, "zoo", None), ref, base.evaluation.labels, base.name)
+            return dataclasses.replace(base, task=task, notes=[*base.notes, f"output scored as {task.kind} (set by you): "
+                                                               f"headline metric {task.headline}"],
+                                       evaluation=base.evaluation if task.headline == "accuracy" else
+                                       Data(base.evaluation.inputs), content_hash=content_hash(base.content_hash, output_kind),
+                                       _lock=threading.RLock())
         first = tuple(t[:1] for t in base.calibration.inputs)
         specs = [InputSpec(tuple(t.shape[1:]), frozenset(range(t.dim() - 1)) if not torch.is_floating_point(t) else frozenset(),
                            t.dtype, (int(t.min()), int(t.max())) if not torch.is_floating_point(t) else (0, 1)) for t in first]
@@ -101,7 +172,7 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
             raise QcoreError(f"model file {model[:80]!r}... cannot be opened ({e.strerror})") from None
         if not exists:
             raise QcoreError(f"{model!r} is neither a zoo model ({', '.join(ZOO)}) nor a file that exists")
-        loaded = load_model_file(model, allow_pickle, max_bytes)
+        loaded = load_model_file(model, allow_pickle, max_bytes, None if raw is None else raw.constants)
         name = Path(model).name
         weights = sorted(loaded.model.state_dict().items()) if loaded.format == "onnx" else []
         model_part = ["file", name, Path(model), [[k, t] for k, t in weights]]
@@ -128,27 +199,19 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                      f"input {shape}); {FIDELITY_NOTE}")
     else:
         source = Path(data).name
-        dataset = fit(load_data_file(data, label_column, max_bytes), loaded.inputs, source)
+        dataset = fit(match_names(raw, loaded.input_names, source), loaded.inputs, source)
     fixed = _batchhuman_size(loaded.model, dataset, loaded.example_batch)
     reference = _run(loaded.model, dataset.subset(slice(0, fixed or min(len(dataset), 8))).inputs)
     labels = dataset.labels
-    if reference.dim() == 2 and reference.shape[1] >= 2 and loaded.task_kind in (None, "classification"):
-        n_classes = reference.shape[1]
-        if labels is not None:
-            if torch.is_floating_point(labels):
-                raise QcoreError(f"{source}: labels must be whole class indices 0..{n_classes - 1}, got fractional values")
-            if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-                raise QcoreError(f"{source}: labels run from {int(labels.min())} to {int(labels.max())} but the model has "
-                                 f"{n_classes} outputs (classes 0..{n_classes - 1}); check the label column")
-        task = classification_task(n_classes, labels is not None)
-        if labels is None and data is not None and not shape_spec:
+    task = _choose_task(output_kind, loaded, reference, labels, source)
+    if task.headline in ("accuracy",) or labels is None:
+        if labels is None and data is not None and not shape_spec and task.kind in ("classification", "probabilities"):
             notes.append(f"{source} has no labels: {FIDELITY_NOTE}")
     else:
-        task = _fidelity_task()
-        if labels is not None:
-            notes.append(f"labels in {source} are not used: the model's output {tuple(reference.shape[1:])} per sample "
-                         "is not class logits; metrics compare with the FP32 outputs")
-            dataset = Data(dataset.inputs)
+        notes.append(f"labels in {source} are not used: the model's output {tuple(reference.shape[1:])} per sample "
+                     f"is scored as {task.kind}; metrics compare with the FP32 outputs")
+        dataset = Data(dataset.inputs, None, dataset.names, dataset.constants)
+    notes.append(f"output scored as {task.kind} ({task.why}): headline metric {task.headline}")
     calibration, evaluation = split(dataset, fixed)
     if not shape_spec and data is not None:
         notes.append(f"data {source}: {len(dataset)} samples split (seed {SPLIT_SEED}) into {len(calibration)} for "
@@ -161,7 +224,8 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
         description=(f"{name}, {_a(loaded.format)} model, evaluated on {source} ({len(calibration)} calibration / "
                      f"{len(evaluation)} evaluation samples). Headline metric: {task.headline}."),
         source=loaded.format, notes=notes, batch_size=fixed or 128,
-        content_hash=content_hash("load_workload", model_part, data_part, label_column, allow_pickle))
+        content_hash=content_hash("load_workload", model_part, data_part, label_column, allow_pickle,
+                                  *([output_kind] if output_kind else [])))
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ import torch
 from torch import nn
 
 from qcore.model import calibrate as calibrate_mod
-from qcore.numerics.metrics import classification_metrics
+from qcore.errors import QcoreError
+from qcore.numerics.metrics import (classification_metrics, mean_cosine, probability_metrics, regression_metrics,
+                                     sequence_metrics, sqnr_db)
 from qcore.recipe import Recipe
 from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, simulate
 from qcore.model.size import model_size
@@ -33,10 +36,15 @@ from qcore.model.size import model_size
 
 @dataclass
 class Data:
-    """Model inputs (a tuple of tensors with a shared first dimension N) and optional labels (N,)."""
+    """Model inputs (a tuple of tensors with a shared first dimension N) and optional labels (N,).
+
+    ``names``: the inputs' names when the data file named them (matched to the model's input names);
+    ``constants``: scalar (rank-0) inputs by name, one value fed to every batch."""
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor | None = None
+    names: tuple[str, ...] | None = None
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0])
@@ -45,28 +53,81 @@ class Data:
         return [tuple(t[i:i + batch_size] for t in self.inputs) for i in range(0, len(self), batch_size)]
 
     def subset(self, index) -> "Data":
-        return Data(tuple(t[index] for t in self.inputs), None if self.labels is None else self.labels[index])
+        return Data(tuple(t[index] for t in self.inputs), None if self.labels is None else self.labels[index],
+                    self.names, self.constants)
 
 
 @dataclass(frozen=True)
 class Task:
     """What the model's outputs mean and how they are scored.
 
-    metrics(outputs, reference, labels) -> dict of floats; ``headline`` names the one shown first.
+    ``kind`` is one of ``OUTPUT_KINDS``; metrics(outputs, reference, labels) -> dict of floats; ``headline``
+    names the one shown first; ``why`` says where the kind came from ("inferred from the final Sigmoid",
+    "set by you").
     """
 
-    kind: str  # "classification" | "embedding"
+    kind: str
     headline: str
     metrics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], dict]
     higher_is_better: bool = True
     class_names: tuple[str, ...] | None = None
+    why: str = ""
 
 
-def classification_task(num_classes: int, has_labels: bool, class_names=None) -> Task:
+# What each kind of output is, and its headline metric (labels: with a label per sample).
+OUTPUT_KINDS = {
+    "classification": "class logits (N, C): accuracy with labels, else top-1 agreement with FP32",
+    "probabilities": "probabilities from a final Sigmoid or Softmax: accuracy with labels, else the fraction of "
+                     "decisions (p > 0.5, or the argmax) that agree with FP32",
+    "embedding": "embeddings or features: mean cosine similarity with the FP32 output",
+    "regression": "regression values: SQNR in dB against the FP32 output (MSE beside it)",
+    "detection": "detection maps (boxes, scores): SQNR in dB of the whole map against FP32",
+    "sequence": "logits at every position (N, T, V): the fraction of positions whose top token agrees with FP32",
+}
+
+
+def classification_task(num_classes: int, has_labels: bool, class_names=None, why: str = "") -> Task:
     headline = "accuracy" if has_labels else "agreement"
     return Task("classification", headline,
                 lambda out, ref, labels: classification_metrics(out, ref, labels, num_classes),
-                class_names=tuple(class_names) if class_names else None)
+                class_names=tuple(class_names) if class_names else None, why=why)
+
+
+def output_task(kind: str, sample_shape: tuple[int, ...], has_labels: bool, why: str,
+                activation: str | None = None) -> Task:
+    """The ``Task`` scoring outputs of ``kind`` with per-sample shape ``sample_shape``.
+
+    ``activation`` ("sigmoid" | "softmax") says how probabilities were made; it decides what a decision is
+    (see ``probability_metrics``). Detection maps are scored by SQNR over the whole raw map: turning one
+    into boxes (score threshold, NMS) is specific to each detector, and SQNR weighs errors by the map's
+    energy, so the strong cells boxes come from count most -- cosine, by contrast, stays near 1 long after
+    boxes move. Sequence logits are scored per position, as a greedy decoder reads them.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise QcoreError(f"unknown output kind {kind!r}; choose one of {', '.join(OUTPUT_KINDS)}")
+    if kind == "classification":
+        if len(sample_shape) != 1 or sample_shape[0] < 2:
+            raise QcoreError(f"the model's output per sample is {sample_shape}, not class logits (C,) with C >= 2; "
+                             "choose another output kind")
+        return classification_task(sample_shape[0], has_labels, why=why)
+    if kind == "probabilities":
+        act = activation or "sigmoid"
+        labelled = has_labels and (act == "softmax" or math.prod(sample_shape) == 1)
+        return Task(kind, "accuracy" if labelled else "decision_agreement",
+                    lambda out, ref, labels: probability_metrics(out, ref, labels if labelled else None, act), why=why)
+    if kind == "sequence":
+        if len(sample_shape) < 2:
+            raise QcoreError(f"the model's output per sample is {sample_shape}, not logits at every position (T, V); "
+                             "choose another output kind")
+        return Task(kind, "token_agreement", lambda out, ref, labels: sequence_metrics(out, ref), why=why)
+    if kind == "embedding":
+        return Task(kind, "cosine_to_fp32",
+                    lambda out, ref, labels: {"cosine_to_fp32": mean_cosine(out, ref), "sqnr_db": sqnr_db(out, ref)},
+                    why=why)
+    if kind == "detection":
+        return Task(kind, "sqnr_db", lambda out, ref, labels: {**regression_metrics(out, ref),
+                                                               "cosine": mean_cosine(out, ref)}, why=why)
+    return Task(kind, "sqnr_db", lambda out, ref, labels: regression_metrics(out, ref), why=why)
 
 
 def content_hash(*parts) -> str:
@@ -170,11 +231,20 @@ class Workload:
         return self.task.metrics(ref, ref, self.evaluation.labels)
 
     # ---- per recipe ------------------------------------------------------------------------
-    def run(self, model: nn.Module, data: Data) -> torch.Tensor:
-        """Outputs of ``model`` over ``data``, concatenated along the batch dimension."""
+    def run(self, model: nn.Module, data: Data, progress: Callable[[float], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Outputs of ``model`` over ``data``, concatenated along the batch dimension. ``progress(fraction)``
+        is called after each batch; ``should_stop()`` true before a batch raises ``EvaluationCancelled``."""
         model.eval()
+        batches, outputs = data.batches(self.batch_size), []
         with torch.no_grad():
-            return torch.cat([model(*b).float() for b in data.batches(self.batch_size)])
+            for i, b in enumerate(batches):
+                if should_stop and should_stop():
+                    raise EvaluationCancelled("the evaluation was cancelled; run it again to finish")
+                outputs.append(model(*b).float())
+                if progress:
+                    progress((i + 1) / len(batches))
+        return torch.cat(outputs)
 
     def simulate(self, recipe: Recipe, quantized_weights=None) -> Simulation:
         from qcore.model.simulate import needs_calibration
@@ -188,11 +258,13 @@ class Workload:
     def size(self, recipe: Recipe) -> dict:
         return model_size(self.model, self.layers, recipe)
 
-    def evaluate(self, recipe: Recipe) -> "Evaluation":
+    def evaluate(self, recipe: Recipe, progress: Callable[[float], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> "Evaluation":
         """Metrics and sizes of FP32 and of the simulated model under ``recipe``, on the whole
-        evaluation set (metrics against the FP32 reference outputs and the labels)."""
+        evaluation set (metrics against the FP32 reference outputs and the labels); ``progress`` and
+        ``should_stop`` as in ``run`` (over the quantized model's batches)."""
         sim = self.simulate(recipe)
-        outputs = self.run(sim.model, self.evaluation)
+        outputs = self.run(sim.model, self.evaluation, progress, should_stop)
         size = self.size(recipe)
         return Evaluation(
             model=self.name, recipe=recipe.to_dict(), metric=self.task.headline,
@@ -200,6 +272,10 @@ class Workload:
             quantized=Measured(size["size_bytes"],
                                self.task.metrics(outputs, self.reference_outputs, self.evaluation.labels)),
             folded=[list(p) for p in sim.folded], notes=list(self.notes))
+
+
+class EvaluationCancelled(QcoreError):
+    """``Workload.run`` was stopped by ``should_stop``."""
 
 
 @dataclass(frozen=True)

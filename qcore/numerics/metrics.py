@@ -84,3 +84,56 @@ def classification_metrics(logits: torch.Tensor, reference: torch.Tensor, labels
             per_class.append(float((pred[mask] == c).double().mean()) if mask.any() else None)
         out["per_class_accuracy"] = per_class
     return out
+
+
+def mse(outputs: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared difference over every element (in the output's units squared)."""
+    _check_finite(outputs, reference)
+    return float(((outputs.double() - reference.double()) ** 2).mean())
+
+
+def probability_metrics(probs: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor | None,
+                        activation: str, threshold: float = 0.5) -> dict:
+    """Outputs that are probabilities, scored by the decisions they lead to.
+
+    ``activation="sigmoid"``: every element is an independent yes/no probability; the decision is
+    ``p > threshold`` (0.5), so a [B, 1] voice-activity output gives one decision per sample and a
+    [B, 1, H, W] text map one per pixel. ``"softmax"``: each row over the last axis is a distribution;
+    the decision is its argmax. ``decision_agreement`` is the fraction of decisions equal to FP32's,
+    ``decision_flips`` their count; ``mse`` and ``sqnr_db`` measure how far the probabilities moved
+    (a flip needs a probability near the threshold, so both matter). ``accuracy`` with labels: one
+    decision per sample (sigmoid with one output, or softmax) against 0/1 or class-index labels.
+    """
+    _check_finite(probs, reference)
+    if activation == "sigmoid":
+        decisions, ref_decisions = probs > threshold, reference > threshold
+    else:
+        decisions, ref_decisions = probs.argmax(-1), reference.argmax(-1)
+    same = decisions == ref_decisions
+    out = {"decision_agreement": float(same.double().mean()), "decision_flips": int((~same).sum()),
+           "mse": mse(probs, reference), "sqnr_db": sqnr_db(probs, reference)}
+    if labels is not None:
+        per_sample = decisions.reshape(len(decisions), -1)
+        out["accuracy"] = float((per_sample[:, 0].long() == labels.long()).double().mean())
+    return out
+
+
+def regression_metrics(outputs: torch.Tensor, reference: torch.Tensor) -> dict:
+    """``sqnr_db`` (headline: scale-free, so one threshold reads the same for any output units),
+    ``mse`` (output units squared) and ``max_abs_error`` (the worst element, output units)."""
+    _check_finite(outputs, reference)
+    return {"sqnr_db": sqnr_db(outputs, reference), "mse": mse(outputs, reference),
+            "max_abs_error": float((outputs.double() - reference.double()).abs().max()) if outputs.numel() else 0.0}
+
+
+def sequence_metrics(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Logits over a vocabulary at every position, (N, T, V) (any rank >= 3: the last axis is the class axis).
+
+    ``token_agreement`` (headline): the fraction of positions whose argmax token equals FP32's -- what a
+    greedy decoder (CTC, a tagger) would output differently; ``sqnr_db`` of the logits; ``kl_div``: the mean
+    KL(FP32 || quantized) per position in nats, which sees changes that do not yet flip a token."""
+    _check_finite(logits, reference)
+    same = logits.argmax(-1) == reference.argmax(-1)
+    v = logits.shape[-1]
+    return {"token_agreement": float(same.double().mean()), "sqnr_db": sqnr_db(logits, reference),
+            "kl_div": kl_divergence(logits.reshape(-1, v), reference.reshape(-1, v))}

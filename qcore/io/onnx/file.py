@@ -22,7 +22,7 @@ from typing import NoReturn
 from qcore.errors import QcoreError
 from qcore.limits import human_size, reading
 from qcore.io.models import InputSpec, LoadedModel
-from qcore.io.onnx.convert import convert, embedding_sizes, input_shapes
+from qcore.io.onnx.convert import DTYPES, convert, embedding_sizes, input_shapes
 from qcore.io.onnx.proto import all_tensors
 from qcore.model.onnx_graph import quoted
 
@@ -90,8 +90,40 @@ def _load_external_data(proto, p: Path, limit: int) -> None:
         del tensor.external_data[:]  # entries without the EXTERNAL flag are ignored by onnx: drop them too
 
 
-def load_onnx_file(p: Path, limit: int) -> LoadedModel:
-    """An ``.onnx`` file of at most ``limit`` bytes (with its external data) -> ``LoadedModel``."""
+def _bind_scalars(proto, constants: dict, p: Path) -> list[str]:
+    """Make every rank-0 graph input a constant (an initializer of its name) holding its value from
+    ``constants`` (the data file's 0-d arrays): a scalar input (a sample rate, a threshold) is one value for
+    the whole run, fed the same to every batch -- so constant folding sees it (an ``If`` on it folds), and an
+    export holds it as a constant. Returns the notes saying which values were bound."""
+    from onnx import numpy_helper
+
+    inits = {i.name for i in proto.graph.initializer}
+    notes = []
+    for i in proto.graph.input:
+        tt = i.type.tensor_type
+        if i.name in inits or not tt.HasField("shape") or len(tt.shape.dim) or tt.elem_type not in DTYPES:
+            continue
+        if i.name not in constants:
+            raise QcoreError(f"{p.name}: input {i.name!r} is a scalar (rank 0), fed one value for every batch; give it "
+                             f"in an .npz data file as a 0-d array named after it (numpy.savez(path, {i.name}=np.array(V), "
+                             "...) with the other inputs named too)")
+        value = constants[i.name].to(DTYPES[tt.elem_type]).numpy()
+        proto.graph.initializer.append(numpy_helper.from_array(value, i.name))
+        notes.append(f"scalar input {i.name!r} is {value.item()!r} (from the data file) for every batch; an export "
+                     "holds it as a constant")
+    return notes
+
+
+def _final_activation(proto) -> str | None:
+    """"sigmoid" / "softmax" if the graph's first output is made by that op, else None."""
+    first = proto.graph.output[0].name if proto.graph.output else None
+    op = next((n.op_type for n in proto.graph.node if first in n.output), None)
+    return {"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(op)
+
+
+def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> LoadedModel:
+    """An ``.onnx`` file of at most ``limit`` bytes (with its external data) -> ``LoadedModel``; ``constants``
+    are the values of its scalar inputs by name (see ``_bind_scalars``)."""
     import onnx
 
     with reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
@@ -99,7 +131,9 @@ def load_onnx_file(p: Path, limit: int) -> LoadedModel:
     _load_external_data(proto, p, limit)
     with reading(p.name, "it is not a valid ONNX model (truncated or corrupted?); export it again"):
         onnx.checker.check_model(proto)
-    declared = input_shapes(proto)  # refuses absurd declared sizes before anything is built
+    names = tuple(name for name, _, _ in input_shapes(proto))  # refuses absurd declared sizes before anything is built
+    notes = _bind_scalars(proto, constants or {}, p)
+    declared = input_shapes(proto)
     model = convert(proto, limit)
     vocab = embedding_sizes(proto)
     specs, batch = [], 1
@@ -110,8 +144,7 @@ def load_onnx_file(p: Path, limit: int) -> LoadedModel:
         int_range = (0, vocab[name] - 1) if name in vocab else (1, 1)
         specs.append(InputSpec(shape, frozenset(j for j, d in enumerate(dims[1:]) if d is None), dtype, int_range))
         batch = dims[0] if i == 0 and dims[0] else batch
-    notes = []
     if len(model.output_names) > 1:
         notes.append(f"the ONNX model has {len(model.output_names)} outputs; the engine scores the first, "
                      f"{model.output_names[0]!r}")
-    return LoadedModel(model, "onnx", specs, batch, notes)
+    return LoadedModel(model, "onnx", specs, batch, notes, final_activation=_final_activation(proto), input_names=names)
