@@ -145,7 +145,7 @@ MUTANTS = [
            "a layer's share of the weights off by one parameter", ("tests/test_cli.py", "tests/test_app.py")),
     Mutant("export policy", "qcore/export/policy.py", "    if kind == \"Embedding\":\n        return \"the table is dequantized",
            "    if kind == \"Embeddin\":\n        return \"the table is dequantized", "embeddings explained as a missing int8 kernel",
-           ("tests/test_export_qdq.py",)),
+           ("tests/test_runtime.py",)),
 ]
 
 
