@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-m", "not browser"]
-NUMERICS, CALIBRATION, ANALYSIS = ("tests/test_oracles_numerics.py",), ("tests/test_oracles_calibration.py",), \
-    ("tests/test_oracles_analysis.py",)
+NUMERICS, CALIBRATION, ANALYSIS = ("tests/numerics/test_oracles_numerics.py",), ("tests/model/test_oracles_calibration.py",), \
+    ("tests/analysis/test_oracles_analysis.py",)
 TIMEOUT_S = 900
 
 
@@ -133,19 +133,19 @@ MUTANTS = [
            "return x.reshape(x.shape[axis], -1)", "per_channel ignores the axis", NUMERICS),
     # the recipe, training and file-level analyses (their own test files are the oracles named)
     Mutant("recipe", "qcore/numerics/spec.py", "g = group_size_for(fan_in(tuple(shape)), self.group_size)",
-           "g = self.group_size", "group size not fitted to the layer's fan-in", ("tests/test_recipe_links.py", "tests/test_recipe.py")),
+           "g = self.group_size", "group size not fitted to the layer's fan-in", ("tests/recipe/test_recipe_links.py", "tests/recipe/test_recipe.py")),
     Mutant("recipe", "qcore/recipe/core.py", "specs.append(default if written is KEEP else None)",
            "specs.append(default)", "a layer entry's null part inherits the default instead of staying float",
-           ("tests/test_recipe_links.py", "tests/test_recipe.py")),
+           ("tests/recipe/test_recipe_links.py", "tests/recipe/test_recipe.py")),
     Mutant("qat", "qcore/numerics/ste.py", "return (grad if inside is None else grad * inside), None, None, None",
-           "return grad, None, None, None", "the STE passes gradients of clipped values", ("tests/test_qat.py",)),
+           "return grad, None, None, None", "the STE passes gradients of clipped values", ("tests/training/test_qat.py",)),
     Mutant("sweep cache", "qcore/analysis/sweep_cache.py", "task.kind, task.headline, task.higher_is_better,",
-           "task.kind, task.higher_is_better,", "the cache key ignores the headline metric", ("tests/test_sensitivity.py", "tests/test_integrity.py")),
+           "task.kind, task.higher_is_better,", "the cache key ignores the headline metric", ("tests/analysis/test_sensitivity.py", "tests/analysis/test_integrity.py")),
     Mutant("summary", "qcore/analysis/summary.py", '"share": info.params / total,', '"share": info.params / (total + 1),',
-           "a layer's share of the weights off by one parameter", ("tests/test_cli.py", "tests/test_app.py")),
+           "a layer's share of the weights off by one parameter", ("tests/test_cli.py", "tests/frontend/test_app.py")),
     Mutant("export policy", "qcore/export/policy.py", "    if kind == \"Embedding\":\n        return \"the table is dequantized",
            "    if kind == \"Embeddin\":\n        return \"the table is dequantized", "embeddings explained as a missing int8 kernel",
-           ("tests/test_runtime.py",)),
+           ("tests/export/test_runtime.py",)),
 ]
 
 

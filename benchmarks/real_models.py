@@ -3,7 +3,7 @@
     python -m benchmarks.real_models [--quick] [--models ocr-cls,magika] [--threads N]
 
 The models and how each is turned into an upload (ONNX file from the wheel, or a ``.pt2`` exported from
-the package's own ``nn.Module`` with the wheel's weights) and a data file are in ``tests/real_models.py``.
+the package's own ``nn.Module`` with the wheel's weights) and a data file are in ``tests/io/real_models.py``.
 For each model, in this process, with the same functions the CLI calls:
 
 - inspect  : ``load_workload(model, data)``; quantizable layers found and the share of all weights
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import real_models as registry  # noqa: E402  (tests/real_models.py: qcore-free, shared with the tests)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "io"))
+import real_models as registry  # noqa: E402  (tests/io/real_models.py: qcore-free, shared with the tests)
 
 PRESETS = ["int8-dynamic", "int8-static", "int4-weight-only"]
 QUICK = ["ocr-cls", "mtcnn-onet"]

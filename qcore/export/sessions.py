@@ -30,7 +30,7 @@ def feed(workload, data) -> dict:
 def fixed_batch(sess) -> int | None:
     """The batch size a session's file is declared at (its first input's first dimension), None if dynamic."""
     first = sess.get_inputs()[0].shape[0]
-    return first if isinstance(first, int) else None
+    return first if isinstance(first, int) and first > 0 else None  # some exporters write 0 or -1 for "any"
 
 
 def run_onnx(sess, workload, data) -> torch.Tensor:

@@ -12,7 +12,7 @@ Range's bounds); an expanded view counts as if materialised. The importer's cons
 (``io.onnx.fold``) and the graph's run-time guard (``RUN_CHECKED``) both bound memory with it.
 
 Longer than ~400 lines on purpose: one table of operators (checked case by case against ONNX's own node
-tests in ``tests/test_onnx_conformance.py``) reads best in one place.
+tests in ``tests/io/test_onnx_conformance.py``) reads best in one place.
 """
 
 from __future__ import annotations

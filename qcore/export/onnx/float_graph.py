@@ -195,10 +195,10 @@ def _strip(proto: onnx.ModelProto) -> None:
 
 def _declared_batch(proto: onnx.ModelProto) -> int | None:
     """The batch size the graph declares (its first input's first dimension, else its output's), or None
-    when both are symbolic."""
+    when both are symbolic (or not a positive size: some exporters write 0 or -1 for "unknown")."""
     for v in (proto.graph.input[0], proto.graph.output[0]):
         dims = v.type.tensor_type.shape.dim
-        if len(dims) and dims[0].HasField("dim_value"):
+        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             return dims[0].dim_value
     return None
 

@@ -248,7 +248,7 @@ MEASURE = textwrap.dedent("""
 
 def test_size_bombs_are_refused_fast_in_little_memory(tmp_path):
     bombs = _bombs(tmp_path)
-    env = {**os.environ, "QCORE_MAX_UPLOAD_MB": "50", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "QCORE_MAX_UPLOAD_MB": "50", "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.run([sys.executable, "-c", MEASURE, *(str(p) for p, _ in bombs.values())],
                           capture_output=True, text=True, timeout=120, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -21,7 +21,7 @@ from qcore.recipe import PRESETS, Recipe, preset
 from qcore.numerics.spec import TensorSpec
 from qcore.model.size import weight_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 APP = str(ROOT / "app.py")
 
 

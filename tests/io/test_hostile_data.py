@@ -183,7 +183,7 @@ def measured(corpus):
     """Each case loaded once in a fresh subprocess: name -> {error, seconds, growth_mib}."""
     cases = [(name, what if isinstance(what, tuple) else str(what)) for name, (what, _) in corpus.items()]
     run = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps(cases), capture_output=True, text=True,
-                         check=False, timeout=300, cwd=Path(__file__).parent.parent)
+                         check=False, timeout=300, cwd=Path(__file__).parents[2])
     assert run.returncode == 0, run.stderr[-3000:]
     return {r["name"]: r for r in map(json.loads, run.stdout.splitlines())}
 

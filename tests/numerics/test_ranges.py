@@ -234,7 +234,7 @@ def test_entropy_memory_stays_within_the_chunk_budget():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(4 * 2**20)], capture_output=True, text=True,
                          cwd=root, timeout=120, check=True)
     assert float(out.stdout.strip()) < 20

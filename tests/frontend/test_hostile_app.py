@@ -30,7 +30,7 @@ from qcore.io.workload import load_workload
 from test_browser import CHROMIUM, CHROMIUM_ARGS, PAGE_TIMEOUT_MS, _wait_until_idle, app_url  # noqa: F401
 from ui.text import plain
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
 EVIL = "[click](http://evil/a) ![img](http://evil/x.png) <b>bold</b> :red[r] :material/home: www.evil.com"
 EVIL_FILE = "[c](https:evil.com) <b>b <img src=x onerror=alert(1)> www.evil.com.onnx"  # no "/" in a file name
 # what must never reach a Markdown call unescaped (each is a live link, image, tag or directive when rendered)

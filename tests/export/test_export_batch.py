@@ -171,3 +171,28 @@ def test_int8_dynamic_cnn_runs_its_convs_in_int8_and_is_smaller_than_fp32(folder
     convs = [r for r in dyn.layers if r["kind"] == "Conv2d"]
     assert convs and all(r["executes"] == "int8 kernel" for r in convs)
     assert dyn.size_bytes < 0.5 * fp32.size_bytes, (dyn.size_bytes, fp32.size_bytes)
+
+
+@pytest.mark.parametrize("unknown", [-1, 0])
+def test_an_upload_declaring_batch_minus_one_or_zero_runs_any_batch(tmp_path, unknown):
+    """Some exporters write -1 or 0 as the batch of an input ("any"): that is not a fixed batch of -1/0
+    (it crashed the batch check and the session feeder); the file runs at batch 1 and 8 as simulated."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(4, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, name="fc1"),
+             helper.make_node("Relu", ["h"], ["a"], name="act"),
+             helper.make_node("Gemm", ["a", "w2"], ["y"], transB=1, name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [unknown, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [unknown, 4])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    w = load_workload(str(path))
+    recipe = preset("int8-static", w.layer_shapes)
+    out = str(tmp_path / "q.onnx")
+    export_qdq(w, recipe, out)
+    with torch.no_grad():
+        sim = w.simulate(recipe).model(w.evaluation.inputs[0][:8]).float()
+    for b in (1, 8):
+        assert _sqnr_db(_outputs(out, w, b), sim[:b]) >= 30.0
+    assert bench(w, recipe, batch_size=3, threads=1, budget_s=0.05).quantized.latency_ms["median"] > 0

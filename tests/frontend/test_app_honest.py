@@ -20,7 +20,7 @@ from qcore import zoo
 from qcore.recipe import Recipe
 from test_hostile_app import visible
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
+APP = str(Path(__file__).resolve().parents[2] / "app.py")
 HAND_MADE = {"fc2": {"weights": {"format": "int4"}}}  # on int8-static: fc2 int4 per-channel, inputs int8 static
 
 

@@ -5,7 +5,7 @@ The app's zoo loader is pointed at the session fixtures (``tests/conftest.py``),
 once for the whole suite and every test can check that the app never changed the cached models.
 AppTest (1.67) draws the sidebar only on a session's first run, so a model is chosen there (through
 the real widget) before switching pages; uploads, which need the sidebar twice, are driven in the
-real browser (tests/test_browser.py).
+real browser (tests/frontend/test_browser.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from qcore.model.size import float_bytes
 from test_hostile_app import visible
 from ui.text import plain
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")  # AppTest resolves relative paths against this file
+APP = str(Path(__file__).resolve().parents[2] / "app.py")  # AppTest resolves relative paths against this file
 TIMEOUT = 120
 
 
