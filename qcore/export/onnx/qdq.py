@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import onnx
 from onnx import helper
 
+from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.float_graph import OPSET, float_graph
@@ -58,14 +59,31 @@ class OnnxExport:
         return asdict(self)
 
 
-def _compute_node(ed, weight_value: str):
-    """The Gemm / MatMul / Conv / Gather reading ``weight_value`` (through a Transpose if any)."""
+def _compute_nodes(ed, weight_value: str) -> list:
+    """The Gemm / MatMul / Conv / ConvTranspose / Gather / LSTM / GRU nodes reading ``weight_value``
+    (through a Transpose or Reshape if any): one for most layers, one per time step for the matrices of
+    an unrolled recurrent layer."""
+    found = []
     for node in ed.consumers(weight_value):
-        if node.op_type == "Transpose":
-            return _compute_node(ed, node.output[0])
-        if node.op_type in ("Gemm", "MatMul", "Conv", "Gather"):
-            return node
-    return None
+        if node.op_type in ("Transpose", "Reshape"):
+            found += _compute_nodes(ed, node.output[0])
+        elif node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU"):
+            found.append(node)
+    return found
+
+
+def _recurrent_op_inputs(name: str, node, iq, weight_input: int) -> bool:
+    """Whether the input quantizer ``iq`` of a matrix of an ONNX LSTM / GRU node can be written: the
+    operator runs its time loop inside, so only a static quantizer on X (what W multiplies, the same
+    range at every step) can go before it; raises for the hidden state or a per-step dynamic range."""
+    if iq is None:
+        return False
+    if weight_input == 1 and not iq.spec.dynamic:
+        return True
+    what = "its hidden state (R's input)" if weight_input == 2 else "a per-step dynamic range of its input"
+    raise QcoreError(f"layer {name!r}: the ONNX {node.op_type} operator runs its time loop inside, so the file "
+                     f"cannot quantize {what} as the simulation does; keep this layer's activations fp32 "
+                     "(weight-only), or use static activations on its weight_ih only")
 
 
 def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
@@ -82,14 +100,19 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         plan = plans[name]
         weight = modules[name].weight.detach().float()
         init, transposed = graph.weights[name]
-        node = _compute_node(ed, init)
+        nodes = _compute_nodes(ed, init)
+        node = nodes[0] if nodes else None
         row = {"layer": name, "kind": info.kind, "weights": "fp32", "activations": "fp32", "executes": "float",
                "reason": "kept in FP32 by the recipe"}
         iq = input_quantizer(name, info.kind, plan.activations, calib)
         data_input = None if node is None or node.op_type == "Gather" else 0
+        if node is not None and node.op_type in ("LSTM", "GRU"):
+            weight_input = list(node.input).index(init) if init in node.input else 1
+            data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
         if iq is not None and data_input is not None:
-            new_input, row["activations"] = quantize_input(ed, node.input[data_input], iq, node)
-            node.input[data_input] = new_input
+            for n in nodes:  # each time step of an unrolled recurrent matrix: the same quantizer
+                new_input, row["activations"] = quantize_input(ed, n.input[data_input], iq, n)
+                n.input[data_input] = new_input
         elif plan.activations is not None and info.kind != "Embedding" and plan.activations.fmt.quantizes:
             row["activations"] = "fp32 (layer not reached by the calibration data: the simulation leaves it float)"
         w = plan.weights
@@ -97,7 +120,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if w is not None and w.fmt.quantizes:
             q = quantize(weight, w)
             # a Linear as MatMul(A, W^T) reading the weight directly
-            nbits_ok = (node is not None and node.op_type == "MatMul" and transposed and node.input[1] == init
+            nbits_ok = (len(nodes) == 1 and node.op_type == "MatMul" and transposed is True and node.input[1] == init
                         and uses_matmul_nbits(w, iq))
             block = nbits_block(q, weight.shape[1]) if nbits_ok else None
             ed.drop_initializer(init)
