@@ -16,6 +16,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -25,6 +26,7 @@ from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.float_graph import OPSET, float_graph
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
+from qcore.model.conv_transpose import ConvTransposeLayer
 from qcore.model.simulate import input_quantizer, needs_calibration
 from qcore.numerics.quantize import quantize
 from qcore.recipe import Recipe
@@ -129,6 +131,10 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
                 ed.replace(node, new)
                 row["weights"] = f"{w.format} codes packed in MatMulNBits (bits={bits}, block_size={block})"
                 codes_of[name] = new.input[1]
+            elif transposed == "graph":  # decoded in the layer's layout, then moved into the operator's
+                decoded = ed.fresh(f"{init}_dequantized")
+                row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), decoded)
+                _to_graph_layout(ed, decoded, modules[name], init)
             elif decoder(w.fmt) == "DequantizeLinear":  # it reads transposed codes directly
                 row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), init, transposed)
             else:
@@ -153,6 +159,35 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     _executes(path, rows, codes_of, plans)
     return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
 
+
+
+def _to_graph_layout(ed, value: str, module, out: str) -> None:
+    """Graph ops moving ``value`` (a weight in the layer's layout) into its operator's layout ``out``
+    (``float_graph.graph_weight``): ConvTranspose (C_out, C_in/g, k...) -> (C_in, C_out/g, k...) by
+    Reshape (g, C_out/g, C_in/g, k...), Transpose of the middle two axes, Reshape; a recurrent matrix
+    (directions * G * H, in) -> W / R (directions, G * H, in) by Reshape."""
+    shape = lambda dims: ed.const(np.array(dims, np.int64), "shape")  # noqa: E731
+    if isinstance(module, ConvTransposeLayer):
+        c_out, in_per_group, *k = module.weight.shape
+        g = module.groups
+        grouped = ed.node("Reshape", [value, shape([g, c_out // g, in_per_group, *k])], "w")
+        moved = ed.node("Transpose", [grouped], "w", perm=[0, 2, 1, *range(3, 3 + len(k))])
+        ed.node("Reshape", [moved, shape([g * in_per_group, c_out // g, *k])], "w", output=out)
+    else:
+        ed.node("Reshape", [value, shape(list(module.graph_shape))], "w", output=out)
+
+
+# Why ONNX Runtime computes these layer kinds in float whatever their format
+_FLOAT_KINDS = {
+    "ConvTranspose1d": "ONNX Runtime has no integer ConvTranspose kernel on CPU: it computes in float on the exact "
+                       "dequantized weight",
+    "ConvTranspose2d": "ONNX Runtime has no integer ConvTranspose kernel on CPU: it computes in float on the exact "
+                       "dequantized weight",
+    "LSTM": "a recurrent matrix: ONNX Runtime computes the LSTM (its ONNX LSTM operator, or the unrolled cell's "
+            "per-step MatMuls) in float on the exact dequantized weight",
+    "GRU": "a recurrent matrix: ONNX Runtime computes the GRU (its ONNX GRU operator, or the unrolled cell's "
+           "per-step MatMuls) in float on the exact dequantized weight",
+}
 
 
 # ---- what ONNX Runtime makes of it -----------------------------------------------------------------
@@ -182,4 +217,4 @@ def _executes(path: str, rows: list[dict], codes_of: dict[str, str], plans) -> N
             row["executes"], row["reason"] = kernels[0], ""
             continue
         row["executes"] = "float (dequantized)"
-        row["reason"] = why_float(plans[row["layer"]], row["kind"])
+        row["reason"] = _FLOAT_KINDS.get(row["kind"]) or why_float(plans[row["layer"]], row["kind"])
