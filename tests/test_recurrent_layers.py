@@ -31,13 +31,13 @@ INT8_STATIC = {"format": "int8", "granularity": "per_tensor", "symmetric": True,
 
 
 class Speech(nn.Module):
-    """Depthwise conv -> grouped ConvTranspose (T -> 2T) -> 2-layer bidirectional LSTM -> GRU -> Linear."""
+    """Depthwise conv -> grouped ConvTranspose (T -> 2T) -> bidirectional LSTM -> GRU -> Linear."""
 
     def __init__(self):
         super().__init__()
         self.dw = nn.Conv1d(4, 4, 3, padding=1, groups=4)
         self.up = nn.ConvTranspose1d(4, 6, 4, stride=2, padding=1, groups=2)
-        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True, bidirectional=True)
+        self.lstm = nn.LSTM(6, 8, batch_first=True, bidirectional=True)
         self.gru = nn.GRU(16, 5, batch_first=True)
         self.head = nn.Linear(5, 3)
 
@@ -48,7 +48,7 @@ class Speech(nn.Module):
         return self.head(h[0])
 
 
-def _speech_workload(n=24, t=3):
+def _speech_workload(n=24, t=2):
     torch.manual_seed(0)
     x = torch.randn(n, 4, t)
     return Workload("speech", Speech().eval(), Data((x,)), Data((x,)), classification_task(3, False))
@@ -84,9 +84,9 @@ def test_inspect_finds_every_weight_matrix(speech):
     layers = speech.layers
     torch_names = {n.rsplit(".", 1)[0] if n.startswith(("dw", "up", "head")) else n
                    for n, _ in speech.model.named_parameters() if "bias" not in n}
-    assert set(layers) == torch_names  # lstm.weight_ih_l0, ..., lstm.weight_hh_l1_reverse, gru.weight_ih_l0, dw, up, head
+    assert set(layers) == torch_names  # lstm.weight_ih_l0, ..., lstm.weight_hh_l0_reverse, gru.weight_ih_l0, dw, up, head
     assert {layers[n].kind for n in layers} == {"Conv1d", "ConvTranspose1d", "LSTM", "GRU", "Linear"}
-    assert layers["lstm.weight_hh_l1_reverse"].weight_shape == (32, 8)
+    assert layers["lstm.weight_hh_l0_reverse"].weight_shape == (32, 8)
     assert layers["gru.weight_ih_l0"].weight_shape == (15, 16)
     assert layers["up"].weight_shape == (6, 2, 4)  # Conv layout (C_out, C_in / groups, k): output channel first
     assert layers["dw"].weight_shape == (4, 1, 3)
@@ -193,7 +193,7 @@ def test_onnx_export_of_torch_recurrent_model_equals_simulation_at_batch_1_and_8
             expected = sim(x[:b]).numpy()
         assert np.abs(sess.run(None, {"input_0": x[:b].numpy()})[0] - expected).max() < 1e-4
     rows = {row["layer"]: row for row in e.layers}
-    assert rows["lstm.weight_hh_l1_reverse"]["activations"].startswith("int8 static")
+    assert rows["lstm.weight_hh_l0_reverse"]["activations"].startswith("int8 static")
     assert "recurrent matrix" in rows["gru.weight_hh_l0"]["reason"]
     assert "ConvTranspose" in rows["up"]["reason"]
 
