@@ -209,16 +209,16 @@ def test_safetensors_round_trip_of_recurrent_and_transposed_layers(speech, tmp_p
 
 
 # ---- an uploaded ONNX LSTM: weights into W / R, activations only where the operator allows -----------
-def _onnx_lstm_workload(tmp_path):
+def _onnx_lstm_workload(tmp_path, op="LSTM"):
     from qcore.io.models import load_model_file
 
     rng = np.random.default_rng(0)
-    hidden, inp = 5, 3
-    inits = {"W": rng.standard_normal((2, 4 * hidden, inp)).astype(np.float32) * 0.5,
-             "R": rng.standard_normal((2, 4 * hidden, hidden)).astype(np.float32) * 0.5,
-             "B": rng.standard_normal((2, 8 * hidden)).astype(np.float32) * 0.1}
+    hidden, inp, gates = 5, 3, 4 if op == "LSTM" else 3
+    inits = {"W": rng.standard_normal((2, gates * hidden, inp)).astype(np.float32) * 0.5,
+             "R": rng.standard_normal((2, gates * hidden, hidden)).astype(np.float32) * 0.5,
+             "B": rng.standard_normal((2, 2 * gates * hidden)).astype(np.float32) * 0.1}
     nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),  # (seq, N, in): ORT has no layout=1
-             helper.make_node("LSTM", ["xt", "W", "R", "B"], ["y", "yh"], hidden_size=hidden,
+             helper.make_node(op, ["xt", "W", "R", "B"], ["y", "yh"], hidden_size=hidden,
                               direction="bidirectional", name="enc"),
              helper.make_node("Transpose", ["yh"], ["yht"], perm=[1, 0, 2]),
              helper.make_node("Flatten", ["yht"], ["out"], axis=1)]
@@ -233,10 +233,12 @@ def _onnx_lstm_workload(tmp_path):
     return Workload("onnx-lstm", module, Data((x,)), Data((x,)), classification_task(2 * hidden, False)), x
 
 
-def test_uploaded_onnx_lstm_exports_weights_and_refuses_hidden_state_quantization(tmp_path):
-    w, x = _onnx_lstm_workload(tmp_path)
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_uploaded_onnx_rnn_exports_weights_and_refuses_hidden_state_quantization(tmp_path, op):
+    w, x = _onnx_lstm_workload(tmp_path, op)
     (ih,) = [n for n in w.layers if n.endswith("weight_ih")]
-    assert w.layer_shapes[ih] == (40, 3) and w.layers[ih].kind == "LSTM"  # both directions' W rows stacked
+    gates = 4 if op == "LSTM" else 3
+    assert w.layer_shapes[ih] == (2 * gates * 5, 3) and w.layers[ih].kind == op  # both directions' W rows stacked
     weight_only = Recipe.from_dict({"name": "w8", "weights": INT8_W, "activations": None})
     x_only = Recipe.from_dict({"name": "w8", "weights": INT8_W, "activations": None,
                                "layers": {n: {"weights": INT8_W, "activations": INT8_STATIC}
@@ -257,3 +259,30 @@ def test_fold_step_unrolls_a_model_that_is_only_an_lstm_wrapper():
     model = nn.Sequential(nn.GRU(3, 4))
     fold_batchnorm(model)
     assert isinstance(model[0], UnrolledGRU) and set(find_layers(model)) == {"0.weight_ih_l0", "0.weight_hh_l0"}
+
+
+def test_uploaded_onnx_conv_transpose_exports_in_its_layout(tmp_path):
+    from qcore.io.models import load_model_file
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)  # (C_in, C_out / groups, k, k), groups 2: C_out 6
+    nodes = [helper.make_node("ConvTranspose", ["x", "up.weight", "up.bias"], ["y"], group=2, strides=[2, 2],
+                              pads=[1, 1, 1, 1], name="up"),
+             helper.make_node("Relu", ["y"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 6, 9, 9])],
+                              [numpy_helper.from_array(w, "up.weight"),
+                               numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "up.bias")])
+    path = tmp_path / "up.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    x = torch.from_numpy(rng.standard_normal((16, 4, 5, 5)).astype(np.float32))
+    work = Workload("up", load_model_file(str(path)).model, Data((x,)), Data((x,)), classification_task(6, False))
+    assert work.layer_shapes == {"up": (6, 2, 3, 3)}
+    r = preset("int8-static")
+    e = export_qdq(work, r, str(tmp_path / "q.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = work.simulate(r).model(x[:8]).numpy()
+    for b in (1, 8):
+        assert np.abs(sess.run(None, {"input_0": x[:b].numpy()})[0] - expected[:b]).max() < 1e-4
+    assert e.layers[0]["executes"] == "float (dequantized)" and "ConvTranspose" in e.layers[0]["reason"]
