@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ["quality", "sensitivity", "runtime", "interactivity", "memory", "qat"]
+BENCHMARKS = ["quality", "sensitivity", "runtime", "interactivity", "memory", "qat", "real_models"]
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 

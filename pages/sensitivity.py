@@ -52,7 +52,7 @@ chosen = st.selectbox("Rank the layers under", candidates, index=candidates.inde
 m1, m2, m3 = st.columns(3)
 m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
 ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
-m2.metric("Most sensitive layer", plain(ranked[0]["layer"]), help=f"under {plain(chosen)}")
+m2.metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
 m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only it in float",
           f"{ranked[0]['metric_drop']:+.4f}",
           help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
@@ -80,7 +80,7 @@ st.write("Open a layer's weights or inputs, or keep the layer in float (weights 
 _, _, recipe = state.current(key, w)
 for r in ranked:
     a, b, c, d = st.columns([3, 1, 1, 1])
-    a.markdown(f"**{r['rank']}. {plain(r['layer'])}** ({plain(r['kind'])}): drop {r['metric_drop']:+.4f}, "
+    a.markdown(f"**{r['rank']}. {plain(layer_label(r['layer']))}** ({plain(r['kind'])}): drop {r['metric_drop']:+.4f}, "
                f"output SQNR {r['sqnr_db']:.1f} dB")
     if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
         open_layer("pages/weights.py", keys.weights_layer(key), r["layer"])

@@ -52,6 +52,13 @@ fp32 = results["FP32"]
 profile = st.selectbox("Estimate latency for", ["this-machine"] + list(hardware.PROFILES), key="trade_profile",
                        format_func=lambda p: hardware.PROFILES[p].name if p in hardware.PROFILES else "this machine",
                        persist_state="session", help="where no latency was measured, a roofline estimate on this target")
+# QAT runs of the QAT page: the same recipe on fine-tuned weights -- the same size and latency as its PTQ twin
+for (run_key, _, cfg), r in st.session_state.get(keys.QAT_RUNS, {}).items():
+    if run_key == key:
+        label = f"QAT ({cfg.epochs} epochs, lr {cfg.lr:g}): {r.recipe.name} [{recipe_hash(w, r.recipe)}]"
+        recipes[label] = r.recipe
+        ptq = state.evaluate(key, w, r.recipe.to_json())
+        results[label] = {**ptq, "quantized": {**ptq["quantized"], "metrics": r.qat_metrics}}
 latency = state.latencies(key, w, recipes, profile)
 rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
          "share of FP32": r["quantized"]["size_bytes"] / r["fp32"]["size_bytes"],

@@ -48,6 +48,13 @@ def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypa
     assert metrics(at)["QAT accuracy"] == f"{r.qat_metrics['accuracy']:.4f}"
     assert any("Already trained" in c.value for c in at.caption)
 
+    visit(at, "tradeoffs")  # the QAT point sits beside its PTQ twin: same size, the QAT metric
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    qat = table[table["recipe"].str.startswith("QAT (2 epochs, lr 0.001)")]
+    assert len(qat) == 1 and qat["accuracy"].iloc[0] == pytest.approx(r.qat_metrics["accuracy"], abs=1e-12)
+    assert qat["size (bytes)"].iloc[0] == w.evaluate(recipe).quantized.size_bytes
+
 
 def test_qat_page_cancel_and_all_float_recipe(zoo_models):  # noqa: F811
     at = open_app("digits-mlp")

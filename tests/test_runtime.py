@@ -89,6 +89,9 @@ def test_bench_times_the_batch_size_it_reports(digits_mlp, monkeypatch):
             shapes.append(inputs["input_0"].shape[0])
             return self.sess.run(outputs, inputs)
 
+        def get_inputs(self):
+            return self.sess.get_inputs()
+
     monkeypatch.setattr(bench_module, "session", lambda path, threads: Recording(real(path, threads)))
     r = bench(digits_mlp, preset("int8-dynamic", digits_mlp.layer_shapes), batch_size=200, threads=1, budget_s=0.0)
     timed = 2 * (3 + r.speedup["rounds"])  # warm-up and timed rounds, both files

@@ -19,7 +19,7 @@ import torch
 
 from qcore.errors import QcoreError
 from qcore.export.report import export
-from qcore.export.sessions import feed, session
+from qcore.export.sessions import feed, fixed_batch, session
 from qcore.hardware import cpu_features, cpu_name
 from qcore.recipe import Recipe, preset
 
@@ -146,6 +146,10 @@ def _bench(workload, recipe: Recipe, batch_size: int, threads: int, budget_s: fl
     reports = {key: export(workload, r, "onnx", os.path.join(tmp, f"{key}.onnx"))
                for key, r in (("fp32", preset("fp32")), ("quantized", recipe))}
     sessions = {key: session(r.path, threads) for key, r in reports.items()}
+    fixed = fixed_batch(sessions["quantized"])
+    if fixed is not None and fixed != n:
+        raise QcoreError(f"the exported file runs only batches of {fixed} (the model's graph writes that size in; see "
+                         f"the export notes), so it cannot be timed at batch {n}; use --batch-size {fixed}")
     times = interleaved_times_ms({key: (lambda s=s: s.run(None, inputs)) for key, s in sessions.items()},
                                  budget_s=budget_s)
     sides = {key: BenchSide(r.file_size_bytes, r.theoretical_size_bytes, spread(times[key]),

@@ -27,12 +27,20 @@ def feed(workload, data) -> dict:
     return {n: t.numpy() for n, t in zip(input_names(workload), data.inputs)}
 
 
-def feeds(workload, data) -> list[dict]:
-    """``data`` as ONNX Runtime input dicts in batches of workload.batch_size."""
-    names = input_names(workload)
-    return [{n: t.numpy() for n, t in zip(names, b)} for b in data.batches(workload.batch_size)]
+def fixed_batch(sess) -> int | None:
+    """The batch size a session's file is declared at (its first input's first dimension), None if dynamic."""
+    first = sess.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) else None
 
 
 def run_onnx(sess, workload, data) -> torch.Tensor:
-    """Outputs of an ONNX Runtime session over ``data`` (batches of workload.batch_size), float32."""
-    return torch.from_numpy(np.concatenate([sess.run(None, f)[0] for f in feeds(workload, data)])).float()
+    """Outputs of an ONNX Runtime session over ``data``, float32: in batches of workload.batch_size, or of
+    the file's declared batch when it has one (the last batch filled up with its own first samples, whose
+    outputs are dropped)."""
+    size = fixed_batch(sess) or workload.batch_size
+    names, outs = input_names(workload), []
+    for b in data.batches(size):
+        n = len(b[0])
+        fill = torch.arange(size) % n if fixed_batch(sess) else torch.arange(n)
+        outs.append(sess.run(None, {name: t[fill].numpy() for name, t in zip(names, b)})[0][:n])
+    return torch.from_numpy(np.concatenate(outs)).float()

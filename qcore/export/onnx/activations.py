@@ -136,8 +136,15 @@ def quantize_input(ed, x: str, iq, before) -> tuple[str, str]:
     how = f"static (calibrated {spec.range})" if static else f"dynamic ({spec.range} per batch)"
     if op == "Cast":
         return _fake_quant_ops(ed, x, scale, None, fmt, before), f"{fmt.name} scaled {how}: Div/Cast/Mul"
-    # An input's codes are held in 8 bits at least (ONNX Runtime's QuantizeLinear and its QDQ fusions take
-    # 8- and 16-bit codes), clipped to the format's range when it is narrower than its container.
+    codes, zp = _codes(ed, x, scale, zp, fmt, static, before)
+    return n("DequantizeLinear", [codes, scale, zp]), f"{fmt.name} {how}: QuantizeLinear/DequantizeLinear"
+
+
+def _codes(ed, x: str, scale: str, zp, fmt, static: bool, before) -> tuple[str, str]:
+    """(codes, zero_point) of ``x``: QuantizeLinear into a container of 8 bits at least (ONNX Runtime's
+    QuantizeLinear and its QDQ fusions take 8- and 16-bit codes), clipped to the format's range when it
+    is narrower than its container. ``zp``: None (symmetric), a float (static) or a float value (dynamic)."""
+    n = lambda op, ins, **kw: ed.node(op, ins, "input_q", before, **kw)  # noqa: E731
     onnx_type = "INT8" if fmt.onnx_type == "INT4" else fmt.onnx_type
     container, container_bits = ELEMENT_TYPES[onnx_type]
     if zp is None:
@@ -150,4 +157,17 @@ def quantize_input(ed, x: str, iq, before) -> tuple[str, str]:
     if fmt.bits < container_bits:
         codes = n("Clip", [codes, ed.const(np.array(fmt.qmin, container), "qmin"),
                            ed.const(np.array(fmt.qmax, container), "qmax")])
-    return n("DequantizeLinear", [codes, scale, zp]), f"{fmt.name} {how}: QuantizeLinear/DequantizeLinear"
+    return codes, zp
+
+
+def dynamic_int8_codes(ed, x: str, iq, before) -> tuple[str, str, str, str] | None:
+    """The dynamic input quantizer ``iq`` on ``x`` as int8 codes for an integer kernel (ConvInteger):
+    (codes INT8, scale float32 scalar, zero_point INT8 scalar, description), or None when its codes are
+    not int8 of a per-batch range (a float format, a static range, 16-bit codes)."""
+    spec, fmt = iq.spec, iq.spec.fmt
+    if not spec.dynamic or decoder(fmt) != "DequantizeLinear" or fmt.onnx_type not in ("INT4", "INT8"):
+        return None
+    lo, hi = _range_ops(ed, x, spec, fmt, before)
+    scale, zp = _params_ops(ed, lo, hi, spec, fmt, before)
+    codes, zp = _codes(ed, x, scale, zp, fmt, False, before)
+    return codes, scale, zp, f"{fmt.name} dynamic ({spec.range} per batch): QuantizeLinear to int8 codes"

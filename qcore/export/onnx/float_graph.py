@@ -1,8 +1,7 @@
 """The FP32 ONNX graph the export edits, built once per workload, batch dimension dynamic.
 
 An uploaded ONNX model's own graph (``OnnxModule.source``; each layer's weight input replaced by the
-simulated model's weight, upgraded to opset 21 if older, checked at batch 1 and 8, a note if a Reshape
-fixes the batch); any other model's BatchNorm-folded copy (``workload.folded[0]``) exported with
+simulated model's weight, upgraded to opset 21 if older); any other model's BatchNorm-folded copy (``workload.folded[0]``) exported with
 ``torch.onnx.export(dynamo=True)`` at opset 21 (a ``.pt2`` program's unflattened module too), without the
 exporter's BatchNorm fusion when the simulation kept a BatchNorm. Inputs are named ``input_0..``, the
 first output ``output``; a Gemm with a constant weight becomes MatMul (+ Add), which ONNX Runtime fuses.
@@ -11,6 +10,9 @@ A layer's weight sits in the graph in its operator's layout (``graph_weight``): 
 (C_in, C_out / groups, k...), an ONNX LSTM / GRU matrix as its W or R initializer (directions, G * H, in);
 a torch LSTM / GRU is exported unrolled (the engine's ``recurrent`` cell: one MatMul per matrix and time
 step, sharing one weight initializer), so the file has the sequence length of the calibration data.
+
+Either graph then gets a dynamic batch (``_free_batch``): shapes that write the traced batch read the batch
+of the run, checked in ONNX Runtime at 1, B and 8; a graph that still fixes it is declared at B, with a note.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
 from qcore.model.conv_transpose import ConvTransposeLayer, to_transposed
 from qcore.model.onnx_graph import OnnxModule
+from qcore.model.workload import Workload
 
 OPSET = 21
 
@@ -65,42 +68,55 @@ def float_graph(workload) -> FloatGraph:
             proto, notes, names = _uploaded_graph(workload)
             weights = located(proto, names)
         else:
-            proto, notes = _exported_graph(workload, optimize=True), []
+            proto, notes = _exported_graph(workload, optimize=True)
             try:
                 weights = located(proto, {})
             except QcoreError:  # the optimizer fused a BatchNorm the simulation keeps into a conv's weight
-                proto = _exported_graph(workload, optimize=False)
+                proto, notes = _exported_graph(workload, optimize=False)
                 weights = located(proto, {})
         _FLOAT_GRAPHS[workload] = (proto.SerializeToString(), weights, notes)
     data, weights, notes = _FLOAT_GRAPHS[workload]
     return FloatGraph(onnx.load_from_string(data), dict(weights), list(notes))
 
 
-def _exported_graph(workload, optimize: bool) -> onnx.ModelProto:
+def _exported_graph(workload, optimize: bool) -> tuple[onnx.ModelProto, list[str]]:
     """``torch.onnx.export(dynamo=True)`` of the folded model at opset 21, batch (and the sequence
-    length of token inputs) dynamic. ``optimize=False`` replaces the exporter's optimizer by constant
-    folding alone: its rewrite rules fuse a BatchNorm the simulation kept (one outside an
-    ``nn.Sequential``) into the conv's weight, and the file must hold the weights the simulation quantizes."""
+    length of token inputs) dynamic unless the model fixes them (``Dim.AUTO``: a program saved at a
+    fixed batch specializes it; the file is then declared at that batch and a note says so).
+    ``optimize=False`` replaces the exporter's optimizer by constant folding alone: its rewrite rules
+    fuse a BatchNorm the simulation kept (one outside an ``nn.Sequential``) into the conv's weight, and
+    the file must hold the weights the simulation quantizes. Returns (graph, notes)."""
     import inspect
 
     import onnx_ir.passes.common as ir_passes
     import onnxscript.optimizer
+    from torch.onnx import OnnxExporterError
 
     model = workload.folded[0]
-    example = tuple(t[:2] for t in workload.calibration.inputs)
-    dims = tuple({0: torch.export.Dim.DYNAMIC, **({1: torch.export.Dim.DYNAMIC}
-                  if t.dim() == 2 and not t.is_floating_point() else {})} for t in example)
-    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
-        dims = (dims,)  # forward(*args) (an unflattened .pt2 program): the inputs are one tuple argument
+
+    def exported(batch: int):
+        example = tuple(t[torch.arange(batch) % len(t)] for t in workload.calibration.inputs)
+        dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO}
+                      if t.dim() == 2 and not t.is_floating_point() else {})} for t in example)
+        if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+            dims = (dims,)  # forward(*args) (an unflattened .pt2 program): the inputs are one tuple argument
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's own pytree deprecation inside export (it deep-copies TreeSpecs), not a call of ours
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            return torch.onnx.export(model, example, dynamo=True, opset_version=OPSET, dynamic_shapes=dims,
+                                     verbose=False, optimize=optimize)
+
     exporter_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" and similar chatter
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch's own pytree deprecation inside export (it deep-copies TreeSpecs), not a call of ours
-            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-            program = torch.onnx.export(model, example, dynamo=True, opset_version=OPSET, dynamic_shapes=dims,
-                                        verbose=False, optimize=optimize)
+        try:
+            program = exported(2)
+        except OnnxExporterError:
+            # a program that runs only one batch size (the loader's ``workload.batch_size``) traced at it
+            if workload.batch_size in (2, Workload.batch_size) or workload.batch_size > len(workload.calibration):
+                raise
+            program = exported(workload.batch_size)
     finally:
         exporter_log.setLevel(level)
     if not optimize:
@@ -112,7 +128,7 @@ def _exported_graph(workload, optimize: bool) -> onnx.ModelProto:
     _rename_io(ed)
     ed.finish()
     _strip(proto)
-    return proto
+    return _free_batch(proto, workload)
 
 
 def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
@@ -152,16 +168,11 @@ def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str
                              f"the quantized file needs ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              f"export it again with opset_version={OPSET}") from None
     proto.ir_version = max(proto.ir_version, 10)  # INT4 / UINT4 initializers and opset 21 need IR 10
-    batch = "batch"
-    for v in [*(i for i in proto.graph.input), proto.graph.output[0]]:
-        dims = v.type.tensor_type.shape.dim
-        if len(dims) and dims[0].HasField("dim_value"):
-            dims[0].dim_param = batch  # a oneof with dim_value: setting it clears the fixed size
     ed = GraphEditor(proto)
     _rename_io(ed)
     ed.finish()
     _strip(proto)
-    return proto, _batch_notes(proto, workload), names
+    return (*_free_batch(proto, workload), names)
 
 
 def _rename_io(ed: GraphEditor) -> None:
@@ -189,22 +200,107 @@ def _strip(proto: onnx.ModelProto) -> None:
     del proto.metadata_props[:]
 
 
-def _batch_notes(proto: onnx.ModelProto, workload) -> list[str]:
-    """Run the float graph at batch 1 and 8 in ONNX Runtime; a note for each batch it does not run
-    (a Reshape or Expand in the source graph with the batch size written in)."""
+def _declared_batch(proto: onnx.ModelProto) -> int | None:
+    """The batch size the graph declares (its first input's first dimension, else its output's), or None
+    when both are symbolic."""
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) and dims[0].HasField("dim_value"):
+            return dims[0].dim_value
+    return None
+
+
+def _declare_batch(proto: onnx.ModelProto, batch: int | str) -> None:
+    """Declare the first dimension of every graph input and the output as ``batch`` (a size or a name)."""
+    for v in [*proto.graph.input, proto.graph.output[0]]:
+        dims = v.type.tensor_type.shape.dim
+        if len(dims):
+            if isinstance(batch, int):
+                dims[0].dim_value = batch  # dim_value and dim_param are a oneof: setting one clears the other
+            else:
+                dims[0].dim_param = batch
+
+
+def _batch_from_input(proto: onnx.ModelProto, size: int) -> int:
+    """Rewrite each constant shape that writes the traced batch ``size`` first (the shape of a Reshape,
+    Expand, or ConstantOfShape: ``torch.onnx.export`` at a fixed batch folds ``x.view(x.size(0), -1)``
+    to ``[2, -1]``) to ``Concat(Shape(input_0)[0:1], rest)``, the batch of the run. Returns how many."""
+    ed = GraphEditor(proto)
+    shape_inputs = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
+    batch, rewritten = None, 0
+    for node in list(ed.nodes):
+        k = shape_inputs.get(node.op_type)
+        if k is None or node.input[k] not in ed.inits:
+            continue
+        value = ed.array(node.input[k])
+        if value.ndim != 1 or len(value) < 1 or int(value[0]) != size:
+            continue
+        if batch is None:
+            batch = ed.node("Shape", ["input_0"], "batch", None, start=0, end=1)
+        rest = ed.const(value[1:].astype(np.int64), "shape_rest")
+        node.input[k] = ed.node("Concat", [batch, rest], "shape", node, axis=0)
+        rewritten += 1
+    ed.finish()
+    return rewritten
+
+
+def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph with a dynamic batch dimension where it can have one: shapes that write the batch size B
+    it was traced at (``_declared_batch``) rewritten (``_batch_from_input``), then checked in ONNX Runtime -- at batch 1,
+    B and 8 each sample's output must be the one the source graph gives at batch B. If they are not,
+    the source graph is kept with its inputs and output declared at batch B, and a note says so."""
+    fixed = _declared_batch(proto)
+    source = proto.SerializeToString()
+    rewritten = _batch_from_input(proto, fixed) if fixed else 0
+    _declare_batch(proto, "batch")
+    data = workload.calibration.inputs
+    if fixed is None or fixed > len(data[0]):
+        return proto, _batch_notes(proto, workload)
+    sample = lambda b: {f"input_{i}": t[torch.arange(b) % fixed].numpy() for i, t in enumerate(data)}  # noqa: E731
+    reference = _run(source, sample(fixed))
+    problem = None
+    for b in sorted({1, fixed, 8}):
+        out = _run(proto.SerializeToString(), sample(b))
+        expected = reference[np.arange(b) % fixed] if not isinstance(reference, str) else None
+        if isinstance(out, str):
+            problem = f"fails at batch {b} ({out})"
+        elif expected is None or out.shape != expected.shape or not np.allclose(
+                out, expected, rtol=1e-3, atol=1e-4 * (1 + float(np.abs(expected).max()))):
+            problem = f"gives other outputs at batch {b} than at batch {fixed}"
+        if problem:
+            break
+    if problem is None:
+        return proto, [f"the model's graph was traced at batch {fixed}: {rewritten} shape(s) writing {fixed} now "
+                       f"read the batch of each run, so the file runs any batch size (checked at 1, {fixed} and 8)"
+                       ] if rewritten else []
+    fixed_proto = onnx.load_from_string(source)
+    _declare_batch(fixed_proto, fixed)
+    return fixed_proto, [f"the model's graph hard-codes batch {fixed} and {problem} even with the shapes that write "
+                         f"{fixed} rewritten, so the file is declared and runs at batch {fixed} only; export the source "
+                         "model with a dynamic batch dimension to run other batch sizes"]
+
+
+def _run(model: bytes, feed: dict) -> np.ndarray | str:
+    """The first output of ``model`` in ONNX Runtime on ``feed``, or ONNX Runtime's error (one line)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    except Exception as e:  # noqa: BLE001 -- ONNX Runtime's error for a shape the graph fixes
+        return str(e).splitlines()[0][:160]
+
+
+def _batch_notes(proto: onnx.ModelProto, workload) -> list[str]:
+    """Run the float graph at batch 1 and 8 in ONNX Runtime; a note for each batch it does not run
+    (a Reshape or Expand in the source graph with the batch size written in)."""
     notes = []
     for b in (1, 8):
         feed = {f"input_{i}": t[torch.arange(b) % len(t)].numpy() for i, t in enumerate(workload.calibration.inputs)}
-        try:
-            out = sess.run(None, feed)[0]
-            problem = None if out.shape[:1] == (b,) else f"gives an output of shape {out.shape}"
-        except Exception as e:  # noqa: BLE001 -- ONNX Runtime's error for a shape the graph fixes
-            problem = f"fails ({str(e).splitlines()[0][:160]})"
+        out = _run(proto.SerializeToString(), feed)
+        problem = f"fails ({out})" if isinstance(out, str) else \
+            None if out.shape[:1] == (b,) else f"gives an output of shape {out.shape}"
         if problem:
             notes.append(f"the uploaded graph {problem} at batch {b}: it hard-codes the batch size (a Reshape or "
                          "Expand with a fixed first dimension), so the file runs only the batch size it was "

@@ -22,6 +22,7 @@ from onnx import helper
 
 from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
+from qcore.export.onnx import integer
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.float_graph import OPSET, float_graph
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
@@ -111,6 +112,12 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if node is not None and node.op_type in ("LSTM", "GRU"):
             weight_input = list(node.input).index(init) if init in node.input else 1
             data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
+        if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
+            ed.drop_initializer(init)
+            row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, quantize(weight, plan.weights))
+            codes_of[name], row["stored_bytes"] = stored[0], stored_bytes(ed, set(stored))
+            rows.append(row)
+            continue
         if iq is not None and data_input is not None:
             for n in nodes:  # each time step of an unrolled recurrent matrix: the same quantizer
                 new_input, row["activations"] = quantize_input(ed, n.input[data_input], iq, n)
