@@ -286,3 +286,29 @@ def test_uploaded_onnx_conv_transpose_exports_in_its_layout(tmp_path):
     for b in (1, 8):
         assert np.abs(sess.run(None, {"input_0": x[:b].numpy()})[0] - expected[:b]).max() < 1e-4
     assert e.layers[0]["executes"] == "float (dequantized)" and "ConvTranspose" in e.layers[0]["reason"]
+
+
+def test_pt2_program_with_lstm_and_gru_loads_them_as_layers(tmp_path):
+    from qcore.io.models import load_model_file
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.gru = nn.LSTM(3, 4, num_layers=2, batch_first=True), nn.GRU(4, 2, bidirectional=True)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            z, h = self.gru(y.transpose(0, 1))
+            return z[-1] + h.sum(0).repeat(1, 2)
+
+    torch.manual_seed(4)
+    model = Encoder().eval()
+    torch.export.save(torch.export.export(model, (torch.randn(2, 5, 3),)), str(tmp_path / "enc.pt2"))
+    loaded = load_model_file(str(tmp_path / "enc.pt2")).model
+    x = torch.randn(7, 5, 3)  # another batch than the traced one: the traced zero states are not kept
+    with torch.no_grad():
+        assert (loaded(x) - model(x)).abs().max() < 1e-5
+    w = Workload("enc", loaded, Data((x,)), Data((x,)), classification_task(4, False))
+    assert {n: i.kind for n, i in w.layers.items()} == {
+        **{f"lstm.weight_{m}_l{k}": "LSTM" for k in (0, 1) for m in ("ih", "hh")},
+        **{f"gru.weight_{m}_l0{s}": "GRU" for s in ("", "_reverse") for m in ("ih", "hh")}}

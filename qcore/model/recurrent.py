@@ -56,8 +56,11 @@ class _Unrolled(nn.Module):
 
     KIND, GATES = "", 0
 
-    def __init__(self, rnn: nn.RNNBase):
+    def __init__(self, rnn: nn.RNNBase, outputs: int | tuple[int, ...] | None = None):
+        """``outputs`` None: torch's return value; else the items of the flat (output, h_n[, c_n]) to return
+        (an index: that one tensor; a tuple: a list of them), as a ``torch.export`` graph of the layer returns."""
         super().__init__()
+        self.outputs = outputs
         self.hidden_size, self.num_layers = rnn.hidden_size, rnn.num_layers
         self.batch_first, self.bidirectional = rnn.batch_first, rnn.bidirectional
         for k in range(self.num_layers):
@@ -100,6 +103,9 @@ class _Unrolled(nn.Module):
             x, final = x.squeeze(1), tuple(f.squeeze(1) for f in final)
         elif self.batch_first:
             x = x.transpose(0, 1)
+        if self.outputs is not None:
+            flat = (x, *final)
+            return flat[self.outputs] if isinstance(self.outputs, int) else [flat[i] for i in self.outputs]
         return x, (final if self.GATES == 4 else final[0])
 
 
