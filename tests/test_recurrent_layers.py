@@ -288,7 +288,8 @@ def test_uploaded_onnx_conv_transpose_exports_in_its_layout(tmp_path):
     assert e.layers[0]["executes"] == "float (dequantized)" and "ConvTranspose" in e.layers[0]["reason"]
 
 
-def test_pt2_program_with_lstm_and_gru_loads_them_as_layers(tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True])  # a dynamic batch passes its size symbol to the LSTM's leaf
+def test_pt2_program_with_lstm_and_gru_loads_them_as_layers(tmp_path, dynamic):
     from qcore.io.models import load_model_file
 
     class Encoder(nn.Module):
@@ -303,7 +304,9 @@ def test_pt2_program_with_lstm_and_gru_loads_them_as_layers(tmp_path):
 
     torch.manual_seed(4)
     model = Encoder().eval()
-    torch.export.save(torch.export.export(model, (torch.randn(2, 5, 3),)), str(tmp_path / "enc.pt2"))
+    program = torch.export.export(model, (torch.randn(2, 5, 3),),
+                                  dynamic_shapes=({0: torch.export.Dim.DYNAMIC},) if dynamic else None)
+    torch.export.save(program, str(tmp_path / "enc.pt2"))
     loaded = load_model_file(str(tmp_path / "enc.pt2")).model
     x = torch.randn(7, 5, 3)  # another batch than the traced one: the traced zero states are not kept
     with torch.no_grad():

@@ -71,7 +71,10 @@ class _Unrolled(nn.Module):
                     self.add_module(name, RecurrentMatrix(getattr(rnn, name).detach(),
                                                           None if bias is None else bias.detach(), self.KIND))
 
-    def forward(self, x: torch.Tensor, hx=None):
+    def forward(self, x: torch.Tensor, *args):
+        """torch's ``forward(x, hx=None)``. A leaf of a ``torch.export`` graph (``outputs`` set) is called
+        with the graph's size symbols after x: they are ignored (its states start at zero)."""
+        hx = args[0] if args and self.outputs is None else None
         if not isinstance(x, torch.Tensor):
             raise QcoreError(f"the {self.KIND} got a {type(x).__name__} (a PackedSequence?); the engine runs "
                              "recurrent layers on padded tensors only")

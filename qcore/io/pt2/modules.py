@@ -54,15 +54,16 @@ def _as_torch_module(leaf: nn.Module) -> nn.Module | None:
 
 def _as_recurrent(leaf: nn.Module) -> nn.Module | None:
     """An unflattened leaf whose graph is one ``aten.lstm.input`` / ``aten.gru.input`` call on its own
-    parameters from zero initial states (``aten.zeros``), returning items of its result: rebuilt as the
-    ``nn.LSTM`` / ``nn.GRU`` it was (same tensors), unrolled, returning the same items."""
+    parameters from zero initial states (``aten.zeros``, sized by the batch symbols the leaf may take after
+    its input), returning items of its result: rebuilt as the ``nn.LSTM`` / ``nn.GRU`` it was (same
+    tensors), unrolled, returning the same items."""
     graph = getattr(leaf, "graph", None)
     if not isinstance(graph, torch.fx.Graph) or next(leaf.children(), None) is not None:
         return None
     nodes = [n for n in graph.nodes if n.op == "call_function"]
     rnns = [n for n in nodes if str(n.target) in ("aten.lstm.input", "aten.gru.input")]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(rnns) != 1 or len(placeholders) != 1 or rnns[0].kwargs:
+    if len(rnns) != 1 or not placeholders or rnns[0].kwargs:
         return None
     call = rnns[0]
     if len(call.args) != 9 or call.args[0] is not placeholders[0]:
@@ -70,6 +71,8 @@ def _as_recurrent(leaf: nn.Module) -> nn.Module | None:
     x, hx, params, has_biases, num_layers, _dropout, _train, bidirectional, batch_first = call.args
     hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
     if not all(isinstance(h, torch.fx.Node) and str(h.target) == "aten.zeros.default" for h in hx):
+        return None
+    if any(user not in hx for size in placeholders[1:] for user in size.users):  # sizes only size the states
         return None
     if not all(isinstance(p, torch.fx.Node) and p.op == "get_attr" for p in params):
         return None
