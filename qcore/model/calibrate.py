@@ -26,6 +26,7 @@ from torch import nn
 from qcore.errors import QcoreError
 from qcore.numerics.formats import Format
 from qcore.numerics.ranges import choose_range
+from qcore.model.conv_transpose import ConvTransposeLayer
 from qcore.model.hooks import run_with_hooks
 
 HIST_BINS = 2048
@@ -67,7 +68,7 @@ class ActivationStats:
 
 
 def _channel_axis(module: nn.Module, x: torch.Tensor) -> int:
-    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d)) and x.dim() > 2 else -1
+    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, ConvTransposeLayer)) and x.dim() > 2 else -1
 
 
 def calibrate(model: nn.Module, layer_names: Iterable[str], batches: Iterable[tuple],

@@ -11,7 +11,7 @@ the module keeps the source graph and each layer's place in it (``LayerSource``)
 Control flow: an ``If`` whose condition is a constant is inlined at import (the taken branch's nodes
 become steps); otherwise its ``Step`` holds both branches as step lists and runs the one the condition
 picks at run time (branches read the outer values by name). Recurrent layers (``OnnxLSTM``, ``OnnxGRU``)
-are modules holding their weight matrices as parameters, in ONNX's layout and gate order.
+are modules holding their two weight matrices (W, R) as layers, in ONNX's gate order.
 
 The importer (``io.onnx.convert``) builds one from an (untrusted) file. At run time the operators
 whose output size the graph's values decide (``RUN_CHECKED``) are checked before they allocate: one
@@ -29,6 +29,7 @@ from torch import nn
 
 from qcore.errors import QcoreError
 from qcore.model.onnx_ops import OPS, RUN_CHECKED, output_sizes
+from qcore.model.recurrent import RecurrentMatrix
 
 MAX_RUN_TENSOR_BYTES = 2**31  # one tensor a RUN_CHECKED operator creates at run time: 2 GiB
 
@@ -54,31 +55,29 @@ class Step:
     branches: tuple | None = None  # If: ((then steps, then outputs), (else steps, else outputs))
 
 
-def _gates(x, h, w_ih, w_hh, b_ih, b_hh, n: int):
-    """The ``n`` gate pre-activations of one time step, split: x (B, I) @ W^T + h (B, H) @ R^T + biases."""
-    return (x @ w_ih.T + b_ih).chunk(n, -1), (h @ w_hh.T + b_hh).chunk(n, -1)
-
-
 class _OnnxRNN(nn.Module):
-    """Shared by ``OnnxLSTM`` and ``OnnxGRU``: the ONNX node's W, R, B as parameters.
+    """Shared by ``OnnxLSTM`` and ``OnnxGRU``: the ONNX node's W, R, B as two quantizable layers
+    (``qcore.model.recurrent.RecurrentMatrix``, one layer per weight matrix, as torch's unrolled LSTM/GRU).
 
-    ``weight_ih`` (num_directions, G * hidden, input), ``weight_hh`` (num_directions, G * hidden, hidden),
-    ``bias_ih``/``bias_hh`` (num_directions, G * hidden): ONNX's W, R and the two halves of B, gates in
-    ONNX order (LSTM iofc, G = 4; GRU zrh, G = 3). ``forward(X, sequence_lens, initial_h[, initial_c])``
+    ``weight_ih.weight`` (num_directions * G * hidden, input) is ONNX's W (num_directions, G * hidden,
+    input) with the directions stacked, ``weight_hh.weight`` (num_directions * G * hidden, hidden) R, their
+    biases the two halves of B; gates in ONNX order (LSTM iofc, G = 4; GRU zrh, G = 3); ``graph_shape``
+    of each matrix is the ONNX initializer's shape. ``forward(X, sequence_lens, initial_h[, initial_c])``
     with X (seq, batch, input) (``layout=1``: (batch, seq, input)) returns ONNX's (Y, Y_h[, Y_c]):
     Y (seq, num_directions, batch, hidden), Y_h (num_directions, batch, hidden). A batch entry's steps
     at or beyond its ``sequence_lens`` leave its state unchanged and output zeros."""
 
-    GATES = 0
+    GATES, KIND = 0, ""
 
     def __init__(self, w, r, b, attrs: dict):
         super().__init__()
         dirs, gh = w.shape[0], w.shape[1]
         self.hidden, self.direction = gh // self.GATES, attrs.get("direction", "forward")
         self.layout, self.clip = attrs.get("layout", 0), attrs.get("clip")
-        self.weight_ih, self.weight_hh = nn.Parameter(w.clone(), False), nn.Parameter(r.clone(), False)
         b = torch.zeros(dirs, 2 * gh, dtype=w.dtype) if b is None else b
-        self.bias_ih, self.bias_hh = nn.Parameter(b[:, :gh].clone(), False), nn.Parameter(b[:, gh:].clone(), False)
+        self.weight_ih = RecurrentMatrix(w.reshape(dirs * gh, -1), b[:, :gh].reshape(-1), self.KIND, dirs)
+        self.weight_hh = RecurrentMatrix(r.reshape(dirs * gh, -1), b[:, gh:].reshape(-1), self.KIND, dirs)
+        self.weight_ih.graph_shape, self.weight_hh.graph_shape = tuple(w.shape), tuple(r.shape)
 
     def forward(self, x, lens=None, h0=None, c0=None):
         if self.layout:  # batch first: X (batch, seq, input), initial states (batch, dirs, hidden)
@@ -86,7 +85,7 @@ class _OnnxRNN(nn.Module):
         seq, batch = x.shape[:2]
         lens = torch.full((batch,), seq) if lens is None else lens
         ys, hs, cs = [], [], []
-        for d in range(self.weight_ih.shape[0]):
+        for d in range(self.weight_ih.directions):
             reverse = self.direction == "reverse" or d == 1
             h = torch.zeros(batch, self.hidden, dtype=x.dtype) if h0 is None else h0[d]
             c = torch.zeros(batch, self.hidden, dtype=x.dtype) if c0 is None else c0[d]
@@ -112,7 +111,7 @@ class OnnxLSTM(_OnnxRNN):
     """ONNX LSTM (default activations sigmoid/tanh/tanh), ``peephole`` (num_directions, 3 * hidden) in
     iof order; ``input_forget`` couples the forget gate to 1 - input gate."""
 
-    GATES = 4
+    GATES, KIND = 4, "LSTM"
 
     def __init__(self, w, r, b, p, attrs: dict):
         super().__init__(w, r, b, attrs)
@@ -121,8 +120,7 @@ class OnnxLSTM(_OnnxRNN):
         self.peephole = nn.Parameter(p.clone(), False)
 
     def cell(self, x, h, c, d):
-        (xi, xo, xf, xc), (hi, ho, hf, hc) = _gates(x, h, self.weight_ih[d], self.weight_hh[d],
-                                                    self.bias_ih[d], self.bias_hh[d], 4)
+        (xi, xo, xf, xc), (hi, ho, hf, hc) = self.weight_ih(x, d).chunk(4, -1), self.weight_hh(h, d).chunk(4, -1)
         pi, po, pf = self.peephole[d].chunk(3)
         i = torch.sigmoid(self._clipped(xi + hi + pi * c))
         f = 1 - i if self.input_forget else torch.sigmoid(self._clipped(xf + hf + pf * c))
@@ -135,22 +133,20 @@ class OnnxGRU(_OnnxRNN):
     """ONNX GRU (default activations sigmoid/tanh); ``linear_before_reset`` applies the reset gate
     after R_h (as torch's GRU does) instead of before it."""
 
-    GATES = 3
+    GATES, KIND = 3, "GRU"
 
     def __init__(self, w, r, b, attrs: dict):
         super().__init__(w, r, b, attrs)
         self.linear_before_reset = bool(attrs.get("linear_before_reset", 0))
 
     def cell(self, x, h, c, d):
-        (xz, xr, xh), (hz, hr, hh) = _gates(x, h, self.weight_ih[d], self.weight_hh[d],
-                                            self.bias_ih[d], self.bias_hh[d], 3)
+        (xz, xr, xh), (hz, hr, hh) = self.weight_ih(x, d).chunk(3, -1), self.weight_hh(h, d).chunk(3, -1)
         z = torch.sigmoid(self._clipped(xz + hz))
         r = torch.sigmoid(self._clipped(xr + hr))
         if self.linear_before_reset:
             candidate = xh + r * hh
-        else:
-            _, _, w_hh = self.weight_hh[d].chunk(3)
-            candidate = xh + (r * h) @ w_hh.T + self.bias_hh[d].chunk(3)[2]
+        else:  # R_h (r * h) + Rb_h: the h rows of R applied to r * h (its input hook sees r * h too)
+            candidate = xh + self.weight_hh(r * h, d).chunk(3, -1)[2]
         candidate = torch.tanh(self._clipped(candidate))
         return (1 - z) * candidate + z * h, c
 

@@ -9,7 +9,15 @@ compute, then on a *copy* of the model
   (static) or computed from each batch (dynamic).
 
 The original model is never modified. Conv+BatchNorm pairs are folded first (the folded conv is
-what an inference runtime would quantize); ``Simulation.folded`` reports which.
+what an inference runtime would quantize); ``Simulation.folded`` reports which. In the same step
+``nn.LSTM`` / ``nn.GRU`` become their unrolled equivalents (``qcore.model.recurrent``): each weight matrix
+is a layer whose input hook sees every time step's input or hidden state.
+
+Weight layouts: Linear (out, in), Conv (C_out, C_in / groups, k...) -- grouped and depthwise convs too:
+per_channel is one scale per output channel, fan-in C_in / groups * k --, recurrent matrices
+(directions * G * H, in). torch's ConvTranspose holds (C_in, C_out / groups, k...) (output channel on
+axis 1); the preparing step turns it into a ``conv_transpose.ConvTransposeLayer`` holding the Conv layout
+(C_out, C_in / groups, k...), so per_channel follows its output channel too.
 
 The input hooks go on the copy only (see ``qcore.model.hooks``: hooks always go on a private copy).
 """
@@ -24,6 +32,8 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
+from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
+from qcore.model.recurrent import RecurrentMatrix, unroll
 from qcore.numerics.quantize import QuantizedTensor, check_finite, fake_quantize, quantize
 from qcore.recipe import Recipe
 from qcore.numerics.spec import TensorSpec
@@ -31,7 +41,7 @@ from qcore.numerics.spec import TensorSpec
 if TYPE_CHECKING:
     from qcore.model.calibrate import ActivationStats
 
-# Module types whose weight is quantized, and the op each computes.
+# Module types whose weight is quantized, and the op each computes (a RecurrentMatrix: its layer's kind).
 LAYER_TYPES = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Embedding: "Embedding"}
 # Leaf modules of unflattened torch.export programs carry their op in a graph instead of a type.
 _GRAPH_OPS = {"aten.linear.default": "Linear", "aten.conv1d.default": "Conv1d", "aten.conv1d.padding": "Conv1d",
@@ -52,7 +62,10 @@ def _graph_kind(module: nn.Module) -> str | None:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'Linear' | 'Conv1d' | 'Conv2d' | 'Embedding' for a quantizable layer, else None."""
+    """'Linear' | 'Conv1d' | 'Conv2d' | 'ConvTranspose1d' | 'ConvTranspose2d' | 'Embedding' | 'LSTM' | 'GRU'
+    for a quantizable layer, else None."""
+    if isinstance(module, (RecurrentMatrix, ConvTransposeLayer)):
+        return module.kind
     for cls, kind in LAYER_TYPES.items():
         if isinstance(module, cls):
             return kind
@@ -92,7 +105,12 @@ def find_layers(model: nn.Module) -> dict[str, LayerInfo]:
 
 def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold each Conv directly followed by a BatchNorm inside an ``nn.Sequential`` into the conv,
-    in place (eval-mode statistics); the BatchNorm becomes Identity. Returns the (conv, bn) names."""
+    in place (eval-mode statistics); the BatchNorm becomes Identity. Returns the (conv, bn) names.
+    Also replaces each ``nn.LSTM`` / ``nn.GRU`` by its unrolled equivalent (``recurrent.unroll``) and each
+    ``nn.ConvTranspose1d`` / ``2d`` by a ``ConvTransposeLayer`` (weight in the Conv layout): the forms whose
+    weights (and hidden state) the engine quantizes."""
+    unroll(model)
+    use_weight_layout(model)
     folded = []
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):

@@ -274,7 +274,10 @@ def test_lstm_is_a_layer_and_agrees_with_onnxruntime(direction):
     model = _model([node], {"x": SEQ, "lens": np.array([6, 3, 1], np.int32), **state}, ["y", "yh", "yc"], w)
     module = _agree(model, {"x": SEQ, "lens": np.array([6, 3, 1], np.int32), **state})
     (lstm,) = [m for m in module.modules() if isinstance(m, OnnxLSTM)]
-    assert lstm.weight_ih.shape == (dirs, 4 * H, I) and torch.equal(lstm.weight_hh, torch.from_numpy(w["R"]))
+    assert lstm.weight_ih.weight.shape == (dirs * 4 * H, I) and lstm.weight_ih.graph_shape == (dirs, 4 * H, I)
+    assert torch.equal(lstm.weight_hh.weight, torch.from_numpy(w["R"]).reshape(dirs * 4 * H, H))
+    assert {n: i.kind for n, i in find_layers(module).items() if i.kind == "LSTM"} == \
+        {f"{n}.{m}": "LSTM" for n, mod in module.named_modules() if mod is lstm for m in ("weight_ih", "weight_hh")}
 
 
 @pytest.mark.parametrize("linear_before_reset", [0, 1])

@@ -44,8 +44,11 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
        for t in ("fp32", "metric", "int8")},
     **{(n, t): "the model returns tuple, not one tensor"
        for n in ("mtcnn-pnet", "mtcnn-onet") for t in ("fp32", "metric", "int8")},
-    **{("resemblyzer", t): "resemblyzer.pt2 calls 'torch.ops.aten.lstm.input', which is not on the engine's list"
-       for t in ("fp32", "metric", "int8")},
+    ("resemblyzer", "metric"): "the output is a speaker embedding (batch, 256) but the headline metric is 'agreement'",
+    # int8-static on the unrolled 3 x 160-step LSTM: the file matches the simulation (SQNR >= 30 dB) but ONNX
+    # Runtime's float MatMuls sum differently at batch 1 and 8, and a 1-ulp change that flips one code of the
+    # quantized hidden state grows over the steps: sample 0 differs by 7e-4 (max |y| ~0.3) between batches
+    ("resemblyzer", "int8"): "Tensor-likes are not close!",
     ("minilm-l6", "metric"): "the output is a sentence embedding (batch, 384) but the headline metric is 'agreement'",
     ("ocr-rec", "int8"): "the int8-static file differs from the simulation",  # 13.6 dB measured: steps' argmax flip
 }

@@ -5,6 +5,12 @@ simulated model's weight, upgraded to opset 21 if older); any other model's Batc
 ``torch.onnx.export(dynamo=True)`` at opset 21 (a ``.pt2`` program's unflattened module too), without the
 exporter's BatchNorm fusion when the simulation kept a BatchNorm. Inputs are named ``input_0..``, the
 first output ``output``; a Gemm with a constant weight becomes MatMul (+ Add), which ONNX Runtime fuses.
+
+A layer's weight sits in the graph in its operator's layout (``graph_weight``): a ConvTranspose's as
+(C_in, C_out / groups, k...), an ONNX LSTM / GRU matrix as its W or R initializer (directions, G * H, in);
+a torch LSTM / GRU is exported unrolled (the engine's ``recurrent`` cell: one MatMul per matrix and time
+step, sharing one weight initializer), so the file has the sequence length of the calibration data.
+
 Either graph then gets a dynamic batch (``_free_batch``): shapes that write the traced batch read the batch
 of the run, checked in ONNX Runtime at 1, B and 8; a graph that still fixes it is declared at B, with a note.
 """
@@ -23,6 +29,7 @@ from onnx import helper
 
 from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
+from qcore.model.conv_transpose import ConvTransposeLayer, to_transposed
 from qcore.model.onnx_graph import OnnxModule
 from qcore.model.workload import Workload
 
@@ -32,7 +39,8 @@ OPSET = 21
 @dataclass
 class FloatGraph:
     """The FP32 graph the export edits: ``proto`` (inputs ``input_0..``, output ``output``, batch
-    dimension dynamic), each layer's weight initializer as ``(name, stored transposed?)`` and notes."""
+    dimension dynamic), each layer's weight initializer as ``(name, orientation)`` and notes; orientation
+    False: as the layer holds it, True: W^T (2-D), "graph": the operator's layout (``graph_weight``)."""
 
     proto: onnx.ModelProto
     weights: dict[str, tuple[str, bool]]
@@ -54,8 +62,7 @@ def float_graph(workload) -> FloatGraph:
             ed = GraphEditor(proto)
             _gemm_to_matmul(ed)
             ed.finish()
-            return {name: _weight_initializer(ed, name, modules[name].weight.detach().float().numpy(), names.get(name))
-                    for name in workload.layers}
+            return {name: _weight_initializer(ed, name, modules[name], names.get(name)) for name in workload.layers}
 
         if isinstance(model, OnnxModule):
             proto, notes, names = _uploaded_graph(workload)
@@ -137,7 +144,7 @@ def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str
     for name, src in model.layer_sources.items():
         node = ed.nodes[src.node_index]
         assert node.name == src.node_name, (node.name, src)
-        weight = modules[name].weight.detach().float().numpy()
+        weight = graph_weight(modules[name])
         names[name] = node.input[src.weight_input] = ed.const(
             np.ascontiguousarray(weight.T if src.transposed else weight), f"{name}.weight")
     del proto.graph.output[1:]  # the engine scores the first output
@@ -306,13 +313,16 @@ def _gemm_to_matmul(ed: GraphEditor) -> None:
     MatMul (QLinearMatMul, MatMulIntegerToFloat) but not QDQ Gemm. W^T keeps W's initializer name."""
     from onnx import numpy_helper
 
+    transposed = set()  # a weight several Gemms share is transposed once
     for node in list(ed.nodes):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type != "Gemm" or node.input[1] not in ed.inits or attrs.get("transA", 0)
                 or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
             continue
         w = node.input[1]
-        ed.inits[w].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(ed.array(w).T), w))
+        if w not in transposed:
+            ed.inits[w].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(ed.array(w).T), w))
+            transposed.add(w)
         has_bias = len(node.input) > 2 and node.input[2]
         out = ed.fresh(f"{node.output[0]}_matmul") if has_bias else node.output[0]
         ed.replace(node, helper.make_node("MatMul", list(node.input[:2]), [out], name=node.name))
@@ -321,9 +331,21 @@ def _gemm_to_matmul(ed: GraphEditor) -> None:
                             helper.make_node("Add", [out, node.input[2]], list(node.output), name=node.name + "_bias"))
 
 
-def _weight_initializer(ed: GraphEditor, layer: str, weight: np.ndarray, known: str | None = None) -> tuple[str, bool]:
-    """(initializer name, stored transposed?) of ``layer``'s weight: ``known`` (an upload's), else by
-    parameter name, else by value."""
+def graph_weight(module) -> np.ndarray:
+    """A layer's weight (float32) in its ONNX operator's layout: a ``ConvTransposeLayer``'s as (C_in,
+    C_out / groups, k...), a matrix of an imported LSTM / GRU as its W / R (``graph_shape``), else as held."""
+    weight = module.weight.detach().float()
+    if isinstance(module, ConvTransposeLayer):
+        weight = to_transposed(weight, module.groups)
+    elif getattr(module, "graph_shape", None) is not None:
+        weight = weight.reshape(module.graph_shape)
+    return weight.numpy()
+
+
+def _weight_initializer(ed: GraphEditor, layer: str, module, known: str | None = None) -> tuple[str, bool | str]:
+    """(initializer name, orientation: see ``FloatGraph``) of ``layer``'s weight: ``known`` (an upload's),
+    else by parameter name, else by value."""
+    weight, in_graph = module.weight.detach().float().numpy(), graph_weight(module)
     by_name = [known] if known else [f"{layer}.weight"] * (f"{layer}.weight" in ed.inits) + list(ed.inits)
     for init_name in by_name:
         a = ed.array(init_name)
@@ -331,4 +353,6 @@ def _weight_initializer(ed: GraphEditor, layer: str, weight: np.ndarray, known: 
             return init_name, False
         if a.ndim == 2 and a.shape == weight.shape[::-1] and np.array_equal(a.T, weight):
             return init_name, True
+        if a.shape == in_graph.shape and np.array_equal(a, in_graph):
+            return init_name, "graph"
     raise QcoreError(f"the ONNX export found no weight for layer {layer!r}; the exporter renamed or folded it")

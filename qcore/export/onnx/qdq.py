@@ -16,15 +16,18 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
 from onnx import helper
 
+from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
 from qcore.export.onnx import integer
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.float_graph import OPSET, float_graph
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
+from qcore.model.conv_transpose import ConvTransposeLayer
 from qcore.model.simulate import input_quantizer, needs_calibration
 from qcore.numerics.quantize import quantize
 from qcore.recipe import Recipe
@@ -59,14 +62,31 @@ class OnnxExport:
         return asdict(self)
 
 
-def _compute_node(ed, weight_value: str):
-    """The Gemm / MatMul / Conv / Gather reading ``weight_value`` (through a Transpose if any)."""
+def _compute_nodes(ed, weight_value: str) -> list:
+    """The Gemm / MatMul / Conv / ConvTranspose / Gather / LSTM / GRU nodes reading ``weight_value``
+    (through a Transpose or Reshape if any): one for most layers, one per time step for the matrices of
+    an unrolled recurrent layer."""
+    found = []
     for node in ed.consumers(weight_value):
-        if node.op_type == "Transpose":
-            return _compute_node(ed, node.output[0])
-        if node.op_type in ("Gemm", "MatMul", "Conv", "Gather"):
-            return node
-    return None
+        if node.op_type in ("Transpose", "Reshape"):
+            found += _compute_nodes(ed, node.output[0])
+        elif node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU"):
+            found.append(node)
+    return found
+
+
+def _recurrent_op_inputs(name: str, node, iq, weight_input: int) -> bool:
+    """Whether the input quantizer ``iq`` of a matrix of an ONNX LSTM / GRU node can be written: the
+    operator runs its time loop inside, so only a static quantizer on X (what W multiplies, the same
+    range at every step) can go before it; raises for the hidden state or a per-step dynamic range."""
+    if iq is None:
+        return False
+    if weight_input == 1 and not iq.spec.dynamic:
+        return True
+    what = "its hidden state (R's input)" if weight_input == 2 else "a per-step dynamic range of its input"
+    raise QcoreError(f"layer {name!r}: the ONNX {node.op_type} operator runs its time loop inside, so the file "
+                     f"cannot quantize {what} as the simulation does; keep this layer's activations fp32 "
+                     "(weight-only), or use static activations on its weight_ih only")
 
 
 def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
@@ -83,11 +103,15 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         plan = plans[name]
         weight = modules[name].weight.detach().float()
         init, transposed = graph.weights[name]
-        node = _compute_node(ed, init)
+        nodes = _compute_nodes(ed, init)
+        node = nodes[0] if nodes else None
         row = {"layer": name, "kind": info.kind, "weights": "fp32", "activations": "fp32", "executes": "float",
                "reason": "kept in FP32 by the recipe"}
         iq = input_quantizer(name, info.kind, plan.activations, calib)
         data_input = None if node is None or node.op_type == "Gather" else 0
+        if node is not None and node.op_type in ("LSTM", "GRU"):
+            weight_input = list(node.input).index(init) if init in node.input else 1
+            data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
         if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
             ed.drop_initializer(init)
             row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, quantize(weight, plan.weights))
@@ -95,8 +119,9 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
             rows.append(row)
             continue
         if iq is not None and data_input is not None:
-            new_input, row["activations"] = quantize_input(ed, node.input[data_input], iq, node)
-            node.input[data_input] = new_input
+            for n in nodes:  # each time step of an unrolled recurrent matrix: the same quantizer
+                new_input, row["activations"] = quantize_input(ed, n.input[data_input], iq, n)
+                n.input[data_input] = new_input
         elif plan.activations is not None and info.kind != "Embedding" and plan.activations.fmt.quantizes:
             row["activations"] = "fp32 (layer not reached by the calibration data: the simulation leaves it float)"
         w = plan.weights
@@ -104,7 +129,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if w is not None and w.fmt.quantizes:
             q = quantize(weight, w)
             # a Linear as MatMul(A, W^T) reading the weight directly
-            nbits_ok = (node is not None and node.op_type == "MatMul" and transposed and node.input[1] == init
+            nbits_ok = (len(nodes) == 1 and node.op_type == "MatMul" and transposed is True and node.input[1] == init
                         and uses_matmul_nbits(w, iq))
             block = nbits_block(q, weight.shape[1]) if nbits_ok else None
             ed.drop_initializer(init)
@@ -113,6 +138,10 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
                 ed.replace(node, new)
                 row["weights"] = f"{w.format} codes packed in MatMulNBits (bits={bits}, block_size={block})"
                 codes_of[name] = new.input[1]
+            elif transposed == "graph":  # decoded in the layer's layout, then moved into the operator's
+                decoded = ed.fresh(f"{init}_dequantized")
+                row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), decoded)
+                _to_graph_layout(ed, decoded, modules[name], init)
             elif decoder(w.fmt) == "DequantizeLinear":  # it reads transposed codes directly
                 row["weights"], codes_of[name] = decode_weight(ed, q, tuple(weight.shape), init, transposed)
             else:
@@ -137,6 +166,35 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     _executes(path, rows, codes_of, plans)
     return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
 
+
+
+def _to_graph_layout(ed, value: str, module, out: str) -> None:
+    """Graph ops moving ``value`` (a weight in the layer's layout) into its operator's layout ``out``
+    (``float_graph.graph_weight``): ConvTranspose (C_out, C_in/g, k...) -> (C_in, C_out/g, k...) by
+    Reshape (g, C_out/g, C_in/g, k...), Transpose of the middle two axes, Reshape; a recurrent matrix
+    (directions * G * H, in) -> W / R (directions, G * H, in) by Reshape."""
+    shape = lambda dims: ed.const(np.array(dims, np.int64), "shape")  # noqa: E731
+    if isinstance(module, ConvTransposeLayer):
+        c_out, in_per_group, *k = module.weight.shape
+        g = module.groups
+        grouped = ed.node("Reshape", [value, shape([g, c_out // g, in_per_group, *k])], "w")
+        moved = ed.node("Transpose", [grouped], "w", perm=[0, 2, 1, *range(3, 3 + len(k))])
+        ed.node("Reshape", [moved, shape([g * in_per_group, c_out // g, *k])], "w", output=out)
+    else:
+        ed.node("Reshape", [value, shape(list(module.graph_shape))], "w", output=out)
+
+
+# Why ONNX Runtime computes these layer kinds in float whatever their format
+_FLOAT_KINDS = {
+    "ConvTranspose1d": "ONNX Runtime has no integer ConvTranspose kernel on CPU: it computes in float on the exact "
+                       "dequantized weight",
+    "ConvTranspose2d": "ONNX Runtime has no integer ConvTranspose kernel on CPU: it computes in float on the exact "
+                       "dequantized weight",
+    "LSTM": "a recurrent matrix: ONNX Runtime computes the LSTM (its ONNX LSTM operator, or the unrolled cell's "
+            "per-step MatMuls) in float on the exact dequantized weight",
+    "GRU": "a recurrent matrix: ONNX Runtime computes the GRU (its ONNX GRU operator, or the unrolled cell's "
+           "per-step MatMuls) in float on the exact dequantized weight",
+}
 
 
 # ---- what ONNX Runtime makes of it -----------------------------------------------------------------
@@ -166,4 +224,4 @@ def _executes(path: str, rows: list[dict], codes_of: dict[str, str], plans) -> N
             row["executes"], row["reason"] = kernels[0], ""
             continue
         row["executes"] = "float (dequantized)"
-        row["reason"] = why_float(plans[row["layer"]], row["kind"])
+        row["reason"] = _FLOAT_KINDS.get(row["kind"]) or why_float(plans[row["layer"]], row["kind"])

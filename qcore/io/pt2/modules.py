@@ -1,11 +1,15 @@
-"""An unflattened ``.pt2`` program given back the module types BatchNorm folding and layer discovery look for."""
+"""An unflattened ``.pt2`` program given back the module types BatchNorm folding and layer discovery look for
+(``aten.lstm`` / ``aten.gru`` leaves become the engine's unrolled cells, ``qcore.model.recurrent``)."""
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from qcore.model.recurrent import UNROLLED
 
 
 _CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)  # aten.convNd(input, weight, bias, stride, padding, dilation, groups)
@@ -48,6 +52,50 @@ def _as_torch_module(leaf: nn.Module) -> nn.Module | None:
     return module.eval()
 
 
+def _as_recurrent(leaf: nn.Module) -> nn.Module | None:
+    """An unflattened leaf whose graph is one ``aten.lstm.input`` / ``aten.gru.input`` call on its own
+    parameters from zero initial states (``aten.zeros``, sized by the batch symbols the leaf may take after
+    its input), returning items of its result: rebuilt as the ``nn.LSTM`` / ``nn.GRU`` it was (same
+    tensors), unrolled, returning the same items."""
+    graph = getattr(leaf, "graph", None)
+    if not isinstance(graph, torch.fx.Graph) or next(leaf.children(), None) is not None:
+        return None
+    nodes = [n for n in graph.nodes if n.op == "call_function"]
+    rnns = [n for n in nodes if str(n.target) in ("aten.lstm.input", "aten.gru.input")]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(rnns) != 1 or not placeholders or rnns[0].kwargs:
+        return None
+    call = rnns[0]
+    if len(call.args) != 9 or call.args[0] is not placeholders[0]:
+        return None
+    x, hx, params, has_biases, num_layers, _dropout, _train, bidirectional, batch_first = call.args
+    hx = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    if not all(isinstance(h, torch.fx.Node) and str(h.target) == "aten.zeros.default" for h in hx):
+        return None
+    if any(user not in hx for size in placeholders[1:] for user in size.users):  # sizes only size the states
+        return None
+    if not all(isinstance(p, torch.fx.Node) and p.op == "get_attr" for p in params):
+        return None
+    getitems = [n for n in nodes if n not in rnns and n not in hx]
+    if not all(n.target is operator.getitem and n.args[0] is call for n in getitems):
+        return None
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    items = [out] if isinstance(out, torch.fx.Node) else list(out)
+    if not all(n in getitems for n in items):
+        return None
+    outputs = items[0].args[1] if isinstance(out, torch.fx.Node) else tuple(n.args[1] for n in items)
+    lstm = str(call.target) == "aten.lstm.input"
+    tensors = {p.target: getattr(leaf, p.target) for p in params}
+    w_ih = tensors["weight_ih_l0"]
+    cls = nn.LSTM if lstm else nn.GRU
+    rnn = cls(w_ih.shape[1], w_ih.shape[0] // (4 if lstm else 3), num_layers=num_layers, bias=has_biases,
+              batch_first=batch_first, bidirectional=bidirectional)
+    if set(tensors) != {n for n, _ in rnn.named_parameters()}:
+        return None
+    rnn.load_state_dict(tensors)
+    return UNROLLED[cls](rnn.eval(), outputs)
+
+
 def _is_chain(module: nn.Module) -> bool:
     """True if ``module``'s graph calls its children once each, in order, each on the previous output."""
     graph, names = getattr(module, "graph", None), list(module._modules)
@@ -69,6 +117,7 @@ def restore_module_types(root: nn.Module) -> None:
     for _, parent in deepest_first:
         for name, child in list(parent.named_children()):
             restored = _as_torch_module(child)
+            restored = _as_recurrent(child) if restored is None else restored
             if restored is None and _is_chain(child) and child is not root:
                 restored = nn.Sequential(OrderedDict(child._modules))
             if restored is not None:

@@ -19,7 +19,7 @@ MAX_LITERAL_ELEMENTS = 2**28  # elements a literal size in the graph may allocat
 # Pure tensor operators, by ATen name (any overload whose schema writes no argument).
 ATEN_OPS = frozenset("""
     conv1d conv2d conv3d convolution _convolution conv_transpose1d conv_transpose2d conv_transpose3d
-    linear addmm mm bmm matmul baddbmm addmv mv dot einsum outer t numpy_T
+    linear addmm mm bmm matmul baddbmm addmv mv dot einsum outer t numpy_T lstm gru
     add sub rsub mul div true_divide floor_divide remainder fmod neg abs sign reciprocal pow sqrt rsqrt square
     exp exp2 expm1 log log2 log10 log1p sin cos tan asin acos atan atan2 sinh cosh erf erfc erfinv
     floor ceil round trunc frac clamp clamp_min clamp_max clip minimum maximum fmin fmax lerp addcmul addcdiv
