@@ -83,7 +83,7 @@ def model_rows(m: registry.RealModel, tmp: Path, threads: int, budget_s: float) 
         out.append(row)
         try:
             recipe = preset(name, w.layer_shapes)
-            r = _quiet(w.evaluate, recipe)["quantized"]["metrics"]
+            r = _quiet(w.evaluate, recipe).quantized.metrics
             row.update(simulated=r[w.task.headline], sqnr_db=r.get("sqnr_db"), stage="export")
             path = tmp / f"{m.name}.{name}.onnx"
             rep = _quiet(export, w, recipe, "onnx", str(path))

@@ -234,13 +234,18 @@ def _mtcnn(cls_name: str, size: int):
     return build
 
 
+RESEMBLYZER_FRAMES = 24
+
+
 def _resemblyzer(m: RealModel, out_dir: Path):
     """The package's ``VoiceEncoder`` (LSTM(40, 256, 3 layers) -> Linear(256, 256) -> ReLU -> L2 norm)
-    with its audio helpers stubbed (librosa, webrtcvad are not installed); input (batch, 160, 40)
-    mel frames (1.6 s partials, as ``embed_utterance`` feeds it); output the (batch, 256) embedding."""
+    with its audio helpers stubbed (librosa, webrtcvad are not installed); input (batch, FRAMES, 40) mel
+    frames; output the (batch, 256) embedding. ``embed_utterance`` feeds 160 frames (1.6 s partials); the
+    tests use 24, since the quantized LSTM is exported unrolled (3 layers x FRAMES steps) and torch's exporter
+    takes minutes over 160 steps."""
     cls = import_class("resemblyzer.voice_encoder", "VoiceEncoder", {"resemblyzer.audio": {}})
     net = cls(device="cpu", verbose=False)  # loads pretrained.pt from the package folder
-    x = np.abs(np.random.default_rng(SEED).standard_normal((32, 160, 40))).astype(np.float32) * 0.3
+    x = np.abs(np.random.default_rng(SEED).standard_normal((32, RESEMBLYZER_FRAMES, 40))).astype(np.float32) * 0.3
     path = export_pt2(net, (torch.from_numpy(x[:2]),), out_dir / f"{m.name}.pt2")
     return path, _save(out_dir, m.name, x=x), torch_oracle(net)
 
