@@ -12,6 +12,7 @@ import streamlit as st
 from ui import keys, state
 from ui.formulas import error_box, intro
 from qcore.analysis import search
+from qcore.export import export
 from qcore.figures import decide as viz_decide
 from qcore.figures import qat as viz_qat
 from qcore.numerics.quantize import fake_quantize
@@ -119,3 +120,11 @@ with tempfile.TemporaryDirectory() as tmp:
     files = save(result.workload, w, recipe, tmp)
     st.download_button("Download the fine-tuned weights (safetensors)", Path(files["weights"]).read_bytes(),
                        file_name=f"{w.name}-qat.safetensors", key="qat_download")
+if st.button("Export the QAT model to ONNX", key="qat_onnx", icon=":material/download:",
+             help="the fine-tuned model under the recipe, written as the file the simulation describes, then run in "
+                  "ONNX Runtime on the evaluation data"):
+    with tempfile.TemporaryDirectory() as tmp, st.spinner("Exporting and running the file in ONNX Runtime…"):
+        report = export(result.workload, recipe, "onnx", str(Path(tmp) / "qat.onnx"))
+        st.caption("  \n".join(plain(line) for line in report.summary_lines()))
+        st.download_button("Download the QAT model (ONNX)", (Path(tmp) / "qat.onnx").read_bytes(),
+                           file_name=f"{w.name}-qat.onnx", key="qat_onnx_download")

@@ -64,3 +64,20 @@ def test_qat_page_cancel_and_all_float_recipe(zoo_models):  # noqa: F811
     assert "Cancelled" in at.info[0].value and not at.metric  # nothing ran, nothing shown
     at.button(key="qat_run").click().run()  # the current recipe keeps every layer in float: one error box
     assert len(at.error) == 1 and plain("keeps every layer in float") in at.error[0].value and not at.metric
+
+
+def test_the_qat_model_exports_to_onnx_from_the_page(zoo_models):  # noqa: F811
+    """The fine-tuned model goes out as ONNX from the QAT page; the caption's measured metric is the file's."""
+    at = open_app("digits-mlp")
+    int2 = {"weights": {"format": "int2", "granularity": "per_channel", "symmetric": True}}
+    at.session_state[keys.RECIPES] = {"zoo:digits-mlp": {"preset": "int8-weight-only", "layers": {n: int2 for n in ("fc1", "fc2", "fc3")}}}
+    visit(at, "qat")
+    at.number_input(key="qat_epochs").set_value(1)
+    at.run()
+    at.button(key="qat_run").click().run()
+    at.button(key="qat_onnx").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    w = zoo_models[0]["digits-mlp"]
+    r = finetune(w, build_recipe(w, "int8-weight-only", {n: int2 for n in ("fc1", "fc2", "fc3")}), QATConfig(epochs=1, lr=1e-3))
+    caption = next(c.value for c in at.caption if plain("measured by running this file in ONNX Runtime") in c.value)
+    assert plain(f"accuracy: {r.qat_metrics['accuracy']:.4f} measured") in caption  # the file computes what QAT reported
