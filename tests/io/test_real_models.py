@@ -44,13 +44,11 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
        for t in ("fp32", "metric", "int8")},
     **{(n, t): "the model returns tuple, not one tensor"
        for n in ("mtcnn-pnet", "mtcnn-onet") for t in ("fp32", "metric", "int8")},
-    ("resemblyzer", "metric"): "the output is a speaker embedding (batch, 256) but the headline metric is 'agreement'",
     # (resemblyzer int8-static passes on the tests' 24-frame inputs; at 160 frames sample 0 differed by 7e-4 between
     # batch 1 and 8: ORT sums in another order per batch, and a flipped code of the quantized hidden state grows)
     # the .pt2 route (torch.export -> dynamo ONNX) of the zoo's transformer: 26.4 dB between file and simulation,
     # where the zoo's own export of the same model matches (README); not explained yet
     ("minilm-l6", "int8"): "the int8-static file differs from the simulation",
-    ("minilm-l6", "metric"): "the output is a sentence embedding (batch, 384) but the headline metric is 'agreement'",
     ("ocr-rec", "int8"): "the int8-static file differs from the simulation",  # 13.6 dB measured: steps' argmax flip
 }
 

@@ -74,6 +74,27 @@ def test_inference_rules():
     assert infer_output_kind((1,), None, False)[0] == "regression"
     assert infer_output_kind((64,), None, False, known="embedding") == ("embedding", "the model's own task")
     assert infer_output_kind((8, 100), None, False)[0] == "embedding"
+    # unit-length rows without labels: an L2-normalised embedding, not 384 "classes"; with labels, still classes
+    assert infer_output_kind((384,), None, False, unit_rows=True)[0] == "embedding"
+    assert infer_output_kind((384,), None, True, unit_rows=True)[0] == "classification"
+    assert infer_output_kind((384,), None, False, unit_rows=False)[0] == "classification"
+
+
+def test_an_l2_normalised_upload_is_scored_as_an_embedding(tmp_path):
+    """A .pt2 whose output rows have unit length (speaker/sentence encoders) is scored by cosine to FP32."""
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 32)
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(self.fc(x), dim=1)
+
+    x = torch.randn(4, 8)
+    torch.export.save(torch.export.export(Encoder().eval(), (x,)), str(tmp_path / "enc.pt2"))
+    w = load_workload(str(tmp_path / "enc.pt2"))
+    assert w.task.headline == "cosine_to_fp32" and "unit length" in w.task.why
 
 
 # ---- the VAD-like case: a [B, 1] sigmoid output ------------------------------------------------
