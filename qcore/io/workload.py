@@ -21,6 +21,7 @@ from qcore.model.workload import OUTPUT_KINDS, Data, Task, Workload, content_has
 from qcore.io.data import (N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, match_names, parse_shape, split,
                            synthetic_data)
 from qcore.limits import first_line
+from qcore.model.first_output import single_output
 from qcore.io.models import InputSpec, LoadedModel, load_model_file
 
 def _a(fmt: str) -> str:
@@ -206,6 +207,9 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     else:
         source = Path(data).name
         dataset = fit(match_names(raw, loaded.input_names, source), loaded.inputs, source)
+    probe = loaded.example_batch if 1 < loaded.example_batch <= len(dataset) else 1
+    loaded.model, several = single_output(loaded.model, dataset.subset(slice(0, probe)).inputs)
+    notes += [several] if several else []
     fixed = _batchhuman_size(loaded.model, dataset, loaded.example_batch)
     reference = _run(loaded.model, dataset.subset(slice(0, fixed or min(len(dataset), 8))).inputs)
     labels = dataset.labels

@@ -42,8 +42,9 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
     # its If imports now; its scalar 'sr' needs a named .npz, and its 'state' input is (2, batch, 128): not batch-first
     **{("silero-vad", t): "silero_vad.onnx: input 'sr' is a scalar (rank 0)"
        for t in ("fp32", "metric", "int8")},
-    **{(n, t): "the model returns tuple, not one tensor"
-       for n in ("mtcnn-pnet", "mtcnn-onet") for t in ("fp32", "metric", "int8")},
+    # ONet returns (boxes, landmarks, probability); its first output, 4 box offsets per face, is taken for class
+    # logits by shape: --output-kind regression scores it right
+    ("mtcnn-onet", "metric"): "the output is a (box offsets, landmarks, face probability) but the headline metric is 'agreement'",
     # (resemblyzer int8-static passes on the tests' 24-frame inputs; at 160 frames sample 0 differed by 7e-4 between
     # batch 1 and 8: ORT sums in another order per batch, and a flipped code of the quantized hidden state grows)
     # the .pt2 route (torch.export -> dynamo ONNX) of the zoo's transformer: 26.4 dB between file and simulation,

@@ -271,3 +271,39 @@ def test_zoo_model_with_an_output_kind_set(digits_mlp):
     out = w.run(w.simulate(preset("int4-weight-only", w.layer_shapes)).model, w.evaluation).double()
     cos = ((out * ref).sum(1) / out.norm(dim=1) / ref.norm(dim=1)).mean()
     assert w.evaluate(preset("int4-weight-only", w.layer_shapes)).quantized.metrics["cosine_to_fp32"] == pytest.approx(float(cos))
+
+
+def test_a_pt2_returning_two_outputs_is_scored_and_exported_on_its_first(tmp_path):
+    """A detector-like program returning (scores, boxes): layers keep their names, the first output is
+    scored and swept, and the ONNX file computes the simulation of that output."""
+    import onnxruntime as ort
+
+    from qcore.export import export
+    from qcore.recipe import preset
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body, self.scores, self.boxes = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.scores(h), self.boxes(h)
+
+    model, x = TwoHeads().eval(), torch.randn(4, 8)
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "two.pt2"))
+    w = load_workload(str(tmp_path / "two.pt2"))
+    assert list(w.layers) == ["body", "scores", "boxes"]
+    assert any("returns 2 outputs" in n for n in w.notes)
+    xs = w.evaluation.inputs[0]
+    with torch.no_grad():
+        assert torch.allclose(w.run(w.model, w.evaluation), model(xs)[0], atol=1e-6)  # the first output, as given
+    recipe = preset("int8-static", w.layer_shapes)
+    export(w, recipe, "onnx", str(tmp_path / "two.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
+    assert len(sess.get_outputs()) == 2  # the file keeps both heads; the first is the simulated one
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: xs.numpy()})[0])
+    with torch.no_grad():
+        sim = w.simulate(recipe).model(xs)
+    assert got.shape == sim.shape == (len(xs), 3) and torch.allclose(got, sim, atol=1e-4)

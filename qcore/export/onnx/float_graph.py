@@ -29,6 +29,7 @@ from onnx import helper
 
 from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
+from qcore.model.first_output import FirstOutput
 from qcore.model.conv_transpose import ConvTransposeLayer, to_transposed
 from qcore.model.onnx_graph import OnnxModule
 from qcore.model.workload import Workload
@@ -93,6 +94,8 @@ def _exported_graph(workload, optimize: bool) -> tuple[onnx.ModelProto, list[str
     from torch.onnx import OnnxExporterError
 
     model = workload.folded[0]
+    if isinstance(model, FirstOutput):  # the file keeps every output the model returns; the first is the scored one
+        model = model.inner
 
     def exported(batch: int):
         example = tuple(t[torch.arange(batch) % len(t)] for t in workload.calibration.inputs)
