@@ -12,13 +12,15 @@ Packages, in the order a reader learns quantization from them:
 - ``analysis``  what to choose: explanations, summaries, the sensitivity sweep, search, rooflines;
 - ``export``    files and runtimes out: ONNX and safetensors exports, ONNX Runtime benchmarks;
 - ``figures``   Plotly figures: plain data in, a figure out;
+- ``jobs``      heavy work (sweeps, searches, evaluations) as background jobs: in-process or RQ workers;
 - top level     ``errors``, ``limits`` (bounds on untrusted input), ``hardware`` (this CPU, reference
                 profiles), ``zoo`` (built-in models), ``report``, ``cli``.
 
 Dependency rules (``tests/test_architecture.py`` checks them): ``numerics`` imports nothing of qcore
 but ``errors``; ``recipe`` only ``numerics``; ``model`` only ``numerics`` and ``recipe``; ``io``,
 ``analysis`` and ``export`` build on those (and the top-level ``errors``/``limits``/``hardware``) and
-never import each other; ``figures`` import nothing of qcore; nothing in qcore imports Streamlit.
+never import each other; ``jobs`` sits above them (it runs their functions) and nothing below imports
+it; ``figures`` import nothing of qcore; nothing in qcore imports Streamlit.
 """
 
 from qcore.errors import QcoreError

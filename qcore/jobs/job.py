@@ -1,0 +1,202 @@
+"""A job: a named kind + JSON inputs + the workload it runs on; its key, its status and the limits it runs under.
+
+A kind is a pair of functions registered in ``KINDS``: ``check(workload, inputs)`` raises ``QcoreError``
+at submission (so a bad request fails in the page, not later in a worker) and ``run(workload, inputs,
+progress, should_stop)`` returns a JSON-able dict. ``progress(fraction, message)`` takes a fraction in
+[0, 1] and a one-line status; ``should_stop()`` is true once the job is cancelled or over its time limit.
+
+The job key is the first 32 hex digits of a SHA-256 over canonical JSON of (kind, workload
+``content_hash``, inputs, ``code_version``): the same request from any session, replica or machine
+gets the same key, so it runs once. A workload is named by ``source`` (``"zoo:<name>"``, or
+``"upload:<hash>"`` for a file held by one app process) and ``content_hash``; a worker loads zoo models
+itself and refuses one whose files hash differently from the app's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qcore import zoo
+from qcore.analysis import search, sensitivity
+from qcore.analysis.sweep_cache import code_version
+from qcore.errors import QcoreError
+from qcore.recipe import Recipe
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+ACTIVE = ("queued", "running")  # states that count against the caps and that a new submission joins
+
+
+class JobStopped(QcoreError):
+    """The job was cancelled or passed its time limit (raised from ``progress`` inside the job)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What protects a class. Caps count jobs queued or running; ``time_limit_s`` is wall seconds from the
+    job's start; ``ttl_s`` how long records and results of finished jobs (and uploads, in the app) are kept."""
+    workers: int = 2  # in-process backend: jobs run at once (RQ: the number of worker processes started)
+    per_session: int = 2
+    total: int = 16
+    time_limit_s: float = 900.0
+    ttl_s: float = 2 * 3600.0
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        env = {"workers": "QCORE_JOB_WORKERS", "per_session": "QCORE_JOBS_PER_SESSION", "total": "QCORE_JOBS_TOTAL",
+               "time_limit_s": "QCORE_JOB_TIME_LIMIT_S", "ttl_s": "QCORE_SESSION_TTL_S"}
+        values = {}
+        for name, var in env.items():
+            if os.environ.get(var):
+                kind = int if name in ("workers", "per_session", "total") else float
+                try:
+                    values[name] = kind(os.environ[var])
+                except ValueError:
+                    raise QcoreError(f"${var}={os.environ[var]!r} is not a number; set it to e.g. "
+                                     f"{getattr(cls, name)!r} or unset it") from None
+        return cls(**values)
+
+
+@dataclass
+class Status:
+    """What a page shows of a job. ``fraction`` in [0, 1]; ``message`` one line; ``result`` only when done."""
+    key: str
+    kind: str
+    state: str
+    fraction: float = 0.0
+    message: str = ""
+    owner: str = ""
+    result: dict | None = None
+    attempt: int = 1
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in ACTIVE
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """``kind`` (a key of ``KINDS``), ``workload`` ``{"source", "content_hash"}`` (or None for a kind that
+    needs none) and ``inputs`` (JSON-able)."""
+    kind: str
+    workload: dict | None
+    inputs: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        content = {"kind": self.kind, "workload": (self.workload or {}).get("content_hash"), "inputs": self.inputs,
+                   "code": code_version()}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "workload": self.workload, "inputs": self.inputs}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        d = json.loads(text)
+        return cls(d["kind"], d["workload"], d["inputs"])
+
+
+def spec_for(kind: str, source: str | None, workload, inputs: dict) -> JobSpec:
+    """The job ``kind`` on ``workload`` (named ``source``: ``"zoo:<name>"``/``"upload:<hash>"``), checked."""
+    if kind not in KINDS:
+        raise QcoreError(f"unknown job kind {kind!r}; kinds: {', '.join(KINDS)}")
+    try:
+        json.dumps(inputs, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise QcoreError(f"the {kind} job's inputs are not plain JSON ({e}); pass numbers, strings, lists") from None
+    KINDS[kind][0](workload, inputs)
+    ref = None if workload is None else {"source": source, "content_hash": workload.content_hash}
+    return JobSpec(kind, ref, inputs)
+
+
+# ---- the workload a worker runs on ------------------------------------------------------------
+_ZOO: dict[str, object] = {}
+
+
+def load_workload(ref: dict | None, local: dict | None = None):
+    """The workload ``ref`` names: ``local[content_hash]`` when this process holds it (the in-process backend),
+    else the zoo model (loaded once per process), checked against the app's ``content_hash``."""
+    if ref is None:
+        return None
+    if local and ref["content_hash"] in local:
+        return local[ref["content_hash"]]
+    source = ref["source"] or ""
+    if not source.startswith("zoo:"):
+        raise QcoreError(f"this worker cannot load {source!r}: an uploaded model lives in the app process that "
+                         "received it; run the job in-process (unset $QCORE_REDIS_URL) or use a zoo model")
+    name = source[4:]
+    if name not in _ZOO:
+        _ZOO[name] = zoo.load(name)
+    if _ZOO[name].content_hash != ref["content_hash"]:
+        raise QcoreError(f"this worker's {name} files differ from the app's (content hash "
+                         f"{_ZOO[name].content_hash[:12]} vs {ref['content_hash'][:12]}); install the same qcore on both")
+    return _ZOO[name]
+
+
+def reporter(report: Callable[[float, str], None], stopped: Callable[[], str | None]):
+    """``(progress, should_stop)`` for a kind's ``run``: ``progress`` passes the fraction (clamped to [0, 1]) and
+    message on, then raises ``JobStopped(reason)`` when ``stopped()`` names one; ``should_stop`` says whether it
+    would (the engine's own loops check it between steps)."""
+    def progress(fraction: float, message: str = "") -> None:
+        report(min(max(float(fraction), 0.0), 1.0), str(message).splitlines()[0] if message else "")
+        why = stopped()
+        if why:
+            raise JobStopped(why)
+    return progress, lambda: bool(stopped())
+
+
+def deadline_check(started: float, limits: Limits) -> str | None:
+    if time.monotonic() - started > limits.time_limit_s:
+        return (f"the job ran past its time limit of {limits.time_limit_s:g} s and was stopped; ask for fewer "
+                "candidates or a smaller model, or raise $QCORE_JOB_TIME_LIMIT_S")
+    return None
+
+
+# ---- the kinds ------------------------------------------------------------------------------------
+def _check_sweep(w, inputs: dict) -> None:
+    sensitivity.check_candidates(inputs.get("candidates"))
+    if inputs.get("mode", "both") not in sensitivity.MODES:
+        raise QcoreError(f"unknown mode {inputs.get('mode')!r}; use one of {', '.join(sensitivity.MODES)}")
+    if inputs.get("view", "only") not in sensitivity.VIEWS:
+        raise QcoreError(f"unknown view {inputs.get('view')!r}; use one of {', '.join(sensitivity.VIEWS)}")
+
+
+def _run_sweep(w, inputs: dict, progress, should_stop) -> dict:
+    return sensitivity.sweep(w, inputs["candidates"], inputs.get("mode", "both"), inputs.get("view", "only"),
+                             progress=progress, should_stop=should_stop).to_dict()
+
+
+GOALS = ("max_size_fraction", "max_size_bytes", "min_metric")
+
+
+def _check_search(w, inputs: dict) -> None:
+    sensitivity.check_candidates(inputs.get("candidates"))
+    goals = [g for g in GOALS if inputs.get(g) is not None]
+    if len(goals) != 1 or not isinstance(inputs[goals[0]], (int, float)):
+        raise QcoreError(f"a search needs exactly one numeric goal of {', '.join(GOALS)}; got {goals or 'none'}")
+
+
+def _run_search(w, inputs: dict, progress, should_stop) -> dict:
+    goal = {g: inputs[g] for g in GOALS if inputs.get(g) is not None}
+    return search.search(w, inputs["candidates"], **goal, progress=progress, should_stop=should_stop).to_dict()
+
+
+def _check_evaluate(w, inputs: dict) -> None:
+    Recipe.from_dict(inputs.get("recipe") or {}).check_against(w.layer_shapes)
+
+
+def _run_evaluate(w, inputs: dict, progress, should_stop) -> dict:
+    return w.evaluate(Recipe.from_dict(inputs["recipe"]), progress=lambda f: progress(f, "evaluating"),
+                      should_stop=should_stop).to_dict()
+
+
+KINDS: dict[str, tuple[Callable, Callable]] = {  # kind -> (check at submission, run in the worker)
+    "sweep": (_check_sweep, _run_sweep),
+    "search": (_check_search, _run_search),
+    "evaluate": (_check_evaluate, _run_evaluate),
+}
