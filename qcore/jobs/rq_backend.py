@@ -116,8 +116,8 @@ class RedisJobs:
             self._enqueue(key, rec["spec"], rec["owner"], rec["kind"], attempt + 1,
                           message=f"the worker running it stopped; re-queued (attempt {attempt + 1} of {MAX_ATTEMPTS})")
         else:
-            _finish(self.r, key, "failed", f"the worker running this job stopped {attempt} times (killed or out of "
-                                           "memory); nothing was kept: try a smaller request or ask the host")
+            _finish(self.r, key, "failed", f"the worker running this job stopped (killed or out of memory) on attempt "
+                                           f"{attempt} of {MAX_ATTEMPTS}; nothing was kept: try a smaller request or ask the host")
         return {k.decode(): v.decode() for k, v in self.r.hgetall(_k("job", key)).items()}
 
     def cancel(self, key: str, session: str) -> None:
