@@ -6,7 +6,7 @@ between layers (``viz_decide.widest_spread``): the one that tells the layers apa
 import pandas as pd
 import streamlit as st
 
-from ui import keys, state
+from ui import jobs, keys, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
@@ -35,11 +35,12 @@ if not candidates:
     st.info("Choose at least one candidate.", icon=":material/info:")
     st.stop()
 settings = {"key": key, "candidates": candidates, "mode": mode, "view": view}
-if not state.small(w) and st.session_state.get(keys.SWEEP) != settings and not st.button(
+inputs = {"candidates": candidates, "mode": mode, "view": view}
+if not state.small(w) and st.session_state.get(keys.SWEEP) != settings and not jobs.asked("sweep", key, w, inputs) and not st.button(
         f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)", type="primary"):
     st.info("This model is large: the sweep takes a while (it is cached once run).", icon=":material/info:")
     st.stop()
-result = state.sweep(w, candidates, mode, view).to_dict()
+result = jobs.result("sweep", key, w, inputs, "sweep", state.small(w))
 st.session_state[keys.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
 for note in result["notes"]:
     st.info(plain(note), icon=":material/info:")

@@ -31,6 +31,9 @@ SEARCH = "search_result"  # {workload key: qcore.analysis.search.search result +
 MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
 RECIPE_UPLOAD_DIGEST = "mp_upload_digest"  # sha256 of the recipe JSON the Mixed precision page loaded last
 QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished on the QAT page this session
+JOB_SESSION = "job_session"  # random id of this browser session: who may cancel the jobs it started (ui.jobs)
+JOBS = "jobs"  # {job kind: key of the job this session last asked for}
+JOB_PARAM = "job"  # ?job=<key> while a job of this page runs, so a reload finds it
 MEASURED_RECIPE = "mp_measured"  # {"recipe": JSON, "result": Workload.evaluate} of the last "Evaluate" click
 
 

@@ -19,6 +19,7 @@ from qcore.analysis import search, sensitivity
 from qcore import zoo
 from qcore.recipe import Recipe
 from test_hostile_app import visible
+from ui import jobs as ui_jobs
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
 HAND_MADE = {"fc2": {"weights": {"format": "int4"}}}  # on int8-static: fc2 int4 per-channel, inputs int8 static
@@ -308,6 +309,7 @@ def test_a_sweep_on_a_subset_says_on_how_many_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("QCORE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(sensitivity, "SWEEP_FLOPS", 1.0)  # every sweep drops to MIN_SWEEP_SAMPLES
     sweep_cache.clear_memory_cache()
+    ui_jobs._backends.clear()  # the in-process job store keeps finished sweeps too
     try:
         at = visit(start(), "sensitivity")
         n = len(zoo.load("digits-mlp").evaluation)
@@ -315,6 +317,7 @@ def test_a_sweep_on_a_subset_says_on_how_many_samples(tmp_path, monkeypatch):
         assert any(expected in c.value for c in at.caption), [c.value for c in at.caption]
     finally:
         sweep_cache.clear_memory_cache()  # the subset sweep must not serve other tests
+        ui_jobs._backends.clear()
 
 
 def test_model_page_says_which_output_kind_and_why(tmp_path):
