@@ -1,0 +1,179 @@
+"""A class on one machine: ``python -m benchmarks.load_test [--sessions 30] [--same 5] [--other 3] [--model minilm-l6]``.
+
+Starts the class server (``deploy/class-server.sh``: Redis, ``--workers`` RQ workers, ``--replicas`` Streamlit
+replicas, nginx; loopback only, free ports, a fresh sweep cache) and one headless Chromium (Debian's
+``/usr/bin/chromium``; each session is its own browser context, so its own cookie, replica and Streamlit
+session). ``--same`` sessions ask for the same sensitivity sweep of ``--model`` (default candidates, weights
+and inputs), ``--other`` sessions for a different one (weights only); every other session opens the Model,
+Formats and Weights pages and changes the sidebar's model. Bounded: every wait has a timeout, the whole run
+stops after ``--budget-s``, and the server is stopped at the end. Prints one markdown table: errors shown in
+pages, p50/p95 seconds for a page to settle, RSS per replica and per worker (MiB), Redis memory, jobs run vs
+sweeps requested, seconds until every sweep session shows its sweep, and whether they all show the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid_file: Path) -> float:
+    try:
+        pid = pid_file.read_text().strip()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def settle(page, timeout_ms: int) -> float:
+    """Seconds until the page's title is drawn and its script has finished (seen twice, 0.4 s apart)."""
+    start = time.monotonic()
+    await page.locator("h1").first.wait_for(timeout=timeout_ms)
+    for _ in range(2):
+        await page.wait_for_timeout(400)
+        await page.wait_for_selector(IDLE, timeout=timeout_ms)
+    return time.monotonic() - start - 0.8
+
+
+async def browse(context, base: str, settles: list, errors: list, timeout_ms: int) -> None:
+    page = await context.new_page()
+    for path in ("/?model=digits-mlp", "/formats", "/weights"):
+        await page.goto(base + path)
+        settles.append(await settle(page, timeout_ms))
+        errors.append(await page.locator(ERRORS).count())
+    await page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
+    await page.get_by_role("option", name="digits-cnn").click()
+    settles.append(await settle(page, timeout_ms))
+    errors.append(await page.locator(ERRORS).count())
+
+
+async def sweep(context, base: str, model: str, weights_only: bool, shown: list, errors: list, timeout_ms: int,
+                t0: float) -> None:
+    page = await context.new_page()
+    await page.goto(f"{base}/sensitivity?model={model}")
+    await settle(page, timeout_ms)
+    if weights_only:
+        await page.get_by_text("weights only").click()
+        await settle(page, timeout_ms)
+    run = page.get_by_role("button", name="Run the sweep")
+    if await run.count():
+        await run.click()
+    metric = page.locator('[data-testid="stMetric"]', has_text="Most sensitive layer")
+    await metric.wait_for(timeout=timeout_ms)
+    await settle(page, timeout_ms)
+    numbers = " | ".join(await page.locator('[data-testid="stMetric"]').all_inner_texts())
+    shown.append((weights_only, numbers, time.monotonic() - t0))
+    errors.append(await page.locator(ERRORS).count())
+
+
+async def drive(base: str, args) -> dict:
+    from playwright.async_api import async_playwright
+
+    settles, errors, shown = [], [], []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        contexts = [await browser.new_context() for _ in range(args.sessions)]
+        t0 = time.monotonic()
+        tasks = [sweep(c, base, args.model, i >= args.same, shown, errors, args.timeout_s * 1000, t0)
+                 for i, c in enumerate(contexts[:args.same + args.other])]
+        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000) for c in contexts[args.same + args.other:]]
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.budget_s)
+        await browser.close()
+    failures = [f"{type(o).__name__}: {str(o).splitlines()[0] if str(o) else ''}" for o in outcomes if isinstance(o, BaseException)]
+    return {"settles": settles, "errors": errors, "shown": shown, "failures": failures}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.splitlines()[0])
+    p.add_argument("--sessions", type=int, default=30)
+    p.add_argument("--same", type=int, default=5)
+    p.add_argument("--other", type=int, default=3)
+    p.add_argument("--model", default="minilm-l6")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--timeout-s", type=int, default=600, help="longest wait for one page (s)")
+    p.add_argument("--budget-s", type=int, default=1200, help="the whole run stops after this (s)")
+    args = p.parse_args(argv)
+    run = Path(tempfile.mkdtemp(prefix="qcore-load-"))
+    port, base_port, redis_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "QCORE_PYTHON": sys.executable, "QCORE_CACHE_DIR": str(run / "cache")}
+    script = [str(ROOT / "deploy" / "class-server.sh")]
+    opts = ["--replicas", str(args.replicas), "--workers", str(args.workers), "--port", str(port),
+            "--base-port", str(base_port), "--redis-port", str(redis_port), "--run", str(run)]
+    subprocess.run(["nice", "-n", "10"] + script + ["start"] + opts, check=True, env=env, cwd=ROOT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # the replicas import torch and Streamlit: wait until both answer
+            ok = 0
+            for i in range(args.replicas):
+                try:
+                    socket.create_connection(("127.0.0.1", base_port + i), timeout=0.2).close()
+                    ok += 1
+                except OSError:
+                    pass
+            if ok == args.replicas:
+                break
+            time.sleep(0.2)
+        started = time.monotonic()
+        out = asyncio.run(drive(base, args))
+        wall = time.monotonic() - started
+        import redis
+        from rq import Worker
+
+        r = redis.Redis(port=redis_port)
+        jobs_run = sum(w.successful_job_count + w.failed_job_count for w in Worker.all(connection=r))
+        redis_mib = r.info("memory")["used_memory"] / 2**20
+        replicas = [rss_mib(run / f"replica-{i + 1}.pid") for i in range(args.replicas)]
+        workers = [rss_mib(run / f"worker-{i + 1}.pid") for i in range(args.workers)]
+    finally:
+        subprocess.run(script + ["stop"] + opts, env=env, cwd=ROOT, capture_output=True)
+    s = sorted(out["settles"])
+    same = {n for w, n, _ in out["shown"] if not w}
+    other = {n for w, n, _ in out["shown"] if w}
+    rows = [
+        ("sessions (browser contexts) / replicas / workers", f"{args.sessions} / {args.replicas} / {args.workers}"),
+        ("errors shown in pages", sum(out["errors"])),
+        ("sessions that did not finish (timeouts)", f"{len(out['failures'])} {sorted(set(out['failures']))[:2]}"),
+        ("page settles measured", len(s)),
+        ("p50 / p95 s for a page to settle", f"{statistics.median(s):.1f} / {s[int(0.95 * (len(s) - 1))]:.1f}" if s else "-"),
+        ("RSS per replica (MiB, at the end)", ", ".join(f"{x:.0f}" for x in replicas)),
+        ("RSS per worker (MiB, at the end)", ", ".join(f"{x:.0f}" for x in workers)),
+        ("Redis used memory (MiB)", f"{redis_mib:.1f}"),
+        (f"{args.model} sweeps requested / jobs run", f"{args.same + args.other} / {jobs_run}"),
+        ("s until every sweep session shows its sweep", f"{max((t for *_, t in out['shown']), default=float('nan')):.0f}"),
+        ("sweep sessions showing it", f"{len(out['shown'])} of {args.same + args.other}"),
+        ("same numbers in every session of a sweep", f"{len(same) <= 1 and len(other) <= 1} ({len(same)} + {len(other)} distinct)"),
+        ("wall time of the run (s)", f"{wall:.0f}"),
+    ]
+    print("| measure | value |\n|---|---|")
+    for k, v in rows:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    main()
