@@ -7,7 +7,7 @@ import streamlit as st
 from qcore.recipe.links import compact, recipe_id
 from qcore.recipe.table import (FLOAT_LAYER, INPUT_CHOICES, WEIGHT_CHOICES, WEIGHTS_HELP, apply_rows, table_rows,
                                 weight_choice_label)
-from ui import keys, state
+from ui import jobs, keys, state
 from qcore.analysis import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
@@ -121,9 +121,9 @@ if goal == "size budget":
 else:
     target = {"min_metric": st.number_input(f"Smallest acceptable {plain(w.task.headline)}", value=round(
         w.fp32_metrics[w.task.headline] - 0.01, 4), format="%.4f", key="mp_target")}
-if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
-    with state.stoppable("search", "Searching…") as advance:
-        found = search.search(w, candidates, **target, progress=lambda f, msg="": advance(f, f"Search: {plain(msg)}")).to_dict()
+if (found := jobs.result("search", key, w, {"candidates": candidates, **target}, "search", state.small(w), stop=False,
+                         start=st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"))
+        ) and found["recipe"] != st.session_state.get(keys.SEARCH, {}).get(key, {}).get("recipe"):  # a new result
     goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} ≥ {target['min_metric']:.4f}"
     found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
                                     f"search: {goal_text}")

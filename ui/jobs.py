@@ -64,20 +64,25 @@ def asked(kind: str, key: str, w, inputs: dict) -> bool:
         return False
 
 
-def result(kind: str, key: str, w, inputs: dict, what: str, small: bool = True) -> dict:
+def result(kind: str, key: str, w, inputs: dict, what: str, small: bool = True, start: bool = True,
+           stop: bool = True) -> dict | None:
     """The result of job ``kind`` on workload ``w`` (its key ``key``) with ``inputs``; ``what`` names it in the
-    page ("sweep"). Does not return while the job is queued or running, or after it failed (an error box)."""
+    page ("sweep"). Submits the job when ``start`` and none is known. While the job is queued or running (its
+    progress drawn), after it failed (an error box) or when none was started: ``st.stop()``, or with
+    ``stop=False`` ``None`` (the rest of the page is drawn)."""
     jobs = backend_for(key)
     try:
         spec = spec_for(kind, key, w, inputs)
         status = jobs.status(spec.key)
-        if status is None or (status.finished and status.state != "done" and st.button(
-                f"Run the {what} again", key=f"job_again:{kind}", icon=":material/replay:")):
+        if status is None and not start:
+            return None
+        if status is None or (status.finished and status.state != "done" and (start or st.button(
+                f"Run the {what} again", key=f"job_again:{kind}", icon=":material/replay:"))):
             jobs.submit(spec, session_id(), w)
             status = jobs.status(spec.key)
     except QcoreError as e:
         st.error(plain(str(e)), icon=":material/error:")
-        st.stop()
+        return st.stop() if stop else None
     st.session_state.setdefault(keys.JOBS, {})[kind] = spec.key
     end = time.monotonic() + (INLINE_WAIT_S if small else 0.0)
     while status is not None and not status.finished and time.monotonic() < end:
@@ -91,10 +96,10 @@ def result(kind: str, key: str, w, inputs: dict, what: str, small: bool = True) 
         box = st.info if status.state == "cancelled" else st.error
         box(plain(f"The {what} was {'cancelled' if status.state == 'cancelled' else 'not finished'}: {status.message}"),
             icon=":material/info:")
-        st.stop()
+        return st.stop() if stop else None
     st.query_params[keys.JOB_PARAM] = spec.key
     _progress(jobs, spec.key, what)
-    st.stop()
+    return st.stop() if stop else None
 
 
 @st.fragment(run_every=POLL_S)

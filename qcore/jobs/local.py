@@ -9,6 +9,7 @@ torch's thread count; while several run, each gets one (``torch.set_num_threads`
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -60,7 +61,8 @@ class InProcessJobs:
             rec = self._jobs.get(key)
             if rec is None:
                 return None
-            return Status(key, rec["kind"], rec["state"], rec["fraction"], rec["message"], rec["owner"], rec["result"])
+            return Status(key, rec["kind"], rec["state"], rec["fraction"], rec["message"], rec["owner"],
+                          copy.deepcopy(rec["result"]))  # a reader's changes stay its own
 
     def cancel(self, key: str, session: str) -> None:
         with self._lock:
