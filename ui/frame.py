@@ -19,6 +19,7 @@ import contextvars
 import logging
 import secrets
 import tempfile
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -83,7 +84,7 @@ def load_upload(model_file, data_file, label_column: str, output_kind: str | Non
             st.session_state[keys.UPLOAD_ERROR] = str(e)
             return
     st.session_state[keys.UPLOAD] = {"key": f"upload:{workload.content_hash}", "workload": workload,
-                                      "label": model_file.name}
+                                      "label": model_file.name, "loaded_at": time.time()}  # ui.jobs.evict_old_upload
     st.session_state[keys.UPLOAD_ERROR] = None  # state.active() checks it against a link's ?upload= hash
 
 

@@ -45,6 +45,20 @@ def backend_for(key: str):
     return local if key.startswith("upload:") else jobs
 
 
+def evict_old_upload() -> dict | None:
+    """The session's upload (``keys.UPLOAD``), or None once it is older than the session TTL (``Limits.ttl_s``,
+    ``$QCORE_SESSION_TTL_S``): then it is dropped (its jobs' results expire with the same TTL) and the sidebar
+    says so in one line."""
+    uploaded = st.session_state.get(keys.UPLOAD)
+    ttl_s = _backends()[0].limits.ttl_s
+    if uploaded and time.time() - uploaded.get("loaded_at", time.time()) > ttl_s:
+        st.session_state[keys.UPLOAD] = None
+        st.session_state[keys.UPLOAD_ERROR] = (f"{uploaded['label']} was removed {ttl_s / 60:.0f} min after it was "
+                                               "loaded (this server's session TTL); upload it again to go on.")
+        return None
+    return uploaded
+
+
 def threads_caption(jobs) -> str:
     return (f"Jobs run {jobs.describe()}. Timings measured while jobs run share the CPU with them and read "
             "slower than on an idle machine.")

@@ -38,7 +38,9 @@ def active() -> tuple[str, object]:
     from ui import frame
 
     frame.ensure()
-    uploaded = st.session_state.get(UPLOAD)
+    from ui.jobs import evict_old_upload
+
+    uploaded = evict_old_upload()
     if st.session_state.get(SOURCE) == UPLOAD_SOURCE and uploaded:
         check_upload(uploaded["workload"])
         return uploaded["key"], uploaded["workload"]

@@ -25,8 +25,8 @@ def test_a_large_models_sweep_runs_as_a_job_and_its_result_shows(digits_mlp, tmp
     assert not at.exception and not at.error, [e.value for e in at.exception or at.error]
     job = at.session_state[keys.JOBS]["sweep"]
     assert at.query_params[keys.JOB_PARAM] == [job] or at.query_params[keys.JOB_PARAM] == job
-    shown = " ".join(plain(c.value) for c in at.caption)
-    assert "Jobs run in this app process" in shown and "1 per job while several run" in shown
+    shown = " ".join(c.value for c in at.caption)
+    assert plain("Jobs run in this app process") in shown and plain("1 per job while several run") in shown
     backend = ui_jobs._backends()[0]
     end = time.monotonic() + 60
     while not backend.status(job).finished and time.monotonic() < end:
@@ -48,3 +48,17 @@ def test_a_large_models_sweep_runs_as_a_job_and_its_result_shows(digits_mlp, tmp
     assert {m.label: m.value for m in again.metric} == values and backend.runs == 1
     ui_jobs._backends.clear()
     st.cache_resource.clear()
+
+
+def test_an_upload_older_than_the_session_ttl_is_evicted_in_one_line(digits_mlp, monkeypatch):
+    monkeypatch.setenv("QCORE_SESSION_TTL_S", "60")
+    ui_jobs._backends.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state[keys.SOURCE] = keys.UPLOAD_SOURCE
+    at.session_state[keys.UPLOAD] = {"key": f"upload:{digits_mlp.content_hash}", "workload": digits_mlp,
+                                     "label": "mine.onnx", "loaded_at": time.time() - 61}
+    at.run()
+    assert at.session_state[keys.UPLOAD] is None
+    shown = [e.value for e in at.sidebar.error]
+    assert any(plain("mine.onnx was removed 1 min after it was loaded") in s for s in shown), shown
+    ui_jobs._backends.clear()
