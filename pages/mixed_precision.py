@@ -102,9 +102,9 @@ elif estimate:
     if sweep.samples < sweep.evaluation_samples:
         m4.caption(state.on_samples(sweep.samples, sweep.evaluation_samples).strip(" ()"))
 
-if st.button("Evaluate this recipe (measured)", type="primary"):
-    with state.stoppable("evaluation", "Evaluating the recipe…"):
-        result = state.evaluate(key, w, recipe.to_json())
+if (result := jobs.result("evaluate", key, w, {"recipe": recipe.to_dict()}, "evaluation", state.small(w), stop=False,
+                          start=st.button("Evaluate this recipe (measured)", type="primary"))) and (
+        st.session_state.get(keys.MEASURED_RECIPE) or {}).get("recipe") != recipe.to_json():  # not shown yet
     state.remember(key, w, recipe, f"evaluated: {recipe.name}")
     st.session_state[keys.MEASURED_RECIPE] = {"recipe": recipe.to_json(), "result": result}
 shown = st.session_state.get(keys.MEASURED_RECIPE)

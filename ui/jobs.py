@@ -81,15 +81,16 @@ def asked(kind: str, key: str, w, inputs: dict) -> bool:
 def result(kind: str, key: str, w, inputs: dict, what: str, small: bool = True, start: bool = True,
            stop: bool = True) -> dict | None:
     """The result of job ``kind`` on workload ``w`` (its key ``key``) with ``inputs``; ``what`` names it in the
-    page ("sweep"). Submits the job when ``start`` and none is known. While the job is queued or running (its
+    page ("sweep"). Submits the job when ``start`` and none is known; without ``start`` only a job this session
+    (or the page it reloaded, ``?job=``) asked for is shown. While the job is queued or running (its
     progress drawn), after it failed (an error box) or when none was started: ``st.stop()``, or with
     ``stop=False`` ``None`` (the rest of the page is drawn)."""
     jobs = backend_for(key)
     try:
         spec = spec_for(kind, key, w, inputs)
+        if not start and spec.key not in (st.session_state.get(keys.JOBS, {}).get(kind), st.query_params.get(keys.JOB_PARAM)):
+            return None  # not asked for by this session (nor by the page it reloaded): another's result stays theirs
         status = jobs.status(spec.key)
-        if status is None and not start:
-            return None
         if status is None or (status.finished and status.state != "done" and (start or st.button(
                 f"Run the {what} again", key=f"job_again:{kind}", icon=":material/replay:"))):
             jobs.submit(spec, session_id(), w)
