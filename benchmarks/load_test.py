@@ -91,21 +91,43 @@ async def sweep(context, base: str, model: str, weights_only: bool, shown: list,
     errors.append(await page.locator(ERRORS).count())
 
 
+async def visitors(browser, base: str, busy: list, errors: list, sweeps_left, timeout_ms: int) -> None:
+    """A new visitor every 30 s while sweeps are running (after the first minute): seconds until the Model
+    page settles for them, i.e. whether the server stays responsive while every worker is busy."""
+    await asyncio.sleep(60)
+    while sweeps_left():
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(base + "/?model=digits-mlp")
+        busy.append(await settle(page, timeout_ms))
+        errors.append(await page.locator(ERRORS).count())
+        await context.close()
+        await asyncio.sleep(30)
+
+
 async def drive(base: str, args) -> dict:
     from playwright.async_api import async_playwright
 
-    settles, errors, shown = [], [], []
+    settles, errors, shown, busy = [], [], [], []
+    n_sweeps = args.same + args.other
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         contexts = [await browser.new_context() for _ in range(args.sessions)]
         t0 = time.monotonic()
         tasks = [sweep(c, base, args.model, i >= args.same, shown, errors, args.timeout_s * 1000, t0)
-                 for i, c in enumerate(contexts[:args.same + args.other])]
-        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000) for c in contexts[args.same + args.other:]]
-        outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.budget_s)
+                 for i, c in enumerate(contexts[:n_sweeps])]
+        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000) for c in contexts[n_sweeps:]]
+        tasks = [asyncio.ensure_future(t) for t in tasks]
+        probe = asyncio.ensure_future(visitors(browser, base, busy, errors, lambda: len(shown) < n_sweeps,
+                                               args.timeout_s * 1000))
+        done, pending = await asyncio.wait(tasks, timeout=args.budget_s)
+        for t in [*pending, probe]:
+            t.cancel()
+        await asyncio.gather(probe, *pending, return_exceptions=True)
         await browser.close()
-    failures = [f"{type(o).__name__}: {str(o).splitlines()[0] if str(o) else ''}" for o in outcomes if isinstance(o, BaseException)]
-    return {"settles": settles, "errors": errors, "shown": shown, "failures": failures}
+    failures = [f"{type(t.exception()).__name__}: {str(t.exception()).splitlines()[0] if str(t.exception()) else ''}"
+                for t in done if t.exception() is not None] + ["over the budget"] * len(pending)
+    return {"settles": settles, "errors": errors, "shown": shown, "failures": failures, "busy": busy}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         ("sessions that did not finish (timeouts)", f"{len(out['failures'])} {sorted(set(out['failures']))[:2]}"),
         ("page settles measured", len(s)),
         ("p50 / p95 s for a page to settle", f"{statistics.median(s):.1f} / {s[int(0.95 * (len(s) - 1))]:.1f}" if s else "-"),
+        ("new visitors while sweeps ran: Model page settled in (s)", ", ".join(f"{x:.1f}" for x in out["busy"]) or "-"),
         ("RSS per replica (MiB, at the end)", ", ".join(f"{x:.0f}" for x in replicas)),
         ("RSS per worker (MiB, at the end)", ", ".join(f"{x:.0f}" for x in workers)),
         ("Redis used memory (MiB)", f"{redis_mib:.1f}"),
