@@ -3,14 +3,26 @@
 import time
 from pathlib import Path
 
+import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from qcore import zoo
 from qcore.analysis import sensitivity, sweep_cache
 from ui import jobs as ui_jobs, keys, state
 from ui.text import plain
 
 APP = str(Path(__file__).resolve().parents[2] / "app.py")
+
+
+@pytest.fixture(autouse=True)
+def zoo_fixture(digits_mlp, monkeypatch):
+    """The app's zoo loader returns the session fixture (no second load of digits-mlp)."""
+    real = zoo.load
+    monkeypatch.setattr(zoo, "load", lambda name: digits_mlp if name == "digits-mlp" else real(name))
+    st.cache_resource.clear()
+    yield
+    st.cache_resource.clear()
 
 
 def test_a_large_models_sweep_runs_as_a_job_and_its_result_shows(digits_mlp, tmp_path, monkeypatch):

@@ -104,15 +104,15 @@ def test_a_worker_killed_mid_job_leaves_no_result_and_the_job_is_requeued(server
     wait_idle = time.monotonic() + 10
     while jobs.r.scard("qcore:active") and time.monotonic() < wait_idle:  # the cancelled jobs of the last test end
         time.sleep(0.05)
-    key = jobs.submit(count(tmp_path, 150, 0.02), "A")
-    running = wait(jobs, key, lambda s: s.state == "running" and s.fraction > 0.1)
+    key = jobs.submit(count(tmp_path, 100, 0.02), "A")
+    running = wait(jobs, key, lambda s: s.state == "running" and s.fraction > 0.05)
     pid = int(jobs.r.hget(f"qcore:job:{key}", "pid"))
     os.kill(pid, signal.SIGKILL)
     assert running.attempt == 1 and jobs.r.get(f"qcore:result:{key}") is None
     requeued = wait(jobs, key, lambda s: s.attempt == 2, timeout_s=LEASE_S + 5)
     assert "re-queued (attempt 2 of 2)" in requeued.message or requeued.state == "running"
     done = wait(jobs, key, lambda s: s.finished, timeout_s=20)
-    assert done.state == "done" and done.result == {"sum": 150 * 149 // 2} and runs(tmp_path / "log") == 2
+    assert done.state == "done" and done.result == {"sum": 100 * 99 // 2} and runs(tmp_path / "log") == 2
     survivor = int(jobs.r.hget(f"qcore:job:{key}", "pid"))
     assert survivor != pid and survivor in {w.pid for w in workers}
 
