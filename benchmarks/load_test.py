@@ -60,7 +60,8 @@ async def settle(page, timeout_ms: int) -> float:
     return time.monotonic() - start - 0.8
 
 
-async def browse(context, base: str, settles: list, errors: list, timeout_ms: int) -> None:
+async def browse(context, base: str, settles: list, errors: list, timeout_ms: int, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
     page = await context.new_page()
     for path in ("/?model=digits-mlp", "/formats", "/weights"):
         await page.goto(base + path)
@@ -73,7 +74,8 @@ async def browse(context, base: str, settles: list, errors: list, timeout_ms: in
 
 
 async def sweep(context, base: str, model: str, weights_only: bool, shown: list, errors: list, timeout_ms: int,
-                t0: float) -> None:
+                t0: float, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
     page = await context.new_page()
     await page.goto(f"{base}/sensitivity?model={model}")
     await settle(page, timeout_ms)
@@ -97,6 +99,7 @@ async def visitors(browser, base: str, busy: list, errors: list, sweeps_left, ti
     await asyncio.sleep(60)
     while sweeps_left():
         context = await browser.new_context()
+        context.set_default_timeout(timeout_ms)
         page = await context.new_page()
         await page.goto(base + "/?model=digits-mlp")
         busy.append(await settle(page, timeout_ms))
@@ -113,10 +116,13 @@ async def drive(base: str, args) -> dict:
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         contexts = [await browser.new_context() for _ in range(args.sessions)]
+        for c in contexts:
+            c.set_default_timeout(args.timeout_s * 1000)  # navigation included (Playwright's default is 30 s)
         t0 = time.monotonic()
-        tasks = [sweep(c, base, args.model, i >= args.same, shown, errors, args.timeout_s * 1000, t0)
+        tasks = [sweep(c, base, args.model, i >= args.same, shown, errors, args.timeout_s * 1000, t0, i * args.stagger_s)
                  for i, c in enumerate(contexts[:n_sweeps])]
-        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000) for c in contexts[n_sweeps:]]
+        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000, (n_sweeps + i) * args.stagger_s)
+                  for i, c in enumerate(contexts[n_sweeps:])]
         tasks = [asyncio.ensure_future(t) for t in tasks]
         probe = asyncio.ensure_future(visitors(browser, base, busy, errors, lambda: len(shown) < n_sweeps,
                                                args.timeout_s * 1000))
@@ -140,10 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout-s", type=int, default=600, help="longest wait for one page (s)")
     p.add_argument("--budget-s", type=int, default=1200, help="the whole run stops after this (s)")
+    p.add_argument("--stagger-s", type=float, default=0.5, help="session i starts i x this after the first (s)")
     args = p.parse_args(argv)
     run = Path(tempfile.mkdtemp(prefix="qcore-load-"))
     port, base_port, redis_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "QCORE_PYTHON": sys.executable, "QCORE_CACHE_DIR": str(run / "cache")}
+    env = {**os.environ, "QCORE_PYTHON": sys.executable, "QCORE_CACHE_DIR": str(run / "cache"),
+           "QCORE_JOB_TIME_LIMIT_S": str(args.budget_s)}  # a job may take the whole run on a busy machine
     script = [str(ROOT / "deploy" / "class-server.sh")]
     opts = ["--replicas", str(args.replicas), "--workers", str(args.workers), "--port", str(port),
             "--base-port", str(base_port), "--redis-port", str(redis_port), "--run", str(run)]
@@ -165,20 +173,20 @@ def main(argv: list[str] | None = None) -> None:
         out = asyncio.run(drive(base, args))
         wall = time.monotonic() - started
         import redis
-        from rq import Worker
 
         r = redis.Redis(port=redis_port)
-        jobs_run = sum(w.successful_job_count + w.failed_job_count for w in Worker.all(connection=r))
+        jobs_run = int(r.get("qcore:runs") or 0)  # incremented by each job a worker starts (qcore.jobs.rq_backend)
         redis_mib = r.info("memory")["used_memory"] / 2**20
         replicas = [rss_mib(run / f"replica-{i + 1}.pid") for i in range(args.replicas)]
         workers = [rss_mib(run / f"worker-{i + 1}.pid") for i in range(args.workers)]
     finally:
         subprocess.run(script + ["stop"] + opts, env=env, cwd=ROOT, capture_output=True)
-    s = sorted(out["settles"])
+    s, n = sorted(out["settles"]), args.same + args.other
     same = {n for w, n, _ in out["shown"] if not w}
     other = {n for w, n, _ in out["shown"] if w}
     rows = [
         ("sessions (browser contexts) / replicas / workers", f"{args.sessions} / {args.replicas} / {args.workers}"),
+        ("sessions started", f"{args.stagger_s:g} s apart"),
         ("errors shown in pages", sum(out["errors"])),
         ("sessions that did not finish (timeouts)", f"{len(out['failures'])} {sorted(set(out['failures']))[:2]}"),
         ("page settles measured", len(s)),
@@ -190,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         (f"{args.model} sweeps requested / jobs run", f"{args.same + args.other} / {jobs_run}"),
         ("s until every sweep session shows its sweep", f"{max((t for *_, t in out['shown']), default=float('nan')):.0f}"),
         ("sweep sessions showing it", f"{len(out['shown'])} of {args.same + args.other}"),
-        ("same numbers in every session of a sweep", f"{len(same) <= 1 and len(other) <= 1} ({len(same)} + {len(other)} distinct)"),
+        ("same numbers in every session of a sweep", f"{len(out['shown']) == n and len(same) <= 1 and len(other) <= 1} "
+                                                     f"({len(same)} + {len(other)} distinct)"),
         ("wall time of the run (s)", f"{wall:.0f}"),
     ]
     print("| measure | value |\n|---|---|")

@@ -52,6 +52,7 @@ start() {
 stop() {
   [ -f "$RUN/nginx.pid" ] && alive "$RUN/nginx.pid" && nginx -e "$RUN/nginx-error.log" -p "$RUN" -c "$RUN/nginx.conf" -s quit || true
   for f in "$RUN"/replica-*.pid "$RUN"/worker-*.pid; do [ -f "$f" ] && { kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; }; done
+  sleep 1  # the workers leave Redis before it goes
   alive "$RUN/redis.pid" && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -f "$RUN/redis.pid" "$RUN/nginx.pid"; echo "stopped"
 }

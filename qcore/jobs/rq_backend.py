@@ -3,8 +3,9 @@
 Keys (``qcore:`` prefix): ``job:<key>`` a hash (state, fraction, message, owner, kind, spec, attempt);
 ``result:<key>`` the result's JSON, written with the record's ``done`` in one MULTI/EXEC transaction, so
 a reader sees either no result or the whole one; ``cancel:<key>`` a flag the job reads at its progress
-steps; ``lease:<key>`` renewed every second by the process running the job and gone ``LEASE_S`` after
-that process dies; ``active`` and ``owner:<session>`` the sets the caps count. Finished records and
+steps; ``lease:<key>`` renewed every second by the process running the job and gone ``lease_s`` after
+that process dies (long enough that a worker starved of CPU on a busy machine is not taken for dead);
+``active`` and ``owner:<session>`` the sets the caps count; ``runs`` counts jobs a worker started. Finished records and
 results expire after ``Limits.ttl_s``.
 
 A worker that dies mid-job (SIGKILL, out of memory) stops renewing the lease; the next ``status`` call
@@ -28,7 +29,7 @@ from qcore.jobs.job import ACTIVE, KINDS, JobSpec, Limits, Status, deadline_chec
 from qcore.jobs.local import check_caps
 
 QUEUE = "qcore"
-LEASE_S = 3.0  # a running job's lease lives this long without renewal (renewed every LEASE_S / 3)
+LEASE_S = 15.0  # default life of a running job's lease without renewal, in seconds (renewed every second)
 MAX_ATTEMPTS = 2  # runs of one job when its worker dies: once re-queued, then failed
 PROGRESS_EVERY_S = 0.25  # progress written to Redis at most this often
 
@@ -44,9 +45,10 @@ def _unreachable(e: Exception) -> QcoreError:
 class RedisJobs:
     name = "rq"
 
-    def __init__(self, connection: redis.Redis, limits: Limits | None = None):
+    def __init__(self, connection: redis.Redis, limits: Limits | None = None, lease_s: float = LEASE_S):
         self.r = connection
         self.limits = limits or Limits()
+        self.lease_s = lease_s
         self.queue = Queue(QUEUE, connection=connection)
 
     def describe(self) -> str:
@@ -81,7 +83,8 @@ class RedisJobs:
         p.delete(_k("result", key), _k("cancel", key), _k("lease", key), _k("job", key))
         p.hset(_k("job", key), mapping={"state": "queued", "fraction": 0.0, "message": message, "owner": session,
                                         "kind": kind, "spec": spec_json, "attempt": attempt,
-                                        "limit_s": self.limits.time_limit_s, "ttl_s": self.limits.ttl_s})
+                                        "limit_s": self.limits.time_limit_s, "ttl_s": self.limits.ttl_s,
+                                        "lease_s": self.lease_s})
         p.expire(_k("job", key), int(self.limits.ttl_s))
         p.sadd(_k("active"), key)
         p.sadd(_k("owner", session), key)
@@ -155,14 +158,16 @@ def execute(key: str) -> None:
         return  # cancelled (or taken over) before a worker got to it
     spec = JobSpec.from_json(rec["spec"])
     limits = Limits(time_limit_s=float(rec["limit_s"]), ttl_s=float(rec["ttl_s"]))
-    r.set(_k("lease", key), os.getpid(), ex=int(LEASE_S))
+    lease_ms = int(float(rec["lease_s"]) * 1000)
+    r.set(_k("lease", key), os.getpid(), px=lease_ms)
+    r.incr(_k("runs"))
     r.hset(_k("job", key), mapping={"state": "running", "message": "started", "pid": os.getpid(),
                                     "host": socket.gethostname()})
     done = threading.Event()
 
     def renew() -> None:
-        while not done.wait(LEASE_S / 3):
-            r.set(_k("lease", key), os.getpid(), ex=int(LEASE_S))
+        while not done.wait(1.0):
+            r.set(_k("lease", key), os.getpid(), px=lease_ms)
     threading.Thread(target=renew, daemon=True).start()
     started, last = time.monotonic(), {"report": 0.0, "check": 0.0, "cancelled": False}
 

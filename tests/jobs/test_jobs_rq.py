@@ -19,7 +19,9 @@ from qcore.errors import QcoreError
 from qcore.jobs.backend import connect
 from qcore.jobs.job import Limits, spec_for
 from qcore.jobs import rq_backend
-from qcore.jobs.rq_backend import LEASE_S, RedisJobs
+from qcore.jobs.rq_backend import RedisJobs
+
+LEASE_S = 3.0
 from test_jobs_local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +48,7 @@ def server(tmp_path_factory):
     for _ in range(100):
         jobs, note = connect(url, Limits(per_session=2, total=3))
         if note is None:
+            jobs.lease_s = LEASE_S  # a killed worker is noticed after 3 s (the default 15 s tolerates starved workers)
             break
         time.sleep(0.05)
     assert isinstance(jobs, RedisJobs)
