@@ -51,8 +51,11 @@ start() {
 
 stop() {
   [ -f "$RUN/nginx.pid" ] && alive "$RUN/nginx.pid" && nginx -e "$RUN/nginx-error.log" -p "$RUN" -c "$RUN/nginx.conf" -s quit || true
-  for f in "$RUN"/replica-*.pid "$RUN"/worker-*.pid; do [ -f "$f" ] && { kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; }; done
-  sleep 1  # the workers leave Redis before it goes
+  pids=()
+  for f in "$RUN"/replica-*.pid "$RUN"/worker-*.pid; do [ -f "$f" ] && { pids+=("$(cat "$f")"); rm -f "$f"; }; done
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "${pids[@]}" 2>/dev/null || break; sleep 0.1; done
+  [ ${#pids[@]} -gt 0 ] && kill -9 "${pids[@]}" 2>/dev/null || true  # still shutting down after 5 s
   alive "$RUN/redis.pid" && redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
   rm -f "$RUN/redis.pid" "$RUN/nginx.pid"; echo "stopped"
 }

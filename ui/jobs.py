@@ -91,8 +91,8 @@ def result(kind: str, key: str, w, inputs: dict, what: str, small: bool = True, 
         if not start and spec.key not in (st.session_state.get(keys.JOBS, {}).get(kind), st.query_params.get(keys.JOB_PARAM)):
             return None  # not asked for by this session (nor by the page it reloaded): another's result stays theirs
         status = jobs.status(spec.key)
-        if status is None or (status.finished and status.state != "done" and (start or st.button(
-                f"Run the {what} again", key=f"job_again:{kind}", icon=":material/replay:"))):
+        if status is None or (status.finished and status.state != "done" and st.button(  # not after a cancel
+                f"Run the {what} again", key=f"job_again:{kind}", icon=":material/replay:")):
             jobs.submit(spec, session_id(), w)
             status = jobs.status(spec.key)
     except QcoreError as e:
