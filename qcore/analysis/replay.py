@@ -61,9 +61,11 @@ def replay_set(model, target: str, order, once: set[str]) -> list[str]:
     def visit(prefix, module):
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if name == target or name not in order:
+            if name == target:
                 continue
-            if target.startswith(name + ".") or name in keep or name not in once:
+            if name not in order:  # never called itself (an nn.ModuleList, a plain container): its parent
+                visit(name, child)  # calls its children, which may be replayable
+            elif target.startswith(name + ".") or name in keep or name not in once:
                 if order[name][0] < start:
                     visit(name, child)
             elif order[name][1] < start and "forward" not in child.__dict__:
