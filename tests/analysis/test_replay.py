@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from qcore.analysis import sensitivity
 from qcore.analysis.sensitivity import evenly_spaced, recipe_for, sweep
 from qcore.io.workload import load_workload
 from qcore.model.simulate import modules_by_name
@@ -44,10 +45,12 @@ def test_minilm_sweep_recomputes_the_encoder_only_from_the_perturbed_block(minil
     from transformers.models.bert.modeling_bert import BertLayer
 
     minilm.reference_outputs  # computed once per workload, not by the sweep
+    monkeypatch.setattr(sensitivity, "SWEEP_FLOPS", 1.0)  # sweep the fewest samples (2, one per half): fast
+    monkeypatch.setattr(sensitivity, "MIN_SWEEP_SAMPLES", 2)
     calls = count_forwards(monkeypatch, BertLayer)
     r = sweep(minilm, ["int3"], mode="weights", cache_dir=tmp_path)
     blocks = len(minilm.model.bert.encoder.layer)
-    assert blocks == 6 and all(row.changed for row in r.rows) and len(r.rows) == 39
+    assert blocks == 6 and r.samples == 2 and all(row.changed for row in r.rows) and len(r.rows) == 39
     block = [int(n.split(".")[3]) if n.startswith("bert.encoder.layer.") else 0 for n in minilm.layers]
     per_batch = blocks + 1 + sum(blocks - k for k in block)
     assert per_batch == 6 + 1 + 3 * 6 + 6 * (6 + 5 + 4 + 3 + 2 + 1)  # 151, against 41 runs x 6 = 246 before
