@@ -48,8 +48,11 @@ def call_order(model, layers, batch) -> tuple[dict[str, tuple[int, int]], set[st
 
 def replay_set(model, target: str, order, once: set[str]) -> list[str]:
     """The largest modules whose every call ends before ``target`` starts: their outputs do not depend
-    on ``target``, so a run perturbing ``target`` can replay them. Modules holding a tensor that shares
-    storage with the target's weight (tied weights) are recomputed."""
+    on ``target``, so a run perturbing ``target`` can replay them. The walk descends into modules that
+    contain ``target``, are called several times, and into containers never called themselves (an
+    ``nn.ModuleList`` of blocks its parent loops over, an ONNX graph's dotted module paths): for a layer in
+    block k of minilm-l6, blocks 0..k-1 are replayed. Modules holding a tensor that shares storage with the
+    target's weight (tied weights) are recomputed."""
     start = order[target][0]
     modules = dict(model.named_modules(remove_duplicate=False))
     ptr = modules[target].weight.data_ptr()
