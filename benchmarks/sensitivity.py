@@ -1,6 +1,6 @@
 """Sensitivity sweep speed: ``qcore.analysis.sensitivity.sweep`` next to the naive approach, in one run.
 
-    python -m benchmarks.sensitivity [--quick] [--models digits-mlp,digits-cnn,minilm-l6]
+    python -m benchmarks.sensitivity [--quick] [--models digits-mlp,digits-cnn,minilm-l6] [--rounds 2]
 
 For each model, every quantizable layer x 4 candidates (view "only", mode "both"):
 - shared: what both approaches need first, on a fresh workload: FP32 reference outputs and
@@ -8,125 +8,165 @@ For each model, every quantizable layer x 4 candidates (view "only", mode "both"
 - cold: shared + the sweep with an empty cache;
 - cached: the same sweep again from memory, then from disk (memory cache cleared);
 - naive: for each (layer, candidate) copy the model, quantize it (``Workload.simulate``) and run a
-  full evaluation -- on the whole evaluation set (what a user would write), and on the same samples
-  the sweep used (to separate the gain from reuse from the gain of sweeping a subset); plus shared.
-  Ratios compare totals (naive + shared) / cold. On large models (``--naive-rows``) only some rows are timed and the total is
-  **extrapolated** (mean time per row x rows), marked ``~`` in the table.
+  full evaluation on the same samples the sweep used (and, when the sweep uses a subset, not on all
+  samples: that would only add the gain of sweeping fewer samples); plus shared.
+Every run is measured (nothing extrapolated); the cold sweep and the naive loop alternate for ``--rounds``
+rounds and the table gives the median and the range of the per-round ratios, in wall time and in this
+process's CPU time (less sensitive to other processes sharing the cores). Forward passes are counted while
+timing: calls of the quantizable layers' ``forward`` and, for a model keeping its blocks in an
+``nn.ModuleList`` (minilm-l6's 6 BertLayers), calls of the block's ``forward``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import tempfile
 import time
+
+from torch import nn
 
 from qcore import zoo
 from qcore.numerics.metrics import sqnr_db
 from qcore.analysis.sensitivity import check_candidates, evenly_spaced, recipe_for, sweep
 from qcore.analysis.sweep_cache import clear_memory_cache
+from qcore.model.simulate import modules_by_name
 from qcore.model.workload import Workload
 
 CANDIDATES = ["int8-dynamic", "int8-static", "int4-weight-only", "nf4"]
 
 
-def naive_seconds(w: Workload, rows: list[tuple[str, str]], index) -> tuple[float, dict]:
-    """Wall time (s) of the naive sweep over ``rows`` (layer, candidate) on evaluation samples ``index``, and
-    what it measured: {(layer, candidate): (headline metric, output SQNR dB)}."""
+@contextlib.contextmanager
+def counting(classes):
+    """Count calls of each class's ``forward`` (a replayed module's forward is replaced on the instance, so
+    only computed calls count): yields {class name: calls}."""
+    counts, real = {c.__name__: 0 for c in classes}, {c: c.forward for c in classes}
+
+    def wrap(cls):
+        def forward(self, *args, **kwargs):
+            counts[cls.__name__] += 1
+            return real[cls](self, *args, **kwargs)
+        return forward
+
+    for c in classes:
+        c.forward = wrap(c)
+    try:
+        yield counts
+    finally:
+        for c in classes:
+            c.forward = real[c]
+
+
+def _timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def naive_loop(w: Workload, rows: list[tuple[str, str]], index) -> dict:
+    """The naive sweep over ``rows`` (layer, candidate) on evaluation samples ``index``: what it measured,
+    {(layer, candidate): (headline metric, output SQNR dB)}."""
     data = w.evaluation.subset(index)
     reference = w.reference_outputs[index]
     measured = {}
-    start = time.perf_counter()
     for layer, candidate in rows:
         out = w.run(w.simulate(recipe_for(w, layer, candidate)).model, data)
         measured[layer, candidate] = (w.task.metrics(out, reference, data.labels)[w.task.headline], sqnr_db(out, reference))
-    return time.perf_counter() - start, measured
+    return measured
 
 
-def bench_model(name: str, candidates: list[str], naive_rows: int | None) -> dict:
+def bench_model(name: str, candidates: list[str], rounds: int) -> dict:
     import torch
 
     w = zoo.load(name)
     clear_memory_cache()
-    start = time.perf_counter()
-    w.reference_outputs, w.calibration_stats()
-    shared = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as cache_dir:
-        start = time.perf_counter()
-        result = sweep(w, candidates, cache_dir=cache_dir)
-        cold = shared + time.perf_counter() - start
-        start = time.perf_counter()
-        again = sweep(w, candidates, cache_dir=cache_dir)
-        memory = time.perf_counter() - start
-        clear_memory_cache()
-        start = time.perf_counter()
-        from_disk = sweep(w, candidates, cache_dir=cache_dir)
-        disk = time.perf_counter() - start
-    assert again == result == from_disk
-    rows = [(r.layer, r.candidate) for r in result.rows if r.changed]
-    timed = rows
-    if naive_rows is not None and naive_rows < len(rows):  # evenly spread over layers and candidates
-        step = len(rows) / naive_rows
-        timed = [rows[int(i * step)] for i in range(naive_rows)]
-    n_eval, n_sweep = result.evaluation_samples, result.samples
-    seconds, naive = naive_seconds(w, timed, torch.arange(n_eval))
-    full = shared + seconds * len(rows) / len(timed)
-    subset_index = evenly_spaced(n_eval, n_sweep)  # the sweep's own samples
-    assert len(subset_index) == n_sweep
-    if n_sweep < n_eval:
-        seconds, naive = naive_seconds(w, timed, subset_index)
-        same = shared + seconds * len(rows) / len(timed)
-    else:
-        same = full
+    _, shared, shared_cpu = _timed(lambda: (w.reference_outputs, w.calibration_stats()))
+    layer_classes = sorted({type(m) for m in modules_by_name(w.model, w.layers).values()}, key=lambda c: c.__name__)
+    block_classes = sorted({type(b) for m in w.model.modules() if isinstance(m, nn.ModuleList) for b in m},
+                           key=lambda c: c.__name__)
+    classes = layer_classes + [c for c in block_classes if c not in layer_classes]
+    sweeps, naives, sweep_counts, naive_counts = [], [], {}, {}
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as cache_dir:
+            clear_memory_cache()
+            with counting(classes) as sweep_counts:
+                result, wall, cpu = _timed(lambda: sweep(w, candidates, cache_dir=cache_dir))
+            sweeps.append((wall, cpu))
+            if len(sweeps) == 1:
+                again, memory, _ = _timed(lambda: sweep(w, candidates, cache_dir=cache_dir))
+                clear_memory_cache()
+                from_disk, disk, _ = _timed(lambda: sweep(w, candidates, cache_dir=cache_dir))
+                assert again == result == from_disk
+        rows = [(r.layer, r.candidate) for r in result.rows if r.changed]
+        n_eval, n_sweep = result.evaluation_samples, result.samples
+        subset_index = evenly_spaced(n_eval, n_sweep)  # the sweep's own samples
+        assert len(subset_index) == n_sweep
+        with counting(classes) as naive_counts:
+            naive, wall, cpu = _timed(lambda: naive_loop(w, rows, subset_index))
+        naives.append((wall, cpu))
+    ratios = [(shared + nw) / (shared + sw) for (sw, _), (nw, _) in zip(sweeps, naives)]
+    cpu_ratios = [(shared_cpu + nc) / (shared_cpu + sc) for (_, sc), (_, nc) in zip(sweeps, naives)]
     # the sweep's numbers against the naive loop's (a second implementation: whole model simulated per row)
     swept = {(r["layer"], r["candidate"]): (r["metric"], r["sqnr_db"]) for r in result.to_dict()["rows"]}
-    return {"model": name, "layers": len(w.layers), "runs": len(rows), "timed": len(timed),
-            "samples": f"{n_sweep} of {n_eval}", "shared": shared, "cold": cold, "memory": memory, "disk": disk,
-            "naive_full": full, "naive_same": same, "compared": len(naive),
+    return {"model": name, "layers": len(w.layers), "runs": len(rows), "timed": len(rows), "rounds": rounds,
+            "samples": f"{n_sweep} of {n_eval}", "shared": shared, "memory": memory, "disk": disk,
+            "cold": shared + statistics.median(s for s, _ in sweeps),
+            "naive_same": shared + statistics.median(n for n, _ in naives),
+            "naive_full": shared + statistics.median(n for n, _ in naives) if n_sweep == n_eval else None,
+            "ratio": statistics.median(ratios), "ratio_range": (min(ratios), max(ratios)),
+            "cpu_ratio": statistics.median(cpu_ratios), "cpu_ratio_range": (min(cpu_ratios), max(cpu_ratios)),
+            "sweep_forwards": dict(sweep_counts), "naive_forwards": dict(naive_counts),
+            "blocks": [c.__name__ for c in block_classes], "compared": len(naive),
             "max_metric_diff": max(abs(swept[k][0] - v[0]) for k, v in naive.items()),
             "max_sqnr_diff_db": max(abs(swept[k][1] - v[1]) for k, v in naive.items()),
-            "min_sqnr_db": min(v[1] for v in naive.values())}
+            "min_sqnr_db": min(v[1] for v in naive.values()), "threads": torch.get_num_threads()}
 
 
 def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="digits models only")
+    ap.add_argument("--quick", action="store_true", help="digits models only, one round")
     ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
-    ap.add_argument("--naive-rows", type=int, default=8, help="naive rows timed on minilm-l6 (then extrapolated)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating sweep / naive rounds per model")
     return ap.parse_args(argv)
 
 
 def measure(argv=None) -> list[dict]:
-    """One row per model (``bench_model``: seconds, and the sweep-vs-naive agreement)."""
+    """One row per model (``bench_model``: seconds, ratios, forward counts, and the sweep-vs-naive agreement)."""
     args = _args(argv)
     models = ["digits-mlp", "digits-cnn"] if args.quick else args.models.split(",")
     candidates = check_candidates(CANDIDATES)
-    return [bench_model(name, candidates, args.naive_rows if name == "minilm-l6" else None) for name in models]
+    return [bench_model(name, candidates, 1 if args.quick else args.rounds) for name in models]
+
+
+def _forwards(counts: dict, names) -> str:
+    return ", ".join(f"{counts[n]:,} {n}" for n in names if n in counts)
 
 
 def main(argv=None) -> str:
     import pandas as pd
-    import torch
 
     candidates = check_candidates(CANDIDATES)
-    table = []
-    for r in measure(argv):
-        mark = "~" if r["timed"] < r["runs"] else ""
+    table, rows = [], measure(argv)
+    for r in rows:
+        spread = f" ({r['ratio_range'][0]:.1f}–{r['ratio_range'][1]:.1f})" if r["rounds"] > 1 else ""
+        cpu_spread = f" ({r['cpu_ratio_range'][0]:.1f}–{r['cpu_ratio_range'][1]:.1f})" if r["rounds"] > 1 else ""
+        names = r["blocks"] or sorted(r["sweep_forwards"])
         table.append({
             "model": r["model"], "layers x candidates": f"{r['layers']} x {len(candidates)} ({r['runs']} runs)",
             "sweep samples": r["samples"], "shared (s)": f"{r['shared']:.3g}", "cold sweep (s)": f"{r['cold']:.3g}",
             "from memory (ms)": f"{1e3 * r['memory']:.3g}", "from disk (ms)": f"{1e3 * r['disk']:.3g}",
-            "naive, all samples (s)": f"{mark}{r['naive_full']:.3g}", "ratio": f"{mark}{r['naive_full'] / r['cold']:.1f}x",
-            "naive, sweep's samples (s)": f"{mark}{r['naive_same']:.3g}",
-            "ratio (same samples)": f"{mark}{r['naive_same'] / r['cold']:.1f}x",
-            "max |sweep - naive| metric / SQNR dB": f"{r['max_metric_diff']:.2g} / {r['max_sqnr_diff_db']:.2g}",
-            "_note": (f"naive time for {r['model']} extrapolated from {r['timed']} of {r['runs']} runs"
-                      if mark else None)})
-    notes = [t.pop("_note") for t in table]
-    text = (f"Candidates: {', '.join(candidates)}; view `only`, mode `both`; {torch.get_num_threads()} torch threads. "
-            "Both approaches first compute the FP32 reference outputs and calibration (`shared`, included in both "
-            "totals); ratio = naive total / cold sweep total, measured side by side in this run.\n\n"
+            "naive, sweep's samples (s)": f"{r['naive_same']:.3g}",
+            "ratio (same samples)": f"{r['ratio']:.1f}x{spread}", "CPU-time ratio": f"{r['cpu_ratio']:.1f}x{cpu_spread}",
+            "forwards: sweep / naive": f"{_forwards(r['sweep_forwards'], names)} / {_forwards(r['naive_forwards'], names)}",
+            "max |sweep - naive| metric / SQNR dB": f"{r['max_metric_diff']:.2g} / {r['max_sqnr_diff_db']:.2g}"})
+    text = (f"Candidates: {', '.join(candidates)}; view `only`, mode `both`; {rows[0]['threads']} torch threads; "
+            f"{rows[0]['rounds']} alternating round(s) of cold sweep and naive loop, every run measured. Both approaches "
+            "first compute the FP32 reference outputs and calibration (`shared`, included in both totals); ratio = naive "
+            "total / cold sweep total on the same samples, median (range) over rounds, in wall time and in this process's "
+            "CPU time. Forwards: calls of the repeated blocks' `forward` (an `nn.ModuleList`'s elements), else of the "
+            "layers' (the sweep's per-layer error run computes each layer twice).\n\n"
             + pd.DataFrame(table).to_markdown(index=False))
-    text += "".join(f"\n\n~ {n} (mean time per run x runs): an extrapolation, not a measurement." for n in notes if n)
     print(text)
     return text
 

@@ -1,6 +1,7 @@
 """Command line: ``python -m qcore COMMAND ...``.
 
-Every command prints a human-readable table, or with ``--json`` one JSON document on stdout.
+Every command prints a human-readable table, or with ``--json`` one JSON document on stdout (the tables
+are then never built: pandas is not even imported).
 User errors (bad file, bad recipe, unknown model, an input too large for memory, an uploaded model the ONNX
 exporter cannot convert) print exactly one line on stderr and exit with code 2. Warnings are held back
 while a command runs, and so are torch's log lines (its loggers print straight to stderr otherwise:
@@ -108,12 +109,12 @@ def _workload_and_recipe(args):
     return w, recipe
 
 
-# ---- commands: each returns (json-able result, human-readable text) --------------------------
+# ---- commands: each returns (json-able result, human-readable text or a function building it) ----
 def cmd_formats(args):
     from qcore.numerics.formats import FORMATS
 
     rows = [f.describe() for f in FORMATS.values()]
-    return rows, _table(rows)
+    return rows, lambda: _table(rows)
 
 
 def cmd_models(args):
@@ -127,7 +128,7 @@ def cmd_models(args):
                      "fp32_size_bytes": float_bytes(w.model), "metric": w.task.headline,
                      "fp32_metric": w.fp32_metrics[w.task.headline], "layers": len(w.layers),
                      "description": w.description})
-    return rows, _table(rows, ["name", "params", "fp32_size_bytes", "layers", "metric", "fp32_metric"])
+    return rows, lambda: _table(rows, ["name", "params", "fp32_size_bytes", "layers", "metric", "fp32_metric"])
 
 
 def cmd_inspect(args):
@@ -137,10 +138,10 @@ def cmd_inspect(args):
     rows = layer_table(w)
     result = {"model": w.name, "source": w.source, "notes": w.notes, "layers": rows,
               "calibration_samples": len(w.calibration), "evaluation_samples": len(w.evaluation)}
-    text = f"{w.name} ({w.source}): {len(rows)} quantizable layers\n" + _table(
+    return result, lambda: f"{w.name} ({w.source}): {len(rows)} quantizable layers\n" + _table(
         [{**r, "weight_shape": "x".join(map(str, r["weight_shape"]))} for r in rows],
-        ["name", "type", "weight_shape", "params", "share", "min", "max", "std", "max_over_std", "kurtosis"])
-    return result, text + "".join(f"\nnote: {n}" for n in w.notes)
+        ["name", "type", "weight_shape", "params", "share", "min", "max", "std", "max_over_std", "kurtosis"]) \
+        + "".join(f"\nnote: {n}" for n in w.notes)
 
 
 def _finetuned(args, w):
@@ -160,9 +161,8 @@ def cmd_evaluate(args):
     keys = [k for k, v in r.quantized.metrics.items() if isinstance(v, float)]
     rows = [{"": "fp32", "size": _mib(r.fp32.size_bytes), **{k: r.fp32.metrics.get(k) for k in keys}},
             {"": "quantized", "size": _mib(r.quantized.size_bytes), **{k: r.quantized.metrics[k] for k in keys}}]
-    lines.append(_table(rows))
     lines += [f"folded {conv} + {bn}" for conv, bn in r.folded] + [f"note: {n}" for n in r.notes]
-    return r.to_dict(), "\n".join(lines)
+    return r.to_dict(), lambda: "\n".join(lines[:1] + [_table(rows)] + lines[1:])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -208,7 +208,7 @@ def cmd_sensitivity(args):
     w = _workload(args)
     r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
     text = f"{r.model}: {r.metric} fp32 = {r.fp32_metric:.4g}  (view {args.view}, mode {args.mode})\n"
-    return r.to_dict(), text + _table([row.to_dict() for row in r.rows], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
+    return r.to_dict(), lambda: text + _table([row.to_dict() for row in r.rows], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
                                        "metric", "metric_drop", "sqnr_db", "layer_sqnr_db", "rmse_over_step",
                                        "clipped_fraction", "input_rmse_over_step", "input_clipped_fraction", "rank"]) \
         + "".join(f"\nnote: {n}" for n in r.notes)
@@ -228,12 +228,12 @@ def cmd_search(args):
         except OSError as e:
             raise QcoreError(f"--out {args.out!r} cannot be written ({e.strerror}); choose another path") from None
     m, f = r.measured, r.fp32
-    text = (f"{r.model}: chosen recipe measured {m.metric:.4g} at {_mib(m.size_bytes)} "
-            f"(fp32 {f.metric:.4g} at {_mib(f.size_bytes)})" + (f"; written to {args.out}" if args.out else "")
-            + ("" if r.met else "; the goal is NOT met")
-            + "\nPareto front (measured):\n" + _table(r.to_dict()["pareto"], ["label", "size_bytes", "metric"])
-            + "".join(f"\nnote: {n}" for n in r.notes))
-    return r.to_dict(), text
+    return r.to_dict(), lambda: (
+        f"{r.model}: chosen recipe measured {m.metric:.4g} at {_mib(m.size_bytes)} "
+        f"(fp32 {f.metric:.4g} at {_mib(f.size_bytes)})" + (f"; written to {args.out}" if args.out else "")
+        + ("" if r.met else "; the goal is NOT met")
+        + "\nPareto front (measured):\n" + _table(r.to_dict()["pareto"], ["label", "size_bytes", "metric"])
+        + "".join(f"\nnote: {n}" for n in r.notes))
 
 
 def cmd_export(args):
@@ -337,15 +337,15 @@ def cmd_qat(args):
     head = r.metric
     rows = [{"": name, head: m[head], **{k: m[k] for k in ("agreement", "sqnr_db") if k in m and k != head}}
             for name, m in (("fp32", r.fp32_metrics), ("ptq", r.ptq_metrics), ("qat", r.qat_metrics))]
+    history = [{"epoch": h.epoch, "train_loss": h.train_loss, "calibration_loss": h.calibration_loss, head: h.metric}
+               for h in r.history]
     lines = [f"model {w.name}  recipe {recipe.name}  loss {r.loss}  {r.message} in {r.seconds:.1f} s; best epoch {r.best_epoch}",
-             _table(rows), "per epoch (epoch 0 = PTQ):",
-             _table([{"epoch": h.epoch, "train_loss": h.train_loss, "calibration_loss": h.calibration_loss, head: h.metric}
-                     for h in r.history])]
+             lambda: _table(rows), "per epoch (epoch 0 = PTQ):", lambda: _table(history)]
     lines += [f"note: {n}" for n in r.notes]
     if args.out:
         lines.append(f"wrote {result['files']['weights']} and {result['files']['recipe']}; reproduce with: python -m qcore "
                      f"evaluate {args.model} --recipe {result['files']['recipe']} --weights {result['files']['weights']}")
-    return result, "\n".join(lines)
+    return result, lambda: "\n".join(line() if callable(line) else line for line in lines)
 
 
 def _add_qat_command(command):
@@ -388,5 +388,5 @@ def main(argv=None) -> int:
             show_warnings(caught)
             raise
     show_warnings([w for w in caught if not chatter(w)])
-    print(json.dumps(result, indent=2) if args.json else text)
+    print(json.dumps(result, indent=2) if args.json else text() if callable(text) else text)
     return 0

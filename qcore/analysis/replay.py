@@ -48,8 +48,11 @@ def call_order(model, layers, batch) -> tuple[dict[str, tuple[int, int]], set[st
 
 def replay_set(model, target: str, order, once: set[str]) -> list[str]:
     """The largest modules whose every call ends before ``target`` starts: their outputs do not depend
-    on ``target``, so a run perturbing ``target`` can replay them. Modules holding a tensor that shares
-    storage with the target's weight (tied weights) are recomputed."""
+    on ``target``, so a run perturbing ``target`` can replay them. The walk descends into modules that
+    contain ``target``, are called several times, and into containers never called themselves (an
+    ``nn.ModuleList`` of blocks its parent loops over, an ONNX graph's dotted module paths): for a layer in
+    block k of minilm-l6, blocks 0..k-1 are replayed. Modules holding a tensor that shares storage with the
+    target's weight (tied weights) are recomputed."""
     start = order[target][0]
     modules = dict(model.named_modules(remove_duplicate=False))
     ptr = modules[target].weight.data_ptr()
@@ -61,9 +64,11 @@ def replay_set(model, target: str, order, once: set[str]) -> list[str]:
     def visit(prefix, module):
         for child_name, child in module.named_children():
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if name == target or name not in order:
+            if name == target:
                 continue
-            if target.startswith(name + ".") or name in keep or name not in once:
+            if name not in order:  # never called itself (an nn.ModuleList, a plain container): its parent
+                visit(name, child)  # calls its children, which may be replayable
+            elif target.startswith(name + ".") or name in keep or name not in once:
                 if order[name][0] < start:
                     visit(name, child)
             elif order[name][1] < start and "forward" not in child.__dict__:
