@@ -249,7 +249,8 @@ def cmd_bench(args):
     from qcore.export.bench import bench
 
     w, recipe = _workload_and_recipe(args)
-    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads).to_dict()
+    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
+              precision=args.precision).to_dict()
     return r, json.dumps(r, indent=2)
 
 
@@ -277,6 +278,11 @@ def _add_sweep_commands(command):
     cores = os.cpu_count() or 1
     c.add_argument("--threads", type=_count(cores), default=None,
                    help=f"intra-op threads, at most this machine's {cores} cores (default: all cores)")
+    c.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                   help="which runtime runs both files (the same ONNX files either way)")
+    c.add_argument("--precision", default="default", choices=["default", "f32", "bf16"],
+                   help="OpenVINO's INFERENCE_PRECISION_HINT; its default computes float ops in bf16 on CPUs with "
+                        "AMX/AVX-512 BF16 (f32: a true FP32 baseline); the result reports what ran")
 
 
 def build_parser() -> argparse.ArgumentParser:
