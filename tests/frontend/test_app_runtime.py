@@ -28,3 +28,13 @@ def test_tradeoffs_measures_with_the_chosen_runtime_and_says_its_precision(digit
     table = at.dataframe[0].value.set_index("recipe")
     assert (table["latency source"] == "measured in OpenVINO CPU, float ops in f32 (INFERENCE_PRECISION_HINT)").all()
     assert sorted(table["latency (ms)"]) == [1.25 + k for k in range(1, len(calls) + 1)]
+
+
+def test_export_page_profiles_the_file_in_onnx_runtime(digits_mlp):
+    at = open_page("export", preset="int8-static")
+    radio = next(r for r in at.radio if r.label == "Profile with")
+    assert list(radio.options) == ["ONNX Runtime", "OpenVINO (its default precision)"]
+    next(b for b in at.button if b.label == "Profile the ONNX file").click().run()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "profiler" in c.value)
+    assert "Measured on this machine" in caption and "enable_profiling" in caption
