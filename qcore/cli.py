@@ -249,8 +249,7 @@ def cmd_bench(args):
     from qcore.export.bench import bench
 
     w, recipe = _workload_and_recipe(args)
-    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads, runtime=args.runtime,
-              precision=args.precision).to_dict()
+    r = bench(w, recipe, args.batch_size, args.threads, runtime=args.runtime, precision=args.precision).to_dict()
     return r, json.dumps(r, indent=2)
 
 
@@ -270,8 +269,7 @@ def _add_sweep_commands(command):
     c.add_argument("--out", help="write the chosen recipe JSON here")
     c.add_argument("--cache-dir", default=os.environ.get("QCORE_CACHE_DIR"), help="on-disk sweep cache")
     c = command("export", cmd_export, "export a model under a recipe (onnx, safetensors or an OpenVINO IR)", model=True, recipe=True, data=True)
-    c.add_argument("--format", required=True, choices=["onnx", "safetensors", "openvino"],
-                   help="openvino: the ONNX file converted to OpenVINO's IR (--out ends in .xml; a .bin beside it)")
+    c.add_argument("--format", required=True, choices=["onnx", "safetensors", "openvino"], help="openvino: an IR (.xml + .bin)")
     c.add_argument("--out", required=True, help="output file path")
     _runtime_arguments(c, "also run the file in OpenVINO (onnxruntime always runs it)")
     c.add_argument("--weights", help="fine-tuned weights written by `qat --out DIR` (DIR/weights.safetensors)")
@@ -285,9 +283,8 @@ def _add_sweep_commands(command):
 
 def _runtime_arguments(c, runtime_help: str) -> None:
     c.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"], help=runtime_help)
-    c.add_argument("--precision", default="default", choices=["default", "f32", "bf16"],
-                   help="OpenVINO's INFERENCE_PRECISION_HINT; its default computes float ops in bf16 on CPUs with "
-                        "AMX/AVX-512 BF16 (f32: a true FP32 baseline); the result reports what ran")
+    c.add_argument("--precision", default="default", choices=["default", "f32", "bf16"], help="OpenVINO's "
+                   "INFERENCE_PRECISION_HINT (default: bf16 on AMX/AVX-512 BF16 CPUs; f32: true FP32); reported")
 
 
 def build_parser() -> argparse.ArgumentParser:
