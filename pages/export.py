@@ -7,11 +7,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ui import keys, state
+from ui import keys, runtime_profile, state
 from qcore import report
 from qcore.export import export, summary_lines
 from qcore.analysis import search, summary
 from qcore.figures import decide as viz_decide
+from qcore.figures import profile as viz_profile
 from qcore.errors import QcoreError
 from qcore.recipe import preset
 from qcore.model.size import float_bytes
@@ -107,6 +108,17 @@ def report_html() -> str:
                               latency=[{"recipe": label, **v} for label, v in latency.items()], figures=figures,
                               notes=list(result["notes"]) + list(sweep["notes"] if sweep else []))
 
+
+st.subheader("Why isn't it faster?")
+prof_runtime = st.radio("Profile with", list(runtime_profile.RUNTIMES), horizontal=True, key="export_profile_runtime")
+if st.button("Profile the ONNX file", key="export_profile", icon=":material/timer:"):
+    with st.spinner(f"Profiling in {prof_runtime}…"):
+        st.session_state[f"export_profile:{key}"] = (recipe.to_json(), prof_runtime,
+                                                     runtime_profile.profile(w, recipe, prof_runtime))
+done = st.session_state.get(f"export_profile:{key}")
+if done and done[0] == recipe.to_json():
+    st.plotly_chart(viz_profile.time_by_op(done[2], f"{plain(recipe.name)} in {done[1]}"), width="stretch")
+    st.caption(runtime_profile.CAPTION)
 
 st.subheader("Report")
 if not state.small(w) and not st.toggle("Build the report", key=f"export_report:{key}",

@@ -75,8 +75,11 @@ st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows])
                             "change": st.column_config.NumberColumn(format="%+.4f", help="against FP32"),
                             "latency (ms)": st.column_config.NumberColumn(format="%.3g", help=state.LATENCY_HELP)})
 st.caption(state.LATENCY_HELP)
-if st.button("Measure latency on this machine (ONNX Runtime)", help="exports each recipe and times it; slow, cached"):
-    state.measure_latencies(key, w, recipes)
+runtime = st.radio("Measure with", list(state.RUNTIMES), horizontal=True, key="trade_runtime",
+                   help="the same exported ONNX file in either runtime; OpenVINO's default runs float ops in bf16 "
+                        "where the CPU has AMX or AVX-512 BF16, so its FP32 is not true FP32")
+if st.button(f"Measure latency on this machine ({runtime})", help="exports each recipe and times it; slow, cached"):
+    state.measure_latencies(key, w, recipes, runtime)
     st.rerun()
 
 if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]["metrics"]:

@@ -241,7 +241,7 @@ def cmd_export(args):
 
     _output_file(args.out)
     w, recipe = _workload_and_recipe(args)
-    rep = export(_finetuned(args, w), recipe, args.format, args.out)
+    rep = export(_finetuned(args, w), recipe, args.format, args.out, args.runtime, args.precision)
     return rep.to_dict(), "\n".join([f"wrote {rep.path}"] + rep.summary_lines())
 
 
@@ -249,7 +249,7 @@ def cmd_bench(args):
     from qcore.export.bench import bench
 
     w, recipe = _workload_and_recipe(args)
-    r = bench(w, recipe, batch_size=args.batch_size, threads=args.threads).to_dict()
+    r = bench(w, recipe, args.batch_size, args.threads, runtime=args.runtime, precision=args.precision).to_dict()
     return r, json.dumps(r, indent=2)
 
 
@@ -268,15 +268,23 @@ def _add_sweep_commands(command):
     goal.add_argument("--min-metric", type=float, help="smallest acceptable headline metric")
     c.add_argument("--out", help="write the chosen recipe JSON here")
     c.add_argument("--cache-dir", default=os.environ.get("QCORE_CACHE_DIR"), help="on-disk sweep cache")
-    c = command("export", cmd_export, "export a model under a recipe (onnx or safetensors)", model=True, recipe=True, data=True)
-    c.add_argument("--format", required=True, choices=["onnx", "safetensors"])
+    c = command("export", cmd_export, "export a model under a recipe (onnx, safetensors or an OpenVINO IR)", model=True, recipe=True, data=True)
+    c.add_argument("--format", required=True, choices=["onnx", "safetensors", "openvino"], help="openvino: an IR (.xml + .bin)")
     c.add_argument("--out", required=True, help="output file path")
+    _runtime_arguments(c, "also run the file in OpenVINO (onnxruntime always runs it)")
     c.add_argument("--weights", help="fine-tuned weights written by `qat --out DIR` (DIR/weights.safetensors)")
     c = command("bench", cmd_bench, "measure size, latency and metric in a real runtime", model=True, recipe=True, data=True)
     c.add_argument("--batch-size", type=_count(MAX_BATCH_SIZE), default=8)
     cores = os.cpu_count() or 1
     c.add_argument("--threads", type=_count(cores), default=None,
                    help=f"intra-op threads, at most this machine's {cores} cores (default: all cores)")
+    _runtime_arguments(c, "which runtime runs both files (the same ONNX files either way)")
+
+
+def _runtime_arguments(c, runtime_help: str) -> None:
+    c.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"], help=runtime_help)
+    c.add_argument("--precision", default="default", choices=["default", "f32", "bf16"], help="OpenVINO's "
+                   "INFERENCE_PRECISION_HINT (default: bf16 on AMX/AVX-512 BF16 CPUs; f32: true FP32); reported")
 
 
 def build_parser() -> argparse.ArgumentParser:

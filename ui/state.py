@@ -328,18 +328,25 @@ def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict
     return out
 
 
-def measure_latencies(key: str, w, recipes: dict) -> None:
-    """Time every recipe with ``qcore.export.bench.bench`` (ONNX Runtime, this machine) and keep the results."""
+# The runtimes the app measures with: label -> (bench's runtime, OpenVINO's precision hint)
+RUNTIMES = {"ONNX Runtime": ("onnxruntime", "default"), "OpenVINO, true FP32": ("openvino", "f32"),
+            "OpenVINO, its default precision (bf16 on AMX)": ("openvino", "default")}
+
+
+def measure_latencies(key: str, w, recipes: dict, runtime: str = "ONNX Runtime") -> None:
+    """Time every recipe with ``qcore.export.bench.bench`` (``RUNTIMES[runtime]``, this machine) and keep the
+    results; the source names the runtime and the precision it executed in."""
     from qcore.export.bench import bench
 
     measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
     bar = st.progress(0.0)
     for i, (label, recipe) in enumerate(recipes.items()):
-        bar.progress(i / len(recipes), text=f"Timing {plain(label)} with ONNX Runtime ({i + 1}/{len(recipes)})…")
-        if recipe_id(w, recipe) not in measured:
-            result = bench(w, recipe, batch_size=1)
+        bar.progress(i / len(recipes), text=f"Timing {plain(label)} with {runtime} ({i + 1}/{len(recipes)})…")
+        if measured.get(recipe_id(w, recipe), {}).get("runtime") != runtime:
+            result = bench(w, recipe, batch_size=1, runtime=RUNTIMES[runtime][0], precision=RUNTIMES[runtime][1])
             in_float = sum(r["executes"] == "float (dequantized)" for r in result.layers)
-            measured[recipe_id(w, recipe)] = {"latency_ms": result.quantized.latency_ms["median"],
-                                            "source": "measured" + (f" ({in_float} layer(s) ran in float in ONNX Runtime)"
-                                                                    if in_float else "")}
+            where = "" if runtime == "ONNX Runtime" else f" in {result.runtime['label']}"
+            measured[recipe_id(w, recipe)] = {"latency_ms": result.quantized.latency_ms["median"], "runtime": runtime,
+                                            "source": f"measured{where}" + (f" ({in_float} layer(s) ran in float in ONNX "
+                                                                            "Runtime)" if in_float else "")}
     bar.empty()

@@ -1,8 +1,10 @@
-"""Timing the FP32 and the quantized file in ONNX Runtime on this CPU: ``bench(...) -> BenchResult``.
+"""Timing the FP32 and the quantized file on this CPU, in ONNX Runtime or OpenVINO: ``bench(...) -> BenchResult``.
 
 Both files are timed in interleaved rounds (FP32, quantized, FP32, quantized, ... on the same inputs),
-so that a slow moment of a shared machine hits both alike; the speed-up is the ratio of the medians,
-with the p10-p90 of the per-round ratios as its spread. Nothing here is predicted.
+so that a slow moment of a shared machine hits both alike; each side reports its best, median and
+p10-p90, the speed-up is the ratio of the medians, with the p10-p90 of the per-round ratios as its
+spread. The runtime's execution precision is part of the result (OpenVINO's default runs float ops in
+bf16 where the CPU has it). Nothing here is predicted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 
 from qcore.errors import QcoreError
 from qcore.export.report import export
-from qcore.export.sessions import feed, fixed_batch, session
+from qcore.export.openvino import openvino_version, precision_label
+from qcore.export.sessions import RUNTIMES, feed, fixed_batch, run_onnx, session
 from qcore.hardware import cpu_features, cpu_name
 from qcore.recipe import Recipe, preset
 
@@ -45,9 +48,9 @@ def interleaved_times_ms(runs: dict[str, Callable[[], object]], budget_s: float 
 
 
 def spread(values) -> dict:
-    """{"median", "p10", "p90", "runs"} of a list of numbers."""
+    """{"median", "p10", "p90", "runs", "best"} of a list of numbers (best: the smallest)."""
     p10, med, p90 = np.percentile(values, [10, 50, 90])
-    return {"median": float(med), "p10": float(p10), "p90": float(p90), "runs": len(values)}
+    return {"median": float(med), "p10": float(p10), "p90": float(p90), "runs": len(values), "best": float(min(values))}
 
 
 def speedup(base_ms: list[float], other_ms: list[float]) -> dict:
@@ -65,7 +68,8 @@ def versions() -> dict:
     import onnxruntime
 
     return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": cpu_name(), "cores": os.cpu_count()}
+            "python": platform.python_version(), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "openvino": openvino_version()}
 
 
 
@@ -77,7 +81,8 @@ class BenchSide:
     theoretical_size_bytes : its recipe's size (``workload.size``)
     latency_ms             : ``spread`` of its per-round wall-clock times at the bench's batch size (ms)
     metrics                : the headline metric {"onnxruntime": the file run in ONNX Runtime on the
-                             evaluation data, "simulated": ``workload.simulate``}
+                             evaluation data, "simulated": ``workload.simulate``, and "openvino": the file
+                             run in OpenVINO when that is the bench's runtime}
     """
 
     file_size_bytes: int
@@ -98,6 +103,8 @@ class BenchResult:
     fp32, quantized                 : ``BenchSide`` of each file
     speedup                         : ``speedup(fp32, quantized)``: {"median_ratio", "p10", "p90", "rounds"}
     layers, differences, notes      : the quantized export's (``ExportReport``)
+    runtime                         : {"name": "onnxruntime" | "openvino", "precision": the float precision it
+                                      executed in ("f32", "bf16", ...), "label": that said in words}
     """
 
     model: str
@@ -115,47 +122,61 @@ class BenchResult:
     layers: list[dict]
     differences: list[str]
     notes: list[str]
+    runtime: dict
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def bench(workload, recipe: Recipe, batch_size: int = 8, threads: int | None = None,
-          budget_s: float = 1.0) -> BenchResult:
-    """Export FP32 and ``recipe`` to ONNX, run both in ONNX Runtime on this CPU with ``threads`` intra-op
-    threads (default: all cores), and measure (``BenchResult``). Latency is measured at ``batch_size``
-    (the first samples of the evaluation data), both files interleaved round by round for at least
-    ``budget_s`` seconds after 3 warm-up rounds; nothing here is predicted.
+          budget_s: float = 1.0, runtime: str = "onnxruntime", precision: str = "default") -> BenchResult:
+    """Export FP32 and ``recipe`` to ONNX, run both in ``runtime`` ("onnxruntime" | "openvino", with OpenVINO's
+    ``precision`` hint "default" | "f32" | "bf16") on this CPU with ``threads`` threads (default: all cores),
+    and measure (``BenchResult``). Latency is measured at ``batch_size`` (the first samples of the evaluation
+    data), both files interleaved round by round for at least ``budget_s`` seconds after 3 warm-up rounds;
+    nothing here is predicted.
     """
     if batch_size < 1 or (threads is not None and threads < 1):
         raise QcoreError("--batch-size and --threads must be positive integers")
+    if runtime not in RUNTIMES:
+        raise QcoreError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     threads = threads or os.cpu_count() or 1
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the simulation runs with the same thread count
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return _bench(workload, recipe, batch_size, threads, budget_s, tmp)
+            return _bench(workload, recipe, batch_size, threads, budget_s, tmp, runtime, precision)
     finally:
         torch.set_num_threads(torch_threads)
 
 
-def _bench(workload, recipe: Recipe, batch_size: int, threads: int, budget_s: float, tmp: str) -> BenchResult:
+def _bench(workload, recipe: Recipe, batch_size: int, threads: int, budget_s: float, tmp: str, runtime: str,
+           precision: str) -> BenchResult:
     head = workload.task.headline
     n = min(batch_size, len(workload.evaluation))
     inputs = feed(workload, workload.evaluation.subset(slice(0, n)))
     reports = {key: export(workload, r, "onnx", os.path.join(tmp, f"{key}.onnx"))
                for key, r in (("fp32", preset("fp32")), ("quantized", recipe))}
-    sessions = {key: session(r.path, threads) for key, r in reports.items()}
+    sessions = {key: session(r.path, threads, runtime, precision) for key, r in reports.items()}
     fixed = fixed_batch(sessions["quantized"])
     if fixed is not None and fixed != n:
         raise QcoreError(f"the exported file runs only batches of {fixed} (the model's graph writes that size in; see "
                          f"the export notes), so it cannot be timed at batch {n}; use --batch-size {fixed}")
     times = interleaved_times_ms({key: (lambda s=s: s.run(None, inputs)) for key, s in sessions.items()},
                                  budget_s=budget_s)
-    sides = {key: BenchSide(r.file_size_bytes, r.theoretical_size_bytes, spread(times[key]),
-                            {source: m[head] for source, m in r.metrics.items()}) for key, r in reports.items()}
+    sides = {}
+    for key, r in reports.items():
+        metrics = {source: m[head] for source, m in r.metrics.items()}
+        if runtime != "onnxruntime":  # the same file's metric in the runtime that was timed
+            outputs = run_onnx(sessions[key], workload, workload.evaluation)
+            metrics[runtime] = workload.task.metrics(outputs, workload.reference_outputs, workload.evaluation.labels)[head]
+        sides[key] = BenchSide(r.file_size_bytes, r.theoretical_size_bytes, spread(times[key]), metrics)
     q = reports["quantized"]
-    return BenchResult(workload.name, recipe.name, "onnxruntime (CPUExecutionProvider)", threads, n, head,
+    label = precision_label(sessions["quantized"])
+    backend = "onnxruntime (CPUExecutionProvider)" if runtime == "onnxruntime" else f"openvino (CPU): {label}"
+    return BenchResult(workload.name, recipe.name, backend, threads, n, head,
                        "interleaved rounds: FP32 then quantized, on the same inputs, after 3 warm-up rounds",
                        {"name": cpu_name(), "features": cpu_features()}, versions(), sides["fp32"], sides["quantized"],
-                       speedup(times["fp32"], times["quantized"]), q.layers, q.differences, q.notes)
+                       speedup(times["fp32"], times["quantized"]), q.layers, q.differences, q.notes,
+                       {"name": runtime, "precision": getattr(sessions["quantized"], "precision", "f32"),
+                        "label": label})

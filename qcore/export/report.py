@@ -42,7 +42,8 @@ class ExportReport:
     fp32_file_size_bytes        : the FP32 model written by the same ONNX exporter (onnx only, else None)
     metric                      : the task's headline metric
     metrics                     : {"onnxruntime": task metrics of the file run in ONNX Runtime on the evaluation
-                                  data (onnx only), "simulated": task metrics of ``workload.simulate(recipe)``}
+                                  data (onnx only), "simulated": task metrics of ``workload.simulate(recipe)``,
+                                  "openvino": the same file run in OpenVINO when asked for (``runtime``)}
     layers                      : per quantizable layer {layer, kind, weights, activations, executes, reason,
                                   stored_bytes, theoretical_bytes} (onnx only)
     differences                 : one line per gap: where the bytes go when the file is more than 10 % off the
@@ -83,6 +84,9 @@ def summary_lines(report: dict) -> list[str]:
     if measured and headline in measured:
         lines.append(f"{headline}: {measured[headline]:.4f} measured by running this file in ONNX Runtime on the "
                      f"evaluation data; {simulated.get(headline, float('nan')):.4f} simulated")
+    if headline in report["metrics"].get("openvino", {}):
+        lines.append(f"{headline}: {report['metrics']['openvino'][headline]:.4f} measured by running this file in "
+                     "OpenVINO on the evaluation data (its precision is in the notes)")
     elif headline in simulated:
         lines.append(f"{headline}: {simulated[headline]:.4f} simulated (this format is not run by a runtime here)")
     lines += list(report.get("differences", [])) + list(report.get("notes", []))
@@ -121,11 +125,28 @@ def _onnx_exportable(workload):
                          "instead") from None
 
 
-def export(workload, recipe: Recipe, fmt: str, out: str) -> ExportReport:
+def export(workload, recipe: Recipe, fmt: str, out: str, runtime: str = "onnxruntime",
+           precision: str = "default") -> ExportReport:
     """Write ``workload``'s model under ``recipe`` to ``out`` as ``fmt`` and measure the file (see the
-    module docstring and ``ExportReport``)."""
-    if fmt not in ("onnx", "safetensors"):
-        raise QcoreError(f"unknown export format {fmt!r}; use onnx or safetensors")
+    module docstring and ``ExportReport``). ``fmt`` "openvino": the ONNX file converted to OpenVINO's IR
+    (``out`` ends in .xml, the weights go to the .bin beside it), measured as the ONNX file it came from.
+    ``runtime`` "openvino" also runs the file in OpenVINO (``precision``: its INFERENCE_PRECISION_HINT)."""
+    if fmt not in ("onnx", "safetensors", "openvino"):
+        raise QcoreError(f"unknown export format {fmt!r}; use onnx, safetensors or openvino")
+    if fmt == "openvino":
+        if not str(out).endswith(".xml"):
+            raise QcoreError(f"an OpenVINO IR is an .xml file (its weights go to the .bin beside it); got --out {out}")
+        from qcore.export.openvino import save_ir
+
+        onnx_out = str(out)[:-len(".xml")] + ".onnx"
+        report = export(workload, recipe, "onnx", onnx_out, runtime, precision)
+        save_ir(onnx_out, str(out))
+        os.remove(onnx_out)
+        bin_bytes = os.path.getsize(str(out)[:-len(".xml")] + ".bin")
+        report.notes.append(f"OpenVINO IR: {out} ({os.path.getsize(out):,} bytes) + its .bin ({bin_bytes:,} bytes); "
+                            "sizes and metrics above are of the ONNX file it was converted from")
+        report.path, report.format = str(out), fmt
+        return report
     parent = Path(out).resolve().parent
     if not parent.is_dir():
         raise QcoreError(f"the directory {parent} does not exist; create it or choose another --out")
@@ -151,6 +172,13 @@ def export(workload, recipe: Recipe, fmt: str, out: str) -> ExportReport:
     report = ExportReport(out, fmt, os.path.getsize(out), size["size_bytes"], size["fp32_bytes"],
                           _fp32_onnx_bytes(workload), head, {"onnxruntime": measured, "simulated": simulated},
                           layers, notes=list(written.notes))
+    if runtime == "openvino":
+        from qcore.export.openvino import precision_label
+
+        ov = session(out, os.cpu_count() or 1, runtime, precision)
+        report.metrics["openvino"] = workload.task.metrics(run_onnx(ov, workload, workload.evaluation),
+                                                           workload.reference_outputs, workload.evaluation.labels)
+        report.notes.append(f"the file run in {precision_label(ov)}")
     report.differences = (size_differences(workload, recipe, report)
                           + metric_differences(head, measured[head], simulated[head], len(workload.evaluation), layers))
     in_float = [r["layer"] for r in layers if r["executes"] == "float (dequantized)"]

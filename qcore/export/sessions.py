@@ -1,16 +1,30 @@
-"""Running an exported file in ONNX Runtime: sessions, input feeds (``input_0..``), outputs over a data set."""
+"""Running an exported file: sessions (ONNX Runtime, or OpenVINO through ``qcore.export.openvino``), input
+feeds (``input_0..``), outputs over a data set."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from qcore.errors import QcoreError
+
 
 def input_names(workload) -> list[str]:
     return [f"input_{i}" for i in range(len(workload.calibration.inputs))]
 
 
-def session(path: str, threads: int):
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def session(path: str, threads: int, runtime: str = "onnxruntime", precision: str = "default"):
+    """A session running ``path`` on the CPU with ``threads`` threads in ``runtime``; ``precision``: OpenVINO's
+    INFERENCE_PRECISION_HINT ("default" | "f32" | "bf16"; ONNX Runtime computes float ops in f32 only)."""
+    if runtime == "openvino":
+        from qcore.export.openvino import openvino_session
+
+        return openvino_session(path, threads, precision)
+    if runtime != "onnxruntime":
+        raise QcoreError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

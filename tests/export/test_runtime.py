@@ -92,7 +92,7 @@ def test_bench_times_the_batch_size_it_reports(digits_mlp, monkeypatch):
         def get_inputs(self):
             return self.sess.get_inputs()
 
-    monkeypatch.setattr(bench_module, "session", lambda path, threads: Recording(real(path, threads)))
+    monkeypatch.setattr(bench_module, "session", lambda path, threads, *rest: Recording(real(path, threads, *rest)))
     r = bench(digits_mlp, preset("int8-dynamic", digits_mlp.layer_shapes), batch_size=200, threads=1, budget_s=0.0)
     timed = 2 * (3 + r.speedup["rounds"])  # warm-up and timed rounds, both files
     assert r.batch_size == 200 and shapes[-timed:] == [200] * timed
@@ -184,10 +184,11 @@ def test_bench_reports_interleaved_latency_sizes_and_both_metrics(digits_cnn, ba
     # the CLI's bench --json: exactly these keys, in this order, nested as before BenchResult existed
     d = r.to_dict()
     assert list(d) == ["model", "recipe", "backend", "threads", "batch_size", "metric", "timing", "cpu", "versions",
-                       "fp32", "quantized", "speedup", "layers", "differences", "notes"]
+                       "fp32", "quantized", "speedup", "layers", "differences", "notes", "runtime"]
     for key in ("fp32", "quantized"):
         assert list(d[key]) == ["file_size_bytes", "theoretical_size_bytes", "latency_ms", "metrics"]
-        assert list(d[key]["latency_ms"]) == ["median", "p10", "p90", "runs"]
+        assert list(d[key]["latency_ms"]) == ["median", "p10", "p90", "runs", "best"]
+        assert d[key]["latency_ms"]["best"] <= d[key]["latency_ms"]["p10"]
         assert set(d[key]["metrics"]) == {"onnxruntime", "simulated"}
     assert list(d["speedup"]) == ["median_ratio", "p10", "p90", "rounds"] and list(d["cpu"]) == ["name", "features"]
     assert d["quantized"]["latency_ms"]["median"] == r.quantized.latency_ms["median"] and d["layers"] == r.layers
@@ -265,8 +266,8 @@ def test_embedding_tables_export_as_simulated(tmp_path, weights):
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_0": ids.numpy()})[0]
     assert np.abs(out - sim).max() <= 1e-4 * np.abs(sim).max()
     assert [row["layer"] for row in r.layers] == ["0", "1"]
-    table = r.layers[0]  # the table is read by a Gather: no int8 kernel, and the reason says so (not "no kernel")
-    assert table["executes"] == "float (dequantized)" and "dequantized before the Gather" in table["reason"]
+    table = r.layers[0]  # the Gather reads the table's codes; only the rows looked up are dequantized
+    assert table["executes"] == "quantized Gather" and "rows gathered then dequantized" in table["weights"]
 
 
 def test_summary_lines_label_every_number_and_state_a_shared_reason_once():

@@ -24,6 +24,7 @@ from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
 from qcore.export.onnx import integer
 from qcore.export.onnx.activations import quantize_input
+from qcore.export.onnx.embedding import gather_codes
 from qcore.export.onnx.float_graph import OPSET, float_graph
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
@@ -36,7 +37,7 @@ from qcore.recipe import Recipe
 _INT_KERNELS = {"QLinearConv": "int8 kernel", "QLinearMatMul": "int8 kernel", "QGemm": "int8 kernel",
                 "MatMulIntegerToFloat": "int8 kernel", "ConvInteger": "int8 kernel", "MatMulInteger": "int8 kernel",
                 "DynamicQuantizeMatMul": "int8 kernel", "MatMulNBits": "MatMulNBits",
-                "GatherBlockQuantized": "quantized Gather"}
+                "GatherBlockQuantized": "quantized Gather", "Gather": "quantized Gather"}
 
 
 @dataclass
@@ -132,8 +133,13 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
             nbits_ok = (len(nodes) == 1 and node.op_type == "MatMul" and transposed is True and node.input[1] == init
                         and uses_matmul_nbits(w, iq))
             block = nbits_block(q, weight.shape[1]) if nbits_ok else None
+            lookup = (gather_codes(ed, q, node) if len(nodes) == 1 and node.op_type == "Gather" and not transposed
+                      and node.input[0] == init else None)
             ed.drop_initializer(init)
-            if block is not None:
+            if lookup is not None:  # an embedding looked up on its codes
+                new, row["weights"], codes_of[name] = lookup
+                ed.replace(node, new)
+            elif block is not None:
                 new, bits = matmul_nbits(ed, q, node.input[0], None, node.output[0], node, block)
                 ed.replace(node, new)
                 row["weights"] = f"{w.format} codes packed in MatMulNBits (bits={bits}, block_size={block})"

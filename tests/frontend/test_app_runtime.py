@@ -1,0 +1,40 @@
+"""The Trade-offs page measures latency with the runtime chosen on it and labels each number with the
+runtime and the precision it executed in. ``bench`` is replaced by a recorder (its own tests run it for
+real): the oracle is what the page was asked to do, read back from the calls and the table."""
+
+from types import SimpleNamespace
+
+from qcore.export import bench as bench_module
+from test_app_decide import open_page
+
+
+def test_tradeoffs_measures_with_the_chosen_runtime_and_says_its_precision(digits_mlp, monkeypatch):
+    calls = []
+
+    def fake_bench(w, recipe, batch_size, runtime, precision):
+        calls.append((recipe.name, batch_size, runtime, precision))
+        label = "OpenVINO CPU, float ops in f32 (INFERENCE_PRECISION_HINT)"
+        return SimpleNamespace(quantized=SimpleNamespace(latency_ms={"median": 1.25 + len(calls)}), layers=[],
+                               runtime={"name": runtime, "precision": "f32", "label": label})
+
+    monkeypatch.setattr(bench_module, "bench", fake_bench)
+    at = open_page("tradeoffs")
+    radio = next(r for r in at.radio if r.label == "Measure with")
+    assert list(radio.options) == ["ONNX Runtime", "OpenVINO, true FP32", "OpenVINO, its default precision (bf16 on AMX)"]
+    radio.set_value("OpenVINO, true FP32").run()
+    next(b for b in at.button if b.label == "Measure latency on this machine (OpenVINO, true FP32)").click().run()
+    assert not at.exception, at.exception
+    assert calls and all(c[1:] == (1, "openvino", "f32") for c in calls)
+    table = at.dataframe[0].value.set_index("recipe")
+    assert (table["latency source"] == "measured in OpenVINO CPU, float ops in f32 (INFERENCE_PRECISION_HINT)").all()
+    assert sorted(table["latency (ms)"]) == [1.25 + k for k in range(1, len(calls) + 1)]
+
+
+def test_export_page_profiles_the_file_in_onnx_runtime(digits_mlp):
+    at = open_page("export", preset="int8-static")
+    radio = next(r for r in at.radio if r.label == "Profile with")
+    assert list(radio.options) == ["ONNX Runtime", "OpenVINO (its default precision)"]
+    next(b for b in at.button if b.label == "Profile the ONNX file").click().run()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "profiler" in c.value)
+    assert "Measured on this machine" in caption and "enable_profiling" in caption
