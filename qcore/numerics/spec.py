@@ -66,8 +66,7 @@ def _options(rounding: str, value, where: str):
             continue
         lo, hi = LIMITS[rounding, f.name]
         kind = int if isinstance(default, int) else (int, float)
-        low_ok = v > lo if f.name == "damp" else v >= lo
-        if isinstance(v, bool) or not isinstance(v, kind) or not (low_ok and v <= hi):
+        if isinstance(v, bool) or not isinstance(v, kind) or not ((v > lo if f.name == "damp" else v >= lo) and v <= hi):
             what = "an integer" if kind is int else "a number"
             raise QcoreError(f"{where}.{rounding}.{f.name}={_show(v)} must be {what} in "
                              f"{'(' if f.name == 'damp' else '['}{lo}, {hi}], e.g. {default}")

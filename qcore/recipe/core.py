@@ -45,8 +45,8 @@ class Frozen(Mapping):
 
 
 def freeze(part: Mapping) -> Frozen:
-    """A spec mapping as ``Frozen``, its nested option mappings (``"gptq": {...}``) too, so it can be hashed."""
-    return Frozen({k: Frozen(v) if isinstance(v, Mapping) else v for k, v in part.items()})
+    """A spec mapping as ``Frozen``, its rounding options (``"gptq": {...}``) too, so it can be hashed."""
+    return Frozen({k: Frozen(v) if k in ROUNDING_OPTIONS and isinstance(v, Mapping) else v for k, v in part.items()})
 
 
 def thaw(part: Mapping) -> dict:
