@@ -32,6 +32,7 @@ MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "sour
 RECIPE_UPLOAD_DIGEST = "mp_upload_digest"  # sha256 of the recipe JSON the Mixed precision page loaded last
 QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished on the QAT page this session
 MEASURED_RECIPE = "mp_measured"  # {"recipe": JSON, "result": Workload.evaluate} of the last "Evaluate" click
+REMEDY = "remedy_results"  # {(workload key, layer, remedy, recipe JSON): remedies.try_remedy result} tried this session
 
 
 # ---- widget keys another page sets (Sensitivity opens a layer on Weights / Activations) -----------

@@ -142,17 +142,8 @@ class Rounder:
             check_roundable_layer(n, self.modules[n], self.kinds[n], s.rounding)
         with self._lock:
             todo = [n for n, s in specs.items() if (n, s) not in self.rounded]
-            needed = [n for n in todo if n not in self.inputs
-                      or (specs[n].rounding == "adaround" and self.inputs[n].samples is None)]
-            if needed:
-                batches = self.batches()
-                if not batches:
-                    raise QcoreError("rounding gptq/adaround learns from calibration data, and this workload has none; "
-                                     "provide a data file, or use rounding nearest")
-                self.inputs.update(collect_inputs(
-                    self.model, {n: self.kinds[n] for n in needed}, batches,
-                    {n for n in needed if specs[n].rounding == "adaround"},
-                    None if progress is None else lambda f: progress(0.2 * f, "collecting layer inputs")))
+            self.layer_inputs(todo, {n for n in todo if specs[n].rounding == "adaround"},
+                              None if progress is None else lambda f: progress(0.2 * f, "collecting layer inputs"))
             for i, n in enumerate(todo):
                 if should_stop and should_stop():
                     raise RoundingCancelled("the rounding was cancelled; run it again to finish")
@@ -160,3 +151,18 @@ class Rounder:
                     progress(0.2 + 0.8 * i / len(todo), f"{specs[n].rounding}: {n}")
                 self.rounded[n, specs[n]] = round_weight(self.modules[n].weight.detach(), specs[n], self.inputs[n])
             return {n: self.rounded[n, s] for n, s in specs.items()}
+
+    def layer_inputs(self, names, samples: set[str] = frozenset(),
+                     progress: Callable[[float], None] | None = None) -> dict[str, LayerInputs]:
+        """``LayerInputs`` of the layers ``names`` (with input rows for those in ``samples``), collected in one
+        pass for the ones not cached yet."""
+        with self._lock:
+            needed = [n for n in names if n not in self.inputs or (n in samples and self.inputs[n].samples is None)]
+            if needed:
+                batches = self.batches()
+                if not batches:
+                    raise QcoreError("rounding gptq/adaround learns from calibration data, and this workload has none; "
+                                     "provide a data file, or use rounding nearest")
+                self.inputs.update(collect_inputs(self.model, {n: self.kinds[n] for n in needed}, batches,
+                                                  {n for n in needed if n in samples}, progress))
+            return {n: self.inputs[n] for n in names}
