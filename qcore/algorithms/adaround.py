@@ -46,7 +46,7 @@ def _h(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
-def adaround(weight: torch.Tensor, inputs: torch.Tensor, spec: TensorSpec, iters: int = 1000, reg: float = 0.01,
+def adaround(weight: torch.Tensor, inputs: torch.Tensor, spec: TensorSpec, iters: int = 500, reg: float = 0.01,
              seed: int = 0, should_stop: Callable[[], bool] | None = None) -> QuantizedTensor:
     """``weight`` (out, in) -- or (C_out, C_in, k...) read as (C_out, C_in*k...) -- quantized by AdaRound under
     ``spec`` (an integer format), learning from ``inputs`` (N, in): the layer's input rows on calibration

@@ -36,7 +36,7 @@ class AdaRoundOptions:
     """``"adaround": {...}`` of a weight spec (``qcore.algorithms.adaround``): ``iters`` optimisation steps,
     ``reg`` the weight of the regulariser pushing each rounding to up or down."""
 
-    iters: int = 1000
+    iters: int = 500
     reg: float = 0.01
 
 
