@@ -11,7 +11,9 @@ BatchNorm-folded model; every layer sees FP32 inputs, all layers are collected i
 Input rows: a Linear's input ``(..., in)`` read as ``(-1, in)``; a Conv's input padded as the layer pads
 it and unfolded (``F.unfold``) into one row of ``C_in*kh*kw`` values per output position, matching the
 weight flattened to ``(C_out, C_in*kh*kw)``. Rounding applies to Linear and ungrouped Conv1d/Conv2d
-layers; any other layer (an Embedding, a grouped conv, a recurrent matrix) is a one-line ``QcoreError``.
+layers (``roundable``). A recipe's *default* rounding applies to those and leaves every other layer (an
+Embedding, a grouped conv, a recurrent matrix) rounded to nearest (``rounding_specs``); a layer entry
+asking for gptq/adaround on such a layer is a one-line ``QcoreError`` naming it.
 
 ``Rounder`` caches both per workload: the inputs by layer, the rounded weights by (layer, spec), so a
 sweep or a search that tries one spec on many recipes computes each rounding once.
@@ -52,10 +54,31 @@ class LayerInputs:
     samples: torch.Tensor | None
 
 
+def roundable(module: nn.Module, kind: str) -> bool:
+    """Whether GPTQ/AdaRound apply to this layer: a Linear or an ungrouped Conv1d/Conv2d."""
+    return kind == "Linear" or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
+
+
+def rounding_specs(recipe, plans: Mapping, kinds: Mapping[str, str], modules: Mapping[str, nn.Module]) -> dict:
+    """Layer -> weight spec for every layer ``recipe`` (resolved to ``plans``) rounds by GPTQ/AdaRound: a default
+    rounding skips the layers it does not apply to (they round to nearest); a layer's own entry asking for it on
+    such a layer raises ``check_roundable_layer``'s error."""
+    specs = {}
+    for n, plan in plans.items():
+        w = plan.weights
+        if w is None or w.rounding == "nearest":
+            continue
+        entry = recipe.layers.get(n)
+        written = getattr(entry, "weights", None)
+        if roundable(modules[n], kinds[n]) or (isinstance(written, Mapping) and "rounding" in written):
+            check_roundable_layer(n, modules[n], kinds[n], w.rounding)
+            specs[n] = w
+    return specs
+
+
 def check_roundable_layer(name: str, module: nn.Module, kind: str, rounding: str) -> None:
     """A one-line QcoreError unless ``module`` is a layer ``rounding`` applies to."""
-    ok = kind == "Linear" or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
-    if not ok:
+    if not roundable(module, kind):
         what = f"a grouped {kind}" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else f"an {kind}" \
             if kind[0] in "AEIOU" else f"a {kind}"
         raise QcoreError(f"layer {name!r} is {what}: rounding {rounding} applies to Linear and ungrouped Conv layers "

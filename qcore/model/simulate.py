@@ -29,7 +29,7 @@ The input hooks go on the copy only (see ``qcore.model.hooks``: hooks always go 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -213,24 +213,23 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
                          "(provide a data file, or use dynamic activations)")
     sim = Simulation(q, recipe, folded)
     given = dict(quantized_weights or {})
-    rounded = {n: p.weights for n, p in plans.items() if p.weights is not None and p.weights.rounding != "nearest"
-               and n not in given}
-    if rounded:
-        from qcore.model.rounding import Rounder
+    from qcore.model.rounding import Rounder, rounding_specs
 
+    kinds, modules = {n: i.kind for n, i in layers.items()}, modules_by_name(q, layers)
+    rounded = {n: s for n, s in rounding_specs(recipe, plans, kinds, modules).items() if n not in given}
+    if rounded:
         if calibration_batches is None:
             raise QcoreError(f"this recipe rounds layer {next(iter(rounded))!r} with {next(iter(rounded.values())).rounding}, "
                              "which learns from calibration data: provide a data file, or use rounding nearest")
-        given.update(Rounder(q, {n: i.kind for n, i in layers.items()}, lambda: calibration_batches).weights(rounded))
-    modules = modules_by_name(q, layers)
+        given.update(Rounder(q, kinds, lambda: calibration_batches).weights(rounded))
     for name, module in modules.items():
         plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
             qt = given.get(name)
             if qt is None:
                 check_finite(module.weight, f"the weight of layer {name!r}")
-                try:
-                    qt = quantize(module.weight, plan.weights)
+                try:  # nearest (also where a default GPTQ/AdaRound rounding does not apply: an Embedding)
+                    qt = quantize(module.weight, replace(plan.weights, rounding="nearest", gptq=None, adaround=None))
                 except QcoreError as e:  # e.g. a range search too big for this layer: say which layer
                     raise QcoreError(f"layer {name!r}: {e}") from None
             with torch.no_grad():

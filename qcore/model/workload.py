@@ -238,9 +238,11 @@ class Workload:
                         should_stop: Callable[[], bool] | None = None) -> dict:
         """Layer -> ``QuantizedTensor`` for every layer ``recipe`` rounds by GPTQ/AdaRound (cached, see ``rounder``);
         ``should_stop()`` true between layers raises ``rounding.RoundingCancelled``."""
-        plans = recipe.resolve(self.layer_shapes)
-        return self.rounder.weights({n: p.weights for n, p in plans.items() if p.weights is not None},
-                                    progress, should_stop)
+        from qcore.model.rounding import rounding_specs
+
+        rounder = self.rounder
+        specs = rounding_specs(recipe, recipe.resolve(self.layer_shapes), rounder.kinds, rounder.modules)
+        return rounder.weights(specs, progress, should_stop)
 
     @cached_property
     def reference_outputs(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ from qcore.export.safetensors import export_safetensors, load_safetensors
 from qcore.model.rounding import input_rows
 from qcore.model.simulate import simulate
 from qcore.numerics.quantize import quantize
-from qcore.recipe import Recipe, preset
+from qcore.recipe import preset
 
 
 @pytest.mark.parametrize("conv", [
@@ -83,14 +83,17 @@ class Tagger(nn.Module):
         return self.head(self.embed(ids))
 
 
-def test_rounding_an_embedding_or_without_data_is_a_one_line_error():
+def test_default_rounding_skips_an_embedding_an_explicit_one_is_a_one_line_error():
     model, ids = Tagger(), (torch.randint(0, 10, (4, 5)),)
     gptq = preset("int4-gptq")
+    sim = simulate(model, gptq, calibration_batches=[ids])
+    assert sim.weights["head"].spec.rounding == "gptq" and sim.weights["embed"].spec.rounding == "nearest"
+    assert torch.equal(sim.weights["embed"].codes, quantize(model.embed.weight, preset("int4-weight-only").weights).codes)
+    asked = gptq.with_layer("embed", {"weights": {"rounding": "gptq"}})
     with pytest.raises(QcoreError) as e:
-        simulate(model, gptq, calibration_batches=[ids])
+        simulate(model, asked, calibration_batches=[ids])
     assert str(e.value).startswith("layer 'embed' is an Embedding: rounding gptq applies to Linear and ungrouped Conv")
-    head_only = Recipe.from_dict({"weights": None, "layers": {"head": {"weights": gptq.to_dict()["weights"]}}})
-    with pytest.raises(QcoreError, match="learns from calibration data") as e:
-        simulate(model, head_only)
     assert "\n" not in str(e.value)
-    assert simulate(model, head_only, calibration_batches=[ids]).weights["head"].spec.rounding == "gptq"
+    with pytest.raises(QcoreError, match="learns from calibration data") as e:
+        simulate(model, gptq)
+    assert "\n" not in str(e.value)
