@@ -69,9 +69,8 @@ def check_roundable(spec: TensorSpec, shape: tuple[int, ...]) -> None:
 
 def block_params(spec: TensorSpec, w2: torch.Tensor):
     """(lo, hi, scale, zero_point) of the blocks of ``w2`` (k, n) as ``quantize`` chooses them."""
-    blocks = to_blocks(w2, "per_tensor" if spec.granularity == "per_tensor" else "per_channel", 0)
-    if spec.granularity == "per_group":
-        blocks = w2.reshape(-1, spec.group_size)
+    # (k, n) rows are output channels: per_channel is one block per row, per_group cuts rows into groups
+    blocks = w2.reshape(-1, spec.group_size) if spec.granularity == "per_group" else to_blocks(w2, spec.granularity, 0)
     lo, hi = choose_range(blocks, spec.fmt, spec)
     _, scale, zp = spec.fmt.encode(blocks[:, :1], lo, hi, spec.symmetric, spec.scaled)
     return lo, hi, scale, zp
