@@ -1,12 +1,12 @@
 """Sensitivity page: which layers hurt when quantized -- a sweep over layers × candidates, a heatmap, a
-ranked chart, and one click from a layer to its Weights / Activations view or to keeping it in float
-(weights and inputs). The ranking and the summary start under the candidate whose drops differ most
+ranked chart, and one click from a layer to its Weights / Activations view, to keeping it in float
+(weights and inputs), or to trying a remedy on it (``ui.remedy``). The ranking and the summary start under the candidate whose drops differ most
 between layers (``viz_decide.widest_spread``): the one that tells the layers apart."""
 
 import pandas as pd
 import streamlit as st
 
-from ui import jobs, keys, state
+from ui import jobs, keys, remedy, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
@@ -94,6 +94,8 @@ for r in ranked:
     in_float = recipe.plan(r["layer"]).is_float
     d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{r['layer']}", icon=":material/lock:",
              disabled=in_float, on_click=keep_in_float, args=(r["layer"],), help="weights and inputs stay float")
+
+remedy.panel(key, w, [r["layer"] for r in ranked if r["kind"] != "Embedding"])
 
 with st.expander("All sweep rows"):
     st.dataframe(pd.DataFrame(result["rows"]), hide_index=True, width="stretch")

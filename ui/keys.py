@@ -35,6 +35,7 @@ JOB_SESSION = "job_session"  # random id of this browser session: who may cancel
 JOBS = "jobs"  # {job kind: key of the job this session last asked for}
 JOB_PARAM = "job"  # ?job=<key> while a job of this page runs, so a reload finds it
 MEASURED_RECIPE = "mp_measured"  # {"recipe": JSON, "result": Workload.evaluate} of the last "Evaluate" click
+REMEDY = "remedy_results"  # {(workload key, layer, remedy, recipe JSON): remedies.try_remedy result} tried this session
 
 
 # ---- widget keys another page sets (Sensitivity opens a layer on Weights / Activations) -----------

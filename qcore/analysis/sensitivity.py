@@ -7,7 +7,7 @@
 - mode ``"weights"`` / ``"activations"`` / ``"both"``: quantize the layer's weight, its input, or both,
   so a user sees whether the weight or the input activations (outliers) are the problem.
 
-Candidates are preset names (``recipe.PRESETS``) or the layer specs of ``LAYER_SPECS`` (``int2`` ..
+Candidates are preset names (``recipe.PRESETS``, GPTQ/AdaRound rounding included: ``int4-gptq``) or the layer specs of ``LAYER_SPECS`` (``int2`` ..
 ``int7``: b-bit symmetric per-channel min-max weights, float activations). A candidate that changes
 nothing for a layer in a mode (a weight-only candidate in ``"activations"`` mode, an Embedding's
 integer input) still gets a row: ``changed`` is false and its numbers are the base model's, measured
@@ -54,6 +54,7 @@ from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db, sqnr_db_from_sums
 from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
 from qcore.recipe import PRESETS, LayerPlan, Recipe, preset
 from qcore.numerics.spec import TensorSpec
+from qcore.model.rounding import roundable
 from qcore.model.simulate import input_quantizer, needs_calibration
 from qcore.analysis import sweep_cache
 from qcore.analysis.replay import Runner, call_order, replay_set
@@ -295,7 +296,9 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
                 if (n, spec) not in weights:
                     w = runner.fp32_weights[n].detach()
                     check_finite(w, f"the weight of layer {n!r}")
-                    qt = quantize(w, spec)
+                    rounder = workload.rounder
+                    qt = rounder.weights({n: spec.for_shape(tuple(w.shape))})[n] if spec.rounding != "nearest" \
+                        and roundable(rounder.modules[n], layers[n].kind) else quantize(w, spec)  # GPTQ/AdaRound: cached
                     weights[n, spec] = (qt.dequantize().to(w.dtype), rmse_over_step(qt, w), qt.clipped_fraction(w))
                 wq[n] = weights[n, spec][0]
                 wstats[n] = {"rmse_over_step": weights[n, spec][1], "clipped_fraction": weights[n, spec][2]}

@@ -28,8 +28,6 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
     other tensor of the (BatchNorm-folded) model, with the recipe in the metadata."""
     from safetensors.torch import save_file
 
-    from qcore.numerics.quantize import quantize
-
     plans = recipe.resolve(workload.layer_shapes)
     model = workload.folded[0]
     sim = workload.simulate(recipe)
@@ -38,7 +36,7 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
         spec = plans[name].weights
         if spec is None or spec.format == "fp32":
             continue
-        q = quantize(mod.weight.detach(), spec)
+        q = sim.weights[name]  # the codes the simulation applied (nearest, GPTQ or AdaRound)
         tensors[f"{name}.weight.codes"] = spec.fmt.store(q.codes)
         if q.scale is not None:
             tensors[f"{name}.weight.scale"] = q.scale.contiguous()

@@ -8,6 +8,10 @@ compute, then on a *copy* of the model
 - a forward pre-hook fake-quantizes the layer's input: with the range fixed by calibration
   (static) or computed from each batch (dynamic).
 
+A weight spec whose ``rounding`` is gptq or adaround is rounded from the layer's inputs on calibration
+data (``qcore.model.rounding``); ``Simulation.weights`` holds every quantized weight as the
+``QuantizedTensor`` applied (codes, scales, zero-points), which is what the exporters write.
+
 The original model is never modified. Conv+BatchNorm pairs are folded first (the folded conv is
 what an inference runtime would quantize); ``Simulation.folded`` reports which. In the same step
 ``nn.LSTM`` / ``nn.GRU`` become their unrolled equivalents (``qcore.model.recurrent``): each weight matrix
@@ -25,7 +29,7 @@ The input hooks go on the copy only (see ``qcore.model.hooks``: hooks always go 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,7 +38,7 @@ from torch import nn
 from qcore.errors import QcoreError
 from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
 from qcore.model.recurrent import RecurrentMatrix, unroll
-from qcore.numerics.quantize import QuantizedTensor, check_finite, fake_quantize, quantize
+from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
 from qcore.recipe import Recipe
 from qcore.numerics.spec import TensorSpec
 
@@ -173,13 +177,15 @@ def input_quantizer(name: str, kind: str, spec: TensorSpec | None,
 
 @dataclass
 class Simulation:
-    """A fake-quantized copy of a model and what was done to it."""
+    """A fake-quantized copy of a model and what was done to it; ``weights``: layer -> the quantized weight
+    applied (its codes and scales as nearest rounding or the recipe's rounding algorithm chose them)."""
 
     model: nn.Module
     recipe: Recipe
     folded: list[tuple[str, str]] = field(default_factory=list)
     weight_quantized: list[str] = field(default_factory=list)
     activation_quantized: list[str] = field(default_factory=list)
+    weights: dict[str, QuantizedTensor] = field(default_factory=dict)
 
 
 def needs_calibration(recipe: Recipe, layer_names) -> bool:
@@ -188,13 +194,15 @@ def needs_calibration(recipe: Recipe, layer_names) -> bool:
 
 
 def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, ActivationStats] | None = None,
-             fold: bool = True, quantized_weights: dict[str, torch.Tensor] | None = None) -> Simulation:
+             fold: bool = True, quantized_weights: dict[str, QuantizedTensor] | None = None,
+             calibration_batches: list[tuple] | None = None) -> Simulation:
     """A fake-quantized copy of ``model`` under ``recipe`` (``model`` itself is only read: the
     copy is taken first, and its weights and input hooks are this simulation's own).
 
     ``calibration`` (from ``calibrate`` on the *folded* FP32 model) is required when any layer has
-    static activation quantization. ``quantized_weights`` (layer -> fake-quantized weight) lets a
-    caller reuse weights it already quantized (sensitivity sweeps); missing ones are computed.
+    static activation quantization. ``quantized_weights`` (layer -> ``QuantizedTensor``) lets a caller
+    reuse weights it already quantized (a workload's cached GPTQ/AdaRound roundings); missing ones are
+    computed, a GPTQ/AdaRound one from ``calibration_batches`` (model inputs), required then.
     """
     q = copy.deepcopy(model).eval()
     folded = fold_batchnorm(q) if fold else []
@@ -204,19 +212,29 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
         raise QcoreError("this recipe has static activation quantization: calibration data is needed "
                          "(provide a data file, or use dynamic activations)")
     sim = Simulation(q, recipe, folded)
-    modules = modules_by_name(q, layers)
+    given = dict(quantized_weights or {})
+    from qcore.model.rounding import Rounder, rounding_specs
+
+    kinds, modules = {n: i.kind for n, i in layers.items()}, modules_by_name(q, layers)
+    rounded = {n: s for n, s in rounding_specs(recipe, plans, kinds, modules).items() if n not in given}
+    if rounded:
+        if calibration_batches is None:
+            raise QcoreError(f"this recipe rounds layer {next(iter(rounded))!r} with {next(iter(rounded.values())).rounding}, "
+                             "which learns from calibration data: provide a data file, or use rounding nearest")
+        given.update(Rounder(q, kinds, lambda: calibration_batches).weights(rounded))
     for name, module in modules.items():
         plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
-            w = (quantized_weights or {}).get(name)
-            if w is None:
+            qt = given.get(name)
+            if qt is None:
                 check_finite(module.weight, f"the weight of layer {name!r}")
-                try:
-                    w = fake_quantize(module.weight, plan.weights)
+                try:  # nearest (also where a default GPTQ/AdaRound rounding does not apply: an Embedding)
+                    qt = quantize(module.weight, replace(plan.weights, rounding="nearest", gptq=None, adaround=None))
                 except QcoreError as e:  # e.g. a range search too big for this layer: say which layer
                     raise QcoreError(f"layer {name!r}: {e}") from None
             with torch.no_grad():
-                module.weight.copy_(w)
+                module.weight.copy_(qt.dequantize().reshape(module.weight.shape))
+            sim.weights[name] = qt
             sim.weight_quantized.append(name)
         hook = input_quantizer(name, layers[name].kind, plan.activations, calibration)
         if hook is not None:

@@ -221,6 +221,29 @@ class Workload:
                         m, self.layers, self.calibration.batches(self.batch_size), progress)
         return self.__dict__["_calib"]
 
+    @property
+    def rounder(self):
+        """The ``rounding.Rounder`` of the folded model over the calibration data: GPTQ/AdaRound weights,
+        computed once per (layer, spec) and shared (read them, never change them)."""
+        if "_rounder" not in self.__dict__:
+            with self._lock:
+                if "_rounder" not in self.__dict__:
+                    from qcore.model.rounding import Rounder
+
+                    self.__dict__["_rounder"] = Rounder(self.folded[0], {n: i.kind for n, i in self.layers.items()},
+                                                        lambda: self.calibration.batches(self.batch_size))
+        return self.__dict__["_rounder"]
+
+    def rounded_weights(self, recipe: Recipe, progress: Callable[[float, str], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> dict:
+        """Layer -> ``QuantizedTensor`` for every layer ``recipe`` rounds by GPTQ/AdaRound (cached, see ``rounder``);
+        ``should_stop()`` true between layers raises ``rounding.RoundingCancelled``."""
+        from qcore.model.rounding import rounding_specs
+
+        rounder = self.rounder
+        specs = rounding_specs(recipe, recipe.resolve(self.layer_shapes), rounder.kinds, rounder.modules)
+        return rounder.weights(specs, progress, should_stop)
+
     @cached_property
     def reference_outputs(self) -> torch.Tensor:
         return self.run(self.model, self.evaluation)
@@ -251,7 +274,8 @@ class Workload:
 
         recipe.check_against(self.layer_shapes)
         calib = self.calibration_stats() if needs_calibration(recipe, self.layers) else None
-        sim = simulate(self.folded[0], recipe, calib, fold=False, quantized_weights=quantized_weights)
+        rounded = {**self.rounded_weights(recipe), **(quantized_weights or {})}
+        sim = simulate(self.folded[0], recipe, calib, fold=False, quantized_weights=rounded)
         sim.folded = self.folded[1]
         return sim
 
@@ -263,6 +287,7 @@ class Workload:
         """Metrics and sizes of FP32 and of the simulated model under ``recipe``, on the whole
         evaluation set (metrics against the FP32 reference outputs and the labels); ``progress`` and
         ``should_stop`` as in ``run`` (over the quantized model's batches)."""
+        self.rounded_weights(recipe, should_stop=should_stop)  # cached: the simulation below reuses them
         sim = self.simulate(recipe)
         outputs = self.run(sim.model, self.evaluation, progress, should_stop)
         size = self.size(recipe)

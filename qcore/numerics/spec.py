@@ -17,6 +17,61 @@ from qcore.numerics.ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
 
 MAX_GROUP_SIZE = 2**20  # elements per group
 MAX_AXIS = 8  # axis in [-8, 8): weights have at most 8 dimensions
+ROUNDINGS = ("nearest", "gptq", "adaround")  # how a weight's values go to grid points (weights only)
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """``"gptq": {...}`` of a weight spec (``qcore.algorithms.gptq``): ``damp`` the Hessian damping as a fraction
+    of its mean diagonal, ``act_order`` round the most-used input columns first, ``block_size`` columns per
+    lazy update."""
+
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+
+
+@dataclass(frozen=True)
+class AdaRoundOptions:
+    """``"adaround": {...}`` of a weight spec (``qcore.algorithms.adaround``): ``iters`` optimisation steps,
+    ``reg`` the weight of the regulariser pushing each rounding to up or down."""
+
+    iters: int = 500
+    reg: float = 0.01
+
+
+ROUNDING_OPTIONS = {"gptq": GPTQOptions, "adaround": AdaRoundOptions}  # rounding -> its options' type
+LIMITS = {("gptq", "damp"): (0, 1), ("gptq", "block_size"): (1, 2**16), ("adaround", "iters"): (1, 100_000),
+          ("adaround", "reg"): (0, 1e3)}  # (exclusive low for damp, else inclusive low; inclusive high)
+
+
+def _options(rounding: str, value, where: str):
+    """The options mapping ``value`` of ``rounding`` validated into its dataclass (defaults filled in)."""
+    cls = ROUNDING_OPTIONS[rounding]
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise QcoreError(f"{where}.{rounding} must be an object like {_show(asdict(cls()))}, got {_show(value)}")
+    allowed = [f.name for f in fields(cls)]
+    for key in value:
+        if key not in allowed:
+            raise QcoreError(f"unknown key {where}.{rounding}.{_show(key)}; allowed keys: {', '.join(allowed)}")
+    for f in fields(cls):
+        if f.name not in value:
+            continue
+        v, default = value[f.name], f.default
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise QcoreError(f"{where}.{rounding}.{f.name}={_show(v)} must be true or false")
+            continue
+        lo, hi = LIMITS[rounding, f.name]
+        kind = int if isinstance(default, int) else (int, float)
+        if isinstance(v, bool) or not isinstance(v, kind) or not ((v > lo if f.name == "damp" else v >= lo) and v <= hi):
+            what = "an integer" if kind is int else "a number"
+            raise QcoreError(f"{where}.{rounding}.{f.name}={_show(v)} must be {what} in "
+                             f"{'(' if f.name == 'damp' else '['}{lo}, {hi}], e.g. {default}")
+    defaults = cls()
+    return cls(**{k: float(v) if isinstance(getattr(defaults, k), float) else v for k, v in value.items()})
 
 
 @dataclass(frozen=True)
@@ -33,6 +88,9 @@ class TensorSpec:
     percentile  : for range=percentile, in (50, 100]
     dynamic     : activations only: range computed from each batch at run time instead of calibration
     scaled      : float formats only: scale into the format's range (as FP8 recipes do) instead of a plain cast
+    rounding    : weights of integer formats only: nearest | gptq | adaround (``qcore.algorithms``: which grid
+                  point each weight goes to; the grid -- blocks, ranges, scales -- is the same)
+    gptq, adaround : that rounding's options (``GPTQOptions`` / ``AdaRoundOptions``), set iff it is the rounding
     """
 
     format: str = "int8"
@@ -44,16 +102,25 @@ class TensorSpec:
     percentile: float = 99.99
     dynamic: bool = False
     scaled: bool = False
+    rounding: str = "nearest"
+    gptq: GPTQOptions | None = None
+    adaround: AdaRoundOptions | None = None
 
     @property
     def fmt(self):
         return FORMATS[self.format]
 
     def to_dict(self) -> dict:
-        """Every field; ``group_size`` only for per_group (elsewhere it means nothing)."""
+        """Every field; ``group_size`` only for per_group (elsewhere it means nothing); ``rounding`` and its
+        options only when not nearest (so recipes written before rounding existed keep their JSON)."""
         d = asdict(self)
         if self.granularity != "per_group":
             del d["group_size"]
+        if self.rounding == "nearest":
+            del d["rounding"]
+        for key in ROUNDING_OPTIONS:
+            if d[key] is None:
+                del d[key]
         return d
 
     def for_shape(self, shape: tuple[int, ...]) -> "TensorSpec":
@@ -80,6 +147,15 @@ class TensorSpec:
         merged = {**dict(FORMATS[fmt].spec_defaults), **dict(d)}  # nf4: per_group 64
         if merged.get("granularity", cls.granularity) != "per_group":
             merged.pop("group_size", None)  # means nothing here (a recipe refuses it: see Recipe)
+        rounding = merged.get("rounding", cls.rounding)
+        if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+            raise QcoreError(f"{where}.rounding={_show(rounding)} is not a rounding; allowed: {', '.join(ROUNDINGS)}")
+        for key in ROUNDING_OPTIONS:
+            if merged.get(key) is not None and key != rounding:
+                raise QcoreError(f"{where}.{key} is given with rounding {rounding}, where it does nothing; "
+                                 f"remove {key} or set \"rounding\": \"{key}\"")
+        if rounding in ROUNDING_OPTIONS:
+            merged[rounding] = _options(rounding, merged.get(rounding) or {}, where)
         spec = cls(**merged)
         spec._check(where, activation)
         return spec
@@ -117,3 +193,11 @@ class TensorSpec:
             bad("granularity", "is not supported for activations; use per_tensor")
         if activation and not fmt.for_activations:
             bad("format", "is a weight-only format; use an int or float format for activations")
+        if self.rounding != "nearest":
+            if activation:
+                bad("rounding", "applies to weights only (activations are rounded to nearest at run time)")
+            if not fmt.can_be_affine:
+                bad("rounding", f"applies to integer formats (int2..int8, int16) only, not {self.format}; "
+                                "use rounding nearest or an integer format")
+            if self.granularity == "per_channel" and self.axis != 0:
+                bad("rounding", "needs per_channel along axis 0 (output channels); set axis 0")

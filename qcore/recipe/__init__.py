@@ -6,6 +6,8 @@ A ``TensorSpec`` says how one tensor is quantized (format x granularity x range 
     {"name": "w8a8", "weights": {...spec...}, "activations": {...spec...} | null,
      "layers": {"features.0": {"weights": {"format": "int4"}}, "classifier.2": null}}
 
+- ``"weights": {..., "rounding": "gptq" | "adaround", "gptq": {...}}`` chooses which grid point each weight
+  goes to (``qcore.algorithms``) from the calibration data; ``"nearest"`` (the default) is not written.
 - ``"activations": null`` -> weight-only. A layer mapped to ``null`` stays fp32.
 - A layer entry overrides the defaults key by key; ``"weights": null`` / ``"activations": null``
   inside a layer entry turns that part off for that layer.
@@ -52,6 +54,10 @@ PRESETS: dict[str, dict] = {
     "nf4": {"weights": {"format": "nf4", "granularity": "per_group", "group_size": 64}, "activations": None},
     "fp8": {"weights": {"format": "fp8_e4m3", "granularity": "per_channel", "scaled": True},
             "activations": {"format": "fp8_e4m3", "scaled": True, "dynamic": True}},
+    "int4-gptq": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
+                              "range": "minmax", "rounding": "gptq"}, "activations": None},
+    "int3-adaround": {"weights": {"format": "int3", "granularity": "per_channel", "symmetric": True, "range": "minmax",
+                                  "rounding": "adaround"}, "activations": None},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -63,6 +69,8 @@ PRESET_DESCRIPTIONS = {
     "int4-weight-only": "int4 affine weights in groups of 32 along the input dimension, float activations",
     "nf4": "4-bit NormalFloat weights, absmax per block of 64 (QLoRA), float activations",
     "fp8": "FP8 E4M3 weights scaled per channel; FP8 E4M3 activations scaled per batch",
+    "int4-gptq": "int4 affine weights in groups of 32, rounded by GPTQ on the calibration data, float activations",
+    "int3-adaround": "int3 per-channel symmetric weights, rounded by AdaRound on the calibration data, float activations",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from qcore.errors import QcoreError, shown as _show
 from qcore.numerics.formats import FORMATS
-from qcore.numerics.spec import TensorSpec
+from qcore.numerics.spec import ROUNDING_OPTIONS, TensorSpec
 from qcore.recipe.parse import MAX_LAYERS, MAX_NAME_CHARS, parse_json
 
 PARTS = ("weights", "activations")
@@ -42,6 +42,15 @@ class Frozen(Mapping):
 
     def __repr__(self) -> str:
         return f"Frozen({self._d!r})"
+
+
+def freeze(part: Mapping) -> Frozen:
+    """A spec mapping as ``Frozen``, its rounding options (``"gptq": {...}``) too, so it can be hashed."""
+    return Frozen({k: Frozen(v) if k in ROUNDING_OPTIONS and isinstance(v, Mapping) else v for k, v in part.items()})
+
+
+def thaw(part: Mapping) -> dict:
+    return {k: dict(v) if isinstance(v, Mapping) else v for k, v in part.items()}
 
 
 def recipe_spec(d, where: str, activation: bool, written: Mapping | None = None) -> TensorSpec | None:
@@ -110,13 +119,13 @@ class LayerOverride:
             v = value.get(part, KEEP)
             if v is not KEEP and v is not None and not isinstance(v, Mapping):
                 raise QcoreError(f"{where}.{part} must be an object like {{\"format\": \"int8\"}} or null, got {_show(v)}")
-            parts[part] = Frozen(v) if isinstance(v, Mapping) else v
+            parts[part] = freeze(v) if isinstance(v, Mapping) else v
         return cls(**parts)
 
     def to_json(self) -> dict | None:
         if self.keep_float:
             return None
-        return {part: None if v is None else dict(v) for part in PARTS if (v := getattr(self, part)) is not KEEP}
+        return {part: None if v is None else thaw(v) for part in PARTS if (v := getattr(self, part)) is not KEEP}
 
     def apply(self, defaults: LayerPlan, where: str = "layer") -> LayerPlan:
         """The merge rule: the layer's plan from the recipe's default specs. A part the entry writes overrides
@@ -139,6 +148,12 @@ class LayerOverride:
                     base.pop("symmetric", None)
                 if not (new and new.can_be_scaled):
                     base.pop("scaled", None)
+                if not (new and new.can_be_affine):  # rounding algorithms need an integer grid
+                    base.pop("rounding", None)
+            rounding = written.get("rounding", base.get("rounding", "nearest"))
+            for key in ROUNDING_OPTIONS:  # the inherited options of another rounding
+                if key != rounding:
+                    base.pop(key, None)
             specs.append(recipe_spec({**base, **written}, f"{where}.{part}", part == "activations", written=written))
         return LayerPlan(*specs)
 
@@ -147,7 +162,7 @@ class LayerOverride:
         """The entry spelling ``plan`` out in full (both parts, every key)."""
         if plan.is_float:
             return FLOAT
-        return cls(*(None if s is None else Frozen(s.to_dict()) for s in (plan.weights, plan.activations)))
+        return cls(*(None if s is None else freeze(s.to_dict()) for s in (plan.weights, plan.activations)))
 
     @classmethod
     def to_reach(cls, defaults: LayerPlan, current: LayerPlan, target: LayerPlan) -> "LayerOverride | None":
@@ -166,6 +181,11 @@ class LayerOverride:
             full[part] = short[part] = None if t is None else t.to_dict()
             if t is not None and c is not None:
                 short[part] = {k: v for k, v in t.to_dict().items() if v != getattr(c, k)}
+                if t.rounding != c.rounding:  # to_dict omits nearest: say it when it differs
+                    short[part] = {**short[part], "rounding": t.rounding}
+            d = getattr(defaults, part)
+            if t is not None and t.rounding == "nearest" and d is not None and d.rounding != "nearest":
+                full[part] = {**full[part], "rounding": "nearest"}  # not inherited from the default
         entry = cls.from_json(short)
         return entry if entry.apply(defaults) == target else cls.from_json(full)
 

@@ -1,7 +1,8 @@
 """``export_qdq(workload, recipe, path)``: the ONNX file whose graph *is* the simulation.
 
 The FP32 graph (``float_graph``) with each quantized layer's weight initializer replaced by what
-``quantize(weight, spec)`` returns (``weights``) and each quantized layer input given the simulation's
+the simulation applied (``Simulation.weights``: the codes and scales of nearest rounding or of GPTQ/AdaRound;
+``weights``) and each quantized layer input given the simulation's
 input quantizer (``activations``) -- the engine's own numbers, never a float graph re-quantized by
 another tool.
 
@@ -30,7 +31,6 @@ from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, mat
 from qcore.export.policy import uses_matmul_nbits, why_float
 from qcore.model.conv_transpose import ConvTransposeLayer
 from qcore.model.simulate import input_quantizer, needs_calibration
-from qcore.numerics.quantize import quantize
 from qcore.recipe import Recipe
 
 # Fused integer ops of ONNX Runtime's optimized graph, and what they mean for a layer
@@ -99,6 +99,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     proto = graph.proto
     ed = GraphEditor(proto)
     modules = dict(workload.folded[0].named_modules())
+    simulated = workload.simulate(recipe).weights  # the file holds exactly the codes that were simulated
     rows, notes, codes_of = [], list(graph.notes), {}
     for name, info in workload.layers.items():
         plan = plans[name]
@@ -115,7 +116,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
             data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
         if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
             ed.drop_initializer(init)
-            row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, quantize(weight, plan.weights))
+            row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, simulated[name])
             codes_of[name], row["stored_bytes"] = stored[0], stored_bytes(ed, set(stored))
             rows.append(row)
             continue
@@ -128,7 +129,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         w = plan.weights
         before_weight = set(ed.inits)
         if w is not None and w.fmt.quantizes:
-            q = quantize(weight, w)
+            q = simulated[name]
             # a Linear as MatMul(A, W^T) reading the weight directly
             nbits_ok = (len(nodes) == 1 and node.op_type == "MatMul" and transposed is True and node.input[1] == init
                         and uses_matmul_nbits(w, iq))

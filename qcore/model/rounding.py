@@ -1,0 +1,191 @@
+"""Weight rounding on a model: what each layer saw on the calibration data, and its rounded weight.
+
+A weight spec with ``"rounding": "gptq"`` or ``"adaround"`` (``TensorSpec.rounding``) is quantized by
+``qcore.algorithms`` from the layer's inputs over the calibration data, collected here with forward
+pre-hooks (``hooks.temporary_hooks``) on a private copy of the float model being simulated (the
+BatchNorm-folded model; every layer sees FP32 inputs, all layers are collected in one pass):
+
+- GPTQ needs ``H = sum x x^T`` over the input rows (float64, (in, in));
+- AdaRound needs the input rows themselves: at most ``MAX_SAMPLE_ROWS`` of them, evenly spaced.
+
+Input rows: a Linear's input ``(..., in)`` read as ``(-1, in)``; a Conv's input padded as the layer pads
+it and unfolded (``F.unfold``) into one row of ``C_in*kh*kw`` values per output position, matching the
+weight flattened to ``(C_out, C_in*kh*kw)``. Rounding applies to Linear and ungrouped Conv1d/Conv2d
+layers (``roundable``). A recipe's *default* rounding applies to those and leaves every other layer (an
+Embedding, a grouped conv, a recurrent matrix) rounded to nearest (``rounding_specs``); a layer entry
+asking for gptq/adaround on such a layer is a one-line ``QcoreError`` naming it.
+
+``Rounder`` caches both per workload: the inputs by layer, the rounded weights by (layer, spec), so a
+sweep or a search that tries one spec on many recipes computes each rounding once.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcore.algorithms.adaround import adaround
+from qcore.algorithms.gptq import gptq_quantize
+from qcore.errors import QcoreError
+from qcore.model.hooks import temporary_hooks
+from qcore.numerics.quantize import QuantizedTensor
+from qcore.numerics.spec import TensorSpec
+
+MAX_SAMPLE_ROWS = 4096  # input rows kept per layer for AdaRound
+
+
+class RoundingCancelled(QcoreError):
+    """``should_stop()`` was true while weights were being rounded; nothing partial is cached."""
+
+
+@dataclass
+class LayerInputs:
+    """What one layer saw on the calibration data: ``hessian`` (in, in) float64 = sum of x x^T over its
+    ``rows`` input rows, and ``samples`` (<= MAX_SAMPLE_ROWS, in) float32 of those rows (None if not kept)."""
+
+    hessian: torch.Tensor
+    rows: int
+    samples: torch.Tensor | None
+
+
+def roundable(module: nn.Module, kind: str) -> bool:
+    """Whether GPTQ/AdaRound apply to this layer: a Linear or an ungrouped Conv1d/Conv2d."""
+    return kind == "Linear" or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
+
+
+def rounding_specs(recipe, plans: Mapping, kinds: Mapping[str, str], modules: Mapping[str, nn.Module]) -> dict:
+    """Layer -> weight spec for every layer ``recipe`` (resolved to ``plans``) rounds by GPTQ/AdaRound: a default
+    rounding skips the layers it does not apply to (they round to nearest); a layer's own entry asking for it on
+    such a layer raises ``check_roundable_layer``'s error."""
+    specs = {}
+    for n, plan in plans.items():
+        w = plan.weights
+        if w is None or w.rounding == "nearest":
+            continue
+        entry = recipe.layers.get(n)
+        written = getattr(entry, "weights", None)
+        if roundable(modules[n], kinds[n]) or (isinstance(written, Mapping) and "rounding" in written):
+            check_roundable_layer(n, modules[n], kinds[n], w.rounding)
+            specs[n] = w
+    return specs
+
+
+def check_roundable_layer(name: str, module: nn.Module, kind: str, rounding: str) -> None:
+    """A one-line QcoreError unless ``module`` is a layer ``rounding`` applies to."""
+    if not roundable(module, kind):
+        what = f"a grouped {kind}" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else f"an {kind}" \
+            if kind[0] in "AEIOU" else f"a {kind}"
+        raise QcoreError(f"layer {name!r} is {what}: rounding {rounding} applies to Linear and ungrouped Conv layers "
+                         f"(a weight multiplied with the layer's input); use rounding nearest for this layer")
+
+
+def input_rows(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input ``x`` as rows (n, fan_in) matching its weight flattened to (out, fan_in)."""
+    x = x.detach().float()
+    if kind == "Linear":
+        return x.reshape(-1, module.weight.shape[1])
+    pad = module._reversed_padding_repeated_twice  # how the conv pads its input, whatever ``padding`` says
+    x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    if isinstance(module, nn.Conv1d):
+        cols = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                        stride=(1, module.stride[0]))
+    else:
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * positions, C_in*kh*kw)
+
+
+def collect_inputs(model: nn.Module, kinds: Mapping[str, str], batches: list[tuple], samples: set[str],
+                   progress: Callable[[float], None] | None = None) -> dict[str, LayerInputs]:
+    """``LayerInputs`` of each layer of ``kinds`` (name -> kind) over ``batches``, from one pass through a
+    private copy of ``model``; input rows are kept for the layers in ``samples``."""
+    private = copy.deepcopy(model).eval()
+    modules = dict(private.named_modules())
+    per_batch = max(1, -(-MAX_SAMPLE_ROWS // max(1, len(batches))))  # rows kept from each batch
+    acc: dict[str, list] = {n: [None, 0, []] for n in kinds}
+
+    def hook(name):
+        def record(module, args):
+            rows = input_rows(module, kinds[name], args[0])
+            entry = acc[name]
+            gram = (rows.T @ rows).double()
+            entry[0] = gram if entry[0] is None else entry[0] + gram
+            entry[1] += rows.shape[0]
+            if name in samples and rows.shape[0]:
+                keep = torch.linspace(0, rows.shape[0] - 1, min(per_batch, rows.shape[0])).round().long()
+                entry[2].append(rows[keep])
+        return record
+
+    with temporary_hooks(pre=[(modules[n], hook(n)) for n in kinds]), torch.no_grad():
+        for i, batch in enumerate(batches):
+            private(*batch)
+            if progress:
+                progress((i + 1) / len(batches))
+    found = {}
+    for n, (gram, rows, kept) in acc.items():
+        fan_in = modules[n].weight[0].numel()
+        found[n] = LayerInputs(torch.zeros(fan_in, fan_in, dtype=torch.float64) if gram is None else gram, rows,
+                               torch.cat(kept)[:MAX_SAMPLE_ROWS] if kept else None)
+    return found
+
+
+def round_weight(weight: torch.Tensor, spec: TensorSpec, inputs: LayerInputs) -> QuantizedTensor:
+    """``weight`` quantized under ``spec`` by its rounding algorithm from the layer's ``inputs``."""
+    if spec.rounding == "gptq":
+        o = spec.gptq
+        return gptq_quantize(weight, inputs.hessian, spec, o.damp, o.act_order, o.block_size)
+    o = spec.adaround
+    rows = inputs.samples if inputs.samples is not None else torch.zeros(0, weight[0].numel())
+    return adaround(weight, rows, spec, o.iters, o.reg)
+
+
+class Rounder:
+    """Rounded weights of one float model over its calibration batches, cached (thread-safe).
+
+    ``model``: the float model simulated (read only: inputs are collected on a private copy); ``kinds``:
+    its quantizable layers (name -> kind); ``batches()``: the calibration batches."""
+
+    def __init__(self, model: nn.Module, kinds: Mapping[str, str], batches: Callable[[], list[tuple]]):
+        self.model, self.kinds, self.batches = model, dict(kinds), batches
+        self.modules = dict(model.named_modules())
+        self.inputs: dict[str, LayerInputs] = {}
+        self.rounded: dict[tuple[str, TensorSpec], QuantizedTensor] = {}
+        self._lock = threading.RLock()
+
+    def weights(self, specs: Mapping[str, TensorSpec], progress: Callable[[float, str], None] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> dict[str, QuantizedTensor]:
+        """Layer -> its weight rounded under ``specs[layer]`` (specs whose rounding is not nearest)."""
+        specs = {n: s for n, s in specs.items() if s.rounding != "nearest"}
+        for n, s in specs.items():
+            check_roundable_layer(n, self.modules[n], self.kinds[n], s.rounding)
+        with self._lock:
+            todo = [n for n, s in specs.items() if (n, s) not in self.rounded]
+            self.layer_inputs(todo, {n for n in todo if specs[n].rounding == "adaround"},
+                              None if progress is None else lambda f: progress(0.2 * f, "collecting layer inputs"))
+            for i, n in enumerate(todo):
+                if should_stop and should_stop():
+                    raise RoundingCancelled("the rounding was cancelled; run it again to finish")
+                if progress:
+                    progress(0.2 + 0.8 * i / len(todo), f"{specs[n].rounding}: {n}")
+                self.rounded[n, specs[n]] = round_weight(self.modules[n].weight.detach(), specs[n], self.inputs[n])
+            return {n: self.rounded[n, s] for n, s in specs.items()}
+
+    def layer_inputs(self, names, samples: set[str] = frozenset(),
+                     progress: Callable[[float], None] | None = None) -> dict[str, LayerInputs]:
+        """``LayerInputs`` of the layers ``names`` (with input rows for those in ``samples``), collected in one
+        pass for the ones not cached yet."""
+        with self._lock:
+            needed = [n for n in names if n not in self.inputs or (n in samples and self.inputs[n].samples is None)]
+            if needed:
+                batches = self.batches()
+                if not batches:
+                    raise QcoreError("rounding gptq/adaround learns from calibration data, and this workload has none; "
+                                     "provide a data file, or use rounding nearest")
+                self.inputs.update(collect_inputs(self.model, {n: self.kinds[n] for n in needed}, batches,
+                                                  {n for n in needed if n in samples}, progress))
+            return {n: self.inputs[n] for n in names}

@@ -1,0 +1,56 @@
+"""The Sensitivity page's "Try a remedy" panel: a remedy (``qcore.analysis.remedies.REMEDIES``) on one layer at
+its current format, measured before and after (the layer's output SQNR on calibration data, the model's
+metric, both from the simulation), the weight-error histogram, and one click to apply it to the recipe."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from qcore.analysis.remedies import REMEDIES, try_remedy
+from qcore.errors import QcoreError
+from qcore.figures.rounding import weight_error_histogram
+from ui import keys, state
+from ui.text import layer_label, plain
+
+
+def _apply(key: str, w, layer: str, entry) -> None:
+    preset_name, overrides, _ = state.current(key, w)
+    state.set_current(key, w, preset_name, {**overrides, layer: entry})
+    st.toast(f"{plain(layer_label(layer))}: the remedy is in the Mixed precision recipe.")
+
+
+def panel(key: str, w, layers: list[str]) -> None:
+    """The panel for workload ``w`` (session key ``key``), offering the ``layers`` (most sensitive first)."""
+    st.subheader("Try a remedy")
+    st.write("Instead of keeping a layer in float, keep its format and round its weights better: the remedy runs "
+             "on the calibration data and is measured against the recipe as it is now.")
+    a, b = st.columns(2)
+    layer = a.selectbox("Layer", layers, format_func=lambda n: plain(layer_label(n)), key=f"remedy_layer:{key}")
+    name = b.selectbox("Remedy", list(REMEDIES), format_func=lambda r: REMEDIES[r].label, key="remedy_name")
+    st.caption(REMEDIES[name].why)
+    _, _, recipe = state.current(key, w)
+    tried = st.session_state.setdefault(keys.REMEDY, {})
+    slot = (key, layer, name, recipe.to_json())
+    if slot not in tried and st.button("Try it", key="remedy_try", icon=":material/science:"):
+        try:
+            with state.stoppable("remedy", f"{REMEDIES[name].label} on {plain(layer_label(layer))}…") as advance:
+                tried[slot] = try_remedy(w, recipe, layer, name,
+                                         progress=lambda f, msg="": advance(f, f"{REMEDIES[name].label}: {plain(msg)}"))
+        except QcoreError as e:
+            st.error(plain(str(e)), icon=":material/error:")
+            return
+    result = tried.get(slot)
+    if result is None:
+        return
+    before, after, metric = result["before"], result["after"], result["metric_name"]
+    c1, c2 = st.columns(2)
+    c1.metric("Layer output SQNR (calibration data, FP32 inputs)", f"{after['layer_sqnr_db']:.1f} dB",
+              f"{after['layer_sqnr_db'] - before['layer_sqnr_db']:+.1f} dB vs now", help="simulation")
+    c2.metric(f"Model {metric} (evaluation data)", f"{after['metric']:.4f}",
+              f"{after['metric'] - before['metric']:+.4f} vs now", help="simulation, on the whole evaluation set")
+    st.plotly_chart(weight_error_histogram({"now": before["weight_error_steps"], REMEDIES[name].label:
+                                            after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}"),
+                    width="stretch")
+    entry = result["recipe"].layers.get(layer)
+    st.button("Apply to the recipe", key="remedy_apply", icon=":material/check:", disabled=entry is None,
+              on_click=_apply, args=(key, w, layer, None if entry is None else entry.to_json()))
