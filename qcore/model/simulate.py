@@ -34,6 +34,8 @@ from torch import nn
 from qcore.errors import QcoreError
 from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
 from qcore.model.recurrent import RecurrentMatrix, unroll
+from qcore.model.transforms import bias_targets
+from qcore.algorithms.bias_correction import corrected_bias
 from qcore.numerics.quantize import QuantizedTensor, check_finite, fake_quantize, quantize
 from qcore.recipe import Recipe
 from qcore.numerics.spec import TensorSpec
@@ -180,6 +182,8 @@ class Simulation:
     folded: list[tuple[str, str]] = field(default_factory=list)
     weight_quantized: list[str] = field(default_factory=list)
     activation_quantized: list[str] = field(default_factory=list)
+    bias_corrected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # transforms' skipped layers and why
 
 
 def needs_calibration(recipe: Recipe, layer_names) -> bool:
@@ -188,13 +192,16 @@ def needs_calibration(recipe: Recipe, layer_names) -> bool:
 
 
 def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, ActivationStats] | None = None,
-             fold: bool = True, quantized_weights: dict[str, torch.Tensor] | None = None) -> Simulation:
+             fold: bool = True, quantized_weights: dict[str, torch.Tensor] | None = None,
+             input_means: dict[str, torch.Tensor] | None = None) -> Simulation:
     """A fake-quantized copy of ``model`` under ``recipe`` (``model`` itself is only read: the
     copy is taken first, and its weights and input hooks are this simulation's own).
 
     ``calibration`` (from ``calibrate`` on the *folded* FP32 model) is required when any layer has
     static activation quantization. ``quantized_weights`` (layer -> fake-quantized weight) lets a
     caller reuse weights it already quantized (sensitivity sweeps); missing ones are computed.
+    ``input_means`` (layer -> mean input per channel, ``transforms.input_stats``) is needed by a recipe with
+    bias correction, applied to each targeted layer right after its weight is quantized.
     """
     q = copy.deepcopy(model).eval()
     folded = fold_batchnorm(q) if fold else []
@@ -205,6 +212,7 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
                          "(provide a data file, or use dynamic activations)")
     sim = Simulation(q, recipe, folded)
     modules = modules_by_name(q, layers)
+    corrected, sim.notes = bias_targets(recipe, {n: i.kind for n, i in layers.items()}, modules, plans)
     for name, module in modules.items():
         plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
@@ -216,6 +224,10 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
                 except QcoreError as e:  # e.g. a range search too big for this layer: say which layer
                     raise QcoreError(f"layer {name!r}: {e}") from None
             with torch.no_grad():
+                if name in corrected and name in (input_means or {}):
+                    module.bias.copy_(corrected_bias(module.bias, module.weight, w, input_means[name],
+                                                     getattr(module, "groups", 1)))
+                    sim.bias_corrected.append(name)
                 module.weight.copy_(w)
             sim.weight_quantized.append(name)
         hook = input_quantizer(name, layers[name].kind, plan.activations, calibration)

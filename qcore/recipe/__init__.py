@@ -52,6 +52,10 @@ PRESETS: dict[str, dict] = {
     "nf4": {"weights": {"format": "nf4", "granularity": "per_group", "group_size": 64}, "activations": None},
     "fp8": {"weights": {"format": "fp8_e4m3", "granularity": "per_channel", "scaled": True},
             "activations": {"format": "fp8_e4m3", "scaled": True, "dynamic": True}},
+    "int4-awq": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False, "range": "minmax"},
+                 "activations": None, "transforms": [{"awq": {}}]},
+    "w8a8-smoothquant": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False},
+                         "transforms": [{"smoothquant": {"alpha": 0.5}}]},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -63,6 +67,8 @@ PRESET_DESCRIPTIONS = {
     "int4-weight-only": "int4 affine weights in groups of 32 along the input dimension, float activations",
     "nf4": "4-bit NormalFloat weights, absmax per block of 64 (QLoRA), float activations",
     "fp8": "FP8 E4M3 weights scaled per channel; FP8 E4M3 activations scaled per batch",
+    "int4-awq": "int4-weight-only after AWQ's activation-aware per-channel scales (folded into the preceding layer)",
+    "w8a8-smoothquant": "int8-static after SmoothQuant (alpha 0.5) moves activation outliers into the weights",
 }
 
 
