@@ -115,9 +115,9 @@ def find_groups(model: nn.Module, layer_names, batch: tuple) -> list[Group]:
     """Every producer -> consumers group of ``model`` (see the module docstring), tested on ``batch`` (a tuple
     of model inputs) on a private copy. ``layer_names``: the quantizable layers (consumers are among them).
 
-    The first pass of each probe stops at the first layer whose input changed in a way that is not a
-    per-channel scale: consumers after it are missed, so the group then fails the output check -- refused, never
-    wrongly accepted."""
+    A probe whose first changed layer input is not a per-channel scale of the old one stops there: that
+    producer has no group (a consumer reached only later would leave the output changed anyway, as the
+    first layer's input is not compensated)."""
     m = copy.deepcopy(model).eval()
     table = dict(m.named_modules())
     readers = {n: table[n] for n in layer_names if isinstance(table.get(n), CONSUMERS)
@@ -134,9 +134,10 @@ def find_groups(model: nn.Module, layer_names, batch: tuple) -> list[Group]:
             if not probe:
                 seen[name] = x.clone()
             elif "r" in probe and name != probe["name"] and x.shape == seen[name].shape and _rel(x, seen[name]) >= EXACT:
-                if not linear(name, x, probe["r"]):
-                    raise _Stop
-                probe["consumers"].append(name)
+                if linear(name, x, probe["r"]):
+                    probe["consumers"].append(name)
+                elif not probe["consumers"]:
+                    raise _Stop  # the producer's first changed reader is not a consumer: no group
         return hook
 
     handles = [mod.register_forward_pre_hook(record(n)) for n, mod in readers.items()]
