@@ -293,7 +293,7 @@ def test_load_recipe_errors(tmp_path):
         "int4-weight-only, nf4, fp8, int4-awq, w8a8-smoothquant) nor a recipe file that exists")
     assert _error(preset, "int3") == (
         "unknown preset 'int3'; available presets: fp32, fp16, bf16, int8-weight-only, int8-dynamic, int8-static, "
-        "int4-weight-only, nf4, fp8")
+        "int4-weight-only, nf4, fp8, int4-awq, w8a8-smoothquant")
     assert _error(load_recipe, '{"weights": {"format": "int8",}}') == (
         "the recipe is not valid JSON (Expecting property name enclosed in double quotes at line 1); "
         "fix the file and retry")
