@@ -41,9 +41,12 @@ def decode_layers(text: str) -> dict:
     return layers
 
 
-def build_recipe(w, preset_name: str, layers: dict) -> Recipe:
-    """The preset with ``layers`` overrides applied, validated against ``w``'s layers."""
+def build_recipe(w, preset_name: str, layers: dict, transforms: list | None = None) -> Recipe:
+    """The preset with ``layers`` overrides applied (and ``transforms`` instead of the preset's, when given),
+    validated against ``w``'s layers."""
     base = preset(preset_name, w.layer_shapes).to_dict()
+    if transforms is not None:
+        base["transforms"] = transforms
     recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
                                "layers": {**base["layers"], **layers}})
     recipe.resolve(w.layer_shapes)  # validates it against the model
