@@ -201,3 +201,24 @@ def test_exports_of_the_transform_presets_run_in_onnx_runtime_as_simulated_with_
     if name == "w8a8-smoothquant":  # the scales live in the LayerNorm's gain
         gain = {i.name: i for i in onnx.load(str(tmp_path / "t.onnx")).graph.initializer}["ln.weight"]
         assert np.allclose(onnx.numpy_helper.to_array(gain), w.transformed(recipe).model.ln.weight.detach().numpy())
+
+
+def test_bias_correction_and_cle_reach_the_onnx_and_safetensors_files(tmp_path):
+    from qcore.export import export_qdq
+    from qcore.export.safetensors import export_safetensors, load_safetensors
+
+    w = block_workload()
+    recipe = Recipe.from_dict({"weights": {"format": "int4", "granularity": "per_tensor"}, "activations": None,
+                               "transforms": [{"cle": {}}, {"bias_correction": {}}]})
+    sim = w.simulate(recipe)
+    assert set(sim.bias_corrected) == {"fc1", "fc2", "fc3", "fc4"}
+    x = w.evaluation.inputs[0]
+    with torch.no_grad():
+        want = sim.model(x)
+    export_qdq(w, recipe, str(tmp_path / "m.onnx"))
+    got = _run_onnx(str(tmp_path / "m.onnx"), x)
+    assert 10 * np.log10((want.numpy() ** 2).sum() / ((got - want.numpy()) ** 2).sum()) > 60
+    export_safetensors(w, recipe, str(tmp_path / "m.safetensors"))
+    _, loaded = load_safetensors(str(tmp_path / "m.safetensors"), w)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
