@@ -4,6 +4,7 @@ Packages, in the order a reader learns quantization from them:
 
 - ``numerics``  tensors only: number formats and their traits, granularity (how a tensor is cut into
                 blocks), range methods (where the clip goes), ``TensorSpec``, quantize/dequantize, metrics;
+- ``algorithms`` the math of PTQ algorithms beyond round-to-nearest (SmoothQuant, AWQ, CLE, bias correction);
 - ``recipe``    the JSON that says how every layer is quantized: presets, validation, resolution to one
                 plan per layer, links and the Mixed precision table;
 - ``model``     a model under a recipe: layers and BatchNorm folding, hooks, calibration, simulation,
@@ -16,7 +17,8 @@ Packages, in the order a reader learns quantization from them:
                 profiles), ``zoo`` (built-in models), ``report``, ``cli``.
 
 Dependency rules (``tests/test_architecture.py`` checks them): ``numerics`` imports nothing of qcore
-but ``errors``; ``recipe`` only ``numerics``; ``model`` only ``numerics`` and ``recipe``; ``io``,
+but ``errors``; ``algorithms`` only ``numerics``; ``recipe`` only ``numerics``; ``model`` only ``numerics``,
+``algorithms`` and ``recipe``; ``io``,
 ``analysis`` and ``export`` build on those (and the top-level ``errors``/``limits``/``hardware``) and
 never import each other; ``figures`` import nothing of qcore; nothing in qcore imports Streamlit.
 """
