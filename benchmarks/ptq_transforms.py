@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -91,11 +92,15 @@ def ort_static_rows(w, smoothquant: bool) -> dict:
 
 def minilm_rows() -> list[dict]:
     w = zoo.load("minilm-l6")
-    rows = [qcore_row(w, preset("int8-static", w.layer_shapes), "nearest"),
-            qcore_row(w, preset("w8a8-smoothquant", w.layer_shapes), "SmoothQuant (alpha 0.5)"),
-            ort_static_rows(w, False), ort_static_rows(w, True),
-            qcore_row(w, preset("int4-weight-only", w.layer_shapes), "nearest"),
-            qcore_row(w, preset("int4-awq", w.layer_shapes), "AWQ (grid 20)")]
+    steps = [lambda: qcore_row(w, preset("int8-static", w.layer_shapes), "nearest"),
+             lambda: qcore_row(w, preset("w8a8-smoothquant", w.layer_shapes), "SmoothQuant (alpha 0.5)"),
+             lambda: ort_static_rows(w, False), lambda: ort_static_rows(w, True),
+             lambda: qcore_row(w, preset("int4-weight-only", w.layer_shapes), "nearest"),
+             lambda: qcore_row(w, preset("int4-awq", w.layer_shapes), "AWQ (grid 20)")]
+    rows = []
+    for step in steps:
+        rows.append(step())
+        print(markdown(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)  # progress: a long run shows its rows
     return rows
 
 
@@ -128,7 +133,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     print("### ptq_transforms\n")
     print(f"CPU: {cpu_name()} ({', '.join(cpu_features())}); torch threads {args.threads}\n")
-    rows = digits_rows([3]) if args.quick else minilm_rows() + digits_rows([4, 3])
+    rows = digits_rows([3]) if args.quick else digits_rows([4, 3]) + minilm_rows()
     print(markdown(rows))
 
 
