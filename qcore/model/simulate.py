@@ -213,6 +213,9 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
     sim = Simulation(q, recipe, folded)
     modules = modules_by_name(q, layers)
     corrected, sim.notes = bias_targets(recipe, {n: i.kind for n, i in layers.items()}, modules, plans)
+    if corrected and input_means is None:
+        raise QcoreError("this recipe has bias_correction: the layers' mean inputs over calibration data are needed "
+                         "(simulate it through its Workload, or remove bias_correction)")
     for name, module in modules.items():
         plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
