@@ -54,7 +54,12 @@ def qcore_row(w, recipe: Recipe, label: str) -> dict:
 
 def ort_static_rows(w, smoothquant: bool) -> dict:
     """ONNX Runtime ``quantize_static`` of minilm-l6's float ONNX graph on the calibration sentences."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from qcore.export import export_qdq
     from qcore.export.sessions import run_onnx, session
@@ -81,7 +86,7 @@ def ort_static_rows(w, smoothquant: bool) -> dict:
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 op_types_to_quantize=["MatMul"],
                                 extra_options={"SmoothQuant": smoothquant, "SmoothQuantAlpha": 0.5})
-        except Exception as e:  # the peer's own failure (e.g. Neural Compressor missing): reported, not raised
+        except Exception as e:  # noqa: BLE001 -- the peer's own failure (e.g. Neural Compressor missing): reported, not raised
             row["what"] = f"did not run: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             return row
         row["seconds"] = time.perf_counter() - start

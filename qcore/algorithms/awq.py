@@ -16,8 +16,8 @@ reference also searches a clipping range per group afterwards; that step is not 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

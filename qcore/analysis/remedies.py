@@ -107,7 +107,7 @@ def smoothquant_preview(w: Workload, recipe: Recipe, layer: str, alpha: float = 
     m0, m1 = (w.folded[0] if before is None else before.model), after.model
     a0 = input_stats(m0, [layer], w.calibration.batches(w.batch_size))[layer].absmax
     a1 = input_stats(m1, [layer], w.calibration.batches(w.batch_size))[layer].absmax
-    wmax = lambda m: modules_by_name(m, [layer])[layer].weight.detach().abs().transpose(0, 1).reshape(len(a0), -1).amax(1)  # noqa: E731
+    wmax = lambda m: modules_by_name(m, [layer])[layer].weight.detach().abs().transpose(0, 1).reshape(len(a0), -1).amax(1)
     headline = w.task.headline
     return {"act_before": a0.tolist(), "act_after": a1.tolist(), "weight_before": wmax(m0).tolist(),
             "weight_after": wmax(m1).tolist(),

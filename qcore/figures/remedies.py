@@ -18,7 +18,7 @@ def smoothquant_channels(act_before, act_after, weight_before, weight_after, tit
                              legendgroup="before"), row=row, col=1)
         fig.add_trace(go.Bar(x=x, y=after, name="after SmoothQuant", marker_color="#2471a3", showlegend=row == 1,
                              legendgroup="after"), row=row, col=1)
-    fig.update_layout(title=title, barmode="overlay", height=460, margin=dict(t=70, b=40))
+    fig.update_layout(title=title, barmode="overlay", height=460, margin={"t": 70, "b": 40})
     fig.update_traces(opacity=0.7)
     fig.update_xaxes(title_text="input channel", row=2, col=1)
     return fig
@@ -33,6 +33,6 @@ def cle_ranges(producer_before, producer_after, consumer_before, consumer_after,
                                  (consumer_before, "second layer, before", "#e67e22", "dot"),
                                  (producer_after, "first layer, after CLE", "#2471a3", "solid"),
                                  (consumer_after, "second layer, after CLE", "#17a589", "solid")]:
-        fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines+markers", line=dict(color=color, dash=dash)))
+        fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines+markers", line={"color": color, "dash": dash}))
     fig.update_layout(title=title, xaxis_title="channel", yaxis_title="max |W|", yaxis_type="log", height=380)
     return fig

@@ -166,7 +166,7 @@ def find_groups(model: nn.Module, layer_names, batch: tuple) -> list[Group]:
                     fold(nn.Identity(), [readers[n] for n in consumers], r)
                     now = {}
                     hs = [readers[n].register_forward_pre_hook(
-                        lambda mod, args, n=n: now.__setitem__(n, args[0].detach().clone())) for n in readers]
+                        lambda mod, args, n=n, now=now: now.__setitem__(n, args[0].detach().clone())) for n in readers]
                     try:
                         out = _first(m(*batch))
                     finally:

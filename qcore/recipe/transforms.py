@@ -14,10 +14,12 @@ recipe holds a tuple of them. What each transform computes: ``qcore.algorithms``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from qcore.errors import QcoreError, shown as _show
+from qcore.errors import QcoreError
+from qcore.errors import shown as _show
 from qcore.recipe.parse import MAX_LAYERS, MAX_NAME_CHARS
 
 MAX_TRANSFORMS = 16
@@ -61,7 +63,7 @@ class Transform:
         return dict(self.options)[key]
 
     @classmethod
-    def from_json(cls, value, where: str) -> "Transform":
+    def from_json(cls, value, where: str) -> Transform:
         if isinstance(value, Transform):
             return value
         if not isinstance(value, Mapping) or len(value) != 1:

@@ -4,10 +4,10 @@ page show before/after numbers and, in one click, put the transform into the ses
 from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
+from test_app import open_app, rerun, visit, zoo_models  # noqa: F401 -- the fixture the app's loader uses
 
 from qcore.analysis import remedies
 from qcore.recipe import preset
-from test_app import open_app, rerun, visit, zoo_models  # noqa: F401 -- the fixture the app's loader uses
 from ui.text import plain
 
 

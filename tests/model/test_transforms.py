@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 
 import numpy as np
 import onnx
@@ -19,7 +18,6 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
-from qcore.model.transforms import find_groups
 from qcore.model.workload import Data, Workload, output_task
 from qcore.recipe import Recipe, preset
 from qcore.recipe.links import build_recipe, compact, recipe_id
@@ -87,7 +85,7 @@ def test_smoothquant_leaves_the_float_outputs_unchanged_and_migrates_the_ranges(
     assert torch.allclose(done.model.fc3.weight, m.fc3.weight * s, rtol=1e-5)  # fc1 is also smoothed as fc2's producer
     with torch.no_grad():
         h2 = done.model.ln(w.calibration.inputs[0])
-    ratio = lambda a: float(a.max() / a.mean())  # noqa: E731
+    ratio = lambda a: float(a.max() / a.mean())
     assert ratio(h2.abs().amax(0)) < ratio(act) * 0.6
     assert torch.allclose(h2.abs().amax(0), torch.sqrt(act * wmax), rtol=1e-4)
     assert [n for n in done.notes if "(fc4)" in n]  # the skipped layer (after a GELU) is named; fc2 was smoothed
@@ -196,20 +194,20 @@ def test_exports_of_the_transform_presets_run_in_onnx_runtime_as_simulated_with_
         sim = w.simulate(recipe).model(x).numpy()
     got = _run_onnx(str(tmp_path / "t.onnx"), x)
     assert 10 * np.log10((sim ** 2).sum() / ((got - sim) ** 2).sum()) > 60  # dB, as tests/export's check
-    ops = lambda p: collections.Counter(n.op_type for n in onnx.load(p).graph.node)  # noqa: E731
+    ops = lambda p: collections.Counter(n.op_type for n in onnx.load(p).graph.node)
     assert ops(str(tmp_path / "t.onnx")) == ops(str(tmp_path / "n.onnx"))
     if name == "w8a8-smoothquant":  # the scales live in the LayerNorm's gain
         gain = {i.name: i for i in onnx.load(str(tmp_path / "t.onnx")).graph.initializer}["ln.weight"]
         assert np.allclose(onnx.numpy_helper.to_array(gain), w.transformed(recipe).model.ln.weight.detach().numpy())
 
 
-def test_bias_correction_and_cle_reach_the_onnx_and_safetensors_files(tmp_path):
+def test_smoothquant_and_bias_correction_reach_the_onnx_and_safetensors_files(tmp_path):
     from qcore.export import export_qdq
     from qcore.export.safetensors import export_safetensors, load_safetensors
 
-    w = block_workload()
+    w = block_workload()  # the same SmoothQuant as w8a8-smoothquant: its float graph is built once per session
     recipe = Recipe.from_dict({"weights": {"format": "int4", "granularity": "per_tensor"}, "activations": None,
-                               "transforms": [{"cle": {}}, {"bias_correction": {}}]})
+                               "transforms": [{"smoothquant": {"alpha": 0.5}}, {"bias_correction": {}}]})
     sim = w.simulate(recipe)
     assert set(sim.bias_corrected) == {"fc1", "fc2", "fc3", "fc4"}
     x = w.evaluation.inputs[0]
