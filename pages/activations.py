@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui import formulas, keys, state
+from ui import formulas, keys, remedies, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS, choices
@@ -89,3 +89,5 @@ st.write(f"Each grey bar is the range a dynamic quantizer would use for one batc
          "the lines are the one range static quantization fixes for all of them. A dynamic range fits each batch "
          "(finer steps) at the cost of measuring it at run time.")
 st.plotly_chart(viz.static_vs_dynamic(per_batch, {"minmax": ranges["minmax"], chosen: ranges[chosen]}), width="stretch")
+
+remedies.smoothquant_panel(key, w, layer)

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import formulas, keys, state
+from ui import formulas, keys, remedies, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS
@@ -87,3 +87,5 @@ if st.toggle(f"Quantize all {len(w.layers)} layers", total <= AUTO_ALL_LAYERS, k
     st.plotly_chart(viz.layer_sqnr(rows), width="stretch")
     st.write(f"Worst layer: **{plain(layer_label(worst['name']))}** at {worst['sqnr_db']:.1f} dB. Weight SQNR says how much each "
              "layer's weights change, not how much the model's output suffers.")
+
+remedies.cle_panel(key, w, layer)

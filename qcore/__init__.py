@@ -4,7 +4,8 @@ Packages, in the order a reader learns quantization from them:
 
 - ``numerics``  tensors only: number formats and their traits, granularity (how a tensor is cut into
                 blocks), range methods (where the clip goes), ``TensorSpec``, quantize/dequantize, metrics;
-- ``algorithms`` PTQ algorithms as pure tensor math: GPTQ and AdaRound weight rounding;
+- ``algorithms`` PTQ algorithms as pure tensor math: GPTQ and AdaRound weight rounding; SmoothQuant, AWQ, CLE
+  and bias correction;
 - ``recipe``    the JSON that says how every layer is quantized: presets, validation, resolution to one
                 plan per layer, links and the Mixed precision table;
 - ``model``     a model under a recipe: layers and BatchNorm folding, hooks, calibration, simulation,

@@ -158,13 +158,19 @@ DEFAULT_CANDIDATES = ["int8-static", "int4-weight-only", "int2"]
 def current(key: str, w) -> tuple[str, dict, Recipe]:
     """``(preset, overrides, Recipe)`` of the recipe the user is building for workload ``key``."""
     entry = st.session_state.setdefault(RECIPES, {}).get(key) or {"preset": DEFAULT_PRESET, "layers": {}}
-    return entry["preset"], entry["layers"], build_recipe(w, entry["preset"], entry["layers"])
+    return entry["preset"], entry["layers"], build_recipe(w, entry["preset"], entry["layers"], entry.get("transforms"))
 
 
-def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool = True) -> None:
-    """Store the recipe (validated first: QcoreError leaves the old one); reset the table's edits."""
-    build_recipe(w, preset_name, layers)
-    st.session_state.setdefault(RECIPES, {})[key] = {"preset": preset_name, "layers": dict(layers)}
+def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool = True,
+                transforms: list | None = None) -> None:
+    """Store the recipe (validated first: QcoreError leaves the old one); reset the table's edits. ``transforms``
+    (recipe JSON entries) replace the preset's; when not given, ones set before on this preset are kept."""
+    old = st.session_state.setdefault(RECIPES, {}).get(key) or {}
+    if transforms is None and old.get("preset") == preset_name:
+        transforms = old.get("transforms")
+    build_recipe(w, preset_name, layers, transforms)
+    st.session_state[RECIPES][key] = {"preset": preset_name, "layers": dict(layers),
+                                      **({"transforms": transforms} if transforms is not None else {})}
     if reset_editor:
         st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
 

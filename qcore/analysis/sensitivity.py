@@ -93,7 +93,9 @@ def check_candidates(candidates) -> list[str]:
     if not names:
         raise QcoreError("give at least one candidate, e.g. int8-dynamic,int4-weight-only")
     for name in names:
-        candidate_recipe(name, {})
+        if candidate_recipe(name, {}).transforms:  # the sweep replays layers of the untransformed model
+            raise QcoreError(f"candidate {name!r} carries model transforms, which the sensitivity sweep does not apply; "
+                             f"sweep the preset without them and evaluate {name!r} itself")
     return names
 
 

@@ -28,8 +28,10 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
     other tensor of the (BatchNorm-folded) model, with the recipe in the metadata."""
     from safetensors.torch import save_file
 
+    from qcore.export.onnx.float_graph import source_model
+
     plans = recipe.resolve(workload.layer_shapes)
-    model = workload.folded[0]
+    model = source_model(workload, recipe)  # SmoothQuant/AWQ/CLE scales folded in
     sim = workload.simulate(recipe)
     tensors, skip = {}, set()
     for name, mod in modules_by_name(model, workload.layers).items():
@@ -48,7 +50,7 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
             if isinstance(hook, InputQuantizer) and hook.lo is not None and not hook.spec.dynamic:
                 tensors[f"{name}.input.range"] = torch.tensor([hook.lo, hook.hi], dtype=torch.float32)
     seen = set()
-    for key, t in model.state_dict(keep_vars=False).items():
+    for key, t in sim.model.state_dict(keep_vars=False).items():  # float tensors as simulated (corrected biases)
         if key in skip or (t.data_ptr(), t.numel()) in seen:  # shared tensors once
             continue
         seen.add((t.data_ptr(), t.numel()))

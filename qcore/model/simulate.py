@@ -38,6 +38,8 @@ from torch import nn
 from qcore.errors import QcoreError
 from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
 from qcore.model.recurrent import RecurrentMatrix, unroll
+from qcore.model.transforms import bias_targets
+from qcore.algorithms.bias_correction import corrected_bias
 from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
 from qcore.recipe import Recipe
 from qcore.numerics.spec import TensorSpec
@@ -186,6 +188,8 @@ class Simulation:
     weight_quantized: list[str] = field(default_factory=list)
     activation_quantized: list[str] = field(default_factory=list)
     weights: dict[str, QuantizedTensor] = field(default_factory=dict)
+    bias_corrected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # transforms' skipped layers and why
 
 
 def needs_calibration(recipe: Recipe, layer_names) -> bool:
@@ -195,7 +199,8 @@ def needs_calibration(recipe: Recipe, layer_names) -> bool:
 
 def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, ActivationStats] | None = None,
              fold: bool = True, quantized_weights: dict[str, QuantizedTensor] | None = None,
-             calibration_batches: list[tuple] | None = None) -> Simulation:
+             calibration_batches: list[tuple] | None = None,
+             input_means: dict[str, torch.Tensor] | None = None) -> Simulation:
     """A fake-quantized copy of ``model`` under ``recipe`` (``model`` itself is only read: the
     copy is taken first, and its weights and input hooks are this simulation's own).
 
@@ -203,6 +208,8 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
     static activation quantization. ``quantized_weights`` (layer -> ``QuantizedTensor``) lets a caller
     reuse weights it already quantized (a workload's cached GPTQ/AdaRound roundings); missing ones are
     computed, a GPTQ/AdaRound one from ``calibration_batches`` (model inputs), required then.
+    ``input_means`` (layer -> mean input per channel, ``transforms.input_stats``) is needed by a recipe with
+    bias correction, applied to each targeted layer right after its weight is quantized.
     """
     q = copy.deepcopy(model).eval()
     folded = fold_batchnorm(q) if fold else []
@@ -222,6 +229,10 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
             raise QcoreError(f"this recipe rounds layer {next(iter(rounded))!r} with {next(iter(rounded.values())).rounding}, "
                              "which learns from calibration data: provide a data file, or use rounding nearest")
         given.update(Rounder(q, kinds, lambda: calibration_batches).weights(rounded))
+    corrected, sim.notes = bias_targets(recipe, kinds, modules, plans)
+    if corrected and input_means is None:
+        raise QcoreError("this recipe has bias_correction: the layers' mean inputs over calibration data are needed "
+                         "(simulate it through its Workload, or remove bias_correction)")
     for name, module in modules.items():
         plan = plans[name]
         if plan.weights is not None and plan.weights.format != "fp32":
@@ -233,7 +244,12 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
                 except QcoreError as e:  # e.g. a range search too big for this layer: say which layer
                     raise QcoreError(f"layer {name!r}: {e}") from None
             with torch.no_grad():
-                module.weight.copy_(qt.dequantize().reshape(module.weight.shape))
+                w = qt.dequantize().reshape(module.weight.shape)
+                if name in corrected and name in (input_means or {}):
+                    module.bias.copy_(corrected_bias(module.bias, module.weight, w, input_means[name],
+                                                     getattr(module, "groups", 1)))
+                    sim.bias_corrected.append(name)
+                module.weight.copy_(w)
             sim.weights[name] = qt
             sim.weight_quantized.append(name)
         hook = input_quantizer(name, layers[name].kind, plan.activations, calibration)

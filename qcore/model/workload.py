@@ -32,6 +32,7 @@ from qcore.numerics.metrics import (classification_metrics, mean_cosine, probabi
 from qcore.recipe import Recipe
 from qcore.model.simulate import LayerInfo, Simulation, find_layers, fold_batchnorm, simulate
 from qcore.model.size import model_size
+from qcore.model import transforms as transforms_mod
 
 
 @dataclass
@@ -243,6 +244,64 @@ class Workload:
         rounder = self.rounder
         specs = rounding_specs(recipe, recipe.resolve(self.layer_shapes), rounder.kinds, rounder.modules)
         return rounder.weights(specs, progress, should_stop)
+    # ---- the recipe's transforms (SmoothQuant, AWQ, CLE): a transformed float copy per recipe ----------
+    @property
+    def groups(self) -> list[transforms_mod.Group]:
+        """Where a per-channel scale folds (``transforms.find_groups`` on the folded model, tested on the first
+        calibration samples), computed once."""
+        if "_groups" not in self.__dict__:
+            with self._lock:
+                if "_groups" not in self.__dict__:
+                    probe = self.calibration.subset(slice(0, transforms_mod.PROBE_SAMPLES)).inputs
+                    self.__dict__["_groups"] = transforms_mod.find_groups(self.folded[0], self.layers, probe)
+        return self.__dict__["_groups"]
+
+    def transformed(self, recipe: Recipe) -> transforms_mod.Transformed | None:
+        """The folded float model with ``recipe``'s SmoothQuant/AWQ/CLE transforms applied (None: it has none),
+        with its calibration statistics (``.calibration``, computed on it) and input means. Shared like
+        ``folded`` (read it or copy it); the last ``TRANSFORMED_CACHE`` are kept."""
+        steps = tuple(t for t in recipe.transforms if t.name != "bias_correction")
+        if not steps and not recipe.transforms:
+            return None
+        plans = recipe.resolve(self.layer_shapes)
+        key = (steps, tuple(p.weights for p in plans.values()) if any(t.name == "awq" for t in steps) else ())
+        cache = self.__dict__.setdefault("_transformed", {})
+        if key not in cache:
+            with self._lock:
+                if key not in cache:
+                    kinds = {n: i.kind for n, i in self.layers.items()}
+                    batches = self.calibration.batches(self.batch_size)
+                    if steps:
+                        done = transforms_mod.apply_transforms(self.folded[0], kinds, steps, self.groups, batches, plans)
+                    else:
+                        done = transforms_mod.Transformed(self.folded[0])
+                    while len(cache) >= TRANSFORMED_CACHE:
+                        cache.pop(next(iter(cache)))
+                    cache[key] = done
+        return cache[key]
+
+    def calibration_of(self, recipe: Recipe) -> dict[str, calibrate_mod.ActivationStats]:
+        """Calibration statistics of the model ``recipe`` quantizes (the transformed one: static ranges are
+        calibrated after SmoothQuant has moved them)."""
+        done = self.transformed(recipe)
+        if done is None or done.model is self.folded[0]:
+            return self.calibration_stats()
+        if done.calibration is None:
+            with self._lock:
+                if done.calibration is None:
+                    done.calibration = calibrate_mod.calibrate(done.model, self.layers,
+                                                               self.calibration.batches(self.batch_size))
+        return done.calibration
+
+    def input_means(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """Mean of each layer's input per channel (C,) over the calibration data, on ``recipe``'s float model."""
+        done = self.transformed(recipe)
+        if done.means is None:
+            with self._lock:
+                if done.means is None:
+                    stats = transforms_mod.input_stats(done.model, self.layers, self.calibration.batches(self.batch_size))
+                    done.means = {n: s.mean for n, s in stats.items()}
+        return done.means
 
     @cached_property
     def reference_outputs(self) -> torch.Tensor:
@@ -270,13 +329,23 @@ class Workload:
         return torch.cat(outputs)
 
     def simulate(self, recipe: Recipe, quantized_weights=None) -> Simulation:
+        """``simulate`` of the folded model -- transformed first when the recipe has transforms (then
+        ``quantized_weights``, quantized from the untransformed weights, are not reused)."""
         from qcore.model.simulate import needs_calibration
 
         recipe.check_against(self.layer_shapes)
-        calib = self.calibration_stats() if needs_calibration(recipe, self.layers) else None
-        rounded = {**self.rounded_weights(recipe), **(quantized_weights or {})}
-        sim = simulate(self.folded[0], recipe, calib, fold=False, quantized_weights=rounded)
+        done = self.transformed(recipe)
+        model = self.folded[0] if done is None else done.model
+        calib = self.calibration_of(recipe) if needs_calibration(recipe, self.layers) else None
+        means = self.input_means(recipe) if any(t.name == "bias_correction" for t in recipe.transforms) else None
+        if model is self.folded[0]:  # GPTQ/AdaRound weights of the folded model are cached by the workload
+            given, batches = {**self.rounded_weights(recipe), **(quantized_weights or {})}, None
+        else:  # a transformed model: its roundings are its own (computed here from the calibration data)
+            given, batches = None, self.calibration.batches(self.batch_size)
+        sim = simulate(model, recipe, calib, fold=False, quantized_weights=given,
+                       calibration_batches=batches, input_means=means)
         sim.folded = self.folded[1]
+        sim.notes = (done.notes if done else []) + sim.notes
         return sim
 
     def size(self, recipe: Recipe) -> dict:
@@ -296,7 +365,10 @@ class Workload:
             fp32=Measured(size["fp32_bytes"], self.fp32_metrics),
             quantized=Measured(size["size_bytes"],
                                self.task.metrics(outputs, self.reference_outputs, self.evaluation.labels)),
-            folded=[list(p) for p in sim.folded], notes=list(self.notes))
+            folded=[list(p) for p in sim.folded], notes=list(self.notes) + sim.notes)
+
+
+TRANSFORMED_CACHE = 4  # transformed float copies kept per workload (each one the model's size)
 
 
 class EvaluationCancelled(QcoreError):

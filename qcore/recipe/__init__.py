@@ -58,6 +58,10 @@ PRESETS: dict[str, dict] = {
                               "range": "minmax", "rounding": "gptq"}, "activations": None},
     "int3-adaround": {"weights": {"format": "int3", "granularity": "per_channel", "symmetric": True, "range": "minmax",
                                   "rounding": "adaround"}, "activations": None},
+    "int4-awq": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False, "range": "minmax"},
+                 "activations": None, "transforms": [{"awq": {}}]},
+    "w8a8-smoothquant": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False},
+                         "transforms": [{"smoothquant": {"alpha": 0.5}}]},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -71,6 +75,8 @@ PRESET_DESCRIPTIONS = {
     "fp8": "FP8 E4M3 weights scaled per channel; FP8 E4M3 activations scaled per batch",
     "int4-gptq": "int4 affine weights in groups of 32, rounded by GPTQ on the calibration data, float activations",
     "int3-adaround": "int3 per-channel symmetric weights, rounded by AdaRound on the calibration data, float activations",
+    "int4-awq": "int4-weight-only after AWQ's activation-aware per-channel scales (folded into the preceding layer)",
+    "w8a8-smoothquant": "int8-static after SmoothQuant (alpha 0.5) moves activation outliers into the weights",
 }
 
 

@@ -17,6 +17,7 @@ from qcore.errors import QcoreError, shown as _show
 from qcore.numerics.formats import FORMATS
 from qcore.numerics.spec import ROUNDING_OPTIONS, TensorSpec
 from qcore.recipe.parse import MAX_LAYERS, MAX_NAME_CHARS, parse_json
+from qcore.recipe.transforms import Transform, parse_transforms
 
 PARTS = ("weights", "activations")
 
@@ -196,14 +197,17 @@ FLOAT = LayerOverride(None, None, keep_float=True)
 @dataclass(frozen=True)
 class Recipe:
     """Default weight/activation specs plus per-layer overrides (``layers``: name -> ``LayerOverride``; plain
-    JSON entries given to the constructor are typed on the way in). Frozen and hashable; equal = same JSON."""
+    JSON entries given to the constructor are typed on the way in) and the model-level ``transforms``, in order
+    (``qcore.recipe.transforms``). Frozen and hashable; equal = same JSON."""
 
     name: str = "recipe"
     weights: TensorSpec | None = None
     activations: TensorSpec | None = None
     layers: Mapping[str, LayerOverride] = field(default_factory=Frozen)
+    transforms: tuple[Transform, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "transforms", parse_transforms(self.transforms))
         if not isinstance(self.layers, Frozen) or not all(isinstance(v, LayerOverride) for v in self.layers.values()):
             object.__setattr__(self, "layers", Frozen(
                 {k: LayerOverride.from_json(v, f"layers[{_show(k)}]") for k, v in self.layers.items()}))
@@ -213,7 +217,7 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
         if not isinstance(d, Mapping):
             raise QcoreError("a recipe must be a JSON object with keys name, weights, activations, layers")
-        allowed = ("name", "weights", "activations", "layers")
+        allowed = ("name", "weights", "activations", "layers", "transforms")
         for key in d:
             if key not in allowed:
                 raise QcoreError(f"unknown recipe key {_show(key)}; allowed keys: {', '.join(allowed)}")
@@ -236,7 +240,7 @@ class Recipe:
             where = f"layers[{_show(layer)}]"
             typed[layer] = LayerOverride.from_json(entry, where)
             typed[layer].apply(defaults, where)  # validates the override's specs
-        return cls(name, weights, activations, Frozen(typed))
+        return cls(name, weights, activations, Frozen(typed), parse_transforms(d.get("transforms")))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Recipe":
@@ -244,12 +248,16 @@ class Recipe:
         return cls.from_dict(parse_json(text))
 
     def to_dict(self) -> dict:
-        return {
+        """The recipe's JSON; ``transforms`` only when there are some (a recipe without reads as before)."""
+        d = {
             "name": self.name,
             "weights": self.weights.to_dict() if self.weights else None,
             "activations": self.activations.to_dict() if self.activations else None,
             "layers": {k: v.to_json() for k, v in self.layers.items()},
         }
+        if self.transforms:
+            d["transforms"] = [t.to_json() for t in self.transforms]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -41,9 +41,12 @@ def decode_layers(text: str) -> dict:
     return layers
 
 
-def build_recipe(w, preset_name: str, layers: dict) -> Recipe:
-    """The preset with ``layers`` overrides applied, validated against ``w``'s layers."""
+def build_recipe(w, preset_name: str, layers: dict, transforms: list | None = None) -> Recipe:
+    """The preset with ``layers`` overrides applied (and ``transforms`` instead of the preset's, when given),
+    validated against ``w``'s layers."""
     base = preset(preset_name, w.layer_shapes).to_dict()
+    if transforms is not None:
+        base["transforms"] = transforms
     recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
                                "layers": {**base["layers"], **layers}})
     recipe.resolve(w.layer_shapes)  # validates it against the model
@@ -61,9 +64,10 @@ def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
             entry = LayerOverride.to_reach(base.defaults, base.plan(layer), recipe.plan(layer))
             if entry is not None:
                 layers[layer] = entry.to_json()
-        if best is None or len(json.dumps(layers)) < len(json.dumps(best[1])):
-            best = (name, layers)
-    return best
+        rank = (base.transforms != recipe.transforms, len(json.dumps(layers)))  # a preset with the same transforms first
+        if best is None or rank < best[0]:
+            best = (rank, name, layers)
+    return best[1:]
 
 
 def recipe_hash(w, recipe: Recipe) -> str:
@@ -76,8 +80,12 @@ def recipe_id(w, recipe: Recipe) -> str:
     """The recipe's canonical JSON: what it does to each of ``w``'s layers, ``{layer: {"weights",
     "activations"}}`` (spec dicts or null, as ``Recipe.resolve`` gives them: group sizes fitted), sorted keys,
     compact. A preset with overrides and the same plans spelled layer by layer (as the search writes them) are
-    one recipe, and so are a group size and the one it resolves to; the name is not part of it."""
+    one recipe, and so are a group size and the one it resolves to; the name is not part of it. A recipe with
+    ``transforms`` has them appended (`` transforms=`` and their compact JSON); one without reads as before."""
     plans = {n: {"weights": p.weights.to_dict() if p.weights else None,
                  "activations": p.activations.to_dict() if p.activations else None}
              for n, p in recipe.resolve(w.layer_shapes).items()}
-    return json.dumps(plans, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(plans, sort_keys=True, separators=(",", ":"))
+    if recipe.transforms:
+        text += " transforms=" + json.dumps([t.to_json() for t in recipe.transforms], sort_keys=True, separators=(",", ":"))
+    return text

@@ -48,15 +48,22 @@ class FloatGraph:
     notes: list[str]
 
 
-_FLOAT_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FLOAT_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # float model -> its graph
 
 
-def float_graph(workload) -> FloatGraph:
-    """The folded FP32 model as ONNX: an uploaded ONNX model's own graph (``_uploaded_graph``), any
-    other model exported with ``torch.onnx.export(dynamo=True)`` (``_exported_graph``). Built once
-    per workload; returns a fresh copy to edit."""
-    if workload not in _FLOAT_GRAPHS:
-        model = workload.folded[0]
+def source_model(workload, recipe=None):
+    """The float model an export of ``recipe`` writes: the folded model, or its copy with the recipe's
+    SmoothQuant/AWQ/CLE scales folded into the LayerNorm/Linear/Conv weights (``Workload.transformed``)."""
+    done = None if recipe is None else workload.transformed(recipe)
+    return workload.folded[0] if done is None else done.model
+
+
+def float_graph(workload, recipe=None) -> FloatGraph:
+    """The FP32 model ``recipe`` quantizes (``source_model``) as ONNX: an uploaded ONNX model's own graph
+    (``_uploaded_graph``), any other model exported with ``torch.onnx.export(dynamo=True)``
+    (``_exported_graph``). Built once per float model; returns a fresh copy to edit."""
+    model = source_model(workload, recipe)
+    if model not in _FLOAT_GRAPHS:
         modules = dict(model.named_modules())
 
         def located(proto, names):
@@ -66,21 +73,21 @@ def float_graph(workload) -> FloatGraph:
             return {name: _weight_initializer(ed, name, modules[name], names.get(name)) for name in workload.layers}
 
         if isinstance(model, OnnxModule):
-            proto, notes, names = _uploaded_graph(workload)
+            proto, notes, names = _uploaded_graph(workload, model)
             weights = located(proto, names)
         else:
-            proto, notes = _exported_graph(workload, optimize=True)
+            proto, notes = _exported_graph(workload, model, optimize=True)
             try:
                 weights = located(proto, {})
             except QcoreError:  # the optimizer fused a BatchNorm the simulation keeps into a conv's weight
-                proto, notes = _exported_graph(workload, optimize=False)
+                proto, notes = _exported_graph(workload, model, optimize=False)
                 weights = located(proto, {})
-        _FLOAT_GRAPHS[workload] = (proto.SerializeToString(), weights, notes)
-    data, weights, notes = _FLOAT_GRAPHS[workload]
+        _FLOAT_GRAPHS[model] = (proto.SerializeToString(), weights, notes)
+    data, weights, notes = _FLOAT_GRAPHS[model]
     return FloatGraph(onnx.load_from_string(data), dict(weights), list(notes))
 
 
-def _exported_graph(workload, optimize: bool) -> tuple[onnx.ModelProto, list[str]]:
+def _exported_graph(workload, model, optimize: bool) -> tuple[onnx.ModelProto, list[str]]:
     """``torch.onnx.export(dynamo=True)`` of the folded model at opset 21, batch (and the sequence
     length of token inputs) dynamic unless the model fixes them (``Dim.AUTO``: a program saved at a
     fixed batch specializes it; the file is then declared at that batch and a note says so).
@@ -93,7 +100,6 @@ def _exported_graph(workload, optimize: bool) -> tuple[onnx.ModelProto, list[str
     import onnxscript.optimizer
     from torch.onnx import OnnxExporterError
 
-    model = workload.folded[0]
     if isinstance(model, FirstOutput):  # the file keeps every output the model returns; the first is the scored one
         model = model.inner
 
@@ -134,12 +140,11 @@ def _exported_graph(workload, optimize: bool) -> tuple[onnx.ModelProto, list[str
     return _free_batch(proto, workload)
 
 
-def _uploaded_graph(workload) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
+def _uploaded_graph(workload, model) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
     """An uploaded ONNX model's own graph (``OnnxModule.source``), each layer's weight input replaced
     by the simulated model's weight (read in the node's orientation), its first output only, upgraded
     to opset 21 if older, the batch dimension made dynamic and checked at batch 1 and 8. Returns
     (graph, notes, each layer's weight initializer)."""
-    model = workload.folded[0]
     proto = onnx.load_from_string(model.source)
     ed = GraphEditor(proto)
     modules = dict(model.named_modules())

@@ -19,18 +19,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
 from qcore.export.onnx import integer
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.embedding import gather_codes
-from qcore.export.onnx.float_graph import OPSET, float_graph
+from qcore.export.onnx.float_graph import OPSET, float_graph, source_model
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
 from qcore.model.conv_transpose import ConvTransposeLayer
-from qcore.model.simulate import input_quantizer, needs_calibration
+from qcore.model.simulate import input_quantizer, modules_by_name, needs_calibration
 from qcore.recipe import Recipe
 
 # Fused integer ops of ONNX Runtime's optimized graph, and what they mean for a layer
@@ -94,12 +94,14 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     """Write ``workload``'s model under ``recipe`` to ``path`` as ONNX holding exactly the simulated
     model (see the module docstring); returns what was written and what ONNX Runtime executes."""
     plans = recipe.resolve(workload.layer_shapes)
-    calib = workload.calibration_stats() if needs_calibration(recipe, workload.layers) else None
-    graph = float_graph(workload)
+    calib = workload.calibration_of(recipe) if needs_calibration(recipe, workload.layers) else None
+    graph = float_graph(workload, recipe)
     proto = graph.proto
     ed = GraphEditor(proto)
-    modules = dict(workload.folded[0].named_modules())
-    simulated = workload.simulate(recipe).weights  # the file holds exactly the codes that were simulated
+    modules = dict(source_model(workload, recipe).named_modules())
+    sim = workload.simulate(recipe)
+    simulated = sim.weights  # the file holds exactly the codes that were simulated
+    _write_corrected_biases(ed, sim, recipe)
     rows, notes, codes_of = [], list(graph.notes), {}
     for name, info in workload.layers.items():
         plan = plans[name]
@@ -173,6 +175,18 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     _executes(path, rows, codes_of, plans)
     return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
 
+
+
+def _write_corrected_biases(ed, sim, recipe: Recipe) -> None:
+    """Bias correction's biases (``Simulation.bias_corrected``) into their initializers ``<layer>.bias``."""
+    if not any(t.name == "bias_correction" for t in recipe.transforms):
+        return
+    for name, mod in modules_by_name(sim.model, sim.bias_corrected).items():
+        init = ed.inits.get(f"{name}.bias")
+        if init is None:
+            raise QcoreError(f"layer {name!r}: the ONNX graph has no initializer {name}.bias to hold its corrected "
+                             "bias; export without bias_correction")
+        init.CopyFrom(numpy_helper.from_array(mod.bias.detach().numpy().astype(np.float32), init.name))
 
 
 def _to_graph_layout(ed, value: str, module, out: str) -> None:

@@ -1,0 +1,68 @@
+"""The "Try SmoothQuant" (Activations page) and "Try cross-layer equalization" (Weights page) panels: before/after
+numbers and pictures from ``qcore.analysis.remedies``, and one click to put the transform into the recipe."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from qcore.analysis import transform_remedies as remedies
+from qcore.errors import QcoreError
+from qcore.figures import remedies as figures
+from ui import state
+from ui.text import html_plain, layer_label
+
+PREVIEWS = "remedy_previews"  # session key: (workload, layer, transform, recipe JSON) -> preview dict
+
+
+def _preview(key: str, w, layer: str, name: str, compute) -> dict | None:
+    _, _, recipe = state.current(key, w)
+    cache = st.session_state.setdefault(PREVIEWS, {})
+    ck = (key, layer, name, recipe.to_json())
+    if ck not in cache:
+        if not st.button(f"Try {name} on this layer", key=f"try_{name}_{key}_{layer}"):
+            return None
+        with st.spinner(f"Simulating the recipe with and without {name}…"):
+            try:
+                cache[ck] = compute(w, recipe, layer)
+            except QcoreError as e:
+                st.error(str(e))
+                return None
+    return cache[ck]
+
+
+def _apply(key: str, w, p: dict, name: str) -> None:
+    st.metric(f"model {p['metric']} (simulated)", f"{p['metric_after']:.4f}", f"{p['metric_after'] - p['metric_before']:+.4f}")
+    if st.button(f"Apply {name} to the recipe", key=f"apply_{name}_{key}"):
+        preset_name, layers, _ = state.current(key, w)
+        state.set_current(key, w, preset_name, layers, transforms=[t.to_json() for t in p["recipe"].transforms])
+        st.success(f"{name} is now part of the recipe (Sensitivity, Mixed precision and Export use it).")
+
+
+def smoothquant_panel(key: str, w, layer: str) -> None:
+    st.subheader("Try SmoothQuant")
+    st.write("SmoothQuant divides each input channel by s = max|x|^α / max|W|^(1−α) and multiplies the weight's "
+             "column by the same s, folded into the LayerNorm or Linear that produced the input: the float model is "
+             "unchanged, the outliers move into the weights, whose per-channel scales absorb them.")
+    p = _preview(key, w, layer, "SmoothQuant", remedies.smoothquant_preview)
+    if p is None:
+        return
+    st.plotly_chart(figures.smoothquant_channels(p["act_before"], p["act_after"], p["weight_before"], p["weight_after"],
+                                                 f"Input channels of {html_plain(layer_label(layer))}"), width="stretch")
+    c1, c2 = st.columns(2)
+    c1.metric("layer output SQNR (simulated, dB)", f"{p['sqnr_after']:.1f}", f"{p['sqnr_after'] - p['sqnr_before']:+.1f}")
+    with c2:
+        _apply(key, w, p, "SmoothQuant")
+
+
+def cle_panel(key: str, w, layer: str) -> None:
+    st.subheader("Try cross-layer equalization")
+    st.write("For a layer reading another Linear/Conv through a ReLU, CLE divides the first layer's output channel "
+             "by s = sqrt(r1/r2) and multiplies this layer's input column by s: both ranges become sqrt(r1·r2), so a "
+             "per-tensor grid is no longer set by one wide channel. The float model is unchanged.")
+    p = _preview(key, w, layer, "CLE", remedies.cle_preview)
+    if p is None:
+        return
+    st.plotly_chart(figures.cle_ranges(p["producer_before"], p["producer_after"], p["consumer_before"],
+                                       p["consumer_after"], f"{html_plain(layer_label(p['producer']))} → "
+                                       f"{html_plain(layer_label(layer))}: channel ranges"), width="stretch")
+    _apply(key, w, p, "CLE")
