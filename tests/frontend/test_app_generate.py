@@ -65,3 +65,11 @@ def test_an_empty_prompt_is_one_error_line():
     at = visit(open_app("tiny-lm"), "generate")
     at.text_area(key=keys.GEN_PROMPT).set_value("").run()
     assert not at.exception and [e.value for e in at.error] == ["the prompt is empty; type a few words to continue"]
+
+
+def test_mixed_precision_target_is_a_perplexity_ceiling(tiny_lm):
+    at = visit(open_app("tiny-lm"), "mixed_precision")
+    at.radio(key="mp_goal").set_value("target metric").run()
+    box = at.number_input(key="mp_target")
+    fp32 = tiny_lm.fp32_metrics["perplexity"]
+    assert box.label == "Largest acceptable perplexity" and box.value == round(fp32 * 1.05, 4) > fp32
