@@ -37,6 +37,10 @@ JOB_PARAM = "job"  # ?job=<key> while a job of this page runs, so a reload finds
 MEASURED_RECIPE = "mp_measured"  # {"recipe": JSON, "result": Workload.evaluate} of the last "Evaluate" click
 REMEDY = "remedy_results"  # {(workload key, layer, remedy, recipe JSON): remedies.try_remedy result} tried this session
 
+# ---- the Generation page (language models) --------------------------------------------------------
+GEN_PROMPT, GEN_TOKENS, GEN_MODE = "gen_prompt", "gen_tokens", "gen_mode"  # prompt text, new tokens, greedy|sampling
+GEN_SEED, GEN_TEMPERATURE = "gen_seed", "gen_temperature"  # sampling's seed and temperature
+
 
 # ---- widget keys another page sets (Sensitivity opens a layer on Weights / Activations) -----------
 def weights_layer(key: str) -> str:
