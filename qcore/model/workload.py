@@ -188,6 +188,7 @@ class Workload:
     notes: list[str] = field(default_factory=list)
     batch_size: int = 128
     content_hash: str = field(default_factory=_unshared_identity)  # hex digest of the source bytes
+    kv_cache_slices: tuple = ()  # language models: the ``kv_cache.CacheSlice`` of each key/value projection
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # ---- what every recipe shares (computed once, under the lock, then never changed) --------
@@ -253,6 +254,13 @@ class Workload:
         calib = self.calibration_stats() if needs_calibration(recipe, self.layers) else None
         sim = simulate(self.folded[0], recipe, calib, fold=False, quantized_weights=quantized_weights)
         sim.folded = self.folded[1]
+        if recipe.kv_cache is not None:
+            if not self.kv_cache_slices:
+                raise QcoreError(f"recipe {recipe.name!r} quantizes the KV cache, but {self.name} is not a language model "
+                                 "whose attention projections are known; remove the recipe's kv_cache key")
+            from qcore.model.kv_cache import apply_kv_cache
+
+            apply_kv_cache(sim.model, self.kv_cache_slices, recipe.kv_cache)
         return sim
 
     def size(self, recipe: Recipe) -> dict:

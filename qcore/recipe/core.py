@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 from qcore.errors import QcoreError, shown as _show
 from qcore.numerics.formats import FORMATS
 from qcore.numerics.spec import TensorSpec
+from qcore.recipe.kv_cache import KVCacheSpec
 from qcore.recipe.parse import MAX_LAYERS, MAX_NAME_CHARS, parse_json
 
 PARTS = ("weights", "activations")
@@ -176,12 +177,14 @@ FLOAT = LayerOverride(None, None, keep_float=True)
 @dataclass(frozen=True)
 class Recipe:
     """Default weight/activation specs plus per-layer overrides (``layers``: name -> ``LayerOverride``; plain
-    JSON entries given to the constructor are typed on the way in). Frozen and hashable; equal = same JSON."""
+    JSON entries given to the constructor are typed on the way in). Frozen and hashable; equal = same JSON.
+    ``kv_cache``: how a language model's attention cache is quantized (``recipe.kv_cache``); None: it stays float."""
 
     name: str = "recipe"
     weights: TensorSpec | None = None
     activations: TensorSpec | None = None
     layers: Mapping[str, LayerOverride] = field(default_factory=Frozen)
+    kv_cache: KVCacheSpec | None = None
 
     def __post_init__(self):
         if not isinstance(self.layers, Frozen) or not all(isinstance(v, LayerOverride) for v in self.layers.values()):
@@ -193,7 +196,7 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
         if not isinstance(d, Mapping):
             raise QcoreError("a recipe must be a JSON object with keys name, weights, activations, layers")
-        allowed = ("name", "weights", "activations", "layers")
+        allowed = ("name", "weights", "activations", "layers", "kv_cache")
         for key in d:
             if key not in allowed:
                 raise QcoreError(f"unknown recipe key {_show(key)}; allowed keys: {', '.join(allowed)}")
@@ -216,7 +219,8 @@ class Recipe:
             where = f"layers[{_show(layer)}]"
             typed[layer] = LayerOverride.from_json(entry, where)
             typed[layer].apply(defaults, where)  # validates the override's specs
-        return cls(name, weights, activations, Frozen(typed))
+        kv_cache = None if d.get("kv_cache") is None else KVCacheSpec.from_dict(d["kv_cache"])
+        return cls(name, weights, activations, Frozen(typed), kv_cache)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Recipe":
@@ -224,12 +228,16 @@ class Recipe:
         return cls.from_dict(parse_json(text))
 
     def to_dict(self) -> dict:
-        return {
+        """The recipe's JSON; ``kv_cache`` only when set, so a recipe without one writes what it always did."""
+        d = {
             "name": self.name,
             "weights": self.weights.to_dict() if self.weights else None,
             "activations": self.activations.to_dict() if self.activations else None,
             "layers": {k: v.to_json() for k, v in self.layers.items()},
         }
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache.to_dict()
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
