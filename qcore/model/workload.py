@@ -83,6 +83,8 @@ OUTPUT_KINDS = {
     "regression": "regression values: SQNR in dB against the FP32 output (MSE beside it)",
     "detection": "detection maps (boxes, scores): SQNR in dB of the whole map against FP32",
     "sequence": "logits at every position (N, T, V): the fraction of positions whose top token agrees with FP32",
+    "causal-lm": "next-token logits of a language model (N, T, V), labels the next token ids (N, T): perplexity "
+                 "(lower is better), KL divergence and top-1 agreement with FP32",
 }
 
 
@@ -115,6 +117,13 @@ def output_task(kind: str, sample_shape: tuple[int, ...], has_labels: bool, why:
         labelled = has_labels and (act == "softmax" or math.prod(sample_shape) == 1)
         return Task(kind, "accuracy" if labelled else "decision_agreement",
                     lambda out, ref, labels: probability_metrics(out, ref, labels if labelled else None, act), why=why)
+    if kind == "causal-lm":
+        from qcore.model.lm import causal_lm_task  # lm builds on this module's Task and Data
+
+        if len(sample_shape) != 2:
+            raise QcoreError(f"the model's output per sample is {sample_shape}, not next-token logits (T, V); "
+                             "choose another output kind")
+        return causal_lm_task(sample_shape[-1], why=why)
     if kind == "sequence":
         if len(sample_shape) < 2:
             raise QcoreError(f"the model's output per sample is {sample_shape}, not logits at every position (T, V); "
