@@ -83,3 +83,35 @@ def apply_kv_cache(model: nn.Module, slices: tuple[CacheSlice, ...], spec: KVCac
     for layer, parts in by_layer.items():
         modules[layer].register_forward_hook(CacheQuantizer(parts, spec))
     return list(by_layer)
+
+
+def _kv_heads(attention: nn.Module) -> int | None:
+    """KV heads of an attention module: its own ``num_key_value_heads``, its config's, or ``num_heads``."""
+    for source in (attention, getattr(attention, "config", None)):
+        n = getattr(source, "num_key_value_heads", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    n = getattr(attention, "num_heads", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def find_cache_slices(model: nn.Module) -> tuple[CacheSlice, ...]:
+    """The key and value projections of every attention of ``model`` (its prepared copy: GPT-2's ``c_attn``
+    already a Linear), found by structure: a module with ``k_proj`` and ``v_proj`` Linear children and an
+    integer ``head_dim`` (tiny-lm, Llama, Qwen2), or with a ``c_attn`` Linear of 3 x heads x head_dim outputs
+    (GPT-2). A projection whose output size is not kv_heads x head_dim is skipped. Empty: not a decoder."""
+    found = []
+    for name, m in model.named_modules():
+        prefix, head_dim, heads = f"{name}." if name else "", getattr(m, "head_dim", None), _kv_heads(m)
+        if not (isinstance(head_dim, int) and head_dim > 0 and heads):
+            continue
+        children = dict(m.named_children())
+        if isinstance(children.get("k_proj"), nn.Linear) and isinstance(children.get("v_proj"), nn.Linear):
+            if all(children[p].out_features == heads * head_dim for p in ("k_proj", "v_proj")):
+                found += [CacheSlice(prefix + "k_proj", "key", heads, head_dim),
+                          CacheSlice(prefix + "v_proj", "value", heads, head_dim)]
+        elif isinstance(children.get("c_attn"), nn.Linear) and children["c_attn"].out_features == 3 * heads * head_dim:
+            hidden = heads * head_dim  # GPT-2: [queries | keys | values] along the output features
+            found += [CacheSlice(prefix + "c_attn", "key", heads, head_dim, hidden),
+                      CacheSlice(prefix + "c_attn", "value", heads, head_dim, 2 * hidden)]
+    return tuple(found)

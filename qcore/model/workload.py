@@ -197,7 +197,6 @@ class Workload:
     notes: list[str] = field(default_factory=list)
     batch_size: int = 128
     content_hash: str = field(default_factory=_unshared_identity)  # hex digest of the source bytes
-    kv_cache_slices: tuple = ()  # language models: the ``kv_cache.CacheSlice`` of each key/value projection
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # ---- what every recipe shares (computed once, under the lock, then never changed) --------
@@ -215,6 +214,13 @@ class Workload:
     @cached_property
     def layers(self) -> dict[str, LayerInfo]:
         return find_layers(self.folded[0])
+
+    @cached_property
+    def kv_cache_slices(self) -> tuple:
+        """Language models: each attention's key/value projection (``kv_cache.find_cache_slices``); else ()."""
+        from qcore.model.kv_cache import find_cache_slices
+
+        return find_cache_slices(self.folded[0])
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
