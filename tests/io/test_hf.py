@@ -195,3 +195,15 @@ def test_a_zip_of_the_folder_loads_and_one_past_the_limit_is_refused(folders, wo
     _one_line(lambda: load_hf_workload(archive, folders[1], max_bytes=size - 1), "above the limit")
     zeros = _zip(tmp_path, [("gpt2/config.json", b" " * 2**20)], "zeros.zip")  # 1 MiB of blanks in a few KiB
     _one_line(lambda: load_hf_workload(zeros, folders[1], max_bytes=2**20 // 3), "unpacks to more than")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kv_cache_int8_changes_the_model_less_than_int4(workloads, family):
+    """Weights in float, only the cache quantized: GPT-2's fused c_attn and Llama's k_proj/v_proj are hooked."""
+    from qcore import Recipe
+    from qcore.recipe.kv_cache import KVCacheSpec
+
+    w = workloads[family]
+    assert len(w.kv_cache_slices) == 4  # 2 layers x (keys, values)
+    kl = {f: w.evaluate(Recipe("kv", kv_cache=KVCacheSpec(f))).quantized.metrics["kl_divergence"] for f in ("int8", "int4")}
+    assert 0 < kl["int8"] < kl["int4"]
