@@ -31,8 +31,8 @@ from ui.text import plain
 
 log = logging.getLogger("quantization_explorer")
 
-MODEL_TYPES = ["pt2", "onnx", "pt", "ts", "safetensors"]
-DATA_TYPES = ["npz", "pt", "csv"]
+MODEL_TYPES = ["pt2", "onnx", "pt", "ts", "safetensors", "zip"]
+DATA_TYPES = ["npz", "pt", "csv", "txt"]
 
 HOME = "pages/model.py"
 
@@ -61,7 +61,8 @@ _framed = contextvars.ContextVar("framed", default=False)  # this script run is 
 def load_upload(model_file, data_file, label_column: str, output_kind: str | None = None) -> None:
     """Load the uploaded files into session state; a user error is kept as a message and whatever
     was loaded before stays loaded."""
-    from qcore.io.sandbox import vet_upload
+    from qcore.io.hf_zip import unpack
+    from qcore.io.sandbox import memory_limit_bytes, vet_upload
     from qcore.io.workload import load_workload  # imported here so the app starts even without it
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +77,10 @@ def load_upload(model_file, data_file, label_column: str, output_kind: str | Non
             paths.append(str(path))
         try:
             with st.spinner(f"Loading {plain(model_file.name)}…"):
-                vet_upload(paths[0], paths[1], label_column or None)  # in a child process, under limits
+                memory = memory_limit_bytes(paths[0], paths[1])
+                if paths[0].lower().endswith(".zip"):  # a Hugging Face folder: unpacked here (checked, bounded), then
+                    paths[0] = str(unpack(Path(paths[0]), Path(tmp) / Path(paths[0]).stem))  # vetted as a folder
+                vet_upload(paths[0], paths[1], label_column or None, memory_bytes=memory)  # in a child process
                 workload = load_workload(paths[0], paths[1], label_column=label_column or None, output_kind=output_kind)
                 _ = workload.layers  # find the layers while the files exist
         except QcoreError as e:
@@ -101,9 +105,12 @@ def sidebar() -> None:
                               "and every computation on it is slower.")
         else:
             model_file = st.file_uploader("Model file", type=MODEL_TYPES,
-                                          help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts) or a safetensors state dict")
+                                          help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts), a safetensors state dict, or a "
+                                               "Hugging Face causal-LM folder as a .zip (config.json, *.safetensors, "
+                                               "tokenizer files)")
             data_file = st.file_uploader("Data file (optional)", type=DATA_TYPES,
-                                         help=".npz with x (and y), .pt tensors, or .csv; used for calibration and evaluation")
+                                         help=".npz with x (and y), .pt tensors, or .csv; for a language model a UTF-8 .txt "
+                                              "text; used for calibration and evaluation")
             label_column = st.text_input("CSV label column (optional)", key=keys.LABEL_COLUMN)
             output_kind = st.selectbox("The model's output is", [None, *OUTPUT_KINDS], key="output_kind",
                                        format_func=lambda k: "inferred from the model and data" if k is None else k,

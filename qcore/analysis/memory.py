@@ -123,8 +123,20 @@ def memory_table(shape: LMShape, formats=WEIGHT_FORMATS, group_size: int | None 
                 f"KV cache: {kv_format}, {context} tokens x batch {batch}; not activations or runtime buffers")
     rows = []
     for fmt in formats:
-        w = weight_memory(shape.param_count, fmt, group_size if FORMATS[fmt].bits < 16 else None)
+        w = weight_memory(shape.param_count, fmt, group_size if _fmt(fmt, "weight").bits < 16 else None)
         rows.append({"model": shape.name, "format": fmt, "params": shape.param_count, "weight_bytes": w["total"],
                      "weight_gb": w["total"] / GB, "kv_cache_bytes": kv, "kv_cache_gb": kv / GB,
                      "total_gb": (w["total"] + kv) / GB, "includes": includes})
     return rows
+
+
+def workload_shape(workload) -> LMShape:
+    """The shape of a loaded language model (zoo tiny-lm, a Hugging Face folder): its parameter count and, from its
+    key projections (``Workload.kv_cache_slices``), layers, KV heads and head size. QcoreError if it has none."""
+    keys = [s for s in workload.kv_cache_slices if s.role == "key"]
+    if not keys:
+        raise QcoreError(f"{workload.name} is not a language model with attention layers; give a reference model "
+                         f"({', '.join(REFERENCE_MODELS)}), a language model, or --params")
+    params = sum(t.numel() for t in workload.model.parameters())
+    return LMShape(workload.name, len(keys), 0, keys[0].heads, keys[0].heads, keys[0].head_dim, 0, 0, params=params,
+                   source="the loaded model's parameters and key projections")

@@ -48,3 +48,27 @@ def test_bad_values_are_one_line():
         with pytest.raises(QcoreError) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_the_figure_stacks_weights_and_cache_per_model():
+    from qcore.figures.memory import memory_bars
+
+    rows = memory_table(REFERENCE_MODELS["1B"], ("fp16", "int4")) + memory_table(REFERENCE_MODELS["70B"], ("fp16", "int4"))
+    fig = memory_bars(rows)
+    weights = [t for t in fig.data if t.name == "weights"]
+    assert len(weights) == 2 and list(weights[1].x) == ["fp16", "int4"]
+    assert weights[1].y[0] == rows[2]["weight_gb"] and fig.layout.barmode == "stack"
+
+
+def test_cli_memory_reproduces_the_rules_of_thumb(capsys):
+    import json
+
+    from qcore.cli import main
+
+    assert main(["memory", "--params", "1e9", "--format", "fp32,fp16,int8,int4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["weight_gb"] for r in rows] == [4.0, 2.0, 1.0, 0.5]
+    assert main(["memory", "--model", "70B", "--format", "int4"]) == 0
+    assert "Llama-2-70B" in capsys.readouterr().out
+    assert main(["memory", "--format", "int9"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
