@@ -29,3 +29,10 @@ def minilm():
     from qcore import zoo
 
     return zoo.load("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    from qcore import zoo
+
+    return zoo.load("tiny-lm")

@@ -49,10 +49,20 @@ def pages() -> list:
         st.Page("pages/tradeoffs.py", title="Trade-offs", icon=":material/scatter_plot:"),
         st.Page("pages/qat.py", title="QAT", icon=":material/model_training:"),
         st.Page("pages/export.py", title="Export", icon=":material/download:"),
+        *([st.Page("pages/generate.py", title="Generation", icon=":material/edit_note:")] if _language_model_shown() else []),
         # The home page's address is "/" (its url_path only has to differ from "model"); its file is model.py, so
         # a link to /model goes home instead of to "page not found".
         st.Page(lambda: state.switch_page(HOME), title="Model", url_path="model", visibility="hidden"),
     ]
+
+
+def _language_model_shown() -> bool:
+    """Whether the model the sidebar will show is a language model (the Generation page is listed for those only)."""
+    uploaded = st.session_state.get(keys.UPLOAD)
+    if st.session_state.get(keys.SOURCE) == keys.UPLOAD_SOURCE:
+        return bool(uploaded) and uploaded["workload"].task.kind == "causal-lm"
+    name = st.session_state.get(keys.ZOO_NAME) or st.query_params.get(keys.ZOO_NAME, DEFAULT_MODEL)
+    return name in ZOO and state.zoo_workload(name).task.kind == "causal-lm"
 
 
 _framed = contextvars.ContextVar("framed", default=False)  # this script run is inside run() (per session thread)

@@ -33,6 +33,10 @@ RECIPE_UPLOAD_DIGEST = "mp_upload_digest"  # sha256 of the recipe JSON the Mixed
 QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished on the QAT page this session
 MEASURED_RECIPE = "mp_measured"  # {"recipe": JSON, "result": Workload.evaluate} of the last "Evaluate" click
 
+# ---- the Generation page (language models) --------------------------------------------------------
+GEN_PROMPT, GEN_TOKENS, GEN_MODE = "gen_prompt", "gen_tokens", "gen_mode"  # prompt text, new tokens, greedy|sampling
+GEN_SEED, GEN_TEMPERATURE = "gen_seed", "gen_temperature"  # sampling's seed and temperature
+
 
 # ---- widget keys another page sets (Sensitivity opens a layer on Weights / Activations) -----------
 def weights_layer(key: str) -> str:

@@ -3,6 +3,7 @@
 Convention: a language model (LM) is an ``nn.Module`` whose ``forward(input_ids)`` maps token ids
 ``(B, T)`` int64 to next-token logits ``(B, T, V)``: position t predicts token t + 1. A model may
 declare ``context_length`` (int), the longest T it accepts (learned position embeddings end there).
+Its workload's ``tokenizer`` (a ``TextCodec``) turns text into ids and back, for generation.
 
 Data: ``token_windows`` cuts one long token stream into windows ``(N, T)``; the labels ``(N, T)`` are
 the inputs shifted by one (the token each position should predict), -100 where a position is not
@@ -22,6 +23,8 @@ Metrics (``lm_metrics``), over the scored positions only, all in nats where they
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,6 +33,16 @@ from qcore.model.workload import Data, Task
 
 IGNORE_INDEX = -100  # label of a position that is not scored (Hugging Face's convention)
 _CHUNK = 512  # positions per float64 log-softmax (bounds memory at 512 x V x 8 bytes per temporary)
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    """A language model's tokenizer as generation needs it: ``encode(text) -> ids``, ``decode(ids) -> text``
+    (decoding one id gives that token's piece of text), ``stop_id`` the end-of-text id (None: none)."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    stop_id: int | None = None
 
 
 def token_windows(ids: torch.Tensor, window: int, stride: int | None = None) -> Data:

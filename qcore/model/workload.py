@@ -197,6 +197,7 @@ class Workload:
     notes: list[str] = field(default_factory=list)
     batch_size: int = 128
     content_hash: str = field(default_factory=_unshared_identity)  # hex digest of the source bytes
+    tokenizer: object | None = None  # a language model's qcore.model.lm.TextCodec (text <-> token ids)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     # ---- what every recipe shares (computed once, under the lock, then never changed) --------

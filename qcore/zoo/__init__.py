@@ -36,6 +36,7 @@ ZOO = {
         "runtimes do. Its first convolution has a fan-in of only 9, which limits group-wise formats. "
         "Metric: top-1 accuracy on 360 held-out test images.")),
     "minilm-l6": lambda: __import__("qcore.zoo.minilm", fromlist=["workload"]).workload(),
+    "tiny-lm": lambda: __import__("qcore.zoo.tinylm", fromlist=["workload"]).workload(),
 }
 DEFAULT_MODEL = "digits-mlp"
 
@@ -46,6 +47,10 @@ def weight_files(name: str) -> list[Path]:
         from qcore.zoo.minilm import model_dir
 
         return sorted(p for p in model_dir().rglob("*") if p.is_file())
+    if name == "tiny-lm":
+        from qcore.zoo.tinylm import TOKENIZER, WEIGHTS
+
+        return [WEIGHTS, TOKENIZER]
     from qcore.zoo.digits import WEIGHTS_DIR
 
     return [WEIGHTS_DIR / f"{name}.safetensors"]

@@ -22,7 +22,7 @@ def test_readme_fp32_accuracy(name, accuracy):
 
 
 def test_unknown_zoo_name():
-    with pytest.raises(QcoreError, match="unknown zoo model 'resnet'; available: digits-mlp, digits-cnn, minilm-l6"):
+    with pytest.raises(QcoreError, match="unknown zoo model 'resnet'; available: digits-mlp, digits-cnn, minilm-l6, tiny-lm"):
         zoo.load("resnet")
 
 
