@@ -218,6 +218,7 @@ def _workload(folder: Path, data, max_bytes, name: str, archive: Path | None) ->
         source=f"huggingface ({config['model_type']})", batch_size=8,
         notes=[f"text: {source}; {len(calibration)} calibration and {len(evaluation)} evaluation windows of "
                f"{window} tokens",
-               "KV-cache quantization (recipe kv_cache) quantizes the key/value projection outputs"
-               + (" before RoPE (this architecture rotates keys after k_proj)" if arch != "GPT-2" else "")],
+               "a recipe's kv_cache quantizes what each attention caches: "
+               + ("the key and value thirds of c_attn's output" if arch == "GPT-2" else
+                  "the outputs of k_proj and v_proj, keys before RoPE (this architecture rotates them after k_proj)")],
         content_hash=content_hash("huggingface", source_part, None if data is None else [Path(data).name, Path(data)]))
