@@ -26,7 +26,7 @@ import streamlit as st
 from qcore.errors import QcoreError
 from qcore.model.workload import OUTPUT_KINDS
 from qcore.zoo import DEFAULT_MODEL, ZOO
-from ui import keys, state
+from ui import keys, kv_cache, state
 from ui.text import plain
 
 log = logging.getLogger("quantization_explorer")
@@ -141,6 +141,7 @@ def sidebar() -> None:
         st.caption(f"Showing **{plain(workload.name)}**: {len(workload.layers)} quantizable layers, "
                    f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
         state.sync_url(key, workload)  # the recipe <-> ?preset=&layers= (the link reproduces the view)
+        kv_cache.select(key, workload)  # language models: the recipe's KV-cache format (&kv= in the link)
         preset_name, overrides, _ = state.current(key, workload)
         reach = ("the model, the recipe and the page" if key.startswith("zoo:") else
                  f"the recipe and the page, not the model: whoever opens it must upload the same files (the address "

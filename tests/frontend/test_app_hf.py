@@ -70,3 +70,18 @@ def test_a_zip_with_a_path_out_of_its_folder_is_one_error_and_nothing_is_lost():
     message = at.session_state[keys.UPLOAD_ERROR]
     assert "'..'" in message and "\n" not in message
     assert at.session_state[keys.UPLOAD] == "the model loaded before"
+
+
+def test_the_kv_cache_choice_is_part_of_the_recipe_and_of_the_link(gpt2):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state[keys.SOURCE] = keys.UPLOAD_SOURCE
+    at.session_state[keys.UPLOAD] = {"key": f"upload:{gpt2.content_hash}", "workload": gpt2, "label": "gpt2.zip"}
+    at.query_params.update(preset="int8-dynamic", kv="int4.per_head")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    entry = at.session_state[keys.RECIPES][f"upload:{gpt2.content_hash}"]
+    assert entry == {"preset": "int8-dynamic", "layers": {}, "kv": "int4.per_head"}
+    (box,) = [b for b in at.sidebar.selectbox if b.label == "KV cache"]
+    assert box.value == "int4.per_head"
+    box.select("int8.per_token").run()
+    assert at.query_params["kv"] == "int8.per_token" and at.query_params["preset"] == "int8-dynamic"
