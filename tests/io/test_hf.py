@@ -207,3 +207,18 @@ def test_kv_cache_int8_changes_the_model_less_than_int4(workloads, family):
     assert len(w.kv_cache_slices) == 4  # 2 layers x (keys, values)
     kl = {f: w.evaluate(Recipe("kv", kv_cache=KVCacheSpec(f))).quantized.metrics["kl_divergence"] for f in ("int8", "int4")}
     assert 0 < kl["int8"] < kl["int4"]
+
+
+def test_cli_inspects_a_folder_and_evaluates_its_zip(folders, tmp_path, capsys):
+    from qcore.cli import main
+
+    folder = folders[0]["qwen2"]
+    assert main(["inspect", str(folder), "--json"]) == 0  # no --data: the held-out help topics tiny-lm is scored on
+    out = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in out["layers"]] == _names("qwen2") and "help topics" in out["notes"][0]
+    archive = _zip(tmp_path, [(p.name, p.read_bytes()) for p in folder.iterdir()], "qwen2.zip")
+    assert main(["evaluate", str(archive), "--preset", "int8-dynamic", "--data", str(folders[1]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "perplexity" and result["quantized"]["size_bytes"] < result["fp32"]["size_bytes"]
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
