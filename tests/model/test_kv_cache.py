@@ -106,3 +106,16 @@ def test_on_tiny_lm_kv_int8_changes_perplexity_less_than_int4(tiny_lm):
     change = {f: abs(m["perplexity"] - fp32) for f, m in got.items()}
     assert change["int8"] < change["int4"] and got["int8"]["kl_divergence"] < got["int4"]["kl_divergence"]
     assert math.isfinite(got["int4"]["perplexity"])
+
+
+def test_recipe_id_and_links_carry_the_kv_cache_only_when_set():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from qcore.recipe.links import build_recipe, recipe_id
+
+    w = SimpleNamespace(name="toy", layer_shapes={"fc": (4, 8)})
+    plain = build_recipe(w, "int8-dynamic", {})
+    with_kv = build_recipe(w, "int8-dynamic", {}, KVCacheSpec("int4", "per_head"))
+    assert with_kv == replace(plain, kv_cache=KVCacheSpec("int4", "per_head")) and with_kv != plain
+    assert "kv_cache" not in recipe_id(w, plain) and json.loads(recipe_id(w, with_kv))["(kv_cache)"]["format"] == "int4"
