@@ -24,7 +24,6 @@ st.write(
 )
 name, overrides, recipe = state.current(key, w)
 
-
 preset_key = f"mp_preset:{key}"  # the select box below; set here when the recipe changes elsewhere
 
 
@@ -97,8 +96,8 @@ if estimate and estimate["missing"]:
                      "recipe for the measured number, or add a matching candidate on the Sensitivity page."),
                icon=":material/warning:")
 elif estimate:
-    m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}", help="FP32 minus the sum of each layer's "
-              "single-layer drop from the sweep; not a measurement" + state.on_samples(sweep.samples, sweep.evaluation_samples))
+    m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}", help="FP32's value worsened by the sum of each "
+              "layer's single-layer drop from the sweep; not a measurement" + state.on_samples(sweep.samples, sweep.evaluation_samples))
     if sweep.samples < sweep.evaluation_samples:
         m4.caption(state.on_samples(sweep.samples, sweep.evaluation_samples).strip(" ()"))
 
@@ -110,8 +109,9 @@ if st.button("Evaluate this recipe (measured)", type="primary"):
 shown = st.session_state.get(keys.MEASURED_RECIPE)
 if shown and shown["recipe"] == recipe.to_json():
     q, f = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"]
-    headline = shown["result"]["metric"]
-    st.metric(f"{plain(headline)} (measured)", f"{q[headline]:.4f}", delta=f"{q[headline] - f[headline]:+.4f} vs FP32 {f[headline]:.4f}")
+    headline, higher = shown["result"]["metric"], w.task.higher_is_better
+    st.metric(f"{plain(headline)} (measured)", f"{q[headline]:.4f}", delta=f"{q[headline] - f[headline]:+.4f} vs FP32 {f[headline]:.4f}",
+              delta_color="normal" if higher else "inverse")
 
 st.subheader("Search a recipe automatically")
 goal = st.radio("Goal", ["size budget", "target metric"], horizontal=True, key="mp_goal")
@@ -119,12 +119,13 @@ if goal == "size budget":
     budget = st.slider("Largest size, as a share of FP32", 0.05, 1.0, 0.25, 0.05, key="mp_budget")
     target = {"max_size_fraction": budget}
 else:
-    target = {"min_metric": st.number_input(f"Smallest acceptable {plain(w.task.headline)}", value=round(
-        w.fp32_metrics[w.task.headline] - 0.01, 4), format="%.4f", key="mp_target")}
+    fp32_value, higher = w.fp32_metrics[w.task.headline], w.task.higher_is_better  # lower is better: a ceiling 5% above FP32
+    target = {"min_metric": st.number_input(f"{'Smallest' if higher else 'Largest'} acceptable {plain(w.task.headline)}", value=round(
+        fp32_value - 0.01 if higher else fp32_value * 1.05, 4), format="%.4f", key="mp_target")}
 if st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"):
     with state.stoppable("search", "Searching…") as advance:
         found = search.search(w, candidates, **target, progress=lambda f, msg="": advance(f, f"Search: {plain(msg)}")).to_dict()
-    goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} ≥ {target['min_metric']:.4f}"
+    goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} {'≥≤'[not w.task.higher_is_better]} {target['min_metric']:.4f}"
     found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
                                     f"search: {goal_text}")
     st.session_state.setdefault(keys.SEARCH, {})[key] = found  # its own entry: the table's recipe is left alone

@@ -207,7 +207,8 @@ def cmd_sensitivity(args):
 
     w = _workload(args)
     r = sweep(w, _candidates(args), mode=args.mode, view=args.view, progress=_progress(args), cache_dir=args.cache_dir)
-    text = f"{r.model}: {r.metric} fp32 = {r.fp32_metric:.4g}  (view {args.view}, mode {args.mode})\n"
+    text = (f"{r.model}: {r.metric} fp32 = {r.fp32_metric:.4g}, {'higher' if r.higher_is_better else 'lower'} is better; "
+            f"metric_drop > 0 = worse  (view {args.view}, mode {args.mode})\n")
     return r.to_dict(), text + _table([row.to_dict() for row in r.rows], ["layer", "kind", "candidate", "changed", "weight_format", "input_format",
                                        "metric", "metric_drop", "sqnr_db", "layer_sqnr_db", "rmse_over_step",
                                        "clipped_fraction", "input_rmse_over_step", "input_clipped_fraction", "rank"]) \
@@ -228,7 +229,8 @@ def cmd_search(args):
         except OSError as e:
             raise QcoreError(f"--out {args.out!r} cannot be written ({e.strerror}); choose another path") from None
     m, f = r.measured, r.fp32
-    text = (f"{r.model}: chosen recipe measured {m.metric:.4g} at {_mib(m.size_bytes)} "
+    text = (f"{r.model}: chosen recipe measured {r.metric} {m.metric:.4g} "
+            f"({'higher' if r.higher_is_better else 'lower'} is better) at {_mib(m.size_bytes)} "
             f"(fp32 {f.metric:.4g} at {_mib(f.size_bytes)})" + (f"; written to {args.out}" if args.out else "")
             + ("" if r.met else "; the goal is NOT met")
             + "\nPareto front (measured):\n" + _table(r.to_dict()["pareto"], ["label", "size_bytes", "metric"])
@@ -265,7 +267,8 @@ def _add_sweep_commands(command):
     goal = c.add_mutually_exclusive_group(required=True)
     goal.add_argument("--max-size-fraction", type=float, help="size budget as a fraction of FP32, e.g. 0.3")
     goal.add_argument("--max-size-bytes", type=int, help="size budget in bytes")
-    goal.add_argument("--min-metric", type=float, help="smallest acceptable headline metric")
+    goal.add_argument("--min-metric", type=float, help="worst acceptable headline metric: a floor when higher "
+                      "is better (accuracy), a ceiling when lower is better (perplexity)")
     c.add_argument("--out", help="write the chosen recipe JSON here")
     c.add_argument("--cache-dir", default=os.environ.get("QCORE_CACHE_DIR"), help="on-disk sweep cache")
     c = command("export", cmd_export, "export a model under a recipe (onnx or safetensors)", model=True, recipe=True, data=True)

@@ -98,6 +98,7 @@ class BenchResult:
     fp32, quantized                 : ``BenchSide`` of each file
     speedup                         : ``speedup(fp32, quantized)``: {"median_ratio", "p10", "p90", "rounds"}
     layers, differences, notes      : the quantized export's (``ExportReport``)
+    language_model                  : for a causal LM, ``lm_timing``'s prefill and decode measurements, else None
     """
 
     model: str
@@ -115,6 +116,7 @@ class BenchResult:
     layers: list[dict]
     differences: list[str]
     notes: list[str]
+    language_model: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,4 +160,39 @@ def _bench(workload, recipe: Recipe, batch_size: int, threads: int, budget_s: fl
     return BenchResult(workload.name, recipe.name, "onnxruntime (CPUExecutionProvider)", threads, n, head,
                        "interleaved rounds: FP32 then quantized, on the same inputs, after 3 warm-up rounds",
                        {"name": cpu_name(), "features": cpu_features()}, versions(), sides["fp32"], sides["quantized"],
-                       speedup(times["fp32"], times["quantized"]), q.layers, q.differences, q.notes)
+                       speedup(times["fp32"], times["quantized"]), q.layers, q.differences, q.notes,
+                       lm_timing(workload, sessions, budget_s) if workload.task.kind == "causal-lm" else None)
+
+
+PROMPT_TOKENS, NEW_TOKENS = 64, 16  # the LM bench's prompt (the first evaluation window's start) and decode length
+
+
+def lm_timing(workload, sessions: dict, budget_s: float) -> dict:
+    """A language model's speed at batch 1 in ONNX Runtime, FP32 and quantized interleaved as above:
+    ``prefill_ms`` (``spread``) of one run over a ``PROMPT_TOKENS``-token prompt, and ``decode_tokens_per_s``
+    of greedily adding ``NEW_TOKENS`` tokens. The exported graph has no KV cache (no past key/value inputs),
+    so each new token re-runs the whole prefix: decode here is prefill of a growing prompt, slower than a
+    runtime with a cache, and ``decode`` says so."""
+    first = workload.evaluation.inputs[0][:1]
+    prompt = first[:, :PROMPT_TOKENS].numpy()
+    name = sessions["fp32"].get_inputs()[0].name
+
+    def prefill(s):
+        return lambda: s.run(None, {name: prompt})
+
+    def decode(s):
+        def run():
+            ids = prompt
+            for _ in range(NEW_TOKENS):
+                logits = s.run(None, {name: ids})[0]
+                ids = np.concatenate([ids, logits[:, -1:].argmax(-1).astype(ids.dtype)], axis=1)
+        return run
+
+    pre = interleaved_times_ms({k: prefill(s) for k, s in sessions.items()}, budget_s=budget_s)
+    dec = interleaved_times_ms({k: decode(s) for k, s in sessions.items()}, budget_s=budget_s, warmup=1, min_rounds=3)
+    return {"batch_size": 1, "prompt_tokens": int(prompt.shape[1]), "new_tokens": NEW_TOKENS,
+            "prefill_ms": {k: spread(v) for k, v in pre.items()},
+            "decode_tokens_per_s": {k: NEW_TOKENS * 1e3 / float(np.median(v)) for k, v in dec.items()},
+            "prefill_speedup": speedup(pre["fp32"], pre["quantized"]),
+            "decode_speedup": speedup(dec["fp32"], dec["quantized"]),
+            "decode": "no KV cache in the exported graph: each new token re-runs the whole prefix (prompt + tokens so far)"}
