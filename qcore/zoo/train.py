@@ -20,7 +20,7 @@ from qcore.zoo.digits import ARCHITECTURES, WEIGHTS_DIR, splits
 EPOCHS, BATCH, LR, SEED = 60, 64, 3e-3, 0
 # tiny-lm: AdamW with a linear warm-up, then cosine decay to 10 % of LR_LM; windows of context_length + 1
 # tokens drawn at seeded random offsets of the training stream.
-LM_STEPS, LM_BATCH, LM_LR, LM_WARMUP, LM_WEIGHT_DECAY = 180, 24, 3e-3, 20, 0.1
+LM_STEPS, LM_BATCH, LM_LR, LM_WARMUP, LM_WEIGHT_DECAY = 200, 32, 2e-3, 20, 0.1
 
 
 def train(name: str) -> tuple[torch.nn.Module, float]:
