@@ -100,12 +100,12 @@ def test_int8_and_int4_simulate_every_layer(workloads, family, name):
 def test_gpt2_exports_to_onnx_and_runs_like_the_simulation(workloads, tmp_path):
     import onnxruntime as ort
 
-    from qcore.export import export
+    from qcore.export import export_qdq
 
     w = workloads["gpt2"]
     recipe = preset("int4-weight-only", w.layer_shapes)
     out = tmp_path / "gpt2.onnx"
-    export(w, recipe, "onnx", str(out))
+    export_qdq(w, recipe, str(out))
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = w.evaluation.inputs[0][:4]
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
