@@ -33,7 +33,7 @@ from qcore import limits
 from qcore.errors import QcoreError
 from qcore.io.hf_zip import PICKLE_SUFFIXES
 from qcore.limits import first_line, human_size
-from qcore.model.lm import causal_lm_task, token_windows
+from qcore.model.lm import TextCodec, causal_lm_task, token_windows
 from qcore.model.workload import Data, Workload, content_hash
 
 SUPPORTED = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2"}
@@ -216,6 +216,9 @@ def _workload(folder: Path, data, max_bytes, name: str, archive: Path | None) ->
                      f"from Hugging Face files, scored on {source}: perplexity over {len(evaluation) * window:,} "
                      "tokens (lower is better), with KL divergence and top-1 agreement against FP32."),
         source=f"huggingface ({config['model_type']})", batch_size=8,
+        tokenizer=TextCodec(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                            lambda ids: tokenizer.decode([int(i) for i in ids], skip_special_tokens=False),
+                            eos if isinstance(eos := getattr(tokenizer, "eos_token_id", None), int) else None),
         notes=[f"text: {source}; {len(calibration)} calibration and {len(evaluation)} evaluation windows of "
                f"{window} tokens",
                "a recipe's kv_cache quantizes what each attention caches: "

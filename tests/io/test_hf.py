@@ -54,6 +54,8 @@ def test_layers_keep_the_checkpoints_names_and_fp32_is_transformers_own(workload
     w = workloads[family]
     assert list(w.layers) == _names(family)
     assert w.task.headline == "perplexity" and not w.task.higher_is_better
+    ids = w.tokenizer.encode("the quick brown fox")
+    assert w.tokenizer.decode(ids).replace(" ", "") == "thequickbrownfox" and w.tokenizer.stop_id == 1  # <eos>
     reference = AutoModelForCausalLM.from_pretrained(folders[0][family], local_files_only=True).eval()
     x, y = w.evaluation.inputs[0], w.evaluation.labels
     with torch.no_grad():
