@@ -205,7 +205,8 @@ def workload() -> Workload:
             f"A small GPT-style language model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters: "
             f"{model.config.layers} blocks of causal self-attention and a GELU MLP, width {model.config.dim}, "
             f"{model.config.vocab_size}-token byte-level BPE) trained here on Python's own documentation (the "
-            "help topics in pydoc_data and standard-library docstrings). It writes plausible Python-manual prose. "
+            "help topics in pydoc_data and standard-library docstrings). It continues text in the manual's style: "
+            "locally plausible phrases, not correct documentation, at this size. "
             f"Metric: perplexity on {len(evaluation) * WINDOW:,} tokens of help topics it never saw (lower is "
             "better), with KL divergence and top-1 agreement against FP32."),
         notes=["perplexity is scored on held-out help topics; KL and top-1 agreement compare with the FP32 model"],
