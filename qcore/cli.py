@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from qcore.cli_memory import add_command as add_memory_command  # the memory calculator's command, in its own module
 from qcore.errors import QcoreError
 from qcore.quiet import chatter, show_warnings, torch_logs_held_back
 
@@ -367,13 +368,7 @@ def _add_qat_command(command):
     c.add_argument("--out", help="directory for weights.safetensors and recipe.json")
 
 
-def _add_memory_command(command):
-    from qcore.cli_memory import add_command  # the memory calculator's command, in its own module
-
-    add_command(command)
-
-
-_EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command, _add_memory_command]
+_EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command, add_memory_command]
 
 
 def main(argv=None) -> int:

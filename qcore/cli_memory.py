@@ -1,15 +1,14 @@
 """``python -m qcore memory``: the memory calculator (``qcore.analysis.memory``) on the command line.
 
-Kept beside ``cli`` (which adds it through ``_EXTRA_COMMANDS``) so that module stays readable.
+Kept beside ``cli`` (which imports ``add_command`` into ``_EXTRA_COMMANDS``) so that module stays readable.
 """
 
 from __future__ import annotations
 
-from qcore.cli import _count, _table, resolve_workload
-
 
 def cmd_memory(args):
     from qcore.analysis import memory
+    from qcore.cli import _table, resolve_workload  # qcore.cli imports this module: its helpers are read at run time
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if args.params is not None:
@@ -30,6 +29,7 @@ def cmd_memory(args):
 
 def add_command(command):
     from qcore.analysis.memory import REFERENCE_MODELS, WEIGHT_FORMATS
+    from qcore.cli import _count
 
     c = command("memory", cmd_memory, "memory calculator: weight and KV-cache bytes of a language model at each format")
     c.add_argument("--model", default="7B", help=f"a reference shape ({', '.join(REFERENCE_MODELS)}), a zoo language "
