@@ -167,16 +167,18 @@ def _zip(tmp_path, members, name="m.zip"):
     return path
 
 
-def _symlink(name):
+def _special(name, mode=0o120777):
+    """A member whose Unix mode says it is a symbolic link (default) or, e.g. 0o020666, a character device."""
     info = zipfile.ZipInfo(name)
-    info.external_attr = (0o120777 << 16)
+    info.external_attr = mode << 16
     return info
 
 
 @pytest.mark.parametrize("members,words", [
     ([("../evil.json", b"{}")], ["'..'"]),
     ([("/etc/evil.json", b"{}")], ["absolute"]),
-    ([(_symlink("config.json"), b"/etc/passwd")], ["symbolic link"]),
+    ([(_special("config.json"), b"/etc/passwd")], ["symbolic link"]),
+    ([(_special("tokenizer.json", 0o020666), b"")], ["a device"]),
     ([("model/weights.bin", b"x")], ["pickled"]),
     ([("run.sh", b"x")], ["not a file a checkpoint holds"]),
     ([("model.safetensors", b"\0" * (4 * 2**20))], ["zip bomb"]),
