@@ -68,3 +68,26 @@ st.write(f"The headline metric is **{headline}**"
          + f": {OUTPUT_KINDS.get(w.task.kind, '')}.")
 for note in w.notes:
     st.info(plain(note), icon=":material/info:")
+
+if w.kv_cache_slices:  # a language model: what it and the well-known sizes take in memory
+    from qcore.analysis import memory
+    from qcore.figures.memory import memory_bars
+
+    st.subheader("Memory: weights and KV cache")
+    m1, m2 = st.columns(2)
+    context = int(m1.number_input("Context (tokens in the KV cache)", 1, 10**7, 4096, key=f"mem_context:{key}"))
+    kv_format = m2.selectbox("KV-cache format", ["fp16", "int8", "int4", "fp8_e4m3"], key=f"mem_kv:{key}")
+    own_context = min(context, getattr(w.model, "context_length", context))
+    formats = ("fp32", "fp16", "int8", "int4")
+    rows = memory.memory_table(memory.workload_shape(w), formats, None, own_context, 1, kv_format)
+    for shape in memory.REFERENCE_MODELS.values():
+        rows += memory.memory_table(shape, formats, None, context, 1, kv_format)
+    st.plotly_chart(memory_bars(rows), width="stretch")
+    st.dataframe(pd.DataFrame([{"model": r["model"], "format": r["format"], "parameters": r["params"],
+                                "weights (GB)": r["weight_gb"], "KV cache (GB)": r["kv_cache_gb"],
+                                "total (GB)": r["total_gb"]} for r in rows]), hide_index=True, width="stretch")
+    st.caption(plain(f"An estimate from shapes, not a measurement; GB = 10^9 bytes. Weights: every parameter at the "
+                     f"format, codes only (group scales add 4 bytes per group). KV cache: 2 x layers x KV heads x head "
+                     f"size x context x batch 1 values at {kv_format}; {w.name} at {own_context} tokens (its longest "
+                     "context if shorter), the others at the context above. Not counted: activations and runtime "
+                     "buffers. Shapes: " + "; ".join(f"{s.name} from {s.source}" for s in memory.REFERENCE_MODELS.values())))

@@ -21,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from qcore.cli_memory import add_command as add_memory_command  # the memory calculator's command, in its own module
 from qcore.errors import QcoreError
 from qcore.quiet import chatter, show_warnings, torch_logs_held_back
 
@@ -303,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help, model=False, recipe=False, data=False):
         c = sub.add_parser(name, help=help, description=help)
         if model:
-            c.add_argument("model", help="a zoo name (see `models`) or a model file (.pt2, .onnx, .pt/.ts, .safetensors)")
+            c.add_argument("model", help="a zoo name (see `models`), a model file (.pt2, .onnx, .pt/.ts, .safetensors), or a "
+                                         "Hugging Face causal-LM folder or .zip of one")
         if data:
-            c.add_argument("--data", help="data file (.npz with x[,y], .pt tensors, .csv)")
+            c.add_argument("--data", help="data file (.npz with x[,y], .pt tensors, .csv); a text file (.txt) for a Hugging "
+                                          "Face language model")
             c.add_argument("--label-column", help="CSV: the column holding labels")
             c.add_argument("--output-kind", choices=list(OUTPUT_KINDS),
                            help="what the model's output is, which sets the headline metric (default: inferred from "
@@ -373,7 +376,7 @@ def _add_qat_command(command):
     c.add_argument("--out", help="directory for weights.safetensors and recipe.json")
 
 
-_EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command]
+_EXTRA_COMMANDS: list = [_add_sweep_commands, _add_qat_command, add_memory_command]
 
 
 def main(argv=None) -> int:

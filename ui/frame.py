@@ -27,13 +27,13 @@ import streamlit as st
 from qcore.errors import QcoreError
 from qcore.model.workload import OUTPUT_KINDS
 from qcore.zoo import DEFAULT_MODEL, ZOO
-from ui import keys, state
+from ui import keys, kv_cache, state
 from ui.text import plain
 
 log = logging.getLogger("quantization_explorer")
 
-MODEL_TYPES = ["pt2", "onnx", "pt", "ts", "safetensors"]
-DATA_TYPES = ["npz", "pt", "csv"]
+MODEL_TYPES = ["pt2", "onnx", "pt", "ts", "safetensors", "zip"]
+DATA_TYPES = ["npz", "pt", "csv", "txt"]
 
 HOME = "pages/model.py"
 
@@ -72,7 +72,8 @@ _framed = contextvars.ContextVar("framed", default=False)  # this script run is 
 def load_upload(model_file, data_file, label_column: str, output_kind: str | None = None) -> None:
     """Load the uploaded files into session state; a user error is kept as a message and whatever
     was loaded before stays loaded."""
-    from qcore.io.sandbox import vet_upload
+    from qcore.io.hf_zip import unpack
+    from qcore.io.sandbox import memory_limit_bytes, vet_upload
     from qcore.io.workload import load_workload  # imported here so the app starts even without it
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +88,10 @@ def load_upload(model_file, data_file, label_column: str, output_kind: str | Non
             paths.append(str(path))
         try:
             with st.spinner(f"Loading {plain(model_file.name)}…"):
-                vet_upload(paths[0], paths[1], label_column or None)  # in a child process, under limits
+                memory = memory_limit_bytes(paths[0], paths[1])
+                if paths[0].lower().endswith(".zip"):  # a Hugging Face folder: unpacked here (checked, bounded), then
+                    paths[0] = str(unpack(Path(paths[0]), Path(tmp) / Path(paths[0]).stem))  # vetted as a folder
+                vet_upload(paths[0], paths[1], label_column or None, memory_bytes=memory)  # in a child process
                 workload = load_workload(paths[0], paths[1], label_column=label_column or None, output_kind=output_kind)
                 _ = workload.layers  # find the layers while the files exist
         except QcoreError as e:
@@ -112,9 +116,12 @@ def sidebar() -> None:
                               "and every computation on it is slower.")
         else:
             model_file = st.file_uploader("Model file", type=MODEL_TYPES,
-                                          help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts) or a safetensors state dict")
+                                          help="torch.export (.pt2), ONNX, TorchScript (.pt/.ts), a safetensors state dict, or a "
+                                               "Hugging Face causal-LM folder as a .zip (config.json, *.safetensors, "
+                                               "tokenizer files)")
             data_file = st.file_uploader("Data file (optional)", type=DATA_TYPES,
-                                         help=".npz with x (and y), .pt tensors, or .csv; used for calibration and evaluation")
+                                         help=".npz with x (and y), .pt tensors, or .csv; for a language model a UTF-8 .txt "
+                                              "text; used for calibration and evaluation")
             label_column = st.text_input("CSV label column (optional)", key=keys.LABEL_COLUMN)
             output_kind = st.selectbox("The model's output is", [None, *OUTPUT_KINDS], key="output_kind",
                                        format_func=lambda k: "inferred from the model and data" if k is None else k,
@@ -135,6 +142,7 @@ def sidebar() -> None:
         st.caption(f"Showing **{plain(workload.name)}**: {len(workload.layers)} quantizable layers, "
                    f"{sum(p.numel() for p in workload.model.parameters()):,} parameters.")
         state.sync_url(key, workload)  # the recipe <-> ?preset=&layers= (the link reproduces the view)
+        kv_cache.select(key, workload)  # language models: the recipe's KV-cache format (&kv= in the link)
         preset_name, overrides, _ = state.current(key, workload)
         reach = ("the model, the recipe and the page" if key.startswith("zoo:") else
                  f"the recipe and the page, not the model: whoever opens it must upload the same files (the address "

@@ -23,7 +23,8 @@ from ui.keys import (EDITOR_VERSION, LAYERS_PARAM, LINK_READ, LINK_UPLOAD, MEASU
                      RECIPE_UPLOAD_DIGEST, RECIPES, SOURCE, UPLOAD, UPLOAD_ERROR, UPLOAD_PARAM, UPLOAD_SOURCE, URL_ERROR,
                      URL_RESTORED, USER_RECIPES, ZOO_NAME)
 from ui.text import plain
-from qcore.recipe.links import build_recipe, compact, decode_layers, encode_layers, recipe_hash, recipe_id
+from qcore.recipe.links import (KV_PARAM, build_recipe, compact, decode_kv_cache, decode_layers, encode_kv_cache,
+                                encode_layers, recipe_hash, recipe_id)
 
 
 @st.cache_resource(show_spinner="Loading the model (minilm-l6 takes a few seconds)…", max_entries=4)
@@ -156,23 +157,37 @@ def clipping_tradeoff(key: str, what: str, spec: dict, _x) -> dict:
 DEFAULT_PRESET = "int8-static"
 DEFAULT_CANDIDATES = ["int8-static", "int4-weight-only", "int2"]
 def current(key: str, w) -> tuple[str, dict, Recipe]:
-    """``(preset, overrides, Recipe)`` of the recipe the user is building for workload ``key``."""
+    """``(preset, overrides, Recipe)`` of the recipe the user is building for workload ``key`` (with the KV-cache
+    choice of a language model, ``entry["kv"]``: ``links.encode_kv_cache``'s text, kept apart from preset and table)."""
     entry = st.session_state.setdefault(RECIPES, {}).get(key) or {"preset": DEFAULT_PRESET, "layers": {}}
-    return entry["preset"], entry["layers"], build_recipe(w, entry["preset"], entry["layers"], entry.get("transforms"))
+    return entry["preset"], entry["layers"], build_recipe(w, entry["preset"], entry["layers"], entry.get("transforms"),
+                                                          decode_kv_cache(entry.get("kv")))
 
 
 def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool = True,
                 transforms: list | None = None) -> None:
     """Store the recipe (validated first: QcoreError leaves the old one); reset the table's edits. ``transforms``
-    (recipe JSON entries) replace the preset's; when not given, ones set before on this preset are kept."""
+    (recipe JSON entries) replace the preset's; when not given, ones set before on this preset are kept. The
+    KV-cache choice stays (``set_kv_cache`` changes it)."""
     old = st.session_state.setdefault(RECIPES, {}).get(key) or {}
     if transforms is None and old.get("preset") == preset_name:
         transforms = old.get("transforms")
     build_recipe(w, preset_name, layers, transforms)
+    kv = old.get("kv")
     st.session_state[RECIPES][key] = {"preset": preset_name, "layers": dict(layers),
-                                      **({"transforms": transforms} if transforms is not None else {})}
+                                      **({"transforms": transforms} if transforms is not None else {}),
+                                      **({"kv": kv} if kv else {})}
     if reset_editor:
         st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
+
+
+def set_kv_cache(key: str, w, kv: str | None) -> None:
+    """Make ``kv`` ("int8.per_token", ...; None: float) the KV-cache choice of workload ``key`` (validated first)."""
+    if decode_kv_cache(kv) is not None and not w.kv_cache_slices:
+        raise QcoreError(f"{w.name} is not a language model with attention layers, so it has no KV cache to quantize")
+    preset_name, layers, _ = current(key, w)
+    entry = {k: v for k, v in (st.session_state[RECIPES].get(key) or {}).items() if k != "kv"}
+    st.session_state[RECIPES][key] = {**entry, "preset": preset_name, "layers": dict(layers), **({"kv": kv} if kv else {})}
 
 
 def sync_url(key: str, w) -> None:
@@ -182,17 +197,18 @@ def sync_url(key: str, w) -> None:
         return  # the link's model is an upload not loaded yet: keep its recipe in the address for when it is
     if not st.session_state.get(URL_RESTORED):
         st.session_state[URL_RESTORED] = True
-        if PRESET_PARAM in params or LAYERS_PARAM in params:
+        if PRESET_PARAM in params or LAYERS_PARAM in params or KV_PARAM in params:
             try:
                 name = params.get(PRESET_PARAM, DEFAULT_PRESET)
                 if name not in PRESETS:
                     raise QcoreError(f"the link's preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
                 set_current(key, w, name, decode_layers(params.get(LAYERS_PARAM, "")) if params.get(LAYERS_PARAM) else {})
+                set_kv_cache(key, w, params.get(KV_PARAM) or None)
             except QcoreError as e:
                 st.session_state[URL_ERROR] = f"The link's recipe was not loaded: {e}"
-    name, layers, _ = current(key, w)
+    name, layers, recipe = current(key, w)
     wanted = {PRESET_PARAM: name if (name != DEFAULT_PRESET or layers) else None,
-              LAYERS_PARAM: encode_layers(layers) if layers else None,
+              LAYERS_PARAM: encode_layers(layers) if layers else None, KV_PARAM: encode_kv_cache(recipe.kv_cache),
               UPLOAD_PARAM: upload_tag(w) if key.startswith("upload:") else None}
     for param, value in wanted.items():
         if value is None and param in params:
@@ -217,6 +233,7 @@ def load_recipe_file(key: str, w, upload) -> str | None:
         loaded = Recipe.from_json(upload.getvalue())
         loaded.check_against(w.layer_shapes)
         set_current(key, w, *compact(w, loaded))
+        set_kv_cache(key, w, encode_kv_cache(loaded.kv_cache))
         remember(key, w, loaded, f"uploaded: {upload.name}")
     except QcoreError as e:
         return str(e)

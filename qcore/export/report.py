@@ -15,6 +15,7 @@ safetensors: ``quantized_safetensors`` (codes, scales, zero-points, static input
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import tempfile
@@ -151,13 +152,18 @@ def export(workload, recipe: Recipe, fmt: str, out: str, runtime: str = "onnxrun
     if not parent.is_dir():
         raise QcoreError(f"the directory {parent} does not exist; create it or choose another --out")
     out = str(out)
+    kv_notes = [] if recipe.kv_cache is None else [
+        f"the recipe's KV-cache quantization ({recipe.kv_cache.format}, {recipe.kv_cache.granularity}) is simulated only: "
+        "the file's attention keeps keys and values in float, so the file, its size and both metrics here are the "
+        "recipe's without kv_cache"]
+    recipe = dataclasses.replace(recipe, kv_cache=None)
     head = workload.task.headline
     size = workload.size(recipe)
     simulated = workload.evaluate(recipe).quantized.metrics
     if fmt == "safetensors":
         export_safetensors(workload, recipe, out)
         report = ExportReport(out, fmt, os.path.getsize(out), size["size_bytes"], size["fp32_bytes"], None, head,
-                              {"simulated": simulated})
+                              {"simulated": simulated}, notes=kv_notes)
         if abs(report.file_size_bytes / size["size_bytes"] - 1) > SIZE_TOLERANCE:
             report.differences.append(  # the sizes and the gap: summary_lines' first line
                 "safetensors stores codes below 8 bits packed but zero-points as int8, plus a JSON header (tensor "
@@ -171,7 +177,7 @@ def export(workload, recipe: Recipe, fmt: str, out: str, runtime: str = "onnxrun
                                      workload.reference_outputs, workload.evaluation.labels)
     report = ExportReport(out, fmt, os.path.getsize(out), size["size_bytes"], size["fp32_bytes"],
                           _fp32_onnx_bytes(workload), head, {"onnxruntime": measured, "simulated": simulated},
-                          layers, notes=list(written.notes))
+                          layers, notes=list(written.notes) + kv_notes)
     if runtime == "openvino":
         from qcore.export.openvino import precision_label
 

@@ -136,11 +136,19 @@ def _choose_task(output_kind: str | None, loaded: LoadedModel, reference: torch.
     return output_task(kind, sample, labels is not None, why, activation)
 
 
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:  # e.g. a name longer than the file system allows: the file checks below say so
+        return False
+
+
 def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = False, label_column: str | None = None,
                   max_bytes: int | None = None, allow_no_data: bool = False,
                   output_kind: str | None = None) -> Workload:
-    """A zoo name (``data`` then replaces its calibration/evaluation data) or a model file, with an
-    optional data file (or ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line.
+    """A zoo name (``data`` then replaces its calibration/evaluation data), a model file, or a Hugging Face
+    causal-LM folder or ``.zip`` (``qcore.io.hf``: ``data`` is then a text file), with an optional data file (or
+    ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line.
 
     A model that records no input shape (TorchScript, a pickled model) needs data to run. With
     ``allow_no_data`` and no ``data`` it loads anyway, with no samples: its layers and weights only
@@ -150,6 +158,10 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     (``infer_output_kind``). The headline metric follows it, and a note says which and why."""
     from qcore.zoo import ZOO, load
 
+    if model not in ZOO and (str(model).lower().endswith(".zip") or _is_dir(model)):  # a Hugging Face checkpoint
+        from qcore.io.hf import load_hf_workload
+
+        return load_hf_workload(model, data, max_bytes)
     shape_spec = data is not None and str(data).startswith("shape:")
     data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]
     # the data first: an ONNX model's scalar inputs take their values from it (see ``load_onnx_file``)

@@ -21,7 +21,8 @@ Weight layouts: Linear (out, in), Conv (C_out, C_in / groups, k...) -- grouped a
 per_channel is one scale per output channel, fan-in C_in / groups * k --, recurrent matrices
 (directions * G * H, in). torch's ConvTranspose holds (C_in, C_out / groups, k...) (output channel on
 axis 1); the preparing step turns it into a ``conv_transpose.ConvTransposeLayer`` holding the Conv layout
-(C_out, C_in / groups, k...), so per_channel follows its output channel too.
+(C_out, C_in / groups, k...), so per_channel follows its output channel too. GPT-2's ``Conv1D`` holds
+(in, out); the preparing step turns it into the ``nn.Linear`` (out, in) it computes (``gpt2_conv1d``).
 
 The input hooks go on the copy only (see ``qcore.model.hooks``: hooks always go on a private copy).
 """
@@ -37,6 +38,7 @@ from torch import nn
 
 from qcore.errors import QcoreError
 from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
+from qcore.model.gpt2_conv1d import use_linear_layout
 from qcore.model.recurrent import RecurrentMatrix, unroll
 from qcore.model.transforms import bias_targets
 from qcore.algorithms.bias_correction import corrected_bias
@@ -113,10 +115,12 @@ def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
     """Fold each Conv directly followed by a BatchNorm inside an ``nn.Sequential`` into the conv,
     in place (eval-mode statistics); the BatchNorm becomes Identity. Returns the (conv, bn) names.
     Also replaces each ``nn.LSTM`` / ``nn.GRU`` by its unrolled equivalent (``recurrent.unroll``) and each
-    ``nn.ConvTranspose1d`` / ``2d`` by a ``ConvTransposeLayer`` (weight in the Conv layout): the forms whose
-    weights (and hidden state) the engine quantizes."""
+    ``nn.ConvTranspose1d`` / ``2d`` by a ``ConvTransposeLayer`` (weight in the Conv layout) and each GPT-2
+    ``Conv1D`` by its ``nn.Linear`` (``gpt2_conv1d``): the forms whose weights (and hidden state) the engine
+    quantizes."""
     unroll(model)
     use_weight_layout(model)
+    use_linear_layout(model)
     folded = []
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):

@@ -217,6 +217,13 @@ class Workload:
     def layers(self) -> dict[str, LayerInfo]:
         return find_layers(self.folded[0])
 
+    @cached_property
+    def kv_cache_slices(self) -> tuple:
+        """Language models: each attention's key/value projection (``kv_cache.find_cache_slices``); else ()."""
+        from qcore.model.kv_cache import find_cache_slices
+
+        return find_cache_slices(self.folded[0])
+
     @property
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: i.weight_shape for n, i in self.layers.items()}
@@ -356,6 +363,13 @@ class Workload:
                        calibration_batches=batches, input_means=means)
         sim.folded = self.folded[1]
         sim.notes = (done.notes if done else []) + sim.notes
+        if recipe.kv_cache is not None:
+            if not self.kv_cache_slices:
+                raise QcoreError(f"recipe {recipe.name!r} quantizes the KV cache, but {self.name} is not a language model "
+                                 "whose attention projections are known; remove the recipe's kv_cache key")
+            from qcore.model.kv_cache import apply_kv_cache
+
+            apply_kv_cache(sim.model, self.kv_cache_slices, recipe.kv_cache)
         return sim
 
     def size(self, recipe: Recipe) -> dict:

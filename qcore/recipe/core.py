@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 from qcore.errors import QcoreError, shown as _show
 from qcore.numerics.formats import FORMATS
 from qcore.numerics.spec import ROUNDING_OPTIONS, TensorSpec
+from qcore.recipe.kv_cache import KVCacheSpec
 from qcore.recipe.parse import MAX_LAYERS, MAX_NAME_CHARS, parse_json
 from qcore.recipe.transforms import Transform, parse_transforms
 
@@ -198,13 +199,15 @@ FLOAT = LayerOverride(None, None, keep_float=True)
 class Recipe:
     """Default weight/activation specs plus per-layer overrides (``layers``: name -> ``LayerOverride``; plain
     JSON entries given to the constructor are typed on the way in) and the model-level ``transforms``, in order
-    (``qcore.recipe.transforms``). Frozen and hashable; equal = same JSON."""
+    (``qcore.recipe.transforms``). Frozen and hashable; equal = same JSON.
+    ``kv_cache``: how a language model's attention cache is quantized (``recipe.kv_cache``); None: it stays float."""
 
     name: str = "recipe"
     weights: TensorSpec | None = None
     activations: TensorSpec | None = None
     layers: Mapping[str, LayerOverride] = field(default_factory=Frozen)
     transforms: tuple[Transform, ...] = ()
+    kv_cache: KVCacheSpec | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "transforms", parse_transforms(self.transforms))
@@ -217,7 +220,7 @@ class Recipe:
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
         if not isinstance(d, Mapping):
             raise QcoreError("a recipe must be a JSON object with keys name, weights, activations, layers")
-        allowed = ("name", "weights", "activations", "layers", "transforms")
+        allowed = ("name", "weights", "activations", "layers", "transforms", "kv_cache")
         for key in d:
             if key not in allowed:
                 raise QcoreError(f"unknown recipe key {_show(key)}; allowed keys: {', '.join(allowed)}")
@@ -240,7 +243,8 @@ class Recipe:
             where = f"layers[{_show(layer)}]"
             typed[layer] = LayerOverride.from_json(entry, where)
             typed[layer].apply(defaults, where)  # validates the override's specs
-        return cls(name, weights, activations, Frozen(typed), parse_transforms(d.get("transforms")))
+        kv_cache = None if d.get("kv_cache") is None else KVCacheSpec.from_dict(d["kv_cache"])
+        return cls(name, weights, activations, Frozen(typed), parse_transforms(d.get("transforms")), kv_cache)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Recipe":
@@ -248,7 +252,7 @@ class Recipe:
         return cls.from_dict(parse_json(text))
 
     def to_dict(self) -> dict:
-        """The recipe's JSON; ``transforms`` only when there are some (a recipe without reads as before)."""
+        """The recipe's JSON; ``transforms`` and ``kv_cache`` only when set, so a recipe without them writes what it always did."""
         d = {
             "name": self.name,
             "weights": self.weights.to_dict() if self.weights else None,
@@ -257,6 +261,8 @@ class Recipe:
         }
         if self.transforms:
             d["transforms"] = [t.to_json() for t in self.transforms]
+        if self.kv_cache is not None:
+            d["kv_cache"] = self.kv_cache.to_dict()
         return d
 
     def to_json(self) -> str:

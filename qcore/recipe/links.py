@@ -2,7 +2,8 @@
 
 A link carries a recipe as a preset name plus per-layer overrides (``Recipe`` layer entries, only
 for layers that differ from the preset): ``?preset=int8-static&layers=<url-safe base64 of the
-overrides as compact JSON>``. ``compact`` finds the shortest such pair for any recipe;
+overrides as compact JSON>``, plus ``&kv=int8.per_token`` (``encode_kv_cache``) when the recipe quantizes a
+language model's KV cache (absent otherwise, so older links read the same). ``compact`` finds the shortest such pair for any recipe;
 ``build_recipe`` is its inverse. ``recipe_id`` / ``recipe_hash`` name what a recipe does to a
 model's layers, whatever its name or spelling.
 """
@@ -14,9 +15,12 @@ import hashlib
 import json
 
 from qcore.errors import QcoreError
-from qcore.recipe import PRESETS, LayerOverride, Recipe, preset
+from dataclasses import replace
 
-PRESET_PARAM, LAYERS_PARAM = "preset", "layers"
+from qcore.recipe import PRESETS, LayerOverride, Recipe, preset
+from qcore.recipe.kv_cache import KVCacheSpec
+
+PRESET_PARAM, LAYERS_PARAM, KV_PARAM = "preset", "layers", "kv"
 MAX_LAYERS_PARAM_CHARS = 200_000
 
 
@@ -41,16 +45,36 @@ def decode_layers(text: str) -> dict:
     return layers
 
 
-def build_recipe(w, preset_name: str, layers: dict, transforms: list | None = None) -> Recipe:
-    """The preset with ``layers`` overrides applied (and ``transforms`` instead of the preset's, when given),
-    validated against ``w``'s layers."""
+def encode_kv_cache(spec: KVCacheSpec | None) -> str | None:
+    """``"int8.per_token"`` (``".affine"`` appended when not symmetric); None for no KV-cache quantization."""
+    if spec is None:
+        return None
+    return f"{spec.format}.{spec.granularity}" + ("" if spec.symmetric else ".affine")
+
+
+def decode_kv_cache(text: str | None) -> KVCacheSpec | None:
+    """Inverse of ``encode_kv_cache``; QcoreError (one line) when the text is not such an encoding."""
+    if not text:
+        return None
+    parts = str(text)[:100].split(".")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "affine"):
+        raise QcoreError(f"the link's {KV_PARAM}= parameter {str(text)[:40]!r} is not FORMAT.GRANULARITY (e.g. "
+                         "int8.per_token); copy the whole link again or remove that parameter")
+    return KVCacheSpec.from_dict({"format": parts[0], "granularity": parts[1], "symmetric": len(parts) == 2},
+                                 f"the link's {KV_PARAM}=")
+
+
+def build_recipe(w, preset_name: str, layers: dict, transforms: list | None = None,
+                 kv_cache: KVCacheSpec | None = None) -> Recipe:
+    """The preset with ``layers`` overrides applied (``transforms`` instead of the preset's, when given, and
+    ``kv_cache``), validated against ``w``'s layers."""
     base = preset(preset_name, w.layer_shapes).to_dict()
     if transforms is not None:
         base["transforms"] = transforms
     recipe = Recipe.from_dict({**base, "name": f"{w.name}-{preset_name}" + ("-mixed" if layers else ""),
                                "layers": {**base["layers"], **layers}})
     recipe.resolve(w.layer_shapes)  # validates it against the model
-    return recipe
+    return recipe if kv_cache is None else replace(recipe, kv_cache=kv_cache)
 
 
 def compact(w, recipe: Recipe, presets=tuple(PRESETS)) -> tuple[str, dict]:
@@ -80,11 +104,14 @@ def recipe_id(w, recipe: Recipe) -> str:
     """The recipe's canonical JSON: what it does to each of ``w``'s layers, ``{layer: {"weights",
     "activations"}}`` (spec dicts or null, as ``Recipe.resolve`` gives them: group sizes fitted), sorted keys,
     compact. A preset with overrides and the same plans spelled layer by layer (as the search writes them) are
-    one recipe, and so are a group size and the one it resolves to; the name is not part of it. A recipe with
-    ``transforms`` has them appended (`` transforms=`` and their compact JSON); one without reads as before."""
+    one recipe, and so are a group size and the one it resolves to; the name is not part of it. A KV-cache spec
+    adds the key ``"(kv_cache)"`` (no module path has parentheses); a recipe with ``transforms`` has them appended
+    (`` transforms=`` and their compact JSON); one without either reads as before."""
     plans = {n: {"weights": p.weights.to_dict() if p.weights else None,
                  "activations": p.activations.to_dict() if p.activations else None}
              for n, p in recipe.resolve(w.layer_shapes).items()}
+    if recipe.kv_cache is not None:
+        plans["(kv_cache)"] = recipe.kv_cache.to_dict()
     text = json.dumps(plans, sort_keys=True, separators=(",", ":"))
     if recipe.transforms:
         text += " transforms=" + json.dumps([t.to_json() for t in recipe.transforms], sort_keys=True, separators=(",", ":"))

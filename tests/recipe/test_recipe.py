@@ -188,7 +188,7 @@ def _error(fn, *args) -> str:
     ({"weights": {"format": "int8", "bits": 8}},
      "unknown key weights.'bits'; allowed keys: format, granularity, axis, group_size, symmetric, range, "
      "percentile, dynamic, scaled, rounding, gptq, adaround"),
-    ({"weight": {"format": "int8"}}, "unknown recipe key 'weight'; allowed keys: name, weights, activations, layers, transforms"),
+    ({"weight": {"format": "int8"}}, "unknown recipe key 'weight'; allowed keys: name, weights, activations, layers, transforms, kv_cache"),
     ({"weights": {"granularity": "per_row"}},
      "weights.granularity='per_row' is not a granularity; allowed: per_tensor, per_channel, per_group"),
     ({"weights": {"range": "moving_average"}},

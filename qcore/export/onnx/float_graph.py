@@ -70,7 +70,10 @@ def float_graph(workload, recipe=None) -> FloatGraph:
             ed = GraphEditor(proto)
             _gemm_to_matmul(ed)
             ed.finish()
-            return {name: _weight_initializer(ed, name, modules[name], names.get(name)) for name in workload.layers}
+            found = {}  # a weight another layer already claimed is not matched by value again (a tied LM head)
+            for name in workload.layers:
+                found[name] = _weight_initializer(ed, name, modules[name], names.get(name), {i for i, _ in found.values()})
+            return found
 
         if isinstance(model, OnnxModule):
             proto, notes, names = _uploaded_graph(workload, model)
@@ -350,11 +353,13 @@ def graph_weight(module) -> np.ndarray:
     return weight.numpy()
 
 
-def _weight_initializer(ed: GraphEditor, layer: str, module, known: str | None = None) -> tuple[str, bool | str]:
+def _weight_initializer(ed: GraphEditor, layer: str, module, known: str | None = None,
+                        taken=frozenset()) -> tuple[str, bool | str]:
     """(initializer name, orientation: see ``FloatGraph``) of ``layer``'s weight: ``known`` (an upload's),
-    else by parameter name, else by value."""
+    else by parameter name, else by value among the initializers not ``taken`` by other layers."""
     weight, in_graph = module.weight.detach().float().numpy(), graph_weight(module)
-    by_name = [known] if known else [f"{layer}.weight"] * (f"{layer}.weight" in ed.inits) + list(ed.inits)
+    by_name = [known] if known else [f"{layer}.weight"] * (f"{layer}.weight" in ed.inits) + [
+        i for i in ed.inits if i not in taken]
     for init_name in by_name:
         a = ed.array(init_name)
         if a.shape == weight.shape and np.array_equal(a, weight):
