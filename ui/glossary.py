@@ -36,6 +36,7 @@ TERMS: dict[str, tuple[str, str]] = {  # anchor -> (term, explanation in Markdow
 }
 
 
-def link(anchor: str) -> str:
-    """Markdown ``[term](/glossary#anchor)`` for a known glossary ``anchor`` (KeyError for an unknown one)."""
-    return f"[{TERMS[anchor][0]}](/{URL}#{anchor})"
+def link(anchor: str, text: str | None = None) -> str:
+    """Markdown ``[text](/glossary#anchor)`` (``text`` defaults to the term) for a known glossary ``anchor``
+    (KeyError for an unknown one)."""
+    return f"[{text or TERMS[anchor][0]}](/{URL}#{anchor})"
