@@ -11,10 +11,13 @@ LESSONS = lessons()
 w = lesson_view.teaching_workload()
 st.title("Lessons: quantization in nine steps")
 c1, c2 = st.columns([3, 2])
-number = c1.selectbox("Lesson", [str(n) for n in LESSONS], key=lesson_view.LESSON_PARAM, bind="query-params",
+lesson_view.url_bound(lesson_view.LESSON_PARAM, [str(n) for n in LESSONS])
+lesson_view.url_bound(lesson_view.STEP_PARAM, list(lesson_view.STEPS))
+number = c1.selectbox("Lesson", [str(n) for n in LESSONS], key=lesson_view.LESSON_PARAM, persist_state="session",
                       format_func=lambda n: f"{n}. {LESSONS[int(n)].TITLE}")
-step = c2.radio("Step", list(lesson_view.STEPS), key=lesson_view.STEP_PARAM, bind="query-params", horizontal=True,
+step = c2.radio("Step", list(lesson_view.STEPS), key=lesson_view.STEP_PARAM, persist_state="session", horizontal=True,
                 format_func=lesson_view.STEPS.get)
+lesson_view.write_url(**{lesson_view.LESSON_PARAM: number, lesson_view.STEP_PARAM: step})
 lesson = LESSONS[int(number)]
 st.caption(f"Every lesson uses **{TEACHING_MODEL}** (whatever the sidebar shows) and computes its numbers with the "
            f"engine, once for the whole class. Metrics are explained in the {glossary.link('sqnr', 'glossary')}.")

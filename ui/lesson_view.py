@@ -26,6 +26,21 @@ def facts(number: int, content_hash: str, _lesson, _w) -> dict:
     return _lesson.facts(_w)
 
 
+def url_bound(key: str, options: list[str]) -> None:
+    """Before widget ``key`` is drawn: the first time a session shows it (or after another page dropped it), its
+    value comes from the query parameter ``key`` when that is one of ``options``. ``bind="query-params"`` would
+    write the option's displayed label into the address; this keeps ``?lesson=4&step=exercise``."""
+    if key not in st.session_state and st.query_params.get(key) in options:
+        st.session_state[key] = st.query_params[key]
+
+
+def write_url(**values: str) -> None:
+    """After the widgets: the address shows the lesson and step (what a reload or a copied link reopens)."""
+    for k, v in values.items():
+        if st.query_params.get(k) != v:
+            st.query_params[k] = v
+
+
 def teaching_workload():
     return state.zoo_workload(TEACHING_MODEL)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import streamlit as st
-import torch
 
 from qcore.analysis import explain
 from qcore.figures import viz
-from qcore.numerics.metrics import sqnr_db
-from qcore.numerics.quantize import fake_quantize
+from qcore.numerics.metrics import SQNR_EXACT_DB
 from qcore.numerics.spec import TensorSpec
 from ui.lessons import Verdict, key, teaching_weight
 
@@ -24,27 +24,31 @@ GOAL = (f"Choose a clip threshold (as a share of max|w|) that brings {LAYER}'s w
         f"{TOLERANCE_DB} dB of the best threshold.")
 HINT = "The black 'total error' curve has a minimum: read its threshold and divide by the largest one on the axis."
 WIDGETS = {r"lesson4_clip": int}
-PERCENTS = list(range(5, 101))
+POINTS = 50  # thresholds max|w| * k / 50, k = 1..50: the slider's steps of 2 %
+PERCENTS = [100 * k // POINTS for k in range(1, POINTS + 1)]
 
 
 def facts(w) -> dict:
+    """The clipping trade-off of the layer's weights (``explain.clipping_tradeoff``: mean squared error at each
+    threshold) and the SQNR it gives at each of the slider's thresholds: 10·log10(mean x² / total error)."""
     x = teaching_weight(w, LAYER).reshape(-1).float()
-    amax = float(x.abs().max())
-    spec = TensorSpec.from_dict(SPEC, "spec")
-    sqnr = {p: sqnr_db(fake_quantize(x, spec, lo=-amax * p / 100, hi=amax * p / 100), x) for p in PERCENTS}
+    tradeoff = explain.clipping_tradeoff(x, TensorSpec.from_dict(SPEC, "spec"), points=POINTS)
+    power = float((x.double() ** 2).mean())
+    sqnr = {p: 10 * math.log10(power / total) if total > 0 else SQNR_EXACT_DB
+            for p, total in zip(PERCENTS, tradeoff["total"])}
     best = max(sqnr, key=sqnr.get)
-    return {"amax": amax, "sqnr_by_percent": sqnr, "best_percent": best, "best_sqnr_db": sqnr[best],
-            "minmax_sqnr_db": sqnr[100], "tradeoff": explain.clipping_tradeoff(x, spec), "numel": x.numel()}
+    return {"amax": float(x.abs().max()), "sqnr_by_percent": sqnr, "best_percent": best, "best_sqnr_db": sqnr[best],
+            "minmax_sqnr_db": sqnr[100], "tradeoff": tradeoff, "numel": x.numel()}
 
 
 def show(f: dict, w) -> None:
     st.plotly_chart(viz.clipping_tradeoff(f["tradeoff"]), width="stretch")
-    st.caption(f"{LAYER}: {f['numel']:,} weights, max|w| = {f['amax']:.4g}; errors computed by the engine's "
-               "fake_quantize at each threshold.")
+    st.caption(f"{LAYER}: {f['numel']:,} weights, max|w| = {f['amax']:.4g}; errors computed by the engine, "
+               "quantizing the weights at each threshold.")
 
 
 def ask(f: dict):
-    return st.slider("Clip threshold, % of max|w|", 5, 100, 100, 1, key=key(NUMBER, "clip"))
+    return st.select_slider("Clip threshold, % of max|w|", PERCENTS, value=100, key=key(NUMBER, "clip"))
 
 
 def reference(f: dict) -> int:
