@@ -14,8 +14,13 @@ from ui.text import plain
 
 
 def intro(text: str, *formulas: str, title: str = "Formulas: scale, zero-point, rounding, clipping, SQNR") -> None:
-    """``text`` (Markdown) and, below it, a collapsed expander holding the ``formulas`` parts in order."""
+    """``text`` (Markdown), a line linking the metrics it uses to the glossary and, below, a collapsed expander
+    holding the ``formulas`` parts in order."""
+    from ui import glossary
+
     st.write(text)
+    st.caption("What the numbers mean: " + ", ".join(glossary.link(a) for a in ("sqnr", "kl", "cosine", "agreement", "drop"))
+               + ".")
     with st.expander(title):
         st.markdown("\n".join(formulas))
 

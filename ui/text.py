@@ -44,13 +44,13 @@ def layer_label(name: str) -> str:
 
 # ---- metrics as students read them -----------------------------------------------------------------
 METRIC_LABELS = {  # the engine's metric names -> what a page calls them (the glossary explains each)
-    "accuracy": "accuracy (top-1, against the labels)",
-    "agreement": "agreement with FP32 (same top-1 class)",
+    "accuracy": "accuracy",
+    "agreement": "agreement with FP32",
     "cosine": "similarity to FP32 (cosine)",
     "cosine_to_fp32": "similarity to FP32 (cosine)",
-    "sqnr_db": "output SQNR vs FP32 (dB)",
+    "sqnr_db": "output SQNR (dB)",
     "kl_div": "KL divergence from FP32",
-    "perplexity": "perplexity (lower is better)",
+    "perplexity": "perplexity",
 }
 DROP_CONVENTION = ("**drop** = FP32's value minus the quantized model's, oriented so that a positive drop is worse; "
                    "**change** = quantized minus FP32, as measured (its sign says which way the number moved).")
