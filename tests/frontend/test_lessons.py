@@ -288,3 +288,14 @@ def test_thirty_students_opening_lesson_7_run_one_sweep(app, monkeypatch, tmp_pa
         assert_clean(at)
         assert at.get("plotly_chart")
     assert len(calls) == 1
+
+
+def test_open_in_the_full_page_carries_the_lessons_state(shared_facts):
+    at = open_lessons({"lesson": "5", "step": "exercise"})
+    widget(at, "lesson5_granularity").set_value("per_group").run()
+    at.button(key="lesson5_open").click().run()
+    assert_clean(at)
+    assert at.title[0].value.startswith("Weights")
+    assert widget(at, "model").value == "digits-cnn"
+    assert widget(at, "weights_layer:zoo:digits-cnn").value == "features.3"
+    assert widget(at, "weights_granularity").value == "per_group"
