@@ -10,7 +10,7 @@ from ui import glossary, keys, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
-from ui.text import DROP_CONVENTION, layer_label, plain, signed
+from ui.text import DROP_CONVENTION, layer_label, metric_label, plain, signed
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
 VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
@@ -45,7 +45,7 @@ st.session_state[keys.SWEEP] = settings  # read by Mixed precision and Export; c
 for note in result["notes"]:
     st.info(plain(note), icon=":material/info:")
 
-metric = result["metric"]
+metric = metric_label(result["metric"])  # plain words: "similarity to FP32 (cosine)"
 widest = viz_decide.widest_spread(result["rows"])
 chosen = st.selectbox("Rank the layers under", candidates, index=candidates.index(widest),
                       key=f"sens_rank_candidate:{mode}:{view}",

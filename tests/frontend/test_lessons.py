@@ -12,16 +12,20 @@ the sweep-count test computes lesson 7's for real.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import streamlit as st
+from hypothesis import given, settings
+from hypothesis import strategies as st_h
 from streamlit.testing.v1 import AppTest
 from urllib.parse import parse_qsl, urlsplit
 
 from qcore import zoo
+from qcore.errors import QcoreError
 from qcore.analysis import sensitivity, sweep_cache
 from ui import lesson_view, presenter
 from ui.lessons import lessons, teaching_weight
@@ -264,6 +268,29 @@ def test_a_changed_presenter_link_sets_nothing_else(shared_facts):
     assert presenter.decode(view) == {"weights_format": "int8"}  # wrong types and foreign keys are dropped
     at = open_lessons({"view": "not-base64!"})
     assert any("presenter link" in e.value for e in at.error)  # one line in the sidebar, nothing applied
+
+
+@settings(max_examples=40)
+@given(st_h.dictionaries(st_h.text(max_size=30) | st_h.sampled_from(["formats_bits", "lesson4_clip", "act_log",
+                                                                     "weights_layer:zoo:digits-cnn"]),
+                         st_h.none() | st_h.booleans() | st_h.integers() | st_h.floats(allow_nan=False) | st_h.text(max_size=8),
+                         max_size=6))
+def test_presenter_decode_keeps_only_declared_keys_of_declared_types(view):
+    kept = presenter.decode(presenter.encode(view))
+    patterns = presenter.schema()
+    for k, v in kept.items():
+        kind = next(t for p, t in patterns.items() if re.fullmatch(p, k))
+        assert type(v) is kind, (k, v)
+        assert v == view[k]
+
+
+@given(st_h.text(max_size=60))
+@settings(max_examples=40)
+def test_presenter_decode_of_any_text_is_a_dict_or_one_line_error(text):
+    try:
+        assert isinstance(presenter.decode(text), dict)
+    except QcoreError as e:
+        assert "\n" not in str(e)
 
 
 def test_reset_this_lesson(shared_facts):
