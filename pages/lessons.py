@@ -9,7 +9,7 @@ from ui.lessons import lessons
 state.active()
 LESSONS = lessons()
 w = lesson_view.teaching_workload()
-st.title("Lessons: quantization in nine steps")
+st.title("Lessons: quantization step by step")
 c1, c2 = st.columns([3, 2])
 lesson_view.url_bound(lesson_view.LESSON_PARAM, [str(n) for n in LESSONS])
 lesson_view.url_bound(lesson_view.STEP_PARAM, list(lesson_view.STEPS))

@@ -43,7 +43,7 @@ def facts(digits_cnn):
 
 
 def test_the_nine_lessons_come_in_the_issues_order():
-    assert list(LESSONS) == list(range(1, 10))
+    assert list(LESSONS) == list(range(1, len(LESSONS) + 1)) and len(LESSONS) >= 9  # lesson 10 is one more module
     assert [LESSONS[n].TITLE.split(":")[0] for n in (1, 4, 5, 8)] == ["Why quantize", "Clipping and outliers",
                                                                       "Granularity", "PTQ or QAT"]
 
