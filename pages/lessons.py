@@ -20,7 +20,8 @@ step = c2.radio("Step", list(lesson_view.STEPS), key=lesson_view.STEP_PARAM, per
 lesson_view.write_url(**{lesson_view.LESSON_PARAM: number, lesson_view.STEP_PARAM: step})
 lesson = LESSONS[int(number)]
 st.caption(f"Every lesson uses **{TEACHING_MODEL}** (whatever the sidebar shows) and computes its numbers with the "
-           f"engine, once for the whole class. Metrics are explained in the {glossary.link('sqnr', 'glossary')}.")
+           "engine, once for the whole class.")
+glossary.link("sqnr", "agreement", "drop")
 f = lesson_view.facts(lesson.NUMBER, w.content_hash, lesson, w)
 
 st.header(f"{lesson.NUMBER}. {lesson.TITLE}")

@@ -17,7 +17,8 @@ VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"
 
 key, w = state.active()
 st.title("Sensitivity: which layers hurt")
-st.caption(DROP_CONVENTION + " " + glossary.link("drop", "Glossary") + ".")
+st.caption(DROP_CONVENTION)
+glossary.link("drop", "sqnr")
 st.write(
     "Each layer is quantized on its own (every other layer stays FP32) and the model is scored on the evaluation "
     "data: the **drop** in the metric says how much that layer costs. In the *all but one* view every layer is "

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from qcore.recipe.links import recipe_hash, recipe_id
-from ui import glossary, keys, state
+from ui import keys, state
 from qcore import hardware
 from qcore.analysis import search
 from qcore.figures import decide as viz_decide
@@ -96,5 +96,5 @@ if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]
     if worst["change"] < 0:  # the glossary's convention: change = quantized - FP32
         st.metric(f"Largest drop: class {plain(worst['class'])}", f"{worst[chosen]:.4f}", delta=f"{signed(worst['change'])} vs FP32")
     else:
-        st.caption(f"No class lost accuracy under {plain(chosen)} ({glossary.link('drop', 'change')} ≥ 0 for every class).")
+        st.caption(f"No class lost accuracy under {plain(chosen)} (change ≥ 0 for every class; see the Glossary).")
     st.dataframe(pd.DataFrame(per_class).sort_values("change"), hide_index=True, width="stretch")

@@ -14,13 +14,12 @@ from ui.text import plain
 
 
 def intro(text: str, *formulas: str, title: str = "Formulas: scale, zero-point, rounding, clipping, SQNR") -> None:
-    """``text`` (Markdown), a line linking the metrics it uses to the glossary and, below, a collapsed expander
+    """``text`` (Markdown), a link to the glossary of the metrics and, below, a collapsed expander
     holding the ``formulas`` parts in order."""
     from ui import glossary
 
     st.write(text)
-    st.caption("What the numbers mean: " + ", ".join(glossary.link(a) for a in ("sqnr", "kl", "cosine", "agreement", "drop"))
-               + ".")
+    glossary.link("sqnr", "kl", "cosine", "agreement", "drop")
     with st.expander(title):
         st.markdown("\n".join(formulas))
 

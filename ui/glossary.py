@@ -1,6 +1,6 @@
 """The glossary: every metric a page or lesson shows, explained once, and the one sign convention for "drop" and
-"change". ``link(term)`` is the Markdown link a page puts next to a metric (the Glossary page has one anchor per
-term, ``/glossary#sqnr``)."""
+"change". ``link(*terms)`` is the link a page puts next to its metrics (the Glossary page has one anchor per term,
+``/glossary#sqnr``)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ TERMS: dict[str, tuple[str, str]] = {  # anchor -> (term, explanation in Markdow
 }
 
 
-def link(anchor: str, text: str | None = None) -> str:
-    """Markdown ``[text](/glossary#anchor)`` (``text`` defaults to the term) for a known glossary ``anchor``
-    (KeyError for an unknown one)."""
-    return f"[{text or TERMS[anchor][0]}](/{URL}#{anchor})"
+def link(*anchors: str) -> None:
+    """A link to the Glossary page (``st.page_link``: a navigation element, so no Markdown link is ever rendered --
+    pages keep every Markdown text plain) labelled with the terms of ``anchors`` (KeyError for an unknown one)."""
+    import streamlit as st
+
+    terms = ", ".join(TERMS[a][0] for a in anchors)
+    st.page_link(PAGE, label=f"Glossary: {terms}" if terms else "Glossary", icon=":material/menu_book:")
