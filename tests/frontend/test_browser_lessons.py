@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _chart_points, _wait_until_idle
+from test_browser import CHROMIUM, CHROMIUM_ARGS, ERROR_BOXES, PAGE_TIMEOUT_MS, _chart_points
 from test_browser import app_url  # noqa: F401 -- the module-scoped fresh server
 from ui.lessons import lessons
 
 pytestmark = pytest.mark.browser
 PROJECTOR = {"width": 1280, "height": 720}
+LESSON_TIMEOUT_MS = 180_000  # a lesson's first visit on a fresh server computes its facts (a sweep, evaluations)
+
+
+def _wait_until_idle(page, timeout_ms: int = LESSON_TIMEOUT_MS) -> None:
+    """``test_browser._wait_until_idle`` with room for a lesson's first computation on a loaded machine."""
+    page.locator("h1").first.wait_for(timeout=timeout_ms)
+    for _ in range(2):
+        page.wait_for_timeout(400)
+        page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout_ms)
 
 # Every text Plotly draws for an axis or a title: tick labels, axis titles, the figure's title.
 _LABEL_BOXES = """plots => plots.map(p => [...p.querySelectorAll(
