@@ -12,7 +12,7 @@ from qcore.analysis import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
 from qcore.figures.viz import human_bytes
-from ui.text import plain
+from ui.text import metric_label, plain, signed
 
 key, w = state.active()
 st.title("Mixed precision: a format for every layer")
@@ -110,7 +110,8 @@ shown = st.session_state.get(keys.MEASURED_RECIPE)
 if shown and shown["recipe"] == recipe.to_json():
     q, f = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"]
     headline, higher = shown["result"]["metric"], w.task.higher_is_better
-    st.metric(f"{plain(headline)} (measured)", f"{q[headline]:.4f}", delta=f"{q[headline] - f[headline]:+.4f} vs FP32 {f[headline]:.4f}",
+    st.metric(f"{plain(metric_label(headline))} (measured)", f"{q[headline]:.4f}",
+              delta=f"{signed(q[headline] - f[headline])} vs FP32 {f[headline]:.4f}",
               delta_color="normal" if higher else "inverse")
 
 st.subheader("Search a recipe automatically")

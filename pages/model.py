@@ -8,7 +8,7 @@ from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.model.size import float_bytes
 from qcore.model.workload import OUTPUT_KINDS
-from ui.text import plain
+from ui.text import metric_label, plain
 
 key, w = state.active()
 st.title(f"Model: {plain(w.name)}")
@@ -60,8 +60,8 @@ headline = w.task.headline
 d1, d2, d3 = st.columns(3)
 d1.metric("Calibration samples", f"{len(w.calibration):,}", help="fed through the model to choose activation ranges")
 d2.metric("Evaluation samples", f"{len(w.evaluation):,}", help="the quantized model is scored on these")
-d3.metric(f"FP32 {headline}", f"{fp32_metrics[headline]:.4f}", help="the reference every quantized model is compared with")
-st.write(f"The headline metric is **{headline}**"
+d3.metric(f"FP32 {metric_label(headline)}", f"{fp32_metrics[headline]:.4f}", help="the reference every quantized model is compared with")
+st.write(f"The headline metric is **{metric_label(headline)}**"
          + (" (top-1 accuracy against the labels)." if headline == "accuracy" else
             " (how often the quantized model's top-1 agrees with FP32's; no labels)." if headline == "agreement" else ".")
          + f" The output is scored as **{w.task.kind}**" + (f" ({plain(w.task.why)})" if w.task.why else "")

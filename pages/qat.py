@@ -19,7 +19,7 @@ from qcore.numerics.quantize import fake_quantize
 from qcore.recipe import PRESETS, preset
 from qcore.recipe.links import recipe_id
 from qcore.training import QATConfig, finetune, save, training_data
-from ui.text import plain
+from ui.text import metric_label, plain, signed
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 STE = r"""
@@ -86,9 +86,9 @@ head = result.metric
           f"({result.notes[0]})."))
 cols = st.columns(3)
 fp32, ptq, qat = (m[head] for m in (result.fp32_metrics, result.ptq_metrics, result.qat_metrics))
-cols[0].metric(f"FP32 {head}", f"{fp32:.4f}")
-cols[1].metric(f"PTQ {head}", f"{ptq:.4f}", delta=f"{ptq - fp32:+.4f} vs FP32")
-cols[2].metric(f"QAT {head}", f"{qat:.4f}", delta=f"{qat - ptq:+.4f} vs PTQ")
+cols[0].metric(f"FP32 {metric_label(head)}", f"{fp32:.4f}")
+cols[1].metric(f"PTQ {metric_label(head)}", f"{ptq:.4f}", delta=f"{signed(ptq - fp32)} vs FP32")
+cols[2].metric(f"QAT {metric_label(head)}", f"{qat:.4f}", delta=f"{signed(qat - ptq)} vs PTQ")
 st.plotly_chart(viz_qat.training_curve([asdict(h) for h in result.history], head, ptq), key="qat_curve", width="stretch")
 
 if "per_class_accuracy" in result.qat_metrics:

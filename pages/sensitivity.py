@@ -6,17 +6,19 @@ between layers (``viz_decide.widest_spread``): the one that tells the layers apa
 import pandas as pd
 import streamlit as st
 
-from ui import jobs, keys, remedy, state
+from ui import glossary, jobs, keys, remedy, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
-from ui.text import layer_label, plain
+from ui.text import DROP_CONVENTION, layer_label, metric_label, plain, signed
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
 VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
 
 key, w = state.active()
 st.title("Sensitivity: which layers hurt")
+st.caption(DROP_CONVENTION)
+glossary.link("drop", "sqnr")
 st.write(
     "Each layer is quantized on its own (every other layer stays FP32) and the model is scored on the evaluation "
     "data: the **drop** in the metric says how much that layer costs. In the *all but one* view every layer is "
@@ -45,7 +47,7 @@ st.session_state[keys.SWEEP] = settings  # read by Mixed precision and Export; c
 for note in result["notes"]:
     st.info(plain(note), icon=":material/info:")
 
-metric = result["metric"]
+metric = metric_label(result["metric"])  # plain words: "similarity to FP32 (cosine)"
 widest = viz_decide.widest_spread(result["rows"])
 chosen = st.selectbox("Rank the layers under", candidates, index=candidates.index(widest),
                       key=f"sens_rank_candidate:{mode}:{view}",
@@ -56,7 +58,7 @@ m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {resul
 ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
 m2.metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
 m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only it in float",
-          f"{ranked[0]['metric_drop']:+.4f}",
+          signed(ranked[0]['metric_drop']),
           help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
                "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone in float "
                "recovers the most"))
@@ -85,7 +87,7 @@ st.write("Open a layer's weights or inputs, or keep the layer in float (weights 
 _, _, recipe = state.current(key, w)
 for r in ranked:
     a, b, c, d = st.columns([3, 1, 1, 1])
-    a.markdown(f"**{r['rank']}. {plain(layer_label(r['layer']))}** ({plain(r['kind'])}): drop {r['metric_drop']:+.4f}, "
+    a.markdown(f"**{r['rank']}. {plain(layer_label(r['layer']))}** ({plain(r['kind'])}): drop {signed(r['metric_drop'])}, "
                f"output SQNR {r['sqnr_db']:.1f} dB")
     if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
         open_layer("pages/weights.py", keys.weights_layer(key), r["layer"])

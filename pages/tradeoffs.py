@@ -11,7 +11,7 @@ from qcore import hardware
 from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
-from ui.text import plain
+from ui.text import plain, signed
 
 PRESET_ROWS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8 dynamic": "int8-dynamic", "INT8 static": "int8-static",
                "INT4 weight-only": "int4-weight-only", "NF4": "nf4", "FP8": "fp8"}
@@ -96,5 +96,8 @@ if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]
     st.plotly_chart(viz_decide.per_class(ref, got, names, chosen), width="stretch")
     per_class = [{"class": str(n), "FP32": a, chosen: b, "change": b - a} for n, a, b in zip(names, ref, got) if a is not None]
     worst = min(per_class, key=lambda r: r["change"])
-    st.metric(f"Largest drop: class {plain(worst['class'])}", f"{worst[chosen]:.4f}", delta=f"{worst['change']:+.4f} vs FP32")
+    if worst["change"] < 0:  # the glossary's convention: change = quantized - FP32
+        st.metric(f"Largest drop: class {plain(worst['class'])}", f"{worst[chosen]:.4f}", delta=f"{signed(worst['change'])} vs FP32")
+    else:
+        st.caption(f"No class lost accuracy under {plain(chosen)} (change ≥ 0 for every class; see the Glossary).")
     st.dataframe(pd.DataFrame(per_class).sort_values("change"), hide_index=True, width="stretch")

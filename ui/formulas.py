@@ -14,8 +14,12 @@ from ui.text import plain
 
 
 def intro(text: str, *formulas: str, title: str = "Formulas: scale, zero-point, rounding, clipping, SQNR") -> None:
-    """``text`` (Markdown) and, below it, a collapsed expander holding the ``formulas`` parts in order."""
+    """``text`` (Markdown), a link to the glossary of the metrics and, below, a collapsed expander
+    holding the ``formulas`` parts in order."""
+    from ui import glossary
+
     st.write(text)
+    glossary.link("sqnr", "kl", "cosine", "agreement", "drop")
     with st.expander(title):
         st.markdown("\n".join(formulas))
 

@@ -41,6 +41,7 @@ HOME = "pages/model.py"
 def pages() -> list:
     """The navigation, made anew for every run (``st.Page`` objects carry per-run state)."""
     return [
+        st.Page("pages/lessons.py", title="Lessons", icon=":material/school:", url_path="lessons"),
         st.Page(HOME, title="Model", icon=":material/account_tree:", default=True, url_path="home"),
         st.Page("pages/formats.py", title="Formats", icon=":material/straighten:"),
         st.Page("pages/weights.py", title="Weights", icon=":material/bar_chart:"),
@@ -51,6 +52,7 @@ def pages() -> list:
         st.Page("pages/qat.py", title="QAT", icon=":material/model_training:"),
         st.Page("pages/export.py", title="Export", icon=":material/download:"),
         *([st.Page("pages/generate.py", title="Generation", icon=":material/edit_note:")] if _language_model_shown() else []),
+        st.Page("pages/glossary.py", title="Glossary", icon=":material/menu_book:", url_path="glossary"),
         # The home page's address is "/" (its url_path only has to differ from "model"); its file is model.py, so
         # a link to /model goes home instead of to "page not found".
         st.Page(lambda: state.switch_page(HOME), title="Model", url_path="model", visibility="hidden"),

@@ -22,6 +22,7 @@ from qcore.numerics.spec import TensorSpec
 from ui.keys import (EDITOR_VERSION, LAYERS_PARAM, LINK_READ, LINK_UPLOAD, MEASURED, MODEL_ERROR, PRESET_PARAM,
                      RECIPE_UPLOAD_DIGEST, RECIPES, SOURCE, UPLOAD, UPLOAD_ERROR, UPLOAD_PARAM, UPLOAD_SOURCE, URL_ERROR,
                      URL_RESTORED, USER_RECIPES, ZOO_NAME)
+from ui import presenter
 from ui.text import plain
 from qcore.recipe.links import (KV_PARAM, build_recipe, compact, decode_kv_cache, decode_layers, encode_kv_cache,
                                 encode_layers, recipe_hash, recipe_id)
@@ -59,8 +60,9 @@ def upload_tag(w) -> str:
 
 def read_link() -> None:
     """Once per session, before the sidebar's widgets: a ``?model=`` the zoo does not have becomes an
-    error (the bound select box would otherwise drop it without a word), and ``?upload=`` switches the
-    source to Upload and waits for a file with that hash (``check_upload``)."""
+    error (the bound select box would otherwise drop it without a word), ``?upload=`` switches the
+    source to Upload and waits for a file with that hash (``check_upload``), and a presenter link's
+    ``?view=`` sets the widget state it carries (``ui.presenter``)."""
     if st.session_state.get(LINK_READ):
         return
     st.session_state[LINK_READ] = True
@@ -73,6 +75,11 @@ def read_link() -> None:
     if params.get(UPLOAD_PARAM):
         st.session_state[LINK_UPLOAD] = params[UPLOAD_PARAM]
         st.session_state[SOURCE] = UPLOAD_SOURCE
+    if params.get(presenter.VIEW_PARAM):  # a presenter link: the teacher's widget state, before any widget exists
+        try:
+            st.session_state.update(presenter.decode(params[presenter.VIEW_PARAM]))
+        except QcoreError as e:
+            st.session_state[URL_ERROR] = f"The presenter link's selections were not applied: {e}"
 
 
 def check_upload(w) -> None:

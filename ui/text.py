@@ -40,3 +40,31 @@ def layer_label(name: str) -> str:
     """A layer's name for prose and chart titles: a bare index (``nn.Sequential`` names its children ``"0"``,
     ``"2"``) reads ``"layer 0"``; any other name stays as it is. Display only: tables and recipes keep ``name``."""
     return f"layer {name}" if str(name).isdigit() else str(name)
+
+
+# ---- metrics as students read them -----------------------------------------------------------------
+METRIC_LABELS = {  # the engine's metric names -> what a page calls them (the glossary explains each)
+    "accuracy": "accuracy",
+    "agreement": "agreement with FP32",
+    "cosine": "similarity to FP32 (cosine)",
+    "cosine_to_fp32": "similarity to FP32 (cosine)",
+    "sqnr_db": "output SQNR (dB)",
+    "kl_div": "KL divergence from FP32",
+    "perplexity": "perplexity",
+}
+DROP_CONVENTION = ("**drop** = FP32's value minus the quantized model's, oriented so that a positive drop is worse; "
+                   "**change** = quantized minus FP32, as measured (its sign says which way the number moved).")
+
+
+def metric_label(name: str) -> str:
+    """A metric's plain label (``"cosine_to_fp32"`` -> ``"similarity to FP32 (cosine)"``); unknown names as given."""
+    return METRIC_LABELS.get(name, str(name))
+
+
+def signed(value: float, digits: int = 4) -> str:
+    """``value`` with an explicit sign and ``digits`` decimals, where anything that rounds to zero is ``"0.0…"``
+    without a sign (never ``"-0.0000"``) and the minus is a true minus sign (U+2212)."""
+    text = f"{value:+.{digits}f}"
+    if float(text) == 0.0:
+        return f"{0.0:.{digits}f}"
+    return text.replace("-", "\u2212")

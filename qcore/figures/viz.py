@@ -51,6 +51,8 @@ def _np(t) -> np.ndarray:
 def _layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = "", height: int = HEIGHT) -> go.Figure:
     fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10),
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    fig.update_xaxes(exponentformat="power")  # 10⁻⁴, not Plotly's SI "100µ" that reads as a unit
+    fig.update_yaxes(exponentformat="power")
     if x_title:
         fig.update_xaxes(title_text=x_title)
     if y_title:
