@@ -7,7 +7,7 @@ from ui import formulas, state
 from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.model.size import float_bytes
-from qcore.model.workload import OUTPUT_KINDS
+from qcore.model.task import OUTPUT_KINDS
 from ui.text import metric_label, plain
 
 key, w = state.active()

@@ -292,7 +292,7 @@ def _runtime_arguments(c, runtime_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qcore.model.workload import OUTPUT_KINDS
+    from qcore.model.task import OUTPUT_KINDS
 
     p = _Parser(prog="python -m qcore", description="Quantization Explorer engine")
     p.add_argument("--trust-pickle", action="store_true", default=os.environ.get("QCORE_TRUST_PICKLE") == "1",

@@ -25,7 +25,7 @@ from pathlib import Path
 import streamlit as st
 
 from qcore.errors import QcoreError
-from qcore.model.workload import OUTPUT_KINDS
+from qcore.model.task import OUTPUT_KINDS
 from qcore.zoo import DEFAULT_MODEL, ZOO
 from ui import keys, kv_cache, state
 from ui.text import plain

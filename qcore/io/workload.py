@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
-from qcore.model.workload import OUTPUT_KINDS, Data, Task, Workload, content_hash, output_task
+from qcore.model.workload import Data, Workload, content_hash
+from qcore.model.task import OUTPUT_KINDS, Task, output_task
 from qcore.io.data import (N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, match_names, parse_shape, split,
                            synthetic_data)
 from qcore.limits import first_line

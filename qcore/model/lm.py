@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from qcore.errors import QcoreError
-from qcore.model.workload import Data, Task
+from qcore.model.workload import Data
+from qcore.model.task import Task
 
 IGNORE_INDEX = -100  # label of a position that is not scored (Hugging Face's convention)
 _CHUNK = 512  # positions per float64 log-softmax (bounds memory at 512 x V x 8 bytes per temporary)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from qcore.errors import QcoreError
-from qcore.model.workload import Workload, classification_task, content_hash
+from qcore.model.workload import Workload, content_hash
+from qcore.model.task import classification_task
 
 
 def _digits(name: str, description: str) -> Workload:

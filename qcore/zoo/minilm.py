@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from qcore.numerics.metrics import mean_cosine, sqnr_db
-from qcore.model.workload import Data, Task, Workload
+from qcore.model.workload import Data, Workload
+from qcore.model.task import Task
 
 SENTENCES = Path(__file__).parent / "data" / "sentences.json"
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from qcore.export import export_qdq
-from qcore.model.workload import Data, Workload, output_task
+from qcore.model.workload import Data, Workload
+from qcore.model.task import output_task
 from qcore.recipe import Recipe, preset
 
 

@@ -252,7 +252,8 @@ def test_load_safetensors_rejects_foreign_files(tmp_path):
 @pytest.mark.parametrize("weights", [{"format": "int8", "granularity": "per_channel"},
                                      {"format": "int8", "granularity": "per_tensor", "symmetric": False}])
 def test_embedding_tables_export_as_simulated(tmp_path, weights):
-    from qcore.model.workload import Data, Workload, classification_task
+    from qcore.model.workload import Data, Workload
+    from qcore.model.task import classification_task
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)).eval()

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from qcore.errors import QcoreError
 from qcore.model.lm import IGNORE_INDEX, causal_lm_task, kl_per_position, lm_metrics, token_windows
-from qcore.model.workload import output_task
+from qcore.model.task import output_task
 
 
 def test_metrics_of_two_positions_by_hand():

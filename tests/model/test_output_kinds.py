@@ -12,7 +12,7 @@ from qcore import preset
 from qcore.cli import main
 from qcore.errors import QcoreError
 from qcore.io.workload import infer_output_kind, load_workload
-from qcore.model.workload import output_task
+from qcore.model.task import output_task
 from qcore.numerics.metrics import mean_cosine
 
 

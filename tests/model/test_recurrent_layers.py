@@ -23,7 +23,8 @@ from qcore.export.onnx.qdq import export_qdq
 from qcore.export.safetensors import export_safetensors, load_safetensors
 from qcore.model.recurrent import UnrolledGRU, UnrolledLSTM
 from qcore.model.simulate import find_layers, fold_batchnorm
-from qcore.model.workload import Data, Workload, classification_task
+from qcore.model.workload import Data, Workload
+from qcore.model.task import classification_task
 from qcore.recipe import Recipe, preset
 
 INT8_W = {"format": "int8", "granularity": "per_channel", "symmetric": True}

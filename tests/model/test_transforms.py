@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
-from qcore.model.workload import Data, Workload, output_task
+from qcore.model.workload import Data, Workload
+from qcore.model.task import output_task
 from qcore.recipe import Recipe, preset
 from qcore.recipe.links import build_recipe, compact, recipe_id
 

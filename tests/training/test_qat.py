@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from qcore.errors import QcoreError
-from qcore.model.workload import Workload, classification_task
+from qcore.model.workload import Workload
+from qcore.model.task import classification_task
 from qcore.numerics.quantize import fake_quantize
 from qcore.numerics.spec import TensorSpec
 from qcore.numerics.ste import lsq_fake_quantize, ste_fake_quantize
