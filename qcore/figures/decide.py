@@ -15,6 +15,12 @@ from qcore.figures.viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes, plai
 FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
 
 
+def _signed(v: float, digits: int = 4) -> str:
+    """``v`` with its sign to ``digits`` decimals; anything that rounds to zero is "0.0000" (never "-0.0000")."""
+    text = f"{v:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text.replace("-", "−")
+
+
 def _size_unit(largest: float) -> tuple[str, float]:
     return ("MiB", 2**20) if largest >= 2**20 else ("KiB", 1024.0)
 
@@ -41,7 +47,7 @@ def sensitivity_heatmap(rows: list[dict], value: str = "metric_drop") -> go.Figu
     largest = [max((abs(row[j]) for row in values if row[j] is not None), default=0.0) for j in range(len(candidates))]
     z = [[None if v is None else (v / m if m else 0.0) for v, m in zip(row, largest)] for row in values]
     fig = go.Figure(go.Heatmap(z=z, zmin=-1.0, zmax=1.0, colorscale="RdBu_r", customdata=values, name=value,
-                               text=[["" if v is None else f"{v:+.4f}" for v in row] for row in values],
+                               text=[["" if v is None else _signed(v) for v in row] for row in values],
                                texttemplate="%{text}", x=[plain(c) for c in candidates], y=[plain(l) for l in layers],
                                colorbar=dict(title="share of the<br>column's largest"),
                                hovertemplate="%{y} under %{x}: %{customdata:.4g}<extra></extra>"))
@@ -57,7 +63,7 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
     drops = [r["metric_drop"] for r in rs]
     colors = [WORST_COLOR if i == 0 else BAR_COLOR for i in range(len(rs))]
     fig = go.Figure(go.Bar(y=[plain(r["layer"]) for r in rs], x=drops, orientation="h", marker_color=colors, name="metric drop",
-                           customdata=[r["sqnr_db"] for r in rs], text=[f"{d:+.4f}" for d in drops], textposition="outside",
+                           customdata=[r["sqnr_db"] for r in rs], text=[_signed(d) for d in drops], textposition="outside",
                            hovertemplate="%{y}: drop %{x:.4g}, output SQNR %{customdata:.1f} dB<extra></extra>"))
     fig.update_yaxes(autorange="reversed", type="category")
     return _layout(fig, f"Layers ranked by {metric} drop under {plain(candidate)} (most sensitive first)",

@@ -60,3 +60,9 @@ def test_user_names_reach_plotly_escaped_so_no_markup_renders():
     for fig in figs:
         text = fig.to_json()
         assert "<a href" not in text and "&lt;a href=" in text, text[:200]
+
+
+def test_drop_labels_never_show_minus_zero_and_use_a_true_minus_sign():
+    rows = [{**ROWS[0], "metric_drop": -0.00004}, {**ROWS[1], "metric_drop": -0.25}]
+    h = viz_decide.sensitivity_heatmap(rows).data[0]
+    assert [list(r) for r in h.text] == [["0.0000"], ["\u22120.2500"]]
