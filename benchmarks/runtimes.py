@@ -189,7 +189,9 @@ def main(argv=None) -> str:
     r = measure(argv)
     cols = ["runtime", "method", "precision", "batch 1 best ms", "batch 1 median ms", "batch B best ms",
             "batch B median ms", "batch B p10-p90 ms", "size MiB", "size / FP32", r["metric"], "roofline estimate B ms"]
-    df = pd.DataFrame(r["rows"])[cols].rename(columns=lambda c: c.replace(" B ", f" {r['batch_size']} "))
+    df = pd.DataFrame(r["rows"])[cols]
+    df["roofline estimate B ms"] = [("" if v is None or v != v else f"{v:.4g}") for v in df["roofline estimate B ms"]]
+    df = df.rename(columns=lambda c: c.replace(" B ", f" {r['batch_size']} "))
     text = "\n".join([f"{r['model']} on {r['cpu']} ({', '.join(r['features'])}), {r['threads']} thread(s); latency "
                       "measured (every row in the same interleaved rounds; best, median, p10-p90); roofline column an "
                       "ESTIMATE; metric on the evaluation set.", "", df.to_markdown(index=False, floatfmt=".4g"), "",

@@ -45,10 +45,12 @@ def exported(fmt: str) -> dict:
     """Export with ``qcore.export.export`` into a temporary file; the file's bytes plus its report."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{recipe.name}.{fmt}"
-        rep = export(w, recipe, fmt, str(out))
+        rep = export(w, recipe, fmt, str(out), *state.RUNTIMES[file_runtime])
         return {**rep.to_dict(), "data": Path(rep.path).read_bytes()}
 
 
+file_runtime = st.radio("Run the ONNX file in", list(state.RUNTIMES), horizontal=True, key="export_runtime",
+                        help="ONNX Runtime always runs it; OpenVINO adds its own measured metric and precision")
 c1, c2 = st.columns(2)
 for column, fmt, mime in ((c1, "onnx", "application/octet-stream"), (c2, "safetensors", "application/octet-stream")):
     if column.button(f"Prepare {fmt}", key=f"export_{fmt}", icon=":material/build:"):

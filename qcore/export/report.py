@@ -85,11 +85,11 @@ def summary_lines(report: dict) -> list[str]:
     if measured and headline in measured:
         lines.append(f"{headline}: {measured[headline]:.4f} measured by running this file in ONNX Runtime on the "
                      f"evaluation data; {simulated.get(headline, float('nan')):.4f} simulated")
+    elif headline in simulated:
+        lines.append(f"{headline}: {simulated[headline]:.4f} simulated (this format is not run by a runtime here)")
     if headline in report["metrics"].get("openvino", {}):
         lines.append(f"{headline}: {report['metrics']['openvino'][headline]:.4f} measured by running this file in "
                      "OpenVINO on the evaluation data (its precision is in the notes)")
-    elif headline in simulated:
-        lines.append(f"{headline}: {simulated[headline]:.4f} simulated (this format is not run by a runtime here)")
     lines += list(report.get("differences", [])) + list(report.get("notes", []))
     by_reason: dict[str, list[str]] = {}  # one line per reason, naming every layer it applies to
     for r in report.get("layers", []):

@@ -38,3 +38,12 @@ def test_export_page_profiles_the_file_in_onnx_runtime(digits_mlp):
     assert not at.exception, at.exception
     caption = next(c.value for c in at.caption if "profiler" in c.value)
     assert "Measured on this machine" in caption and "enable_profiling" in caption
+
+
+def test_export_page_runs_the_file_in_openvino_when_asked(digits_mlp):
+    at = open_page("export", preset="int8-static")
+    next(r for r in at.radio if r.label == "Run the ONNX file in").set_value("OpenVINO, true FP32").run()
+    next(b for b in at.button if b.label == "Prepare onnx").click().run()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "file on disk" in c.value)
+    assert "measured by running this file in OpenVINO" in caption and "float ops in f32" in caption

@@ -8,7 +8,8 @@ another tool.
 
 What ONNX Runtime then executes is read back from its optimized graph, not guessed: a layer is
 "int8 kernel" when its weight codes feed a fused integer op (QLinearConv, QLinearMatMul, QGemm, ...),
-"MatMulNBits" when it is one, else "float (dequantized)" with the reason (``policy.why_float``).
+"MatMulNBits" when it is one, "quantized Gather" when an embedding is looked up on its codes
+(``embedding``), else "float (dequantized)" with the reason (``policy.why_float``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class OnnxExport:
     size_bytes : its size on disk (os.path.getsize)
     opset      : ONNX opset of the default domain
     layers     : per quantizable layer ``{layer, kind, weights, activations, executes, reason, stored_bytes}``
-                 (executes: "int8 kernel" | "MatMulNBits" | "float (dequantized)" | "float";
+                 (executes: "int8 kernel" | "MatMulNBits" | "quantized Gather" | "float (dequantized)" | "float";
                  stored_bytes: {codes, scales, zero_points, other, total} of its weight's initializers)
     notes      : file-level remarks (containers wider than the format, ...)
     """
