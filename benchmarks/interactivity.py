@@ -13,6 +13,12 @@ script run (seconds):
 - warm: median over ``--repeats`` runs flipping the widget back and forth between the two values,
   every result cached -- what a user feels once caches are warm. Target: well under 0.5 s.
 
+With ``--browser`` it measures what a user waits for instead: ``streamlit run app.py`` driven by headless
+Chromium (Playwright, Debian's ``/usr/bin/chromium``, never downloaded), seconds from clicking another option
+of a selectbox to the page settled (no script running, Streamlit's running icon gone, the DOM unchanged for
+``QUIET_MS``; the quiet wait itself is not counted), for ``BROWSER_CHANGES`` on digits-cnn and minilm-l6; the
+Sensitivity page's sweep is computed into the server's cache first. Target: ``BROWSER_TARGET_S``.
+
 A page with none of those widgets is timed on a plain rerun. A selectbox with a ``format_func`` is
 skipped (AppTest can set it only by its shown label); the table names the widget that moved.
 """
