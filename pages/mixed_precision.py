@@ -108,11 +108,9 @@ if (result := jobs.result("evaluate", key, w, {"recipe": recipe.to_dict()}, "eva
     st.session_state[keys.MEASURED_RECIPE] = {"recipe": recipe.to_json(), "result": result}
 shown = st.session_state.get(keys.MEASURED_RECIPE)
 if shown and shown["recipe"] == recipe.to_json():
-    q, f = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"]
-    headline, higher = shown["result"]["metric"], w.task.higher_is_better
-    st.metric(f"{plain(metric_label(headline))} (measured)", f"{q[headline]:.4f}",
-              delta=f"{signed(q[headline] - f[headline])} vs FP32 {f[headline]:.4f}",
-              delta_color="normal" if higher else "inverse")
+    q, f, headline = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"], shown["result"]["metric"]
+    st.metric(f"{plain(metric_label(headline))} (measured)", f"{q[headline]:.4f}", delta=f"{signed(q[headline] - f[headline])} "
+              f"vs FP32 {f[headline]:.4f}", delta_color="normal" if w.task.higher_is_better else "inverse")
 
 st.subheader("Search a recipe automatically")
 goal = st.radio("Goal", ["size budget", "target metric"], horizontal=True, key="mp_goal")
