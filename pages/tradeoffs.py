@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from qcore.recipe.links import recipe_hash, recipe_id
-from ui import keys, state
+from ui import jobs, keys, state
 from qcore import hardware
 from qcore.analysis import search
 from qcore.figures import decide as viz_decide
@@ -78,6 +78,7 @@ st.caption(state.LATENCY_HELP)
 runtime = st.radio("Measure with", list(state.RUNTIMES), horizontal=True, key="trade_runtime",
                    help="the same exported ONNX file in either runtime; OpenVINO's default runs float ops in bf16 "
                         "where the CPU has AMX or AVX-512 BF16, so its FP32 is not true FP32")
+st.caption(jobs.threads_caption(jobs.backend_for(key)))
 if st.button(f"Measure latency on this machine ({runtime})", help="exports each recipe and times it; slow, cached"):
     state.measure_latencies(key, w, recipes, runtime)
     st.rerun()
