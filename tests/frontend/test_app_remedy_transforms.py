@@ -74,3 +74,27 @@ def test_a_corrupted_transforms_link_is_one_line_and_the_recipe_is_the_preset(zo
     at.query_params.update({"model": "digits-cnn", "transforms": encode_transforms(CLE)[:-3] + "%%"})
     at = rerun(rerun(rerun(at).switch_page("pages/mixed_precision.py")))
     assert any("transforms= parameter" in e.value and "\n" not in e.value for e in at.error), [e.value for e in at.error]
+
+
+def _edit_then_take_a_search_result(w, search_json: str) -> None:
+    import streamlit as st
+
+    from qcore.recipe import Recipe
+    from ui import state
+
+    key = "zoo:digits-cnn"
+    state.set_current(key, w, "int8-static", {}, transforms=[{"cle": {"layers": ["features.3"]}}])  # a panel's Apply
+    state.set_current(key, w, "int8-static", {"classifier.1": None})  # a table edit / "Keep layer in float"
+    st.session_state["after_edit"] = state.current(key, w)[2]
+    state.set_recipe(key, w, Recipe.from_json(search_json))  # "Use this recipe" of a search measured without CLE
+    st.session_state["after_search"] = state.current(key, w)[2]
+
+
+def test_a_search_result_replaces_the_transforms_with_what_was_measured(digits_cnn):
+    found = build_recipe(digits_cnn, "int8-static", {"features.0": None})  # same preset, measured without CLE
+    at = AppTest.from_function(_edit_then_take_a_search_result, args=(digits_cnn, found.to_json()), default_timeout=60)
+    at = rerun(at)
+    edited = at.session_state["after_edit"]
+    assert [t.to_json() for t in edited.transforms] == CLE and edited.plan("classifier.1").is_float
+    taken = at.session_state["after_search"]
+    assert taken.transforms == () and taken.plan("features.0").is_float and not taken.plan("classifier.1").is_float
