@@ -11,14 +11,16 @@ Two kinds:
 
 ``try_remedy(workload, recipe, layer, name)`` measures both recipes, all numbers from the simulation:
 
-- ``layer_sqnr_db``, with ``sqnr_measure`` saying which: for rounding, the layer's output error on the calibration
-  data with FP32 inputs, ``10 log10(tr(W H W^T) / tr(dW H dW^T))`` with ``H = sum x x^T`` over its calibration
+- ``layer_sqnr_db``, with ``sqnr_measure`` saying which: for rounding on a recipe without transforms, the layer's
+  output error on the calibration data with FP32 inputs, ``10 log10(tr(W H W^T) / tr(dW H dW^T))`` with ``H = sum x x^T`` over its calibration
   input rows (the SQNR of ``X W^T`` against ``X W'^T``, without keeping X). A transform rescales the layer's weights
-  *and* its inputs, so that would compare unlike things: for a transform both sides are the SQNR of the layer's
-  output in the whole simulated model against FP32's (``transform_remedies.layer_output_sqnr``);
+  *and* its inputs, so that would compare unlike things: for a transform, or rounding on a recipe that has
+  transforms, both sides are the SQNR of the layer's output in the whole simulated model against FP32's
+  (``transform_remedies.layer_output_sqnr``);
 - ``metric``: the model's headline metric on the whole evaluation set (``Workload.evaluate``);
-- ``weight_error_steps``: each weight's error ``w' - w`` in units of its block's step (scale); rounding only
-  (None for a transform, whose weights are different numbers before and after).
+- ``weight_error_steps``: each weight's error ``w' - w`` in units of its block's step (scale), ``w`` the float
+  weight that side rounds (transformed, when the recipe has transforms); rounding only (None for a transform,
+  whose float weights are different numbers before and after).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from qcore.analysis.transform_remedies import (awq_for, bias_correction_for, cle_for, layer_output_sqnr,
                                               smoothquant_for)
 from qcore.errors import QcoreError
+from qcore.model.simulate import modules_by_name
 from qcore.model.workload import Workload
 from qcore.numerics.granularity import to_blocks
 from qcore.numerics.metrics import SQNR_EXACT_DB
@@ -104,10 +107,10 @@ def try_remedy(workload: Workload, recipe: Recipe, layer: str, name: str,
     remedy = REMEDIES[name]
     remedied = remedy.apply(workload, recipe, layer)
     rounding = remedy.kind == "rounding"
-    weight = dict(workload.folded[0].named_modules())[layer].weight.detach()
-    hessian = workload.rounder.layer_inputs([layer])[layer].hessian if rounding else None
+    by_weights = rounding and not recipe.transforms  # the FP32 model's own weights and inputs on both sides
+    hessian = workload.rounder.layer_inputs([layer])[layer].hessian if by_weights else None
     out = {"remedy": name, "layer": layer, "metric_name": workload.task.headline, "recipe": remedied,
-           "sqnr_measure": "calibration data, FP32 inputs" if rounding else
+           "sqnr_measure": "calibration data, FP32 inputs" if by_weights else
            "the whole simulated model vs FP32, first calibration batch"}
     for i, (side, r) in enumerate((("before", recipe), ("after", remedied))):
         if progress:
@@ -119,10 +122,13 @@ def try_remedy(workload: Workload, recipe: Recipe, layer: str, name: str,
             out[side] = {"layer_sqnr_db": layer_output_sqnr(workload, r, layer), "metric": metric,
                          "weight_error_steps": None}
             continue
+        done = workload.transformed(r)  # the float weights this side rounds (its transforms applied)
+        weight = modules_by_name(workload.folded[0] if done is None else done.model, [layer])[layer].weight.detach()
         q = workload.simulate(r).weights[layer]
         steps = to_blocks(q.dequantize() - weight, q.spec.granularity, q.spec.axis, q.spec.group_size) / \
             q.scale.reshape(-1, 1)
-        out[side] = {"layer_sqnr_db": layer_sqnr_db(hessian, weight, q.dequantize()), "metric": metric,
+        out[side] = {"layer_sqnr_db": layer_sqnr_db(hessian, weight, q.dequantize()) if by_weights else
+                     layer_output_sqnr(workload, r, layer), "metric": metric,
                      "weight_error_steps": steps.reshape(-1).tolist()}
     if progress:
         progress(1.0, "done")
