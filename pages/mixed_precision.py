@@ -140,9 +140,9 @@ if found:
         + plain(" ".join(found.get("notes", []))))
     if st.button("In the table" if in_table else "Use this recipe", disabled=in_table, icon=":material/input:",
                  help="replaces the table's recipe with the search's; yours is kept on Trade-offs"):
-        if overrides:  # hand-made: kept (and shown on Trade-offs) before the table takes the search's recipe
+        if overrides or recipe.transforms:  # hand-made: kept (and shown on Trade-offs) before the table takes the search's recipe
             state.remember(key, w, recipe, f"replaced: {recipe.name}")
-        state.set_current(key, w, *compact(w, Recipe.from_dict(found["recipe"])))
+        state.set_recipe(key, w, Recipe.from_dict(found["recipe"]))
         st.rerun()
 
 st.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",

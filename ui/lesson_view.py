@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from qcore.recipe.links import compact
 from qcore.zoo.teaching import TEACHING_MODEL
 from ui import keys, presenter, state
 from ui.lessons import Verdict, key, owns
@@ -76,7 +75,7 @@ def _open_full_page(lesson, f: dict, answer, w) -> None:
     st.session_state[keys.ZOO_NAME] = TEACHING_MODEL
     st.session_state.update(values)
     if hasattr(lesson, "full_recipe"):
-        state.set_current(f"zoo:{TEACHING_MODEL}", w, *compact(w, lesson.full_recipe(f, answer)))
+        state.set_recipe(f"zoo:{TEACHING_MODEL}", w, lesson.full_recipe(f, answer))
     st.session_state[key(lesson.NUMBER, "go")] = True
 
 

@@ -1,5 +1,5 @@
 """The "Try SmoothQuant" (Activations page) and "Try cross-layer equalization" (Weights page) panels: before/after
-numbers and pictures from ``qcore.analysis.remedies``, and one click to put the transform into the recipe."""
+numbers and pictures from ``qcore.analysis.transform_remedies``, and one click to put the transform into the recipe."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def _preview(key: str, w, layer: str, name: str, compute) -> dict | None:
 def _apply(key: str, w, p: dict, name: str) -> None:
     st.metric(f"model {p['metric']} (simulated)", f"{p['metric_after']:.4f}", f"{p['metric_after'] - p['metric_before']:+.4f}")
     if st.button(f"Apply {name} to the recipe", key=f"apply_{name}_{key}"):
-        preset_name, layers, _ = state.current(key, w)
-        state.set_current(key, w, preset_name, layers, transforms=[t.to_json() for t in p["recipe"].transforms])
+        preset_name, _, _ = state.current(key, w)
+        state.set_recipe(key, w, p["recipe"], [preset_name])
         st.success(f"{name} is now part of the recipe (Sensitivity, Mixed precision and Export use it).")
 
 

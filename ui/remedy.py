@@ -1,6 +1,7 @@
-"""The Sensitivity page's "Try a remedy" panel: a remedy (``qcore.analysis.remedies.REMEDIES``) on one layer at
-its current format, measured before and after (the layer's output SQNR on calibration data, the model's
-metric, both from the simulation), the weight-error histogram, and one click to apply it to the recipe."""
+"""The Sensitivity page's "Try a remedy" panel: a remedy (``qcore.analysis.remedies.REMEDIES``: rounding or a
+transform) on one layer at its current format, measured before and after (the layer's output SQNR, saying which
+measure, and the model's metric, both from the simulation), the weight-error histogram for a rounding remedy, and one
+click to put it in the recipe: a rounding in the layer's override, a transform in the recipe's transforms."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from ui import keys, state
 from ui.text import layer_label, plain
 
 
-def _apply(key: str, w, layer: str, entry) -> None:
-    preset_name, overrides, _ = state.current(key, w)
-    state.set_current(key, w, preset_name, {**overrides, layer: entry})
+def _apply(key: str, w, layer: str, remedied) -> None:
+    preset_name, _, _ = state.current(key, w)
+    state.set_recipe(key, w, remedied, [preset_name])
     st.toast(f"{plain(layer_label(layer))}: the remedy is in the Mixed precision recipe.")
 
 
 def panel(key: str, w, layers: list[str]) -> None:
     """The panel for workload ``w`` (session key ``key``), offering the ``layers`` (most sensitive first)."""
     st.subheader("Try a remedy")
-    st.write("Instead of keeping a layer in float, keep its format and round its weights better: the remedy runs "
-             "on the calibration data and is measured against the recipe as it is now.")
+    st.write("Instead of keeping a layer in float, keep its format and round its weights better, or transform the "
+             "float model around it (the float output is unchanged): the remedy runs on the calibration data and is "
+             "measured against the recipe as it is now.")
     a, b = st.columns(2)
     layer = a.selectbox("Layer", layers, format_func=lambda n: plain(layer_label(n)), key=f"remedy_layer:{key}")
     name = b.selectbox("Remedy", list(REMEDIES), format_func=lambda r: REMEDIES[r].label, key="remedy_name")
@@ -44,13 +46,13 @@ def panel(key: str, w, layers: list[str]) -> None:
         return
     before, after, metric = result["before"], result["after"], result["metric_name"]
     c1, c2 = st.columns(2)
-    c1.metric("Layer output SQNR (calibration data, FP32 inputs)", f"{after['layer_sqnr_db']:.1f} dB",
+    c1.metric(f"Layer output SQNR ({result['sqnr_measure']})", f"{after['layer_sqnr_db']:.1f} dB",
               f"{after['layer_sqnr_db'] - before['layer_sqnr_db']:+.1f} dB vs now", help="simulation")
     c2.metric(f"Model {metric} (evaluation data)", f"{after['metric']:.4f}",
               f"{after['metric'] - before['metric']:+.4f} vs now", help="simulation, on the whole evaluation set")
-    st.plotly_chart(weight_error_histogram({"now": before["weight_error_steps"], REMEDIES[name].label:
-                                            after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}"),
-                    width="stretch")
-    entry = result["recipe"].layers.get(layer)
-    st.button("Apply to the recipe", key="remedy_apply", icon=":material/check:", disabled=entry is None,
-              on_click=_apply, args=(key, w, layer, None if entry is None else entry.to_json()))
+    if after["weight_error_steps"] is not None:  # rounding: the same weights, on other grid points
+        st.plotly_chart(weight_error_histogram({"now": before["weight_error_steps"], REMEDIES[name].label:
+                                                after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}"),
+                        width="stretch")
+    st.button("Apply to the recipe", key="remedy_apply", icon=":material/check:", disabled=result["recipe"] == recipe,
+              on_click=_apply, args=(key, w, layer, result["recipe"]))

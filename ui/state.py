@@ -17,15 +17,16 @@ import streamlit as st
 from qcore.analysis import explain, summary
 from qcore import zoo
 from qcore.errors import QcoreError
-from qcore.recipe import PRESETS, Recipe
+from qcore.recipe import PRESETS, Recipe, preset
 from qcore.numerics.spec import TensorSpec
 from ui.keys import (EDITOR_VERSION, LAYERS_PARAM, LINK_READ, LINK_UPLOAD, MEASURED, MODEL_ERROR, PRESET_PARAM,
                      RECIPE_UPLOAD_DIGEST, RECIPES, SOURCE, UPLOAD, UPLOAD_ERROR, UPLOAD_PARAM, UPLOAD_SOURCE, URL_ERROR,
                      URL_RESTORED, USER_RECIPES, ZOO_NAME)
 from ui import presenter
 from ui.text import plain
-from qcore.recipe.links import (KV_PARAM, build_recipe, compact, decode_kv_cache, decode_layers, encode_kv_cache,
-                                encode_layers, recipe_hash, recipe_id)
+from qcore.recipe.links import (KV_PARAM, TRANSFORMS_PARAM, build_recipe, compact, decode_kv_cache, decode_layers,
+                                decode_transforms, encode_kv_cache, encode_layers, encode_transforms, recipe_hash,
+                                recipe_id)
 
 
 @st.cache_resource(show_spinner="Loading the model (minilm-l6 takes a few seconds)…", max_entries=4)
@@ -174,8 +175,11 @@ def current(key: str, w) -> tuple[str, dict, Recipe]:
 def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool = True,
                 transforms: list | None = None) -> None:
     """Store the recipe (validated first: QcoreError leaves the old one); reset the table's edits. ``transforms``
-    (recipe JSON entries) replace the preset's; when not given, ones set before on this preset are kept. The
-    KV-cache choice stays (``set_kv_cache`` changes it)."""
+    (recipe JSON entries) replace the preset's; when not given, ones set before on this same preset are kept (an edit
+    of the layer table, "Keep layer in float" edit the recipe the user has, transforms and all) and a different
+    preset brings its own. A recipe measured elsewhere (a search result, an upload, a lesson, a remedy) goes through
+    ``set_recipe``, which passes exactly the transforms it was measured with. The KV-cache choice stays
+    (``set_kv_cache`` changes it)."""
     old = st.session_state.setdefault(RECIPES, {}).get(key) or {}
     if transforms is None and old.get("preset") == preset_name:
         transforms = old.get("transforms")
@@ -188,6 +192,13 @@ def set_current(key: str, w, preset_name: str, layers: dict, reset_editor: bool 
         st.session_state[EDITOR_VERSION] = st.session_state.get(EDITOR_VERSION, 0) + 1
 
 
+def set_recipe(key: str, w, recipe: Recipe, presets=tuple(PRESETS), reset_editor: bool = True) -> None:
+    """Make ``recipe`` (as measured: its layers and its transforms, none if it has none) the recipe of workload
+    ``key``, spelled as the shortest preset of ``presets`` plus overrides (``links.compact``)."""
+    set_current(key, w, *compact(w, recipe, presets), reset_editor=reset_editor,
+                transforms=[t.to_json() for t in recipe.transforms])
+
+
 def set_kv_cache(key: str, w, kv: str | None) -> None:
     """Make ``kv`` ("int8.per_token", ...; None: float) the KV-cache choice of workload ``key`` (validated first)."""
     if decode_kv_cache(kv) is not None and not w.kv_cache_slices:
@@ -198,24 +209,28 @@ def set_kv_cache(key: str, w, kv: str | None) -> None:
 
 
 def sync_url(key: str, w) -> None:
-    """Once per session read ``?preset=&layers=`` into the recipe; afterwards write the recipe to them."""
+    """Once per session read ``?preset=&layers=&kv=&transforms=`` into the recipe; afterwards write the recipe to them
+    (``transforms=`` only when they differ from the preset's)."""
     params = st.query_params
     if st.session_state.get(LINK_UPLOAD) and not key.startswith("upload:"):
         return  # the link's model is an upload not loaded yet: keep its recipe in the address for when it is
     if not st.session_state.get(URL_RESTORED):
         st.session_state[URL_RESTORED] = True
-        if PRESET_PARAM in params or LAYERS_PARAM in params or KV_PARAM in params:
+        if any(p in params for p in (PRESET_PARAM, LAYERS_PARAM, KV_PARAM, TRANSFORMS_PARAM)):
             try:
                 name = params.get(PRESET_PARAM, DEFAULT_PRESET)
                 if name not in PRESETS:
                     raise QcoreError(f"the link's preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
-                set_current(key, w, name, decode_layers(params.get(LAYERS_PARAM, "")) if params.get(LAYERS_PARAM) else {})
+                set_current(key, w, name, decode_layers(params[LAYERS_PARAM]) if params.get(LAYERS_PARAM) else {},
+                            transforms=decode_transforms(params[TRANSFORMS_PARAM]) if params.get(TRANSFORMS_PARAM) else None)
                 set_kv_cache(key, w, params.get(KV_PARAM) or None)
             except QcoreError as e:
                 st.session_state[URL_ERROR] = f"The link's recipe was not loaded: {e}"
     name, layers, recipe = current(key, w)
     wanted = {PRESET_PARAM: name if (name != DEFAULT_PRESET or layers) else None,
               LAYERS_PARAM: encode_layers(layers) if layers else None, KV_PARAM: encode_kv_cache(recipe.kv_cache),
+              TRANSFORMS_PARAM: None if recipe.transforms == preset(name, w.layer_shapes).transforms else
+              encode_transforms([t.to_json() for t in recipe.transforms]),
               UPLOAD_PARAM: upload_tag(w) if key.startswith("upload:") else None}
     for param, value in wanted.items():
         if value is None and param in params:
@@ -239,7 +254,7 @@ def load_recipe_file(key: str, w, upload) -> str | None:
             raise QcoreError(f"{upload.name} is larger than 1 MiB; a recipe is a small JSON file")
         loaded = Recipe.from_json(upload.getvalue())
         loaded.check_against(w.layer_shapes)
-        set_current(key, w, *compact(w, loaded))
+        set_recipe(key, w, loaded)
         set_kv_cache(key, w, encode_kv_cache(loaded.kv_cache))
         remember(key, w, loaded, f"uploaded: {upload.name}")
     except QcoreError as e:

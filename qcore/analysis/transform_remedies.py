@@ -3,7 +3,8 @@ numbers that show why it works (per-channel maxima, the layer's output SQNR, the
 
 Each ``*_for(workload, recipe, layer)`` returns ``recipe`` with the transform added for the group ``layer`` belongs to
 (an existing entry of the same transform gains the layer), or raises a one-line ``QcoreError`` naming the layer and
-what the transform applies to. ``REMEDIES`` lists them for a "Try a remedy" panel.
+what the transform applies to. ``qcore.analysis.remedies.REMEDIES`` lists them, with the rounding remedies, for the
+Sensitivity page's "Try a remedy" panel.
 """
 
 from __future__ import annotations
@@ -71,14 +72,10 @@ def bias_correction_for(w: Workload, recipe: Recipe, layer: str) -> Recipe:
     return new
 
 
-REMEDIES = {"SmoothQuant": smoothquant_for, "AWQ": awq_for, "Cross-layer equalization": cle_for,
-            "Bias correction": bias_correction_for}
-
-
 def layer_output_sqnr(w: Workload, recipe: Recipe, layer: str) -> float:
-    """SQNR (dB) of ``layer``'s output in the simulated model against the FP32 model's, on the first evaluation
+    """SQNR (dB) of ``layer``'s output in the simulated model against the FP32 model's, on the first calibration
     batch (the whole model quantized as the recipe says, so errors arriving from earlier layers count)."""
-    batch = w.evaluation.batches(w.batch_size)[:1]
+    batch = w.calibration.batches(w.batch_size)[:1]
     outs = {}
 
     def grab(tag):

@@ -3,7 +3,8 @@
 A link carries a recipe as a preset name plus per-layer overrides (``Recipe`` layer entries, only
 for layers that differ from the preset): ``?preset=int8-static&layers=<url-safe base64 of the
 overrides as compact JSON>``, plus ``&kv=int8.per_token`` (``encode_kv_cache``) when the recipe quantizes a
-language model's KV cache (absent otherwise, so older links read the same). ``compact`` finds the shortest such pair for any recipe;
+language model's KV cache, and ``&transforms=<url-safe base64 of the recipe's transforms as compact JSON>``
+(``encode_transforms``) when they differ from the preset's (absent otherwise, so older links read the same). ``compact`` finds the shortest such pair for any recipe;
 ``build_recipe`` is its inverse. ``recipe_id`` / ``recipe_hash`` name what a recipe does to a
 model's layers, whatever its name or spelling.
 """
@@ -20,29 +21,48 @@ from dataclasses import replace
 from qcore.recipe import PRESETS, LayerOverride, Recipe, preset
 from qcore.recipe.kv_cache import KVCacheSpec
 
-PRESET_PARAM, LAYERS_PARAM, KV_PARAM = "preset", "layers", "kv"
+PRESET_PARAM, LAYERS_PARAM, KV_PARAM, TRANSFORMS_PARAM = "preset", "layers", "kv", "transforms"
 MAX_LAYERS_PARAM_CHARS = 200_000
 
 
 def encode_layers(layers: dict) -> str:
     """Per-layer overrides -> url-safe base64 (no padding) of their compact JSON."""
-    text = json.dumps(layers, separators=(",", ":"), sort_keys=True)
-    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    return _encode(layers)
 
 
 def decode_layers(text: str) -> dict:
     """Inverse of ``encode_layers``; QcoreError when the text is not such an encoding."""
+    return _decode(text, LAYERS_PARAM, dict)
+
+
+def encode_transforms(transforms: list) -> str:
+    """A recipe's ``transforms`` (their JSON entries, in order) -> url-safe base64 (no padding) of compact JSON."""
+    return _encode(transforms)
+
+
+def decode_transforms(text: str) -> list:
+    """Inverse of ``encode_transforms``; QcoreError when the text is not such an encoding (``build_recipe`` then
+    checks each entry, one line too)."""
+    return _decode(text, TRANSFORMS_PARAM, list)
+
+
+def _encode(value) -> str:
+    text = json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode(text: str, param: str, kind: type):
     if len(text) > MAX_LAYERS_PARAM_CHARS:
-        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is longer than {MAX_LAYERS_PARAM_CHARS:,} characters; "
+        raise QcoreError(f"the link's {param}= parameter is longer than {MAX_LAYERS_PARAM_CHARS:,} characters; "
                          "copy the whole link again or remove that parameter")
     try:
-        layers = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
+        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode())
     except (ValueError, UnicodeDecodeError):
-        layers = None
-    if not isinstance(layers, dict):
-        raise QcoreError(f"the link's {LAYERS_PARAM}= parameter is not a recipe encoding (it was cut or changed); "
+        value = None
+    if not isinstance(value, kind):
+        raise QcoreError(f"the link's {param}= parameter is not a recipe encoding (it was cut or changed); "
                          "copy the whole link again or remove that parameter")
-    return layers
+    return value
 
 
 def encode_kv_cache(spec: KVCacheSpec | None) -> str | None:
