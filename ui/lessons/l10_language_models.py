@@ -86,8 +86,11 @@ def _row(f: dict, weights, kv) -> dict | None:
 
 def show(f: dict, w) -> None:
     st.plotly_chart(memory_bars(f["memory"]), width="stretch")
+    big = {r["format"]: r for r in f["memory"] if r["model"] == REFERENCE_MODELS["70B"].name}
     st.caption(f"The memory calculator (an estimate from each model's public shapes, nothing run): weights as codes "
-               f"only, KV cache in FP16 for {MEMORY_CONTEXT:,} tokens at batch 1. GB = 10⁹ bytes.")
+               f"only, KV cache in FP16 for {MEMORY_CONTEXT:,} tokens at batch 1. GB = 10⁹ bytes. "
+               f"{REFERENCE_MODELS['70B'].name}: {big['fp16']['weight_gb']:.1f} GB of weights in FP16, "
+               f"{big['int4']['weight_gb']:.1f} GB in INT4, plus a {big['fp16']['kv_cache_gb']:.2f} GB KV cache.")
     picks = [_row(f, wn, "fp16") for wn in WEIGHTS] + [_row(f, "fp16", kv) for kv in KV if KV[kv]]
     labels = [f"weights {r['weights']}" if r["kv"] == "fp16" else f"KV cache {r['kv']}" for r in picks]
     st.plotly_chart(figs.labelled_bars(labels, [r["perplexity"] for r in picks],
