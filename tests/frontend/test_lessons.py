@@ -1,7 +1,8 @@
 """The workshop lessons (``ui.lessons``, ``pages/lessons.py``, ``ui.presenter``).
 
 Checkers called directly: each accepts its reference answer and rejects a wrong one, and the numbers they judge by
-match hand computations or a plain numpy re-implementation (never the engine's own constants). Then AppTest walks
+match hand computations, a plain numpy re-implementation or (lesson 10, on tiny-lm) perplexity computed with
+``torch.nn.functional.cross_entropy`` (never the engine's own constants). Then AppTest walks
 every lesson through the real widgets, a presenter link reproduces the widget state in a fresh session, "reset this
 lesson" works, and thirty-students-style sessions opening lesson 7 run one sweep between them.
 
