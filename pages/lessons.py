@@ -2,13 +2,11 @@
 
 import streamlit as st
 
-from qcore.zoo.teaching import TEACHING_MODEL
 from ui import glossary, lesson_view, state
 from ui.lessons import lessons
 
 state.active()
 LESSONS = lessons()
-w = lesson_view.teaching_workload()
 st.title("Lessons: quantization step by step")
 c1, c2 = st.columns([3, 2])
 lesson_view.url_bound(lesson_view.LESSON_PARAM, [str(n) for n in LESSONS])
@@ -19,9 +17,10 @@ step = c2.radio("Step", list(lesson_view.STEPS), key=lesson_view.STEP_PARAM, per
                 format_func=lesson_view.STEPS.get)
 lesson_view.write_url(**{lesson_view.LESSON_PARAM: number, lesson_view.STEP_PARAM: step})
 lesson = LESSONS[int(number)]
-st.caption(f"Every lesson uses **{TEACHING_MODEL}** (whatever the sidebar shows) and computes its numbers with the "
+w = lesson_view.workload(lesson)
+st.caption(f"This lesson uses **{w.name}** (whatever the sidebar shows) and computes its numbers with the "
            "engine, once for the whole class.")
-glossary.link("sqnr", "agreement", "drop")
+glossary.link(*getattr(lesson, "GLOSSARY", ("sqnr", "agreement", "drop")))
 f = lesson_view.facts(lesson.NUMBER, w.content_hash, lesson, w)
 
 st.header(f"{lesson.NUMBER}. {lesson.TITLE}")

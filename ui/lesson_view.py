@@ -2,7 +2,7 @@
 check, hint and reveal, "open this in the full page", "reset this lesson" and the presenter link.
 
 The lesson modules (``ui.lessons``) hold the content; this module only arranges it. Facts are cached with
-``st.cache_data`` keyed on the lesson and the teaching workload's content hash, so every session of one server
+``st.cache_data`` keyed on the lesson and its workload's content hash (the teaching model's; lesson 10's tiny-lm), so every session of one server
 shares them: thirty students opening lesson 7 run one sensitivity sweep.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from qcore.recipe.links import encode_kv_cache
 from qcore.zoo.teaching import TEACHING_MODEL
 from ui import keys, presenter, state
 from ui.lessons import Verdict, key, owns
@@ -40,8 +41,13 @@ def write_url(**values: str) -> None:
             st.query_params[k] = v
 
 
-def teaching_workload():
-    return state.zoo_workload(TEACHING_MODEL)
+def model_of(lesson) -> str:
+    """The zoo model lesson ``lesson`` uses: its ``MODEL`` (lesson 10: tiny-lm), else the teaching model."""
+    return getattr(lesson, "MODEL", TEACHING_MODEL)
+
+
+def workload(lesson):
+    return state.zoo_workload(model_of(lesson))
 
 
 def exercise(lesson, f: dict, w) -> None:
@@ -69,13 +75,15 @@ def exercise(lesson, f: dict, w) -> None:
 
 def _open_full_page(lesson, f: dict, answer, w) -> None:
     """Button callback (runs before the next script run, so the sidebar's model may still be set): the full page's
-    widget state and, for lessons that build one, the recipe; the model becomes the teaching model."""
+    widget state and, for lessons that build one, the recipe (with its KV cache); the model becomes the lesson's."""
     page, values = lesson.full_page(f, answer)
     st.session_state[keys.SOURCE] = keys.ZOO
-    st.session_state[keys.ZOO_NAME] = TEACHING_MODEL
+    st.session_state[keys.ZOO_NAME] = model_of(lesson)
     st.session_state.update(values)
     if hasattr(lesson, "full_recipe"):
-        state.set_recipe(f"zoo:{TEACHING_MODEL}", w, lesson.full_recipe(f, answer))
+        recipe = lesson.full_recipe(f, answer)
+        state.set_recipe(f"zoo:{model_of(lesson)}", w, recipe)
+        state.set_kv_cache(f"zoo:{model_of(lesson)}", w, encode_kv_cache(recipe.kv_cache))
     st.session_state[key(lesson.NUMBER, "go")] = True
 
 

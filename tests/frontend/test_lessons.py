@@ -1,7 +1,8 @@
 """The workshop lessons (``ui.lessons``, ``pages/lessons.py``, ``ui.presenter``).
 
 Checkers called directly: each accepts its reference answer and rejects a wrong one, and the numbers they judge by
-match hand computations or a plain numpy re-implementation (never the engine's own constants). Then AppTest walks
+match hand computations, a plain numpy re-implementation or (lesson 10, on tiny-lm) perplexity computed with
+``torch.nn.functional.cross_entropy`` (never the engine's own constants). Then AppTest walks
 every lesson through the real widgets, a presenter link reproduces the widget state in a fresh session, "reset this
 lesson" works, and thirty-students-style sessions opening lesson 7 run one sweep between them.
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import streamlit as st
 from hypothesis import given, settings
@@ -38,14 +40,15 @@ LESSONS = lessons()
 
 
 @pytest.fixture(scope="module")
-def facts(digits_cnn):
-    return {n: lesson.facts(digits_cnn) for n, lesson in LESSONS.items()}
+def facts(digits_cnn, tiny_lm):
+    workloads = {"digits-cnn": digits_cnn, "tiny-lm": tiny_lm}
+    return {n: lesson.facts(workloads[lesson_view.model_of(lesson)]) for n, lesson in LESSONS.items()}
 
 
-def test_the_nine_lessons_come_in_the_issues_order():
-    assert list(LESSONS) == list(range(1, len(LESSONS) + 1)) and len(LESSONS) >= 9  # lesson 10 is one more module
-    assert [LESSONS[n].TITLE.split(":")[0] for n in (1, 4, 5, 8)] == ["Why quantize", "Clipping and outliers",
-                                                                      "Granularity", "PTQ or QAT"]
+def test_the_ten_lessons_come_in_the_issues_order():
+    assert list(LESSONS) == list(range(1, 11))
+    assert [LESSONS[n].TITLE.split(":")[0] for n in (1, 4, 5, 8, 10)] == ["Why quantize", "Clipping and outliers",
+                                                                          "Granularity", "PTQ or QAT", "Language models"]
 
 
 def test_lesson1_gigabytes_by_hand(facts):
@@ -155,6 +158,40 @@ def test_lesson8_and_9_choices(facts):
     assert not LESSONS[9].check("h100-sxm", facts[9]).passed
 
 
+def _perplexity(model, data) -> float:
+    """exp(mean cross-entropy) of ``model`` on token windows ``data``, by torch's own cross_entropy (the oracle)."""
+    with torch.no_grad():
+        logits = model(data.inputs[0]).double()
+    return math.exp(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), data.labels.reshape(-1),
+                                                      ignore_index=-100))
+
+
+def test_lesson10_smallest_formats_within_5_percent_against_cross_entropy(facts, tiny_lm):
+    l, f = LESSONS[10], facts[10]
+    data = tiny_lm.evaluation.subset(slice(0, l.WINDOWS))
+    fp32 = _perplexity(tiny_lm.model, data)
+    assert f["fp32"] == pytest.approx(fp32, rel=1e-6) and f["tokens"] == 2 * 128
+    ref, wrong, bigger = l.reference(f), {"weights": "int2 g32", "kv": "int4"}, {"weights": "int4 g32", "kv": "int8"}
+    assert ref == {"weights": "int3 g32", "kv": "int4"}
+    row = {(r["weights"], r["kv"]): r for r in f["rows"]}
+    # the lesson hooks its KV cache on a copy of each weights-only simulation; the oracle runs Workload.simulate
+    # of the whole recipe and scores it with cross_entropy
+    good, bad = (_perplexity(tiny_lm.simulate(l.full_recipe(f, a)).model, data) for a in (ref, wrong))
+    assert good <= 1.05 * fp32 < bad
+    assert row["int3 g32", "int4"]["perplexity"] == pytest.approx(good, rel=1e-6)
+    assert row["int2 g32", "int4"]["perplexity"] == pytest.approx(bad, rel=1e-6)
+    # KV cache by hand: 4 layers x 2 (K, V) x 6 heads x 32 values x 128 tokens at 4 bits, + a float32 scale per
+    # token, head and K/V; FP16 when not quantized
+    assert row["int3 g32", "int4"]["kv_bytes"] == 2 * 4 * 6 * 32 * 128 // 2 + 2 * 4 * 6 * 128 * 4
+    assert row["int3 g32", "fp16"]["kv_bytes"] == 2 * 4 * 6 * 32 * 128 * 2
+    assert l.check(ref, f).passed
+    too_far = l.check(wrong, f)
+    assert not too_far.passed and "Too far" in too_far.sentence
+    not_smallest = l.check(bigger, f)
+    assert not not_smallest.passed and "not the smallest" in not_smallest.sentence
+    assert not l.check({"weights": "nf4", "kv": None}, f).passed  # an incomplete answer
+
+
 @pytest.mark.parametrize("value, text", [(0.0, "0.0000"), (-0.00001, "0.0000"), (-0.0, "0.0000"),
                                          (0.25, "+0.2500"), (-1.5, "\u22121.5000")])
 def test_signed_never_shows_minus_zero(value, text):
@@ -163,10 +200,10 @@ def test_signed_never_shows_minus_zero(value, text):
 
 # ---- the page, driven by AppTest ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def app(digits_mlp, digits_cnn):
+def app(digits_mlp, digits_cnn, tiny_lm):
     """The app's zoo loader returns the session fixtures; Streamlit's caches start empty."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(zoo, "load", {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn}.__getitem__)
+    mp.setattr(zoo, "load", {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "tiny-lm": tiny_lm}.__getitem__)
     st.cache_resource.clear()
     st.cache_data.clear()
     yield
@@ -209,6 +246,9 @@ def answers(n: int, f: dict) -> tuple[dict, dict]:
                 {"lesson2_wider": "fp16", "lesson2_levels": ref["levels"]})
     if n == 7:
         return {f"lesson7_bits:{k}": b for k, b in ref.items()}, {f"lesson7_bits:{k}": 3 for k in ref}
+    if n == 10:
+        return ({"lesson10_weights": ref["weights"], "lesson10_kv": ref["kv"]},
+                {"lesson10_weights": "int2 g32", "lesson10_kv": ref["kv"]})
     name = next(iter(l.WIDGETS)).replace("\\", "")
     wrong = {1: 140.0, 3: 3, 4: 100, 5: "per_tensor", 6: "int8-static", 8: "int8", 9: "h100-sxm"}[n]
     return {name: ref}, {name: wrong}
@@ -326,3 +366,23 @@ def test_open_in_the_full_page_carries_the_lessons_state(shared_facts):
     assert widget(at, "model").value == "digits-cnn"
     assert widget(at, "weights_layer:zoo:digits-cnn").value == "features.3"
     assert widget(at, "weights_granularity").value == "per_group"
+
+
+def test_lesson10_presenter_link_and_full_page(shared_facts):
+    at = open_lessons({"lesson": "10", "step": "exercise"})
+    assert_clean(at)
+    widget(at, "lesson10_weights").set_value("nf4").run()
+    widget(at, "lesson10_kv").set_value("int8").run()
+    query = dict(parse_qsl(urlsplit(at.code[0].value).query))
+    assert query["lesson"] == "10"
+    assert {k: v for k, v in presenter.decode(query["view"]).items() if k.startswith("lesson10_")} == \
+        {"lesson10_weights": "nf4", "lesson10_kv": "int8"}
+    fresh = open_lessons(query)
+    assert_clean(fresh)
+    assert widget(fresh, "lesson10_weights").value == "nf4" and widget(fresh, "lesson10_kv").value == "int8"
+    fresh.button(key="lesson10_open").click().run()  # the Generation page, on tiny-lm, with the answer's recipe
+    assert_clean(fresh)
+    assert fresh.title[0].value.startswith("Generation")
+    assert widget(fresh, "model").value == "tiny-lm"
+    assert [s.value for s in fresh.selectbox if s.key.startswith("kv_cache:")] == ["int8.per_token"]
+    assert any("nf4" in c.value for c in fresh.caption)

@@ -1,10 +1,12 @@
-"""The workshop's lessons, in teaching order: one module each (``l01_why`` ... ``l09_hardware``).
+"""The workshop's lessons, in teaching order: one module each (``l01_why`` ... ``l10_language_models``).
 
 Every lesson module has the same parts, so ``pages/lessons.py`` draws any of them and the tests walk them all:
 
 - ``NUMBER``, ``TITLE``, ``IDEA`` (Markdown), ``GOAL`` (the exercise, one sentence), ``HINT``;
 - ``WIDGETS``: ``{key pattern (regex): type}`` of the lesson's own widgets (the presenter link carries them);
-- ``facts(w) -> dict``: every number the lesson shows, computed by the engine on the teaching workload ``w``
+- ``MODEL`` (optional): the zoo model the lesson uses instead of the teaching model (lesson 10: tiny-lm);
+  ``GLOSSARY`` (optional): the glossary terms the page links to;
+- ``facts(w) -> dict``: every number the lesson shows, computed by the engine on the lesson's workload ``w``
   (plain data: the page caches it once per server);
 - ``show(facts, w)``: the figure and the numbers under the idea (Streamlit);
 - ``ask(facts) -> answer``: the exercise's widgets; ``reference(facts) -> answer``: the answer that meets the goal;
@@ -12,7 +14,7 @@ Every lesson module has the same parts, so ``pages/lessons.py`` draws any of the
 - ``reveal(facts) -> str``: the reference answer explained (Markdown);
 - ``full_page(facts, answer) -> (page, {session-state key: value})``: the full page and its widget state.
 
-Lesson 10 (language models) is one more module added to ``LESSONS`` once the zoo has a language model.
+Lesson 10 (language models) uses the zoo's language model, tiny-lm, instead of the teaching model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from importlib import import_module
 
 MODULES = ["l01_why", "l02_formats", "l03_scale", "l04_clipping", "l05_granularity", "l06_calibration",
-           "l07_sensitivity", "l08_qat", "l09_hardware"]
+           "l07_sensitivity", "l08_qat", "l09_hardware", "l10_language_models"]
 
 
 @dataclass(frozen=True)
