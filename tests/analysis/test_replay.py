@@ -38,6 +38,7 @@ def naive(w, result, layer, candidate, mode):
     return float(w.task.metrics(out, reference, data.labels)[w.task.headline]), sqnr_db(out, reference)
 
 
+@pytest.mark.slow
 def test_minilm_sweep_recomputes_the_encoder_only_from_the_perturbed_block(minilm, tmp_path, monkeypatch):
     """bert.encoder.layer is an nn.ModuleList its parent loops over. A layer in block k (embeddings: k = 0)
     replays blocks 0..k-1 and computes the 6 - k others; the layer-error run computes all 6 and the one check
