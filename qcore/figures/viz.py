@@ -186,14 +186,19 @@ def layer_sqnr(rows: list[dict]) -> go.Figure:
 
 
 def preset_sizes(rows: list[dict]) -> go.Figure:
-    """Model size under each preset (rows of ``summary.preset_sizes``), labelled with the fraction of FP32."""
+    """Model size under each preset (rows of ``summary.preset_sizes``), labelled with the fraction of FP32: one
+    horizontal bar per preset, first at the top (names stay readable however many presets there are)."""
     fp32 = max(r["size_bytes"] for r in rows)
     unit, div = ("MiB", 2**20) if fp32 >= 2**20 else ("KiB", 1024)
-    fig = go.Figure(go.Bar(x=[r["preset"] for r in rows], y=[r["size_bytes"] / div for r in rows], marker_color=BAR_COLOR,
-                           name="size", customdata=[r["size_bytes"] for r in rows],
+    fig = go.Figure(go.Bar(y=[r["preset"] for r in rows], x=[r["size_bytes"] / div for r in rows], orientation="h",
+                           marker_color=BAR_COLOR, name="size", customdata=[r["size_bytes"] for r in rows],
                            text=[f"{human_bytes(r['size_bytes'])} ({100 * r['fraction_of_fp32']:.0f}%)" for r in rows],
-                           textposition="outside", hovertemplate="%{x}: %{customdata:,} bytes<extra></extra>"))
-    return _layout(fig, "Model size under each preset (share of FP32)", "preset", f"size ({unit})")
+                           textposition="outside", cliponaxis=False,
+                           hovertemplate="%{y}: %{customdata:,} bytes<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(range=[0, 1.3 * fp32 / div])  # room for the labels outside the longest bar
+    return _layout(fig, "Model size under each preset (share of FP32)", f"size ({unit})", "preset",
+                   height=max(HEIGHT, 28 * len(rows) + 120))
 
 
 def outlier_channels(result: dict) -> go.Figure:

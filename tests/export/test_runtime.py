@@ -184,7 +184,7 @@ def test_bench_reports_interleaved_latency_sizes_and_both_metrics(digits_cnn, ba
     # the CLI's bench --json: exactly these keys, in this order, nested as before BenchResult existed
     d = r.to_dict()
     assert list(d) == ["model", "recipe", "backend", "threads", "batch_size", "metric", "timing", "cpu", "versions",
-                       "fp32", "quantized", "speedup", "layers", "differences", "notes", "runtime"]
+                       "fp32", "quantized", "speedup", "layers", "differences", "notes", "runtime", "language_model"]
     for key in ("fp32", "quantized"):
         assert list(d[key]) == ["file_size_bytes", "theoretical_size_bytes", "latency_ms", "metrics"]
         assert list(d[key]["latency_ms"]) == ["median", "p10", "p90", "runs", "best"]

@@ -122,11 +122,12 @@ def test_preset_sizes_bars_in_the_right_unit():
             {"preset": "int8", "size_bytes": 3 * 2**18, "fraction_of_fp32": 0.25}]
     fig = viz.preset_sizes(rows)
     bars = fig.data[0]
-    assert list(bars.y) == [3.0, 0.75] and list(bars.customdata) == [3 * 2**20, 3 * 2**18]
-    assert fig.layout.yaxis.title.text == "size (MiB)"
+    assert list(bars.x) == [3.0, 0.75] and list(bars.customdata) == [3 * 2**20, 3 * 2**18]
+    assert list(bars.y) == ["fp32", "int8"] and bars.orientation == "h"
+    assert fig.layout.xaxis.title.text == "size (MiB)"
     assert list(bars.text) == ["3.00 MiB (100%)", "768.00 KiB (25%)"]
     small = viz.preset_sizes([{"preset": "fp32", "size_bytes": 4096, "fraction_of_fp32": 1.0}])
-    assert list(small.data[0].y) == [4.0] and small.layout.yaxis.title.text == "size (KiB)"
+    assert list(small.data[0].x) == [4.0] and small.layout.xaxis.title.text == "size (KiB)"
 
 
 def test_outlier_channels_and_static_vs_dynamic():

@@ -149,7 +149,7 @@ def test_model_page_shows_the_models_sizes_layers_and_data(zoo_models, name):
     assert list(table["size (bytes)"]) == [r["size_bytes"] for r in sizes]
     (fig,) = figures(at)
     assert list(fig.data[0].customdata) == [r["size_bytes"] for r in sizes]
-    assert list(fig.data[0].x) == [r["preset"] for r in sizes]
+    assert list(fig.data[0].y) == [r["preset"] for r in sizes]
     smallest = min(sizes, key=lambda r: r["size_bytes"])
     assert shown[f"Smallest preset ({smallest['preset']})"] == viz.human_bytes(smallest["size_bytes"])
     assert_unchanged(w, zoo_models[1][name])

@@ -253,7 +253,9 @@ def test_sensitivity_heatmap_cells_show_their_values_on_a_per_candidate_scale(di
     for i, layer in enumerate(heat["y"]):
         for j, cand in enumerate(heat["x"]):
             r = cell[(layer, cand)]
-            assert heat["text"][i][j] == (f"{r['metric_drop']:+.4f}" if r["changed"] else "")
+            shown = f"{r['metric_drop']:+.4f}"  # a sign always, but a drop that rounds to zero reads 0.0000
+            shown = shown[1:] if float(shown) == 0 else shown.replace("-", "\u2212")
+            assert heat["text"][i][j] == (shown if r["changed"] else "")
     for j, cand in enumerate(heat["x"]):  # each column on its own scale: its largest |drop| is ±1
         largest = max(abs(cell[(l, cand)]["metric_drop"]) for l in heat["y"] if cell[(l, cand)]["changed"])
         column = [heat["z"][i][j] for i in range(len(heat["y"])) if heat["z"][i][j] is not None]
