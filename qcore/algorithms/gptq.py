@@ -36,6 +36,8 @@ caller builds H that way (``qcore.model.rounding``).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from qcore.algorithms.grid import block_params, check_roundable, make_grid
@@ -44,6 +46,21 @@ from qcore.numerics.quantize import QuantizedTensor, check_finite
 from qcore.numerics.spec import TensorSpec
 
 MAX_DAMPING_TRIES = 8  # damping grows 10x per try: up to 1e7 x the first
+
+
+@contextmanager
+def one_thread():
+    """Torch ops in this thread run on one intra-op thread (restored on exit; usable as a decorator).
+    GPTQ's column loop makes ~10 small ops per input column; split across OpenMP threads each one waits
+    at a barrier, which on a loaded 2-core machine made GPTQ 5-30x slower than on one thread (the block
+    matmuls and the (in, in) inverse are too small to gain much from a second thread).
+    ``torch.set_num_threads`` is per calling thread with the OpenMP backend, so other threads keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -64,6 +81,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.eye(h.shape[0])  # nothing factorises: no error feedback, i.e. rounding to nearest
 
 
+@one_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: TensorSpec, damp: float = 0.01,
                   act_order: bool = True, block_size: int = 128) -> QuantizedTensor:
     """``weight`` (out, in) -- or (C_out, C_in, k...) read as (C_out, C_in*k...) -- quantized by GPTQ under
