@@ -54,7 +54,9 @@ def one_thread():
     GPTQ's column loop makes ~10 small ops per input column; split across OpenMP threads each one waits
     at a barrier, which on a loaded 2-core machine made GPTQ 5-30x slower than on one thread (the block
     matmuls and the (in, in) inverse are too small to gain much from a second thread).
-    ``torch.set_num_threads`` is per calling thread with the OpenMP backend, so other threads keep theirs."""
+    With the OpenMP backend ``torch.set_num_threads`` changes the calling thread and the default of threads
+    that make their first torch call meanwhile; threads already running torch keep theirs. Elementwise ops
+    give the same bits on any number of threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

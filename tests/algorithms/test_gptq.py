@@ -1,12 +1,14 @@
 """GPTQ against a direct computation of its update, nearest rounding as its H = identity case, and the
 property it exists for: a lower layer output error than rounding to nearest on the same grid."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from qcore.algorithms.gptq import gptq_quantize
+from qcore.algorithms.gptq import gptq_quantize, one_thread
 from qcore.numerics.quantize import quantize
 from qcore.numerics.spec import TensorSpec
 
@@ -112,3 +114,49 @@ def test_a_conv_weight_is_read_as_c_out_by_fan_in():
     got = gptq_quantize(W, X.T @ X, spec)
     flat = gptq_quantize(W.reshape(4, 18), X.T @ X, spec)
     assert got.shape == (4, 2, 3, 3) and torch.equal(got.codes.reshape(4, 18), flat.codes)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(st.integers(1, 40), st.sampled_from([8, 24, 64]), SPECS, st.booleans(), st.integers(0, 10_000))
+def test_one_thread_gives_the_same_codes_as_the_callers_threads(rows, cols, spec, act_order, seed):
+    """``gptq_quantize`` runs its loop on one intra-op thread; undecorated, on two, it must give the same
+    codes and scales (the speed-up changes nothing but the time)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(128, cols, generator=g) @ torch.randn(cols, cols, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = gptq_quantize.__wrapped__(W, X.T @ X, spec, act_order=act_order, block_size=16)
+        got = gptq_quantize(W, X.T @ X, spec, act_order=act_order, block_size=16)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale)
+
+
+def test_one_thread_is_restored_and_leaves_running_threads_alone():
+    started, asked, seen = threading.Event(), threading.Event(), []
+
+    def worker():  # a thread already using torch, as a Streamlit session's is
+        torch.ones(2).sum()
+        outside = torch.get_num_threads()
+        started.set()
+        asked.wait()
+        seen.append((outside, torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    thread = threading.Thread(target=worker)
+    try:
+        thread.start()
+        started.wait()
+        with one_thread():
+            assert torch.get_num_threads() == 1
+            asked.set()
+            thread.join()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    outside, during = seen[0]
+    assert during == outside  # only the calling thread ran on one
