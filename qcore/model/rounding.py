@@ -114,7 +114,7 @@ def collect_inputs(model: nn.Module, kinds: Mapping[str, str], batches: list[tup
             rows = input_rows(module, kinds[name], args[0])
             entry = acc[name]
             gram = (rows.T @ rows).double()
-            entry[0] = gram if entry[0] is None else entry[0] + gram
+            entry[0] = gram if entry[0] is None else entry[0].add_(gram)  # summed in place
             entry[1] += rows.shape[0]
             if name in samples and rows.shape[0]:
                 keep = torch.linspace(0, rows.shape[0] - 1, min(per_batch, rows.shape[0])).round().long()
