@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from qcore.numerics.quantize import check_finite
 from qcore.numerics.spec import INT8_COMPUTE_BLOCKS, TensorSpec
 
 
@@ -36,13 +37,14 @@ def quantize_blocks_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
 class Int8ComputeInput:
     """Forward pre-hook replacing a Linear's input by its int8-per-block quantized value (dequantized)."""
 
-    def __init__(self, block: int):
-        self.block = block
+    def __init__(self, name: str, block: int):
+        self.name, self.block = name, block
 
     def __call__(self, module, args):
         x = args[0]
         if not torch.is_floating_point(x):
             return None
+        check_finite(x, f"the input of layer {self.name!r}")  # a NaN/Inf would make its whole block NaN
         codes, scale = quantize_blocks_int8(x, self.block)
         blocks = codes.float().reshape(*x.shape[:-1], -1, self.block) * scale[..., None]
         return (blocks.reshape(x.shape).to(x.dtype),) + tuple(args[1:])

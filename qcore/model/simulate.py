@@ -266,7 +266,7 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
             sim.activation_quantized.append(name)
         block = int8_compute_block(layers[name].kind, plan.weights)
         if block is not None:  # weight-only int8 compute: the kernel's own input quantization, last
-            module.register_forward_pre_hook(Int8ComputeInput(block))
+            module.register_forward_pre_hook(Int8ComputeInput(name, block))
         elif plan.weights is not None and plan.weights.compute == "int8" and layers[name].kind != "Embedding":
             sim.notes.append(f"{name}: computes in float (int8 compute needs a Linear with a group size of "
                              "16, 32, 64, 128 or 256)")

@@ -51,8 +51,6 @@ PRESETS: dict[str, dict] = {
     "int8-dynamic": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": True}},
     "int8-static": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False}},
     "int4-weight-only": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False, "range": "minmax"}, "activations": None},
-    "int4-int8compute": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
-                                     "range": "minmax", "compute": "int8"}, "activations": None},
     "nf4": {"weights": {"format": "nf4", "granularity": "per_group", "group_size": 64}, "activations": None},
     "fp8": {"weights": {"format": "fp8_e4m3", "granularity": "per_channel", "scaled": True},
             "activations": {"format": "fp8_e4m3", "scaled": True, "dynamic": True}},
@@ -64,6 +62,8 @@ PRESETS: dict[str, dict] = {
                  "activations": None, "transforms": [{"awq": {}}]},
     "w8a8-smoothquant": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False},
                          "transforms": [{"smoothquant": {"alpha": 0.5}}]},
+    "int4-int8compute": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
+                                     "range": "minmax", "compute": "int8"}, "activations": None},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -73,14 +73,14 @@ PRESET_DESCRIPTIONS = {
     "int8-dynamic": "int8 per-channel weights; int8 activations with ranges computed from each batch at run time",
     "int8-static": "int8 per-channel weights; int8 activations with ranges fixed by calibration (W8A8)",
     "int4-weight-only": "int4 affine weights in groups of 32 along the input dimension, float activations",
-    "int4-int8compute": "int4-weight-only weights; each Linear's input quantized at run time to int8 per block of 32 "
-                        "along K (symmetric, absmax) so the matmul runs in int8 (ONNX Runtime MatMulNBits accuracy_level 4)",
     "nf4": "4-bit NormalFloat weights, absmax per block of 64 (QLoRA), float activations",
     "fp8": "FP8 E4M3 weights scaled per channel; FP8 E4M3 activations scaled per batch",
     "int4-gptq": "int4 affine weights in groups of 32, rounded by GPTQ on the calibration data, float activations",
     "int3-adaround": "int3 per-channel symmetric weights, rounded by AdaRound on the calibration data, float activations",
     "int4-awq": "int4-weight-only after AWQ's activation-aware per-channel scales (folded into the preceding layer)",
     "w8a8-smoothquant": "int8-static after SmoothQuant (alpha 0.5) moves activation outliers into the weights",
+    "int4-int8compute": "int4-weight-only weights; each Linear's input quantized at run time to int8 per block of 32 "
+                        "along K (symmetric, absmax) so the matmul runs in int8 (ONNX Runtime MatMulNBits accuracy_level 4)",
 }
 
 
