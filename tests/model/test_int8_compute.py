@@ -85,3 +85,13 @@ def test_a_layer_switched_to_a_float_format_drops_int8_compute():
     assert r.plan("fc1").weights.compute == "float" and r.plan("fc2").weights.compute == "int8"
     back = preset("int4-int8compute").with_layer("fc1", {"weights": {**W4, "compute": "float"}})
     assert back.plan("fc1").weights.compute == "float" and Recipe.from_json(back.to_json()) == back
+
+
+def test_the_shortest_override_says_compute_when_only_it_differs():
+    from qcore.recipe.core import LayerOverride
+
+    defaults = preset("int4-int8compute").plan("fc1")
+    target = preset("int4-weight-only").plan("fc1")  # the same grid, float compute
+    entry = LayerOverride.to_reach(defaults, defaults, target)
+    assert entry.apply(defaults) == target
+    assert entry.apply(target) == target and LayerOverride.to_reach(target, target, defaults).apply(target) == defaults
