@@ -194,6 +194,10 @@ def export(workload, recipe: Recipe, fmt: str, out: str, runtime: str = "onnxrun
     if any(r["executes"] == "int8 kernel" for r in layers) and not _has_int8_dot_product():
         report.notes.append("this CPU has no VNNI/AMX int8 dot-product instructions: ONNX Runtime's int8 kernels use "
                             "AVX2 (vpmaddubsw), whose 16-bit intermediate sums can saturate")
+    if any("int8 compute" in r["activations"] for r in layers) and not _has_int8_dot_product():
+        report.notes.append("int8 compute on a CPU without VNNI/AMX: ONNX Runtime runs MatMulNBits accuracy_level 4 "
+                            "with its AVX2 int8 kernel where MLAS has one for this bit width and block, and otherwise "
+                            "falls back to float32 compute (GetAccuracyLevel), which the simulation does not model")
     return report
 
 

@@ -24,6 +24,9 @@ axis 1); the preparing step turns it into a ``conv_transpose.ConvTransposeLayer`
 (C_out, C_in / groups, k...), so per_channel follows its output channel too. GPT-2's ``Conv1D`` holds
 (in, out); the preparing step turns it into the ``nn.Linear`` (out, in) it computes (``gpt2_conv1d``).
 
+A weight spec with ``compute: int8`` adds one more pre-hook to its Linear layers: the input quantized per block
+as ONNX Runtime's int8-compute kernel does (``qcore.model.int8_compute``).
+
 The input hooks go on the copy only (see ``qcore.model.hooks``: hooks always go on a private copy).
 """
 
@@ -39,6 +42,7 @@ from torch import nn
 from qcore.errors import QcoreError
 from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
 from qcore.model.gpt2_conv1d import use_linear_layout
+from qcore.model.int8_compute import Int8ComputeInput, int8_compute_block
 from qcore.model.recurrent import RecurrentMatrix, unroll
 from qcore.model.transforms import bias_targets
 from qcore.algorithms.bias_correction import corrected_bias
@@ -260,4 +264,10 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
         if hook is not None:
             module.register_forward_pre_hook(hook)
             sim.activation_quantized.append(name)
+        block = int8_compute_block(layers[name].kind, plan.weights)
+        if block is not None:  # weight-only int8 compute: the kernel's own input quantization, last
+            module.register_forward_pre_hook(Int8ComputeInput(name, block))
+        elif plan.weights is not None and plan.weights.compute == "int8" and layers[name].kind != "Embedding":
+            sim.notes.append(f"{name}: computes in float (int8 compute needs a Linear with a group size of "
+                             "16, 32, 64, 128 or 256)")
     return sim

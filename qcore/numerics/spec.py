@@ -18,6 +18,8 @@ from qcore.numerics.ranges import ACTIVATION_ONLY_METHODS, RANGE_METHODS
 MAX_GROUP_SIZE = 2**20  # elements per group
 MAX_AXIS = 8  # axis in [-8, 8): weights have at most 8 dimensions
 ROUNDINGS = ("nearest", "gptq", "adaround")  # how a weight's values go to grid points (weights only)
+COMPUTES = ("float", "int8")  # the precision a weight-only Linear multiplies in (weights only)
+INT8_COMPUTE_BLOCKS = (16, 32, 64, 128, 256)  # the group sizes ONNX Runtime's int8-compute MatMulNBits takes
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ class TensorSpec:
     rounding    : weights of integer formats only: nearest | gptq | adaround (``qcore.algorithms``: which grid
                   point each weight goes to; the grid -- blocks, ranges, scales -- is the same)
     gptq, adaround : that rounding's options (``GPTQOptions`` / ``AdaRoundOptions``), set iff it is the rounding
+    compute     : weights only: float | int8 -- int8: a Linear's input is quantized at run time to symmetric int8
+                  per block of ``group_size`` along K (``qcore.model.int8_compute``), as ONNX Runtime's
+                  MatMulNBits does with accuracy_level=4; integer formats <= 8 bits, per_group (a layer whose
+                  resolved group size is not in ``INT8_COMPUTE_BLOCKS`` computes in float)
     """
 
     format: str = "int8"
@@ -105,6 +111,7 @@ class TensorSpec:
     rounding: str = "nearest"
     gptq: GPTQOptions | None = None
     adaround: AdaRoundOptions | None = None
+    compute: str = "float"
 
     @property
     def fmt(self):
@@ -112,12 +119,15 @@ class TensorSpec:
 
     def to_dict(self) -> dict:
         """Every field; ``group_size`` only for per_group (elsewhere it means nothing); ``rounding`` and its
-        options only when not nearest (so recipes written before rounding existed keep their JSON)."""
+        options only when not nearest, ``compute`` only when int8 (so recipes written before they existed keep
+        their JSON)."""
         d = asdict(self)
         if self.granularity != "per_group":
             del d["group_size"]
         if self.rounding == "nearest":
             del d["rounding"]
+        if self.compute == "float":
+            del d["compute"]
         for key in ROUNDING_OPTIONS:
             if d[key] is None:
                 del d[key]
@@ -201,3 +211,13 @@ class TensorSpec:
                                 "use rounding nearest or an integer format")
             if self.granularity == "per_channel" and self.axis != 0:
                 bad("rounding", "needs per_channel along axis 0 (output channels); set axis 0")
+        if not isinstance(self.compute, str) or self.compute not in COMPUTES:
+            bad("compute", f"is not a compute precision; allowed: {', '.join(COMPUTES)}")
+        if self.compute == "int8":
+            if activation:
+                bad("compute", "applies to weights only (it says how a weight-only layer multiplies)")
+            if not fmt.can_be_affine or fmt.bits > 8:
+                bad("compute", f"needs an integer weight format of at most 8 bits (int2..int8), not {self.format}")
+            if self.granularity != "per_group":
+                bad("compute", "needs per_group weights (the input is quantized in blocks of the weight's groups); "
+                               "set granularity per_group, e.g. with group_size 32")

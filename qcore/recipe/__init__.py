@@ -62,6 +62,8 @@ PRESETS: dict[str, dict] = {
                  "activations": None, "transforms": [{"awq": {}}]},
     "w8a8-smoothquant": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False},
                          "transforms": [{"smoothquant": {"alpha": 0.5}}]},
+    "int4-int8compute": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
+                                     "range": "minmax", "compute": "int8"}, "activations": None},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -77,6 +79,8 @@ PRESET_DESCRIPTIONS = {
     "int3-adaround": "int3 per-channel symmetric weights, rounded by AdaRound on the calibration data, float activations",
     "int4-awq": "int4-weight-only after AWQ's activation-aware per-channel scales (folded into the preceding layer)",
     "w8a8-smoothquant": "int8-static after SmoothQuant (alpha 0.5) moves activation outliers into the weights",
+    "int4-int8compute": "int4-weight-only weights; each Linear's input quantized at run time to int8 per block of 32 "
+                        "along K (symmetric, absmax) so the matmul runs in int8 (ONNX Runtime MatMulNBits accuracy_level 4)",
 }
 
 

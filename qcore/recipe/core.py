@@ -152,6 +152,8 @@ class LayerOverride:
                     base.pop("scaled", None)
                 if not (new and new.can_be_affine):  # rounding algorithms need an integer grid
                     base.pop("rounding", None)
+                if not (new and new.can_be_affine and new.bits <= 8):  # int8 compute needs <= 8-bit integers
+                    base.pop("compute", None)
             rounding = written.get("rounding", base.get("rounding", "nearest"))
             for key in ROUNDING_OPTIONS:  # the inherited options of another rounding
                 if key != rounding:
@@ -185,9 +187,13 @@ class LayerOverride:
                 short[part] = {k: v for k, v in t.to_dict().items() if v != getattr(c, k)}
                 if t.rounding != c.rounding:  # to_dict omits nearest: say it when it differs
                     short[part] = {**short[part], "rounding": t.rounding}
+                if t.compute != c.compute:  # to_dict omits float: say it when it differs
+                    short[part] = {**short[part], "compute": t.compute}
             d = getattr(defaults, part)
             if t is not None and t.rounding == "nearest" and d is not None and d.rounding != "nearest":
                 full[part] = {**full[part], "rounding": "nearest"}  # not inherited from the default
+            if t is not None and t.compute == "float" and d is not None and d.compute != "float":
+                full[part] = {**full[part], "compute": "float"}
         entry = cls.from_json(short)
         return entry if entry.apply(defaults) == target else cls.from_json(full)
 

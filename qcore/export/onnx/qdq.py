@@ -30,6 +30,7 @@ from qcore.export.onnx.embedding import gather_codes
 from qcore.export.onnx.float_graph import OPSET, float_graph, source_model
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
+from qcore.model.int8_compute import int8_compute_block
 from qcore.model.conv_transpose import ConvTransposeLayer
 from qcore.model.simulate import input_quantizer, modules_by_name, needs_calibration
 from qcore.recipe import Recipe
@@ -137,6 +138,12 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
             nbits_ok = (len(nodes) == 1 and node.op_type == "MatMul" and transposed is True and node.input[1] == init
                         and uses_matmul_nbits(w, iq))
             block = nbits_block(q, weight.shape[1]) if nbits_ok else None
+            act_block = int8_compute_block(info.kind, w)
+            if act_block is not None and block is not None:
+                block = act_block  # the kernel quantizes the input per weight block: the simulation's blocks
+            elif act_block is not None:
+                notes.append(f"{name}: int8 compute is simulated but the layer is not a MatMulNBits in the file, "
+                             "which computes it in float")
             lookup = (gather_codes(ed, q, node) if len(nodes) == 1 and node.op_type == "Gather" and not transposed
                       and node.input[0] == init else None)
             ed.drop_initializer(init)
@@ -144,9 +151,11 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
                 new, row["weights"], codes_of[name] = lookup
                 ed.replace(node, new)
             elif block is not None:
-                new, bits = matmul_nbits(ed, q, node.input[0], None, node.output[0], node, block)
+                new, bits = matmul_nbits(ed, q, node.input[0], None, node.output[0], node, block, act_block is not None)
                 ed.replace(node, new)
                 row["weights"] = f"{w.format} codes packed in MatMulNBits (bits={bits}, block_size={block})"
+                if act_block is not None:
+                    row["activations"] = f"int8 per block of {block} along K, at run time (int8 compute)"
                 codes_of[name] = new.input[1]
             elif transposed == "graph":  # decoded in the layer's layout, then moved into the operator's
                 decoded = ed.fresh(f"{init}_dequantized")

@@ -166,8 +166,10 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return sum((v[..., j] << (bits * j)) for j in range(per)).astype(np.uint8)
 
 
-def matmul_nbits(ed, q: QuantizedTensor, a: str, bias: str | None, out: str, before, block: int):
-    """MatMulNBits(A, packed codes, scales, zero-points, bias) computing A @ W^T (+ bias), W (N, K)."""
+def matmul_nbits(ed, q: QuantizedTensor, a: str, bias: str | None, out: str, before, block: int,
+                 int8_compute: bool = False):
+    """MatMulNBits(A, packed codes, scales, zero-points, bias) computing A @ W^T (+ bias), W (N, K); with
+    ``int8_compute`` accuracy_level=4: A quantized to int8 per block of ``block`` (``qcore.model.int8_compute``)."""
     bits = next(slot for slot in (2, 4, 8) if slot >= q.spec.fmt.bits)  # MatMulNBits' code widths
     offset = 2 ** (bits - 1)  # unsigned code = signed code + offset; MatMulNBits' default zero-point
     N, K = q.shape
@@ -187,7 +189,8 @@ def matmul_nbits(ed, q: QuantizedTensor, a: str, bias: str | None, out: str, bef
         inputs.append("")
     inputs += ["", bias] if bias else []
     return helper.make_node("MatMulNBits", inputs, [out], name=ed.fresh(f"{out}/MatMulNBits"), domain="com.microsoft",
-                            K=K, N=N, bits=bits, block_size=block, accuracy_level=0), bits
+                            K=K, N=N, bits=bits, block_size=block,
+                            accuracy_level=4 if int8_compute else 0), bits
 
 
 
