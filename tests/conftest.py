@@ -10,6 +10,16 @@ settings.register_profile("qcore", max_examples=60, deadline=None, derandomize=T
 settings.load_profile("qcore")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test (restored after): many tiny forwards (token-by-token decoding,
+    training steps) are dominated by OpenMP threads waiting for each other on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_mlp():
     from qcore import zoo

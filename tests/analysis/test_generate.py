@@ -15,13 +15,7 @@ from qcore.zoo.tinylm import Config, TinyLM
 PROMPT = [3, 14, 15, 9, 2, 6]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Token-by-token decoding runs hundreds of tiny forwards: one thread avoids OpenMP's spinning on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 INT2 = Recipe.from_dict({"name": "int2", "weights": {"format": "int2", "granularity": "per_channel"}, "activations": None})
 

@@ -2,7 +2,6 @@
 never trained twice in one session."""
 
 import pytest
-import torch
 from test_app import metrics, open_app, visit, zoo_models  # noqa: F401 -- zoo_models is a fixture
 
 import qcore.training
@@ -12,12 +11,7 @@ from qcore.training import QATConfig, finetune
 from ui.text import plain
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypatch):  # noqa: F811

@@ -19,12 +19,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 TINY = Config(vocab_size=50, context_length=16, dim=16, layers=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_attention_exposes_projections_and_is_causal():

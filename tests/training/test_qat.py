@@ -20,12 +20,7 @@ from qcore.training import QATConfig, finetune, load_finetuned, save
 from qcore.training.qat import _Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def per_channel(fmt, activations=None):
