@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,37 +61,51 @@ async def settle(page, timeout_ms: int) -> float:
     return time.monotonic() - start - 0.8
 
 
-async def browse(context, base: str, settles: list, errors: list, timeout_ms: int, delay_s: float) -> None:
+async def shown_errors(page) -> list[str]:
+    """The first line of every error box or exception the page shows (as the user reads it)."""
+    texts = await page.locator(ERRORS).all_inner_texts()
+    return [(t.strip().splitlines() or [""])[0][:160] for t in texts]
+
+
+async def browse(context, base: str, settles: list, errors: list, timeout_ms: int, delay_s: float, stage: dict) -> None:
     await asyncio.sleep(delay_s)
     page = await context.new_page()
     for path in ("/?model=digits-mlp", "/formats", "/weights"):
+        stage["at"] = f"browsing: opening {path}"
         await page.goto(base + path)
         settles.append(await settle(page, timeout_ms))
-        errors.append(await page.locator(ERRORS).count())
+        errors.extend(await shown_errors(page))
+    stage["at"] = "browsing: changing the sidebar model"
     await page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.click()
     await page.get_by_role("option", name="digits-cnn").click()
     settles.append(await settle(page, timeout_ms))
-    errors.append(await page.locator(ERRORS).count())
+    errors.extend(await shown_errors(page))
+    stage["at"] = "done"
 
 
 async def sweep(context, base: str, model: str, weights_only: bool, shown: list, errors: list, timeout_ms: int,
-                t0: float, delay_s: float) -> None:
+                t0: float, delay_s: float, stage: dict) -> None:
     await asyncio.sleep(delay_s)
     page = await context.new_page()
+    stage["at"] = "sweep: opening the Sensitivity page"
     await page.goto(f"{base}/sensitivity?model={model}")
     await settle(page, timeout_ms)
     if weights_only:
+        stage["at"] = "sweep: choosing weights only"
         await page.get_by_text("weights only").click()
         await settle(page, timeout_ms)
+    stage["at"] = "sweep: clicking Run the sweep"
     run = page.get_by_role("button", name="Run the sweep")
     if await run.count():
         await run.click()
+    stage["at"] = "sweep: waiting for its result"
     metric = page.locator('[data-testid="stMetric"]', has_text="Most sensitive layer")
     await metric.wait_for(timeout=timeout_ms)
     await settle(page, timeout_ms)
     numbers = " | ".join(await page.locator('[data-testid="stMetric"]').all_inner_texts())
     shown.append((weights_only, numbers, time.monotonic() - t0))
-    errors.append(await page.locator(ERRORS).count())
+    errors.extend(await shown_errors(page))
+    stage["at"] = "done"
 
 
 async def visitors(browser, base: str, busy: list, errors: list, sweeps_left, timeout_ms: int) -> None:
@@ -103,7 +118,7 @@ async def visitors(browser, base: str, busy: list, errors: list, sweeps_left, ti
         page = await context.new_page()
         await page.goto(base + "/?model=digits-mlp")
         busy.append(await settle(page, timeout_ms))
-        errors.append(await page.locator(ERRORS).count())
+        errors.extend(await shown_errors(page))
         await context.close()
         await asyncio.sleep(30)
 
@@ -119,10 +134,11 @@ async def drive(base: str, args) -> dict:
         for c in contexts:
             c.set_default_timeout(args.timeout_s * 1000)  # navigation included (Playwright's default is 30 s)
         t0 = time.monotonic()
-        tasks = [sweep(c, base, args.model, i >= args.same, shown, errors, args.timeout_s * 1000, t0, i * args.stagger_s)
-                 for i, c in enumerate(contexts[:n_sweeps])]
-        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000, (n_sweeps + i) * args.stagger_s)
-                  for i, c in enumerate(contexts[n_sweeps:])]
+        stages = [{"at": "not started"} for _ in contexts]
+        tasks = [sweep(c, base, args.model, i >= args.same, shown, errors, args.timeout_s * 1000, t0, i * args.stagger_s,
+                       stages[i]) for i, c in enumerate(contexts[:n_sweeps])]
+        tasks += [browse(c, base, settles, errors, args.timeout_s * 1000, (n_sweeps + i) * args.stagger_s,
+                         stages[n_sweeps + i]) for i, c in enumerate(contexts[n_sweeps:])]
         tasks = [asyncio.ensure_future(t) for t in tasks]
         probe = asyncio.ensure_future(visitors(browser, base, busy, errors, lambda: len(shown) < n_sweeps,
                                                args.timeout_s * 1000))
@@ -131,8 +147,9 @@ async def drive(base: str, args) -> dict:
             t.cancel()
         await asyncio.gather(probe, *pending, return_exceptions=True)
         await browser.close()
-    failures = [f"{type(t.exception()).__name__}: {str(t.exception()).splitlines()[0] if str(t.exception()) else ''}"
-                for t in done if t.exception() is not None] + ["over the budget"] * len(pending)
+    failures = [f"{type(t.exception()).__name__} while {stages[tasks.index(t)]['at']}"
+                for t in done if t.exception() is not None]
+    failures += [f"over the budget while {stages[tasks.index(t)]['at']}" for t in pending]
     return {"settles": settles, "errors": errors, "shown": shown, "failures": failures, "busy": busy}
 
 
@@ -187,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("sessions (browser contexts) / replicas / workers", f"{args.sessions} / {args.replicas} / {args.workers}"),
         ("sessions started", f"{args.stagger_s:g} s apart"),
-        ("errors shown in pages", sum(out["errors"])),
-        ("sessions that did not finish (timeouts)", f"{len(out['failures'])} {sorted(set(out['failures']))[:2]}"),
+        ("errors shown in pages", f"{len(out['errors'])}" + "".join(f"; {n} x {t!r}" for t, n in Counter(out["errors"]).items())),
+        ("sessions that did not finish (where they were)", f"{len(out['failures'])}"
+                                                           + "".join(f"; {n} x {t}" for t, n in Counter(out["failures"]).items())),
         ("page settles measured", len(s)),
         ("p50 / p95 s for a page to settle", f"{statistics.median(s):.1f} / {s[int(0.95 * (len(s) - 1))]:.1f}" if s else "-"),
         ("new visitors while sweeps ran: Model page settled in (s)", ", ".join(f"{x:.1f}" for x in out["busy"]) or "-"),

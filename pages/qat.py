@@ -9,7 +9,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ui import keys, state
+from ui import jobs, keys, state
 from ui.formulas import error_box, intro
 from qcore.analysis import search
 from qcore.export import export
@@ -18,7 +18,8 @@ from qcore.figures import qat as viz_qat
 from qcore.numerics.quantize import fake_quantize
 from qcore.recipe import PRESETS, preset
 from qcore.recipe.links import recipe_id
-from qcore.training import QATConfig, finetune, save, training_data
+from qcore.training import QATConfig, save, training_data
+from qcore.training.transport import from_json
 from ui.text import metric_label, plain, signed
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
@@ -55,30 +56,16 @@ train, train_name = training_data(w)
 st.caption(f"Trains on {plain(train_name)} ({len(train):,} samples), picks the epoch with the lowest loss on the "
            f"calibration split and reports on the evaluation split ({len(w.evaluation):,} samples), never trained on.")
 
-runs = st.session_state.setdefault(keys.QAT_RUNS, {})
+inputs = {"recipe": recipe.to_dict(), "epochs": config.epochs, "lr": config.lr, "learn_scales": config.learn_scales}
+runs = st.session_state.setdefault(keys.QAT_RUNS, {})  # (model, recipe, settings) -> QATResult, this session's
 run_key = (key, recipe_id(w, recipe), config)
+if run_key not in runs and not jobs.asked("qat", key, w, inputs) and not st.button("Run QAT", type="primary", key="qat_run"):
+    st.stop()
 if run_key not in runs:
-    b1, b2 = st.columns([1, 4])
-    run = b1.button("Run QAT", type="primary", key="qat_run")
-    if b2.button("Cancel", key="qat_cancel", help="stops a run at its next step; nothing is kept from it"):
-        st.info("Cancelled: the run was stopped and nothing changed (PTQ is as before).", icon=":material/cancel:")
-    if not run:
-        st.stop()
-    bar, chart, rows = st.progress(0.0, text="Calibrating and evaluating PTQ…"), st.empty(), []
-
-    def progress(fraction, row):
-        bar.progress(min(fraction, 1.0), text=f"Training: {fraction:.0%}")
-        if row is not None:
-            rows.append(asdict(row))
-            chart.plotly_chart(viz_qat.training_curve(rows, w.task.headline, rows[0]["metric"]), key=f"qat_live_{len(rows)}", width="stretch")
-
     with error_box():
-        runs[run_key] = finetune(w, recipe, config, progress=progress)
-    bar.empty()
-    chart.empty()
+        runs[run_key] = from_json(w, jobs.result("qat", key, w, inputs, "QAT run", state.small(w)))
 else:
     st.caption("Already trained with these settings in this session: the result is shown below.")
-
 result = runs[run_key]
 head = result.metric
 (st.warning if result.stopped in ("diverged", "cancelled") else st.success)(

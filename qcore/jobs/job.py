@@ -195,8 +195,30 @@ def _run_evaluate(w, inputs: dict, progress, should_stop) -> dict:
                       should_stop=should_stop).to_dict()
 
 
+def _check_qat(w, inputs: dict) -> None:
+    from qcore.training import qat, transport
+
+    recipe = Recipe.from_dict(inputs.get("recipe") or {})
+    recipe.check_against(w.layer_shapes)
+    qat.check_recipe(w, recipe, transport.config_from(inputs).learn_scales)
+
+
+def _run_qat(w, inputs: dict, progress, should_stop) -> dict:
+    """A QAT run (``qcore.training.finetune``); the result carries the fine-tuned weights (``training.transport``)."""
+    from qcore.training import finetune, transport
+
+    config = transport.config_from(inputs)
+
+    def report(fraction: float, row) -> None:
+        done = "PTQ evaluated" if row is not None and row.epoch == 0 else f"epoch {getattr(row, 'epoch', 0)} of {config.epochs}"
+        progress(fraction, "training" if row is None else f"{done}: {w.task.headline} {row.metric:.4f}")
+    result = finetune(w, Recipe.from_dict(inputs["recipe"]), config, progress=report, should_stop=should_stop)
+    return transport.to_json(result, w)
+
+
 KINDS: dict[str, tuple[Callable, Callable]] = {  # kind -> (check at submission, run in the worker)
     "sweep": (_check_sweep, _run_sweep),
     "search": (_check_search, _run_search),
     "evaluate": (_check_evaluate, _run_evaluate),
+    "qat": (_check_qat, _run_qat),
 }

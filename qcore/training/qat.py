@@ -167,7 +167,7 @@ class _InputSTE:
         return (ste_fake_quantize(x, self.spec, self.lo, self.hi).to(x.dtype),) + tuple(args[1:])
 
 
-def _check_recipe(workload: Workload, recipe: Recipe, learn_scales: bool) -> None:
+def check_recipe(workload: Workload, recipe: Recipe, learn_scales: bool) -> None:
     plans = recipe.resolve(workload.layer_shapes)
     quantized = [n for n, p in plans.items() if any(s is not None and s.format != "fp32" for s in (p.weights, p.activations))]
     if not quantized:
@@ -249,7 +249,7 @@ def finetune(workload: Workload, recipe: Recipe, config: QATConfig = QATConfig()
     ``training_data(workload)``. ``progress(fraction, row)`` is called after every step (row None) and
     every epoch (its ``EpochRow``)."""
     start = time.perf_counter()
-    _check_recipe(workload, recipe, config.learn_scales)
+    check_recipe(workload, recipe, config.learn_scales)
     train_name = "the given training data"
     if train is None:
         train, train_name = training_data(workload)
