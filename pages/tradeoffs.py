@@ -80,7 +80,9 @@ runtime = st.radio("Measure with", list(state.RUNTIMES), horizontal=True, key="t
                         "where the CPU has AMX or AVX-512 BF16, so its FP32 is not true FP32")
 st.caption(jobs.threads_caption(jobs.backend_for(key)))
 if st.button(f"Measure latency on this machine ({runtime})", help="exports each recipe and times it; slow, cached"):
-    state.measure_latencies(key, w, recipes, runtime)
+    st.session_state[keys.MEASURING] = runtime
+if (asked := st.session_state.get(keys.MEASURING)) and state.measure_latencies(key, w, recipes, asked):
+    del st.session_state[keys.MEASURING]
     st.rerun()
 
 if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]["metrics"]:

@@ -29,6 +29,7 @@ SWEEP = "sweep_settings"  # {"key", "candidates", "mode", "view"} of the last sw
 USER_RECIPES = "user_recipes"  # {workload key: {label: recipe dict}} evaluated, searched or uploaded; see remember
 SEARCH = "search_result"  # {workload key: qcore.analysis.search.search result + "label" it is kept under}
 MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "source"}}} timed by runtime.bench
+MEASURING = "measuring_latency"  # the runtime label whose "Measure latency" click is still being timed (jobs)
 RECIPE_UPLOAD_DIGEST = "mp_upload_digest"  # sha256 of the recipe JSON the Mixed precision page loaded last
 QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished on the QAT page this session
 JOB_SESSION = "job_session"  # random id of this browser session: who may cancel the jobs it started (ui.jobs)

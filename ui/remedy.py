@@ -1,16 +1,19 @@
 """The Sensitivity page's "Try a remedy" panel: a remedy (``qcore.analysis.remedies.REMEDIES``: rounding or a
 transform) on one layer at its current format, measured before and after (the layer's output SQNR, saying which
 measure, and the model's metric, both from the simulation), the weight-error histogram for a rounding remedy, and one
-click to put it in the recipe: a rounding in the layer's override, a transform in the recipe's transforms."""
+click to put it in the recipe: a rounding in the layer's override, a transform in the recipe's transforms.
+
+The trial runs as a background job (kind ``remedy``, ``ui.jobs``): identical trials from any session run once, a
+large model's trial shows its progress and a Cancel button while the rest of the page stays usable."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from qcore.analysis.remedies import REMEDIES, try_remedy
-from qcore.errors import QcoreError
+from qcore.analysis.remedies import REMEDIES
 from qcore.figures.rounding import weight_error_histogram
-from ui import keys, state
+from qcore.recipe import Recipe
+from ui import jobs, keys, state
 from ui.text import layer_label, plain
 
 
@@ -33,14 +36,13 @@ def panel(key: str, w, layers: list[str]) -> None:
     _, _, recipe = state.current(key, w)
     tried = st.session_state.setdefault(keys.REMEDY, {})
     slot = (key, layer, name, recipe.to_json())
-    if slot not in tried and st.button("Try it", key="remedy_try", icon=":material/science:"):
-        try:
-            with state.stoppable("remedy", f"{REMEDIES[name].label} on {plain(layer_label(layer))}…") as advance:
-                tried[slot] = try_remedy(w, recipe, layer, name,
-                                         progress=lambda f, msg="": advance(f, f"{REMEDIES[name].label}: {plain(msg)}"))
-        except QcoreError as e:
-            st.error(plain(str(e)), icon=":material/error:")
+    inputs = {"recipe": recipe.to_dict(), "layer": layer, "name": name}
+    if slot not in tried and (jobs.asked("remedy", key, w, inputs) or st.button("Try it", key="remedy_try",
+                                                                               icon=":material/science:")):
+        out = jobs.result("remedy", key, w, inputs, f"{REMEDIES[name].label} trial", state.small(w), stop=False)
+        if out is None:  # running (its progress and Cancel are shown) or refused (one error box)
             return
+        tried[slot] = {**out, "recipe": Recipe.from_dict(out["recipe"])}
     result = tried.get(slot)
     if result is None:
         return

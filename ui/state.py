@@ -378,20 +378,28 @@ RUNTIMES = {"ONNX Runtime": ("onnxruntime", "default"), "OpenVINO, true FP32": (
             "OpenVINO, its default precision (bf16 on AMX)": ("openvino", "default")}
 
 
-def measure_latencies(key: str, w, recipes: dict, runtime: str = "ONNX Runtime") -> None:
-    """Time every recipe with ``qcore.export.bench.bench`` (``RUNTIMES[runtime]``, this machine) and keep the
-    results; the source names the runtime and the precision it executed in."""
-    from qcore.export.bench import bench
+def measure_latencies(key: str, w, recipes: dict, runtime: str = "ONNX Runtime") -> bool:
+    """Time every recipe with ``qcore.export.bench.bench`` (``RUNTIMES[runtime]``) as background jobs (kind
+    ``bench``, ``ui.jobs``: one per recipe, so the same timing asked by several sessions runs once, and timings
+    queue instead of running side by side) and keep the results; the source names the runtime, the precision it
+    executed in and the threads it had. True once every recipe is timed; False while a job still runs (its
+    progress is drawn) or was refused (its error box is drawn)."""
+    from ui import jobs
 
     measured = st.session_state.setdefault(MEASURED, {}).setdefault(key, {})
-    bar = st.progress(0.0)
+    name, precision = RUNTIMES[runtime]
     for i, (label, recipe) in enumerate(recipes.items()):
-        bar.progress(i / len(recipes), text=f"Timing {plain(label)} with {runtime} ({i + 1}/{len(recipes)})…")
-        if measured.get(recipe_id(w, recipe), {}).get("runtime") != runtime:
-            result = bench(w, recipe, batch_size=1, runtime=RUNTIMES[runtime][0], precision=RUNTIMES[runtime][1])
-            in_float = sum(r["executes"] == "float (dequantized)" for r in result.layers)
-            where = "" if runtime == "ONNX Runtime" else f" in {result.runtime['label']}"
-            measured[recipe_id(w, recipe)] = {"latency_ms": result.quantized.latency_ms["median"], "runtime": runtime,
-                                            "source": f"measured{where}" + (f" ({in_float} layer(s) ran in float in ONNX "
-                                                                            "Runtime)" if in_float else "")}
-    bar.empty()
+        if measured.get(recipe_id(w, recipe), {}).get("runtime") == runtime:
+            continue
+        inputs = {"recipe": recipe.to_dict(), "runtime": name, "precision": precision, "batch_size": 1}
+        result = jobs.result("bench", key, w, inputs, f"timing of {plain(label)} with {runtime} ({i + 1} of "
+                             f"{len(recipes)})", small(w), stop=False)
+        if result is None:
+            return False
+        in_float = sum(r["executes"] == "float (dequantized)" for r in result["layers"])
+        where = "" if runtime == "ONNX Runtime" else f" in {result['runtime']['label']}"
+        measured[recipe_id(w, recipe)] = {
+            "latency_ms": result["quantized"]["latency_ms"]["median"], "runtime": runtime,
+            "source": f"measured{where}, {result['threads']} thread(s)"
+                      + (f" ({in_float} layer(s) ran in float in ONNX Runtime)" if in_float else "")}
+    return True

@@ -216,9 +216,58 @@ def _run_qat(w, inputs: dict, progress, should_stop) -> dict:
     return transport.to_json(result, w)
 
 
+def _check_remedy(w, inputs: dict) -> None:
+    from qcore.analysis.remedies import REMEDIES
+
+    recipe = Recipe.from_dict(inputs.get("recipe") or {})
+    recipe.check_against(w.layer_shapes)
+    if inputs.get("name") not in REMEDIES:
+        raise QcoreError(f"unknown remedy {inputs.get('name')!r}; remedies: {', '.join(REMEDIES)}")
+    if inputs.get("layer") not in w.layer_shapes:
+        raise QcoreError(f"{w.name} has no quantizable layer {inputs.get('layer')!r}; pick one the Sensitivity page lists")
+    REMEDIES[inputs["name"]].apply(w, recipe, inputs["layer"])  # a remedy that does not fit the layer: one line, now
+
+
+def _run_remedy(w, inputs: dict, progress, should_stop) -> dict:
+    """``analysis.remedies.try_remedy`` (a PTQ algorithm on one layer, before and after); its recipe as JSON."""
+    from qcore.analysis.remedies import try_remedy
+
+    out = try_remedy(w, Recipe.from_dict(inputs["recipe"]), inputs["layer"], inputs["name"], progress, should_stop)
+    return {**out, "recipe": out["recipe"].to_dict()}
+
+
+BENCH_RUNTIMES = {"onnxruntime": ("default",), "openvino": ("default", "f32", "bf16")}
+
+
+def _check_bench(w, inputs: dict) -> None:
+    Recipe.from_dict(inputs.get("recipe") or {}).check_against(w.layer_shapes)
+    runtime, precision = inputs.get("runtime", "onnxruntime"), inputs.get("precision", "default")
+    if precision not in BENCH_RUNTIMES.get(runtime, ()):
+        raise QcoreError(f"cannot time with runtime {runtime!r} at precision {precision!r}; use one of "
+                         + ", ".join(f"{r} ({'/'.join(p)})" for r, p in BENCH_RUNTIMES.items()))
+    if not isinstance(inputs.get("batch_size", 1), int) or not 1 <= inputs.get("batch_size", 1) <= 256:
+        raise QcoreError(f"the timing's batch size must be a whole number from 1 to 256; got {inputs.get('batch_size')!r}")
+
+
+def _run_bench(w, inputs: dict, progress, should_stop) -> dict:
+    """``export.bench.bench`` of FP32 and the recipe, measured where the job runs, with the torch threads this
+    process was given (a worker's pinned threads; in-process, fewer while several jobs run): the result's
+    ``cpu`` and ``threads`` say which machine and how many threads."""
+    import torch
+
+    from qcore.export.bench import bench
+
+    progress(0.0, "exporting and timing")
+    return bench(w, Recipe.from_dict(inputs["recipe"]), batch_size=inputs.get("batch_size", 1),
+                 threads=torch.get_num_threads(), runtime=inputs.get("runtime", "onnxruntime"),
+                 precision=inputs.get("precision", "default")).to_dict()
+
+
 KINDS: dict[str, tuple[Callable, Callable]] = {  # kind -> (check at submission, run in the worker)
     "sweep": (_check_sweep, _run_sweep),
     "search": (_check_search, _run_search),
     "evaluate": (_check_evaluate, _run_evaluate),
     "qat": (_check_qat, _run_qat),
+    "remedy": (_check_remedy, _run_remedy),
+    "bench": (_check_bench, _run_bench),
 }

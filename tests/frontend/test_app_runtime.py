@@ -4,6 +4,8 @@ real): the oracle is what the page was asked to do, read back from the calls and
 
 from types import SimpleNamespace
 
+import torch
+
 from qcore.export import bench as bench_module
 from test_app_decide import open_page
 
@@ -11,11 +13,12 @@ from test_app_decide import open_page
 def test_tradeoffs_measures_with_the_chosen_runtime_and_says_its_precision(digits_mlp, monkeypatch):
     calls = []
 
-    def fake_bench(w, recipe, batch_size, runtime, precision):
+    def fake_bench(w, recipe, batch_size, threads, runtime, precision):
         calls.append((recipe.name, batch_size, runtime, precision))
         label = "OpenVINO CPU, float ops in f32 (INFERENCE_PRECISION_HINT)"
-        return SimpleNamespace(quantized=SimpleNamespace(latency_ms={"median": 1.25 + len(calls)}), layers=[],
-                               runtime={"name": runtime, "precision": "f32", "label": label})
+        out = {"quantized": {"latency_ms": {"median": 1.25 + len(calls)}}, "layers": [], "threads": threads,
+               "runtime": {"name": runtime, "precision": "f32", "label": label}}
+        return SimpleNamespace(to_dict=lambda: out)
 
     monkeypatch.setattr(bench_module, "bench", fake_bench)
     at = open_page("tradeoffs")
@@ -26,7 +29,9 @@ def test_tradeoffs_measures_with_the_chosen_runtime_and_says_its_precision(digit
     assert not at.exception, at.exception
     assert calls and all(c[1:] == (1, "openvino", "f32") for c in calls)
     table = at.dataframe[0].value.set_index("recipe")
-    assert (table["latency source"] == "measured in OpenVINO CPU, float ops in f32 (INFERENCE_PRECISION_HINT)").all()
+    threads = torch.get_num_threads()  # an in-process job alone keeps the app's torch threads
+    assert (table["latency source"] == f"measured in OpenVINO CPU, float ops in f32 (INFERENCE_PRECISION_HINT), "
+                                       f"{threads} thread(s)").all()
     assert sorted(table["latency (ms)"]) == [1.25 + k for k in range(1, len(calls) + 1)]
 
 

@@ -77,6 +77,25 @@ def test_coalescing_progress_and_result_through_redis(server, tmp_path):
     assert other_replica.status(key).result == done.result and runs(tmp_path / "log") == 1
 
 
+def test_a_qat_job_on_a_worker_carries_its_fine_tuned_weights_back(server, digits_mlp, one_torch_thread):
+    """Through Redis and a worker process (1 torch thread, as this test): the result rebuilds into the same model
+    ``finetune`` gives here."""
+    import torch
+
+    from qcore.recipe import preset
+    from qcore.training import QATConfig, finetune, transport
+
+    jobs, _, _ = server
+    recipe = preset("int4-weight-only", digits_mlp.layer_shapes)
+    key = jobs.submit(spec_for("qat", "zoo:digits-mlp", digits_mlp, {"recipe": recipe.to_dict(), "epochs": 1}), "Q")
+    status = wait(jobs, key, lambda s: s.finished, timeout_s=120)
+    assert status.state == "done", status.message
+    got, direct = transport.from_json(digits_mlp, status.result), finetune(digits_mlp, recipe, QATConfig(epochs=1))
+    assert got.qat_metrics == direct.qat_metrics
+    mine, theirs = got.workload.model.state_dict(), direct.workload.model.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 def test_cancel_caps_and_time_limit(server, tmp_path):
     jobs, url, _ = server
     key = jobs.submit(count(tmp_path, 1000, 0.01, "1"), "A")
@@ -126,3 +145,4 @@ def test_a_worker_killed_mid_job_leaves_no_result_and_the_job_is_requeued(server
     failed = wait(jobs, key, lambda s: s.finished, timeout_s=LEASE_S + 5)
     assert failed.state == "failed" and "stopped (killed or out of memory) on attempt 1 of 1" in failed.message
     assert "\n" not in failed.message and jobs.r.get(f"qcore:result:{key}") is None
+

@@ -1,7 +1,7 @@
-"""QAT as a background job: checked at submission, run in a worker, its fine-tuned weights carried back whole.
-
-The oracle is ``qcore.training.finetune`` called directly with the same settings (a run is deterministic on the
-CPU for a given thread count): the job's metrics, history and every fine-tuned tensor must equal it.
+"""The job kinds beyond the sweep and the search: QAT, a remedy trial (a PTQ algorithm on one layer) and a latency
+measurement -- each checked at submission (one line), run by the in-process backend, its result equal to the engine
+function called directly (the oracle): ``finetune`` (deterministic on the CPU for a given thread count: metrics,
+history and every fine-tuned tensor), ``try_remedy``, and ``bench`` with the threads the job was given.
 """
 
 import pytest
@@ -85,3 +85,55 @@ def test_a_cancelled_qat_job_keeps_nothing(digits_mlp):
     jobs.cancel(key, "A")
     status = wait(jobs, key, lambda s: s.finished, timeout_s=60)
     assert status.state == "cancelled" and status.result is None
+
+
+# ---- a PTQ algorithm on one layer ("Try a remedy") ------------------------------------------------------
+def test_a_remedy_job_returns_what_try_remedy_returns(digits_cnn):
+    from qcore.analysis.remedies import try_remedy
+
+    recipe = preset("int8-static", digits_cnn.layer_shapes)
+    inputs = {"recipe": recipe.to_dict(), "layer": "features.3", "name": "gptq"}
+    jobs = InProcessJobs()
+    key = jobs.submit(spec_for("remedy", "zoo:digits-cnn", digits_cnn, inputs), "A", digits_cnn)
+    status = wait(jobs, key, lambda s: s.finished, timeout_s=120)
+    assert status.state == "done", status.message
+    direct = try_remedy(digits_cnn, recipe, "features.3", "gptq")
+    assert status.result == {**direct, "recipe": direct["recipe"].to_dict()}
+    assert status.result["recipe"]["layers"]["features.3"]["weights"]["rounding"] == "gptq"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "magic"}, "unknown remedy 'magic'"),
+    ({"layer": "features.99"}, "has no quantizable layer 'features.99'"),
+    ({"name": "cle", "layer": "features.0"}, "features.0"),  # CLE on the conv reading the image: no pair
+])
+def test_a_remedy_that_cannot_run_fails_at_submission(digits_cnn, change, message):
+    inputs = {"recipe": preset("int8-static", digits_cnn.layer_shapes).to_dict(), "layer": "features.3", "name": "gptq",
+              **change}
+    with pytest.raises(QcoreError, match=message) as e:
+        spec_for("remedy", "zoo:digits-cnn", digits_cnn, inputs)
+    assert "\n" not in str(e.value)
+
+
+# ---- latency measurement --------------------------------------------------------------------------------
+def test_a_bench_job_measures_with_the_threads_it_was_given(digits_mlp):
+    inputs = {"recipe": preset("int8-dynamic", digits_mlp.layer_shapes).to_dict(), "runtime": "onnxruntime",
+              "precision": "default", "batch_size": 1}
+    jobs = InProcessJobs()
+    key = jobs.submit(spec_for("bench", "zoo:digits-mlp", digits_mlp, inputs), "A", digits_mlp)
+    status = wait(jobs, key, lambda s: s.finished, timeout_s=120)
+    assert status.state == "done", status.message
+    r = status.result
+    assert r["threads"] == torch.get_num_threads() == 1 and r["batch_size"] == 1 and r["recipe"] == "int8-dynamic"
+    assert r["quantized"]["latency_ms"]["median"] > 0 and r["cpu"]["features"] is not None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"runtime": "tensorrt"}, "cannot time with runtime 'tensorrt'"),
+    ({"runtime": "onnxruntime", "precision": "bf16"}, "at precision 'bf16'"),
+    ({"batch_size": 0}, "batch size must be a whole number from 1 to 256"),
+])
+def test_a_bench_that_cannot_run_fails_at_submission(digits_mlp, change, message):
+    inputs = {"recipe": preset("int8-dynamic", digits_mlp.layer_shapes).to_dict(), **change}
+    with pytest.raises(QcoreError, match=message):
+        spec_for("bench", "zoo:digits-mlp", digits_mlp, inputs)
