@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The class server on one machine, all on loopback, as ordinary (non-root) processes with pid files:
 #   deploy/class-server.sh start|stop|status [--replicas N] [--workers K] [--port P] [--base-port B]
-#                                            [--redis-port R] [--threads T] [--run DIR]
+#                                            [--redis-port R] [--threads T] [--worker-nice W] [--run DIR]
 # start: redis-server (its own config and dir under DIR), K RQ workers (python -m qcore.jobs.worker, T torch
-# threads each), N Streamlit replicas on ports B..B+N-1 sharing one cookieSecret, nginx on P in front
+# threads each, at niceness W (default 10: on a shared machine the replicas, which answer the browsers, get the
+# CPU first and a page stays responsive while every worker is busy), N Streamlit replicas on ports B..B+N-1 sharing one cookieSecret, nginx on P in front
 # (deploy/nginx_conf.py: sticky cookie, websocket upgrade). Open http://127.0.0.1:P.
 # Workers on other machines: run `python -m qcore.jobs.worker --redis redis://<this host>:R/0` there (and bind
 # Redis to an address they reach, with a password); nothing else changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ACTION=${1:-status}; shift || true
-REPLICAS=2 WORKERS=2 PORT=8600 BASE=8601 REDIS_PORT=6390 THREADS=1 RUN=${QCORE_RUN_DIR:-$PWD/.run/class-server}
+REPLICAS=2 WORKERS=2 PORT=8600 BASE=8601 REDIS_PORT=6390 THREADS=1 WORKER_NICE=10 RUN=${QCORE_RUN_DIR:-$PWD/.run/class-server}
 while [ $# -gt 0 ]; do
   case $1 in
     --replicas) REPLICAS=$2;; --workers) WORKERS=$2;; --port) PORT=$2;; --base-port) BASE=$2;;
-    --redis-port) REDIS_PORT=$2;; --threads) THREADS=$2;; --run) RUN=$2;;
+    --redis-port) REDIS_PORT=$2;; --threads) THREADS=$2;; --worker-nice) WORKER_NICE=$2;; --run) RUN=$2;;
     *) echo "unknown option $1 (see the comment at the top of $0)" >&2; exit 2;;
   esac; shift 2
 done
@@ -33,7 +34,7 @@ start() {
   redis-server "$RUN/redis.conf"
   for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   for i in $(seq "$WORKERS"); do
-    nohup "$PY" -m qcore.jobs.worker --redis "$URL" --threads "$THREADS" --name "worker-$i-$$" \
+    nohup nice -n "$WORKER_NICE" "$PY" -m qcore.jobs.worker --redis "$URL" --threads "$THREADS" --name "worker-$i-$$" \
       > "$RUN/worker-$i.log" 2>&1 & echo $! > "$RUN/worker-$i.pid"
   done
   [ -f "$RUN/cookie-secret" ] || "$PY" -c "import secrets; print(secrets.token_hex(32))" > "$RUN/cookie-secret"
