@@ -5,28 +5,29 @@ from __future__ import annotations
 
 import streamlit as st
 
-from qcore.analysis import transform_remedies as remedies
-from qcore.errors import QcoreError
 from qcore.figures import remedies as figures
-from ui import state
+from qcore.recipe import Recipe
+from ui import jobs, state
 from ui.text import html_plain, layer_label
 
 PREVIEWS = "remedy_previews"  # session key: (workload, layer, transform, recipe JSON) -> preview dict
 
 
-def _preview(key: str, w, layer: str, name: str, compute) -> dict | None:
+def _preview(key: str, w, layer: str, name: str, job_name: str) -> dict | None:
+    """The ``preview`` job's result (kind ``preview``, ``ui.jobs``: identical previews from any session run once, a
+    large model's shows its progress and a Cancel button), kept for the session; None until asked and finished."""
     _, _, recipe = state.current(key, w)
     cache = st.session_state.setdefault(PREVIEWS, {})
     ck = (key, layer, name, recipe.to_json())
+    inputs = {"recipe": recipe.to_dict(), "layer": layer, "name": job_name}
     if ck not in cache:
-        if not st.button(f"Try {name} on this layer", key=f"try_{name}_{key}_{layer}"):
+        if not jobs.asked("preview", key, w, inputs) and not st.button(f"Try {name} on this layer",
+                                                                        key=f"try_{name}_{key}_{layer}"):
             return None
-        with st.spinner(f"Simulating the recipe with and without {name}…"):
-            try:
-                cache[ck] = compute(w, recipe, layer)
-            except QcoreError as e:
-                st.error(str(e))
-                return None
+        out = jobs.result("preview", key, w, inputs, f"{name} preview", state.small(w), stop=False)
+        if out is None:  # running (its progress is shown) or refused (one error box)
+            return None
+        cache[ck] = {**out, "recipe": Recipe.from_dict(out["recipe"])}
     return cache[ck]
 
 
@@ -43,7 +44,7 @@ def smoothquant_panel(key: str, w, layer: str) -> None:
     st.write("SmoothQuant divides each input channel by s = max|x|^α / max|W|^(1−α) and multiplies the weight's "
              "column by the same s, folded into the LayerNorm or Linear that produced the input: the float model is "
              "unchanged, the outliers move into the weights, whose per-channel scales absorb them.")
-    p = _preview(key, w, layer, "SmoothQuant", remedies.smoothquant_preview)
+    p = _preview(key, w, layer, "SmoothQuant", "smoothquant")
     if p is None:
         return
     st.plotly_chart(figures.smoothquant_channels(p["act_before"], p["act_after"], p["weight_before"], p["weight_after"],
@@ -59,7 +60,7 @@ def cle_panel(key: str, w, layer: str) -> None:
     st.write("For a layer reading another Linear/Conv through a ReLU, CLE divides the first layer's output channel "
              "by s = sqrt(r1/r2) and multiplies this layer's input column by s: both ranges become sqrt(r1·r2), so a "
              "per-tensor grid is no longer set by one wide channel. The float model is unchanged.")
-    p = _preview(key, w, layer, "CLE", remedies.cle_preview)
+    p = _preview(key, w, layer, "CLE", "cle")
     if p is None:
         return
     st.plotly_chart(figures.cle_ranges(p["producer_before"], p["producer_after"], p["consumer_before"],

@@ -236,6 +236,31 @@ def _run_remedy(w, inputs: dict, progress, should_stop) -> dict:
     return {**out, "recipe": out["recipe"].to_dict()}
 
 
+PREVIEWS = ("smoothquant", "cle")  # the Activations/Weights pages' "Try SmoothQuant" / "Try cross-layer equalization"
+
+
+def _check_preview(w, inputs: dict) -> None:
+    from qcore.analysis import transform_remedies
+
+    recipe = Recipe.from_dict(inputs.get("recipe") or {})
+    recipe.check_against(w.layer_shapes)
+    if inputs.get("name") not in PREVIEWS:
+        raise QcoreError(f"unknown transform preview {inputs.get('name')!r}; previews: {', '.join(PREVIEWS)}")
+    if inputs.get("layer") not in w.layer_shapes:
+        raise QcoreError(f"{w.name} has no quantizable layer {inputs.get('layer')!r}; pick one the page lists")
+    transform_remedies.group_of(w, inputs["layer"], inputs["name"])  # no group for this layer: one line, now
+
+
+def _run_preview(w, inputs: dict, progress, should_stop) -> dict:
+    """``transform_remedies.smoothquant_preview`` / ``cle_preview`` on one layer; its recipe as JSON."""
+    from qcore.analysis import transform_remedies
+
+    progress(0.0, f"simulating the recipe with and without {inputs['name']}")
+    compute = {"smoothquant": transform_remedies.smoothquant_preview, "cle": transform_remedies.cle_preview}
+    out = compute[inputs["name"]](w, Recipe.from_dict(inputs["recipe"]), inputs["layer"])
+    return {**out, "recipe": out["recipe"].to_dict()}
+
+
 BENCH_RUNTIMES = {"onnxruntime": ("default",), "openvino": ("default", "f32", "bf16")}
 
 
@@ -270,4 +295,5 @@ KINDS: dict[str, tuple[Callable, Callable]] = {  # kind -> (check at submission,
     "qat": (_check_qat, _run_qat),
     "remedy": (_check_remedy, _run_remedy),
     "bench": (_check_bench, _run_bench),
+    "preview": (_check_preview, _run_preview),
 }

@@ -137,3 +137,29 @@ def test_a_bench_that_cannot_run_fails_at_submission(digits_mlp, change, message
     inputs = {"recipe": preset("int8-dynamic", digits_mlp.layer_shapes).to_dict(), **change}
     with pytest.raises(QcoreError, match=message):
         spec_for("bench", "zoo:digits-mlp", digits_mlp, inputs)
+
+
+# ---- the Activations / Weights pages' transform previews ------------------------------------------------
+def test_a_cle_preview_job_returns_what_cle_preview_returns(digits_cnn):
+    from qcore.analysis.transform_remedies import cle_preview
+
+    recipe = preset("int8-static", digits_cnn.layer_shapes)
+    inputs = {"recipe": recipe.to_dict(), "layer": "features.3", "name": "cle"}
+    jobs = InProcessJobs()
+    key = jobs.submit(spec_for("preview", "zoo:digits-cnn", digits_cnn, inputs), "A", digits_cnn)
+    status = wait(jobs, key, lambda s: s.finished, timeout_s=120)
+    assert status.state == "done", status.message
+    direct = cle_preview(digits_cnn, recipe, "features.3")
+    assert status.result == {**direct, "recipe": direct["recipe"].to_dict()}
+    assert status.result["recipe"]["transforms"] == [{"cle": {"layers": ["features.3"]}}]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"name": "awq"}, "unknown transform preview 'awq'"),
+    ({"layer": "features.0"}, "cle cannot apply to layer 'features.0'"),
+])
+def test_a_preview_that_cannot_run_fails_at_submission(digits_cnn, change, message):
+    inputs = {"recipe": preset("int8-static", digits_cnn.layer_shapes).to_dict(), "layer": "features.3", "name": "cle",
+              **change}
+    with pytest.raises(QcoreError, match=message):
+        spec_for("preview", "zoo:digits-cnn", digits_cnn, inputs)
