@@ -386,3 +386,31 @@ def test_lesson10_presenter_link_and_full_page(shared_facts):
     assert widget(fresh, "model").value == "tiny-lm"
     assert [s.value for s in fresh.selectbox if s.key.startswith("kv_cache:")] == ["int8.per_token"]
     assert any("nf4" in c.value for c in fresh.caption)
+
+
+def test_lesson_8_and_9_runs_are_jobs_shared_by_the_class(shared_facts, monkeypatch):
+    """One student's click runs lesson 8's QAT and lesson 9's measurement as jobs; the next student (a new session)
+    sees both results without clicking, and nothing ran twice."""
+    from qcore.training import QATConfig
+    from ui import jobs as ui_jobs
+    from ui.lessons import l08_qat
+
+    monkeypatch.setattr(l08_qat, "QAT_CONFIG", QATConfig(epochs=1))  # a short run: what is tested is the sharing
+    ui_jobs._backends.clear()
+    first = open_lessons({"lesson": "8"})
+    first.button(key="lesson8_run").click().run()
+    assert_clean(first)
+    caption = next(c.value for c in first.caption if "after QAT" in c.value)
+    first = open_lessons({"lesson": "9"})
+    first.button(key="lesson9_measure").click().run()
+    assert_clean(first)
+    assert any("Measured" in m.value for m in first.markdown)
+    backend = ui_jobs._backends()[0]
+    assert backend.runs == 2
+
+    second = open_lessons({"lesson": "8"})
+    assert_clean(second)
+    assert not [b for b in second.button if b.key == "lesson8_run"]
+    assert next(c.value for c in second.caption if "after QAT" in c.value) == caption
+    second = open_lessons({"lesson": "9"})
+    assert any("Measured" in m.value for m in second.markdown) and backend.runs == 2

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import streamlit as st
 
 from qcore.figures import lessons as figs
 from qcore.figures import qat as qat_figs
 from qcore.recipe import Recipe
-from qcore.training.qat import QATConfig, finetune
+from qcore.training.qat import QATConfig
+from ui import jobs
 from ui.lessons import Verdict, key
 from ui.text import signed
 
@@ -37,18 +36,10 @@ def facts(w) -> dict:
             "ptq": {f"int{b}": w.evaluate(recipe(b)).quantized.metrics["accuracy"] for b in BITS}}
 
 
-_QAT_LOCK = threading.Lock()
-_QAT_DONE: dict[str, dict] = {}  # content hash of the workload -> the QAT run's result (one per server)
-
-
-def qat_run(w) -> dict:
-    """QAT of the hardest recipe on ``w``, run once per server (later callers wait for it and share it)."""
-    with _QAT_LOCK:
-        if w.content_hash not in _QAT_DONE:
-            r = finetune(w, recipe(min(BITS)), QAT_CONFIG)
-            _QAT_DONE[w.content_hash] = {"history": [vars(h) for h in r.history], "ptq": r.ptq_metrics["accuracy"],
-                                         "qat": r.qat_metrics["accuracy"], "seconds": r.seconds, "message": r.message}
-        return _QAT_DONE[w.content_hash]
+def qat_inputs() -> dict:
+    """The ``qat`` job (``qcore.jobs``) of the hardest recipe: the same request from every student, so it runs once
+    for the whole class (in this app process, or on the class server's workers for every replica)."""
+    return {"recipe": recipe(min(BITS)).to_dict(), "epochs": QAT_CONFIG.epochs}
 
 
 def show(f: dict, w) -> None:
@@ -58,12 +49,16 @@ def show(f: dict, w) -> None:
                                        "Test accuracy after post-training quantization (measured)", "accuracy",
                                        reference=("FP32", f["fp32"])), width="stretch")
     hardest = f"int{min(BITS)}"
-    if w.content_hash in _QAT_DONE or st.button(f"Fine-tune {hardest} with QAT ({QAT_CONFIG.epochs} epochs, about 20 s "
-                                                "once; then shared by the whole class)", key=key(NUMBER, "run")):
-        with st.spinner("Quantization-aware training…"):
-            run = qat_run(w)
-        st.plotly_chart(qat_figs.training_curve(run["history"], "accuracy", run["ptq"]), width="stretch")
-        st.caption(f"{hardest} per tensor: PTQ {run['ptq']:.1%}, after QAT {run['qat']:.1%} (FP32 {f['fp32']:.1%}), "
+    wkey, inputs = f"zoo:{w.name}", qat_inputs()
+    if jobs.asked("qat", wkey, w, inputs) or st.button(f"Fine-tune {hardest} with QAT ({QAT_CONFIG.epochs} epochs, "
+                                                        "about 20 s once; then shared by the whole class)",
+                                                        key=key(NUMBER, "run")):
+        run = jobs.result("qat", wkey, w, inputs, "QAT run", small=True, stop=False)
+        if run is None:  # still training: its progress is shown
+            return
+        ptq, qat = run["ptq"]["accuracy"], run["qat"]["accuracy"]
+        st.plotly_chart(qat_figs.training_curve(run["history"], "accuracy", ptq), width="stretch")
+        st.caption(f"{hardest} per tensor: PTQ {ptq:.1%}, after QAT {qat:.1%} (FP32 {f['fp32']:.1%}), "
                    f"measured on the test images; training took {run['seconds']:.0f} s on this server.")
 
 

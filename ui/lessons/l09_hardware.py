@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import streamlit as st
 
 from qcore.analysis.roofline import roofline
-from qcore.export.bench import bench
 from qcore.figures import lessons as figs
 from qcore.hardware import PROFILES, cpu_features, cpu_name
 from qcore.recipe import preset
+from ui import jobs
 from ui.lessons import Verdict, key
 
 NUMBER, TITLE = 9, "Hardware decides the speed-up"
@@ -37,19 +35,17 @@ def facts(w) -> dict:
     return {"estimates": est, "cpu": cpu_name(), "flags": cpu_features()}
 
 
-_BENCH_LOCK = threading.Lock()
-_MEASURED: dict[str, dict] = {}  # content hash of the workload -> the bench result (one per server)
+def bench_inputs(w) -> dict:
+    """The ``bench`` job (``qcore.jobs``) timing FP32 against ``RECIPE`` at batch 1 in ONNX Runtime: the same
+    request from every student, so it runs once for the whole class and queues behind other jobs."""
+    return {"recipe": preset(RECIPE, w.layer_shapes).to_dict(), "runtime": "onnxruntime", "batch_size": 1}
 
 
-def measured(w) -> dict:
-    """``bench`` of FP32 against ``RECIPE`` at batch 1 in ONNX Runtime on this machine, once per server."""
-    with _BENCH_LOCK:
-        if w.content_hash not in _MEASURED:
-            r = bench(w, preset(RECIPE, w.layer_shapes), batch_size=1)
-            _MEASURED[w.content_hash] = {"fp32_ms": r.fp32.latency_ms["median"], "int8_ms": r.quantized.latency_ms["median"],
-                                         "speedup": r.speedup["median_ratio"], "threads": r.threads,
-                                         "in_float": sum(x["executes"] == "float (dequantized)" for x in r.layers)}
-        return _MEASURED[w.content_hash]
+def measured(r: dict) -> dict:
+    """What the lesson shows of a ``bench`` result (``BenchResult.to_dict()``)."""
+    return {"fp32_ms": r["fp32"]["latency_ms"]["median"], "int8_ms": r["quantized"]["latency_ms"]["median"],
+            "speedup": r["speedup"]["median_ratio"], "threads": r["threads"],
+            "in_float": sum(x["executes"] == "float (dequantized)" for x in r["layers"])}
 
 
 def show(f: dict, w) -> None:
@@ -59,10 +55,12 @@ def show(f: dict, w) -> None:
                                        f"Roofline estimate: {RECIPE} speed-up over FP32, batch 1", "speed-up (x, estimate)"),
                     width="stretch")
     flags = ", ".join(f["flags"]) or "none found"
-    if w.content_hash in _MEASURED or st.button("Measure on this machine (ONNX Runtime, a few seconds once; then shared)",
-                                                key=key(NUMBER, "measure")):
-        with st.spinner("Exporting both models and timing them in ONNX Runtime…"):
-            m = measured(w)
+    wkey, inputs = f"zoo:{w.name}", bench_inputs(w)
+    asked = jobs.asked("bench", wkey, w, inputs) or st.button(
+        "Measure on this machine (ONNX Runtime, a few seconds once; then shared)", key=key(NUMBER, "measure"))
+    result = jobs.result("bench", wkey, w, inputs, "measurement", small=True, stop=False) if asked else None
+    if result is not None:
+        m = measured(result)
         st.markdown(f"**Measured** on this machine ({f['cpu']}; CPU flags: {flags}), batch 1, {m['threads']} thread(s): "
                     f"FP32 {m['fp32_ms']:.3f} ms, {RECIPE} {m['int8_ms']:.3f} ms, speed-up **{m['speedup']:.2f}x** "
                     f"(median of interleaved rounds). The roofline estimate for this machine said "
