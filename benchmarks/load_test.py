@@ -4,8 +4,9 @@ Starts the class server (``deploy/class-server.sh``: Redis, ``--workers`` RQ wor
 replicas, nginx; loopback only, free ports, a fresh sweep cache) and one headless Chromium (Debian's
 ``/usr/bin/chromium``; each session is its own browser context, so its own cookie, replica and Streamlit
 session). ``--same`` sessions ask for the same sensitivity sweep of ``--model`` (default candidates, weights
-and inputs), ``--other`` sessions for a different one (weights only); every other session opens the Model,
-Formats and Weights pages and changes the sidebar's model. Bounded: every wait has a timeout, the whole run
+and inputs), ``--other`` sessions for a different one (weights only); every other session opens the Model page,
+lessons 4 and 7 (lesson 7 shows a sensitivity sweep), the Formats and Weights pages, and changes the sidebar's
+model. Bounded: every wait has a timeout, the whole run
 stops after ``--budget-s``, and the server is stopped at the end. Prints one markdown table: errors shown in
 pages, p50/p95 seconds for a page to settle, RSS per replica and per worker (MiB), Redis memory, jobs run vs
 sweeps requested, seconds until every sweep session shows its sweep, and whether they all show the same
@@ -32,6 +33,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+BROWSE = ("/?model=digits-mlp", "/lessons?lesson=4", "/lessons?lesson=7", "/formats", "/weights")  # then a model change
 
 
 def free_port() -> int:
@@ -70,7 +72,7 @@ async def shown_errors(page) -> list[str]:
 async def browse(context, base: str, settles: list, errors: list, timeout_ms: int, delay_s: float, stage: dict) -> None:
     await asyncio.sleep(delay_s)
     page = await context.new_page()
-    for path in ("/?model=digits-mlp", "/formats", "/weights"):
+    for path in BROWSE:
         stage["at"] = f"browsing: opening {path}"
         await page.goto(base + path)
         settles.append(await settle(page, timeout_ms))
