@@ -56,7 +56,7 @@ def _layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = "", he
     if x_title:
         fig.update_xaxes(title_text=x_title)
     if y_title:
-        fig.update_yaxes(title_text=y_title)
+        fig.update_layout(yaxis_title_text=y_title)  # the primary axis only: a secondary (yaxis2) keeps its own title
     return fig
 
 

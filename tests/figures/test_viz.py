@@ -140,3 +140,12 @@ def test_outlier_channels_and_static_vs_dynamic():
     bars = fig.data[0]
     assert list(bars.base) == [-1.0, -0.5] and list(bars.base + bars.y) == [2.0, 1.0] and list(bars.x) == [1, 2]
     assert sorted(s.y0 for s in shapes_named(fig, "static: percentile")) == [-0.8, 1.5]
+
+
+def test_the_qat_curve_labels_its_loss_axis_loss_not_the_metric():
+    from qcore.figures.qat import training_curve
+
+    fig = training_curve([{"epoch": 0, "metric": 0.9, "train_loss": None, "calibration_loss": 0.3},
+                          {"epoch": 1, "metric": 0.95, "train_loss": 0.2, "calibration_loss": 0.25}], "accuracy", 0.9)
+    assert fig.layout.yaxis.title.text == "accuracy" and fig.layout.yaxis2.title.text == "loss"
+    assert [t.yaxis or "y" for t in fig.data] == ["y", "y2", "y2"]  # the losses are drawn against the loss axis
