@@ -249,13 +249,13 @@ def main(argv=None) -> str:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="digits-mlp only, 3 repeats (used by the test suite)")
-    ap.add_argument("--models", default=",".join(ZOO))
+    ap.add_argument("--models", nargs="+", default=[",".join(ZOO)], help="zoo names, space- or comma-separated")
     ap.add_argument("--repeats", type=int, default=5, help="warm runs per page (median reported)")
     ap.add_argument("--browser", action="store_true", help="measure widget change -> page settled in headless Chromium "
                     "(Weights, Sensitivity, Mixed precision on digits-cnn and minilm-l6 unless --models is given)")
     args = ap.parse_args(argv)
     if args.browser:
-        models = args.models.split(",") if "--models" in (argv or sys.argv) else ["digits-cnn", "minilm-l6"]
+        models = [m for ms in args.models for m in ms.split(",")] if "--models" in (argv or sys.argv) else ["digits-cnn", "minilm-l6"]
         cache_dir = os.environ.get("QCORE_CACHE_DIR")
         try:
             with tempfile.TemporaryDirectory() as tmp_root:
@@ -266,7 +266,7 @@ def main(argv=None) -> str:
                 os.environ["QCORE_CACHE_DIR"] = cache_dir
         print(text)
         return text
-    models = ["digits-mlp"] if args.quick else args.models.split(",")
+    models = ["digits-mlp"] if args.quick else [m for ms in args.models for m in ms.split(",")]
     repeats = 3 if args.quick else args.repeats
     quiet_streamlit()
 

@@ -10,7 +10,7 @@ import streamlit as st
 from qcore.analysis.remedies import REMEDIES, try_remedy
 from qcore.errors import QcoreError
 from qcore.figures.rounding import weight_error_histogram
-from ui import keys, state
+from ui import charts, keys, state
 from ui.text import layer_label, plain
 
 
@@ -18,6 +18,7 @@ def _apply(key: str, w, layer: str, remedied) -> None:
     preset_name, _, _ = state.current(key, w)
     state.set_recipe(key, w, remedied, [preset_name])
     st.toast(f"{plain(layer_label(layer))}: the remedy is in the Mixed precision recipe.")
+    st.rerun()  # the panel sits in a fragment (Sensitivity): the whole app reruns, so the sidebar shows the recipe
 
 
 def panel(key: str, w, layers: list[str]) -> None:
@@ -51,8 +52,7 @@ def panel(key: str, w, layers: list[str]) -> None:
     c2.metric(f"Model {metric} (evaluation data)", f"{after['metric']:.4f}",
               f"{after['metric'] - before['metric']:+.4f} vs now", help="simulation, on the whole evaluation set")
     if after["weight_error_steps"] is not None:  # rounding: the same weights, on other grid points
-        st.plotly_chart(weight_error_histogram({"now": before["weight_error_steps"], REMEDIES[name].label:
-                                                after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}"),
-                        width="stretch")
+        charts.plot(weight_error_histogram, {"now": before["weight_error_steps"], REMEDIES[name].label:
+                                             after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}")
     st.button("Apply to the recipe", key="remedy_apply", icon=":material/check:", disabled=result["recipe"] == recipe,
               on_click=_apply, args=(key, w, layer, result["recipe"]))
