@@ -26,7 +26,7 @@ formulas.intro(
 @st.fragment
 def explore() -> None:
     """Everything under the introduction. A change of layer or spec reruns only this part: the sidebar, the title
-    and the formulas stay as the browser has them (a full rerun redraws them all, most of a warm update's time)."""
+    and the formulas stay as the browser has them instead of being sent and redrawn again."""
     c1, c2, c3, c4 = st.columns(4)
     layer = c1.selectbox("Layer", list(w.layers), key=keys.weights_layer(key), persist_state="session",
                          format_func=lambda n: f"{layer_label(n)}  ({w.layers[n].kind} {'×'.join(map(str, w.layers[n].weight_shape))})")
