@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui import formulas, keys, remedies, state
+from ui import charts, formulas, keys, remedies, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS, choices
@@ -61,9 +61,9 @@ m1, m2, m3 = st.columns(3)
 m1.metric("Values seen", f"{s.numel:,}")
 m2.metric("Smallest input", f"{s.min:.4g}")
 m3.metric("Largest input", f"{s.max:.4g}")
-st.plotly_chart(viz.distribution(counts, edges, ranges if fmt.uses_range(spec.scaled) else {}, levels, log_y=log_y,
-                                 title=f"Input of {html_plain(layer_label(layer))}: calibration histogram, each method's range, {chosen} grid",
-                                 x_title="input value"), width="stretch")
+charts.plot(viz.distribution, counts, edges, ranges if fmt.uses_range(spec.scaled) else {}, levels, log_y=log_y,
+            title=f"Input of {html_plain(layer_label(layer))}: calibration histogram, each method's range, {chosen} grid",
+            x_title="input value")
 st.dataframe(pd.DataFrame([{"method": r["range"], "lo": r["lo"], "hi": r["hi"], "step (scale)": r["step"],
                             "clipped": r["clipped_fraction"]} for r in rows]),
              hide_index=True, width="stretch", column_config={
@@ -77,7 +77,7 @@ st.write("Each bar is one input channel's largest magnitude over the calibration
          "channels far above the median force a wide range on all the others, which then share a coarse grid; "
          "this is why transformer activations are hard to quantize per tensor.")
 st.metric("Largest channel / median channel", f"{outliers['ratio']:.1f}×")
-st.plotly_chart(viz.outlier_channels(outliers), width="stretch")
+charts.plot(viz.outlier_channels, outliers)
 
 st.subheader("Static or dynamic?")
 sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= len(w.calibration)]
@@ -88,6 +88,6 @@ with formulas.error_box():
 st.write(f"Each grey bar is the range a dynamic quantizer would use for one batch of {batch} calibration samples; "
          "the lines are the one range static quantization fixes for all of them. A dynamic range fits each batch "
          "(finer steps) at the cost of measuring it at run time.")
-st.plotly_chart(viz.static_vs_dynamic(per_batch, {"minmax": ranges["minmax"], chosen: ranges[chosen]}), width="stretch")
+charts.plot(viz.static_vs_dynamic, per_batch, {"minmax": ranges["minmax"], chosen: ranges[chosen]})
 
 remedies.smoothquant_panel(key, w, layer)

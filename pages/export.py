@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ui import keys, runtime_profile, state
+from ui import charts, keys, runtime_profile, state
 from qcore import report
 from qcore.export import export, summary_lines
 from qcore.analysis import search, summary
@@ -119,7 +119,7 @@ if st.button("Profile the ONNX file", key="export_profile", icon=":material/time
                                                      runtime_profile.profile(w, recipe, prof_runtime))
 done = st.session_state.get(f"export_profile:{key}")
 if done and done[0] == recipe.to_json():
-    st.plotly_chart(viz_profile.time_by_op(done[2], f"{plain(recipe.name)} in {done[1]}"), width="stretch")
+    charts.plot(viz_profile.time_by_op, done[2], f"{plain(recipe.name)} in {done[1]}")
     st.caption(runtime_profile.CAPTION)
 
 st.subheader("Report")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from ui import formulas, state
+from ui import charts, formulas, state
 from qcore.analysis import explain
 from qcore.figures import viz
 from qcore.numerics.formats import FORMATS, choices
@@ -79,25 +79,23 @@ m5.metric("SQNR", f"{numbers['sqnr_db']:.1f} dB", help=f"mean squared error {num
 g = explain.grid(x, spec)
 counts, edges = explain.histogram(x, 150)
 ranges = {spec.range: (numbers["lo"], numbers["hi"])} if uses_range else {}
-st.plotly_chart(viz.distribution(counts, edges, ranges, explain.visible_levels(g, float(x.min()), float(x.max())),
-                                 title=f"{fmt.name} over {html_plain(what.removeprefix('layer:'))}: the grid under the data"),
-                width="stretch")
+charts.plot(viz.distribution, counts, edges, ranges, explain.visible_levels(g, float(x.min()), float(x.max())),
+            title=f"{fmt.name} over {html_plain(what.removeprefix('layer:'))}: the grid under the data")
 
 left, right = st.columns([2, 3])
 with left:
-    st.plotly_chart(viz.bit_layout({"fp32": explain.bit_layout(FORMATS["fp32"]), fmt.name: explain.bit_layout(fmt)}),
-                    width="stretch")
+    charts.plot(viz.bit_layout, {"fp32": explain.bit_layout(FORMATS["fp32"]), fmt.name: explain.bit_layout(fmt)})
     st.caption("Integers spend their bits on evenly spaced steps; floats split them into an exponent (how far from "
                "zero) and a mantissa (how finely), so their steps grow with the value.")
 with right:
     sym = spec.symmetric if fmt.can_be_affine else True
-    st.plotly_chart(viz.sqnr_vs_bits(state.bitwidth_sweep(scope, what, sym, x)), width="stretch")
+    charts.plot(viz.sqnr_vs_bits, state.bitwidth_sweep(scope, what, sym, x))
 
 st.subheader("Where to clip")
 if uses_range:
     st.write("Clipping at a smaller threshold makes the step finer (less rounding error for the bulk) but cuts off "
              "the tails (more clipping error). The total is lowest in between; each range method picks a point.")
-    st.plotly_chart(viz.clipping_tradeoff(state.clipping_tradeoff(scope, what, spec.to_dict(), x)), width="stretch")
+    charts.plot(viz.clipping_tradeoff, state.clipping_tradeoff(scope, what, spec.to_dict(), x))
 else:
     st.info(f"{fmt.name} as a plain cast has no scale and no clipping range: every value is rounded to the nearest "
             f"{fmt.name} number, and only values beyond ±{fmt.describe()['max']:.4g} saturate. Switch on "

@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from ui import formulas, state
+from ui import charts, formulas, state
 from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.model.size import float_bytes
@@ -45,7 +45,7 @@ st.caption("Large max|w|/std or kurtosis means a few weights far from the rest: 
            "and waste grid levels (see the Weights page).")
 
 st.subheader("Size under each preset")
-st.plotly_chart(viz.preset_sizes(sizes), width="stretch")
+charts.plot(viz.preset_sizes, sizes)
 st.dataframe(pd.DataFrame([{"preset": r["preset"], "size (bytes)": r["size_bytes"], "share of FP32": r["fraction_of_fp32"],
                             "bits per weight": r["bits_per_weight"], "what it does": PRESET_DESCRIPTIONS.get(r["preset"], "")}
                            for r in sizes]),
@@ -82,7 +82,7 @@ if w.kv_cache_slices:  # a language model: what it and the well-known sizes take
     rows = memory.memory_table(memory.workload_shape(w), formats, None, own_context, 1, kv_format)
     for shape in memory.REFERENCE_MODELS.values():
         rows += memory.memory_table(shape, formats, None, context, 1, kv_format)
-    st.plotly_chart(memory_bars(rows), width="stretch")
+    charts.plot(memory_bars, rows)
     st.dataframe(pd.DataFrame([{"model": r["model"], "format": r["format"], "parameters": r["params"],
                                 "weights (GB)": r["weight_gb"], "KV cache (GB)": r["kv_cache_gb"],
                                 "total (GB)": r["total_gb"]} for r in rows]), hide_index=True, width="stretch")

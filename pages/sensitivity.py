@@ -6,7 +6,7 @@ between layers (``viz_decide.widest_spread``): the one that tells the layers apa
 import pandas as pd
 import streamlit as st
 
-from ui import glossary, jobs, keys, remedy, state
+from ui import charts, glossary, jobs, keys, remedy, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
@@ -49,25 +49,6 @@ for note in result["notes"]:
 
 metric = metric_label(result["metric"])  # plain words: "similarity to FP32 (cosine)"
 widest = viz_decide.widest_spread(result["rows"])
-chosen = st.selectbox("Rank the layers under", candidates, index=candidates.index(widest),
-                      key=f"sens_rank_candidate:{mode}:{view}",
-                      help=f"starts at {plain(widest)}: its drops differ most between layers, so its ranking tells them apart")
-m1, m2, m3 = st.columns(3)
-subset = state.on_samples(result["samples"], result["evaluation_samples"])
-m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
-ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
-m2.metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
-m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only it in float",
-          signed(ranked[0]['metric_drop']),
-          help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
-               "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone in float "
-               "recovers the most"))
-if subset:
-    st.caption(f"Every number of this sweep is {subset.strip(' ()')} (evenly spaced), to keep it fast; Evaluate on "
-               "Mixed precision measures a recipe on all of them.")
-
-st.plotly_chart(viz_decide.ranked_drops(result["rows"], chosen, metric), width="stretch")
-st.plotly_chart(viz_decide.sensitivity_heatmap(result["rows"]), width="stretch")
 
 
 def open_layer(page: str, layer_key: str, layer: str) -> None:
@@ -79,26 +60,53 @@ def keep_in_float(layer: str) -> None:
     name, overrides, _ = state.current(key, w)
     state.set_current(key, w, name, {**overrides, layer: None})
     st.toast(f"{plain(layer_label(layer))}: weights and inputs stay float in the Mixed precision table.")
+    st.rerun()  # the button sits in the fragment below: the whole app reruns, so the sidebar shows the recipe
 
 
-st.subheader("Act on a layer")
-st.write("Open a layer's weights or inputs, or keep the layer in float (weights and inputs: not quantized at all) "
-         "in the Mixed precision recipe.")
-_, _, recipe = state.current(key, w)
-for r in ranked:
-    a, b, c, d = st.columns([3, 1, 1, 1])
-    a.markdown(f"**{r['rank']}. {plain(layer_label(r['layer']))}** ({plain(r['kind'])}): drop {signed(r['metric_drop'])}, "
-               f"output SQNR {r['sqnr_db']:.1f} dB")
-    if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
-        open_layer("pages/weights.py", keys.weights_layer(key), r["layer"])
-    if c.button("Inputs", key=f"sens_a:{r['layer']}", icon=":material/bolt:", disabled=w.layers[r["layer"]].kind == "Embedding"):
-        open_layer("pages/activations.py", keys.activations_layer(key), r["layer"])
-    in_float = recipe.plan(r["layer"]).is_float
-    d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{r['layer']}", icon=":material/lock:",
-             disabled=in_float, on_click=keep_in_float, args=(r["layer"],), help="weights and inputs stay float")
+@st.fragment
+def ranking() -> None:
+    """Everything that follows the ranked candidate. Choosing another reruns only this part (the sweep's settings,
+    the sidebar and the rows table stay as the browser has them)."""
+    chosen = st.selectbox("Rank the layers under", candidates, index=candidates.index(widest),
+                          key=f"sens_rank_candidate:{mode}:{view}",
+                          help=f"starts at {plain(widest)}: its drops differ most between layers, so its ranking tells them apart")
+    m1, m2, m3 = st.columns(3)
+    subset = state.on_samples(result["samples"], result["evaluation_samples"])
+    m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
+    ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
+    m2.metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
+    m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only it in float",
+              signed(ranked[0]['metric_drop']),
+              help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
+                   "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone in float "
+                   "recovers the most"))
+    if subset:
+        st.caption(f"Every number of this sweep is {subset.strip(' ()')} (evenly spaced), to keep it fast; Evaluate on "
+                   "Mixed precision measures a recipe on all of them.")
 
-remedy.panel(key, w, [r["layer"] for r in ranked if r["kind"] != "Embedding"])
+    charts.plot(viz_decide.ranked_drops, result["rows"], chosen, metric)
+    charts.plot(viz_decide.sensitivity_heatmap, result["rows"])
 
+    st.subheader("Act on a layer")
+    st.write("Open a layer's weights or inputs, or keep the layer in float (weights and inputs: not quantized at all) "
+             "in the Mixed precision recipe.")
+    _, _, recipe = state.current(key, w)
+    for r in ranked:
+        a, b, c, d = st.columns([3, 1, 1, 1])
+        a.markdown(f"**{r['rank']}. {plain(layer_label(r['layer']))}** ({plain(r['kind'])}): drop {signed(r['metric_drop'])}, "
+                   f"output SQNR {r['sqnr_db']:.1f} dB")
+        if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
+            open_layer("pages/weights.py", keys.weights_layer(key), r["layer"])
+        if c.button("Inputs", key=f"sens_a:{r['layer']}", icon=":material/bolt:", disabled=w.layers[r["layer"]].kind == "Embedding"):
+            open_layer("pages/activations.py", keys.activations_layer(key), r["layer"])
+        in_float = recipe.plan(r["layer"]).is_float
+        d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{r['layer']}", icon=":material/lock:",
+                 disabled=in_float, on_click=keep_in_float, args=(r["layer"],), help="weights and inputs stay float")
+
+    remedy.panel(key, w, [r["layer"] for r in ranked if r["kind"] != "Embedding"])
+
+
+ranking()
 with st.expander("All sweep rows"):
     st.dataframe(pd.DataFrame(result["rows"]), hide_index=True, width="stretch")
 state.sync_url(key, w)  # a "Keep layer in float" click changed the recipe: keep the link in step

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from qcore.recipe.links import recipe_hash, recipe_id
-from ui import jobs, keys, state
+from ui import charts, jobs, keys, state
 from qcore import hardware
 from qcore.analysis import search
 from qcore.figures import decide as viz_decide
@@ -67,7 +67,7 @@ rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
 points = [{"label": r["recipe"], "size_bytes": r["size (bytes)"], "metric": r[metric], "latency_ms": r["latency (ms)"],
            "latency_source": r["latency source"]} for r in rows]
 front_order = search.pareto_front(points, higher)
-st.plotly_chart(viz_decide.tradeoff_scatter(points, front_order, metric, higher), width="stretch")
+charts.plot(viz_decide.tradeoff_scatter, points, front_order, metric, higher)
 front = {points[i]["label"] for i in front_order}
 st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]), hide_index=True, width="stretch",
              column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
@@ -96,7 +96,7 @@ if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]
     ref = fp32["quantized"]["metrics"]["per_class_accuracy"]
     got = results[chosen]["quantized"]["metrics"]["per_class_accuracy"]
     names = list(w.task.class_names or range(len(ref)))
-    st.plotly_chart(viz_decide.per_class(ref, got, names, chosen), width="stretch")
+    charts.plot(viz_decide.per_class, ref, got, names, chosen)
     per_class = [{"class": str(n), "FP32": a, chosen: b, "change": b - a} for n, a, b in zip(names, ref, got) if a is not None]
     worst = min(per_class, key=lambda r: r["change"])
     if worst["change"] < 0:  # the glossary's convention: change = quantized - FP32

@@ -7,7 +7,7 @@ import streamlit as st
 
 from qcore.figures import remedies as figures
 from qcore.recipe import Recipe
-from ui import jobs, state
+from ui import charts, jobs, state
 from ui.text import html_plain, layer_label
 
 PREVIEWS = "remedy_previews"  # session key: (workload, layer, transform, recipe JSON) -> preview dict
@@ -33,10 +33,14 @@ def _preview(key: str, w, layer: str, name: str, job_name: str) -> dict | None:
 
 def _apply(key: str, w, p: dict, name: str) -> None:
     st.metric(f"model {p['metric']} (simulated)", f"{p['metric_after']:.4f}", f"{p['metric_after'] - p['metric_before']:+.4f}")
-    if st.button(f"Apply {name} to the recipe", key=f"apply_{name}_{key}"):
-        preset_name, _, _ = state.current(key, w)
-        state.set_recipe(key, w, p["recipe"], [preset_name])
-        st.success(f"{name} is now part of the recipe (Sensitivity, Mixed precision and Export use it).")
+    st.button(f"Apply {name} to the recipe", key=f"apply_{name}_{key}", on_click=_put_in_recipe, args=(key, w, p, name))
+
+
+def _put_in_recipe(key: str, w, p: dict, name: str) -> None:
+    preset_name, _, _ = state.current(key, w)
+    state.set_recipe(key, w, p["recipe"], [preset_name])
+    st.toast(f"{name} is now part of the recipe (Sensitivity, Mixed precision and Export use it).")
+    st.rerun()  # the panel may sit in a fragment (Weights): the whole app reruns, so the sidebar shows the recipe
 
 
 def smoothquant_panel(key: str, w, layer: str) -> None:
@@ -47,8 +51,8 @@ def smoothquant_panel(key: str, w, layer: str) -> None:
     p = _preview(key, w, layer, "SmoothQuant", "smoothquant")
     if p is None:
         return
-    st.plotly_chart(figures.smoothquant_channels(p["act_before"], p["act_after"], p["weight_before"], p["weight_after"],
-                                                 f"Input channels of {html_plain(layer_label(layer))}"), width="stretch")
+    charts.plot(figures.smoothquant_channels, p["act_before"], p["act_after"], p["weight_before"], p["weight_after"],
+                f"Input channels of {html_plain(layer_label(layer))}")
     c1, c2 = st.columns(2)
     c1.metric("layer output SQNR (simulated, dB)", f"{p['sqnr_after']:.1f}", f"{p['sqnr_after'] - p['sqnr_before']:+.1f}")
     with c2:
@@ -63,7 +67,6 @@ def cle_panel(key: str, w, layer: str) -> None:
     p = _preview(key, w, layer, "CLE", "cle")
     if p is None:
         return
-    st.plotly_chart(figures.cle_ranges(p["producer_before"], p["producer_after"], p["consumer_before"],
-                                       p["consumer_after"], f"{html_plain(layer_label(p['producer']))} → "
-                                       f"{html_plain(layer_label(layer))}: channel ranges"), width="stretch")
+    charts.plot(figures.cle_ranges, p["producer_before"], p["producer_after"], p["consumer_before"], p["consumer_after"],
+                f"{html_plain(layer_label(p['producer']))} → {html_plain(layer_label(layer))}: channel ranges")
     _apply(key, w, p, "CLE")

@@ -13,7 +13,7 @@ import streamlit as st
 from qcore.analysis.remedies import REMEDIES
 from qcore.figures.rounding import weight_error_histogram
 from qcore.recipe import Recipe
-from ui import jobs, keys, state
+from ui import charts, jobs, keys, state
 from ui.text import layer_label, plain
 
 
@@ -21,6 +21,7 @@ def _apply(key: str, w, layer: str, remedied) -> None:
     preset_name, _, _ = state.current(key, w)
     state.set_recipe(key, w, remedied, [preset_name])
     st.toast(f"{plain(layer_label(layer))}: the remedy is in the Mixed precision recipe.")
+    st.rerun()  # the panel sits in a fragment (Sensitivity): the whole app reruns, so the sidebar shows the recipe
 
 
 def panel(key: str, w, layers: list[str]) -> None:
@@ -53,8 +54,7 @@ def panel(key: str, w, layers: list[str]) -> None:
     c2.metric(f"Model {metric} (evaluation data)", f"{after['metric']:.4f}",
               f"{after['metric'] - before['metric']:+.4f} vs now", help="simulation, on the whole evaluation set")
     if after["weight_error_steps"] is not None:  # rounding: the same weights, on other grid points
-        st.plotly_chart(weight_error_histogram({"now": before["weight_error_steps"], REMEDIES[name].label:
-                                                after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}"),
-                        width="stretch")
+        charts.plot(weight_error_histogram, {"now": before["weight_error_steps"], REMEDIES[name].label:
+                                             after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}")
     st.button("Apply to the recipe", key="remedy_apply", icon=":material/check:", disabled=result["recipe"] == recipe,
               on_click=_apply, args=(key, w, layer, result["recipe"]))
