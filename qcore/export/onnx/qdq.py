@@ -120,8 +120,8 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if node is not None and node.op_type in ("LSTM", "GRU"):
             weight_input = list(node.input).index(init) if init in node.input else 1
             data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
-        if name in smoothed and data_input is not None and (p := ed.producer(node.input[data_input])) is not None \
-                and p.op_type == "Mul":
+        if name in smoothed and data_input is not None:
+            _smoothing_mul(ed, nodes, data_input, smoothed[name].numpy())
             muls.append(name)
         if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
             ed.drop_initializer(init)
@@ -194,6 +194,18 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     _executes(path, rows, codes_of, plans)
     return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
 
+
+
+def _smoothing_mul(ed, nodes, data_input: int, inv: np.ndarray) -> None:
+    """Each compute node's data input times ``inv`` (SmoothQuant's 1/s, (C,) float32) before it is quantized:
+    ``torch.onnx.export`` traced the layer's ``InputScale`` as a Mul by an initializer equal to it (kept); a graph
+    without it (an uploaded ONNX model's own) gets the Mul written here."""
+    for n in nodes:
+        p = ed.producer(n.input[data_input])
+        if p is not None and p.op_type == "Mul" and any(
+                i in ed.inits and np.array_equal(ed.array(i).reshape(-1), inv) for i in p.input):
+            continue
+        n.input[data_input] = ed.node("Mul", [n.input[data_input], ed.const(inv, "smooth")], "smooth", n)
 
 
 def _write_corrected_biases(ed, sim, recipe: Recipe) -> None:
