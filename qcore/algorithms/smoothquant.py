@@ -43,7 +43,7 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
     return s.clamp(min=MIN_SCALE, max=1.0 / MIN_SCALE).float()
 
 
-ALPHA_GRID = tuple(i / 10 for i in range(11))  # the alphas "alpha": "search" tries: 0, 0.1, ..., 1
+ALPHA_GRID = tuple(i / 20 for i in range(21))  # the alphas "alpha": "search" tries: 0, 0.05, ..., 1
 
 
 @dataclass(frozen=True)
