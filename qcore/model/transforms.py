@@ -280,10 +280,6 @@ def _weight_absmax_per_input(w: torch.Tensor) -> torch.Tensor:
     return w.detach().abs().transpose(0, 1).reshape(w.shape[1], -1).amax(1)
 
 
-def _output_absmax(m: nn.Module) -> torch.Tensor:
-    return m.weight.detach().abs().reshape(m.weight.shape[0], -1).amax(1)
-
-
 def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, groups: list[Group], batches,
                      plans) -> Transformed:
     """A copy of ``model`` with the float-preserving ``transforms`` (SmoothQuant, AWQ, CLE; bias correction is
@@ -298,25 +294,22 @@ def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, 
             continue
         mul = t.name == "smoothquant" and t.option("unfoldable") == "mul"
         chosen, skipped, muls = _selected(t, i, _eligible(t, groups, table), layer_kinds, mul)
-        if skipped:
-            done.notes.append(f"{t.name} skipped {len(skipped)} layer(s) it does not apply to ({_listed(skipped)}): "
-                              f"it applies to {APPLIES_TO[t.name]}")
-        if not chosen and not muls:
+        done.notes += [f"{t.name} skipped {len(skipped)} layer(s) it does not apply to ({_listed(skipped)}): it "
+                       f"applies to {APPLIES_TO[t.name]}"] if skipped else []
+        if t.name == "cle" or not (chosen or muls):
+            _equalize(table, chosen, done)  # (nothing chosen: nothing equalized)
             continue
-        if t.name == "cle":
-            _equalize(table, chosen, done)
-            continue
-        rows = t.name == "awq" or (t.name == "smoothquant" and t.option("alpha") == "search")
-        stats = input_stats(m, [g.consumers[0] for g in chosen] + muls, batches, keep_rows=rows)
-        smoothed = [n for n in muls if n in stats]  # a layer the calibration data never reaches: nothing to scale by
+        stats = input_stats(m, [g.consumers[0] for g in chosen] + muls, batches,
+                            keep_rows=t.name == "awq" or (t.name == "smoothquant" and t.option("alpha") == "search"))
+        smoothed = [n for n in muls if n in stats and _searchable(t, [n], plans)]  # reached, and worth it
         for n in smoothed:
             add_input_scale(table[n], _smoothing(t, stats[n], [table[n]], [n], plans))
-            done.reached.add(n)
+        done.reached.update(smoothed)
         done.notes += [f"smoothquant adds {len(smoothed)} Mul op(s), the input times 1/s per channel, before the "
                        f"layer(s) no fold reaches ({_listed(smoothed)})"] if smoothed else []
         for g in chosen:
             st = stats.get(g.consumers[0])
-            if st is None:  # never reached by the calibration data
+            if st is None or (t.name == "smoothquant" and not _searchable(t, g.consumers, plans)):  # not reached
                 continue
             readers = [table[c] for c in g.consumers]
             if t.name == "smoothquant":
@@ -343,6 +336,12 @@ def _smoothing(t: Transform, st: InputStats, readers: list[nn.Module], names, pl
                         [_fake(plans[n].weights) for n in names], _fake(plans[names[0]].activations)).scales
 
 
+def _searchable(t: Transform, names, plans) -> bool:
+    """False for an alpha search on layers the recipe leaves float (nothing to measure: not smoothed)."""
+    return t.option("alpha") != "search" or any(
+        sp is not None and sp.fmt.quantizes for n in names for sp in (plans[n].weights, plans[n].activations))
+
+
 def _fake(spec):
     """The fake-quantizer of ``spec`` (tensor -> dequantized tensor; none or a float spec: the identity)."""
     return (lambda v: v) if spec is None or not spec.fmt.quantizes else (lambda v: fake_quantize(v, spec))
@@ -358,7 +357,8 @@ def _equalize(table: dict, chosen: list[Group], done: Transformed) -> None:
         largest = 0.0
         for g in chosen:
             p, c = table[g.producer], table[g.consumers[0]]
-            s = equalization_scales(_output_absmax(p), _weight_absmax_per_input(c.weight))
+            s = equalization_scales(p.weight.detach().abs().reshape(p.weight.shape[0], -1).amax(1),
+                                    _weight_absmax_per_input(c.weight))
             fold(p, [c], s)
             done.scales[g.producer] = done.scales.get(g.producer, torch.ones_like(s)) * s
             done.reached.update(g.consumers)
