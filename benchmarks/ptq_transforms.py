@@ -7,12 +7,14 @@
   without and with ``extra_options={"SmoothQuant": True}`` on the same 64 calibration sentences. ONNX Runtime's
   SmoothQuant imports Intel Neural Compressor 2.x (``neural_compressor.adaptor.ox_utils``); where it does not import
   the row says so. The qcore rows are the simulation; the ONNX Runtime rows run the quantized file.
+  SmoothQuant also with ``"unfoldable": "mul"`` (a per-channel Mul before each Linear no fold reaches), at alpha
+  0.5 and with alpha searched per layer (``w8a8-smoothquant-mul``).
 - minilm-l6 int4 per-group 32 weight-only: nearest vs AWQ (grid 20).
 - digits-cnn int4 / int3 per-tensor weight-only: nearest, CLE, CLE + bias correction.
 
 Metric: cosine to FP32 (minilm, mean over 300 sentences) or test accuracy (digits, 360 images). Time: seconds to
 quantize (qcore: transforms, calibration and weight quantization from cold caches; ONNX Runtime: ``quantize_static``).
-``--quick``: digits-cnn at int3 only.
+``--quick``: digits-cnn at int3 only; ``--w8a8``: the minilm-l6 W8A8 qcore rows only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from qcore import zoo
 from qcore.hardware import cpu_features, cpu_name
+from qcore.model.input_scale import input_scales
 from qcore.recipe import Recipe, preset
 
 warnings.filterwarnings("ignore")
@@ -48,6 +51,9 @@ def qcore_row(w, recipe: Recipe, label: str) -> dict:
     seconds = time.perf_counter() - start
     out = w.run(sim.model, w.evaluation)
     metric = w.task.metrics(out, w.reference_outputs, w.evaluation.labels)[w.task.headline]
+    done = w.transformed(recipe)
+    if done is not None and input_scales(done.model):  # SmoothQuant's explicit Mul ops, counted
+        label += f" ({len(input_scales(done.model))} Mul ops added)"
     return {"model": w.name, "recipe": recipe.name, "method": label, "metric": metric, "seconds": seconds,
             "what": "qcore simulation"}
 
@@ -95,13 +101,25 @@ def ort_static_rows(w, smoothquant: bool) -> dict:
     return row
 
 
-def minilm_rows() -> list[dict]:
+def w8a8_steps(w) -> list:
+    """minilm-l6 W8A8: nearest, SmoothQuant fold-only, and with the Mul before the layers no fold reaches (alpha
+    0.5, alpha searched per layer)."""
+    static = preset("int8-static", w.layer_shapes)
+    mul = Recipe.from_dict({**static.to_dict(), "name": "int8-static + smoothquant mul",
+                            "transforms": [{"smoothquant": {"alpha": 0.5, "unfoldable": "mul"}}]})
+    return [lambda: qcore_row(w, static, "nearest"),
+            lambda: qcore_row(w, preset("w8a8-smoothquant", w.layer_shapes), "SmoothQuant (alpha 0.5), folds only"),
+            lambda: qcore_row(w, mul, "SmoothQuant (alpha 0.5), folds + Mul"),
+            lambda: qcore_row(w, preset("w8a8-smoothquant-mul", w.layer_shapes),
+                              "SmoothQuant (alpha searched per layer), folds + Mul")]
+
+
+def minilm_rows(w8a8_only: bool = False) -> list[dict]:
     w = zoo.load("minilm-l6")
-    steps = [lambda: qcore_row(w, preset("int8-static", w.layer_shapes), "nearest"),
-             lambda: qcore_row(w, preset("w8a8-smoothquant", w.layer_shapes), "SmoothQuant (alpha 0.5)"),
-             lambda: ort_static_rows(w, False), lambda: ort_static_rows(w, True),
-             lambda: qcore_row(w, preset("int4-weight-only", w.layer_shapes), "nearest"),
-             lambda: qcore_row(w, preset("int4-awq", w.layer_shapes), "AWQ (grid 20)")]
+    steps = w8a8_steps(w) if w8a8_only else w8a8_steps(w) + [
+        lambda: ort_static_rows(w, False), lambda: ort_static_rows(w, True),
+        lambda: qcore_row(w, preset("int4-weight-only", w.layer_shapes), "nearest"),
+        lambda: qcore_row(w, preset("int4-awq", w.layer_shapes), "AWQ (grid 20)")]
     rows = []
     for step in steps:
         rows.append(step())
@@ -133,12 +151,16 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="digits-cnn at int3 only")
+    ap.add_argument("--w8a8", action="store_true", help="the minilm-l6 W8A8 qcore rows only")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("### ptq_transforms\n")
     print(f"CPU: {cpu_name()} ({', '.join(cpu_features())}); torch threads {args.threads}\n")
-    rows = digits_rows([3]) if args.quick else digits_rows([4, 3]) + minilm_rows()
+    if args.w8a8:
+        rows = minilm_rows(w8a8_only=True)
+    else:
+        rows = digits_rows([3]) if args.quick else digits_rows([4, 3]) + minilm_rows()
     print(markdown(rows))
 
 

@@ -157,11 +157,21 @@ def greedy_path(workload: Workload, rows: list[SweepRow], candidates: list[str])
 
 
 def recipe_from_choice(workload: Workload, choice: dict[str, str], name: str) -> Recipe:
-    """A recipe quantizing each layer in ``choice`` as its candidate does (mode both), others FP32."""
+    """A recipe quantizing each layer in ``choice`` as its candidate does (mode both), others FP32. A candidate's
+    transforms (SmoothQuant, AWQ) come along restricted to the layers chosen for it that they reach (as its sweep
+    rows measured them), so a layer chosen for another candidate is not rescaled."""
     plans = {c: candidate_plans(workload, c, "both") for c in set(choice.values())}
     layers = {n: plan_override(plans[c][n]) for n, c in choice.items()}
+    transforms = []
+    for c in dict.fromkeys(choice.values()):
+        whole = candidate_recipe(c, workload.layer_shapes)
+        if whole.transforms:
+            reached = workload.transformed(whole).reached
+            mine = [n for n, chosen in choice.items() if chosen == c and n in reached]
+            transforms += [{t.name: {**t.to_json()[t.name], "layers": mine}} for t in whole.transforms if mine]
     return Recipe.from_dict({"name": name, "weights": None, "activations": None,
-                             "layers": {n: o for n, o in layers.items() if o is not None}})
+                             "layers": {n: o for n, o in layers.items() if o is not None},
+                             **({"transforms": transforms} if transforms else {})})
 
 
 # ---- the goal --------------------------------------------------------------------------------

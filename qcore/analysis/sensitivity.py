@@ -22,6 +22,10 @@ the layer's own error with FP32 inputs: ``layer_sqnr_db`` (the layer's output qu
 layer (``"only"``: largest drop, then lowest SQNR) or the one whose float copy recovers most
 (``"all_but"``), per candidate.
 
+A candidate carrying model transforms (``w8a8-smoothquant``, ``int4-awq``) is measured on the transformed model,
+each row exactly as ``Workload.evaluate`` of ``recipe_for`` (``qcore.analysis.transformed_sweep``: no prefix reuse
+and no shared working copy, since those are of the untransformed model); the speed notes below are the others'.
+
 Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded model is changed in
 place (one layer's weight swapped in, then restored), each weight is quantized once per spec, the
 calibration statistics and FP32 reference outputs come from the workload, and each run replays the
@@ -93,9 +97,7 @@ def check_candidates(candidates) -> list[str]:
     if not names:
         raise QcoreError("give at least one candidate, e.g. int8-dynamic,int4-weight-only")
     for name in names:
-        if candidate_recipe(name, {}).transforms:  # the sweep replays layers of the untransformed model
-            raise QcoreError(f"candidate {name!r} carries model transforms, which the sensitivity sweep does not apply; "
-                             f"sweep the preset without them and evaluate {name!r} itself")
+        candidate_recipe(name, {})
     return names
 
 
@@ -125,14 +127,16 @@ def _overrides(plans: dict[str, LayerPlan]) -> MappingProxyType:
 
 
 def recipe_for(workload: Workload, layer: str, candidate: str, mode: str = "both", view: str = "only") -> Recipe:
-    """The recipe a sweep row measures: ``layer`` alone quantized (only) or kept in float (all_but)."""
+    """The recipe a sweep row measures: ``layer`` alone quantized (only) or kept in float (all_but), with the
+    candidate's transforms (on the whole model)."""
     plans = candidate_plans(workload, candidate, mode)
     if view == "only":
         layers = {layer: plan_override(plans[layer])}
     else:
         layers = {n: (None if n == layer else plan_override(p)) for n, p in plans.items()}
+    transforms = [t.to_json() for t in candidate_recipe(candidate, workload.layer_shapes).transforms]
     return Recipe.from_dict({"name": f"{candidate}/{mode}/{view}/{layer}", "weights": None,
-                             "activations": None, "layers": layers})
+                             "activations": None, "layers": layers, **({"transforms": transforms} if transforms else {})})
 
 
 # ---- error statistics ------------------------------------------------------------------------
@@ -217,7 +221,12 @@ def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: s
         parts = {c: Sweep.from_dict(f[1]) for c, f in found.items() if f is not None}
         missing = [c for c in candidates if c not in texts]
         if missing:
-            computed = _compute(workload, missing, mode, view, progress, should_stop)
+            from qcore.analysis.transformed_sweep import compute_transformed  # it builds on this module
+
+            transformed = [c for c in missing if candidate_recipe(c, {}).transforms]
+            parts_now = [f(workload, cs, mode, view, progress, should_stop) for f, cs in
+                         ((_compute, [c for c in missing if c not in transformed]), (compute_transformed, transformed)) if cs]
+            computed = Sweep.merged(parts_now)
             for c in missing:
                 texts[c] = json.dumps(computed.for_candidate(c).to_dict())
                 sweep_cache.write_disk(cache_dir, keys[c], texts[c])

@@ -2,7 +2,8 @@
 
 ``export_safetensors`` writes, for every quantized layer, its codes as its format stores them
 (``Format.store``: integers bit-packed below 8 bits, most significant bit first; NF4 as 4-bit codebook
-indices; int16 as int16; float formats in their own dtype), float32 scales, zero-points (int8, or int16 above 8 bits) and static input ranges, plus every
+indices; int16 as int16; float formats in their own dtype), float32 scales, zero-points (int8, or int16 above 8 bits), static input ranges and SmoothQuant's 1/s of a layer smoothed by a
+Mul (``<layer>.input.smooth``), plus every
 other tensor of the BatchNorm-folded model, with the recipe JSON in the metadata. ``load_safetensors``
 rebuilds the identical simulated model (same codes, scales and ranges, so the same outputs).
 No pickle anywhere: the file is plain tensors and string metadata.
@@ -19,6 +20,7 @@ import torch
 from qcore.errors import QcoreError
 from qcore.recipe import Recipe
 from qcore.model.simulate import InputQuantizer, input_quantizer, modules_by_name
+from qcore.model.input_scale import InputScale, input_scales
 
 FORMAT_VERSION = "1"
 
@@ -45,6 +47,8 @@ def export_safetensors(workload, recipe: Recipe, out: str) -> dict:
         if q.zero_point is not None:
             tensors[f"{name}.weight.zero_point"] = q.zero_point.to(torch.int16 if spec.fmt.bits > 8 else torch.int8)
         skip.add(f"{name}.weight")
+    for name, inv in input_scales(model).items():  # SmoothQuant's Mul before a layer no fold reaches
+        tensors[f"{name}.input.smooth"] = inv.contiguous()
     for name, mod in modules_by_name(sim.model, workload.layers).items():
         for hook in mod._forward_pre_hooks.values():
             if isinstance(hook, InputQuantizer) and hook.lo is not None and not hook.spec.dynamic:
@@ -96,7 +100,8 @@ def load_safetensors(path: str, workload=None):
     if json.loads(meta.get("qcore_weight_shapes", "{}")) != {n: list(s) for n, s in workload.layer_shapes.items()}:
         raise QcoreError(f"{path} was exported from a different model than {workload.name!r} (layer shapes differ)")
     model = copy.deepcopy(workload.folded[0]).eval()
-    state = {k: v for k, v in tensors.items() if not any(k.endswith(s) for s in (".codes", ".scale", ".zero_point", ".input.range"))}
+    state = {k: v for k, v in tensors.items() if not any(k.endswith(s) for s in (".codes", ".scale", ".zero_point", ".input.range",
+                                                                                  ".input.smooth"))}
     modules, plans = modules_by_name(model, workload.layers), recipe.resolve(workload.layer_shapes)
     for name, mod in modules.items():
         plan = plans[name]
@@ -108,6 +113,8 @@ def load_safetensors(path: str, workload=None):
                                 tensors.get(f"{name}.weight.scale"), None if zp is None else zp.to(torch.float32),
                                 None, None, spec)
             state[f"{name}.weight"] = q.dequantize()
+        if f"{name}.input.smooth" in tensors:  # the input times 1/s, before it is quantized
+            mod.register_forward_pre_hook(InputScale(tensors[f"{name}.input.smooth"]))
         rng = tensors.get(f"{name}.input.range")
         hook = input_quantizer(name, workload.layers[name].kind, plan.activations, None if rng is not None else {})
         if rng is not None:

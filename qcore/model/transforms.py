@@ -12,6 +12,9 @@ input became exactly input / r, multiplies their columns by r, and accepts the g
 input and the model's output are unchanged (relative error below ``EXACT``). What passes is exact by
 construction; anything else is skipped (and named in the notes) or, when a recipe lists it, refused in one line.
 
+SmoothQuant's ``"unfoldable": "mul"`` reaches the Linear layers no fold does with an op (``input_scale``): the
+input times 1/s per channel, the weight's columns times s; exact after any producer, one op and own s per layer.
+
 Bias correction is not a float-preserving transform: it needs the quantized weight, so ``simulate`` applies it
 right after quantizing each weight (``bias_targets`` says to which layers), from the layers' input means
 (``input_means``) over the calibration data of the transformed float model.
@@ -27,8 +30,9 @@ from torch import nn
 
 from qcore.algorithms.awq import awq_scales
 from qcore.algorithms.cle import equalization_scales
-from qcore.algorithms.smoothquant import smoothing_scales
+from qcore.algorithms.smoothquant import search_alpha, smoothing_scales
 from qcore.errors import QcoreError
+from qcore.model.input_scale import add_input_scale
 from qcore.numerics.quantize import fake_quantize
 from qcore.recipe.transforms import APPLIES_TO, Transform
 
@@ -53,11 +57,13 @@ class Group:
 @dataclass
 class Transformed:
     """A float copy of a model with transforms applied: ``model`` (never changed afterwards), what was done
-    (``scales``: producer -> s (C,), the producer's output divided by it), and ``notes`` (layers skipped, and
+    (``scales``: producer -> s (C,), the producer's output divided by it; a layer smoothed by a Mul instead holds
+    its 1/s in an ``input_scale.InputScale``), and ``notes`` (layers skipped, and
     why)."""
 
     model: nn.Module
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    reached: set[str] = field(default_factory=set)  # the layers whose input channels a transform rescaled
     notes: list[str] = field(default_factory=list)
     calibration: dict | None = None  # calibrate.calibrate of ``model``, filled by the workload when needed
     means: dict[str, torch.Tensor] | None = None  # each layer's input mean per channel (C,), likewise
@@ -246,33 +252,32 @@ def _eligible(t: Transform, groups: list[Group], table: dict) -> list[Group]:
     return groups
 
 
-def _selected(t: Transform, index: int, eligible: list[Group], layer_kinds: dict[str, str]) -> tuple[list[Group], list[str]]:
-    """The groups ``t`` transforms and the layers of its kind it skips (only when it names no layers)."""
+def _selected(t: Transform, index: int, eligible: list[Group], layer_kinds: dict[str, str],
+              mul: bool = False) -> tuple[list[Group], list[str], list[str]]:
+    """The groups ``t`` transforms, the layers of its kind it skips (only when it names no layers) and, when
+    ``mul`` (SmoothQuant's ``"unfoldable": "mul"``), the Linear layers no group covers, smoothed by a Mul."""
     if t.layers is None:
         covered = {c for g in eligible for c in g.consumers}
         skipped = [n for n, k in layer_kinds.items() if k in ("Linear", "Conv1d", "Conv2d") and n not in covered]
-        return eligible, skipped
-    chosen = []
+        muls = [n for n in skipped if layer_kinds[n] == "Linear"] if mul else []
+        return eligible, [n for n in skipped if n not in muls], muls
+    chosen, muls = [], []
     for layer in t.layers:
         if layer not in layer_kinds:
             raise QcoreError(f"transforms[{index}].{t.name}.layers names {layer!r}, which is not a quantizable layer "
                              "of this model; see the Weights page or `python -m qcore inspect` for the layer names")
         g = next((g for g in eligible if layer in g.consumers), None)
-        if g is None:
+        if g is None and not (mul and layer_kinds[layer] == "Linear"):
             raise QcoreError(f"transforms[{index}].{t.name} cannot apply to layer {layer!r} ({layer_kinds[layer]}): "
-                             f"{t.name} applies to {APPLIES_TO[t.name]}")
-        if g not in chosen:
-            chosen.append(g)
-    return chosen, []
+                             f"{t.name} applies to {APPLIES_TO[t.name]}{' or, with unfoldable mul, any Linear' * mul}")
+        muls += [layer] if g is None else []
+        chosen += [g] if g is not None and g not in chosen else []
+    return chosen, [], muls
 
 
 def _weight_absmax_per_input(w: torch.Tensor) -> torch.Tensor:
     """max |W| per input channel (axis 1) of a (C_out, C_in, k...) weight -> (C_in,)."""
     return w.detach().abs().transpose(0, 1).reshape(w.shape[1], -1).amax(1)
-
-
-def _output_absmax(m: nn.Module) -> torch.Tensor:
-    return m.weight.detach().abs().reshape(m.weight.shape[0], -1).amax(1)
 
 
 def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, groups: list[Group], batches,
@@ -287,35 +292,63 @@ def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, 
     for i, t in enumerate(transforms):
         if t.name == "bias_correction":
             continue
-        chosen, skipped = _selected(t, i, _eligible(t, groups, table), layer_kinds)
-        if skipped:
-            shown = ", ".join(skipped[:6]) + (f" and {len(skipped) - 6} more" if len(skipped) > 6 else "")
-            done.notes.append(f"{t.name} skipped {len(skipped)} layer(s) it does not apply to ({shown}): it applies "
-                              f"to {APPLIES_TO[t.name]}")
-        if not chosen:
+        mul = t.name == "smoothquant" and t.option("unfoldable") == "mul"
+        chosen, skipped, muls = _selected(t, i, _eligible(t, groups, table), layer_kinds, mul)
+        done.notes += [f"{t.name} skipped {len(skipped)} layer(s) it does not apply to ({_listed(skipped)}): it "
+                       f"applies to {APPLIES_TO[t.name]}"] if skipped else []
+        if t.name == "cle" or not (chosen or muls):
+            _equalize(table, chosen, done)  # (nothing chosen: nothing equalized)
             continue
-        if t.name == "cle":
-            _equalize(table, chosen, done)
-            continue
-        stats = input_stats(m, [g.consumers[0] for g in chosen], batches, keep_rows=t.name == "awq")
+        stats = input_stats(m, [g.consumers[0] for g in chosen] + muls, batches,
+                            keep_rows=t.name == "awq" or (t.name == "smoothquant" and t.option("alpha") == "search"))
+        smoothed = [n for n in muls if n in stats and _searchable(t, [n], plans)]  # reached, and worth it
+        for n in smoothed:
+            add_input_scale(table[n], _smoothing(t, stats[n], [table[n]], [n], plans))
+        done.reached.update(smoothed)
+        done.notes += [f"smoothquant adds {len(smoothed)} Mul op(s), the input times 1/s per channel, before the "
+                       f"layer(s) no fold reaches ({_listed(smoothed)})"] if smoothed else []
         for g in chosen:
             st = stats.get(g.consumers[0])
-            if st is None:  # never reached by the calibration data
+            if st is None or (t.name == "smoothquant" and not _searchable(t, g.consumers, plans)):  # not reached
                 continue
             readers = [table[c] for c in g.consumers]
             if t.name == "smoothquant":
-                wmax = torch.stack([_weight_absmax_per_input(r.weight) for r in readers]).amax(0)
-                s = smoothing_scales(st.absmax, wmax, t.option("alpha"))
+                s = _smoothing(t, st, readers, g.consumers, plans)
             else:
                 specs = [plans[c].weights for c in g.consumers]
                 if all(sp is None or not sp.fmt.quantizes for sp in specs):
                     continue
-                quant = [(lambda w, sp=sp: w) if sp is None or not sp.fmt.quantizes else
-                         (lambda w, sp=sp: fake_quantize(w, sp)) for sp in specs]
-                s = awq_scales(st.rows, [r.weight.detach() for r in readers], quant, t.option("grid")).scales
+                s = awq_scales(st.rows, [r.weight.detach() for r in readers], [_fake(sp) for sp in specs],
+                               t.option("grid")).scales
             fold(table[g.producer], readers, s)
             done.scales[g.producer] = done.scales.get(g.producer, torch.ones_like(s)) * s
+            done.reached.update(g.consumers)
     return done
+
+
+def _smoothing(t: Transform, st: InputStats, readers: list[nn.Module], names, plans) -> torch.Tensor:
+    """SmoothQuant's s (C,) for the layers ``readers`` (named ``names``) sharing one input, at the recipe's alpha or
+    (``"search"``) per layer with their plans' quantizers on the kept calibration rows (``search_alpha``)."""
+    if t.option("alpha") != "search":
+        wmax = torch.stack([_weight_absmax_per_input(r.weight) for r in readers]).amax(0)
+        return smoothing_scales(st.absmax, wmax, t.option("alpha"))
+    return search_alpha(st.rows, st.absmax, [r.weight.detach() for r in readers],
+                        [_fake(plans[n].weights) for n in names], _fake(plans[names[0]].activations)).scales
+
+
+def _searchable(t: Transform, names, plans) -> bool:
+    """False for an alpha search on layers the recipe leaves float (nothing to measure: not smoothed)."""
+    return t.option("alpha") != "search" or any(
+        sp is not None and sp.fmt.quantizes for n in names for sp in (plans[n].weights, plans[n].activations))
+
+
+def _fake(spec):
+    """The fake-quantizer of ``spec`` (tensor -> dequantized tensor; none or a float spec: the identity)."""
+    return (lambda v: v) if spec is None or not spec.fmt.quantizes else (lambda v: fake_quantize(v, spec))
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
 def _equalize(table: dict, chosen: list[Group], done: Transformed) -> None:
@@ -324,9 +357,11 @@ def _equalize(table: dict, chosen: list[Group], done: Transformed) -> None:
         largest = 0.0
         for g in chosen:
             p, c = table[g.producer], table[g.consumers[0]]
-            s = equalization_scales(_output_absmax(p), _weight_absmax_per_input(c.weight))
+            s = equalization_scales(p.weight.detach().abs().reshape(p.weight.shape[0], -1).amax(1),
+                                    _weight_absmax_per_input(c.weight))
             fold(p, [c], s)
             done.scales[g.producer] = done.scales.get(g.producer, torch.ones_like(s)) * s
+            done.reached.update(g.consumers)
             largest = max(largest, float(s.log().abs().max()))
         if largest < 1e-3:
             break

@@ -197,7 +197,8 @@ class Workload:
         if not steps and not recipe.transforms:
             return None
         plans = recipe.resolve(self.layer_shapes)
-        key = (steps, tuple(p.weights for p in plans.values()) if any(t.name == "awq" for t in steps) else ())
+        planned = any(t.name == "awq" or (t.name == "smoothquant" and t.option("alpha") == "search") for t in steps)
+        key = (steps, tuple((p.weights, p.activations) for p in plans.values()) if planned else ())  # AWQ, alpha search: the quantizers
         cache = self.__dict__.setdefault("_transformed", {})
         if key not in cache:
             with self._lock:

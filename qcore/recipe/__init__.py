@@ -64,6 +64,8 @@ PRESETS: dict[str, dict] = {
                          "transforms": [{"smoothquant": {"alpha": 0.5}}]},
     "int4-int8compute": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
                                      "range": "minmax", "compute": "int8"}, "activations": None},
+    "w8a8-smoothquant-mul": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False},
+                             "transforms": [{"smoothquant": {"alpha": "search", "unfoldable": "mul"}}]},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -81,6 +83,8 @@ PRESET_DESCRIPTIONS = {
     "w8a8-smoothquant": "int8-static after SmoothQuant (alpha 0.5) moves activation outliers into the weights",
     "int4-int8compute": "int4-weight-only weights; each Linear's input quantized at run time to int8 per block of 32 "
                         "along K (symmetric, absmax) so the matmul runs in int8 (ONNX Runtime MatMulNBits accuracy_level 4)",
+    "w8a8-smoothquant-mul": "int8-static after SmoothQuant with alpha searched per layer, reaching the Linear layers no fold "
+                            "can (after a GELU or a residual-fed LayerNorm) with a Mul op before each",
 }
 
 

@@ -7,7 +7,10 @@ right after) the weights are quantized.
 Each entry is an object with one key, the transform's name, whose value holds its options and, optionally,
 ``"layers"``: the quantizable layers it is restricted to (default: every layer it applies to). SmoothQuant, AWQ
 and CLE scale a group of layers reading one producer's channels (a LayerNorm's or a Linear/Conv's outputs)
-together, so naming one layer of a group transforms the whole group. ``Transform`` is frozen and hashable; a
+together, so naming one layer of a group transforms the whole group. SmoothQuant's ``"unfoldable": "mul"`` also
+smooths the Linear layers no fold reaches (after a GELU, or a LayerNorm that also feeds a residual add), each with
+an explicit per-channel ``Mul`` by 1/s before it: the float model is unchanged, the graph has one op more per such
+layer (the default, ``"skip"``, leaves them alone and adds no op). ``Transform`` is frozen and hashable; a
 recipe holds a tuple of them. What each transform computes: ``qcore.algorithms``; where it applies in a model:
 ``qcore.model.transforms``.
 """
@@ -26,11 +29,19 @@ MAX_TRANSFORMS = 16
 
 # name -> {option: (default, check(value) -> bool, what is allowed)}
 OPTIONS: dict[str, dict[str, tuple[Any, Any, str]]] = {
-    "smoothquant": {"alpha": (0.5, lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1 (0.5 in the paper)")},
+    "smoothquant": {"alpha": (0.5, lambda v: v == "search" or (_number(v) and 0 <= v <= 1),
+                              'a number from 0 to 1 (0.5 in the paper) or "search" (chosen per layer on calibration '
+                              'data)'),
+                    "unfoldable": ("skip", lambda v: v in ("skip", "mul"),
+                                   '"skip" (only layers a fold reaches) or "mul" (a Mul op before each Linear no fold '
+                                   'reaches)')},
     "awq": {"grid": (20, lambda v: _integer(v) and 2 <= v <= 100, "an integer from 2 to 100 (20 in the paper)")},
     "cle": {},
     "bias_correction": {},
 }
+# Options added after recipes were saved: written only when not at their default, so older recipe files, links and
+# their hashes stay byte-identical.
+WRITTEN_IF_SET = {("smoothquant", "unfoldable")}
 APPLIES_TO = {
     "smoothquant": "Linear/Conv layers whose input is a LayerNorm's or a Linear/Conv's output that a per-channel "
                    "scale can fold into (not one after a GELU, a residual add or a softmax)",
@@ -97,8 +108,10 @@ class Transform:
         return cls(name, tuple(sorted(options.items())), layers)
 
     def to_json(self) -> dict:
-        """The entry as JSON, every option written (defaults too: the recipe says what was done)."""
-        d = dict(self.options)
+        """The entry as JSON, every option written (defaults too: the recipe says what was done), but those of
+        ``WRITTEN_IF_SET`` only when they differ from their default."""
+        d = {k: v for k, v in self.options
+             if (self.name, k) not in WRITTEN_IF_SET or v != OPTIONS[self.name][k][0]}
         if self.layers is not None:
             d["layers"] = list(self.layers)
         return {self.name: d}

@@ -107,3 +107,39 @@ def test_awq_beats_no_scale_clearly_when_one_channel_dominates():
     w = torch.randn(16, 32, generator=g)
     result = awq_scales(x, [w], [int4_per_row], grid=20)
     assert result.alpha > 0 and min(result.losses) < 0.7 * result.losses[0]
+
+
+def _int8_rows(w):  # symmetric int8 per output row, round half to even: the test's own weight quantizer
+    scale = w.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(w / scale).clamp(-128, 127) * scale
+
+
+def _uint8_tensor(x):  # asymmetric 8-bit per tensor over [min(lo, 0), max(hi, 0)]: the test's input quantizer
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255
+    zp = round(-lo / scale)
+    return (torch.round(x / scale) + zp).clamp(0, 255).sub(zp) * scale
+
+
+def test_search_alpha_picks_the_alpha_of_least_quantized_output_error_and_never_loses_to_no_smoothing():
+    from qcore.algorithms.smoothquant import ALPHA_GRID, search_alpha
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 12, generator=g)
+    x[:, 2] *= 80.0  # one outlier channel, as after BERT's LayerNorm
+    w = torch.randn(10, 12, generator=g) * 0.1
+    r = search_alpha(x, x.abs().amax(0), [w], [_int8_rows], _uint8_tensor)
+    want = []
+    for alpha in (None, *ALPHA_GRID):  # the objective computed here: s by the paper's formula, plain torch
+        s = torch.ones(12) if alpha is None else x.abs().amax(0) ** alpha / w.abs().amax(0) ** (1 - alpha)
+        want.append(float(((_uint8_tensor(x / s) @ _int8_rows(w * s).T - x @ w.T) ** 2).sum()) / len(x))
+    assert r.losses == pytest.approx(want, rel=1e-4)
+    best = min(range(len(want)), key=want.__getitem__)
+    assert r.alpha == (None, *ALPHA_GRID)[best] and r.alpha is not None
+    assert min(r.losses) < r.losses[0] / 4  # smoothing the outlier channel helps a lot here
+    # nothing to migrate (an all-zero input): no NaN, and "no smoothing" is kept
+    from qcore.numerics.quantize import fake_quantize
+
+    uint8 = {"format": "int8", "symmetric": False, "granularity": "per_tensor"}  # the engine's, which takes zeros
+    z = search_alpha(torch.zeros(8, 12), torch.zeros(12), [w], [_int8_rows], lambda v: fake_quantize(v, uint8))
+    assert torch.isfinite(z.scales).all() and all(math.isfinite(v) for v in z.losses)

@@ -33,6 +33,7 @@ from qcore.export.policy import uses_matmul_nbits, why_float
 from qcore.model.int8_compute import int8_compute_block
 from qcore.model.conv_transpose import ConvTransposeLayer
 from qcore.model.simulate import input_quantizer, modules_by_name, needs_calibration
+from qcore.model.input_scale import input_scales
 from qcore.recipe import Recipe
 
 # Fused integer ops of ONNX Runtime's optimized graph, and what they mean for a layer
@@ -105,6 +106,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     simulated = sim.weights  # the file holds exactly the codes that were simulated
     _write_corrected_biases(ed, sim, recipe)
     rows, notes, codes_of = [], list(graph.notes), {}
+    smoothed, muls = input_scales(source_model(workload, recipe)), []  # SmoothQuant's Mul ops (no fold reached)
     for name, info in workload.layers.items():
         plan = plans[name]
         weight = modules[name].weight.detach().float()
@@ -118,6 +120,9 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if node is not None and node.op_type in ("LSTM", "GRU"):
             weight_input = list(node.input).index(init) if init in node.input else 1
             data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
+        if name in smoothed and data_input is not None:
+            _smoothing_mul(ed, nodes, data_input, smoothed[name].numpy())
+            muls.append(name)
         if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
             ed.drop_initializer(init)
             row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, simulated[name])
@@ -176,6 +181,10 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         row["stored_bytes"] = stored_bytes(ed, set(ed.inits) - before_weight) if set(ed.inits) - before_weight \
             else {"codes": weight.numel() * 4, "scales": 0, "zero_points": 0, "other": 0, "total": weight.numel() * 4}
         rows.append(row)
+    if smoothed:
+        notes.append(f"SmoothQuant adds {len(muls)} Mul op(s) to the graph, each layer's input times 1/s per channel "
+                     f"before it is quantized ({', '.join(muls[:4])}{' ...' if len(muls) > 4 else ''}): the layers "
+                     "no fold reaches")
     ed.finish()
     opset = max([OPSET] + [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")])
     others = [o for o in proto.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft")]
@@ -185,6 +194,18 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     _executes(path, rows, codes_of, plans)
     return OnnxExport(path, os.path.getsize(path), opset, rows, notes)
 
+
+
+def _smoothing_mul(ed, nodes, data_input: int, inv: np.ndarray) -> None:
+    """Each compute node's data input times ``inv`` (SmoothQuant's 1/s, (C,) float32) before it is quantized:
+    ``torch.onnx.export`` traced the layer's ``InputScale`` as a Mul by an initializer equal to it (kept); a graph
+    without it (an uploaded ONNX model's own) gets the Mul written here."""
+    for n in nodes:
+        p = ed.producer(n.input[data_input])
+        if p is not None and p.op_type == "Mul" and any(
+                i in ed.inits and np.array_equal(ed.array(i).reshape(-1), inv) for i in p.input):
+            continue
+        n.input[data_input] = ed.node("Mul", [n.input[data_input], ed.const(inv, "smooth")], "smooth", n)
 
 
 def _write_corrected_biases(ed, sim, recipe: Recipe) -> None:
