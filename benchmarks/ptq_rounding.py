@@ -84,6 +84,39 @@ def ort_rows(w, tmp: str, threads: int) -> list[dict]:
     return rows
 
 
+def nncf_rows(w, tmp: str, threads: int) -> list[dict]:
+    """NNCF ``compress_weights`` on the same FP32 ONNX graph: int4 asymmetric, groups of 32, every MatMul and the
+    embeddings at int4 (``ratio=1``, ``all_layers=True``: the same layers qcore's preset quantizes), data-free and
+    with AWQ + scale estimation on the calibration batches (its ONNX backend has no GPTQ)."""
+    import onnx
+
+    fp32 = os.path.join(tmp, f"{w.name}-fp32.onnx")
+    if not os.path.exists(fp32):
+        export_qdq(w, preset("fp32"), fp32)
+    rows = []
+    for label, data_aware in (("NNCF compress_weights (data-free)", False),
+                              ("NNCF compress_weights AWQ + scale estimation", True)):
+        try:
+            import nncf
+
+            start = time.perf_counter()
+            extra = {}
+            if data_aware:  # one calibration sentence per sample, all of them
+                items = [{n: t.numpy() for n, t in zip(input_names(w), b)} for b in w.calibration.batches(1)]
+                extra = {"dataset": nncf.Dataset(items), "awq": True, "scale_estimation": True,
+                         "subset_size": len(items)}
+            q = nncf.compress_weights(onnx.load(fp32), mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32,
+                                      ratio=1.0, all_layers=True, **extra)
+            seconds = time.perf_counter() - start
+            path = os.path.join(tmp, f"nncf-{data_aware}.onnx")
+            onnx.save(q, path)
+            outputs = run_onnx(session(path, threads), w, w.evaluation)
+            rows.append({"method": label, "metric": _metric(w, outputs), "seconds": seconds})
+        except Exception as e:  # a peer that cannot run here is reported with its reason
+            rows.append({"method": label, "metric": None, "seconds": None, "error": f"{type(e).__name__}: {e}"[:160]})
+    return rows
+
+
 def int4_rows(model: str, tmp: str, threads: int) -> list[dict]:
     w = zoo.load(model)
     rows = [{"method": "FP32", "metric": float(w.fp32_metrics[w.task.headline]), "seconds": 0.0},

@@ -138,7 +138,7 @@ def round_weight(weight: torch.Tensor, spec: TensorSpec, inputs: LayerInputs) ->
     """``weight`` quantized under ``spec`` by its rounding algorithm from the layer's ``inputs``."""
     if spec.rounding == "gptq":
         o = spec.gptq
-        return gptq_quantize(weight, inputs.hessian, spec, o.damp, o.act_order, o.block_size)
+        return gptq_quantize(weight, inputs.hessian, spec, o.damp, o.act_order, o.block_size, o.clip)
     o = spec.adaround
     rows = inputs.samples if inputs.samples is not None else torch.zeros(0, weight[0].numel())
     return adaround(weight, rows, spec, o.iters, o.reg)
