@@ -27,12 +27,15 @@ class GPTQOptions:
     """``"gptq": {...}`` of a weight spec (``qcore.algorithms.gptq``): ``damp`` the Hessian damping as a fraction
     of its mean diagonal, ``act_order`` round the most-used input columns first, ``block_size`` columns per
     lazy update, ``clip`` the steps of the clipping grid searched per group on the output error (0: the range
-    ``spec.range`` gives; ``qcore.algorithms.clip``; left out of JSON when 0)."""
+    ``spec.range`` gives; ``qcore.algorithms.clip``), ``sequential`` round layers in execution order, each
+    from the inputs of the model with the earlier ones already rounded (``qcore.model.rounding``). ``clip`` 0 and
+    ``sequential`` false are left out of JSON (recipes written before them keep their JSON)."""
 
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
     clip: int = 0
+    sequential: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,9 @@ class TensorSpec:
         for key in ROUNDING_OPTIONS:
             if d[key] is None:
                 del d[key]
-        if d.get("gptq", {}).get("clip") == 0:
-            del d["gptq"]["clip"]  # recipes written before the clip search keep their JSON
+        for key, default in (("clip", 0), ("sequential", False)):  # recipes written before them keep their JSON
+            if key in d.get("gptq", {}) and d["gptq"][key] == default:
+                del d["gptq"][key]
         return d
 
     def for_shape(self, shape: tuple[int, ...]) -> "TensorSpec":
