@@ -97,3 +97,43 @@ def test_default_rounding_skips_an_embedding_an_explicit_one_is_a_one_line_error
     with pytest.raises(QcoreError, match="learns from calibration data") as e:
         simulate(model, gptq)
     assert "\n" not in str(e.value)
+
+
+class Reordered(nn.Module):
+    """Registered fc2 first, run fc1 first: the order is the one the model runs, not the registration order."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.fc2, self.fc1 = nn.Linear(32, 16), nn.Linear(16, 32)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_sequential_gptq_rounds_each_layer_from_the_already_rounded_layers_output():
+    """Oracle: the two layers written out by hand -- fc1 by GPTQ on X, then fc2 by GPTQ on relu(X W1q^T + b1)
+    with fc1's *rounded* weight; without ``sequential`` fc2 learns from the float fc1's output instead."""
+    from qcore.model.rounding import Rounder
+    from qcore.numerics.spec import TensorSpec
+
+    model = Reordered().eval()
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(6)) @ torch.randn(16, 16)
+    seq = TensorSpec.from_dict({"format": "int4", "granularity": "per_group", "group_size": 8, "symmetric": False,
+                                "rounding": "gptq", "gptq": {"sequential": True}})
+    rounder = Rounder(model, {"fc1": "Linear", "fc2": "Linear"}, lambda: [(x[:150],), (x[150:],)])
+    got = rounder.weights({"fc2": seq, "fc1": seq})
+    q1 = gptq_quantize(model.fc1.weight.detach(), (x.T @ x).double(), seq)
+    with torch.no_grad():
+        h = torch.relu(x @ q1.dequantize().T + model.fc1.bias)
+        h_float = torch.relu(model.fc1(x))
+    q2 = gptq_quantize(model.fc2.weight.detach(), (h.T @ h).double(), seq)
+    assert torch.equal(got["fc1"].codes, q1.codes) and torch.equal(got["fc2"].codes, q2.codes)
+    plain = Rounder(model, {"fc1": "Linear", "fc2": "Linear"}, lambda: [(x,)]).weights(
+        {"fc2": TensorSpec.from_dict({**seq.to_dict(), "gptq": {}})})
+    independent = gptq_quantize(model.fc2.weight.detach(), (h_float.T @ h_float).double(), seq)
+    assert torch.equal(plain["fc2"].codes, independent.codes) and not torch.equal(q2.codes, independent.codes)
+    assert rounder.weights({"fc1": seq, "fc2": seq})["fc2"] is got["fc2"]  # cached by (layer, spec, earlier layers)
