@@ -3,11 +3,15 @@
     python -m benchmarks.ptq_rounding [--quick]
 
 1. minilm-l6, int4 affine weights per group of 32, weight-only: qcore nearest (``int4-weight-only``), qcore GPTQ
-   (``int4-gptq``), ONNX Runtime ``MatMulNBitsQuantizer`` in RTN and GPTQ modes (``onnxruntime.quantization.
-   matmul_nbits_quantizer``) on the FP32 ONNX graph of the same model, calibrated on the same calibration
-   sentences. Metric: mean cosine to the FP32 embeddings on the evaluation sentences (qcore: the simulation,
-   which its exported file matches; ONNX Runtime: its quantized file run in ONNX Runtime). Time to quantize:
-   wall seconds from the float model to the quantized weights (collecting the calibration inputs included).
+   (``int4-gptq``; damping 0.01 as the preset had it before; the Linears only, embeddings float, as ONNX Runtime's
+   MatMulNBits leaves its Gather), ONNX Runtime ``MatMulNBitsQuantizer`` in RTN and GPTQ modes
+   (``onnxruntime.quantization.matmul_nbits_quantizer``) on the FP32 ONNX graph of the same model, calibrated on
+   the same calibration sentences, and NNCF ``compress_weights`` (data-free; AWQ + scale estimation) on that
+   graph. Metric: mean cosine to the FP32 embeddings on the evaluation sentences (qcore: the simulation, which its
+   exported file matches; ONNX Runtime and NNCF: the quantized file run in ONNX Runtime). Time to quantize:
+   wall seconds from the float model to the quantized weights (collecting the calibration inputs included in the
+   first GPTQ row only: the later qcore rows reuse the workload's cached layer inputs, the embeddings-float row
+   also its cached roundings).
 2. digits-cnn, int3 symmetric per-channel weights: FP32 vs nearest vs AdaRound, top-1 accuracy (simulation).
 
 ``--quick`` (the test suite): digits-mlp instead of minilm-l6 for part 1, and 10 AdaRound iterations.
@@ -84,12 +88,56 @@ def ort_rows(w, tmp: str, threads: int) -> list[dict]:
     return rows
 
 
+def nncf_rows(w, tmp: str, threads: int) -> list[dict]:
+    """NNCF ``compress_weights`` on the same FP32 ONNX graph: int4 asymmetric, groups of 32, every MatMul at int4
+    (``ratio=1``, ``all_layers=True``) and the embeddings (Gather) left float -- compare with qcore's
+    embeddings-float row (ONNX Runtime 1.32 fails on NNCF's int4 DequantizeLinear of minilm's position
+    embedding) -- data-free and with AWQ + scale estimation on the calibration sentences (its ONNX backend has
+    no GPTQ)."""
+    import onnx
+
+    fp32 = os.path.join(tmp, f"{w.name}-fp32.onnx")
+    if not os.path.exists(fp32):
+        export_qdq(w, preset("fp32"), fp32)
+    rows = []
+    for label, data_aware in (("NNCF compress_weights (data-free), embeddings float", False),
+                              ("NNCF compress_weights AWQ + scale estimation, embeddings float", True)):
+        try:
+            import nncf
+
+            start = time.perf_counter()
+            extra = {}
+            if data_aware:  # one calibration sentence per sample, all of them
+                items = [{n: t.numpy() for n, t in zip(input_names(w), b)} for b in w.calibration.batches(1)]
+                extra = {"dataset": nncf.Dataset(items), "awq": True, "scale_estimation": True,
+                         "subset_size": len(items)}
+            q = nncf.compress_weights(onnx.load(fp32), mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=32,
+                                      ratio=1.0, all_layers=True,
+                                      ignored_scope=nncf.IgnoredScope(types=["Gather"], validate=False), **extra)
+            seconds = time.perf_counter() - start
+            path = os.path.join(tmp, f"nncf-{data_aware}.onnx")
+            onnx.save(q, path)
+            outputs = run_onnx(session(path, threads), w, w.evaluation)
+            rows.append({"method": label, "metric": _metric(w, outputs), "seconds": seconds})
+        except Exception as e:  # a peer that cannot run here is reported with its reason
+            rows.append({"method": label, "metric": None, "seconds": None, "error": f"{type(e).__name__}: {e}"[:160]})
+    return rows
+
+
 def int4_rows(model: str, tmp: str, threads: int) -> list[dict]:
     w = zoo.load(model)
+    gptq = preset("int4-gptq", w.layer_shapes)
+    old = Recipe.from_dict({**gptq.to_dict(), "name": "gptq-damp0.01", "weights": {**gptq.weights.to_dict(),
+                                                                                   "gptq": {"damp": 0.01}}})
+    embeddings_float = {n: {"weights": None} for n, info in w.layers.items() if info.kind == "Embedding"}
     rows = [{"method": "FP32", "metric": float(w.fp32_metrics[w.task.headline]), "seconds": 0.0},
             _qcore_row(w, "qcore nearest (int4-weight-only)", preset("int4-weight-only", w.layer_shapes)),
-            _qcore_row(w, "qcore GPTQ (int4-gptq)", preset("int4-gptq", w.layer_shapes))]
-    return rows + ort_rows(w, tmp, threads)
+            _qcore_row(w, "qcore GPTQ (int4-gptq)", gptq),  # first: its time includes collecting the inputs
+            _qcore_row(w, "qcore GPTQ damp 0.01 (int4-gptq before)", old),
+            _qcore_row(w, "qcore GPTQ (int4-gptq), embeddings float", Recipe.from_dict(
+                {**gptq.to_dict(), "name": "gptq-linears", "layers": {**gptq.to_dict().get("layers", {}),
+                                                                      **embeddings_float}}))]
+    return rows + ort_rows(w, tmp, threads) + nncf_rows(w, tmp, threads)
 
 
 def int3_rows(iters: int | None) -> list[dict]:

@@ -19,6 +19,10 @@ def test_quick_rounding_benchmark_rows(monkeypatch):
     rtn = rows["ONNX Runtime MatMulNBits RTN"]
     assert rtn["metric"] == pytest.approx(nearest["metric"], abs=2 / 360)  # the same int4 g32 affine grid
     assert rows["ONNX Runtime MatMulNBits GPTQ"]["metric"] is not None
+    for peer in ("NNCF compress_weights (data-free), embeddings float",
+                 "NNCF compress_weights AWQ + scale estimation, embeddings float"):
+        assert rows[peer]["metric"] == pytest.approx(nearest["metric"], abs=3 / 360)  # int4 g32 asym, same model
+    assert rows["qcore GPTQ damp 0.01 (int4-gptq before)"]["metric"] >= nearest["metric"] - 1 / 360
     assert all(r["seconds"] is not None and r["seconds"] >= 0 for r in rows.values())
     int3 = {r["method"]: r for r in result["int3"]["rows"]}
     assert int3["FP32"]["metric"] == zoo.load("digits-cnn").fp32_metrics["accuracy"]

@@ -7,6 +7,8 @@ scales, zero-points), so every exporter writes it unchanged; collecting the data
 
 - ``gptq``     : GPTQ (Frantar et al. 2022), Hessian-based sequential rounding with error feedback;
 - ``adaround`` : AdaRound (Nagel et al. 2020), learned up/down rounding of each weight.
+- ``clip``     : the clipping range of each group searched on the layer's output error (AWQ's clip search),
+                 the grid GPTQ rounds onto with ``"gptq": {"clip": 20}``.
 
 Model-level transforms -- per-channel scales and bias shifts computed from statistics; finding where they fold
 and applying them is ``qcore.model.transforms``' job:

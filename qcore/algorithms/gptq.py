@@ -28,7 +28,9 @@ Choices, as the reference implementation (IST-DASLab/gptq) makes them:
   range (``spec.range`` on its current, error-updated weights) when the first of its columns is rounded
   -- in the natural order that is the group's first column, as the reference does; with act_order it
   is whichever of its columns comes first, so the groups stay contiguous in the stored layout
-  (MatMulNBits, safetensors) with no column permutation.
+  (MatMulNBits, safetensors) with no column permutation;
+- ``clip`` > 0: each range is then shrunk by the factor that minimises that group's output error
+  ``d^T H_gg d`` (``qcore.algorithms.clip``, AWQ's clip search) -- GPTQ rounds onto the searched grid.
 
 Conv weights are flattened to (C_out, C_in*kh*kw) and their inputs unfolded (``F.unfold``) to match; the
 caller builds H that way (``qcore.model.rounding``).
@@ -40,6 +42,7 @@ from contextlib import contextmanager
 
 import torch
 
+from qcore.algorithms.clip import clipped_params, hessian_blocks
 from qcore.algorithms.grid import block_params, check_roundable, make_grid
 from qcore.numerics.granularity import fan_in
 from qcore.numerics.quantize import QuantizedTensor, check_finite
@@ -85,10 +88,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 @one_thread()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: TensorSpec, damp: float = 0.01,
-                  act_order: bool = True, block_size: int = 128) -> QuantizedTensor:
+                  act_order: bool = True, block_size: int = 128, clip: int = 0) -> QuantizedTensor:
     """``weight`` (out, in) -- or (C_out, C_in, k...) read as (C_out, C_in*k...) -- quantized by GPTQ under
     ``spec`` (an integer format) with ``hessian`` (in, in) = sum of x x^T over the calibration input rows
-    (any positive multiple gives the same result). Returns the ``QuantizedTensor`` in ``quantize``'s layout."""
+    (any positive multiple gives the same result); ``clip`` the steps of the clipping search (0: none).
+    Returns the ``QuantizedTensor`` in ``quantize``'s layout."""
     shape = tuple(weight.shape)
     spec = spec.for_shape(shape)
     check_roundable(spec, shape)
@@ -101,13 +105,17 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: TensorSpec,
     H[dead, :] = 0
     H[:, dead] = 0
     H[dead, dead] = 1
+    h_blocks = hessian_blocks(H, spec, n)  # in the original column order
+
+    def params(w2, grp=slice(None)):  # (lo, hi, scale, zp) of the blocks of w2, its groups ``grp``
+        return clipped_params(spec, w2, h_blocks[grp], clip) if clip else block_params(spec, w2)
 
     g = spec.group_size if spec.granularity == "per_group" else n
     n_groups = n // g
     if spec.granularity == "per_group":  # chosen as the loop reaches each group
         lo, hi, scale, zp = (torch.zeros(out, n_groups) for _ in range(4))
     else:  # one range per row (per_channel) or for the whole tensor (per_tensor), from the original weight
-        lo, hi, scale, zp = (t.reshape(-1, 1).expand(out, 1).clone() for t in block_params(spec, W))
+        lo, hi, scale, zp = (t.reshape(-1, 1).expand(out, 1).clone() for t in params(W))
     has_params = torch.full((n_groups,), spec.granularity != "per_group")
 
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(n)
@@ -130,7 +138,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: TensorSpec,
                 inside = pos < i2
                 later = W[:, pos] - Err1[:, :i] @ U[i1:i1 + i][:, pos]  # beyond this block: its updates so far
                 current = torch.where(inside[None, :], W1[:, (pos - i1).clamp(max=i2 - i1 - 1)], later)
-                for t, v in zip((lo, hi, scale, zp), block_params(spec, current)):
+                for t, v in zip((lo, hi, scale, zp), params(current, slice(grp, grp + 1))):
                     t[:, grp] = v
                 has_params[grp] = True
             s, z = scale[:, grp], zp[:, grp]

@@ -17,6 +17,13 @@ asking for gptq/adaround on such a layer is a one-line ``QcoreError`` naming it.
 
 ``Rounder`` caches both per workload: the inputs by layer, the rounded weights by (layer, spec), so a
 sweep or a search that tries one spec on many recipes computes each rounding once.
+
+``"gptq": {"sequential": true}`` (GPTQ's reference quantizes a transformer block by block, each from the
+outputs of the blocks already quantized): the layers with it are rounded in the order the model runs them,
+each from inputs collected on a copy of the float model whose earlier sequential layers already hold their
+rounded weights -- so a layer's rounding also corrects the error the layers before it made. Other layers
+(nearest, not sequential) stay float in that copy. A sequential rounding is cached by (layer, spec, the
+sequential layers before it and their specs).
 """
 
 from __future__ import annotations
@@ -134,11 +141,23 @@ def collect_inputs(model: nn.Module, kinds: Mapping[str, str], batches: list[tup
     return found
 
 
+def execution_order(model: nn.Module, names: list[str], batch: tuple) -> list[str]:
+    """``names`` in the order ``model`` first calls them on ``batch`` (layers never called: last, as given)."""
+    modules, seen = dict(model.named_modules()), []
+
+    def hook(name):
+        return lambda module, args: None if name in seen else seen.append(name)
+
+    with temporary_hooks(pre=[(modules[n], hook(n)) for n in names]), torch.no_grad():
+        model(*batch)
+    return seen + [n for n in names if n not in seen]
+
+
 def round_weight(weight: torch.Tensor, spec: TensorSpec, inputs: LayerInputs) -> QuantizedTensor:
     """``weight`` quantized under ``spec`` by its rounding algorithm from the layer's ``inputs``."""
     if spec.rounding == "gptq":
         o = spec.gptq
-        return gptq_quantize(weight, inputs.hessian, spec, o.damp, o.act_order, o.block_size)
+        return gptq_quantize(weight, inputs.hessian, spec, o.damp, o.act_order, o.block_size, o.clip)
     o = spec.adaround
     rows = inputs.samples if inputs.samples is not None else torch.zeros(0, weight[0].numel())
     return adaround(weight, rows, spec, o.iters, o.reg)
@@ -163,7 +182,10 @@ class Rounder:
         specs = {n: s for n, s in specs.items() if s.rounding != "nearest"}
         for n, s in specs.items():
             check_roundable_layer(n, self.modules[n], self.kinds[n], s.rounding)
+        sequential = {n: s for n, s in specs.items() if s.rounding == "gptq" and s.gptq.sequential}
+        specs = {n: s for n, s in specs.items() if n not in sequential}
         with self._lock:
+            done = self.sequential_weights(sequential, progress, should_stop) if sequential else {}
             todo = [n for n, s in specs.items() if (n, s) not in self.rounded]
             self.layer_inputs(todo, {n for n in todo if specs[n].rounding == "adaround"},
                               None if progress is None else lambda f: progress(0.2 * f, "collecting layer inputs"))
@@ -173,7 +195,33 @@ class Rounder:
                 if progress:
                     progress(0.2 + 0.8 * i / len(todo), f"{specs[n].rounding}: {n}")
                 self.rounded[n, specs[n]] = round_weight(self.modules[n].weight.detach(), specs[n], self.inputs[n])
-            return {n: self.rounded[n, s] for n, s in specs.items()}
+            return {**done, **{n: self.rounded[n, s] for n, s in specs.items()}}
+
+    def sequential_weights(self, specs: Mapping[str, TensorSpec], progress=None, should_stop=None) -> dict:
+        """Layer -> its weight rounded under ``specs[layer]``, in execution order, each from inputs of a copy
+        of the model whose earlier layers of ``specs`` hold their rounded weights (see the module docstring)."""
+        batches = self.batches()
+        if not batches:
+            raise QcoreError("rounding gptq learns from calibration data, and this workload has none; "
+                             "provide a data file, or use rounding nearest")
+        private = copy.deepcopy(self.model).eval()
+        modules = dict(private.named_modules())
+        order = execution_order(private, list(specs), batches[0])
+        prior, found = (), {}
+        for i, n in enumerate(order):
+            key = (n, specs[n], prior)
+            if key not in self.rounded:
+                if should_stop and should_stop():
+                    raise RoundingCancelled("the rounding was cancelled; run it again to finish")
+                if progress:
+                    progress(i / len(order), f"gptq (sequential): {n}")
+                inputs = collect_inputs(private, {n: self.kinds[n]}, batches, set())[n]
+                self.rounded[key] = round_weight(self.modules[n].weight.detach(), specs[n], inputs)
+            found[n] = self.rounded[key]
+            with torch.no_grad():
+                modules[n].weight.copy_(found[n].dequantize().reshape(modules[n].weight.shape))
+            prior += ((n, specs[n]),)
+        return found
 
     def layer_inputs(self, names, samples: set[str] = frozenset(),
                      progress: Callable[[float], None] | None = None) -> dict[str, LayerInputs]:

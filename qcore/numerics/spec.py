@@ -26,11 +26,16 @@ INT8_COMPUTE_BLOCKS = (16, 32, 64, 128, 256)  # the group sizes ONNX Runtime's i
 class GPTQOptions:
     """``"gptq": {...}`` of a weight spec (``qcore.algorithms.gptq``): ``damp`` the Hessian damping as a fraction
     of its mean diagonal, ``act_order`` round the most-used input columns first, ``block_size`` columns per
-    lazy update."""
+    lazy update, ``clip`` the steps of the clipping grid searched per group on the output error (0: the range
+    ``spec.range`` gives; ``qcore.algorithms.clip``), ``sequential`` round layers in execution order, each
+    from the inputs of the model with the earlier ones already rounded (``qcore.model.rounding``). ``clip`` 0 and
+    ``sequential`` false are left out of JSON (recipes written before them keep their JSON)."""
 
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
+    clip: int = 0
+    sequential: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ class AdaRoundOptions:
 
 
 ROUNDING_OPTIONS = {"gptq": GPTQOptions, "adaround": AdaRoundOptions}  # rounding -> its options' type
-LIMITS = {("gptq", "damp"): (0, 1), ("gptq", "block_size"): (1, 2**16), ("adaround", "iters"): (1, 100_000),
+LIMITS = {("gptq", "damp"): (0, 1), ("gptq", "block_size"): (1, 2**16), ("gptq", "clip"): (0, 100),
+          ("adaround", "iters"): (1, 100_000),
           ("adaround", "reg"): (0, 1e3)}  # (exclusive low for damp, else inclusive low; inclusive high)
 
 
@@ -131,6 +137,9 @@ class TensorSpec:
         for key in ROUNDING_OPTIONS:
             if d[key] is None:
                 del d[key]
+        for key, default in (("clip", 0), ("sequential", False)):  # recipes written before them keep their JSON
+            if key in d.get("gptq", {}) and d["gptq"][key] == default:
+                del d["gptq"][key]
         return d
 
     def for_shape(self, shape: tuple[int, ...]) -> "TensorSpec":

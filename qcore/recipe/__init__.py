@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
     "fp8": {"weights": {"format": "fp8_e4m3", "granularity": "per_channel", "scaled": True},
             "activations": {"format": "fp8_e4m3", "scaled": True, "dynamic": True}},
     "int4-gptq": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
-                              "range": "minmax", "rounding": "gptq"}, "activations": None},
+                              "range": "minmax", "rounding": "gptq", "gptq": {"damp": 0.1}}, "activations": None},
     "int3-adaround": {"weights": {"format": "int3", "granularity": "per_channel", "symmetric": True, "range": "minmax",
                                   "rounding": "adaround"}, "activations": None},
     "int4-awq": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False, "range": "minmax"},
@@ -77,7 +77,8 @@ PRESET_DESCRIPTIONS = {
     "int4-weight-only": "int4 affine weights in groups of 32 along the input dimension, float activations",
     "nf4": "4-bit NormalFloat weights, absmax per block of 64 (QLoRA), float activations",
     "fp8": "FP8 E4M3 weights scaled per channel; FP8 E4M3 activations scaled per batch",
-    "int4-gptq": "int4 affine weights in groups of 32, rounded by GPTQ on the calibration data, float activations",
+    "int4-gptq": "int4 affine weights in groups of 32, rounded by GPTQ (damping 0.1) on the calibration data, "
+                 "float activations",
     "int3-adaround": "int3 per-channel symmetric weights, rounded by AdaRound on the calibration data, float activations",
     "int4-awq": "int4-weight-only after AWQ's activation-aware per-channel scales (folded into the preceding layer)",
     "w8a8-smoothquant": "int8-static after SmoothQuant (alpha 0.5) moves activation outliers into the weights",

@@ -77,3 +77,28 @@ def test_links_round_trip_the_rounding_keys(layers):
     nearest = Recipe.from_dict({**preset("int8-weight-only").to_dict(), "layers": {"fc1": {"weights": W4 | {"rounding": "gptq"}}}})
     name, overrides = compact(TOY, nearest)
     assert build_recipe(TOY, name, overrides).resolve(TOY.layer_shapes) == nearest.resolve(TOY.layer_shapes)
+
+
+@pytest.mark.parametrize("gptq,message", [
+    ({"clip": -1}, "weights.gptq.clip=-1 must be an integer in [0, 100]"),
+    ({"clip": 2.5}, "weights.gptq.clip=2.5 must be an integer"),
+    ({"clip": True}, "weights.gptq.clip=True must be an integer"),
+    ({"sequential": "yes"}, "weights.gptq.sequential='yes' must be true or false"),
+])
+def test_clip_and_sequential_are_validated_in_one_line(gptq, message):
+    with pytest.raises(QcoreError) as e:
+        Recipe.from_dict({"weights": {**W4, "rounding": "gptq", "gptq": gptq}})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_clip_and_sequential_at_their_defaults_leave_the_json_as_before():
+    """A GPTQ recipe written before ``clip``/``sequential`` existed reads back to the same JSON and hash."""
+    old = {"name": "old", "weights": {**W4, "rounding": "gptq", "gptq": {"damp": 0.01, "act_order": True,
+                                                                        "block_size": 128}}, "activations": None}
+    r = Recipe.from_dict(old)
+    assert r.weights.to_dict()["gptq"] == {"damp": 0.01, "act_order": True, "block_size": 128}
+    explicit = Recipe.from_dict({**old, "weights": {**old["weights"], "gptq": {"clip": 0, "sequential": False}}})
+    assert explicit == r and explicit.to_json() == r.to_json()
+    on = TensorSpec.from_dict({**W4, "rounding": "gptq", "gptq": {"clip": 20, "sequential": True}})
+    assert on.gptq == GPTQOptions(clip=20, sequential=True)
+    assert on.to_dict()["gptq"] == {"damp": 0.01, "act_order": True, "block_size": 128, "clip": 20, "sequential": True}
