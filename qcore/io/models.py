@@ -62,8 +62,13 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     weight_only: bool = False  # input hooks cannot run (TorchScript): weight quantization only
     task_kind: str | None = None  # "classification" | "embedding" when known (zoo models)
-    final_activation: str | None = None  # "sigmoid" | "softmax" when the graph's first output ends in one
+    output_activations: tuple[str | None, ...] = ()  # per output: "sigmoid" | "softmax" when it ends in one, else None
     input_names: tuple[str, ...] | None = None  # the graph's input names, in order (matched by name in .npz data)
+
+    @property
+    def final_activation(self) -> str | None:
+        """How the first output (the one scored) ends: "sigmoid" | "softmax" | None."""
+        return self.output_activations[0] if self.output_activations else None
 
 
 

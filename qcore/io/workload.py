@@ -77,20 +77,35 @@ def _fidelity_task() -> Task:
 
 
 def infer_output_kind(sample_shape: tuple[int, ...], final_activation: str | None, has_labels: bool,
-                      known: str | None = None, unit_rows: bool = False) -> tuple[str, str]:
+                      known: str | None = None, unit_rows: bool = False,
+                      other_activations: tuple[str | None, ...] = ()) -> tuple[str, str]:
     """(kind, why) for an output with per-sample shape ``sample_shape``, in this order: the model's own task
     (zoo models); probabilities if the graph ends in a Sigmoid or Softmax; an embedding if, without labels,
     every FP32 output row has unit L2 length (``unit_rows``: an L2-normalised embedding, which logits
-    practically never are); class logits if the output is (N, C) with C >= 2; a regression value if it is
+    practically never are); regression values if, without labels, the output is (N, C) with no activation
+    while another output of the model (``other_activations``: how the model's other outputs end) ends in a
+    Sigmoid or Softmax; class logits if the output is (N, C) with C >= 2; a regression value if it is
     one number per sample; otherwise an embedding (compared with FP32 by cosine) -- detection maps and
     sequence logits look like embeddings by shape alone, so they are chosen by the user (``--output-kind``,
-    the sidebar)."""
+    the sidebar).
+
+    Why a raw (N, C) head beside a Sigmoid/Softmax head is regression: a model with several heads that turns
+    one into probabilities has put its class (or presence) scores there -- a detector's face probability
+    beside its box offsets and landmarks (MTCNN), an objectness score beside box coordinates -- so the heads
+    it leaves raw are values to regress, not logits whose argmax means anything. A model that returns raw
+    logits beside probabilities of the same classes is rare and its user sets ``--output-kind``."""
     if known:
         return known, "the model's own task"
     if final_activation:
         return "probabilities", f"inferred from the final {final_activation.capitalize()}"
     if unit_rows and not has_labels and len(sample_shape) == 1 and sample_shape[0] >= 2:
         return "embedding", f"inferred from output rows of unit length (an L2-normalised embedding, N x {sample_shape[0]})"
+    activated = [(i, a) for i, a in enumerate(other_activations, start=2) if a]
+    if activated and not has_labels and len(sample_shape) == 1:
+        i, a = activated[0]
+        return "regression", (f"inferred from the output shape (N, {sample_shape[0]}) without an activation while "
+                              f"output {i} of the model ends in a {a.capitalize()}: its probabilities are the class "
+                              "scores, so this head holds values to regress (box offsets, say)")
     if len(sample_shape) == 1 and sample_shape[0] >= 2:
         return "classification", (f"inferred from the output shape (N, {sample_shape[0]})"
                                    + (" and the labels in the data" if has_labels else ""))
@@ -121,7 +136,8 @@ def _choose_task(output_kind: str | None, loaded: LoadedModel, reference: torch.
     rows = reference.reshape(len(reference), -1).double().norm(dim=1) if reference.ndim == 2 else None
     unit = rows is not None and len(rows) > 0 and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-3))
     kind, why = (output_kind, "set by you") if output_kind else \
-        infer_output_kind(sample, loaded.final_activation, labels is not None, loaded.task_kind, unit)
+        infer_output_kind(sample, loaded.final_activation, labels is not None, loaded.task_kind, unit,
+                          loaded.output_activations[1:])
     activation = _probability_activation(reference, loaded.final_activation) if kind == "probabilities" else None
     if labels is not None and (kind == "classification" or activation == "softmax"):
         n_classes = sample[-1]

