@@ -15,7 +15,7 @@ moment of a shared machine hits every row alike):
 Columns: best / median ms and the p10-p90 at batch 1 and at the batch size (measured), file size and its ratio
 to FP32, the headline metric on the evaluation set, the precision the runtime reported, and a roofline
 ESTIMATE (``qcore.analysis.roofline`` on the "this-machine" profile) for the project's recipes. The notes say,
-per OpenVINO int8 row, how many of its FullyConnected (Linear) nodes and attention blocks OpenVINO compiled
+per OpenVINO int8 row, how many of its FullyConnected (Linear) nodes and fused Subgraphs OpenVINO compiled
 into int8 kernels (``qcore.export.profile.openvino_kernels``) and name the kernels. NNCF missing:
 its rows are skipped and the table says so. Quick mode: digits-mlp, short timing (the test suite runs it).
 """
@@ -174,9 +174,9 @@ def _project_recipes(w, quick: bool) -> list[tuple[str, Recipe]]:
 
 
 def _kernel_summary(rows: list[dict]) -> str:
-    """'30 of 36 FullyConnected in int8, 6 of 6 attention blocks (Subgraph) in bf16; kernels: ...'."""
+    """'FullyConnected (Linear): 30 of 36 in int8, 6 of 36 in bf16; fused Subgraphs ...: 6 of 6 in bf16 (kernels: ...)'."""
     parts = []
-    for op, what in (("FullyConnected", "FullyConnected (Linear)"), ("Subgraph", "attention blocks (Subgraph)")):
+    for op, what in (("FullyConnected", "FullyConnected (Linear)"), ("Subgraph", "fused Subgraphs (attention, eltwise chains)")):
         mine = [r for r in rows if r["op"] == op]
         if mine:
             by = {p: sum(r["precision"] == p for r in mine) for p in dict.fromkeys(r["precision"] for r in mine)}

@@ -52,14 +52,15 @@ def _openvino_precision(node_type: str, exec_type: str) -> str:
 
 def group_ops(events: list[tuple[str, str, float]], runs: int) -> list[dict]:
     """``events`` (op type, precision, microseconds) summed over ``runs`` calls -> rows per (op, precision):
-    {"op", "precision", "nodes" (events per run), "ms" (per run), "share"}, largest first."""
+    {"op", "precision", "nodes" (events per run, rounded up: a node OpenVINO runs in only some calls counts),
+    "ms" (per run), "share"}, largest first."""
     total_us: dict = defaultdict(float)
     count: dict = defaultdict(int)
     for op, precision, us in events:
         total_us[(op, precision)] += us
         count[(op, precision)] += 1
     everything = sum(total_us.values()) or 1.0
-    rows = [{"op": op, "precision": p, "nodes": count[(op, p)] // runs, "ms": us / runs / 1e3, "share": us / everything}
+    rows = [{"op": op, "precision": p, "nodes": -(-count[(op, p)] // runs), "ms": us / runs / 1e3, "share": us / everything}
             for (op, p), us in total_us.items()]
     return sorted(rows, key=lambda r: -r["ms"])
 
