@@ -174,9 +174,11 @@ def _project_recipes(w, quick: bool) -> list[tuple[str, Recipe]]:
 
 
 def _kernel_summary(rows: list[dict]) -> str:
-    """'FullyConnected (Linear): 30 of 36 in int8, 6 of 36 in bf16; fused Subgraphs ...: 6 of 6 in bf16 (kernels: ...)'."""
+    """'FullyConnected (Linear): 30 of 36 in int8, 6 of 36 in bf16; fused Subgraphs ...: 6 of 6 in bf16
+    (kernels: ...)'."""
     parts = []
-    for op, what in (("FullyConnected", "FullyConnected (Linear)"), ("Subgraph", "fused Subgraphs (attention, eltwise chains)")):
+    for op, what in (("FullyConnected", "FullyConnected (Linear)"),
+                     ("Subgraph", "fused Subgraphs (attention, eltwise chains)")):
         mine = [r for r in rows if r["op"] == op]
         if mine:
             by = {p: sum(r["precision"] == p for r in mine) for p in dict.fromkeys(r["precision"] for r in mine)}

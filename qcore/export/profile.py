@@ -60,7 +60,8 @@ def group_ops(events: list[tuple[str, str, float]], runs: int) -> list[dict]:
         total_us[(op, precision)] += us
         count[(op, precision)] += 1
     everything = sum(total_us.values()) or 1.0
-    rows = [{"op": op, "precision": p, "nodes": -(-count[(op, p)] // runs), "ms": us / runs / 1e3, "share": us / everything}
+    rows = [{"op": op, "precision": p, "nodes": -(-count[(op, p)] // runs), "ms": us / runs / 1e3,
+             "share": us / everything}
             for (op, p), us in total_us.items()]
     return sorted(rows, key=lambda r: -r["ms"])
 
