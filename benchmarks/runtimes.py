@@ -10,9 +10,13 @@ moment of a shared machine hits every row alike):
   AMX / AVX-512 BF16); NNCF ``quantize`` (INT8, calibrated on the calibration inputs) and NNCF weight
   compression (INT8 asymmetric, INT4 symmetric per group of 32); the project's exports, default hint;
 - torch.ao ``quantize_dynamic`` (int8 Linear).
+- the project's int8-static with the inputs of BERT's FFN output layers (``*.output.dense`` after the GELU,
+  whose inputs have 98-171x outliers) kept float: the mixed recipe that reaches NNCF INT8's cosine;
 Columns: best / median ms and the p10-p90 at batch 1 and at the batch size (measured), file size and its ratio
 to FP32, the headline metric on the evaluation set, the precision the runtime reported, and a roofline
-ESTIMATE (``qcore.analysis.roofline`` on the "this-machine" profile) for the project's recipes. NNCF missing:
+ESTIMATE (``qcore.analysis.roofline`` on the "this-machine" profile) for the project's recipes. The notes say,
+per OpenVINO int8 row, how many of its FullyConnected (Linear) nodes and fused Subgraphs OpenVINO compiled
+into int8 kernels (``qcore.export.profile.openvino_kernels``) and name the kernels. NNCF missing:
 its rows are skipped and the table says so. Quick mode: digits-mlp, short timing (the test suite runs it).
 """
 
@@ -35,6 +39,7 @@ from qcore.analysis.roofline import roofline
 from qcore.export import export, export_qdq
 from qcore.export.bench import interleaved_times_ms, spread
 from qcore.export.openvino import openvino_session
+from qcore.export.profile import openvino_kernels
 from qcore.export.sessions import feed, run_onnx, session
 from qcore.hardware import cpu_features, cpu_name
 from qcore.recipe import Recipe
@@ -112,13 +117,15 @@ def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float,
     ort_dyn = os.path.join(tmp, "ort-dynamic.onnx")
     _quiet(quantize_dynamic, fp32_path, ort_dyn, weight_type=QuantType.QInt8, per_channel=True)
     add("onnxruntime", "quantize_dynamic (per_channel)", ort_dyn, session(ort_dyn, threads))
-    for name in RECIPES[:1] if quick else RECIPES:
-        recipe = preset(name, w.layer_shapes)
-        path = os.path.join(tmp, f"{name}.onnx")
+    int8_files = {}
+    for name, recipe in _project_recipes(w, quick):
+        path = os.path.join(tmp, f"{name.replace(' ', '_').replace(',', '')}.onnx")
         export(w, recipe, "onnx", path)
         est = roofline(w, recipe, "this-machine", batch_size).total.latency_ms
         add("onnxruntime", f"qcore {name}", path, session(path, threads), estimate=est)
         add("openvino", f"qcore {name}, default hint", path, openvino_session(path, threads), estimate=est)
+        if recipe.activations is not None:
+            int8_files[f"qcore {name}"] = path
     nncf_paths, missing = ([], "quick mode: no NNCF rows") if quick else _nncf_rows(w, fp32_path, tmp, threads)
     if missing:
         notes.append(missing)
@@ -127,6 +134,11 @@ def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float,
             notes.append(f"{label}: {path}")
             continue
         add("openvino", label, path, openvino_session(path, threads))
+        if "INT8, calibrated" in label:
+            int8_files[label] = path
+    x = feed(w, w.evaluation.subset(slice(0, batch_size)))
+    notes += [f"OpenVINO kernels of {label}: {_kernel_summary(openvino_kernels(path, x, threads))}"
+              for label, path in int8_files.items()]
     model = copy.deepcopy(w.model).eval()
     dyn = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     pt = os.path.join(tmp, "torch.pt")
@@ -146,6 +158,33 @@ def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float,
     for r in rows:
         r["size MiB"], r["size / FP32"] = r["size"] / 2**20, r.pop("size") / base
     return rows, notes
+
+
+def _project_recipes(w, quick: bool) -> list[tuple[str, Recipe]]:
+    """(label, recipe) of the project's exports: the RECIPES presets, and on a BERT-like model int8-static with
+    the FFN output layers' inputs (``encoder.layer.N.output.dense``) kept float (quick mode: int8-static only)."""
+    out = [(name, preset(name, w.layer_shapes)) for name in (RECIPES[:1] if quick else RECIPES)]
+    ffn_out = [n for n in w.layers if n.endswith(".output.dense") and ".attention." not in n]
+    if ffn_out and not quick:
+        mixed = preset("int8-static", w.layer_shapes)
+        for n in ffn_out:
+            mixed = mixed.with_layer(n, {"activations": None})
+        out.insert(1, ("int8-static, FFN-out inputs fp32", mixed))
+    return out
+
+
+def _kernel_summary(rows: list[dict]) -> str:
+    """'FullyConnected (Linear): 30 of 36 in int8, 6 of 36 in bf16; fused Subgraphs ...: 6 of 6 in bf16
+    (kernels: ...)'."""
+    parts = []
+    for op, what in (("FullyConnected", "FullyConnected (Linear)"),
+                     ("Subgraph", "fused Subgraphs (attention, eltwise chains)")):
+        mine = [r for r in rows if r["op"] == op]
+        if mine:
+            by = {p: sum(r["precision"] == p for r in mine) for p in dict.fromkeys(r["precision"] for r in mine)}
+            parts.append(f"{what}: " + ", ".join(f"{n} of {len(mine)} in {p}" for p, n in by.items()))
+    kernels = sorted({r["kernel"] for r in rows if r["op"] in ("FullyConnected", "Subgraph")})
+    return "; ".join(parts) + f" (kernels: {', '.join(kernels)})"
 
 
 def _size(path: str) -> int:
@@ -177,8 +216,10 @@ def measure(argv=None) -> dict:
              if f in cpu_features()]
     missing = [f for f in ("avx512_vnni", "amx_int8", "avx512_bf16") if f not in cpu_features()]
     if missing:
-        notes.append(f"this CPU lacks {', '.join(missing)}: int8 kernels run without VNNI/AMX and OpenVINO's default "
-                     "hint stays f32 where bf16 is missing")
+        notes.append(f"this CPU lacks {', '.join(missing)}: the int8 kernels named above are not AMX/VNNI ones "
+                     "(without avx512_vnni/avx_vnni, u8 x s8 products go through AVX2 vpmaddubsw with 16-bit "
+                     "intermediate sums, in ONNX Runtime's MatMulIntegerToFloat and OpenVINO's FullyConnected "
+                     "alike), and OpenVINO's default hint stays f32 where bf16 is missing")
     return {"model": name, "metric": w.task.headline, "threads": args.threads, "batch_size": args.batch_size,
             "cpu": cpu_name(), "features": flags, "rows": rows, "notes": notes}
 

@@ -30,6 +30,8 @@ def test_runtimes_quick_rows_are_measured_on_both_runtimes(result):
     assert abs(rows[("openvino", "qcore int8-static, default hint")]["accuracy"] - ours["accuracy"]) <= 1 / len(w.evaluation)
     for r in result["rows"]:
         assert 0 < r["batch 1 best ms"] <= r["batch 1 median ms"] and 0 < r["batch B best ms"] <= r["batch B median ms"]
+    kernels = [n for n in result["notes"] if n.startswith("OpenVINO kernels of qcore int8-static:")]
+    assert len(kernels) == 1 and "FullyConnected (Linear): " in kernels[0]  # what OpenVINO compiled, per int8 file
     assert "avx2" in result["features"] or result["notes"]  # the CPU's flags, or what it lacks, are stated
 
 

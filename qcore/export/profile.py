@@ -9,6 +9,10 @@ Both return ``group_ops`` rows: per op type, the total time (ms per run, summed 
 share, how many nodes, and the precision it computed in ("int8", "int4/int8 weights, float compute",
 "bf16", "f32", "data movement"): the time that is not in int8 kernels is what a quantized recipe cannot
 speed up. Times are measured on this CPU (averaged over ``runs`` calls after one warm-up call).
+
+``openvino_kernels`` lists, without timing, the kernel OpenVINO compiled for each matrix product
+(FullyConnected = a Linear, MatMul, Convolution, and ``Subgraph``: a fused attention block) and the precision
+it reads its input in: which of the file's matrix products its low-precision transformations turned into int8.
 """
 
 from __future__ import annotations
@@ -48,14 +52,16 @@ def _openvino_precision(node_type: str, exec_type: str) -> str:
 
 def group_ops(events: list[tuple[str, str, float]], runs: int) -> list[dict]:
     """``events`` (op type, precision, microseconds) summed over ``runs`` calls -> rows per (op, precision):
-    {"op", "precision", "nodes" (events per run), "ms" (per run), "share"}, largest first."""
+    {"op", "precision", "nodes" (events per run, rounded up: a node OpenVINO runs in only some calls counts),
+    "ms" (per run), "share"}, largest first."""
     total_us: dict = defaultdict(float)
     count: dict = defaultdict(int)
     for op, precision, us in events:
         total_us[(op, precision)] += us
         count[(op, precision)] += 1
     everything = sum(total_us.values()) or 1.0
-    rows = [{"op": op, "precision": p, "nodes": count[(op, p)] // runs, "ms": us / runs / 1e3, "share": us / everything}
+    rows = [{"op": op, "precision": p, "nodes": -(-count[(op, p)] // runs), "ms": us / runs / 1e3,
+             "share": us / everything}
             for (op, p), us in total_us.items()]
     return sorted(rows, key=lambda r: -r["ms"])
 
@@ -97,3 +103,29 @@ def openvino_profile(path: str, feed: dict, threads: int = 1, runs: int = 10, pr
         events += [(p.node_type, _openvino_precision(p.node_type, p.exec_type), p.real_time.total_seconds() * 1e6)
                    for p in request.profiling_info if p.status == p.Status.EXECUTED]
     return group_ops(events, runs)
+
+
+_MATRIX_OPS = ("FullyConnected", "MatMul", "Convolution", "Deconvolution", "Subgraph")
+
+
+def openvino_kernels(path: str, feed: dict, threads: int = 1, precision: str = "default") -> list[dict]:
+    """Per matrix product of OpenVINO's compiled graph of ``path``, in execution order, after one call on
+    ``feed`` (a file with a dynamic batch gets its kernels at the first call): {"node" (its name in the
+    compiled graph), "op" (layer type), "kernel" (e.g. ``brgemm_avx512_amx_i8``), "precision" (what the kernel
+    computes in, as in ``openvino_profile``: "int8", "bf16", "f32")}, read from the compiled model's runtime
+    graph (``get_runtime_model``)."""
+    import openvino as ov
+
+    config = {"INFERENCE_NUM_THREADS": threads, "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    if precision != "default":
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    compiled.create_infer_request().infer(feed)
+    rows = []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind, kernel = info["layerType"].astype(str), info["primitiveType"].astype(str)
+        if kind in _MATRIX_OPS:
+            rows.append({"node": op.get_friendly_name(), "op": kind, "kernel": kernel,
+                         "precision": _openvino_precision(kind, kernel)})
+    return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("openvino")
 
@@ -20,6 +21,7 @@ from qcore.export import bench as bench_module  # noqa: E402
 from qcore.export import export_qdq  # noqa: E402
 from qcore.export.bench import bench  # noqa: E402
 from qcore.export.openvino import openvino_session, save_ir  # noqa: E402
+from qcore.export.profile import openvino_kernels  # noqa: E402
 from qcore.export.sessions import feed, session  # noqa: E402
 from qcore.recipe import preset  # noqa: E402
 
@@ -92,3 +94,47 @@ def test_bench_on_openvino_interleaves_and_labels_the_precision(digits_mlp, monk
     assert abs(r.quantized.metrics["openvino"] - r.quantized.metrics["onnxruntime"]) <= 2 / len(digits_mlp.evaluation)
     with pytest.raises(QcoreError, match="runtime"):
         bench(digits_mlp, preset("fp16"), runtime="tensorrt")
+
+
+class TinyBertLayer(torch.nn.Module):
+    """One post-LN BERT encoder layer (2 heads): q/k/v, softmax attention, output dense + residual + LayerNorm,
+    GELU FFN + residual + LayerNorm; the embedding is the mean over tokens."""
+
+    def __init__(self, d=32, ff=64):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+
+    def forward(self, x):  # x (B, T, d)
+        b, t, d = x.shape
+        heads = lambda y: y.view(b, t, 2, d // 2).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // 2) ** 0.5, -1) @ v
+        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(b, t, d)))
+        return self.ln2(x + self.down(torch.nn.functional.gelu(self.up(x)))).mean(1)
+
+
+def test_openvino_runs_every_linear_of_an_int8_static_bert_layer_in_int8_and_computes_the_simulation(tmp_path):
+    """The QDQ pattern the export writes (int8 codes + DequantizeLinear on weights, QuantizeLinear/DequantizeLinear
+    with the calibrated scale and zero-point on each Linear's input) is what OpenVINO's low-precision
+    transformations fuse: every one of the 6 Linears compiles to an int8 FullyConnected (read from OpenVINO's
+    runtime graph), and the output equals the simulation within the tolerance ONNX Runtime's int8 kernels meet
+    on the same file (1 % of the largest output; oracle: the PyTorch simulation)."""
+    from qcore.model.task import output_task
+    from qcore.model.workload import Data, Workload
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, 32) * 2 + 0.5
+    w = Workload("t", TinyBertLayer().eval(), Data((x,)), Data((x,)), output_task("embedding", (32,), False, "test"))
+    recipe = preset("int8-static", w.layer_shapes)
+    path = str(tmp_path / "m.onnx")
+    export_qdq(w, recipe, path)
+    fcs = [r for r in openvino_kernels(path, {"input_0": x.numpy()}, precision="f32") if r["op"] == "FullyConnected"]
+    assert len(fcs) == 6 and all(r["precision"] == "int8" for r in fcs), fcs
+    with torch.no_grad():
+        ref = w.simulate(recipe).model(x).numpy()
+    tol = 1e-2 * np.abs(ref).max()
+    assert np.abs(session(path, 1).run(None, {"input_0": x.numpy()})[0] - ref).max() <= tol  # ONNX Runtime meets it
+    out = openvino_session(path, 1, "f32").run(None, {"input_0": x.numpy()})[0]
+    assert np.abs(out - ref).max() <= tol
