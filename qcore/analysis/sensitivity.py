@@ -248,7 +248,7 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
         base_outputs, record = runner.run(record=recorded_names, layer_hooks=hooks)
         stats.update({k: e.row() for k, e in errors.items()})
         base = {c: score(base_outputs) for c in candidates}
-        replay, stack = _check_replay(runner, replay, order, record, base_outputs, notes, step)
+        replay, stacks = _check_replay(runner, replay, order, record, base_outputs, notes, step)
         for n in layers:
             todo = [c for c in candidates if n in changed[c]]
             if not todo:
@@ -263,7 +263,7 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
                     runner.set_layer(n, errors[c].weight, _pre_hooks(quantizers[c][n], int8[c][n]))
                     outputs.append(runner.run(replay=replayed)[0])
                     runner.set_layer(n)
-            elif stack and len(todo) > 1:
+            elif len(todo) > 1 and stacks(len(todo)):
                 try:
                     outputs, _ = runner.run(replay=replayed, copies=len(todo), forwards={
                         n: _perturbed(runner, n, [errors[c] for c in todo])})
@@ -363,24 +363,30 @@ def _perturbed(runner: Runner, name: str, errors: list[LayerError]):
     return perturbed
 
 
-def _check_replay(runner, replay, order, record, base_outputs, notes, step) -> tuple[dict, bool]:
-    """Replaying must reproduce the base exactly (else recompute everything: ``replay`` emptied), and two
-    stacked copies of each batch must give the base twice bit for bit (else no stacking): (replay, stack)."""
+def _check_replay(runner, replay, order, record, base_outputs, notes, step) -> tuple[dict, Callable[[int], bool]]:
+    """Replaying must reproduce the base exactly (else recompute everything: ``replay`` emptied); and a run of k
+    stacked copies of each batch is used only if it gives the base k times bit for bit (checked once per k: matrix
+    kernels may round differently for another number of rows). Returns (replay, stacks(k) -> bool)."""
     step("checking prefix reuse")
     last = max(replay, key=lambda n: order[n][0]) if replay else None
     if last is None or not replay[last]:
-        return replay, True
+        return replay, lambda k: False
     replayed = {m: record[m] for m in replay[last]}
     again, _ = runner.run(replay=replayed)
     if not torch.allclose(again, base_outputs, rtol=1e-5, atol=1e-6 * float(base_outputs.abs().max())):
         notes.append("prefix reuse disabled: replaying recorded module outputs did not reproduce the "
                      "model (a module with state or side effects); every run recomputes the whole model")
-        return {n: [] for n in replay}, False
-    try:
-        twice, _ = runner.run(replay=replayed, copies=2)
-    except Unstackable:
-        return replay, False
-    return replay, all(torch.equal(t, again) for t in twice)
+        return {n: [] for n in replay}, lambda k: False
+    exact: dict[int, bool] = {}
+
+    def stacks(k: int) -> bool:
+        if k not in exact:
+            try:
+                exact[k] = all(torch.equal(t, again) for t in runner.run(replay=replayed, copies=k)[0])
+            except Unstackable:
+                exact[k] = False
+        return exact[k]
+    return replay, stacks
 
 
 def _rank(rows: list[dict], view: str) -> None:
