@@ -4,6 +4,8 @@ model-level numbers.
 ``rmse_over_step`` is the error of one quantized tensor in units of its grid step; ``LayerError`` accumulates,
 over the batches (and over every call of a layer called several times), the layer's output error with its
 weight and input quantized against its FP32 output on the same FP32 input, and its input's statistics.
+``measuring_hook`` adds a layer's calls in an FP32 run; ``perturbed_forward`` replaces a layer's forward in a
+run of the sweep's ``Runner`` so that each stacked copy of the batch gets one candidate's quantized layer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from qcore.numerics.granularity import to_blocks
 from qcore.numerics.metrics import sqnr_db_from_sums
 from qcore.numerics.quantize import QuantizedTensor, check_finite
+from qcore.analysis.replay import Unstackable
 
 
 def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
@@ -85,3 +88,31 @@ class LayerError:
         return {"layer_sqnr_db": sqnr_db_from_sums(self.signal, self.noise),
                 "input_rmse_over_step": math.sqrt(self.input_sq / n) if n else None,
                 "input_clipped_fraction": self.input_clipped / n if n else None}
+
+
+def measuring_hook(errors: list[LayerError], fp32_weight):
+    """A forward hook (with kwargs) adding each call of the FP32 layer to every ``LayerError`` of ``errors``."""
+    def hook(module, args, kwargs, output):
+        for e in errors:
+            e.add(module, module.forward, args, kwargs, output, fp32_weight)
+    return hook
+
+
+def perturbed_forward(runner, name: str, errors: list[LayerError]):
+    """A forward for layer ``name`` in a run with ``len(errors)`` copies of each batch: copy i computes the layer
+    quantized as ``errors[i]`` says, on its FP32 input, and adds the call to ``errors[i]``'s statistics. Each
+    copy's input must be the same FP32 tensor (view "only": nothing before the layer is quantized)."""
+    module = runner.layers[name]
+    forward, fp32_weight = module.forward, runner.fp32_weights[name]  # before the run replaces it
+
+    def perturbed(x, *args, **kwargs):
+        k, b = len(errors), runner.batch_size
+        if k > 1 and (x.dim() == 0 or x.shape[0] != k * b):
+            raise Unstackable(f"layer {name!r} got an input of shape {tuple(x.shape)} for {k} x {b} samples")
+        chunk = x[:b] if k > 1 else x
+        y = forward(chunk, *args, **kwargs)
+        outputs = [e.add(module, forward, (chunk, *args), kwargs, y, fp32_weight) for e in errors]
+        if k > 1 and any(not torch.is_tensor(o) or o.dim() == 0 or o.shape[0] != b for o in outputs):
+            raise Unstackable(f"layer {name!r} returns an output whose dim 0 is not the batch")
+        return torch.cat(outputs) if k > 1 else outputs[0]
+    return perturbed

@@ -22,12 +22,17 @@ the layer's own error with FP32 inputs: ``layer_sqnr_db`` (the layer's output qu
 layer (``"only"``: largest drop, then lowest SQNR) or the one whose float copy recovers most
 (``"all_but"``), per candidate.
 
-Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded model is changed in
-place (one layer's weight swapped in, then restored), each weight is quantized once per spec, the
-calibration statistics and FP32 reference outputs come from the workload, and each run replays the
-recorded outputs of every module that finished before the perturbed layer started (the unaffected
-prefix of the network) instead of recomputing it. A model whose cost per sample is large is swept on
-an evenly spaced subset of the evaluation data (``SWEEP_FLOPS``); the result says how many samples.
+Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded
+model runs every pass; each weight is quantized once per spec, the calibration statistics and FP32 reference
+outputs come from the workload, and each run replays the recorded outputs of every module that finished before
+the perturbed layer started (the unaffected prefix) instead of recomputing it. View ``"only"`` goes layer by
+layer: one FP32 run records the prefix outputs, then one run per layer computes all candidates of that layer
+at once, each on its own copy of the batch (stacked along dim 0; the layer's FP32 input is the same for every
+copy, so its own error is measured in that run too). Stacking is used only where a run of k copies reproduces
+the FP32 model k times bit for bit (else, and for a layer whose input is shared by the batch or whose weight is
+tied to another module, its candidates run one at a time), so every number equals a run of that one recipe.
+A model whose cost per sample is large is swept on an evenly spaced subset of the evaluation data
+(``SWEEP_FLOPS``); the result says how many samples.
 
 Results are cached per candidate in memory and on disk (``cache_dir``, default ``$QCORE_CACHE_DIR``
 or ``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (a hash of
@@ -56,7 +61,7 @@ from qcore.model.rounding import roundable
 from qcore.model.int8_compute import Int8ComputeInput, int8_compute_block
 from qcore.model.simulate import input_quantizer, needs_calibration
 from qcore.analysis import sweep_cache
-from qcore.analysis.layer_error import LayerError, rmse_over_step
+from qcore.analysis.layer_error import LayerError, measuring_hook, perturbed_forward, rmse_over_step
 from qcore.analysis.replay import Runner, Unstackable, call_order, replay_set, tied_modules
 from qcore.analysis.sweep_cache import cache_key
 from qcore.analysis.sweep_result import Score, Sweep, SweepRow, valid_entry
@@ -244,7 +249,7 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
     if view == "only":  # layer by layer, all candidates of a layer in one run (a copy of the batch each)
         step("FP32 run")
         errors = {(c, n): error(c, n) for c in candidates for n in changed[c] if n in tied}
-        hooks = {n: _measure([e for (_, m), e in errors.items() if m == n], runner.fp32_weights[n]) for n in tied}
+        hooks = {n: measuring_hook([e for (_, m), e in errors.items() if m == n], runner.fp32_weights[n]) for n in tied}
         base_outputs, record = runner.run(record=recorded_names, layer_hooks=hooks)
         stats.update({k: e.row() for k, e in errors.items()})
         base = {c: score(base_outputs) for c in candidates}
@@ -266,11 +271,11 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
             elif len(todo) > 1 and stacks(len(todo)):
                 try:
                     outputs, _ = runner.run(replay=replayed, copies=len(todo), forwards={
-                        n: _perturbed(runner, n, [errors[c] for c in todo])})
+                        n: perturbed_forward(runner, n, [errors[c] for c in todo])})
                 except Unstackable:
                     errors = {c: error(c, n) for c in todo}  # fresh statistics
             if outputs is None:  # one run per candidate
-                outputs = [runner.run(replay=replayed, forwards={n: _perturbed(runner, n, [errors[c]])})[0]
+                outputs = [runner.run(replay=replayed, forwards={n: perturbed_forward(runner, n, [errors[c]])})[0]
                            for c in todo]
             for c, out in zip(todo, outputs):
                 measured[c, n] = score(out)
@@ -283,7 +288,7 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
                 del weights[key]  # no later candidate uses this quantized weight
             step(f"{c}: layer errors")  # every layer recomputed quantized on its FP32 input (its own error)
             errors = {n: error(c, n) for n in changed[c]}
-            runner.run(layer_hooks={n: _measure([e], runner.fp32_weights[n]) for n, e in errors.items()})
+            runner.run(layer_hooks={n: measuring_hook([e], runner.fp32_weights[n]) for n, e in errors.items()})
             step(f"{c}: everything quantized")
             for n in changed[c]:
                 runner.set_layer(n, errors[n].weight, _pre_hooks(quantizers[c][n], int8[c][n]))
@@ -333,34 +338,6 @@ def _int8_input(name: str, kind: str, weights: TensorSpec | None) -> Int8Compute
 def _pre_hooks(aq, int8) -> tuple:
     """A layer's input hooks in the simulation's order: its input quantizer, then int8 compute's."""
     return tuple(h for h in (aq, int8) if h is not None)
-
-
-def _measure(errors: list[LayerError], fp32_weight):
-    """A forward hook (with kwargs) adding each call of the FP32 layer to every ``LayerError`` of ``errors``."""
-    def hook(module, args, kwargs, output):
-        for e in errors:
-            e.add(module, module.forward, args, kwargs, output, fp32_weight)
-    return hook
-
-
-def _perturbed(runner: Runner, name: str, errors: list[LayerError]):
-    """A forward for layer ``name`` in a run with ``len(errors)`` copies of each batch: copy i computes the layer
-    quantized as ``errors[i]`` says, on its FP32 input, and adds the call to ``errors[i]``'s statistics. Each
-    copy's input must be the same FP32 tensor (view "only": nothing before the layer is quantized)."""
-    module = runner.layers[name]
-    forward, fp32_weight = module.forward, runner.fp32_weights[name]  # before the run replaces it
-
-    def perturbed(x, *args, **kwargs):
-        k, b = len(errors), runner.batch_size
-        if k > 1 and (x.dim() == 0 or x.shape[0] != k * b):
-            raise Unstackable(f"layer {name!r} got an input of shape {tuple(x.shape)} for {k} x {b} samples")
-        chunk = x[:b] if k > 1 else x
-        y = forward(chunk, *args, **kwargs)
-        outputs = [e.add(module, forward, (chunk, *args), kwargs, y, fp32_weight) for e in errors]
-        if k > 1 and any(not torch.is_tensor(o) or o.dim() == 0 or o.shape[0] != b for o in outputs):
-            raise Unstackable(f"layer {name!r} returns an output whose dim 0 is not the batch")
-        return torch.cat(outputs) if k > 1 else outputs[0]
-    return perturbed
 
 
 def _check_replay(runner, replay, order, record, base_outputs, notes, step) -> tuple[dict, Callable[[int], bool]]:
