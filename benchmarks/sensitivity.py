@@ -179,7 +179,7 @@ def main(argv=None) -> str:
             "first compute the FP32 reference outputs and calibration (`shared`, included in both totals); ratio = naive "
             "total / cold sweep total on the same samples, median (range) over rounds, in wall time and in this process's "
             "CPU time. Forwards: calls of the repeated blocks' `forward` (an `nn.ModuleList`'s elements), else of the "
-            "layers' (the sweep's per-layer error run computes each layer twice).\n\n"
+            "layers' (a stacked run of k candidates' copies of a batch counts once).\n\n"
             + pd.DataFrame(table).to_markdown(index=False))
     print(text)
     return text
