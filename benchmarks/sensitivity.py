@@ -1,6 +1,6 @@
 """Sensitivity sweep speed: ``qcore.analysis.sensitivity.sweep`` next to the naive approach, in one run.
 
-    python -m benchmarks.sensitivity [--quick] [--models digits-mlp,digits-cnn,minilm-l6] [--rounds 2]
+    python -m benchmarks.sensitivity [--quick] [--models digits-mlp,digits-cnn,minilm-l6] [--rounds 2] [--threads N]
 
 For each model, every quantizable layer x 4 candidates (view "only", mode "both"):
 - shared: what both approaches need first, on a fresh workload: FP32 reference outputs and
@@ -14,13 +14,16 @@ Every run is measured (nothing extrapolated); the cold sweep and the naive loop 
 rounds and the table gives the median and the range of the per-round ratios, in wall time and in this
 process's CPU time (less sensitive to other processes sharing the cores). Forward passes are counted while
 timing: calls of the quantizable layers' ``forward`` and, for a model keeping its blocks in an
-``nn.ModuleList`` (minilm-l6's 6 BertLayers), calls of the block's ``forward``.
+``nn.ModuleList`` (minilm-l6's 6 BertLayers), calls of the block's ``forward`` (a stacked run of 4 candidates'
+copies of a batch counts once). ``--threads``: torch intra-op threads for the whole run (default: torch's own);
+the 1-minute load average is printed before and after each model.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -80,6 +83,7 @@ def bench_model(name: str, candidates: list[str], rounds: int) -> dict:
     import torch
 
     w = zoo.load(name)
+    load_before = os.getloadavg()[0]
     clear_memory_cache()
     _, shared, shared_cpu = _timed(lambda: (w.reference_outputs, w.calibration_stats()))
     layer_classes = sorted({type(m) for m in modules_by_name(w.model, w.layers).values()}, key=lambda c: c.__name__)
@@ -112,6 +116,9 @@ def bench_model(name: str, candidates: list[str], rounds: int) -> dict:
     return {"model": name, "layers": len(w.layers), "runs": len(rows), "timed": len(rows), "rounds": rounds,
             "samples": f"{n_sweep} of {n_eval}", "shared": shared, "memory": memory, "disk": disk,
             "cold": shared + statistics.median(s for s, _ in sweeps),
+            "cold_cpu": shared_cpu + statistics.median(c for _, c in sweeps),
+            "naive_cpu": shared_cpu + statistics.median(c for _, c in naives),
+            "load": (load_before, os.getloadavg()[0]),
             "naive_same": shared + statistics.median(n for n, _ in naives),
             "naive_full": shared + statistics.median(n for n, _ in naives) if n_sweep == n_eval else None,
             "ratio": statistics.median(ratios), "ratio_range": (min(ratios), max(ratios)),
@@ -128,12 +135,17 @@ def _args(argv):
     ap.add_argument("--quick", action="store_true", help="digits models only, one round")
     ap.add_argument("--models", default="digits-mlp,digits-cnn,minilm-l6")
     ap.add_argument("--rounds", type=int, default=2, help="alternating sweep / naive rounds per model")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     return ap.parse_args(argv)
 
 
 def measure(argv=None) -> list[dict]:
     """One row per model (``bench_model``: seconds, ratios, forward counts, and the sweep-vs-naive agreement)."""
     args = _args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     models = ["digits-mlp", "digits-cnn"] if args.quick else args.models.split(",")
     candidates = check_candidates(CANDIDATES)
     return [bench_model(name, candidates, 1 if args.quick else args.rounds) for name in models]
@@ -157,6 +169,8 @@ def main(argv=None) -> str:
             "sweep samples": r["samples"], "shared (s)": f"{r['shared']:.3g}", "cold sweep (s)": f"{r['cold']:.3g}",
             "from memory (ms)": f"{1e3 * r['memory']:.3g}", "from disk (ms)": f"{1e3 * r['disk']:.3g}",
             "naive, sweep's samples (s)": f"{r['naive_same']:.3g}",
+            "CPU s: sweep / naive": f"{r['cold_cpu']:.3g} / {r['naive_cpu']:.3g}",
+            "load average": f"{r['load'][0]:.1f} → {r['load'][1]:.1f}",
             "ratio (same samples)": f"{r['ratio']:.1f}x{spread}", "CPU-time ratio": f"{r['cpu_ratio']:.1f}x{cpu_spread}",
             "forwards: sweep / naive": f"{_forwards(r['sweep_forwards'], names)} / {_forwards(r['naive_forwards'], names)}",
             "max |sweep - naive| metric / SQNR dB": f"{r['max_metric_diff']:.2g} / {r['max_sqnr_diff_db']:.2g}"})
@@ -165,7 +179,7 @@ def main(argv=None) -> str:
             "first compute the FP32 reference outputs and calibration (`shared`, included in both totals); ratio = naive "
             "total / cold sweep total on the same samples, median (range) over rounds, in wall time and in this process's "
             "CPU time. Forwards: calls of the repeated blocks' `forward` (an `nn.ModuleList`'s elements), else of the "
-            "layers' (the sweep's per-layer error run computes each layer twice).\n\n"
+            "layers' (a stacked run of k candidates' copies of a batch counts once).\n\n"
             + pd.DataFrame(table).to_markdown(index=False))
     print(text)
     return text

@@ -2,8 +2,10 @@
 the unaffected prefix of the network instead of recomputing it.
 
 ``Runner`` holds a private copy of the workload's BatchNorm-folded FP32 model (the workload's own is
-shared and only read); ``set_layer`` swaps one layer's weight and input quantizer in and out, and
-``run`` evaluates the batches, optionally recording module outputs or replaying recorded ones.
+shared and only read); ``set_layer`` swaps one layer's weight and input hooks in and out, and
+``run`` evaluates the batches, optionally recording module outputs or replaying recorded ones, and
+optionally with every batch stacked several times along dim 0 (``copies``: one run computes several
+perturbations of one layer, each on its own copy of the batch).
 ``call_order`` and ``replay_set`` find which modules finish before a layer starts: their outputs
 do not depend on that layer, so a run perturbing it can replay them.
 """
@@ -55,9 +57,7 @@ def replay_set(model, target: str, order, once: set[str]) -> list[str]:
     target's weight (tied weights) are recomputed."""
     start = order[target][0]
     modules = dict(model.named_modules(remove_duplicate=False))
-    ptr = modules[target].weight.data_ptr()
-    tied = {n for n, m in modules.items() if n != target and any(
-        p is not None and p.data_ptr() == ptr for p in list(m._parameters.values()) + list(m._buffers.values()))}
+    tied = tied_modules(model, target)
     keep = {n for n in modules if n and any(t == n or t.startswith(n + ".") for t in tied)}
     found = []
 
@@ -78,8 +78,28 @@ def replay_set(model, target: str, order, once: set[str]) -> list[str]:
     return found
 
 
-def _clone(output):
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), output)
+def tied_modules(model, target: str) -> set[str]:
+    """The other modules holding a tensor that shares storage with ``target``'s weight (tied weights)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ptr = modules[target].weight.data_ptr()
+    return {n for n, m in modules.items() if n != target and any(
+        p is not None and p.data_ptr() == ptr for p in list(m._parameters.values()) + list(m._buffers.values()))}
+
+
+class Unstackable(Exception):
+    """A stacked run met a tensor whose dim 0 is not the batch (a broadcast position table, a sequence-first
+    tensor): the caller runs the copies one at a time instead."""
+
+
+def stacked(t, copies: int, batch_size: int):
+    """Tensor ``t`` of one batch (dim 0 = ``batch_size``) repeated ``copies`` times along dim 0 (1: a clone)."""
+    if not torch.is_tensor(t):
+        return t
+    if copies == 1:
+        return t.detach().clone()
+    if t.dim() == 0 or t.shape[0] != batch_size:
+        raise Unstackable(f"a tensor of shape {tuple(t.shape)} in a batch of {batch_size}")
+    return t.detach().repeat(copies, *[1] * (t.dim() - 1))
 
 
 class Runner:
@@ -91,35 +111,49 @@ class Runner:
         self.model = copy.deepcopy(fp32).eval()
         self.fp32_weights = {n: m.weight for n, m in modules_by_name(fp32, workload.layers).items()}
         self.layers = modules_by_name(self.model, workload.layers)
-        self.input_quantizers: dict[str, object] = {}  # layer -> forward pre-hook, added for each run
+        self.input_hooks: dict[str, tuple] = {}  # layer -> forward pre-hooks in order, added for each run
         self.batches: list[tuple] = []
-        self.batch = 0
+        self.batch = self.batch_size = 0  # the batch being run (index, samples in it)
 
-    def set_layer(self, name: str, weight: torch.Tensor | None = None, aq=None) -> None:
-        """Layer ``name`` computes with ``weight`` (None: its FP32 weight) and input quantizer ``aq``."""
+    def set_layer(self, name: str, weight: torch.Tensor | None = None, pre: tuple = ()) -> None:
+        """Layer ``name`` computes with ``weight`` (None: its FP32 weight) and the input pre-hooks ``pre``."""
         with torch.no_grad():
             self.layers[name].weight.copy_(self.fp32_weights[name] if weight is None else weight)
-        self.input_quantizers.pop(name, None)
-        if aq is not None:
-            self.input_quantizers[name] = aq
+        self.input_hooks.pop(name, None)
+        if pre:
+            self.input_hooks[name] = tuple(pre)
 
-    def run(self, replay: dict[str, list] | None = None, record=(), layer_hooks=None):
+    def run(self, replay: dict[str, list] | None = None, record=(), layer_hooks=None, copies: int = 1,
+            forwards=None):
         """Model outputs over the batches, concatenated, and the recorded outputs of ``record`` modules
         (name -> one per batch). ``replay`` modules return their recorded outputs instead of computing.
-        ``layer_hooks``: layer -> forward hook with keyword arguments."""
+        ``layer_hooks``: layer -> forward hook with keyword arguments; ``forwards``: module -> a function
+        replacing its forward for this run. ``copies`` > 1: every batch (and every replayed output) is
+        stacked ``copies`` times along dim 0 and the outputs are a list of ``copies`` tensors, one per copy;
+        ``Unstackable`` if a model input, replayed tensor or output does not have the batch in dim 0."""
         recorded = {n: [] for n in record}
-        recorders = [(self.model.get_submodule(n), lambda m, a, out, n=n: recorded[n].append(_clone(out)))
+        recorders = [(self.model.get_submodule(n), lambda m, a, out, n=n: recorded[n].append(stacked(out, 1, 0)))
                      for n in record]
-        inputs = [(self.layers[n], aq) for n, aq in self.input_quantizers.items()]
+        inputs = [(self.layers[n], h) for n, hooks in self.input_hooks.items() for h in hooks]
         errors = [(self.layers[n], h) for n, h in (layer_hooks or {}).items()]
-        for name, outputs in (replay or {}).items():
-            self.model.get_submodule(name).forward = lambda *a, _outs=outputs, **k: _clone(_outs[self.batch])
+        replaced = {name: lambda *a, _outs=outputs, **k: pytree.tree_map_only(
+            torch.Tensor, lambda t: stacked(t, copies, self.batch_size), _outs[self.batch])
+            for name, outputs in (replay or {}).items()}
+        replaced.update(forwards or {})
+        for name, forward in replaced.items():
+            self.model.get_submodule(name).forward = forward
         try:
             outs = []
             with temporary_hooks(pre=inputs, post=recorders, post_kwargs=errors), torch.no_grad():
                 for self.batch, b in enumerate(self.batches):
-                    outs.append(self.model(*b).float())
+                    self.batch_size = len(b[0])
+                    out = self.model(*(stacked(t, copies, self.batch_size) if copies > 1 else t for t in b)).float()
+                    if copies > 1 and (out.dim() == 0 or out.shape[0] != copies * self.batch_size):
+                        raise Unstackable(f"an output of shape {tuple(out.shape)} for {copies} x {self.batch_size} samples")
+                    outs.append(out)
         finally:
-            for name in replay or {}:
+            for name in replaced:
                 del self.model.get_submodule(name).forward
-        return torch.cat(outs), recorded
+        if copies == 1:
+            return torch.cat(outs), recorded
+        return [torch.cat([o.chunk(copies)[i] for o in outs]) for i in range(copies)], recorded

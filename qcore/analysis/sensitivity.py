@@ -26,12 +26,17 @@ A candidate carrying model transforms (``w8a8-smoothquant``, ``int4-awq``) is me
 each row exactly as ``Workload.evaluate`` of ``recipe_for`` (``qcore.analysis.transformed_sweep``: no prefix reuse
 and no shared working copy, since those are of the untransformed model); the speed notes below are the others'.
 
-Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded model is changed in
-place (one layer's weight swapped in, then restored), each weight is quantized once per spec, the
-calibration statistics and FP32 reference outputs come from the workload, and each run replays the
-recorded outputs of every module that finished before the perturbed layer started (the unaffected
-prefix of the network) instead of recomputing it. A model whose cost per sample is large is swept on
-an evenly spaced subset of the evaluation data (``SWEEP_FLOPS``); the result says how many samples.
+Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded
+model runs every pass; each weight is quantized once per spec, the calibration statistics and FP32 reference
+outputs come from the workload, and each run replays the recorded outputs of every module that finished before
+the perturbed layer started (the unaffected prefix) instead of recomputing it. View ``"only"`` goes layer by
+layer: one FP32 run records the prefix outputs, then one run per layer computes all candidates of that layer
+at once, each on its own copy of the batch (stacked along dim 0; the layer's FP32 input is the same for every
+copy, so its own error is measured in that run too). Stacking is used only where a run of k copies reproduces
+the FP32 model k times bit for bit (else, and for a layer whose input is shared by the batch or whose weight is
+tied to another module, its candidates run one at a time), so every number equals a run of that one recipe.
+A model whose cost per sample is large is swept on an evenly spaced subset of the evaluation data
+(``SWEEP_FLOPS``); the result says how many samples.
 
 Results are cached per candidate in memory and on disk (``cache_dir``, default ``$QCORE_CACHE_DIR``
 or ``~/.cache/qcore``; written atomically) under a key made of the workload's fingerprint (a hash of
@@ -45,7 +50,6 @@ raises ``SweepCancelled`` and caches nothing.
 from __future__ import annotations
 
 import json
-import math
 import os
 from types import MappingProxyType
 from typing import Callable
@@ -53,15 +57,16 @@ from typing import Callable
 import torch
 
 from qcore.errors import QcoreError
-from qcore.numerics.granularity import to_blocks
-from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db, sqnr_db_from_sums
-from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
+from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db
+from qcore.numerics.quantize import check_finite, quantize
 from qcore.recipe import PRESETS, LayerPlan, Recipe, preset
 from qcore.numerics.spec import TensorSpec
 from qcore.model.rounding import roundable
+from qcore.model.int8_compute import Int8ComputeInput, int8_compute_block
 from qcore.model.simulate import input_quantizer, needs_calibration
 from qcore.analysis import sweep_cache
-from qcore.analysis.replay import Runner, call_order, replay_set
+from qcore.analysis.layer_error import LayerError, measuring_hook, perturbed_forward, rmse_over_step
+from qcore.analysis.replay import Runner, Unstackable, call_order, replay_set, tied_modules
 from qcore.analysis.sweep_cache import cache_key
 from qcore.analysis.sweep_result import Score, Sweep, SweepRow, valid_entry
 from qcore.model.workload import Workload
@@ -139,70 +144,6 @@ def recipe_for(workload: Workload, layer: str, candidate: str, mode: str = "both
                              "activations": None, "layers": layers, **({"transforms": transforms} if transforms else {})})
 
 
-# ---- error statistics ------------------------------------------------------------------------
-def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
-    """Root-mean-square quantization error in units of the grid step: sqrt(mean(((x' - x) / step)^2)).
-
-    Rounding to a uniform grid without clipping gives 1/sqrt(12) ~= 0.289; clipping pushes it up.
-    The step is the block's scale for integer grids and, for float and codebook grids, the mean
-    spacing to the neighbours of the value x' lands on. None for fp32 (no grid). Computed in float32 on
-    this one tensor (an 11.7M-entry embedding table is not copied to float64): within 1e-5 relative of float64.
-    """
-    s = qt.spec
-    fmt = s.fmt
-    if not fmt.quantizes or x.numel() == 0:
-        return None
-    xb = to_blocks(x.detach().float(), s.granularity, s.axis, s.group_size)
-    qb = to_blocks(qt.dequantize(), s.granularity, s.axis, s.group_size)
-    scale = qt.scale[:, None] if qt.scale is not None else torch.ones(1, 1)
-    if fmt.step_is_scale:
-        step = scale
-    else:
-        grid = fmt.values().float()
-        i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)  # index of the grid value x' is on
-        lower, upper = grid[(i - 1).clamp(min=0)], grid[(i + 1).clamp(max=len(grid) - 1)]
-        step = (upper - lower) / ((i > 0).float() + (i < len(grid) - 1).float()) * scale
-    return float(((qb - xb) / step).square().mean().sqrt())  # float32 (torch sums in cascade: ~1e-6 relative)
-
-
-class _LayerError:
-    """Accumulates, over batches, a layer's output error and its input's quantization statistics."""
-
-    def __init__(self):
-        self.signal = self.noise = 0.0
-        self.input_sq = self.input_clipped = self.input_n = 0.0
-
-    def hook(self, fp32_weight: torch.Tensor, wq: torch.Tensor | None, aq):
-        """A forward hook (with kwargs) recomputing the layer quantized on its FP32 input."""
-        def hook(module, args, kwargs, output):
-            x = args[0]
-            if aq is not None and torch.is_floating_point(x):
-                check_finite(x, f"the input of layer {aq.name!r}")
-                qx = aq.quantize(x)
-                r = rmse_over_step(qx, x)
-                self.input_sq += (r or 0.0) ** 2 * x.numel()
-                self.input_clipped += qx.clipped_fraction(x) * x.numel()
-                self.input_n += x.numel()
-                args = (qx.dequantize().to(x.dtype),) + tuple(args[1:])
-            if wq is not None:
-                module.weight.copy_(wq)
-            try:
-                yq = module.forward(*args, **kwargs)
-            finally:
-                if wq is not None:
-                    module.weight.copy_(fp32_weight)
-            y = output.double()
-            self.signal += float((y ** 2).sum())
-            self.noise += float(((yq.double() - y) ** 2).sum())
-        return hook
-
-    def row(self) -> dict:
-        n = self.input_n
-        return {"layer_sqnr_db": sqnr_db_from_sums(self.signal, self.noise),
-                "input_rmse_over_step": math.sqrt(self.input_sq / n) if n else None,
-                "input_clipped_fraction": self.input_clipped / n if n else None}
-
-
 # ---- the sweep -------------------------------------------------------------------------------
 def sweep(workload: Workload, candidates: list[str], mode: str = "both", view: str = "only",
           progress: Callable[[float, str], None] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -271,112 +212,167 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
     labels = None if evaluation.labels is None else evaluation.labels[index]
     fp32_metric = float(task.metrics(reference, reference, labels)[task.headline])
     replay = {n: replay_set(runner.model, n, order, once) for n in layers if n in order}
+    tied = {n for n in replay if tied_modules(runner.model, n)}  # quantizing it changes another module too
     recorded_names = sorted({m for ms in replay.values() for m in ms})
     notes = [] if len(index) == len(evaluation) else [
         f"swept on {len(index)} of {len(evaluation)} evaluation samples (evenly spaced) to keep the sweep fast"]
     notes += [f"layer {n!r} is never reached by the evaluation data: quantizing it changes nothing"
               for n in layers if n not in order]
 
-    def score(outputs) -> tuple[float, float]:
-        return float(task.metrics(outputs, reference, labels)[task.headline]), sqnr_db(outputs, reference)
+    def score(outputs) -> Score:
+        return Score(float(task.metrics(outputs, reference, labels)[task.headline]), sqnr_db(outputs, reference))
 
     quantizers = {c: {n: input_quantizer(n, layers[n].kind, p.activations, calibration) for n, p in plans[c].items()}
                   for c in candidates}
+    int8 = {c: {n: _int8_input(n, layers[n].kind, p.weights) for n, p in plans[c].items()} for c in candidates}
     changed = {c: [n for n in layers if n in order and (plans[c][n].weights is not None or quantizers[c][n])]
                for c in candidates}
-    total = sum(1 + (view == "all_but") + len(changed[c]) for c in candidates) + 1
+    total = sum(1 + (view == "all_but") + len(changed[c]) for c in candidates) + 2
     done = [0]
 
-    def step(message: str):
+    def step(message: str, runs: int = 1):
         if should_stop and should_stop():
             raise SweepCancelled("the sensitivity sweep was cancelled; nothing was cached (run it again to finish)")
         if progress:
             progress(done[0] / total, message)
-        done[0] += 1
+        done[0] += runs
 
-    weights: dict[tuple[str, TensorSpec], tuple] = {}
-    rows, base, fp32_record, checked = [], {}, None, False
-    for ci, c in enumerate(candidates):
-        plan, aqs = plans[c], quantizers[c]
-        for key in [k for k in weights if all(plans[d][k[0]].weights != k[1] for d in candidates[ci:])]:
-            del weights[key]  # no later candidate uses this quantized weight
-        wq, wstats = {}, {}
-        for n in changed[c]:
-            spec = plan[n].weights
-            if spec is not None:
-                if (n, spec) not in weights:
-                    w = runner.fp32_weights[n].detach()
-                    check_finite(w, f"the weight of layer {n!r}")
-                    rounder = workload.rounder
-                    qt = rounder.weights({n: spec.for_shape(tuple(w.shape))})[n] if spec.rounding != "nearest" \
-                        and roundable(rounder.modules[n], layers[n].kind) else quantize(w, spec)  # GPTQ/AdaRound: cached
-                    weights[n, spec] = (qt.dequantize().to(w.dtype), rmse_over_step(qt, w), qt.clipped_fraction(w))
-                wq[n] = weights[n, spec][0]
-                wstats[n] = {"rmse_over_step": weights[n, spec][1], "clipped_fraction": weights[n, spec][2]}
+    weights: dict[tuple[str, TensorSpec], tuple] = {}  # (layer, spec) -> (dequantized, rmse_over_step, clipped)
 
-        # 1. every layer recomputed quantized on its FP32 input (its own error); in view "only" this
-        #    FP32 run is also the base whose module outputs are replayed.
-        step(f"{c}: layer errors")
-        errors = {n: _LayerError() for n in changed[c]}
-        hooks = {n: errors[n].hook(runner.fp32_weights[n], wq.get(n), aqs[n]) for n in changed[c]}
-        record = recorded_names if view == "only" and fp32_record is None else ()
-        outputs, rec = runner.run(record=record, layer_hooks=hooks)
-        if view == "only":
-            if fp32_record is None:
-                fp32_record, base_outputs = rec, outputs
-            base[c] = Score(*score(base_outputs))
-            record_now = fp32_record
-        else:  # 2. the all-quantized base
+    def error(c: str, n: str) -> LayerError:  # layer n's error under candidate c (its weight quantized once per spec)
+        spec = plans[c][n].weights
+        if spec is not None and (n, spec) not in weights:
+            w = runner.fp32_weights[n].detach()
+            check_finite(w, f"the weight of layer {n!r}")
+            rounder = workload.rounder
+            qt = rounder.weights({n: spec.for_shape(tuple(w.shape))})[n] if spec.rounding != "nearest" \
+                and roundable(rounder.modules[n], layers[n].kind) else quantize(w, spec)  # GPTQ/AdaRound: cached
+            weights[n, spec] = (qt.dequantize().to(w.dtype), rmse_over_step(qt, w), qt.clipped_fraction(w))
+        return LayerError(weights[n, spec][0] if spec else None, quantizers[c][n], int8[c][n])
+
+    def weight_stats(c: str, n: str) -> dict:
+        found = weights.get((n, plans[c][n].weights))
+        return {"rmse_over_step": found[1] if found else None, "clipped_fraction": found[2] if found else None}
+
+    measured, base, stats = {}, {}, {}  # (candidate, layer) -> Score / layer statistics; candidate -> base Score
+    if view == "only":  # layer by layer, all candidates of a layer in one run (a copy of the batch each)
+        step("FP32 run")
+        errors = {(c, n): error(c, n) for c in candidates for n in changed[c] if n in tied}
+        hooks = {n: measuring_hook([e for (_, m), e in errors.items() if m == n], runner.fp32_weights[n]) for n in tied}
+        base_outputs, record = runner.run(record=recorded_names, layer_hooks=hooks)
+        stats.update({k: e.row() for k, e in errors.items()})
+        base = {c: score(base_outputs) for c in candidates}
+        replay, stacks = _check_replay(runner, replay, order, record, base_outputs, notes, step)
+        for n in layers:
+            todo = [c for c in candidates if n in changed[c]]
+            if not todo:
+                continue
+            step(n, len(todo))
+            errors = {c: error(c, n) for c in todo}
+            replayed = {m: record[m] for m in replay[n]}
+            outputs = None
+            if n in tied:  # the tied module must see the quantized weight too: switch the layer in place
+                outputs = []
+                for c in todo:
+                    runner.set_layer(n, errors[c].weight, _pre_hooks(quantizers[c][n], int8[c][n]))
+                    outputs.append(runner.run(replay=replayed)[0])
+                    runner.set_layer(n)
+            elif len(todo) > 1 and stacks(len(todo)):
+                try:
+                    outputs, _ = runner.run(replay=replayed, copies=len(todo), forwards={
+                        n: perturbed_forward(runner, n, [errors[c] for c in todo])})
+                except Unstackable:
+                    errors = {c: error(c, n) for c in todo}  # fresh statistics
+            if outputs is None:  # one run per candidate
+                outputs = [runner.run(replay=replayed, forwards={n: perturbed_forward(runner, n, [errors[c]])})[0]
+                           for c in todo]
+            for c, out in zip(todo, outputs):
+                measured[c, n] = score(out)
+                stats[c, n] = {**stats.get((c, n), errors[c].row()), **weight_stats(c, n)}
+            for key in [k for k in weights if k[0] == n]:
+                del weights[key]
+    else:  # candidate by candidate: everything quantized, then one layer at a time back to FP32
+        for ci, c in enumerate(candidates):
+            for key in [k for k in weights if all(plans[d][k[0]].weights != k[1] for d in candidates[ci:])]:
+                del weights[key]  # no later candidate uses this quantized weight
+            step(f"{c}: layer errors")  # every layer recomputed quantized on its FP32 input (its own error)
+            errors = {n: error(c, n) for n in changed[c]}
+            runner.run(layer_hooks={n: measuring_hook([e], runner.fp32_weights[n]) for n, e in errors.items()})
             step(f"{c}: everything quantized")
             for n in changed[c]:
-                runner.set_layer(n, wq.get(n), aqs[n])
-            base_outputs, record_now = runner.run(record=recorded_names)
-            base[c] = Score(*score(base_outputs))
-        if not checked:  # replaying must reproduce the base exactly; otherwise recompute everything
-            step("checking prefix reuse")
-            last = max(replay, key=lambda n: order[n][0]) if replay else None
-            if last is not None and replay[last]:
-                again, _ = runner.run(replay={m: record_now[m] for m in replay[last]})
-                if not torch.allclose(again, base_outputs, rtol=1e-5, atol=1e-6 * float(base_outputs.abs().max())):
-                    replay = {n: [] for n in replay}
-                    notes.append("prefix reuse disabled: replaying recorded module outputs did not reproduce the "
-                                 "model (a module with state or side effects); every run recomputes the whole model")
-            checked = True
+                runner.set_layer(n, errors[n].weight, _pre_hooks(quantizers[c][n], int8[c][n]))
+            base_outputs, record = runner.run(record=recorded_names)
+            base[c] = score(base_outputs)
+            if ci == 0:
+                replay, _ = _check_replay(runner, replay, order, record, base_outputs, notes, step)
+            for n in changed[c]:  # one run per layer, replaying the unaffected prefix
+                step(f"{c}: {n}")
+                runner.set_layer(n)
+                measured[c, n] = score(runner.run(replay={m: record[m] for m in replay[n]})[0])
+                runner.set_layer(n, errors[n].weight, _pre_hooks(quantizers[c][n], int8[c][n]))
+                stats[c, n] = {**errors[n].row(), **weight_stats(c, n)}
+            for n in changed[c]:
+                runner.set_layer(n)
+            del record
 
-        # 3. one run per layer, replaying the unaffected prefix
+    rows = []
+    for c in candidates:
+        plan, aqs = plans[c], quantizers[c]
         for n, info in layers.items():
             row = {"layer": n, "kind": info.kind, "candidate": c, "mode": mode, "view": view,
                    "changed": n in changed[c], "weight_format": plan[n].weights.format if plan[n].weights else "fp32",
                    "input_format": aqs[n].spec.format if aqs[n] else "fp32"}
-            if n in changed[c]:
-                step(f"{c}: {n}")
-                if view == "only":
-                    runner.set_layer(n, wq.get(n), aqs[n])
-                else:
-                    runner.set_layer(n)
-                outputs, _ = runner.run(replay={m: record_now[m] for m in replay[n]})
-                if view == "only":
-                    runner.set_layer(n)
-                else:
-                    runner.set_layer(n, wq.get(n), aqs[n])
-                metric, sqnr = score(outputs)
-                stats = {**errors[n].row(), **wstats.get(n, {"rmse_over_step": None, "clipped_fraction": None})}
-            else:
-                metric, sqnr = base[c].metric, base[c].sqnr_db
-                stats = {"layer_sqnr_db": SQNR_EXACT_DB, "rmse_over_step": None, "clipped_fraction": None,
-                         "input_rmse_over_step": None, "input_clipped_fraction": None}
+            got = measured.get((c, n), base[c])
+            metric, sqnr = got.metric, got.sqnr_db
             drop = fp32_metric - metric if task.higher_is_better else metric - fp32_metric
-            row.update(metric=metric, metric_drop=drop, sqnr_db=sqnr, **stats)
+            row.update(metric=metric, metric_drop=drop, sqnr_db=sqnr, **stats.get((c, n), _UNCHANGED))
             if view == "all_but":
                 row["recovered"] = (metric - base[c].metric) * (1 if task.higher_is_better else -1)
             rows.append(row)
-        for n in changed[c]:
-            runner.set_layer(n)
-        del record_now
     _rank(rows, view)
     return Sweep(model=workload.name, metric=task.headline, higher_is_better=task.higher_is_better,
                  fp32_metric=fp32_metric, candidates=candidates, mode=mode, view=view, samples=len(index),
                  evaluation_samples=len(evaluation), base=base, notes=notes, rows=[SweepRow(**r) for r in rows])
+
+
+_UNCHANGED = {"layer_sqnr_db": SQNR_EXACT_DB, "rmse_over_step": None, "clipped_fraction": None,
+              "input_rmse_over_step": None, "input_clipped_fraction": None}
+
+
+def _int8_input(name: str, kind: str, weights: TensorSpec | None) -> Int8ComputeInput | None:
+    block = int8_compute_block(kind, weights)
+    return None if block is None else Int8ComputeInput(name, block)
+
+
+def _pre_hooks(aq, int8) -> tuple:
+    """A layer's input hooks in the simulation's order: its input quantizer, then int8 compute's."""
+    return tuple(h for h in (aq, int8) if h is not None)
+
+
+def _check_replay(runner, replay, order, record, base_outputs, notes, step) -> tuple[dict, Callable[[int], bool]]:
+    """Replaying must reproduce the base exactly (else recompute everything: ``replay`` emptied); and a run of k
+    stacked copies of each batch is used only if it gives the base k times bit for bit (checked once per k: matrix
+    kernels may round differently for another number of rows). Returns (replay, stacks(k) -> bool)."""
+    step("checking prefix reuse")
+    last = max(replay, key=lambda n: order[n][0]) if replay else None
+    if last is None or not replay[last]:
+        return replay, lambda k: False
+    replayed = {m: record[m] for m in replay[last]}
+    again, _ = runner.run(replay=replayed)
+    if not torch.allclose(again, base_outputs, rtol=1e-5, atol=1e-6 * float(base_outputs.abs().max())):
+        notes.append("prefix reuse disabled: replaying recorded module outputs did not reproduce the "
+                     "model (a module with state or side effects); every run recomputes the whole model")
+        return {n: [] for n in replay}, lambda k: False
+    exact: dict[int, bool] = {}
+
+    def stacks(k: int) -> bool:
+        if k not in exact:
+            try:
+                exact[k] = all(torch.equal(t, again) for t in runner.run(replay=replayed, copies=k)[0])
+            except Unstackable:
+                exact[k] = False
+        return exact[k]
+    return replay, stacks
 
 
 def _rank(rows: list[dict], view: str) -> None:

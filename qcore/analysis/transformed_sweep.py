@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from qcore.analysis.replay import call_order
-from qcore.analysis.sensitivity import (_LayerError, _rank, _sweep_index, SweepCancelled, candidate_plans,
-                                        candidate_recipe, plan_override, recipe_for, rmse_over_step)
+from qcore.analysis.layer_error import LayerError, measuring_hook, rmse_over_step
+from qcore.analysis.sensitivity import (_rank, _sweep_index, SweepCancelled, candidate_plans, candidate_recipe,
+                                        plan_override, recipe_for)
 from qcore.analysis.sweep_result import Score, Sweep, SweepRow
 from qcore.model.hooks import run_with_hooks
 from qcore.model.simulate import input_quantizer, modules_by_name
@@ -62,7 +63,7 @@ def compute_transformed(workload, candidates, mode, view, progress=None, should_
                                         "transforms": transforms, "layers": {} if view == "only" else {
                                             n: plan_override(p) for n, p in plans.items()}})
         _, base[c] = measured(base_recipe)
-        errors: dict[str, tuple] = {}  # layer -> (its _LayerError inputs), grouped by the float model they read
+        errors: dict[str, tuple] = {}  # layer -> (its LayerError inputs), grouped by the float model they read
         for n, info in layers.items():
             plan = plans[n]
             row = {"layer": n, "kind": info.kind, "candidate": c, "mode": mode, "view": view}
@@ -104,11 +105,11 @@ def compute_transformed(workload, candidates, mode, view, progress=None, should_
 def _layer_errors(model, wanted: dict[str, tuple], batches) -> None:
     """Fill each ``wanted`` layer's stats (layer -> (quantized weight or None, input quantizer or None, stats))
     with its output error recomputed quantized on its float input in ``model``."""
-    errors = {n: _LayerError() for n in wanted}
+    errors = {n: LayerError(wq, aq, None) for n, (wq, aq, _) in wanted.items()}
     fp32 = {n: m.weight.detach().clone() for n, m in modules_by_name(model, wanted).items()}
     post = {}
-    for n, (wq, aq, _) in wanted.items():
-        hook = errors[n].hook(fp32[n], wq, aq)
+    for n in wanted:
+        hook = measuring_hook([errors[n]], fp32[n])
         post[n] = lambda m, args, out, hook=hook: hook(m, args, {}, out)
     with torch.no_grad():
         run_with_hooks(model, batches, post=post)

@@ -12,6 +12,7 @@ from torch import nn
 
 from qcore.analysis import sensitivity
 from qcore.analysis.sensitivity import evenly_spaced, recipe_for, sweep
+from qcore.analysis.sweep_cache import clear_memory_cache
 from qcore.io.workload import load_workload
 from qcore.model.simulate import modules_by_name
 from qcore.numerics.metrics import sqnr_db
@@ -41,28 +42,33 @@ def naive(w, result, layer, candidate, mode):
 @pytest.mark.slow
 def test_minilm_sweep_recomputes_the_encoder_only_from_the_perturbed_block(minilm, tmp_path, monkeypatch):
     """bert.encoder.layer is an nn.ModuleList its parent loops over. A layer in block k (embeddings: k = 0)
-    replays blocks 0..k-1 and computes the 6 - k others; the layer-error run computes all 6 and the one check
-    of the replay (the last layer: block 5) computes 1; recording the call order 6. Before descending into the list: 6 per run."""
+    replays blocks 0..k-1 and computes the 6 - k others; the FP32 run computes all 6 and the check of the
+    replay (the last layer: block 5) computes 1, once on the batch and once on two stacked copies of it;
+    recording the call order 6. Before descending into the list: 6 per run. Both candidates of a layer run
+    in one pass (a copy of the batch each), except position_embeddings: its input, the (1, L) position ids, is
+    shared by the batch, so its candidates run one at a time (6 more blocks)."""
     from transformers.models.bert.modeling_bert import BertLayer
 
     minilm.reference_outputs  # computed once per workload, not by the sweep
-    monkeypatch.setattr(sensitivity, "SWEEP_FLOPS", 1.0)  # sweep the fewest samples (2, one per half): fast
-    monkeypatch.setattr(sensitivity, "MIN_SWEEP_SAMPLES", 2)
+    monkeypatch.setattr(sensitivity, "SWEEP_FLOPS", 1.0)  # sweep few samples (4, two per half): fast; with 2, two
+    monkeypatch.setattr(sensitivity, "MIN_SWEEP_SAMPLES", 4)  # stacked copies round differently: no stacking
     calls = count_forwards(monkeypatch, BertLayer)
-    r = sweep(minilm, ["int3"], mode="weights", cache_dir=tmp_path)
+    clear_memory_cache()
+    r = sweep(minilm, ["int3", "int4-weight-only"], mode="weights", cache_dir=tmp_path)
     blocks = len(minilm.model.bert.encoder.layer)
-    assert blocks == 6 and r.samples == 2 and all(row.changed for row in r.rows) and len(r.rows) == 39
+    assert blocks == 6 and r.samples == 4 and all(row.changed for row in r.rows) and len(r.rows) == 2 * 39
     block = [int(n.split(".")[3]) if n.startswith("bert.encoder.layer.") else 0 for n in minilm.layers]
-    per_batch = blocks + 1 + sum(blocks - k for k in block)
-    assert per_batch == 6 + 1 + 3 * 6 + 6 * (6 + 5 + 4 + 3 + 2 + 1)  # 151, against 41 runs x 6 = 246 before
+    per_batch = blocks + 2 + sum(blocks - k for k in block) + blocks
+    assert per_batch == 6 + 2 + 3 * 6 + 6 * (6 + 5 + 4 + 3 + 2 + 1) + 6  # 158, against 2 x 41 runs x 6 = 492 before
     # + one pass over two samples recording the call order
     assert calls[0] == per_batch * math.ceil(r.samples / minilm.batch_size) + blocks
-    by = {row.layer: row for row in r.rows}
-    for layer in ("bert.embeddings.word_embeddings", "bert.encoder.layer.2.attention.self.key",
-                  "bert.encoder.layer.5.output.dense"):
-        metric, sqnr = naive(minilm, r, layer, "int3", "weights")
-        assert by[layer].metric == pytest.approx(metric, abs=1e-6)
-        assert by[layer].sqnr_db == pytest.approx(sqnr, abs=1e-3)
+    by = {(row.layer, row.candidate): row for row in r.rows}
+    for layer, candidate in (("bert.embeddings.word_embeddings", "int3"), ("bert.embeddings.position_embeddings", "int3"),
+                             ("bert.encoder.layer.2.attention.self.key", "int4-weight-only"),
+                             ("bert.encoder.layer.5.output.dense", "int3")):
+        metric, sqnr = naive(minilm, r, layer, candidate, "weights")
+        assert by[layer, candidate].metric == pytest.approx(metric, abs=1e-6)
+        assert by[layer, candidate].sqnr_db == pytest.approx(sqnr, abs=1e-3)
 
 
 class Block(nn.Module):
@@ -107,17 +113,21 @@ def _chain_workload(kind, tmp_path, digits_cnn):
 
 @pytest.mark.parametrize("kind", ["digits-cnn", "onnx", "pt2"])
 def test_chain_models_recompute_only_the_perturbed_layer_and_after(kind, tmp_path, monkeypatch, digits_cnn):
-    """In a chain of L layers, a run perturbing layer i computes layers i..L-1 (L - i forwards); the
-    layer-error run computes each layer twice (FP32 and quantized on the same input) and the replay
-    check computes the last layer once; one pass over two samples records the call order. Numbers equal the naive loop's."""
+    """In a chain of L layers, the FP32 run computes every layer once, the replay check the last layer once on
+    the batch and once on two stacked copies of it, and the run perturbing layer i computes layers i+1..L-1 once
+    (all k candidates of layer i in one run, a copy of the batch each) and layer i 1 + k times (FP32 and each
+    candidate's quantized version on the same FP32 input); one pass over two samples records the call order.
+    Numbers equal the naive loop's, int8 compute's quantized inputs included."""
     w, classes, marked = _chain_workload(kind, tmp_path, digits_cnn)
     w.reference_outputs
+    clear_memory_cache()  # another test's sweep of one of these candidates would be served from memory
     counters = [count_forwards(monkeypatch, cls, marked) for cls in classes]
-    r = sweep(w, ["int3"], mode="weights", cache_dir=tmp_path)
-    n = len(w.layers)
+    candidates = ["int3", "int4-int8compute"]
+    r = sweep(w, candidates, mode="weights", cache_dir=tmp_path)
+    n, k = len(w.layers), len(candidates)
     assert n == (5 if kind == "digits-cnn" else 8) and all(row.changed for row in r.rows)
-    per_batch = 2 * n + 1 + sum(n - i for i in range(n))
+    per_batch = n + 2 + sum(n - i - 1 + 1 + k for i in range(n))
     assert sum(c[0] for c in counters) == per_batch * math.ceil(r.samples / w.batch_size) + n  # + the call order
     for row in r.rows:
-        metric, sqnr = naive(w, r, row.layer, "int3", "weights")
+        metric, sqnr = naive(w, r, row.layer, row.candidate, "weights")
         assert row.metric == pytest.approx(metric, abs=1e-6) and row.sqnr_db == pytest.approx(sqnr, abs=1e-3)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from qcore import QcoreError
-from qcore.analysis import sensitivity
+from qcore.analysis import layer_error, sensitivity
 from qcore.numerics.metrics import SQNR_EXACT_DB, sqnr_db
 from qcore.analysis.sensitivity import SweepCancelled, recipe_for, sweep
 from qcore.analysis.sweep_cache import cache_key, cache_path, clear_memory_cache
@@ -181,7 +181,7 @@ def test_weight_rmse_over_step_in_float32_equals_a_float64_numpy_computation():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2048, 1024, generator=g) * torch.logspace(-3, 3, 2048)[:, None]
     spec = TensorSpec.from_dict({"format": "int4", "granularity": "per_channel", "symmetric": True, "range": "minmax"})
-    got = sensitivity.rmse_over_step(quantize(w, spec), w)
+    got = layer_error.rmse_over_step(quantize(w, spec), w)
     x = w.numpy().astype(np.float64)
     scale = np.abs(x).max(axis=1, keepdims=True) / 7  # symmetric int4: codes -7..7 (qmax 7), min-max range
     step_err = (np.clip(np.round(x / scale), -8, 7) * scale - x) / scale
