@@ -10,6 +10,7 @@ moment of a shared machine hits every row alike):
   AMX / AVX-512 BF16); NNCF ``quantize`` (INT8, calibrated on the calibration inputs) and NNCF weight
   compression (INT8 asymmetric, INT4 symmetric per group of 32); the project's exports, default hint;
 - torch.ao ``quantize_dynamic`` (int8 Linear).
+- the project's ``w8a8-smoothquant-mul`` (int8-static + SmoothQuant, a per-channel Mul where no fold exists);
 - the project's int8-static with the inputs of BERT's FFN output layers (``*.output.dense`` after the GELU,
   whose inputs have 98-171x outliers) kept float: the mixed recipe that reaches NNCF INT8's cosine;
 Columns: best / median ms and the p10-p90 at batch 1 and at the batch size (measured), file size and its ratio
@@ -161,8 +162,9 @@ def model_rows(w, tmp: str, batch_size: int, threads: int, budget_s: float,
 
 
 def _project_recipes(w, quick: bool) -> list[tuple[str, Recipe]]:
-    """(label, recipe) of the project's exports: the RECIPES presets, and on a BERT-like model int8-static with
-    the FFN output layers' inputs (``encoder.layer.N.output.dense``) kept float (quick mode: int8-static only)."""
+    """(label, recipe) of the project's exports: the RECIPES presets, and on a BERT-like model
+    ``w8a8-smoothquant-mul`` (SmoothQuant with a Mul where no fold exists, alpha searched per layer) and int8-static
+    with the FFN output layers' inputs (``encoder.layer.N.output.dense``) kept float (quick mode: int8-static only)."""
     out = [(name, preset(name, w.layer_shapes)) for name in (RECIPES[:1] if quick else RECIPES)]
     ffn_out = [n for n in w.layers if n.endswith(".output.dense") and ".attention." not in n]
     if ffn_out and not quick:
@@ -170,6 +172,7 @@ def _project_recipes(w, quick: bool) -> list[tuple[str, Recipe]]:
         for n in ffn_out:
             mixed = mixed.with_layer(n, {"activations": None})
         out.insert(1, ("int8-static, FFN-out inputs fp32", mixed))
+        out.insert(1, ("w8a8-smoothquant-mul", preset("w8a8-smoothquant-mul", w.layer_shapes)))
     return out
 
 
