@@ -141,7 +141,7 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
             raise QcoreError(f"{p.name}: input {name!r} has no shape; the engine needs inputs with a batch dimension first")
         shape = tuple(d or 1 for d in dims[1:])
         int_range = (0, vocab[name] - 1) if name in vocab else (1, 1)
-        specs.append(InputSpec(shape, frozenset(j for j, d in enumerate(dims[1:]) if d is None), dtype, int_range))
+        specs.append(InputSpec(shape, frozenset(j for j, d in enumerate(dims[1:]) if d is None), dtype, int_range, dims[0]))
         batch = dims[0] if i == 0 and dims[0] else batch
     if len(model.output_names) > 1:
         notes.append(f"the ONNX model has {len(model.output_names)} outputs; the engine scores the first, "
