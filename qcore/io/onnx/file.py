@@ -22,6 +22,7 @@ from typing import NoReturn
 from qcore.errors import QcoreError
 from qcore.limits import human_size, reading
 from qcore.io.models import InputSpec, LoadedModel
+from qcore.io.onnx.branches import inline_constant_ifs
 from qcore.io.onnx.convert import DTYPES, convert, embedding_sizes, input_shapes
 from qcore.io.onnx.proto import all_tensors
 from qcore.model.onnx_graph import quoted
@@ -114,10 +115,29 @@ def _bind_scalars(proto, constants: dict, p: Path) -> list[str]:
     return notes
 
 
+_KEEP_VALUES = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops that move values, not change them
+
+
 def _output_activations(proto) -> tuple[str | None, ...]:
-    """Per graph output, in order: "sigmoid" / "softmax" if that op makes it, else None."""
-    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
-    return tuple({"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(made_by.get(o.name)) for o in proto.graph.output)
+    """Per graph output, in order: "sigmoid" / "softmax" if that op makes it -- through ops that only move
+    its values (``_KEEP_VALUES``; a mean of sigmoids is a probability too: silero-vad's speech probability is
+    Sigmoid -> ReduceMean -> Unsqueeze) -- else None."""
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+
+    def activation(name: str) -> str | None:
+        for _ in range(16):
+            node = made_by.get(name)
+            if node is None:
+                return None
+            if node.op_type in ("Sigmoid", "Softmax"):
+                return node.op_type.lower()
+            if node.op_type == "ReduceMean":
+                return "sigmoid" if activation(node.input[0]) == "sigmoid" else None
+            if node.op_type not in _KEEP_VALUES:
+                return None
+            name = node.input[0]
+        return None
+    return tuple(activation(o.name) for o in proto.graph.output)
 
 
 def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> LoadedModel:
@@ -132,6 +152,7 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
         onnx.checker.check_model(proto)
     names = tuple(name for name, _, _ in input_shapes(proto))  # refuses absurd declared sizes before anything is built
     notes = _bind_scalars(proto, constants or {}, p)
+    notes += inline_constant_ifs(proto)
     declared = input_shapes(proto)
     model = convert(proto, limit)
     vocab = embedding_sizes(proto)
