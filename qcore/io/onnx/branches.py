@@ -17,6 +17,8 @@ graph's leaves the ``If`` to the converter.
 from __future__ import annotations
 
 MAX_CONE_NODES, MAX_CONE_ELEMENTS = 32, 4096
+WEIGHT_CONE_NODES, WEIGHT_CONE_ELEMENTS = 128, 2**24  # a weight computed from constants: ~64 MiB of float32 at most
+WEIGHT_INPUTS = {"LSTM": (1, 2, 3), "GRU": (1, 2, 3), "Conv": (1,), "ConvTranspose": (1,), "Gemm": (1,), "MatMul": (1,)}
 
 
 def _static_dims(proto) -> dict[str, tuple[int | None, ...]]:
@@ -31,7 +33,8 @@ def _static_dims(proto) -> dict[str, tuple[int | None, ...]]:
             for v in [*proto.graph.input, *values] if v.type.tensor_type.HasField("shape")}
 
 
-def _constant_value(graph, name: str, producers: dict, inits: dict, dims: dict):
+def _constant_value(graph, name: str, producers: dict, inits: dict, dims: dict, max_nodes: int = MAX_CONE_NODES,
+                    max_elements: int = MAX_CONE_ELEMENTS):
     """The value of ``name`` if it depends on initializers and declared sizes only (within the bounds above;
     ``Gather(Shape(x), i)`` of a size ``dims`` knows, say silero-vad's ``state.shape[0] == 2``), else None."""
     import math
@@ -44,13 +47,14 @@ def _constant_value(graph, name: str, producers: dict, inits: dict, dims: dict):
     while todo:
         n = todo.pop()
         if n in inits:
-            if math.prod(inits[n].dims) > MAX_CONE_ELEMENTS:
+            max_elements -= math.prod(inits[n].dims)
+            if max_elements < 0:
                 return None
             leaves[n] = inits[n]
             continue
         node = producers.get(n)
         if node is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                               for a in node.attribute) or len(cone) >= MAX_CONE_NODES:
+                               for a in node.attribute) or len(cone) >= max_nodes:
             return None  # a graph input, or a node with subgraphs, or too much work
         shape = producers.get(node.input[0]) if node.op_type == "Gather" else None
         if shape is not None and shape.op_type == "Shape" and not shape.attribute and n not in leaves:
@@ -115,3 +119,25 @@ def inline_constant_ifs(proto) -> list[str]:
             break
         else:
             return notes
+
+
+def fold_weight_inputs(proto) -> None:
+    """Make each weight a layer reads (``WEIGHT_INPUTS``: an LSTM's W, R, B; a Conv's or Gemm's weight) an
+    initializer when the graph computes it from constants -- silero-vad reorders its LSTM gates with Slice
+    and Concat -- so the graph an export edits holds the weight it quantizes (within ``WEIGHT_CONE_*``)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: node for node in graph.node for o in node.output}
+    for node in graph.node:
+        for k in WEIGHT_INPUTS.get(node.op_type, ()):
+            if k >= len(node.input) or not node.input[k] or node.input[k] in inits:
+                continue
+            value = _constant_value(graph, node.input[k], producers, inits, {}, WEIGHT_CONE_NODES, WEIGHT_CONE_ELEMENTS)
+            if value is not None:
+                name = node.input[k]
+                inits[name] = numpy_helper.from_array(value, name)
+                graph.initializer.append(inits[name])
+                del_producer = producers.pop(name)
+                del_producer.output[list(del_producer.output).index(name)] = ""  # the node no longer writes it

@@ -22,7 +22,7 @@ from typing import NoReturn
 from qcore.errors import QcoreError
 from qcore.limits import human_size, reading
 from qcore.io.models import InputSpec, LoadedModel
-from qcore.io.onnx.branches import inline_constant_ifs
+from qcore.io.onnx.branches import fold_weight_inputs, inline_constant_ifs
 from qcore.io.onnx.convert import DTYPES, convert, embedding_sizes, input_shapes
 from qcore.io.onnx.proto import all_tensors
 from qcore.model.onnx_graph import quoted
@@ -120,24 +120,26 @@ _KEEP_VALUES = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops
 
 def _output_activations(proto) -> tuple[str | None, ...]:
     """Per graph output, in order: "sigmoid" / "softmax" if that op makes it -- through ops that only move
-    its values (``_KEEP_VALUES``; a mean of sigmoids is a probability too: silero-vad's speech probability is
-    Sigmoid -> ReduceMean -> Unsqueeze) -- else None."""
-    made_by = {o: n for n in proto.graph.node for o in n.output}
+    its values (``_KEEP_VALUES``), a mean of sigmoids (a probability too) and an ``If`` whose branches both
+    end so: silero-vad's speech probability is Sigmoid -> If(batch 1: Squeeze) -> ReduceMean -> Unsqueeze --
+    else None."""
+    def activation(name: str, made_by: dict, depth: int = 0) -> str | None:
+        node = made_by.get(name)
+        if node is None or depth > 32:
+            return None
+        if node.op_type in ("Sigmoid", "Softmax"):
+            return node.op_type.lower()
+        if node.op_type == "ReduceMean":
+            return "sigmoid" if activation(node.input[0], made_by, depth + 1) == "sigmoid" else None
+        if node.op_type == "If":
+            k = list(node.output).index(name)
+            ends = {activation(g.output[k].name, {**made_by, **{o: n for n in g.node for o in n.output}}, depth + 1)
+                    for g in (a.g for a in node.attribute if a.name in ("then_branch", "else_branch"))}
+            return ends.pop() if len(ends) == 1 else None
+        return activation(node.input[0], made_by, depth + 1) if node.op_type in _KEEP_VALUES else None
 
-    def activation(name: str) -> str | None:
-        for _ in range(16):
-            node = made_by.get(name)
-            if node is None:
-                return None
-            if node.op_type in ("Sigmoid", "Softmax"):
-                return node.op_type.lower()
-            if node.op_type == "ReduceMean":
-                return "sigmoid" if activation(node.input[0]) == "sigmoid" else None
-            if node.op_type not in _KEEP_VALUES:
-                return None
-            name = node.input[0]
-        return None
-    return tuple(activation(o.name) for o in proto.graph.output)
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    return tuple(activation(o.name, made_by) for o in proto.graph.output)
 
 
 def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> LoadedModel:
@@ -153,6 +155,7 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
     names = tuple(name for name, _, _ in input_shapes(proto))  # refuses absurd declared sizes before anything is built
     notes = _bind_scalars(proto, constants or {}, p)
     notes += inline_constant_ifs(proto)
+    fold_weight_inputs(proto)
     declared = input_shapes(proto)
     model = convert(proto, limit)
     vocab = embedding_sizes(proto)
