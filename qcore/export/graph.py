@@ -85,7 +85,8 @@ class GraphEditor:
             if any(o in needed for o in n.output):
                 kept.append(n)
                 needed.update(i for i in n.input if i)
-                needed.update(i for g in _subgraphs(n) for node in _all_nodes(g) for i in node.input if i)  # outer reads
+                # values an If/Loop body reads from this graph
+                needed.update(i for g in _subgraphs(n) for node in _all_nodes(g) for i in node.input if i)
         self.nodes = kept[::-1]
         for name in [name for name in self.inits if name not in needed]:
             self.drop_initializer(name)

@@ -207,7 +207,7 @@ def load_data_file(path, label_column: str | None = None, max_bytes: int | None 
         raise QcoreError(f"{p.name} holds only single numbers ({', '.join(constants)}); give at least one input "
                          "with one row per sample")
     inputs = tuple(_as_tensor(x, f"{p.name} input {i if names is None else repr(names[i])}") for i, x in enumerate(xs))
-    labels = None  # the samples are counted, and checked against the labels, on each input's batch axis (``batch_axes``)
+    labels = None  # samples are counted (and checked against the labels) on each input's batch axis: with_batch_axes
     if y is not None:
         labels = _as_tensor(y, f"{p.name} labels")
         labels = labels.reshape(len(labels), -1)

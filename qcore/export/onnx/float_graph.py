@@ -269,7 +269,8 @@ def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list
     _declare_batch(proto, "batch", data.batch_axes)
     if fixed is None or fixed > len(data):
         return proto, _batch_notes(proto, workload)
-    sample = lambda b: {f"input_{i}": t.numpy() for i, t in enumerate(data.subset(torch.arange(b) % fixed).inputs)}  # noqa: E731
+    sample = lambda b: {f"input_{i}": t.numpy()  # noqa: E731
+                        for i, t in enumerate(data.subset(torch.arange(b) % fixed).inputs)}
     reference = _run(source, sample(fixed))
     problem = None
     for b in sorted({1, fixed, 8}):

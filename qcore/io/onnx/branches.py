@@ -104,18 +104,20 @@ def inline_constant_ifs(proto) -> list[str]:
             defined = set(inits) | set(producers) | {i.name for i in graph.input}
             if {o for n in branch.node for o in n.output} & defined or {i.name for i in branch.initializer} & defined:
                 continue
-            constants = [n for n in branch.node if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]]
+            constants = [n for n in branch.node
+                         if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]]
             for c in constants:  # a branch's weights are Constant nodes; in the main graph they are initializers
                 graph.initializer.append(c.attribute[0].t)
                 graph.initializer[-1].name = c.output[0]
-            inlined = [n for n in branch.node if n not in constants] + [helper.make_node("Identity", [r.name], [o], name=f"{node.name}_{k}")
-                                           for k, (r, o) in enumerate(zip(branch.output, node.output))]
+            inlined = [n for n in branch.node if n not in constants] + [
+                helper.make_node("Identity", [r.name], [o], name=f"{node.name}_{k}")
+                for k, (r, o) in enumerate(zip(branch.output, node.output))]
             nodes = list(graph.node)
             del graph.node[:]
             graph.node.extend(nodes[:index] + inlined + nodes[index + 1:])
             graph.initializer.extend(branch.initializer)
-            notes.append(f"the If {node.name!r} has a constant condition (from the scalar inputs): its {taken.split('_')[0]} "
-                         "branch is the model, the other is dropped")
+            notes.append(f"the If {node.name!r} has a constant condition (scalar inputs, declared sizes): its "
+                         f"{taken.split('_')[0]} branch is the model, the other is dropped")
             break
         else:
             return notes
