@@ -254,14 +254,16 @@ def parse_batch_axes(text: str) -> dict[str, int]:
     return out
 
 
-def with_batch_axes(data: Data, given: dict[str, int], input_names: tuple[str, ...] | None, source: str) -> Data:
+def with_batch_axes(data: Data, given: dict[str, int], input_names: tuple[str, ...] | None,
+                    source: str) -> tuple[Data, list[str]]:
     """``data`` with each input's batch axis (``Data.batch_axes``): the one ``given`` by input name (or position),
     else, with N the first input's batch size (along its given axis, else axis 0), axis 0 if it has N entries,
     else the only axis with N entries -- an LSTM state (2, N, 128) beside an input (N, 512) is batched on axis 1.
     Scalar inputs (0-d arrays, ``Data.constants``) have none: one value for every batch. One QcoreError line for
-    a name the model lacks, an axis out of range, an input without (or with several) axes of N, or labels not N."""
-    names = input_names or tuple(str(i) for i in range(len(data.inputs)))
-    order = data.names or names
+    a name the model lacks, an axis out of range, an input without (or with several) axes of N, or labels not N.
+    Returns (data, a note per input not batched on axis 0)."""
+    order = data.names or tuple(n for n in input_names or () if n not in data.constants) or \
+        tuple(str(i) for i in range(len(data.inputs)))  # positional data: the model's inputs that are not scalars
     for key, axis in given.items():
         if key in data.constants:
             raise QcoreError(f"input {key!r} is a scalar (a 0-d array in {source}): one value for every batch, so it "
@@ -295,7 +297,10 @@ def with_batch_axes(data: Data, given: dict[str, int], input_names: tuple[str, .
         raise QcoreError(f"{source} has no samples")
     if data.labels is not None and len(data.labels) != n:
         raise QcoreError(f"{source} has {n} samples but {len(data.labels)} labels; give one label per sample")
-    return Data(data.inputs, data.labels, data.names, data.constants, tuple(axes) if any(axes) else ())
+    notes = [f"input {name!r} of {source} has its samples on axis {axis} ("
+             f"{'set by you' if name in given else 'inferred: its one axis as long as the first input'}); batches "
+             "and the exported file keep that layout" for name, axis in zip(order, axes) if axis]
+    return Data(data.inputs, data.labels, data.names, data.constants, tuple(axes) if any(axes) else ()), notes
 
 
 def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:

@@ -184,6 +184,8 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
         return load_hf_workload(model, data, max_bytes)
     shape_spec = data is not None and str(data).startswith("shape:")
     data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]
+    if batch_axes and (data is None or shape_spec):
+        raise QcoreError("batch axes apply to a data file's inputs; give the data file (--data FILE) or drop them")
     # the data first: an ONNX model's scalar inputs take their values from it (see ``load_onnx_file``)
     raw = None if data is None or shape_spec else load_data_file(data, label_column, max_bytes)
     if model in ZOO:
@@ -226,8 +228,6 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                             description=f"{name}, {_a(loaded.format)} model, without data (layers and weights only).",
                             source=loaded.format, notes=notes,
                             content_hash=content_hash("load_workload", model_part, None, label_column, allow_pickle))
-    if batch_axes and (data is None or shape_spec):
-        raise QcoreError("batch axes apply to a data file's inputs; give the data file (--data FILE) or drop them")
     if data is None or shape_spec:
         if shape_spec:
             loaded.inputs = parse_shape(str(data)[len("shape:"):])
@@ -240,14 +240,10 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                      f"input {shape}); {FIDELITY_NOTE}")
     else:
         source = Path(data).name
-        dataset = with_batch_axes(match_names(raw, loaded.input_names, source), batch_axes or {}, loaded.input_names,
-                                  source)
+        dataset, moved = with_batch_axes(match_names(raw, loaded.input_names, source), batch_axes or {},
+                                         loaded.input_names, source)
         dataset = fit(dataset, loaded.inputs, source)
-        order = dataset.names or loaded.input_names or tuple(map(str, range(len(dataset.inputs))))
-        notes += [f"input {name!r} of {source} has its samples on axis {dataset.axis(i)} ("
-                  f"{'set by you' if name in (batch_axes or {}) else 'inferred: its one axis as long as the first input'}"
-                  "); batches and the exported file keep that layout"
-                  for i, name in enumerate(order) if dataset.axis(i)]
+        notes += moved
     probe = loaded.example_batch if 1 < loaded.example_batch <= len(dataset) else 1
     loaded.model, several = single_output(loaded.model, dataset.subset(slice(0, probe)).inputs)
     notes += [several] if several else []

@@ -125,6 +125,15 @@ def test_a_given_axis_and_its_errors(files):
         with pytest.raises(QcoreError, match="^" + re.escape(message)) as e:
             load_workload(str(model), str(data), batch_axes=axes)
         assert "\n" not in str(e.value)
+    with pytest.raises(QcoreError, match="^batch axes apply to a data file's inputs"):
+        load_workload(str(model), None, batch_axes={"state": 1})
+
+
+def test_positional_arrays_are_batched_on_their_own_axes_too(files, tmp_path):
+    model, _, x, state = files
+    np.savez(tmp_path / "pos.npz", x0=x, x1=state, mode=np.array(1, np.int64))
+    w = load_workload(str(model), str(tmp_path / "pos.npz"))
+    assert w.calibration.batch_axes == (0, 1) and len(w.calibration) + len(w.evaluation) == N
 
 
 def test_an_input_without_one_batch_axis_is_named(tmp_path):
@@ -163,7 +172,8 @@ def test_the_batch_axis_is_found_and_sliced_on(axis, other, n):
     shape = other[:axis] + [n] + other[axis:]
     state = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
     x = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)
-    d = with_batch_axes(Data((x, state), names=("x", "state")), {}, ("x", "state"), "d.npz")
+    d, notes = with_batch_axes(Data((x, state), names=("x", "state")), {}, ("x", "state"), "d.npz")
+    assert len(notes) == (axis != 0)
     assert d.axis(1) == axis and len(d) == n
     index = torch.tensor([n - 1, 0, 2])
     np.testing.assert_array_equal(d.subset(index).inputs[1].numpy(), np.take(state.numpy(), index.numpy(), axis=axis))
