@@ -119,16 +119,17 @@ _KEEP_VALUES = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops
 
 
 def _output_activations(proto) -> tuple[str | None, ...]:
-    """Per graph output, in order: "sigmoid" / "softmax" if that op makes it -- through ops that only move
-    its values (``_KEEP_VALUES``), a mean of sigmoids (a probability too) and an ``If`` whose branches both
-    end so: silero-vad's speech probability is Sigmoid -> If(batch 1: Squeeze) -> ReduceMean -> Unsqueeze --
-    else None."""
+    """Per graph output, in order: "softmax" if a Softmax makes it; "sigmoid" if a Sigmoid does, also through
+    ops that only move its values (``_KEEP_VALUES``), a mean of sigmoids (a probability too) and an ``If`` whose
+    branches both end so -- silero-vad's speech probability is Sigmoid -> If(batch 1: Squeeze) -> ReduceMean ->
+    Unsqueeze; else None. (A Softmax behind an Identity stays unseen: ocr-cls's class scores are scored as
+    classification, as before.)"""
     def activation(name: str, made_by: dict, depth: int = 0) -> str | None:
         node = made_by.get(name)
         if node is None or depth > 32:
             return None
         if node.op_type in ("Sigmoid", "Softmax"):
-            return node.op_type.lower()
+            return "sigmoid" if node.op_type == "Sigmoid" else "softmax" if depth == 0 else None
         if node.op_type == "ReduceMean":
             return "sigmoid" if activation(node.input[0], made_by, depth + 1) == "sigmoid" else None
         if node.op_type == "If":
