@@ -180,3 +180,12 @@ def test_the_batch_axis_is_found_and_sliced_on(axis, other, n):
     batches = d.batches(2)
     assert [b[1].shape[axis] for b in batches] == [2] * (n // 2) + [1] * (n % 2)
     np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in batches], axis=axis), state.numpy())
+
+
+def test_the_upload_sandbox_gets_the_batch_axes(files):
+    """The app vets an upload in a child process (``vet_upload``): it loads with the user's batch axes too."""
+    from qcore.io.sandbox import vet_upload
+
+    model, data, _, _ = files
+    with pytest.raises(QcoreError, match="batch axis 5 of input 'state' is out of range"):
+        vet_upload(model, data, batch_axes={"state": 5})
