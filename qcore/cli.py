@@ -49,12 +49,12 @@ def _mib(n: int) -> str:
 
 
 def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = False, label_column: str | None = None,
-                     allow_no_data: bool = False, output_kind: str | None = None):
+                     allow_no_data: bool = False, output_kind: str | None = None, batch_axes: list[str] | None = None):
     """A zoo name or a model file (plus optional data file) -> Workload (``allow_no_data``, ``output_kind``: see
-    ``load_workload``)."""
+    ``load_workload``; ``batch_axes``: the ``--batch-axis`` values, ``data.parse_batch_axes``)."""
     from qcore.zoo import ZOO, load
 
-    if model in ZOO and data is None and output_kind is None:
+    if model in ZOO and data is None and output_kind is None and not batch_axes:
         return load(model)
     for what, path in (("model", model), ("data", data)):
         try:
@@ -65,15 +65,16 @@ def resolve_workload(model: str, data: str | None = None, allow_pickle: bool = F
         except OSError as e:  # e.g. a name longer than the file system allows
             shown = path if len(path) <= 80 else path[:80] + "..."
             raise QcoreError(f"{what} path {shown!r} cannot be read ({e.strerror}); give a file path") from None
+    from qcore.io.data import parse_batch_axes
     from qcore.io.workload import load_workload
 
     return load_workload(model, data, allow_pickle=allow_pickle, label_column=label_column, allow_no_data=allow_no_data,
-                         output_kind=output_kind)
+                         output_kind=output_kind, batch_axes=parse_batch_axes(",".join(batch_axes or [])))
 
 
 def _workload(args, allow_no_data: bool = False):
     return resolve_workload(args.model, getattr(args, "data", None), args.trust_pickle, getattr(args, "label_column", None),
-                            allow_no_data, getattr(args, "output_kind", None))
+                            allow_no_data, getattr(args, "output_kind", None), getattr(args, "batch_axis", None))
 
 
 def _output_file(path: str) -> str:
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="what the model's output is, which sets the headline metric (default: inferred from "
                                 "a final Sigmoid/Softmax, the labels and the output shape): "
                                 + "; ".join(f"{k}: {v}" for k, v in OUTPUT_KINDS.items()))
+            c.add_argument("--batch-axis", action="append", metavar="INPUT=AXIS",
+                           help="which axis of a data file's input counts its samples, e.g. state=1 for an LSTM state "
+                                "(2, batch, 128); repeatable (default: axis 0, or the one axis as long as the first "
+                                "input's batch); the exported file keeps that layout")
         if recipe:
             c.add_argument("--preset", help="a preset name (fp16, int8-static, ...)")
             c.add_argument("--recipe", help="a recipe JSON file")

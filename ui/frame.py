@@ -71,9 +71,10 @@ def _language_model_shown() -> bool:
 _framed = contextvars.ContextVar("framed", default=False)  # this script run is inside run() (per session thread)
 
 
-def load_upload(model_file, data_file, label_column: str, output_kind: str | None = None) -> None:
+def load_upload(model_file, data_file, label_column: str, output_kind: str | None = None, batch_axes: str = "") -> None:
     """Load the uploaded files into session state; a user error is kept as a message and whatever
     was loaded before stays loaded."""
+    from qcore.io.data import parse_batch_axes
     from qcore.io.hf_zip import unpack
     from qcore.io.sandbox import memory_limit_bytes, vet_upload
     from qcore.io.workload import load_workload  # imported here so the app starts even without it
@@ -93,8 +94,10 @@ def load_upload(model_file, data_file, label_column: str, output_kind: str | Non
                 memory = memory_limit_bytes(paths[0], paths[1])
                 if paths[0].lower().endswith(".zip"):  # a Hugging Face folder: unpacked here (checked, bounded), then
                     paths[0] = str(unpack(Path(paths[0]), Path(tmp) / Path(paths[0]).stem))  # vetted as a folder
-                vet_upload(paths[0], paths[1], label_column or None, memory_bytes=memory)  # in a child process
-                workload = load_workload(paths[0], paths[1], label_column=label_column or None, output_kind=output_kind)
+                axes = parse_batch_axes(batch_axes)
+                vet_upload(paths[0], paths[1], label_column or None, memory_bytes=memory, batch_axes=axes)  # in a child
+                workload = load_workload(paths[0], paths[1], label_column=label_column or None, output_kind=output_kind,
+                                         batch_axes=axes)
                 _ = workload.layers  # find the layers while the files exist
         except QcoreError as e:
             st.session_state[keys.UPLOAD_ERROR] = str(e)
@@ -128,8 +131,12 @@ def sidebar() -> None:
             output_kind = st.selectbox("The model's output is", [None, *OUTPUT_KINDS], key="output_kind",
                                        format_func=lambda k: "inferred from the model and data" if k is None else k,
                                        help="sets the headline metric: " + "; ".join(f"{k}: {v}" for k, v in OUTPUT_KINDS.items()))
+            batch_axes = st.text_input("Batch axes (optional)", key="batch_axes", placeholder="state=1",
+                                       help="which axis of a data input counts its samples, where it is not axis 0 "
+                                            "and cannot be inferred: input=axis, comma-separated (an LSTM state "
+                                            "(2, batch, 128): state=1); the exported file keeps that layout")
             if st.button("Load uploaded model", disabled=model_file is None, type="primary"):
-                load_upload(model_file, data_file, label_column, output_kind)
+                load_upload(model_file, data_file, label_column, output_kind, batch_axes)
             state.active()  # checks a new upload against a link's ?upload= hash before its error is shown
             if st.session_state.get(keys.UPLOAD_ERROR):
                 st.error(plain(st.session_state[keys.UPLOAD_ERROR]), icon=":material/error:")

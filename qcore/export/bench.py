@@ -160,7 +160,7 @@ def _bench(workload, recipe: Recipe, batch_size: int, threads: int, budget_s: fl
     reports = {key: export(workload, r, "onnx", os.path.join(tmp, f"{key}.onnx"))
                for key, r in (("fp32", preset("fp32")), ("quantized", recipe))}
     sessions = {key: session(r.path, threads, runtime, precision) for key, r in reports.items()}
-    fixed = fixed_batch(sessions["quantized"])
+    fixed = fixed_batch(sessions["quantized"], workload.evaluation.axis(0))
     if fixed is not None and fixed != n:
         raise QcoreError(f"the exported file runs only batches of {fixed} (the model's graph writes that size in; see "
                          f"the export notes), so it cannot be timed at batch {n}; use --batch-size {fixed}")

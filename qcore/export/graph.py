@@ -85,6 +85,8 @@ class GraphEditor:
             if any(o in needed for o in n.output):
                 kept.append(n)
                 needed.update(i for i in n.input if i)
+                # values an If/Loop body reads from this graph
+                needed.update(i for g in _subgraphs(n) for node in _all_nodes(g) for i in node.input if i)
         self.nodes = kept[::-1]
         for name in [name for name in self.inits if name not in needed]:
             self.drop_initializer(name)
@@ -97,7 +99,25 @@ class GraphEditor:
         for n in self.nodes:
             n.input[:] = [new if i == old else i for i in n.input]
             n.output[:] = [new if o == old else o for o in n.output]
+            for node in (node for g in _subgraphs(n) for node in _all_nodes(g)):  # If/Loop bodies read outer values
+                node.input[:] = [new if i == old else i for i in node.input]
         for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
             if v.name == old:
                 v.name = new
         self._names.add(new)
+
+
+def _subgraphs(node) -> list:
+    """The graphs a node holds (an If's branches, a Loop's body)."""
+    from onnx import AttributeProto
+
+    return [a.g for a in node.attribute if a.type == AttributeProto.GRAPH] + \
+        [g for a in node.attribute if a.type == AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _all_nodes(graph):
+    """Every node of ``graph``, those in its nodes' subgraphs included (depth first)."""
+    for node in graph.node:
+        yield node
+        for g in _subgraphs(node):
+            yield from _all_nodes(g)

@@ -1,5 +1,6 @@
 """Running an exported file: sessions (ONNX Runtime, or OpenVINO through ``qcore.export.openvino``), input
-feeds (``input_0..``), outputs over a data set."""
+feeds (``input_0..``), outputs over a data set. Every input is batched along its own axis (``Data.batch_axes``:
+an LSTM state (2, batch, 128) on axis 1), as the file declares it; scalar inputs are constants in the file."""
 
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ def session(path: str, threads: int, runtime: str = "onnxruntime", precision: st
 
 
 def feed(workload, data) -> dict:
-    """All of ``data`` as one ONNX Runtime input dict (one batch of len(data) samples)."""
+    """All of ``data`` as one ONNX Runtime input dict (one batch of len(data) samples, each input in its layout)."""
     return {n: t.numpy() for n, t in zip(input_names(workload), data.inputs)}
 
 
-def fixed_batch(sess) -> int | None:
-    """The batch size a session's file is declared at (its first input's first dimension), None if dynamic."""
-    first = sess.get_inputs()[0].shape[0]
+def fixed_batch(sess, axis: int = 0) -> int | None:
+    """The batch size a session's file is declared at (its first input's dimension ``axis``, that input's batch
+    axis), None if dynamic."""
+    first = sess.get_inputs()[0].shape[axis]
     return first if isinstance(first, int) and first > 0 else None  # some exporters write 0 or -1 for "any"
 
 
@@ -51,10 +53,10 @@ def run_onnx(sess, workload, data) -> torch.Tensor:
     """Outputs of an ONNX Runtime session over ``data``, float32: in batches of workload.batch_size, or of
     the file's declared batch when it has one (the last batch filled up with its own first samples, whose
     outputs are dropped)."""
-    size = fixed_batch(sess) or workload.batch_size
-    names, outs = input_names(workload), []
-    for b in data.batches(size):
-        n = len(b[0])
-        fill = torch.arange(size) % n if fixed_batch(sess) else torch.arange(n)
-        outs.append(sess.run(None, {name: t[fill].numpy() for name, t in zip(names, b)})[0][:n])
+    fixed = fixed_batch(sess, data.axis(0))
+    size, outs = fixed or workload.batch_size, []
+    for start in range(0, len(data), size):
+        n = min(size, len(data) - start)
+        fill = start + (torch.arange(size) % n if fixed else torch.arange(n))
+        outs.append(sess.run(None, feed(workload, data.subset(fill)))[0][:n])
     return torch.from_numpy(np.concatenate(outs)).float()

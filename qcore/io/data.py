@@ -207,17 +207,10 @@ def load_data_file(path, label_column: str | None = None, max_bytes: int | None 
         raise QcoreError(f"{p.name} holds only single numbers ({', '.join(constants)}); give at least one input "
                          "with one row per sample")
     inputs = tuple(_as_tensor(x, f"{p.name} input {i if names is None else repr(names[i])}") for i, x in enumerate(xs))
-    n = len(inputs[0])
-    if any(len(t) != n for t in inputs):
-        raise QcoreError(f"{p.name}: the input arrays have different numbers of samples ({[len(t) for t in inputs]})")
-    if n == 0:
-        raise QcoreError(f"{p.name} has no samples")
-    labels = None
+    labels = None  # samples are counted (and checked against the labels) on each input's batch axis: with_batch_axes
     if y is not None:
         labels = _as_tensor(y, f"{p.name} labels")
-        if len(labels) != n:
-            raise QcoreError(f"{p.name} has {n} samples but {len(labels)} labels; give one label per sample")
-        labels = labels.reshape(n, -1)
+        labels = labels.reshape(len(labels), -1)
         if labels.shape[1] != 1:
             raise QcoreError(f"{p.name}: labels must be one class index per sample, got shape {tuple(y.shape)}")
         labels = labels[:, 0]
@@ -248,6 +241,68 @@ def match_names(data: Data, input_names: tuple[str, ...] | None, source: str) ->
     return Data(tuple(given[k] for k in order), data.labels, order, data.constants)
 
 
+def parse_batch_axes(text: str) -> dict[str, int]:
+    """``"state=1, h=1"`` (the CLI's ``--batch-axis``, the upload form) -> ``{"state": 1, "h": 1}``: input name
+    (or position 0, 1, ... for a model without input names) = the axis of its batch."""
+    out = {}
+    for part in (p.strip() for p in text.strip()[:1000].split(",")):
+        m = re.fullmatch(r"([^=\s]+)\s*=\s*(\d{1,2})", part)
+        if part and m is None:
+            raise QcoreError(f"batch axis {part[:60]!r} is not like state=1 (an input name, '=', the axis of its batch)")
+        if m:
+            out[m[1]] = int(m[2])
+    return out
+
+
+def with_batch_axes(data: Data, given: dict[str, int], input_names: tuple[str, ...] | None,
+                    source: str) -> tuple[Data, list[str]]:
+    """``data`` with each input's batch axis (``Data.batch_axes``): the one ``given`` by input name (or position),
+    else, with N the first input's batch size (along its given axis, else axis 0), axis 0 if it has N entries,
+    else the only axis with N entries -- an LSTM state (2, N, 128) beside an input (N, 512) is batched on axis 1.
+    Scalar inputs (0-d arrays, ``Data.constants``) have none: one value for every batch. One QcoreError line for
+    a name the model lacks, an axis out of range, an input without (or with several) axes of N, or labels not N.
+    Returns (data, a note per input not batched on axis 0)."""
+    order = data.names or tuple(n for n in input_names or () if n not in data.constants) or \
+        tuple(str(i) for i in range(len(data.inputs)))  # positional data: the model's inputs that are not scalars
+    for key, axis in given.items():
+        if key in data.constants:
+            raise QcoreError(f"input {key!r} is a scalar (a 0-d array in {source}): one value for every batch, so it "
+                             "has no batch axis; remove it from the batch axes")
+        if key not in order:
+            raise QcoreError(f"the model has no input {key!r} to give a batch axis (its inputs: {', '.join(order)})")
+        rank = data.inputs[order.index(key)].dim()
+        if axis >= rank:
+            raise QcoreError(f"batch axis {axis} of input {key!r} is out of range: {source} gives it {rank} axes "
+                             f"(0..{rank - 1})")
+    axes, n = [], None
+    for name, t in zip(order, data.inputs):
+        shape = tuple(t.shape)
+        if name in given:
+            axis = given[name]
+        elif n is None or shape[0] == n:
+            axis = 0
+        else:
+            matching = [j for j, d in enumerate(shape) if d == n]
+            if len(matching) != 1:
+                which = "no axis" if not matching else f"axes {matching}"
+                raise QcoreError(f"{source}: input {name!r} has shape {shape} with {which} of the {n} samples the first "
+                                 f"input has; say which axis counts its samples (--batch-axis {name}=AXIS)")
+            axis = matching[0]
+        if n is not None and shape[axis] != n:
+            raise QcoreError(f"{source}: input {name!r} has {shape[axis]} samples on its batch axis {axis} (shape "
+                             f"{shape}) but the first input has {n}; give every input the same number of samples")
+        n = shape[axis] if n is None else n
+        axes.append(axis)
+    if n == 0:
+        raise QcoreError(f"{source} has no samples")
+    if data.labels is not None and len(data.labels) != n:
+        raise QcoreError(f"{source} has {n} samples but {len(data.labels)} labels; give one label per sample")
+    notes = [f"input {name!r} of {source} has its samples on axis {axis} ("
+             f"{'set by you' if name in given else 'inferred: its one axis as long as the first input'}); batches "
+             "and the exported file keep that layout" for name, axis in zip(order, axes) if axis]
+    return Data(data.inputs, data.labels, data.names, data.constants, tuple(axes) if any(axes) else ()), notes
+
+
 def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:
     """Data reshaped and cast to the model's inputs (per-sample element counts must match); named data
     must have gone through ``match_names`` first."""
@@ -257,7 +312,9 @@ def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:
     out = []
     for i, x in enumerate(data.inputs):
         which = f"input {i}" if data.names is None else f"input {data.names[i]!r}"
-        spec = specs[i] if specs is not None else InputSpec(tuple(x.shape[1:]))
+        axis = data.axis(i)
+        x = x.movedim(axis, 0)  # batch first while checking and reshaping; moved back below
+        spec = specs[i].along(axis) if specs is not None else InputSpec(tuple(x.shape[1:]))
         sample = tuple(x.shape[1:])
         fits = len(sample) == len(spec.sample_shape) and all(
             a == b or j in spec.dynamic for j, (a, b) in enumerate(zip(sample, spec.sample_shape)))
@@ -275,8 +332,8 @@ def fit(data: Data, specs: list[InputSpec] | None, source: str) -> Data:
             if torch.is_floating_point(x) and not bool((x == x.round()).all()):
                 raise QcoreError(f"{source}: {which} must hold whole numbers (e.g. token ids) for this model")
             x = x.to(spec.dtype)
-        out.append(x)
-    return Data(tuple(out), data.labels, data.names)
+        out.append(x.movedim(0, axis))
+    return Data(tuple(out), data.labels, data.names, batch_axes=data.batch_axes)
 
 
 def synthetic_data(specs: list[InputSpec], n: int = N_SYNTHETIC, seed: int = SPLIT_SEED) -> Data:

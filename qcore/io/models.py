@@ -25,7 +25,7 @@ runs code from the file -- only for files you trust; the app never sets it):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,18 @@ class InputSpec:
     dynamic: frozenset[int] = frozenset()
     dtype: torch.dtype = torch.float32
     int_range: tuple[int, int] = (0, 1)
+    first_dim: int | None = None  # the size the file declares at axis 0, taken as the batch (None: symbolic or unknown)
+
+    def along(self, axis: int) -> "InputSpec":
+        """This input's spec when its batch is on ``axis``, not 0 (``Data.batch_axes``): the declared axis 0 is
+        then a per-sample dimension (dynamic if symbolic) and ``axis`` the batch."""
+        if axis == 0:
+            return self
+        full = (self.first_dim or 1, *self.sample_shape)
+        dynamic = {j + 1 for j in self.dynamic} | ({0} if self.first_dim is None else set())
+        return replace(self, sample_shape=full[:axis] + full[axis + 1:],
+                       dynamic=frozenset(j - (j > axis) for j in dynamic if j != axis),
+                       first_dim=None if axis in dynamic else full[axis])
 
 
 @dataclass

@@ -52,7 +52,7 @@ def memory_limit_bytes(*paths) -> int:
 
 
 def vet_upload(model_path, data_path=None, label_column: str | None = None, *, timeout_s: float | None = None,
-               memory_bytes: int | None = None) -> None:
+               memory_bytes: int | None = None, batch_axes: dict[str, int] | None = None) -> None:
     """Load ``model_path`` (+ ``data_path``) in a child process under the limits above; return if it loaded,
     else raise ``QcoreError`` with one line: the loader's own message, or that the upload needed more than
     ``memory_bytes`` of memory or longer than ``timeout_s`` seconds."""
@@ -65,6 +65,8 @@ def vet_upload(model_path, data_path=None, label_column: str | None = None, *, t
         cmd += ["--data", str(Path(data_path).resolve())]
     if label_column:
         cmd += ["--label-column", label_column]
+    if batch_axes:
+        cmd += ["--batch-axes", ",".join(f"{k}={v}" for k, v in batch_axes.items())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryFile() as err_file:  # a file, not a pipe: the child may write more than we want to hold
@@ -117,6 +119,7 @@ def _child(argv: list[str]) -> None:
     parser.add_argument("model")
     parser.add_argument("--data")
     parser.add_argument("--label-column")
+    parser.add_argument("--batch-axes", default="")
     parser.add_argument("--memory-bytes", type=int, required=True)
     parser.add_argument("--cpu-s", type=int, required=True)
     args = parser.parse_args(argv)
@@ -131,7 +134,10 @@ def _child(argv: list[str]) -> None:
 
     torch.set_num_threads(1)
     try:
-        workload = load_workload(args.model, args.data, label_column=args.label_column)
+        from qcore.io.data import parse_batch_axes
+
+        workload = load_workload(args.model, args.data, label_column=args.label_column,
+                                 batch_axes=parse_batch_axes(args.batch_axes))
         _ = workload.layers
         answer = {"ok": True}
     except QcoreError as e:

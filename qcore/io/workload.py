@@ -20,7 +20,7 @@ from qcore.errors import QcoreError
 from qcore.model.workload import Data, Workload, content_hash
 from qcore.model.task import OUTPUT_KINDS, Task, output_task
 from qcore.io.data import (N_SYNTHETIC, SPLIT_SEED, fit, load_data_file, match_names, parse_shape, split,
-                           synthetic_data)
+                           synthetic_data, with_batch_axes)
 from qcore.limits import first_line
 from qcore.model.first_output import single_output
 from qcore.io.models import InputSpec, LoadedModel, load_model_file
@@ -162,7 +162,7 @@ def _is_dir(path: str) -> bool:
 
 def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = False, label_column: str | None = None,
                   max_bytes: int | None = None, allow_no_data: bool = False,
-                  output_kind: str | None = None) -> Workload:
+                  output_kind: str | None = None, batch_axes: dict[str, int] | None = None) -> Workload:
     """A zoo name (``data`` then replaces its calibration/evaluation data), a model file, or a Hugging Face
     causal-LM folder or ``.zip`` (``qcore.io.hf``: ``data`` is then a text file), with an optional data file (or
     ``"shape:1x3x32x32"``) -> ``Workload``. Every problem is one QcoreError line.
@@ -172,7 +172,10 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     (what ``inspect`` lists), and a note saying that evaluation needs data.
 
     ``output_kind`` (one of ``OUTPUT_KINDS``) says what the model's first output is; None infers it
-    (``infer_output_kind``). The headline metric follows it, and a note says which and why."""
+    (``infer_output_kind``). The headline metric follows it, and a note says which and why.
+
+    ``batch_axes`` (input name -> axis) says which axis of a data file's input counts its samples where that
+    is not axis 0 and cannot be inferred (``data.with_batch_axes``); the exported file keeps each input's layout."""
     from qcore.zoo import ZOO, load
 
     if model not in ZOO and (str(model).lower().endswith(".zip") or _is_dir(model)):  # a Hugging Face checkpoint
@@ -181,6 +184,8 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
         return load_hf_workload(model, data, max_bytes)
     shape_spec = data is not None and str(data).startswith("shape:")
     data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]
+    if batch_axes and (data is None or shape_spec):
+        raise QcoreError("batch axes apply to a data file's inputs; give the data file (--data FILE) or drop them")
     # the data first: an ONNX model's scalar inputs take their values from it (see ``load_onnx_file``)
     raw = None if data is None or shape_spec else load_data_file(data, label_column, max_bytes)
     if model in ZOO:
@@ -235,7 +240,10 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                      f"input {shape}); {FIDELITY_NOTE}")
     else:
         source = Path(data).name
-        dataset = fit(match_names(raw, loaded.input_names, source), loaded.inputs, source)
+        dataset, moved = with_batch_axes(match_names(raw, loaded.input_names, source), batch_axes or {},
+                                         loaded.input_names, source)
+        dataset = fit(dataset, loaded.inputs, source)
+        notes += moved
     probe = loaded.example_batch if 1 < loaded.example_batch <= len(dataset) else 1
     loaded.model, several = single_output(loaded.model, dataset.subset(slice(0, probe)).inputs)
     notes += [several] if several else []
@@ -249,7 +257,7 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     else:
         notes.append(f"labels in {source} are not used: the model's output {tuple(reference.shape[1:])} per sample "
                      f"is scored as {task.kind}; metrics compare with the FP32 outputs")
-        dataset = Data(dataset.inputs, None, dataset.names, dataset.constants)
+        dataset = dataclasses.replace(dataset, labels=None)
     notes.append(f"output scored as {task.kind} ({task.why}): headline metric {task.headline}")
     calibration, evaluation = split(dataset, fixed)
     if not shape_spec and data is not None:
@@ -264,7 +272,8 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
                      f"{len(evaluation)} evaluation samples). Headline metric: {task.headline}."),
         source=loaded.format, notes=notes, batch_size=fixed or 128,
         content_hash=content_hash("load_workload", model_part, data_part, label_column, allow_pickle,
-                                  *([output_kind] if output_kind else [])))
+                                  *([output_kind] if output_kind else []),
+                                  *([sorted(batch_axes.items())] if batch_axes else [])))
 
 
 @dataclass(eq=False)

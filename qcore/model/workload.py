@@ -35,25 +35,33 @@ from qcore.model import transforms as transforms_mod
 
 @dataclass
 class Data:
-    """Model inputs (a tuple of tensors with a shared first dimension N) and optional labels (N,).
+    """Model inputs (a tuple of tensors sharing N samples) and optional labels (N,).
 
     ``names``: the inputs' names when the data file named them (matched to the model's input names);
-    ``constants``: scalar (rank-0) inputs by name, one value fed to every batch."""
+    ``constants``: scalar (rank-0) inputs by name, one value fed to every batch; ``batch_axes``: per input,
+    the axis that counts its N samples (empty: axis 0 of every input) -- an LSTM state (2, N, 128) has 1.
+    Batches and subsets slice every input along its own axis."""
 
     inputs: tuple[torch.Tensor, ...]
     labels: torch.Tensor | None = None
     names: tuple[str, ...] | None = None
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_axes: tuple[int, ...] = ()
+
+    def axis(self, i: int) -> int:
+        """The batch axis of input ``i``."""
+        return self.batch_axes[i] if self.batch_axes else 0
 
     def __len__(self) -> int:
-        return int(self.inputs[0].shape[0])
+        return int(self.inputs[0].shape[self.axis(0)])
 
     def batches(self, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
-        return [tuple(t[i:i + batch_size] for t in self.inputs) for i in range(0, len(self), batch_size)]
+        return [self.subset(slice(i, i + batch_size)).inputs for i in range(0, len(self), batch_size)]
 
     def subset(self, index) -> "Data":
-        return Data(tuple(t[index] for t in self.inputs), None if self.labels is None else self.labels[index],
-                    self.names, self.constants)
+        """The samples ``index`` (a slice or an index tensor) selects, from every input along its batch axis."""
+        return Data(tuple(t[(slice(None),) * self.axis(i) + (index,)] for i, t in enumerate(self.inputs)),
+                    None if self.labels is None else self.labels[index], self.names, self.constants, self.batch_axes)
 
 
 def content_hash(*parts) -> str:

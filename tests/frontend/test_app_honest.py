@@ -342,3 +342,4 @@ def test_model_page_says_which_output_kind_and_why(tmp_path):
     assert "The headline metric is **decision_agreement**" in text
     assert "scored as **probabilities** (inferred from the final Sigmoid)" in text
     assert "The model's output is" in [s.label for s in at.sidebar.selectbox]
+    assert "Batch axes (optional)" in [t.label for t in at.sidebar.text_input]  # e.g. state=1 (tests/io/test_batch_axes.py)

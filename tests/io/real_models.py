@@ -7,7 +7,8 @@ torchvision, librosa, opencv), and how to turn it into what the user uploads plu
 - ONNX files are used as they are in the wheel;
 - torch models are built from the package's own ``nn.Module`` class, loaded with the wheel's state
   dict and saved with ``torch.export.save`` as a ``.pt2`` (what our upload page asks for);
-- the data is an ``.npz`` (``x`` or ``x0, x1, ...`` with a leading batch axis) of real or realistic
+- the data is an ``.npz`` (``x`` or ``x0, x1, ...`` with a leading batch axis, or one array per input named
+  after it: silero-vad's state is batched on axis 1, its sample rate a 0-d array) of real or realistic
   samples: text rendered with a font Debian ships (OCR), real files' bytes as Magika reads them
   (file-type), seeded noise shaped like mel spectrograms / face crops where the package ships no sample.
 
@@ -212,15 +213,20 @@ def _magika(m: RealModel, out_dir: Path):
 
 def _silero(m: RealModel, out_dir: Path):
     """The default ONNX file (what ``load_silero_vad(onnx=True)`` runs): inputs ``input`` (batch, 512)
-    audio at 16 kHz, ``state`` (2, batch, 128) LSTM state, ``sr`` a scalar int64 sample rate; outputs
-    the speech probability (batch, 1) and the new state. Data: 32 windows of seeded noise and tones,
-    zero state, sr 16000, one array per input as the loader documents (x0, x1, x2)."""
+    audio at 16 kHz, ``state`` (2, batch, 128) LSTM state -- batched on axis 1, which the loader infers
+    from the data -- and ``sr`` a scalar int64 sample rate; outputs the speech probability (batch, 1) and
+    the new state. Data: 32 windows of seeded noise and tones, zero state, sr 16000 as a 0-d array, one
+    array per input named after it. The oracle feeds the same ``sr`` (the engine holds it as a constant)."""
+    import onnxruntime as ort
+
     rng = np.random.default_rng(SEED)
     t = np.arange(512) / 16000
     audio = np.stack([0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) * (i % 2) + 0.05 * rng.standard_normal(512)
                       for i in range(32)]).astype(np.float32)
-    return m.weights(), _save(out_dir, m.name, x0=audio, x1=np.zeros((32, 2, 128), np.float32),
-                              x2=np.full((32,), 16000, np.int64)), ort_oracle(m.weights())
+    sr = np.array(16000, np.int64)
+    sess = ort.InferenceSession(str(m.weights()), providers=["CPUExecutionProvider"])
+    oracle = lambda inputs: sess.run(None, {"input": inputs[0], "state": inputs[1], "sr": sr})[0]  # noqa: E731
+    return m.weights(), _save(out_dir, m.name, input=audio, state=np.zeros((2, 32, 128), np.float32), sr=sr), oracle
 
 
 def _mtcnn(cls_name: str, size: int):

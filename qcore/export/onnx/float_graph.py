@@ -221,15 +221,17 @@ def _declared_batch(proto: onnx.ModelProto) -> int | None:
     return None
 
 
-def _declare_batch(proto: onnx.ModelProto, batch: int | str) -> None:
-    """Declare the first dimension of every graph input and the output as ``batch`` (a size or a name)."""
-    for v in [*proto.graph.input, proto.graph.output[0]]:
+def _declare_batch(proto: onnx.ModelProto, batch: int | str, axes: tuple[int, ...] = ()) -> None:
+    """Declare the batch dimension of every graph input (input k's is ``axes[k]``, default 0: ``Data.batch_axes``)
+    and the output's first as ``batch`` (a size or a name)."""
+    for k, v in enumerate([*proto.graph.input, proto.graph.output[0]]):
         dims = v.type.tensor_type.shape.dim
-        if len(dims):
+        axis = axes[k] if k < len(axes) and k < len(proto.graph.input) else 0
+        if len(dims) > axis:
             if isinstance(batch, int):
-                dims[0].dim_value = batch  # dim_value and dim_param are a oneof: setting one clears the other
+                dims[axis].dim_value = batch  # dim_value and dim_param are a oneof: setting one clears the other
             else:
-                dims[0].dim_param = batch
+                dims[axis].dim_param = batch
 
 
 def _batch_from_input(proto: onnx.ModelProto, size: int) -> int:
@@ -263,11 +265,12 @@ def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list
     fixed = _declared_batch(proto)
     source = proto.SerializeToString()
     rewritten = _batch_from_input(proto, fixed) if fixed else 0
-    _declare_batch(proto, "batch")
-    data = workload.calibration.inputs
-    if fixed is None or fixed > len(data[0]):
+    data = workload.calibration
+    _declare_batch(proto, "batch", data.batch_axes)
+    if fixed is None or fixed > len(data):
         return proto, _batch_notes(proto, workload)
-    sample = lambda b: {f"input_{i}": t[torch.arange(b) % fixed].numpy() for i, t in enumerate(data)}  # noqa: E731
+    sample = lambda b: {f"input_{i}": t.numpy()  # noqa: E731
+                        for i, t in enumerate(data.subset(torch.arange(b) % fixed).inputs)}
     reference = _run(source, sample(fixed))
     problem = None
     for b in sorted({1, fixed, 8}):
@@ -285,7 +288,7 @@ def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list
                        f"read the batch of each run, so the file runs any batch size (checked at 1, {fixed} and 8)"
                        ] if rewritten else []
     fixed_proto = onnx.load_from_string(source)
-    _declare_batch(fixed_proto, fixed)
+    _declare_batch(fixed_proto, fixed, data.batch_axes)
     return fixed_proto, [f"the model's graph hard-codes batch {fixed} and {problem} even with the shapes that write "
                          f"{fixed} rewritten, so the file is declared and runs at batch {fixed} only; export the source "
                          "model with a dynamic batch dimension to run other batch sizes"]
@@ -308,7 +311,8 @@ def _batch_notes(proto: onnx.ModelProto, workload) -> list[str]:
     (a Reshape or Expand in the source graph with the batch size written in)."""
     notes = []
     for b in (1, 8):
-        feed = {f"input_{i}": t[torch.arange(b) % len(t)].numpy() for i, t in enumerate(workload.calibration.inputs)}
+        data = workload.calibration.subset(torch.arange(b) % len(workload.calibration))  # each input on its batch axis
+        feed = {f"input_{i}": t.numpy() for i, t in enumerate(data.inputs)}
         out = _run(proto.SerializeToString(), feed)
         problem = f"fails ({out})" if isinstance(out, str) else \
             None if out.shape[:1] == (b,) else f"gives an output of shape {out.shape}"

@@ -3,6 +3,7 @@
 
 - ``file``: the file and its external weight file, checked (``load_onnx_file``);
 - ``proto``: every tensor of a ``ModelProto``, tensors and attributes read as torch values;
+- ``branches``: an ``If`` with a constant condition (a bound scalar input) inlined into the graph;
 - ``convert``: ``ModelProto`` -> ``OnnxModule``; the declared inputs (``input_shapes``);
 - ``layers``: the weighted nodes (Gemm/MatMul -> Linear, Conv -> Conv1d/2d, Gather -> Embedding);
 - ``names``: layer names from the source module paths;

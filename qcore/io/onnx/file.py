@@ -22,6 +22,7 @@ from typing import NoReturn
 from qcore.errors import QcoreError
 from qcore.limits import human_size, reading
 from qcore.io.models import InputSpec, LoadedModel
+from qcore.io.onnx.branches import fold_weight_inputs, inline_constant_ifs
 from qcore.io.onnx.convert import DTYPES, convert, embedding_sizes, input_shapes
 from qcore.io.onnx.proto import all_tensors
 from qcore.model.onnx_graph import quoted
@@ -114,10 +115,32 @@ def _bind_scalars(proto, constants: dict, p: Path) -> list[str]:
     return notes
 
 
+_KEEP_VALUES = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")  # ops that move values, not change them
+
+
 def _output_activations(proto) -> tuple[str | None, ...]:
-    """Per graph output, in order: "sigmoid" / "softmax" if that op makes it, else None."""
-    made_by = {o: n.op_type for n in proto.graph.node for o in n.output}
-    return tuple({"Sigmoid": "sigmoid", "Softmax": "softmax"}.get(made_by.get(o.name)) for o in proto.graph.output)
+    """Per graph output, in order: "softmax" if a Softmax makes it; "sigmoid" if a Sigmoid does, also through
+    ops that only move its values (``_KEEP_VALUES``), a mean of sigmoids (a probability too) and an ``If`` whose
+    branches both end so -- silero-vad's speech probability is Sigmoid -> If(batch 1: Squeeze) -> ReduceMean ->
+    Unsqueeze; else None. (A Softmax behind an Identity stays unseen: ocr-cls's class scores are scored as
+    classification, as before.)"""
+    def activation(name: str, made_by: dict, depth: int = 0) -> str | None:
+        node = made_by.get(name)
+        if node is None or depth > 32:
+            return None
+        if node.op_type in ("Sigmoid", "Softmax"):
+            return "sigmoid" if node.op_type == "Sigmoid" else "softmax" if depth == 0 else None
+        if node.op_type == "ReduceMean":
+            return "sigmoid" if activation(node.input[0], made_by, depth + 1) == "sigmoid" else None
+        if node.op_type == "If":
+            k = list(node.output).index(name)
+            ends = {activation(g.output[k].name, {**made_by, **{o: n for n in g.node for o in n.output}}, depth + 1)
+                    for g in (a.g for a in node.attribute if a.name in ("then_branch", "else_branch"))}
+            return ends.pop() if len(ends) == 1 else None
+        return activation(node.input[0], made_by, depth + 1) if node.op_type in _KEEP_VALUES else None
+
+    made_by = {o: n for n in proto.graph.node for o in n.output}
+    return tuple(activation(o.name, made_by) for o in proto.graph.output)
 
 
 def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> LoadedModel:
@@ -132,6 +155,8 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
         onnx.checker.check_model(proto)
     names = tuple(name for name, _, _ in input_shapes(proto))  # refuses absurd declared sizes before anything is built
     notes = _bind_scalars(proto, constants or {}, p)
+    notes += inline_constant_ifs(proto)
+    fold_weight_inputs(proto)
     declared = input_shapes(proto)
     model = convert(proto, limit)
     vocab = embedding_sizes(proto)
@@ -141,7 +166,7 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
             raise QcoreError(f"{p.name}: input {name!r} has no shape; the engine needs inputs with a batch dimension first")
         shape = tuple(d or 1 for d in dims[1:])
         int_range = (0, vocab[name] - 1) if name in vocab else (1, 1)
-        specs.append(InputSpec(shape, frozenset(j for j, d in enumerate(dims[1:]) if d is None), dtype, int_range))
+        specs.append(InputSpec(shape, frozenset(j for j, d in enumerate(dims[1:]) if d is None), dtype, int_range, dims[0]))
         batch = dims[0] if i == 0 and dims[0] else batch
     if len(model.output_names) > 1:
         notes.append(f"the ONNX model has {len(model.output_names)} outputs; the engine scores the first, "

@@ -87,7 +87,8 @@ def load_pt2_file(p: Path, allow_pickle: bool) -> LoadedModel:
                              f"the limit of {MAX_SAMPLE_ELEMENTS:,}; export the model with a smaller example input")
         dynamic = frozenset(j for j, d in enumerate(fake.shape[1:]) if not isinstance(d, int))
         int_range = (0, 1) if torch.is_floating_point(fake) else _int_range(ep, node)
-        specs.append(InputSpec(shape, dynamic, fake.dtype, int_range))
+        first = fake.shape[0] if isinstance(fake.shape[0], int) else None
+        specs.append(InputSpec(shape, dynamic, fake.dtype, int_range, first))
         if i == 0 and isinstance(fake.shape[0], int):
             batch = fake.shape[0]
     return LoadedModel(module, "torch.export", specs, batch, output_activations=_output_activations(ep),
