@@ -98,11 +98,17 @@ async def sweep(context, base: str, model: str, weights_only: bool, shown: list,
         await settle(page, timeout_ms)
     stage["at"] = "sweep: clicking Run the sweep"
     run = page.get_by_role("button", name="Run the sweep")
-    if await run.count():
+    clicked = bool(await run.count())
+    if clicked:
         await run.click()
-    stage["at"] = "sweep: waiting for its result"
+    stage["at"] = "sweep: waiting for its result" + ("" if clicked else " (no Run button was shown)")
     metric = page.locator('[data-testid="stMetric"]', has_text="Most sensitive layer")
-    await metric.wait_for(timeout=timeout_ms)
+    try:
+        await metric.wait_for(timeout=timeout_ms)
+    except Exception:
+        text = " ".join((await page.locator('[data-testid="stMain"]').inner_text()).split())
+        stage["at"] += f" [the page showed: {text[-160:]!r}]"
+        raise
     await settle(page, timeout_ms)
     numbers = " | ".join(await page.locator('[data-testid="stMetric"]').all_inner_texts())
     shown.append((weights_only, numbers, time.monotonic() - t0))

@@ -43,6 +43,7 @@ start() {
     p=$((BASE + i - 1)); ports+=("$p")
     QCORE_REDIS_URL=$URL STREAMLIT_SERVER_COOKIE_SECRET=$(cat "$RUN/cookie-secret") nohup "$PY" -m streamlit run app.py \
       --server.port "$p" --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false \
+      --server.fileWatcherType none --server.runOnSave false \
       > "$RUN/replica-$i.log" 2>&1 & echo $! > "$RUN/replica-$i.pid"
   done
   "$PY" deploy/nginx_conf.py "$RUN" "$PORT" "${ports[@]}" >/dev/null
