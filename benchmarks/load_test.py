@@ -98,11 +98,14 @@ async def sweep(context, base: str, model: str, weights_only: bool, shown: list,
         await settle(page, timeout_ms)
     stage["at"] = "sweep: clicking Run the sweep"
     run = page.get_by_role("button", name="Run the sweep")
+    metric = page.locator('[data-testid="stMetric"]', has_text="Most sensitive layer")
+    # the page shows one of: the Run button, the progress of the same sweep another session started, the result
+    # (settle() can return while a busy replica is still drawing, so wait for one of them, not for a count)
+    await run.or_(page.locator('[data-testid="stProgress"]')).or_(metric).first.wait_for(timeout=timeout_ms)
     clicked = bool(await run.count())
     if clicked:
         await run.click()
-    stage["at"] = "sweep: waiting for its result" + ("" if clicked else " (no Run button was shown)")
-    metric = page.locator('[data-testid="stMetric"]', has_text="Most sensitive layer")
+    stage["at"] = "sweep: waiting for its result" + ("" if clicked else " (joined the running one)")
     try:
         await metric.wait_for(timeout=timeout_ms)
     except Exception:
