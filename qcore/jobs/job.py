@@ -186,8 +186,22 @@ def _run_search(w, inputs: dict, progress, should_stop) -> dict:
     return search.search(w, inputs["candidates"], **goal, progress=progress, should_stop=should_stop).to_dict()
 
 
+def _checked_recipe(w, inputs: dict) -> Recipe:
+    """The job's ``inputs["recipe"]``, read and checked against ``w``'s layers (one-line errors)."""
+    recipe = Recipe.from_dict(inputs.get("recipe") or {})
+    recipe.check_against(w.layer_shapes)
+    return recipe
+
+
+def _check_layer(w, inputs: dict, where: str) -> str:
+    """The job's ``inputs["layer"]``, one of ``w``'s quantizable layers (``where``: the page that lists them)."""
+    if inputs.get("layer") not in w.layer_shapes:
+        raise QcoreError(f"{w.name} has no quantizable layer {inputs.get('layer')!r}; pick one {where} lists")
+    return inputs["layer"]
+
+
 def _check_evaluate(w, inputs: dict) -> None:
-    Recipe.from_dict(inputs.get("recipe") or {}).check_against(w.layer_shapes)
+    _checked_recipe(w, inputs)
 
 
 def _run_evaluate(w, inputs: dict, progress, should_stop) -> dict:
@@ -198,8 +212,7 @@ def _run_evaluate(w, inputs: dict, progress, should_stop) -> dict:
 def _check_qat(w, inputs: dict) -> None:
     from qcore.training import qat, transport
 
-    recipe = Recipe.from_dict(inputs.get("recipe") or {})
-    recipe.check_against(w.layer_shapes)
+    recipe = _checked_recipe(w, inputs)
     qat.check_recipe(w, recipe, transport.config_from(inputs).learn_scales)
 
 
@@ -209,9 +222,11 @@ def _run_qat(w, inputs: dict, progress, should_stop) -> dict:
 
     config = transport.config_from(inputs)
 
-    def report(fraction: float, row) -> None:
-        done = "PTQ evaluated" if row is not None and row.epoch == 0 else f"epoch {getattr(row, 'epoch', 0)} of {config.epochs}"
-        progress(fraction, "training" if row is None else f"{done}: {w.task.headline} {row.metric:.4f}")
+    def report(fraction: float, row) -> None:  # row: an EpochRow after each epoch (epoch 0 = PTQ), None per step
+        if row is None:
+            return progress(fraction, "training")
+        done = "PTQ evaluated" if row.epoch == 0 else f"epoch {row.epoch} of {config.epochs}"
+        progress(fraction, f"{done}: {w.task.headline} {row.metric:.4f}")
     result = finetune(w, Recipe.from_dict(inputs["recipe"]), config, progress=report, should_stop=should_stop)
     return transport.to_json(result, w)
 
@@ -219,13 +234,10 @@ def _run_qat(w, inputs: dict, progress, should_stop) -> dict:
 def _check_remedy(w, inputs: dict) -> None:
     from qcore.analysis.remedies import REMEDIES
 
-    recipe = Recipe.from_dict(inputs.get("recipe") or {})
-    recipe.check_against(w.layer_shapes)
+    recipe = _checked_recipe(w, inputs)
     if inputs.get("name") not in REMEDIES:
         raise QcoreError(f"unknown remedy {inputs.get('name')!r}; remedies: {', '.join(REMEDIES)}")
-    if inputs.get("layer") not in w.layer_shapes:
-        raise QcoreError(f"{w.name} has no quantizable layer {inputs.get('layer')!r}; pick one the Sensitivity page lists")
-    REMEDIES[inputs["name"]].apply(w, recipe, inputs["layer"])  # a remedy that does not fit the layer: one line, now
+    REMEDIES[inputs["name"]].apply(w, recipe, _check_layer(w, inputs, "the Sensitivity page"))  # a remedy that does not fit the layer: one line, now
 
 
 def _run_remedy(w, inputs: dict, progress, should_stop) -> dict:
@@ -242,13 +254,10 @@ PREVIEWS = ("smoothquant", "cle")  # the Activations/Weights pages' "Try SmoothQ
 def _check_preview(w, inputs: dict) -> None:
     from qcore.analysis import transform_remedies
 
-    recipe = Recipe.from_dict(inputs.get("recipe") or {})
-    recipe.check_against(w.layer_shapes)
+    _checked_recipe(w, inputs)
     if inputs.get("name") not in PREVIEWS:
         raise QcoreError(f"unknown transform preview {inputs.get('name')!r}; previews: {', '.join(PREVIEWS)}")
-    if inputs.get("layer") not in w.layer_shapes:
-        raise QcoreError(f"{w.name} has no quantizable layer {inputs.get('layer')!r}; pick one the page lists")
-    transform_remedies.group_of(w, inputs["layer"], inputs["name"])  # no group for this layer: one line, now
+    transform_remedies.group_of(w, _check_layer(w, inputs, "the page"), inputs["name"])  # no group: one line, now
 
 
 def _run_preview(w, inputs: dict, progress, should_stop) -> dict:
@@ -265,7 +274,7 @@ BENCH_RUNTIMES = {"onnxruntime": ("default",), "openvino": ("default", "f32", "b
 
 
 def _check_bench(w, inputs: dict) -> None:
-    Recipe.from_dict(inputs.get("recipe") or {}).check_against(w.layer_shapes)
+    _checked_recipe(w, inputs)
     runtime, precision = inputs.get("runtime", "onnxruntime"), inputs.get("precision", "default")
     if precision not in BENCH_RUNTIMES.get(runtime, ()):
         raise QcoreError(f"cannot time with runtime {runtime!r} at precision {precision!r}; use one of "
