@@ -21,26 +21,15 @@ from qcore.model.workload import Data, Workload
 from qcore.numerics.quantize import fake_quantize
 from qcore.recipe import Recipe, preset
 
+from test_smoothquant_mul import PostLN
+
 SQ = "w8a8-smoothquant-mul"
-
-
-class PostLN(nn.Module):
-    """h = ln(x); y = ln2(h + fc2(gelu(fc1(h)))): no fold exists (the residual, the GELU)."""
-
-    def __init__(self, d=8, hidden=16):
-        super().__init__()
-        self.ln, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
-
-    def forward(self, x):
-        h = self.ln(x)
-        return self.ln2(h + self.fc2(nn.functional.gelu(self.fc1(h))))
 
 
 @functools.cache
 def workload() -> Workload:
     torch.manual_seed(0)
-    m = PostLN().eval()
+    m = PostLN(d=8, hidden=16).eval()  # no fold exists (the residual, the GELU)
     with torch.no_grad():
         gain = torch.ones(8) + torch.tensor([30.0, 0, 10.0, 0, 0, 0, 0, 0])
         m.ln.weight.copy_(gain)
