@@ -28,7 +28,7 @@ HIDDEN, INPUT = 5, 3
 # (op, direction, sequence length, extra node attributes / inputs): every gate formula the unrolled cell writes
 CASES = {
     "lstm-bidirectional-seq4": ("LSTM", "bidirectional", 4, {}),
-    "lstm-seq1-peephole-clip": ("LSTM", "forward", 1, {"peephole": True, "clip": 2.5}),
+    "lstm-seq1-peephole-clip": ("LSTM", "forward", 1, {"peephole": True, "clip": 0.5}),
     "lstm-reverse-seq3-input-forget": ("LSTM", "reverse", 3, {"input_forget": 1}),
     "gru-seq1": ("GRU", "forward", 1, {}),
     "gru-bidirectional-seq3-linear-before-reset": ("GRU", "bidirectional", 3, {"linear_before_reset": 1}),
