@@ -4,7 +4,8 @@ The FP32 graph (``float_graph``) with each quantized layer's weight initializer 
 the simulation applied (``Simulation.weights``: the codes and scales of nearest rounding or of GPTQ/AdaRound;
 ``weights``) and each quantized layer input given the simulation's
 input quantizer (``activations``) -- the engine's own numbers, never a float graph re-quantized by
-another tool.
+another tool. An imported ONNX LSTM / GRU whose matrices' inputs are quantized is first written as its
+unrolled cell (``recurrent``), so each step's input and hidden state can be.
 
 What ONNX Runtime then executes is read back from its optimized graph, not guessed: a layer is
 "int8 kernel" when its weight codes feed a fused integer op (QLinearConv, QLinearMatMul, QGemm, ...),
