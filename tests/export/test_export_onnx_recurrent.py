@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qcore.errors import QcoreError
@@ -35,29 +36,30 @@ CASES = {
 }
 
 
-def _model(op: str, direction: str, seq: int, extra: dict, initial_state: bool = False) -> onnx.ModelProto:
-    """x (N, seq, INPUT) -> Transpose -> op (W, R, B[, P]) -> [Y, Y_h(, Y_c)] each moved batch first and
+def _model(op: str, direction: str, seq: int, extra: dict, initial_state: bool = False, hidden: int = HIDDEN,
+           inp: int = INPUT) -> onnx.ModelProto:
+    """x (N, seq, inp) -> Transpose -> op (W, R, B[, P]) -> [Y, Y_h(, Y_c)] each moved batch first and
     flattened -> Concat: (N, features). ``initial_state``: initial_h (and initial_c) constants broadcast to
     the batch by adding zeros computed from x, so the node's state inputs are run-time values."""
     rng = np.random.default_rng(len(op) + seq)
     gates, dirs = (4 if op == "LSTM" else 3), (2 if direction == "bidirectional" else 1)
-    inits = {"W": rng.standard_normal((dirs, gates * HIDDEN, INPUT)).astype(np.float32) * 0.6,
-             "R": rng.standard_normal((dirs, gates * HIDDEN, HIDDEN)).astype(np.float32) * 0.6,
-             "B": rng.standard_normal((dirs, 2 * gates * HIDDEN)).astype(np.float32) * 0.2}
+    inits = {"W": rng.standard_normal((dirs, gates * hidden, inp)).astype(np.float32) * 0.6,
+             "R": rng.standard_normal((dirs, gates * hidden, hidden)).astype(np.float32) * 0.6,
+             "B": rng.standard_normal((dirs, 2 * gates * hidden)).astype(np.float32) * 0.2}
     inputs = ["xt", "W", "R", "B"]
     nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2])]  # (seq, N, in): ORT has no layout=1
     if initial_state:  # (dirs, 1, H) + (1, N, 1) zeros computed from x: run-time (dirs, N, H) states
-        inits.update(h0=rng.standard_normal((dirs, 1, HIDDEN)).astype(np.float32) * 0.5,
-                     c0=rng.standard_normal((dirs, 1, HIDDEN)).astype(np.float32) * 0.5,
+        inits.update(h0=rng.standard_normal((dirs, 1, hidden)).astype(np.float32) * 0.5,
+                     c0=rng.standard_normal((dirs, 1, hidden)).astype(np.float32) * 0.5,
                      zero=np.zeros(1, np.float32), axes=np.array([0, 2], np.int64))
         nodes += [helper.make_node("Mul", ["xt", "zero"], ["z"]),
                   helper.make_node("ReduceSum", ["z", "axes"], ["zb"], keepdims=1),
                   helper.make_node("Add", ["zb", "h0"], ["h0b"]),
                   helper.make_node("Add", ["zb", "c0"], ["c0b"])]
         inputs += ["", "h0b"] + (["c0b"] if op == "LSTM" else [])
-    attrs = {"hidden_size": HIDDEN, "direction": direction}
+    attrs = {"hidden_size": hidden, "direction": direction}
     if extra.get("peephole"):
-        inits["P"] = rng.standard_normal((dirs, 3 * HIDDEN)).astype(np.float32) * 0.5
+        inits["P"] = rng.standard_normal((dirs, 3 * hidden)).astype(np.float32) * 0.5
         inputs += [""] * (7 - len(inputs)) + ["P"]
     attrs.update({k: v for k, v in extra.items() if k != "peephole"})
     outs = ["y", "yh"] + (["yc"] if op == "LSTM" else [])
@@ -70,20 +72,20 @@ def _model(op: str, direction: str, seq: int, extra: dict, initial_state: bool =
                   helper.make_node("Flatten", [o + "t"], [o + "f"], axis=1)]
         flat.append(o + "f")
     nodes.append(helper.make_node("Concat", flat, ["out"], axis=1))
-    width = dirs * HIDDEN * (seq + len(outs) - 1)
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, INPUT])],
+    width = dirs * hidden * (seq + len(outs) - 1)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", seq, inp])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", width])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def _workload(tmp_path, proto, seq: int):
+def _workload(tmp_path, proto, seq: int, inp: int = INPUT):
     from qcore.io.models import load_model_file
 
     path = tmp_path / "rnn.onnx"
     path.write_bytes(proto.SerializeToString())
     module = load_model_file(str(path)).model
-    x = torch.from_numpy(np.random.default_rng(seq).standard_normal((16, seq, INPUT)).astype(np.float32))
+    x = torch.from_numpy(np.random.default_rng(seq).standard_normal((16, seq, inp)).astype(np.float32))
     width = proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value
     return Workload("onnx-rnn", module, Data((x[:12],)), Data((x,)), classification_task(width, False)), x, path
 
@@ -135,6 +137,21 @@ def test_int8_file_of_an_onnx_rnn_equals_the_simulation_at_batch_1_and_8(tmp_pat
     for name in (n for n in w.layers if n.endswith("weight_hh")):  # the hidden state is quantized in the file
         assert rows[name]["activations"].startswith("int8 " + ("static" if recipe == "int8-static" else "dynamic"))
     assert any("unrolled" in n for n in e.notes)
+
+
+@settings(max_examples=12, deadline=None)
+@given(op=st.sampled_from(["LSTM", "GRU"]), direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
+       seq=st.integers(1, 3), hidden=st.integers(1, 6), inp=st.integers(1, 5), batch=st.integers(1, 9),
+       dynamic=st.booleans())
+def test_random_rnn_shapes_int8_file_equals_the_simulation(tmp_path_factory, op, direction, seq, hidden, inp, batch,
+                                                           dynamic):
+    tmp = tmp_path_factory.mktemp("rnn")
+    w, x, _ = _workload(tmp, _model(op, direction, seq, {}, hidden=hidden, inp=inp), seq, inp)
+    r = preset("int8-dynamic" if dynamic else "int8-static", w.layer_shapes)
+    export_qdq(w, r, str(tmp / "q.onnx"))
+    with torch.no_grad():
+        expected = w.simulate(r).model(x[:batch]).numpy()
+    np.testing.assert_allclose(_run(str(tmp / "q.onnx"), x[:batch].numpy()), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_weight_only_keeps_the_onnx_operator(tmp_path):
