@@ -17,7 +17,10 @@ With ``--browser`` it measures what a user waits for instead: ``streamlit run ap
 Chromium (Playwright, Debian's ``/usr/bin/chromium``, never downloaded), seconds from clicking another option
 of a selectbox to the page settled (no script running, Streamlit's running icon gone, the DOM unchanged for
 ``QUIET_MS``; the quiet wait itself is not counted), for ``BROWSER_CHANGES`` on digits-cnn and minilm-l6; the
-Sensitivity page's sweep is computed into the server's cache first. Target: ``BROWSER_TARGET_S``.
+Sensitivity page's sweep is computed into the server's cache first. Target: ``BROWSER_TARGET_S``. A floor row
+times the same change on a page holding only a title and the selectbox (what any rerun costs in this browser).
+``--compare DIR`` serves another checkout's ``app.py`` beside this one and makes every change on both in turn,
+so a before/after comparison sees the same load (``git archive main | tar -x -C DIR`` makes one).
 
 A page with none of those widgets is timed on a plain rerun. A selectbox with a ``format_func`` is
 skipped (AppTest can set it only by its shown label); the table names the widget that moved.
@@ -158,21 +161,23 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def cpu_seconds(server_pid: int) -> tuple[float, float]:
-    """CPU time (user + system, seconds) used so far by the app server and by the browser (every other process
-    this one started: Chromium's renderer, GPU and browser processes, Playwright's driver). Linux ``/proc``."""
-    kids, tree, todo = _children(), {}, [(os.getpid(), False)]
+def cpu_seconds(server_pid: int, other_servers: tuple[int, ...] = ()) -> tuple[float, float]:
+    """CPU time (user + system, seconds) used so far by the app server ``server_pid`` and by the browser (every
+    other process this one started: Chromium's renderer, GPU and browser processes, Playwright's driver; the
+    ``other_servers`` and their children are neither). Linux ``/proc``."""
+    kids, tree, todo = _children(), {}, [(os.getpid(), "browser")]
     while todo:
-        pid, in_server = todo.pop()
-        tree[pid] = in_server = in_server or pid == server_pid
-        todo += [(kid, in_server) for kid in kids.get(pid, [])]
-    used = {True: 0.0, False: 0.0}
-    for pid, in_server in tree.items():
+        pid, part = todo.pop()
+        part = "server" if pid == server_pid else "other" if pid in other_servers else part
+        tree[pid] = part
+        todo += [(kid, part) for kid in kids.get(pid, [])]
+    used = {"server": 0.0, "browser": 0.0, "other": 0.0}
+    for pid, part in tree.items():
         if pid != os.getpid():
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                used[in_server] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return used[True], used[False]
+                used[part] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used["server"], used["browser"]
 
 
 def settle(page, timeout_s: float = TIMEOUT_S) -> None:
@@ -209,47 +214,74 @@ def prepare_sweeps(models: list[str]) -> None:
         sweep(zoo.load(name), DEFAULT_CANDIDATES, "both", "only")
 
 
-def measure_browser(models: list[str], repeats: int, tmp_root: str) -> list[dict]:
-    """Per model and (page, selectbox) of ``BROWSER_CHANGES``: seconds from clicking another option to the page
-    settled in headless Chromium, first change and median of ``repeats`` warm changes flipping back and forth."""
+# The floor no page can beat here: a page holding only a title and the selectbox, its full rerun in this browser.
+FLOOR_APP = 'import streamlit as st\n\nst.title("Floor")\nst.selectbox("Format", ["int4", "int8", "fp8_e4m3"])\n'
+FLOOR = ("", "floor: a title and the selectbox only", "Format")
+
+
+def open_page(page, url: str) -> None:
+    """Open ``url`` and wait until it settled; a large model's sweep waits for a click (served from the cache)."""
+    page.goto(url, timeout=TIMEOUT_S * 1000)
+    page.locator("h1").first.wait_for(timeout=TIMEOUT_S * 1000)
+    settle(page)
+    run = page.get_by_role("button", name="Run the sweep")
+    if run.count():
+        run.click()
+        page.wait_for_timeout(100)
+        settle(page)
+
+
+def measure_browser(models: list[str], repeats: int, tmp_root: str, compare: Path | None = None) -> list[dict]:
+    """Per model and (page, selectbox) of ``BROWSER_CHANGES``, and once for the floor page: seconds from clicking
+    another option to the page settled in headless Chromium, first change and median of ``repeats`` warm changes
+    flipping back and forth. ``compare``: the ``app.py`` of another checkout, served beside this one; every change
+    is made on each app in turn (one browser, one tab per app), so both see the same load."""
     from playwright.sync_api import sync_playwright
 
     from benchmarks.memory import CHROMIUM, CHROMIUM_ARGS, app_server
 
     os.environ["QCORE_CACHE_DIR"] = tempfile.mkdtemp(dir=tmp_root)
     prepare_sweeps(models)
+    floor = Path(tmp_root) / "floor" / "app.py"
+    floor.parent.mkdir()
+    floor.write_text(FLOOR_APP)
+    apps = {"this checkout": APP, **({"compare": compare} if compare else {})}
     rows = []
-    with app_server(Path(tmp_root) / "server.log") as (server_pid, url), sync_playwright() as pw:
+    with contextlib.ExitStack() as stack, sync_playwright() as pw:
+        servers = {name: stack.enter_context(app_server(Path(tmp_root) / f"server{i}.log", app))
+                   for i, (name, app) in enumerate({**apps, "floor": floor}.items())}
+        pids = tuple(pid for pid, _ in servers.values())
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            for name in models:
-                page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-                page.add_init_script(WATCH_DOM)
-                for path, title, label in BROWSER_CHANGES:
-                    page.goto(f"{url}/{path}?model={name}", timeout=TIMEOUT_S * 1000)
-                    page.locator("h1").first.wait_for(timeout=TIMEOUT_S * 1000)
-                    settle(page)
-                    run = page.get_by_role("button", name="Run the sweep")
-                    if run.count():  # a large model's sweep waits for a click (served from the cache here)
-                        run.click()
-                        page.wait_for_timeout(100)
-                        settle(page)
-                    times, scripts, cpu, back_to = [], [], [], None
+            for name in [None, *models]:  # None: the floor page
+                targets = {"floor": servers["floor"]} if name is None else {app: servers[app] for app in apps}
+                tabs = {}
+                for app in targets:
+                    tabs[app] = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                    tabs[app].add_init_script(WATCH_DOM)
+                for path, title, label in [FLOOR] if name is None else BROWSER_CHANGES:
+                    for app, (_, url) in targets.items():
+                        open_page(tabs[app], f"{url}/{path}" + (f"?model={name}" if name else ""))
+                    runs = {app: {"times": [], "scripts": [], "cpu": [], "back_to": None} for app in targets}
                     for _ in range(repeats + 1):
-                        before = cpu_seconds(server_pid)
-                        seconds, script, back_to = choose(page, label, back_to)  # then back to the option just left
-                        times.append(seconds)
-                        scripts.append(script)
-                        cpu.append([b - a for a, b in zip(before, cpu_seconds(server_pid))])
-                    if page.locator("[data-testid='stException']").count():
-                        raise RuntimeError(f"{title} raised in the browser on {name}")
-                    rows.append({"model": name, "page": title, "widget": f"selectbox “{label}”",
-                                 "first_change_s": times[0], "warm_s": statistics.median(times[1:]),
-                                 "warm_min_s": min(times[1:]), "warm_max_s": max(times[1:]),
-                                 "warm_script_s": statistics.median(scripts[1:]),
-                                 "warm_server_cpu_s": statistics.median(c[0] for c in cpu[1:]),
-                                 "warm_browser_cpu_s": statistics.median(c[1] for c in cpu[1:])})
-                page.context.close()
+                        for app, (pid, _) in targets.items():  # each app in turn: the same load for both
+                            run, before = runs[app], cpu_seconds(pid, pids)
+                            seconds, script, run["back_to"] = choose(tabs[app], label, run["back_to"])
+                            run["times"].append(seconds)
+                            run["scripts"].append(script)
+                            run["cpu"].append([b - a for a, b in zip(before, cpu_seconds(pid, pids))])
+                    for app, run in runs.items():
+                        if tabs[app].locator("[data-testid='stException']").count():
+                            raise RuntimeError(f"{title} raised in the browser on {name} ({app})")
+                        times, cpu = run["times"], run["cpu"]
+                        rows.append({"app": app, "model": name or "—", "page": title, "widget": f"selectbox “{label}”",
+                                     "first_change_s": times[0], "warm_s": statistics.median(times[1:]),
+                                     "warm_min_s": min(times[1:]), "warm_max_s": max(times[1:]),
+                                     "warm_script_s": statistics.median(run["scripts"][1:]),
+                                     "warm_server_cpu_s": statistics.median(c[0] for c in cpu[1:]),
+                                     "warm_browser_cpu_s": statistics.median(c[1] for c in cpu[1:])})
+                for tab in tabs.values():
+                    tab.context.close()
         finally:
             browser.close()
     return rows
@@ -260,21 +292,30 @@ def browser_table(rows: list[dict], repeats: int) -> str:
 
     from qcore.hardware import cpu_features, cpu_name
 
+    compared = any(r["app"] == "compare" for r in rows)
     table = pd.DataFrame([{
+        **({"app": r["app"]} if compared else {}),
         "model": r["model"], "page": r["page"], "widget changed": r["widget"], "first change (s)": r["first_change_s"],
         f"warm, median of {repeats} (s)": r["warm_s"], "of which until the script ended (s)": r["warm_script_s"],
         "warm range (s)": f"{r['warm_min_s']:.2f}–{r['warm_max_s']:.2f}",
         "CPU s per warm change: server / browser": f"{r['warm_server_cpu_s']:.2f} / {r['warm_browser_cpu_s']:.2f}",
         f"warm ≤ {BROWSER_TARGET_S} s": "pass" if r["warm_s"] <= BROWSER_TARGET_S else "FAIL"} for r in rows])
-    passed = sum(r["warm_s"] <= BROWSER_TARGET_S for r in rows)
+    pages = [r for r in rows if r["app"] == "this checkout"]
+    passed = sum(r["warm_s"] <= BROWSER_TARGET_S for r in pages)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"In headless Chromium (Playwright, `streamlit run app.py`): seconds from clicking another option to the "
             f"page settled (no script running, the DOM unchanged for {QUIET_MS} ms; the quiet wait is not counted); warm = "
             f"flipping between options already computed; CPU s = CPU time the app server and the browser's processes "
-            f"used per change (median; includes the {QUIET_MS} ms quiet wait), which load on other processes does not "
-            f"inflate. CPU: {cpu_name()}, flags "
-            f"{', '.join(cpu_features())}; {os.cpu_count()} cores, shared with whatever else runs.\n\n"
+            f"used per change (median; includes the {QUIET_MS} ms quiet wait and opening the selectbox), which load on "
+            f"other processes does not inflate. The floor row is a page holding only a title and the selectbox: what a "
+            f"rerun costs in this browser whatever the page does. "
+            + ("Rows \"compare\" are the other checkout's app, served beside this one, each change made on both in "
+               "turn. " if compared else "")
+            + f"CPU: {cpu_name()}, flags "
+            f"{', '.join(cpu_features())}; {os.cpu_count()} cores, shared with whatever else runs (load average at the "
+            f"end: {load}).\n\n"
             f"{table.to_markdown(index=False, floatfmt='.3f')}\n\n"
-            f"{passed} of {len(rows)} changes settle within {BROWSER_TARGET_S} s once warm.\n")
+            f"{passed} of {len(pages)} changes settle within {BROWSER_TARGET_S} s once warm.\n")
 
 
 def main(argv=None) -> str:
@@ -288,6 +329,8 @@ def main(argv=None) -> str:
     ap.add_argument("--repeats", type=int, default=5, help="warm runs per page (median reported)")
     ap.add_argument("--browser", action="store_true", help="measure widget change -> page settled in headless Chromium "
                     "(Weights, Sensitivity, Mixed precision on digits-cnn and minilm-l6 unless --models is given)")
+    ap.add_argument("--compare", type=Path, metavar="DIR", help="with --browser: also serve DIR/app.py (another "
+                    "checkout, e.g. `git worktree add /tmp/main main`) and make every change on both apps in turn")
     args = ap.parse_args(argv)
     named = [m for ms in args.models for m in ms.split(",")]
     if args.browser:
@@ -295,7 +338,8 @@ def main(argv=None) -> str:
         cache_dir = os.environ.get("QCORE_CACHE_DIR")
         try:
             with tempfile.TemporaryDirectory() as tmp_root:
-                text = browser_table(measure_browser(models, args.repeats, tmp_root), args.repeats)
+                compare = args.compare and (args.compare.resolve() / "app.py")
+                text = browser_table(measure_browser(models, args.repeats, tmp_root, compare), args.repeats)
         finally:
             os.environ.pop("QCORE_CACHE_DIR", None)
             if cache_dir is not None:

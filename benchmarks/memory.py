@@ -49,14 +49,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def app_server(log_path: Path):
-    """``(pid, base_url)`` of a fresh headless app server; stopped (by its own pid) on exit."""
+def app_server(log_path: Path, app: Path = APP):
+    """``(pid, base_url)`` of a fresh headless server of ``app`` (default: this checkout's ``app.py``); stopped (by
+    its own pid) on exit."""
     port = free_port()
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
+            [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
              "--server.port", str(port), "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-            cwd=APP.parent, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            cwd=app.parent, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

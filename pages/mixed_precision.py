@@ -112,39 +112,45 @@ if shown and shown["recipe"] == recipe.to_json():
     st.metric(f"{plain(metric_label(headline))} (measured)", f"{q[headline]:.4f}", delta=f"{signed(q[headline] - f[headline])} "
               f"vs FP32 {f[headline]:.4f}", delta_color="normal" if w.task.higher_is_better else "inverse")
 
-st.subheader("Search a recipe automatically")
-goal = st.radio("Goal", ["size budget", "target metric"], horizontal=True, key="mp_goal")
-if goal == "size budget":
-    budget = st.slider("Largest size, as a share of FP32", 0.05, 1.0, 0.25, 0.05, key="mp_budget")
-    target = {"max_size_fraction": budget}
-else:
-    fp32_value, higher = w.fp32_metrics[w.task.headline], w.task.higher_is_better  # lower is better: a ceiling 5% above FP32
-    target = {"min_metric": st.number_input(f"{'Smallest' if higher else 'Largest'} acceptable {plain(w.task.headline)}", value=round(
-        fp32_value - 0.01 if higher else fp32_value * 1.05, 4), format="%.4f", key="mp_target")}
-if (found := jobs.result("search", key, w, {"candidates": candidates, **target}, "search", state.small(w), stop=False,
-                         start=st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"))
-        ) and found["recipe"] != st.session_state.get(keys.SEARCH, {}).get(key, {}).get("recipe"):  # a new result
-    goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} {'≥≤'[not w.task.higher_is_better]} {target['min_metric']:.4f}"
-    found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
-                                    f"search: {goal_text}")
-    st.session_state.setdefault(keys.SEARCH, {})[key] = found  # its own entry: the table's recipe is left alone
-    st.rerun()
-found = st.session_state.get(keys.SEARCH, {}).get(key)
-if found:
-    in_table = recipe_id(w, Recipe.from_dict(found["recipe"])) == recipe_id(w, recipe)
-    (st.success if found["met"] else st.warning)(
-        f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {plain(found['metric'])} "
-        f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
-        f"{found['fp32']['size_bytes']:,} bytes). Kept as **{plain(found['label'])}** (see Trade-offs)"
-        + ("; it is the table's recipe. " if in_table else "; the table still holds your recipe. ")
-        + plain(" ".join(found.get("notes", []))))
-    if st.button("In the table" if in_table else "Use this recipe", disabled=in_table, icon=":material/input:",
-                 help="replaces the table's recipe with the search's; yours is kept on Trade-offs"):
-        if overrides or recipe.transforms:  # hand-made: kept (and shown on Trade-offs) before the table takes the search's recipe
-            state.remember(key, w, recipe, f"replaced: {recipe.name}")
-        state.set_recipe(key, w, Recipe.from_dict(found["recipe"]))
+@st.fragment
+def search_section() -> None:
+    """The automatic search. Its goal, budget and target do not change the recipe, so moving them reruns only this
+    part; a new result or "Use this recipe" reruns the whole app (the sidebar and the table show the recipe)."""
+    st.subheader("Search a recipe automatically")
+    goal = st.radio("Goal", ["size budget", "target metric"], horizontal=True, key="mp_goal")
+    if goal == "size budget":
+        budget = st.slider("Largest size, as a share of FP32", 0.05, 1.0, 0.25, 0.05, key="mp_budget")
+        target = {"max_size_fraction": budget}
+    else:
+        fp32_value, higher = w.fp32_metrics[w.task.headline], w.task.higher_is_better  # lower is better: a ceiling 5% above FP32
+        target = {"min_metric": st.number_input(f"{'Smallest' if higher else 'Largest'} acceptable {plain(w.task.headline)}", value=round(
+            fp32_value - 0.01 if higher else fp32_value * 1.05, 4), format="%.4f", key="mp_target")}
+    if (found := jobs.result("search", key, w, {"candidates": candidates, **target}, "search", state.small(w), stop=False,
+                             start=st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"))
+            ) and found["recipe"] != st.session_state.get(keys.SEARCH, {}).get(key, {}).get("recipe"):  # a new result
+        goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} {'≥≤'[not w.task.higher_is_better]} {target['min_metric']:.4f}"
+        found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
+                                        f"search: {goal_text}")
+        st.session_state.setdefault(keys.SEARCH, {})[key] = found  # its own entry: the table's recipe is left alone
         st.rerun()
+    found = st.session_state.get(keys.SEARCH, {}).get(key)
+    if found:
+        in_table = recipe_id(w, Recipe.from_dict(found["recipe"])) == recipe_id(w, recipe)
+        (st.success if found["met"] else st.warning)(
+            f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {plain(found['metric'])} "
+            f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
+            f"{found['fp32']['size_bytes']:,} bytes). Kept as **{plain(found['label'])}** (see Trade-offs)"
+            + ("; it is the table's recipe. " if in_table else "; the table still holds your recipe. ")
+            + plain(" ".join(found.get("notes", []))))
+        if st.button("In the table" if in_table else "Use this recipe", disabled=in_table, icon=":material/input:",
+                     help="replaces the table's recipe with the search's; yours is kept on Trade-offs"):
+            if overrides or recipe.transforms:  # hand-made: kept (and shown on Trade-offs) before the table takes the search's recipe
+                state.remember(key, w, recipe, f"replaced: {recipe.name}")
+            state.set_recipe(key, w, Recipe.from_dict(found["recipe"]))
+            st.rerun()
 
+
+search_section()
 st.download_button("Download recipe JSON", recipe.to_json(), file_name=f"{recipe.name}.json", mime="application/json",
                    on_click="ignore", icon=":material/download:")
 state.sync_url(key, w)

@@ -91,17 +91,20 @@ def ranking() -> None:
     st.write("Open a layer's weights or inputs, or keep the layer in float (weights and inputs: not quantized at all) "
              "in the Mixed precision recipe.")
     _, _, recipe = state.current(key, w)
-    for r in ranked:
-        a, b, c, d = st.columns([3, 1, 1, 1])
-        a.markdown(f"**{r['rank']}. {plain(layer_label(r['layer']))}** ({plain(r['kind'])}): drop {signed(r['metric_drop'])}, "
-                   f"output SQNR {r['sqnr_db']:.1f} dB")
-        if b.button("Weights", key=f"sens_w:{r['layer']}", icon=":material/bar_chart:"):
-            open_layer("pages/weights.py", keys.weights_layer(key), r["layer"])
-        if c.button("Inputs", key=f"sens_a:{r['layer']}", icon=":material/bolt:", disabled=w.layers[r["layer"]].kind == "Embedding"):
-            open_layer("pages/activations.py", keys.activations_layer(key), r["layer"])
-        in_float = recipe.plan(r["layer"]).is_float
-        d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{r['layer']}", icon=":material/lock:",
-                 disabled=in_float, on_click=keep_in_float, args=(r["layer"],), help="weights and inputs stay float")
+    by_layer = {r["layer"]: r for r in ranked}
+    # One picker and three buttons, not a row of them per layer: a rerun of this fragment sends and draws 4 elements
+    # instead of 4 per layer (156 on minilm-l6), which was most of the browser's work on a ranking change.
+    a, b, c, d = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
+    layer = a.selectbox("Layer (most sensitive first)", list(by_layer), key=f"sens_act_layer:{key}",
+                        format_func=lambda n: f"{by_layer[n]['rank']}. {layer_label(n)} ({by_layer[n]['kind']}): drop "
+                                              f"{signed(by_layer[n]['metric_drop'])}, output SQNR {by_layer[n]['sqnr_db']:.1f} dB")
+    if b.button("Weights", key=f"sens_w:{layer}", icon=":material/bar_chart:"):
+        open_layer("pages/weights.py", keys.weights_layer(key), layer)
+    if c.button("Inputs", key=f"sens_a:{layer}", icon=":material/bolt:", disabled=w.layers[layer].kind == "Embedding"):
+        open_layer("pages/activations.py", keys.activations_layer(key), layer)
+    in_float = recipe.plan(layer).is_float
+    d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{layer}", icon=":material/lock:",
+             disabled=in_float, on_click=keep_in_float, args=(layer,), help="weights and inputs stay float")
 
     remedy.panel(key, w, [r["layer"] for r in ranked if r["kind"] != "Embedding"])
 

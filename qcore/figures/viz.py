@@ -5,9 +5,16 @@ every figure shares, so tests (and readers) can find things:
 
 - a clipping range is a pair of vertical line shapes named after its range method (``minmax``,
   ``percentile``, ``mse``, ``entropy``, ``moving_average``) at ``x0 == lo`` and ``x0 == hi``;
-- histograms are ``go.Bar`` traces named ``"values"`` whose ``y`` are the counts;
-- representable values are a ``go.Scatter`` named ``"representable values"`` on a strip under
-  the histogram (at most ``MAX_DRAWN_LEVELS`` are drawn; the legend says when fewer are shown).
+- histograms are one ``go.Scatter`` named ``"values"`` tracing the top of the bins: bin ``i`` is the
+  segment from ``x[2i]`` (its left edge) to ``x[2i + 1]`` (its right edge) at height ``y[2i] == y[2i + 1]``
+  (its count), filled down to zero;
+- representable values are a ``go.Scatter`` named ``"representable values"`` on a strip under the
+  histogram, one vertical tick per value: value ``k`` is ``x[3k] == x[3k + 1] == x[3k + 2]``, the line going
+  from y 0 up to 1 and back (at most ``MAX_DRAWN_LEVELS`` are drawn; the legend says when fewer are shown).
+
+Figures are light to draw because a browser redraws them on every change: a trace of many items is one SVG
+path (a histogram of 120 bins drawn as 120 ``go.Bar`` rectangles is 240 SVG elements, as one outline it is
+one), and the page's chart element drops Plotly's mode bar (``ui.charts``).
 """
 
 from __future__ import annotations
@@ -69,10 +76,26 @@ def _range_lines(fig: go.Figure, ranges: dict[str, tuple[float, float]]) -> None
                           legendgroup=method, showlegend=i == 0, line=dict(color=color, width=2, dash=METHOD_DASHES.get(method, "dash")))
 
 
-def _histogram_bars(counts, edges, name: str = "values") -> go.Bar:
-    e = _np(edges).astype(float)
-    return go.Bar(x=(e[1:] + e[:-1]) / 2, y=_np(counts).astype(float), width=np.diff(e), name=name,
-                  marker=dict(color=DATA_COLOR, line=dict(width=0)), hovertemplate="%{x:.4g}: %{y:,.0f}<extra></extra>")
+def _pairs(a: np.ndarray) -> np.ndarray:
+    """``[a0, a0, a1, a1, ...]``: each value twice, the two ends of a flat segment."""
+    return np.repeat(a, 2)
+
+
+def _histogram_outline(counts, edges, name: str = "values") -> go.Scatter:
+    """Counts (B,) over edges (B+1,) as one filled outline: bin i is the segment [edges[i], edges[i+1]] at its count
+    (2B points; the hover shows the bin's edges and count)."""
+    e, c = _np(edges).astype(float), _np(counts).astype(float)
+    bins = np.column_stack([e[:-1], e[1:]])  # (B, 2): each bin's left and right edge
+    return go.Scatter(x=bins.reshape(-1), y=np.repeat(c, 2), name=name, mode="lines", fill="tozeroy",
+                      fillcolor=DATA_COLOR, line=dict(color=DATA_COLOR, width=1), customdata=np.repeat(bins, 2, axis=0),
+                      hovertemplate="[%{customdata[0]:.4g}, %{customdata[1]:.4g}): %{y:,.0f}<extra></extra>")
+
+
+def _ticks(levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x, y of one vertical tick (y 0 up to 1 and back) per level, joined along y = 0 like a ruler's:
+    ``x = [l0, l0, l0, l1, l1, l1, ...]``, ``y = [0, 1, 0, 0, 1, 0, ...]``. No gaps, so Plotly draws one SVG path
+    (a gap would start a new one, a marker per level is one each)."""
+    return np.repeat(levels, 3), np.tile([0.0, 1.0, 0.0], len(levels))
 
 
 def distribution(counts, edges, ranges: dict[str, tuple[float, float]] | None = None, levels=None,
@@ -80,19 +103,18 @@ def distribution(counts, edges, ranges: dict[str, tuple[float, float]] | None = 
     """Histogram of values (``counts`` (B,) over ``edges`` (B+1,)) with each method's clipping range
     as vertical lines and, if ``levels`` is given, the representable values on a strip below."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.85, 0.15], vertical_spacing=0.02)
-    fig.add_trace(_histogram_bars(counts, edges), row=1, col=1)
+    fig.add_trace(_histogram_outline(counts, edges), row=1, col=1)
     if levels is not None:
         lv = _np(levels).astype(float)
         stride = max(1, int(np.ceil(len(lv) / MAX_DRAWN_LEVELS)))
         name = "representable values" if stride == 1 else f"representable values (every {stride}th of {len(lv):,})"
-        fig.add_trace(go.Scatter(x=lv[::stride], y=np.zeros(len(lv[::stride])), mode="markers", name=name,
-                                 marker=dict(symbol="line-ns-open", size=16, color=GRID_COLOR, line=dict(width=1)),
+        x, y = _ticks(lv[::stride])
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name, line=dict(color=GRID_COLOR, width=1),
                                  hovertemplate="%{x:.5g}<extra>representable</extra>"), row=2, col=1)
     _range_lines(fig, ranges or {})
     fig.update_yaxes(type="log" if log_y else "linear", title_text="count", row=1, col=1)
-    fig.update_yaxes(visible=False, row=2, col=1)
+    fig.update_yaxes(visible=False, range=[0, 1], row=2, col=1)
     fig.update_xaxes(title_text=x_title, row=2, col=1)
-    fig.update_layout(bargap=0)
     return _layout(fig, title, height=HEIGHT + 60)
 
 
@@ -150,27 +172,34 @@ def clipping_tradeoff(result: dict) -> go.Figure:
 def error_histogram(counts, edges, step: float | None = None) -> go.Figure:
     """Histogram of the quantization error w' - w; ``step`` (the grid spacing) marks +-step/2, the
     largest error rounding alone can make on a uniform grid."""
-    fig = go.Figure(_histogram_bars(counts, edges))
+    fig = go.Figure(_histogram_outline(counts, edges))
     if step:
         for i, x in enumerate((-step / 2, step / 2)):
             fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, yref="paper", name="± step / 2", legendgroup="half",
                           showlegend=i == 0, line=dict(color="#555", dash="dot"))
-    fig.update_layout(bargap=0)
     return _layout(fig, "Quantization error w' − w", "error", "count")
 
 
 def channel_ranges(result: dict, per_tensor: tuple[float, float] | None = None) -> go.Figure:
-    """Each output channel's [min, max] as a bar (``explain.channel_ranges``, widest first) with the
-    one range a per-tensor scale must cover drawn across."""
+    """Each output channel's [min, max] (``explain.channel_ranges``, widest first) as a band: channel ``r`` of the
+    sorted order spans x from r - 0.5 to r + 0.5, between the trace ``"channel min"`` and the filled trace
+    ``"channel range"`` above it (2 points per channel each, like a histogram's outline: one SVG path per trace
+    however many channels); the one range a per-tensor scale must cover is drawn across."""
     mn, mx = _np(result["min"]).astype(float), _np(result["max"]).astype(float)
-    rank = np.arange(len(mn))
-    fig = go.Figure(go.Bar(x=rank, y=mx - mn, base=mn, name="channel range", marker=dict(color=BAR_COLOR, line=dict(width=0)),
-                           customdata=_np(result["channel"]), hovertemplate="channel %{customdata}: [%{base:.4g}, %{y:.4g} wide]<extra></extra>"))
+    rank = np.arange(len(mn), dtype=float)
+    x = np.column_stack([rank - 0.5, rank + 0.5]).reshape(-1)
+    hover = np.repeat(np.column_stack([_np(result["channel"]), mn, mx]), 2, axis=0)  # (2C, 3): channel, min, max
+    line = dict(color=BAR_COLOR, width=1)
+    fig = go.Figure([go.Scatter(x=x, y=np.repeat(mn, 2), name="channel min", mode="lines", line=line, showlegend=False,
+                                hoverinfo="skip"),
+                     go.Scatter(x=x, y=np.repeat(mx, 2), name="channel range", mode="lines", line=line, fill="tonexty",
+                                fillcolor=BAR_COLOR, customdata=hover,
+                                hovertemplate="channel %{customdata[0]}: [%{customdata[1]:.4g}, %{customdata[2]:.4g}]"
+                                              "<extra></extra>")])
     lo, hi = per_tensor if per_tensor else (result["tensor_min"], result["tensor_max"])
     for i, y in enumerate((lo, hi)):
         fig.add_shape(type="line", x0=0, x1=1, xref="paper", y0=y, y1=y, name="per-tensor range", legendgroup="tensor",
                       showlegend=i == 0, line=dict(color=WORST_COLOR, dash="dash", width=2))
-    fig.update_layout(bargap=0.05)
     return _layout(fig, "Per-channel ranges (widest first) against the per-tensor range", "output channel (sorted)", "weight value")
 
 

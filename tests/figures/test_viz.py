@@ -32,17 +32,20 @@ def test_distribution_histogram_ranges_and_levels():
     ranges = explain.method_ranges(x, spec)
     g = explain.grid(x, spec)
     fig = viz.distribution(counts, edges, ranges, g["levels"], title="t")
-    bars = trace(fig, "values")
-    assert bars.y.sum() == x.numel() == 5_000
-    assert np.allclose(bars.x, (edges[1:] + edges[:-1]).numpy() / 2)
-    assert np.allclose(bars.width, np.diff(edges.numpy()))
+    outline = trace(fig, "values")  # bin i: the segment x[2i]..x[2i+1] at its count, one path for all bins
+    assert outline.type == "scatter" and outline.fill == "tozeroy" and len(outline.x) == 2 * 80
+    assert np.array_equal(outline.y[::2], outline.y[1::2]) and outline.y[::2].sum() == x.numel() == 5_000
+    assert np.allclose(outline.x[::2], edges[:-1].numpy()) and np.allclose(outline.x[1::2], edges[1:].numpy())
+    assert np.allclose(outline.y[::2], np.histogram(x.numpy(), 80)[0])  # numpy's own histogram of the same values
     for method, (lo, hi) in ranges.items():
         lines = shapes_named(fig, method)
         assert sorted(s.x0 for s in lines) == pytest.approx(sorted([lo, hi]))
         assert all(s.x0 == s.x1 for s in lines)
         assert sum(bool(s.showlegend) for s in lines) == 1
-    levels = trace(fig, "representable values")
-    assert np.allclose(levels.x, ((FORMATS["int4"].values()) * g["scale"]).numpy())
+    levels = trace(fig, "representable values")  # a tick per value (up to y 1 and back), all one path
+    assert np.allclose(levels.x[1::3], ((FORMATS["int4"].values()) * g["scale"]).numpy())
+    assert np.array_equal(levels.x[::3], levels.x[1::3]) and np.array_equal(levels.x[2::3], levels.x[1::3])
+    assert list(levels.y) == [0, 1, 0] * 16 and not np.isnan(levels.x).any()  # no gap: a gap starts a new path
     assert fig.layout.yaxis.type == "linear"
     assert viz.distribution(counts, edges, log_y=True).layout.yaxis.type == "log"
 
@@ -51,8 +54,8 @@ def test_distribution_thins_out_very_many_levels():
     levels = torch.linspace(-1, 1, 3000)
     fig = viz.distribution(torch.ones(10), torch.linspace(-1, 1, 11), levels=levels)
     (strip,) = [t for t in fig.data if t.name.startswith("representable values")]
-    assert "every 3th of 3,000" in strip.name and len(strip.x) == 1000
-    assert len(strip.x) <= viz.MAX_DRAWN_LEVELS
+    assert "every 3th of 3,000" in strip.name and len(strip.x) == 3 * 1000
+    assert np.allclose(strip.x[1::3], levels[::3].numpy()) and len(strip.x) // 3 <= viz.MAX_DRAWN_LEVELS
 
 
 def test_bit_layout_bars_span_the_bits():
@@ -93,19 +96,21 @@ def test_clipping_tradeoff_curves_and_method_markers():
 def test_error_histogram_marks_half_a_step():
     counts, edges = explain.histogram(torch.linspace(-0.05, 0.05, 101), 11)
     fig = viz.error_histogram(counts, edges, step=0.1)
-    assert trace(fig, "values").y.sum() == 101
+    assert trace(fig, "values").y[::2].sum() == 101
     assert sorted(s.x0 for s in shapes_named(fig, "± step / 2")) == pytest.approx([-0.05, 0.05])
     assert not viz.error_histogram(counts, edges).layout.shapes
 
 
-def test_channel_ranges_bars_are_the_channel_min_max():
-    w = torch.tensor([[0.1, -0.2], [3.0, -1.0], [0.5, 0.4]])
+def test_channel_ranges_band_spans_each_channel_min_max():
+    w = torch.tensor([[0.1, -0.2], [3.0, -1.0], [0.5, 0.4]])  # max |w| 0.2, 3.0, 0.5: channels in the order 1, 2, 0
     c = explain.channel_ranges(w)
     fig = viz.channel_ranges(c)
-    bars = fig.data[0]
-    assert list(bars.base) == pytest.approx([-1.0, 0.4, -0.2])
-    assert list(bars.base + bars.y) == pytest.approx([3.0, 0.5, 0.1])
-    assert list(bars.customdata) == [1, 2, 0]
+    low, band = trace(fig, "channel min"), trace(fig, "channel range")
+    assert band.fill == "tonexty" and list(fig.data).index(low) < list(fig.data).index(band)  # filled down to the min
+    assert list(low.x) == list(band.x) == [-0.5, 0.5, 0.5, 1.5, 1.5, 2.5]  # channel r of the order spans r +- 0.5
+    assert list(low.y) == pytest.approx([-1.0, -1.0, 0.4, 0.4, -0.2, -0.2])
+    assert list(band.y) == pytest.approx([3.0, 3.0, 0.5, 0.5, 0.1, 0.1])
+    assert np.allclose(band.customdata[::2], [[1, -1.0, 3.0], [2, 0.4, 0.5], [0, -0.2, 0.1]])  # channel, min, max
     assert sorted(s.y0 for s in shapes_named(fig, "per-tensor range")) == [-1.0, 3.0]
     assert sorted(s.y0 for s in shapes_named(viz.channel_ranges(c, (-4.0, 4.0)), "per-tensor range")) == [-4.0, 4.0]
 

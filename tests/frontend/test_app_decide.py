@@ -170,8 +170,15 @@ def test_sensitivity_shows_the_sweep_and_acts_on_a_layer(digits_mlp):
     drops = {(r["layer"], r["candidate"]): r["metric_drop"] for r in result["rows"]}
     assert heatmap["customdata"][0][0] == pytest.approx(drops[(heatmap["y"][0], heatmap["x"][0])])
 
+    picker = at.selectbox(key="sens_act_layer:zoo:digits-mlp")  # every layer, most sensitive first, with its numbers
+    chosen = next(s for s in at.selectbox if s.label == "Rank the layers under").value
+    ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
+    assert picker.options == [f"{i}. {r['layer']} ({r['kind']}): drop {r['metric_drop']:+.4f}, output SQNR {r['sqnr_db']:.1f} dB"
+                              for i, r in enumerate(ranked, 1)]
+    picker.select("fc3").run()
     at.button(key="sens_f:fc3").click().run()
     assert decode_layers(at.query_params["layers"]) == {"fc3": None}
+    at.selectbox(key="sens_act_layer:zoo:digits-mlp").select("fc2").run()
     at.button(key="sens_a:fc2").click().run()
     assert at.title[0].value.startswith("Activations")
     assert at.selectbox(key="act_layer:zoo:digits-mlp").value == "fc2"

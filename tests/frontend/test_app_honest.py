@@ -280,6 +280,7 @@ def test_float_means_weights_and_inputs_and_fp32_weights_keep_the_inputs_quantiz
     assert "fp32 (float weights only)" in json.dumps(config["weights"])
 
     visit(at, "sensitivity")
+    at.selectbox(key="sens_act_layer:zoo:digits-mlp").select("fc2").run()
     button = at.button(key="sens_f:fc2")
     assert button.label == "Keep layer in float"
     button.click().run()

@@ -55,6 +55,7 @@ def test_cle_from_the_sensitivity_panel_is_measured_applied_and_shared(zoo_model
     assert build_recipe(w, entry["preset"], entry["layers"], entry.get("transforms")) == cle
 
     # "Keep layer in float" edits the recipe the user has: CLE stays; a preset change brings the preset's (none)
+    at.selectbox(key="sens_act_layer:zoo:digits-cnn").select("classifier.1").run()
     at = _click(at, "sens_f:classifier.1")
     assert at.session_state["recipes"]["zoo:digits-cnn"]["transforms"] == CLE
     at = visit(at, "mixed_precision")
