@@ -31,6 +31,7 @@ from qcore.model.hooks import run_with_hooks
 
 HIST_BINS = 2048
 EMA_CONSTANT = 0.01
+CLIP_NOTE_SHARE = 0.10  # a static range removing more than this share of a layer's input energy gets a note
 
 
 @dataclass
@@ -65,6 +66,28 @@ class ActivationStats:
             amax = max(abs(lo), abs(hi))
             return -amax, amax
         return lo, hi
+
+    def clipped_energy(self, lo: float, hi: float) -> float:
+        """Share in [0, 1] of the calibration inputs' energy (sum of x^2) that clipping to [lo, hi] removes:
+        sum (clip(x) - x)^2 / sum x^2, over the histogram's bin centres (0 when all inputs are 0)."""
+        e = self.edges
+        centers = (e[1:] + e[:-1]) / 2
+        energy = float((self.hist * centers**2).sum())
+        if energy <= 0:
+            return 0.0
+        return min(1.0, float((self.hist * (centers.clamp(lo, hi) - centers) ** 2).sum()) / energy)
+
+
+def entropy_clip_note(clipped: dict[str, float]) -> str | None:
+    """One line when the KL (entropy) range clips more than ``CLIP_NOTE_SHARE`` of some layers' calibration
+    input energy (``clipped``: layer -> ``clipped_energy`` share in [0, 1]), naming the worst three; else None."""
+    heavy = sorted(((s, n) for n, s in clipped.items() if s > CLIP_NOTE_SHARE), reverse=True)
+    if not heavy:
+        return None
+    worst = ", ".join(f"{n} {s:.0%}" for s, n in heavy[:3]) + (", ..." if len(heavy) > 3 else "")
+    return (f"range entropy (KL) clips more than {CLIP_NOTE_SHARE:.0%} of the calibration input energy (sum of x²) "
+            f"of {len(heavy)} of {len(clipped)} layers ({worst}): KL drops tails that can carry the output; "
+            "compare with range percentile or mse")
 
 
 def _channel_axis(module: nn.Module, x: torch.Tensor) -> int:
