@@ -96,7 +96,7 @@ def test_entropy_over_batches_is_the_threshold_of_all_samples_at_once(shape, see
 
 @pytest.mark.parametrize("shape", ["gauss", "skewed", "hardswish"])
 def test_entropy_on_a_large_sample_is_tensorrts_threshold(shape):
-    """200,000 samples in two batches (the case that was 7-12 candidate steps off), against TensorRT's algorithm.
+    """200,000 samples in two batches (the case that was 3-12 candidate steps off), against TensorRT's algorithm.
     Dense histograms only: on a sparse tail our finite cost of an empty last bin (``entropy_threshold``) may clip
     where TensorRT's infinite one, on our 64 candidates, does not."""
     x = SHAPES[shape](np.random.default_rng(0), 200000).astype(np.float32)
