@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from qcore.errors import QcoreError
+from qcore.model.calibrate import entropy_clip_note
 from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
 from qcore.model.gpt2_conv1d import use_linear_layout
 from qcore.model.int8_compute import Int8ComputeInput, int8_compute_block
@@ -238,6 +239,7 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
                              "which learns from calibration data: provide a data file, or use rounding nearest")
         given.update(Rounder(q, kinds, lambda: calibration_batches).weights(rounded))
     corrected, sim.notes = bias_targets(recipe, kinds, modules, plans)
+    clipped: dict[str, float] = {}  # layer -> share of its calibration input energy the entropy range clips
     if corrected and input_means is None:
         raise QcoreError("this recipe has bias_correction: the layers' mean inputs over calibration data are needed "
                          "(simulate it through its Workload, or remove bias_correction)")
@@ -264,10 +266,16 @@ def simulate(model: nn.Module, recipe: Recipe, calibration: dict[str, Activation
         if hook is not None:
             module.register_forward_pre_hook(hook)
             sim.activation_quantized.append(name)
+            if plan.activations.range == "entropy" and hook.lo is not None:
+                clipped[name] = calibration[name].clipped_energy(float(hook.lo), float(hook.hi))
         block = int8_compute_block(layers[name].kind, plan.weights)
         if block is not None:  # weight-only int8 compute: the kernel's own input quantization, last
             module.register_forward_pre_hook(Int8ComputeInput(name, block))
         elif plan.weights is not None and plan.weights.compute == "int8" and layers[name].kind != "Embedding":
             sim.notes.append(f"{name}: computes in float (int8 compute needs a Linear with a group size of "
                              "16, 32, 64, 128 or 256)")
+    note = entropy_clip_note(clipped)
+    if note:
+        sim.notes.append(note)
     return sim
+

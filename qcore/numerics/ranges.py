@@ -106,18 +106,18 @@ def _levels(fmt: Format) -> int:
     return int(min((fmt.values() >= 0).sum().item(), ENTROPY_BINS // 4))
 
 
-def entropy(x, fmt: Format, spec, w=None):
-    lo0, hi0 = minmax(x, w)
-    a = x.abs()
-    amax = torch.maximum(lo0.abs(), hi0.abs()).to(torch.float64)
-    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-    bins = ENTROPY_BINS
-    idx = torch.clamp((a.double() / safe[:, None] * bins).long(), 0, bins - 1)
-    hist = torch.zeros(x.shape[0], bins, dtype=torch.float64).scatter_add_(1, idx, _weights(x, w))
+def entropy_threshold(hist: torch.Tensor, amax: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The KL (TensorRT) clip of |x| per block, ``(n_blocks,)`` float32, from ``hist: (n_blocks, bins)``, the
+    counts of |x| in ``bins`` equal bins over [0, amax] (``amax: (n_blocks,)``, the largest |x|): the bin edge
+    whose quantized slice (merged into the format's non-negative levels) is closest in KL divergence to the
+    slice with the clipped outliers piled into its last bin. Candidates: every ``(bins - levels) //
+    ENTROPY_CANDIDATES``-th edge from ``levels`` bins up, and ``amax`` itself (nothing clipped)."""
+    hist = hist.to(torch.float64)
+    n_blocks, bins = hist.shape
     levels = _levels(fmt)
     step = max(1, (bins - levels) // ENTROPY_CANDIDATES)
-    best_kl = torch.full((x.shape[0],), math.inf, dtype=torch.float64)
-    best_i = torch.full((x.shape[0],), bins, dtype=torch.float64)
+    best_kl = torch.full((n_blocks,), math.inf, dtype=torch.float64)
+    best_i = torch.full((n_blocks,), bins, dtype=torch.float64)
     for i in list(range(levels, bins, step)) + [bins]:
         sliced = hist[:, :i]
         p = sliced.clone()
@@ -125,17 +125,29 @@ def entropy(x, fmt: Format, spec, w=None):
         # candidate: the unclipped slice merged into `levels` bins, spread back over its non-empty bins
         chunk = (torch.arange(i) * levels) // i  # which quantized level each reference bin falls into
         nonzero = (sliced > 0).double()
-        chunk_sum = torch.zeros(x.shape[0], levels, dtype=torch.float64).index_add_(1, chunk, sliced)
-        chunk_nz = torch.zeros(x.shape[0], levels, dtype=torch.float64).index_add_(1, chunk, nonzero)
+        chunk_sum = torch.zeros(n_blocks, levels, dtype=torch.float64).index_add_(1, chunk, sliced)
+        chunk_nz = torch.zeros(n_blocks, levels, dtype=torch.float64).index_add_(1, chunk, nonzero)
         q = torch.where(sliced > 0, chunk_sum[:, chunk] / chunk_nz[:, chunk].clamp(min=1), 0.0)
         p_n = p / p.sum(1, keepdim=True).clamp(min=1e-300)
         q_n = q / q.sum(1, keepdim=True).clamp(min=1e-300)
-        # P > 0 where Q == 0 (outlier mass in an empty last bin) gets a large but finite penalty.
+        # P > 0 where Q == 0 (outlier mass in an empty last bin) gets a finite penalty (TensorRT: infinite, never
+        # chosen); with 64 candidates that lets a sparse tail still be clipped
         kl = torch.where(p > 0, p_n * torch.log(p_n.clamp(min=1e-300) / q_n.clamp(min=1e-12)), 0.0).sum(1)
         better = kl < best_kl
         best_kl = torch.where(better, kl, best_kl)
         best_i = torch.where(better, torch.full_like(best_i, i), best_i)
-    t = (amax * best_i / bins).float()
+    return (amax.to(torch.float64) * best_i / bins).float()
+
+
+def entropy(x, fmt: Format, spec, w=None):
+    """``entropy_threshold`` on an ``ENTROPY_BINS``-bin histogram of |x| per block; an asymmetric spec keeps
+    the block's own extremes where they lie inside the clip."""
+    lo0, hi0 = minmax(x, w)
+    amax = torch.maximum(lo0.abs(), hi0.abs()).to(torch.float64)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    idx = torch.clamp((x.abs().double() / safe[:, None] * ENTROPY_BINS).long(), 0, ENTROPY_BINS - 1)
+    hist = torch.zeros(x.shape[0], ENTROPY_BINS, dtype=torch.float64).scatter_add_(1, idx, _weights(x, w))
+    t = entropy_threshold(hist, amax, fmt)
     if spec.symmetric:
         return -t, t
     return torch.maximum(lo0, -t), torch.minimum(hi0, t)
