@@ -39,6 +39,10 @@ m3.metric(f"{plain(metric_label(headline))} (simulated)", f"{result['quantized']
           delta=f"{signed(result['quantized']['metrics'][headline] - result['fp32']['metrics'][headline])} vs FP32",
           delta_color="normal" if result["quantized"]["metrics"][headline] != result["fp32"]["metrics"][headline]
           else "off")
+simulation_notes = result["notes"][len(w.notes):]  # the model's own notes are on the Model page
+if simulation_notes:
+    with st.expander(f"What the simulation notes about this recipe ({len(simulation_notes)})", icon=":material/info:"):
+        st.markdown("\n".join(f"- {plain(note)}" for note in simulation_notes))
 
 
 def exported(fmt: str) -> dict:

@@ -52,3 +52,20 @@ def test_export_page_runs_the_file_in_openvino_when_asked(digits_mlp):
     assert not at.exception, at.exception
     caption = next(c.value for c in at.caption if "file on disk" in c.value)
     assert "measured by running this file in OpenVINO" in caption and "float ops in f32" in caption
+
+
+def test_export_page_shows_what_the_simulation_notes(digits_cnn):
+    """int4-int8compute on digits-cnn: its three convolutions compute in float (int8 compute is for Linear layers
+    with power-of-two groups), which the evaluation's notes say; the page lists them, and a recipe without such
+    notes shows no expander."""
+    at = open_page("export", model="digits-cnn", preset="int4-int8compute")
+    box = next(e for e in at.expander if e.label.startswith("What the simulation notes"))
+    assert box.label.endswith("(3)")
+    from qcore.recipe import preset
+    from ui.text import plain
+
+    notes = digits_cnn.evaluate(preset("int4-int8compute", digits_cnn.layer_shapes)).to_dict()["notes"]
+    assert [n.split(":")[0] for n in notes] == ["features.0", "features.3", "features.7"]
+    assert box.markdown[0].value == "\n".join(f"- {plain(n)}" for n in notes)
+    plain_at = open_page("export", model="digits-cnn", preset="int8-static")
+    assert not [e for e in plain_at.expander if e.label.startswith("What the simulation notes")]
