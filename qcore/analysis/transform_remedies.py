@@ -23,12 +23,13 @@ from qcore.recipe import Recipe
 from qcore.recipe.transforms import APPLIES_TO, Transform
 
 
-def with_transform(recipe: Recipe, name: str, layer: str, **options) -> Recipe:
-    """``recipe`` with transform ``name`` applied to ``layer`` too: an entry of that name restricted to layers gains
-    it (its options replaced by ``options`` when given); otherwise a new entry is appended."""
+def with_transform(recipe: Recipe, name: str, layer: str, same: tuple[str, ...] = (), **options) -> Recipe:
+    """``recipe`` with transform ``name`` applied to ``layer`` too: the first entry of that name (whose options named
+    in ``same`` already equal ``options``') restricted to layers gains it (its options replaced by ``options`` when
+    given); otherwise a new entry is appended."""
     entries = list(recipe.transforms)
     for i, t in enumerate(entries):
-        if t.name == name:
+        if t.name == name and all(t.option(k) == options[k] for k in same):
             if t.layers is None:
                 return recipe  # already applied to every layer it fits
             opts = {**dict(t.options), **options, "layers": [*t.layers, layer]}
@@ -52,8 +53,28 @@ def group_of(w: Workload, layer: str, transform: str):
 
 
 def smoothquant_for(w: Workload, recipe: Recipe, layer: str, alpha: float = 0.5) -> Recipe:
-    group_of(w, layer, "smoothquant")
+    try:
+        group_of(w, layer, "smoothquant")
+    except QcoreError as e:
+        hint = "; try SmoothQuant with a Mul" if getattr(w.layers.get(layer), "kind", None) == "Linear" else ""
+        raise QcoreError(f"{e}{hint}") from None
     return with_transform(recipe, "smoothquant", layer, alpha=alpha)
+
+
+def smoothquant_mul_for(w: Workload, recipe: Recipe, layer: str) -> Recipe:
+    """SmoothQuant on a Linear no fold reaches (after a GELU, or a LayerNorm that also feeds a residual add):
+    ``"unfoldable": "mul"`` -- an explicit per-channel Mul by 1/s before the layer, its weight's columns times s --
+    with alpha searched on the layer's output error, as the ``w8a8-smoothquant-mul`` preset does. A layer a fold
+    reaches is a one-line error pointing to the fold (no extra op)."""
+    kinds = {n: i.kind for n, i in w.layers.items()}
+    if layer not in kinds:
+        raise QcoreError(f"{layer!r} is not a quantizable layer of {w.name}")
+    if any(layer in g.consumers for g in w.groups):
+        raise QcoreError(f"a fold reaches layer {layer!r}: use SmoothQuant (the layer's block), which adds no op")
+    if kinds[layer] != "Linear":
+        raise QcoreError(f"smoothquant with a Mul cannot apply to layer {layer!r} ({kinds[layer]}): it applies to "
+                         "Linear layers no fold reaches (after a GELU or a residual-fed LayerNorm)")
+    return with_transform(recipe, "smoothquant", layer, ("unfoldable",), alpha="search", unfoldable="mul")
 
 
 def awq_for(w: Workload, recipe: Recipe, layer: str) -> Recipe:
