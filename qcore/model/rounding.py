@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.algorithms.adaround import adaround
+from qcore.algorithms.embedding_feedback import quantize_summed
 from qcore.algorithms.gptq import gptq_quantize
 from qcore.errors import QcoreError
 from qcore.model.hooks import temporary_hooks
@@ -66,6 +67,12 @@ def roundable(module: nn.Module, kind: str) -> bool:
     return kind == "Linear" or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
 
 
+def applies(module: nn.Module, kind: str, spec: TensorSpec) -> bool:
+    """Whether ``spec``'s rounding applies to this layer: ``roundable``, or an Embedding under GPTQ with
+    ``"embeddings": true`` (error feedback across the summed tables, ``embedding_feedback``)."""
+    return roundable(module, kind) or (kind == "Embedding" and spec.rounding == "gptq" and spec.gptq.embeddings)
+
+
 def rounding_specs(recipe, plans: Mapping, kinds: Mapping[str, str], modules: Mapping[str, nn.Module]) -> dict:
     """Layer -> weight spec for every layer ``recipe`` (resolved to ``plans``) rounds by GPTQ/AdaRound: a default
     rounding skips the layers it does not apply to (they round to nearest); a layer's own entry asking for it on
@@ -77,19 +84,20 @@ def rounding_specs(recipe, plans: Mapping, kinds: Mapping[str, str], modules: Ma
             continue
         entry = recipe.layers.get(n)
         written = getattr(entry, "weights", None)
-        if roundable(modules[n], kinds[n]) or (isinstance(written, Mapping) and "rounding" in written):
-            check_roundable_layer(n, modules[n], kinds[n], w.rounding)
+        if applies(modules[n], kinds[n], w) or (isinstance(written, Mapping) and "rounding" in written):
+            check_roundable_layer(n, modules[n], kinds[n], w)
             specs[n] = w
     return specs
 
 
-def check_roundable_layer(name: str, module: nn.Module, kind: str, rounding: str) -> None:
-    """A one-line QcoreError unless ``module`` is a layer ``rounding`` applies to."""
-    if not roundable(module, kind):
+def check_roundable_layer(name: str, module: nn.Module, kind: str, spec: TensorSpec) -> None:
+    """A one-line QcoreError unless ``spec``'s rounding applies to ``module`` (``applies``)."""
+    if not applies(module, kind, spec):
         what = f"a grouped {kind}" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else f"an {kind}" \
             if kind[0] in "AEIOU" else f"a {kind}"
-        raise QcoreError(f"layer {name!r} is {what}: rounding {rounding} applies to Linear and ungrouped Conv layers "
-                         f"(a weight multiplied with the layer's input); use rounding nearest for this layer")
+        also = ', or gptq with "embeddings": true' * (kind == "Embedding" and spec.rounding == "gptq")
+        raise QcoreError(f"layer {name!r} is {what}: rounding {spec.rounding} applies to Linear and ungrouped Conv "
+                         f"layers (a weight multiplied with the layer's input); use rounding nearest for this layer{also}")
 
 
 def input_rows(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -153,6 +161,49 @@ def execution_order(model: nn.Module, names: list[str], batch: tuple) -> list[st
     return seen + [n for n in names if n not in seen]
 
 
+def summed_embeddings(model: nn.Module, names: list[str], batch: tuple) -> list[tuple[str, ...]]:
+    """Groups (two or more) of the Embedding layers ``names`` whose outputs are added into one tensor, each
+    ordered by rows (fewest first). Found by probing ``model`` on ``batch``: one constant vector added to the
+    output of each table in turn -- two tables feed one sum when the model's output moves the same way for both
+    (to 1e-3 of the move), and a table whose output does not move the model is in no group."""
+    modules = dict(model.named_modules())
+    dims = {n: modules[n].weight.shape[1] for n in names}
+    delta = {d: 0.1 * torch.randn(d, generator=torch.Generator().manual_seed(0)) for d in set(dims.values())}
+
+    def run(shifted: str | None) -> torch.Tensor:
+        hook = [(modules[shifted], lambda m, a, out: out + delta[dims[shifted]])] if shifted else []
+        with temporary_hooks(post=hook), torch.no_grad():
+            out = model(*batch)
+        return (out[0] if isinstance(out, (tuple, list)) else out).detach().double()
+
+    base = run(None)
+    moved = {n: run(n) for n in names}
+    groups: list[list[str]] = []
+    for n in names:
+        change = float((moved[n] - base).norm())
+        if change == 0:
+            continue
+        g = next((g for g in groups if dims[g[0]] == dims[n] and float((moved[g[0]] - moved[n]).norm()) <= 1e-3 * change), None)
+        g.append(n) if g is not None else groups.append([n])
+    return [tuple(sorted(g, key=lambda n: modules[n].weight.shape[0])) for g in groups if len(g) > 1]
+
+
+def lookup_counts(model: nn.Module, names: list[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """How often each row of the Embedding layers ``names`` is read over ``batches``: name -> (rows,) float64."""
+    modules = dict(model.named_modules())
+    counts = {n: torch.zeros(modules[n].weight.shape[0], dtype=torch.float64) for n in names}
+
+    def hook(name):
+        def record(module, args):
+            counts[name] += torch.bincount(args[0].reshape(-1), minlength=len(counts[name])).double()
+        return record
+
+    with temporary_hooks(pre=[(modules[n], hook(n)) for n in names]), torch.no_grad():
+        for batch in batches:
+            model(*batch)
+    return counts
+
+
 def round_weight(weight: torch.Tensor, spec: TensorSpec, inputs: LayerInputs) -> QuantizedTensor:
     """``weight`` quantized under ``spec`` by its rounding algorithm from the layer's ``inputs``."""
     if spec.rounding == "gptq":
@@ -173,7 +224,9 @@ class Rounder:
         self.model, self.kinds, self.batches = model, dict(kinds), batches
         self.modules = dict(model.named_modules())
         self.inputs: dict[str, LayerInputs] = {}
-        self.rounded: dict[tuple[str, TensorSpec], QuantizedTensor] = {}
+        self.rounded: dict[tuple, QuantizedTensor] = {}  # (layer, spec[, what its rounding also depended on])
+        self.summed: list[tuple[str, ...]] | None = None  # Embedding tables added into one input
+        self.counts: dict[str, torch.Tensor] = {}  # their row counts on the calibration data
         self._lock = threading.RLock()
 
     def weights(self, specs: Mapping[str, TensorSpec], progress: Callable[[float, str], None] | None = None,
@@ -181,11 +234,13 @@ class Rounder:
         """Layer -> its weight rounded under ``specs[layer]`` (specs whose rounding is not nearest)."""
         specs = {n: s for n, s in specs.items() if s.rounding != "nearest"}
         for n, s in specs.items():
-            check_roundable_layer(n, self.modules[n], self.kinds[n], s.rounding)
-        sequential = {n: s for n, s in specs.items() if s.rounding == "gptq" and s.gptq.sequential}
-        specs = {n: s for n, s in specs.items() if n not in sequential}
+            check_roundable_layer(n, self.modules[n], self.kinds[n], s)
+        tables = {n: s for n, s in specs.items() if self.kinds[n] == "Embedding"}
+        sequential = {n: s for n, s in specs.items() if s.rounding == "gptq" and s.gptq.sequential and n not in tables}
+        specs = {n: s for n, s in specs.items() if n not in sequential and n not in tables}
         with self._lock:
             done = self.sequential_weights(sequential, progress, should_stop) if sequential else {}
+            done.update(self.embedding_weights(tables) if tables else {})
             todo = [n for n, s in specs.items() if (n, s) not in self.rounded]
             self.layer_inputs(todo, {n for n in todo if specs[n].rounding == "adaround"},
                               None if progress is None else lambda f: progress(0.2 * f, "collecting layer inputs"))
@@ -221,6 +276,31 @@ class Rounder:
             with torch.no_grad():
                 modules[n].weight.copy_(found[n].dequantize().reshape(modules[n].weight.shape))
             prior += ((n, specs[n]),)
+        return found
+
+    def embedding_weights(self, specs: Mapping[str, TensorSpec]) -> dict:
+        """Embedding -> its table rounded under ``specs[table]``: the tables of one sum (``summed_embeddings``, found
+        once) jointly by ``embedding_feedback.quantize_summed`` with the row counts of the calibration data; a
+        table summed with none of the others in ``specs`` rounds to nearest. Cached by (table, spec, its group)."""
+        batches = self.batches()
+        if not batches:
+            raise QcoreError("rounding gptq learns from calibration data, and this workload has none; "
+                             "provide a data file, or use rounding nearest")
+        if self.summed is None:
+            private = copy.deepcopy(self.model).eval()  # hooks go on a private copy
+            self.summed = summed_embeddings(private, [n for n, k in self.kinds.items() if k == "Embedding"], batches[0])
+            self.counts = lookup_counts(private, [n for g in self.summed for n in g], batches)
+        found = {}
+        for group in self.summed + [(n,) for n in specs if not any(n in g for g in self.summed)]:
+            members = tuple((n, specs[n]) for n in group if n in specs)
+            if not members:
+                continue
+            if any((n, s, members) not in self.rounded for n, s in members):
+                weights = [self.modules[n].weight.detach() for n, _ in members]
+                counts = [self.counts.get(n, torch.ones(len(w))) for (n, _), w in zip(members, weights)]
+                for (n, s), q in zip(members, quantize_summed(weights, [s for _, s in members], counts)):
+                    self.rounded[n, s, members] = q
+            found.update({n: self.rounded[n, s, members] for n, s in members})
         return found
 
     def layer_inputs(self, names, samples: set[str] = frozenset(),

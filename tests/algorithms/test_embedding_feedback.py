@@ -1,0 +1,124 @@
+"""Error feedback across summed embedding tables (``qcore.algorithms.embedding_feedback``) and where the engine
+uses it (``"gptq": {"embeddings": true}``): the summed tables found by probing a model, their row counts, the
+simulation's and the exported file's codes.
+
+Oracles: the token sums recomputed token by token from the lookups (not from the counts); the shifted table
+quantized here by ``numerics.quantize`` on the hand-built shift; ONNX Runtime running the exported file."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from qcore.algorithms.embedding_feedback import quantize_summed
+from qcore.errors import QcoreError
+from qcore.model.rounding import lookup_counts, summed_embeddings
+from qcore.model.simulate import simulate
+from qcore.numerics.quantize import quantize
+from qcore.recipe import Recipe, preset
+
+INT4 = preset("int4-weight-only").weights
+EMB = {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False, "range": "minmax",
+       "rounding": "gptq", "gptq": {"damp": 0.1, "embeddings": True}}
+
+
+def test_a_one_row_table_read_by_every_token_hands_its_whole_error_to_the_next():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 32, generator=g), torch.randn(5, 32, generator=g)
+    qa, qb = quantize_summed([a, b], [INT4, INT4], [torch.tensor([7.0]), torch.tensor([3.0, 0, 1, 2, 1])])
+    e_a = quantize(a, INT4).dequantize() - a  # by hand: table a's error, then b shifted by minus it
+    assert torch.equal(qa.codes, quantize(a, INT4).codes)
+    assert torch.equal(qb.codes, quantize(b - e_a, INT4).codes)
+    sums = qa.dequantize()[0] + qb.dequantize() - (a[0] + b)  # every token's error: only b's own rounding
+    torch.testing.assert_close(sums, qb.dequantize() - (b - e_a), atol=1e-6, rtol=0)
+
+
+@given(st.integers(1, 4), st.integers(2, 9), st.integers(1, 60), st.integers(0, 2**31 - 1))
+def test_each_table_is_shifted_by_minus_the_mean_error_the_tokens_carry_so_far(rows_a, rows_b, tokens, seed):
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.randint(-3, 3, (1,), generator=g).item()
+    a, b, c = (torch.randn(r, 32, generator=g) * scale for r in (rows_a, rows_b, 40))
+    ra, rb, rc = (torch.randint(0, t.shape[0], (tokens,), generator=g) for t in (a, b, c))
+    counts = [torch.bincount(r, minlength=t.shape[0]).double() for r, t in ((ra, a), (rb, b), (rc, c))]
+    qa, qb, qc = quantize_summed([a, b, c], [INT4] * 3, counts)
+    err = lambda q, t, r: (q.dequantize().double() - t.double())[r]  # each token's error from this table
+    so_far = err(qa, a, ra).mean(0)  # token by token, from the lookups
+    assert torch.equal(qb.codes, quantize((b.double() - so_far).float(), INT4).codes)
+    so_far = (err(qa, a, ra) + err(qb, b, rb)).mean(0)
+    assert torch.equal(qc.codes, quantize((c.double() - so_far).float(), INT4).codes)
+    assert all(torch.isfinite(q.dequantize()).all() for q in (qa, qb, qc))
+
+
+def test_zero_and_constant_tables_and_unread_rows_give_no_nan():
+    z, k = torch.zeros(3, 32), torch.full((4, 32), 2.5)
+    for q in quantize_summed([z, k], [INT4, INT4], [torch.zeros(3), torch.zeros(4)]):
+        assert torch.isfinite(q.dequantize()).all()
+    qz, qk = quantize_summed([z, k], [INT4, INT4], [torch.ones(3), torch.ones(4)])
+    assert torch.equal(qz.dequantize(), z) and torch.allclose(qk.dequantize(), k)
+
+
+class Bertish(nn.Module):
+    """word + position + token type, summed into a LayerNorm (BERT's embeddings), and a tag table concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.word, self.position, self.kind = nn.Embedding(50, 32), nn.Embedding(12, 32), nn.Embedding(2, 32)
+        self.tag = nn.Embedding(3, 32)
+        self.ln, self.head = nn.LayerNorm(32), nn.Linear(64, 4)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        h = self.ln(self.word(ids) + self.position(pos) + self.kind(torch.zeros_like(ids)))
+        return self.head(torch.cat([h, self.tag(ids % 3)], -1)).mean(1)
+
+
+def test_the_probe_finds_the_summed_tables_smallest_first_and_counts_their_lookups():
+    model, ids = Bertish().eval(), torch.randint(0, 50, (6, 7), generator=torch.Generator().manual_seed(1))
+    assert summed_embeddings(model, ["word", "position", "kind", "tag"], (ids,)) == [("kind", "position", "word")]
+    counts = lookup_counts(model, ["kind", "position"], [(ids,), (ids[:2],)])
+    assert counts["kind"].tolist() == [56.0, 0.0]
+    assert counts["position"].tolist() == [8.0] * 7 + [0.0] * 5
+
+
+def test_the_simulation_and_the_onnx_file_hold_the_fed_back_codes(tmp_path):
+    model, ids = Bertish().eval(), torch.randint(0, 50, (6, 7), generator=torch.Generator().manual_seed(1))
+    recipe = Recipe.from_dict({"name": "e", "weights": EMB, "activations": None})
+    sim = simulate(model, recipe, calibration_batches=[(ids,)])
+    w = lambda n: getattr(model, n).weight.detach()
+    e_kind = quantize(w("kind"), INT4).dequantize()[0] - w("kind")[0]  # all 42 tokens read row 0
+    position = w("position") - e_kind
+    e_pos = (quantize(position, INT4).dequantize() - position)[:7].mean(0)  # positions 0..6, 6 tokens each
+    assert torch.equal(sim.weights["position"].codes, quantize(position, INT4).codes)
+    assert torch.equal(sim.weights["word"].codes, quantize(w("word") - e_pos, INT4).codes)
+    assert torch.equal(sim.weights["tag"].codes, quantize(w("tag"), INT4).codes)  # in no sum: nearest
+    with torch.no_grad():
+        simulated = sim.model(ids).numpy()
+    from qcore.export.onnx.qdq import export_qdq
+    from qcore.model.workload import Data, Workload
+    from qcore.model.task import output_task
+
+    wl = Workload("bertish", model, Data((ids,)), Data((ids,)), output_task("regression", (4,), False, "t"), batch_size=6)
+    path = str(tmp_path / "e.onnx")
+    export_qdq(wl, recipe, path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    np.testing.assert_allclose(got, simulated, rtol=1e-4, atol=1e-4 * np.abs(simulated).max())
+
+
+def test_the_option_is_written_only_when_set_and_an_embedding_without_it_is_a_one_line_error():
+    assert "embeddings" not in preset("int4-gptq").to_json()
+    r = Recipe.from_dict({"name": "e", "weights": EMB, "activations": None})
+    assert Recipe.from_json(r.to_json()) == r and '"embeddings": true' in r.to_json()
+    with pytest.raises(QcoreError, match=r"gptq\.embeddings=1 must be true or false"):
+        Recipe.from_dict({"name": "e", "weights": {**EMB, "gptq": {"embeddings": 1}}, "activations": None})
+    model, ids = Bertish().eval(), torch.randint(0, 50, (2, 5))
+    asked = preset("int4-gptq").with_layer("tag", {"weights": {"rounding": "gptq"}})
+    with pytest.raises(QcoreError, match='use rounding nearest for this layer, or gptq with "embeddings": true') as e:
+        simulate(model, asked, calibration_batches=[(ids,)])
+    assert "\n" not in str(e.value)
