@@ -115,11 +115,20 @@ def layer_output_sqnr(w: Workload, recipe: Recipe, layer: str) -> float:
     return sqnr_db(outs["q"], outs["fp32"])
 
 
+def smoothquant_fold_or_mul(w: Workload, recipe: Recipe, layer: str, alpha: float = 0.5) -> tuple[Recipe, bool]:
+    """``(recipe with SmoothQuant on layer, whether it is the Mul)``: the fold (``smoothquant_for``) where one reaches
+    the layer, else the Mul (``smoothquant_mul_for``, which says in one line where neither applies)."""
+    if any(layer in g.consumers for g in w.groups):
+        return smoothquant_for(w, recipe, layer, alpha), False
+    return smoothquant_mul_for(w, recipe, layer), True
+
+
 def smoothquant_preview(w: Workload, recipe: Recipe, layer: str, alpha: float = 0.5) -> dict:
-    """What SmoothQuant does to ``layer``'s group: each input channel's max |x| and max |W| before and after
+    """What SmoothQuant does to ``layer``'s group (or, where no fold reaches it, to the layer with a Mul before it:
+    ``mul`` true): each input channel's max |x| and max |W| before and after
     (``act_before``/``act_after``/``weight_before``/``weight_after``, lists), the layer's output SQNR (dB) and the
     model's headline metric before and after (the simulation), and the recipe with it applied (``recipe``)."""
-    new = smoothquant_for(w, recipe, layer, alpha)
+    new, mul = smoothquant_fold_or_mul(w, recipe, layer, alpha)
     before = w.transformed(recipe)
     after = w.transformed(new)
     m0, m1 = (w.folded[0] if before is None else before.model), after.model
@@ -131,7 +140,7 @@ def smoothquant_preview(w: Workload, recipe: Recipe, layer: str, alpha: float = 
             "weight_after": wmax(m1).tolist(),
             "sqnr_before": layer_output_sqnr(w, recipe, layer), "sqnr_after": layer_output_sqnr(w, new, layer),
             "metric": headline, "metric_before": w.evaluate(recipe).quantized.metrics[headline],
-            "metric_after": w.evaluate(new).quantized.metrics[headline], "recipe": new}
+            "metric_after": w.evaluate(new).quantized.metrics[headline], "recipe": new, "mul": mul}
 
 
 def cle_preview(w: Workload, recipe: Recipe, layer: str) -> dict:
