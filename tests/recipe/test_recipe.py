@@ -106,7 +106,7 @@ def test_with_layer_returns_a_new_recipe():
 def test_presets_match_the_issue():
     assert list(PRESETS) == ["fp32", "fp16", "bf16", "int8-weight-only", "int8-dynamic", "int8-static",
                              "int4-weight-only", "nf4", "fp8", "int4-gptq", "int3-adaround", "int4-awq", "w8a8-smoothquant",
-                             "int4-int8compute", "w8a8-smoothquant-mul"]
+                             "int4-int8compute", "w8a8-smoothquant-mul", "int4-gptq-embeddings"]
     w8 = TensorSpec(format="int8", granularity="per_channel")
     assert preset("fp16").plan("x") == LayerPlan(TensorSpec(format="fp16"), TensorSpec(format="fp16"))
     assert preset("bf16").weights == TensorSpec(format="bf16")
