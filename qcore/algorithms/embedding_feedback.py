@@ -17,6 +17,12 @@ to every token), which the larger tables absorb; the largest (the word table) go
 usage-weighted mean error. Rows never read on the calibration data weigh nothing. Each table is rounded to
 nearest on the grid ``spec.range`` chooses for it (``numerics.quantize.quantize``), so sizes and exporters are
 those of nearest rounding.
+
+Optionally (``metric``: a (dim, dim) matrix M, e.g. E[J^T J] with J the Jacobian of the model's output with
+respect to the summed input, averaged over calibration tokens), each table's rows are rounded by GPTQ with M in
+the Hessian's place instead -- the row error ``e`` then costs ``e^T M e``, what the model's output feels to
+second order, rather than ``|e|^2`` -- on the same grid choice. The engine does not compute M yet
+(``benchmarks/int4_levers.py`` does, to measure it).
 """
 
 from __future__ import annotations
@@ -25,21 +31,24 @@ from collections.abc import Sequence
 
 import torch
 
+from qcore.algorithms.gptq import gptq_quantize
 from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
 from qcore.numerics.spec import TensorSpec
 
 
-def quantize_summed(tables: Sequence[torch.Tensor], specs: Sequence[TensorSpec],
-                    counts: Sequence[torch.Tensor]) -> list[QuantizedTensor]:
+def quantize_summed(tables: Sequence[torch.Tensor], specs: Sequence[TensorSpec], counts: Sequence[torch.Tensor],
+                    metric: torch.Tensor | None = None, damp: float = 0.1) -> list[QuantizedTensor]:
     """Tables (rows_i, dim) float, all of one ``dim``, each quantized under its spec, in the order given (callers
-    pass the smallest first); ``counts[i]`` (rows_i,) how often each row was read on the calibration data.
+    pass the smallest first); ``counts[i]`` (rows_i,) how often each row was read on the calibration data;
+    ``metric`` (dim, dim) or None: round each table's rows by GPTQ under it (damping ``damp``), else to nearest.
     Returns the ``QuantizedTensor`` of each table, in the order given."""
     shift = torch.zeros(tables[0].shape[1], dtype=torch.float64)
     out = []
     for table, spec, count in zip(tables, specs, counts):
         check_finite(table, "the embedding table")
         shifted = table.detach().double() + shift
-        q = quantize(shifted.float(), spec)
+        q = quantize(shifted.float(), spec) if metric is None else \
+            gptq_quantize(shifted.float(), metric, spec, damp=damp)
         error = q.dequantize().double() - shifted  # its own rounding error: the shift cancelled the earlier ones'
         c = count.double().clamp(min=0)
         total = float(c.sum())

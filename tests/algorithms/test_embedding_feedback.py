@@ -122,3 +122,18 @@ def test_the_option_is_written_only_when_set_and_an_embedding_without_it_is_a_on
     with pytest.raises(QcoreError, match='use rounding nearest for this layer, or gptq with "embeddings": true') as e:
         simulate(model, asked, calibration_batches=[(ids,)])
     assert "\n" not in str(e.value)
+
+
+def test_under_a_metric_the_rows_round_by_gptq_identity_is_nearest_and_a_correlated_one_costs_less():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 32, generator=g), torch.randn(64, 32, generator=g)
+    counts = [torch.tensor([5.0, 0.0]), torch.ones(64)]
+    plain = quantize_summed([a, b], [INT4, INT4], counts)
+    same = quantize_summed([a, b], [INT4, INT4], counts, metric=torch.eye(32, dtype=torch.float64))
+    assert all(torch.equal(p.codes, s.codes) for p, s in zip(plain, same))  # H = I: no feedback between columns
+    x = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)  # correlated "directions"
+    m = (x.T @ x).double()
+    qa, qb = quantize_summed([a, b], [INT4, INT4], counts, metric=m)
+    shifted = b.double() - (qa.dequantize().double() - a.double())[0]
+    cost = lambda q: float(torch.einsum("ri,ij,rj->", q.dequantize().double() - shifted, m, q.dequantize().double() - shifted))
+    assert cost(qb) < 0.8 * cost(quantize(shifted.float(), INT4))  # e^T M e, by hand, vs nearest on the same shift
