@@ -15,6 +15,11 @@ layers (``roundable``). A recipe's *default* rounding applies to those and leave
 Embedding, a grouped conv, a recurrent matrix) rounded to nearest (``rounding_specs``); a layer entry
 asking for gptq/adaround on such a layer is a one-line ``QcoreError`` naming it.
 
+``"gptq": {"embeddings": true}`` also rounds the Embedding tables that are added into one input (``applies``):
+``summed_embeddings`` probes which (once per ``Rounder``), ``lookup_counts`` counts each row's reads on the
+calibration data, and ``algorithms.embedding_feedback`` rounds each sum's tables in turn; a table in no sum
+rounds to nearest.
+
 ``Rounder`` caches both per workload: the inputs by layer, the rounded weights by (layer, spec), so a
 sweep or a search that tries one spec on many recipes computes each rounding once.
 
