@@ -17,8 +17,13 @@ asking for gptq/adaround on such a layer is a one-line ``QcoreError`` naming it.
 
 ``"gptq": {"embeddings": true}`` also rounds the Embedding tables that are added into one input (``applies``):
 ``summed_embeddings`` probes which (once per ``Rounder``), ``lookup_counts`` counts each row's reads on the
-calibration data, and ``algorithms.embedding_feedback`` rounds each sum's tables in turn; a table in no sum
-rounds to nearest.
+calibration data, ``output_metric`` measures M = E[J^T J] of the sum (J: the model output's Jacobian with
+respect to it), and ``algorithms.embedding_feedback`` rounds each sum's tables in turn, their rows by GPTQ under
+M; a table in no sum rounds to nearest.
+
+Padding: with ``Data.real_rows`` (the input that marks each sample's real positions, an attention mask), a
+Linear's input rows and the embedding lookups at padded positions are left out (``real_part``): the model
+discards what it computes there, and GPTQ would otherwise fit it.
 
 ``Rounder`` caches both per workload: the inputs by layer, the rounded weights by (layer, spec), so a
 sweep or a search that tries one spec on many recipes computes each rounding once.
@@ -120,18 +125,41 @@ def input_rows(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * positions, C_in*kh*kw)
 
 
+def real_mask(batch: tuple, real_rows: int | None) -> torch.Tensor | None:
+    """The batch's real positions (bool, the shape of its input ``real_rows``), or None (all are real)."""
+    return None if real_rows is None else batch[real_rows] != 0
+
+
+def real_part(x: torch.Tensor, mask: torch.Tensor | None, last_axes: int) -> torch.Tensor:
+    """``x`` without its padded positions: the elements of ``x``'s leading axes (all but ``last_axes``) where
+    ``mask`` is true, when those axes are ``mask``'s shape (or broadcast to it); else ``x`` as it is."""
+    if mask is None or x.dim() != mask.dim() + last_axes:
+        return x
+    lead = x.shape[:x.dim() - last_axes]
+    try:
+        if torch.broadcast_shapes(lead, mask.shape) != mask.shape:
+            return x
+    except RuntimeError:
+        return x
+    return x.expand(*mask.shape, *x.shape[x.dim() - last_axes:])[mask]
+
+
 def collect_inputs(model: nn.Module, kinds: Mapping[str, str], batches: list[tuple], samples: set[str],
-                   progress: Callable[[float], None] | None = None) -> dict[str, LayerInputs]:
+                   progress: Callable[[float], None] | None = None, real_rows: int | None = None) -> dict[str, LayerInputs]:
     """``LayerInputs`` of each layer of ``kinds`` (name -> kind) over ``batches``, from one pass through a
-    private copy of ``model``; input rows are kept for the layers in ``samples``."""
+    private copy of ``model``; input rows are kept for the layers in ``samples``. With ``real_rows`` (the input
+    marking each sample's real positions, ``Data.real_rows``), a Linear's input rows at padded positions are
+    left out."""
     private = copy.deepcopy(model).eval()
     modules = dict(private.named_modules())
     per_batch = max(1, -(-MAX_SAMPLE_ROWS // max(1, len(batches))))  # rows kept from each batch
     acc: dict[str, list] = {n: [None, 0, []] for n in kinds}
+    now: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name):
         def record(module, args):
-            rows = input_rows(module, kinds[name], args[0])
+            x = real_part(args[0], now["mask"], 1) if kinds[name] == "Linear" else args[0]
+            rows = input_rows(module, kinds[name], x)
             entry = acc[name]
             gram = (rows.T @ rows).double()
             entry[0] = gram if entry[0] is None else entry[0].add_(gram)  # summed in place
@@ -143,6 +171,7 @@ def collect_inputs(model: nn.Module, kinds: Mapping[str, str], batches: list[tup
 
     with temporary_hooks(pre=[(modules[n], hook(n)) for n in kinds]), torch.no_grad():
         for i, batch in enumerate(batches):
+            now["mask"] = real_mask(batch, real_rows)
             private(*batch)
             if progress:
                 progress((i + 1) / len(batches))
@@ -193,20 +222,64 @@ def summed_embeddings(model: nn.Module, names: list[str], batch: tuple) -> list[
     return [tuple(sorted(g, key=lambda n: modules[n].weight.shape[0])) for g in groups if len(g) > 1]
 
 
-def lookup_counts(model: nn.Module, names: list[str], batches: list[tuple]) -> dict[str, torch.Tensor]:
-    """How often each row of the Embedding layers ``names`` is read over ``batches``: name -> (rows,) float64."""
+def lookup_counts(model: nn.Module, names: list[str], batches: list[tuple],
+                  real_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """How often each row of the Embedding layers ``names`` is read over ``batches`` (at real positions only,
+    given ``real_rows``; an index tensor broadcast over the batch counts once per sample): name -> (rows,) float64."""
     modules = dict(model.named_modules())
     counts = {n: torch.zeros(modules[n].weight.shape[0], dtype=torch.float64) for n in names}
+    now: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(name):
         def record(module, args):
-            counts[name] += torch.bincount(args[0].reshape(-1), minlength=len(counts[name])).double()
+            idx = real_part(args[0], now["mask"], 0)
+            counts[name] += torch.bincount(idx.reshape(-1), minlength=len(counts[name])).double()
         return record
 
     with temporary_hooks(pre=[(modules[n], hook(n)) for n in names]), torch.no_grad():
         for batch in batches:
+            now["mask"] = real_mask(batch, real_rows)
             model(*batch)
     return counts
+
+
+OUTPUT_DIRECTIONS = 32  # output directions per batch for ``output_metric``'s estimate
+
+
+def output_metric(model: nn.Module, table: str, batches: list[tuple]) -> torch.Tensor | None:
+    """M = sum over the calibration positions of J^T J (dim, dim) float64, J the Jacobian of the model's output
+    (its first tensor) with respect to the output of Embedding ``table`` at that position -- for a table in a sum,
+    the Jacobian with respect to the sum. Exact (the output's unit vectors) when a sample's output has at most
+    ``OUTPUT_DIRECTIONS`` values, else estimated from that many random Gaussian directions v per batch
+    (E[v v^T] = I; seeded). Padded positions do not move the output, so they add nothing. None when the output
+    cannot be differentiated (an integer output)."""
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    module = dict(model.named_modules())[table]
+    seen, dim = {}, module.weight.shape[1]
+    metric = torch.zeros(dim, dim, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(mod, args, out):
+        seen["x"] = out.detach().requires_grad_(True)
+        return seen["x"]
+
+    with temporary_hooks(post=[(module, leaf)]), torch.enable_grad():
+        for batch in batches:
+            out = model(*batch)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if not out.is_floating_point() or not out.requires_grad:
+                return None
+            per_sample = out[0].numel()
+            if per_sample <= OUTPUT_DIRECTIONS:  # every unit vector of one sample's output, for all samples at once
+                v = torch.eye(per_sample).reshape(per_sample, 1, *out.shape[1:]).expand(per_sample, *out.shape)
+            else:
+                v = torch.randn(OUTPUT_DIRECTIONS, *out.shape, generator=generator)
+            grads, = torch.autograd.grad(out, seen["x"], grad_outputs=v.contiguous(), is_grads_batched=True)
+            g = grads.reshape(-1, dim).double()
+            metric += g.T @ g / (1 if per_sample <= OUTPUT_DIRECTIONS else OUTPUT_DIRECTIONS)
+    return metric
 
 
 def round_weight(weight: torch.Tensor, spec: TensorSpec, inputs: LayerInputs) -> QuantizedTensor:
@@ -225,13 +298,15 @@ class Rounder:
     ``model``: the float model simulated (read only: inputs are collected on a private copy); ``kinds``:
     its quantizable layers (name -> kind); ``batches()``: the calibration batches."""
 
-    def __init__(self, model: nn.Module, kinds: Mapping[str, str], batches: Callable[[], list[tuple]]):
-        self.model, self.kinds, self.batches = model, dict(kinds), batches
+    def __init__(self, model: nn.Module, kinds: Mapping[str, str], batches: Callable[[], list[tuple]],
+                 real_rows: int | None = None):
+        self.model, self.kinds, self.batches, self.real_rows = model, dict(kinds), batches, real_rows
         self.modules = dict(model.named_modules())
         self.inputs: dict[str, LayerInputs] = {}
         self.rounded: dict[tuple, QuantizedTensor] = {}  # (layer, spec[, what its rounding also depended on])
         self.summed: list[tuple[str, ...]] | None = None  # Embedding tables added into one input
         self.counts: dict[str, torch.Tensor] = {}  # their row counts on the calibration data
+        self.metrics: dict[str, torch.Tensor | None] = {}  # per sum (by its last table): ``output_metric``
         self._lock = threading.RLock()
 
     def weights(self, specs: Mapping[str, TensorSpec], progress: Callable[[float, str], None] | None = None,
@@ -275,7 +350,7 @@ class Rounder:
                     raise RoundingCancelled("the rounding was cancelled; run it again to finish")
                 if progress:
                     progress(i / len(order), f"gptq (sequential): {n}")
-                inputs = collect_inputs(private, {n: self.kinds[n]}, batches, set())[n]
+                inputs = collect_inputs(private, {n: self.kinds[n]}, batches, set(), real_rows=self.real_rows)[n]
                 self.rounded[key] = round_weight(self.modules[n].weight.detach(), specs[n], inputs)
             found[n] = self.rounded[key]
             with torch.no_grad():
@@ -294,7 +369,8 @@ class Rounder:
         if self.summed is None:
             private = copy.deepcopy(self.model).eval()  # hooks go on a private copy
             self.summed = summed_embeddings(private, [n for n, k in self.kinds.items() if k == "Embedding"], batches[0])
-            self.counts = lookup_counts(private, [n for g in self.summed for n in g], batches)
+            self.counts = lookup_counts(private, [n for g in self.summed for n in g], batches, self.real_rows)
+            self.metrics = {g[-1]: output_metric(private, g[-1], batches) for g in self.summed}
         found = {}
         for group in self.summed + [(n,) for n in specs if not any(n in g for g in self.summed)]:
             members = tuple((n, specs[n]) for n in group if n in specs)
@@ -303,7 +379,9 @@ class Rounder:
             if any((n, s, members) not in self.rounded for n, s in members):
                 weights = [self.modules[n].weight.detach() for n, _ in members]
                 counts = [self.counts.get(n, torch.ones(len(w))) for (n, _), w in zip(members, weights)]
-                for (n, s), q in zip(members, quantize_summed(weights, [s for _, s in members], counts)):
+                metric = self.metrics.get(group[-1]) if len(group) > 1 else None
+                for (n, s), q in zip(members, quantize_summed(weights, [s for _, s in members], counts, metric,
+                                                              members[0][1].gptq.damp)):
                     self.rounded[n, s, members] = q
             found.update({n: self.rounded[n, s, members] for n, s in members})
         return found
@@ -320,5 +398,5 @@ class Rounder:
                     raise QcoreError("rounding gptq/adaround learns from calibration data, and this workload has none; "
                                      "provide a data file, or use rounding nearest")
                 self.inputs.update(collect_inputs(self.model, {n: self.kinds[n] for n in needed}, batches,
-                                                  {n for n in needed if n in samples}, progress))
+                                                  {n for n in needed if n in samples}, progress, self.real_rows))
             return {n: self.inputs[n] for n in names}

@@ -17,7 +17,7 @@ from torch import nn
 
 from qcore.algorithms.embedding_feedback import quantize_summed
 from qcore.errors import QcoreError
-from qcore.model.rounding import lookup_counts, summed_embeddings
+from qcore.model.rounding import collect_inputs, lookup_counts, output_metric, summed_embeddings
 from qcore.model.simulate import simulate
 from qcore.numerics.quantize import quantize
 from qcore.recipe import Recipe, preset
@@ -86,16 +86,39 @@ def test_the_probe_finds_the_summed_tables_smallest_first_and_counts_their_looku
     assert counts["position"].tolist() == [8.0] * 7 + [0.0] * 5
 
 
+def jacobian_metric(model, ids) -> torch.Tensor:
+    """sum over positions of J^T J, J = d(output) / d(word table's output) there: torch's own Jacobian (the oracle)."""
+    x0 = model.word(ids).detach()
+
+    def f(x):
+        h = model.word.register_forward_hook(lambda m, a, o: x)
+        try:
+            return model(ids)
+        finally:
+            h.remove()
+
+    jac = torch.autograd.functional.jacobian(f, x0)  # (B, 4, B, T, 32)
+    j = jac.permute(2, 3, 0, 1, 4).reshape(ids.numel(), -1, 32).double()  # per position: (B*4, 32)
+    return torch.einsum("pki,pkj->ij", j, j)
+
+
+def test_output_metric_is_the_gram_of_the_output_jacobian():
+    model, ids = Bertish().eval(), torch.randint(0, 50, (6, 7), generator=torch.Generator().manual_seed(1))
+    got = output_metric(model, "word", [(ids[:4],), (ids[4:],)])
+    torch.testing.assert_close(got, jacobian_metric(model, ids), rtol=1e-5, atol=1e-9)
+
+
 def test_the_simulation_and_the_onnx_file_hold_the_fed_back_codes(tmp_path):
     model, ids = Bertish().eval(), torch.randint(0, 50, (6, 7), generator=torch.Generator().manual_seed(1))
     recipe = Recipe.from_dict({"name": "e", "weights": EMB, "activations": None})
     sim = simulate(model, recipe, calibration_batches=[(ids,)])
     w = lambda n: getattr(model, n).weight.detach()
-    e_kind = quantize(w("kind"), INT4).dequantize()[0] - w("kind")[0]  # all 42 tokens read row 0
-    position = w("position") - e_kind
-    e_pos = (quantize(position, INT4).dequantize() - position)[:7].mean(0)  # positions 0..6, 6 tokens each
-    assert torch.equal(sim.weights["position"].codes, quantize(position, INT4).codes)
-    assert torch.equal(sim.weights["word"].codes, quantize(w("word") - e_pos, INT4).codes)
+    counts = [torch.tensor([42.0, 0.0]), torch.tensor([6.0] * 7 + [0.0] * 5),
+              torch.bincount(ids.reshape(-1), minlength=50).double()]  # all 42 tokens read type row 0, 6 per position
+    want = quantize_summed([w("kind"), w("position"), w("word")], [recipe.weights] * 3, counts,
+                           jacobian_metric(model, ids), damp=0.1)
+    for n, q in zip(("kind", "position", "word"), want):
+        assert torch.equal(sim.weights[n].codes, q.codes), n
     assert torch.equal(sim.weights["tag"].codes, quantize(w("tag"), INT4).codes)  # in no sum: nearest
     with torch.no_grad():
         simulated = sim.model(ids).numpy()
@@ -109,6 +132,32 @@ def test_the_simulation_and_the_onnx_file_hold_the_fed_back_codes(tmp_path):
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
     np.testing.assert_allclose(got, simulated, rtol=1e-4, atol=1e-4 * np.abs(simulated).max())
+
+
+class Padded(nn.Module):
+    """One Linear over (B, T, 8) token vectors; the second input is the attention mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.fc = nn.Embedding(20, 8), nn.Linear(8, 4)
+
+    def forward(self, ids, mask):
+        return (self.fc(self.embed(ids)) * mask[..., None]).sum(1)
+
+
+def test_padded_positions_are_left_out_of_the_hessian_and_the_lookup_counts():
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    model = Padded().eval()
+    x = model.embed(ids).detach()[mask.bool()]  # the 8 real positions, picked by hand
+    got = collect_inputs(model, {"fc": "Linear"}, [(ids, mask)], set(), real_rows=1)["fc"]
+    assert got.rows == 8
+    torch.testing.assert_close(got.hessian, (x.T @ x).double())
+    everything = collect_inputs(model, {"fc": "Linear"}, [(ids, mask)], set())["fc"]
+    assert everything.rows == 15
+    counts = lookup_counts(model, ["embed"], [(ids, mask)], real_rows=1)["embed"]
+    assert counts.tolist() == torch.bincount(ids[mask.bool()], minlength=20).double().tolist()
 
 
 def test_the_option_is_written_only_when_set_and_an_embedding_without_it_is_a_one_line_error():
