@@ -30,7 +30,8 @@ class GPTQOptions:
     ``spec.range`` gives; ``qcore.algorithms.clip``), ``sequential`` round layers in execution order, each
     from the inputs of the model with the earlier ones already rounded (``qcore.model.rounding``), ``embeddings``
     also round the Embedding tables summed into one input (BERT's word + position + token type) with error
-    feedback from one table to the next (``qcore.algorithms.embedding_feedback``). ``clip`` 0, ``sequential`` and
+    feedback from one table to the next, their rows by GPTQ under the output's metric M
+    (``qcore.algorithms.embedding_feedback``, ``qcore.model.rounding.output_metric``). ``clip`` 0, ``sequential`` and
     ``embeddings`` false are left out of JSON (recipes written before them keep their JSON)."""
 
     damp: float = 0.01

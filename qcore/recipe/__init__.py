@@ -90,7 +90,8 @@ PRESET_DESCRIPTIONS = {
     "w8a8-smoothquant-mul": "int8-static after SmoothQuant with alpha searched per layer, reaching the Linear layers no fold "
                             "can (after a GELU or a residual-fed LayerNorm) with a Mul op before each",
     "int4-gptq-embeddings": "int4-gptq, and the embedding tables summed into one input (word + position + token type) "
-                            "rounded in turn, each one's mean error on the calibration tokens pushed onto the next",
+                            "rounded too: in turn, each one's mean error on the calibration tokens pushed onto the "
+                            "next, their rows by GPTQ under the model output's sensitivity to them",
 }
 
 
