@@ -22,7 +22,7 @@ Optionally (``metric``: a (dim, dim) matrix M, e.g. E[J^T J] with J the Jacobian
 respect to the summed input, averaged over calibration tokens), each table's rows are rounded by GPTQ with M in
 the Hessian's place instead -- the row error ``e`` then costs ``e^T M e``, what the model's output feels to
 second order, rather than ``|e|^2`` -- on the same grid choice (the engine computes M with
-``qcore.model.rounding.output_metric``).
+``qcore.model.embedding_sums.output_metric``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class GPTQOptions:
     from the inputs of the model with the earlier ones already rounded (``qcore.model.rounding``), ``embeddings``
     also round the Embedding tables summed into one input (BERT's word + position + token type) with error
     feedback from one table to the next, their rows by GPTQ under the output's metric M
-    (``qcore.algorithms.embedding_feedback``, ``qcore.model.rounding.output_metric``). ``clip`` 0, ``sequential`` and
+    (``qcore.algorithms.embedding_feedback``, ``qcore.model.embedding_sums.output_metric``). ``clip`` 0, ``sequential`` and
     ``embeddings`` false are left out of JSON (recipes written before them keep their JSON)."""
 
     damp: float = 0.01

@@ -17,7 +17,8 @@ from torch import nn
 
 from qcore.algorithms.embedding_feedback import quantize_summed
 from qcore.errors import QcoreError
-from qcore.model.rounding import collect_inputs, lookup_counts, output_metric, summed_embeddings
+from qcore.model.embedding_sums import lookup_counts, output_metric, summed_embeddings
+from qcore.model.rounding import collect_inputs
 from qcore.model.simulate import simulate
 from qcore.numerics.quantize import quantize
 from qcore.recipe import Recipe, preset
