@@ -65,6 +65,7 @@ def lookup_counts(model: nn.Module, names: list[str], batches: list[tuple],
 
 
 OUTPUT_DIRECTIONS = 32  # output directions per batch for ``output_metric``'s estimate
+MAX_GRAD_ELEMENTS = 2**24  # directions per backward pass: at most this many output or gradient values (64 MB)
 
 
 def output_metric(model: nn.Module, table: str, batches: list[tuple]) -> torch.Tensor | None:
@@ -93,11 +94,17 @@ def output_metric(model: nn.Module, table: str, batches: list[tuple]) -> torch.T
             if not out.is_floating_point() or not out.requires_grad:
                 return None
             per_sample = out[0].numel()
-            if per_sample <= OUTPUT_DIRECTIONS:  # every unit vector of one sample's output, for all samples at once
-                v = torch.eye(per_sample).reshape(per_sample, 1, *out.shape[1:]).expand(per_sample, *out.shape)
-            else:
-                v = torch.randn(OUTPUT_DIRECTIONS, *out.shape, generator=generator)
-            grads, = torch.autograd.grad(out, seen["x"], grad_outputs=v.contiguous(), is_grads_batched=True)
-            g = grads.reshape(-1, dim).double()
-            metric += g.T @ g / (1 if per_sample <= OUTPUT_DIRECTIONS else OUTPUT_DIRECTIONS)
+            exact = per_sample <= OUTPUT_DIRECTIONS  # every unit vector of one sample's output, all samples at once
+            n = per_sample if exact else OUTPUT_DIRECTIONS
+            chunk = max(1, MAX_GRAD_ELEMENTS // max(out.numel(), seen["x"].numel()))  # directions per backward
+            for k0 in range(0, n, chunk):
+                k = min(chunk, n - k0)
+                if exact:
+                    v = torch.eye(per_sample)[k0:k0 + k].reshape(k, 1, *out.shape[1:]).expand(k, *out.shape)
+                else:
+                    v = torch.randn(k, *out.shape, generator=generator)
+                grads, = torch.autograd.grad(out, seen["x"], grad_outputs=v.contiguous(), is_grads_batched=True,
+                                             retain_graph=k0 + k < n)
+                g = grads.reshape(-1, dim).double()
+                metric += g.T @ g / (1 if exact else OUTPUT_DIRECTIONS)
     return metric

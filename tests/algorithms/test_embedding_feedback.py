@@ -103,7 +103,11 @@ def jacobian_metric(model, ids) -> torch.Tensor:
     return torch.einsum("pki,pkj->ij", j, j)
 
 
-def test_output_metric_is_the_gram_of_the_output_jacobian():
+@pytest.mark.parametrize("limit", [2**24, 1])  # all 4 output directions in one backward pass, or one per pass
+def test_output_metric_is_the_gram_of_the_output_jacobian(monkeypatch, limit):
+    import qcore.model.embedding_sums as sums
+
+    monkeypatch.setattr(sums, "MAX_GRAD_ELEMENTS", limit)
     model, ids = Bertish().eval(), torch.randint(0, 50, (6, 7), generator=torch.Generator().manual_seed(1))
     got = output_metric(model, "word", [(ids[:4],), (ids[4:],)])
     torch.testing.assert_close(got, jacobian_metric(model, ids), rtol=1e-5, atol=1e-9)
