@@ -3,8 +3,9 @@
     python -m benchmarks.ptq_rounding [--quick]
 
 1. minilm-l6, int4 affine weights per group of 32, weight-only: qcore nearest (``int4-weight-only``), qcore GPTQ
-   (``int4-gptq``; damping 0.01 as the preset had it before; the Linears only, embeddings float, as ONNX Runtime's
-   MatMulNBits leaves its Gather), ONNX Runtime ``MatMulNBitsQuantizer`` in RTN and GPTQ modes
+   (``int4-gptq``; with the embedding tables' error feedback, ``int4-gptq-embeddings``; after AWQ's scales (the
+   transformed model rounds its own weights, embeddings at nearest); damping 0.01 as the preset had it before; the
+   Linears only, embeddings float, as ONNX Runtime's MatMulNBits leaves its Gather), ONNX Runtime ``MatMulNBitsQuantizer`` in RTN and GPTQ modes
    (``onnxruntime.quantization.matmul_nbits_quantizer``) on the FP32 ONNX graph of the same model, calibrated on
    the same calibration sentences, and NNCF ``compress_weights`` (data-free; AWQ + scale estimation) on that
    graph. Metric: mean cosine to the FP32 embeddings on the evaluation sentences (qcore: the simulation, which its
@@ -133,6 +134,10 @@ def int4_rows(model: str, tmp: str, threads: int) -> list[dict]:
     rows = [{"method": "FP32", "metric": float(w.fp32_metrics[w.task.headline]), "seconds": 0.0},
             _qcore_row(w, "qcore nearest (int4-weight-only)", preset("int4-weight-only", w.layer_shapes)),
             _qcore_row(w, "qcore GPTQ (int4-gptq)", gptq),  # first: its time includes collecting the inputs
+            _qcore_row(w, "qcore GPTQ + embedding feedback (int4-gptq-embeddings)",
+                       preset("int4-gptq-embeddings", w.layer_shapes)),
+            _qcore_row(w, "qcore AWQ then GPTQ (int4-gptq + awq transform)", Recipe.from_dict(
+                {**gptq.to_dict(), "name": "awq-gptq", "transforms": [{"awq": {}}]})),
             _qcore_row(w, "qcore GPTQ damp 0.01 (int4-gptq before)", old),
             _qcore_row(w, "qcore GPTQ (int4-gptq), embeddings float", Recipe.from_dict(
                 {**gptq.to_dict(), "name": "gptq-linears", "layers": {**gptq.to_dict().get("layers", {}),

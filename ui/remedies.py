@@ -51,6 +51,10 @@ def smoothquant_panel(key: str, w, layer: str) -> None:
     p = _preview(key, w, layer, "SmoothQuant", "smoothquant")
     if p is None:
         return
+    if p.get("mul"):
+        st.caption("No fold reaches this layer (its input comes after a GELU, or from a LayerNorm that also feeds a "
+                   "residual add): an explicit Mul by 1/s before it holds the scale -- one op more in the exported "
+                   "graph -- with α searched on the layer's output error.")
     charts.plot(figures.smoothquant_channels, p["act_before"], p["act_after"], p["weight_before"], p["weight_after"],
                 f"Input channels of {html_plain(layer_label(layer))}")
     c1, c2 = st.columns(2)

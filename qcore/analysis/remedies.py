@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from qcore.analysis.transform_remedies import (awq_for, bias_correction_for, cle_for, layer_output_sqnr,
-                                              smoothquant_for)
+                                              smoothquant_for, smoothquant_mul_for)
 from qcore.errors import QcoreError
 from qcore.model.simulate import modules_by_name
 from qcore.model.workload import Workload
@@ -75,6 +75,11 @@ REMEDIES = {
                           "max|W|^0.5 and multiplies the weight's column by s, folded into the norm or layer that "
                           "produced the input: input outliers move into the weights (Xiao et al. 2022)", "transform",
                           smoothquant_for),
+    "smoothquant_mul": Remedy("SmoothQuant with a Mul (no fold reaches the layer)", "for a Linear after a GELU or a "
+                              "LayerNorm that also feeds a residual add, where no fold can hold the scale: divides each "
+                              "input channel by s with an explicit Mul op before the layer (one op more in the exported "
+                              "graph) and multiplies the weight's column by s, alpha searched on the layer's output "
+                              "error (as w8a8-smoothquant-mul)", "transform", smoothquant_mul_for),
     "awq": Remedy("AWQ (the layer's block)", "scales up the input channels whose activations are large, so their "
                   "weights get finer steps, searching the exponent that minimises the block's output error on the "
                   "calibration data (Lin et al. 2023)", "transform", awq_for),

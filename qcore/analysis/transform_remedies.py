@@ -23,12 +23,13 @@ from qcore.recipe import Recipe
 from qcore.recipe.transforms import APPLIES_TO, Transform
 
 
-def with_transform(recipe: Recipe, name: str, layer: str, **options) -> Recipe:
-    """``recipe`` with transform ``name`` applied to ``layer`` too: an entry of that name restricted to layers gains
-    it (its options replaced by ``options`` when given); otherwise a new entry is appended."""
+def with_transform(recipe: Recipe, name: str, layer: str, same: tuple[str, ...] = (), **options) -> Recipe:
+    """``recipe`` with transform ``name`` applied to ``layer`` too: the first entry of that name (whose options named
+    in ``same`` already equal ``options``') restricted to layers gains it (its options replaced by ``options`` when
+    given); otherwise a new entry is appended."""
     entries = list(recipe.transforms)
     for i, t in enumerate(entries):
-        if t.name == name:
+        if t.name == name and all(t.option(k) == options[k] for k in same):
             if t.layers is None:
                 return recipe  # already applied to every layer it fits
             opts = {**dict(t.options), **options, "layers": [*t.layers, layer]}
@@ -52,8 +53,28 @@ def group_of(w: Workload, layer: str, transform: str):
 
 
 def smoothquant_for(w: Workload, recipe: Recipe, layer: str, alpha: float = 0.5) -> Recipe:
-    group_of(w, layer, "smoothquant")
+    try:
+        group_of(w, layer, "smoothquant")
+    except QcoreError as e:
+        hint = "; try SmoothQuant with a Mul" if getattr(w.layers.get(layer), "kind", None) == "Linear" else ""
+        raise QcoreError(f"{e}{hint}") from None
     return with_transform(recipe, "smoothquant", layer, alpha=alpha)
+
+
+def smoothquant_mul_for(w: Workload, recipe: Recipe, layer: str) -> Recipe:
+    """SmoothQuant on a Linear no fold reaches (after a GELU, or a LayerNorm that also feeds a residual add):
+    ``"unfoldable": "mul"`` -- an explicit per-channel Mul by 1/s before the layer, its weight's columns times s --
+    with alpha searched on the layer's output error, as the ``w8a8-smoothquant-mul`` preset does. A layer a fold
+    reaches is a one-line error pointing to the fold (no extra op)."""
+    kinds = {n: i.kind for n, i in w.layers.items()}
+    if layer not in kinds:
+        raise QcoreError(f"{layer!r} is not a quantizable layer of {w.name}")
+    if any(layer in g.consumers for g in w.groups):
+        raise QcoreError(f"a fold reaches layer {layer!r}: use SmoothQuant (the layer's block), which adds no op")
+    if kinds[layer] != "Linear":
+        raise QcoreError(f"smoothquant with a Mul cannot apply to layer {layer!r} ({kinds[layer]}): it applies to "
+                         "Linear layers no fold reaches (after a GELU or a residual-fed LayerNorm)")
+    return with_transform(recipe, "smoothquant", layer, ("unfoldable",), alpha="search", unfoldable="mul")
 
 
 def awq_for(w: Workload, recipe: Recipe, layer: str) -> Recipe:
@@ -94,11 +115,20 @@ def layer_output_sqnr(w: Workload, recipe: Recipe, layer: str) -> float:
     return sqnr_db(outs["q"], outs["fp32"])
 
 
+def smoothquant_fold_or_mul(w: Workload, recipe: Recipe, layer: str, alpha: float = 0.5) -> tuple[Recipe, bool]:
+    """``(recipe with SmoothQuant on layer, whether it is the Mul)``: the fold (``smoothquant_for``) where one reaches
+    the layer, else the Mul (``smoothquant_mul_for``, which says in one line where neither applies)."""
+    if any(layer in g.consumers for g in w.groups):
+        return smoothquant_for(w, recipe, layer, alpha), False
+    return smoothquant_mul_for(w, recipe, layer), True
+
+
 def smoothquant_preview(w: Workload, recipe: Recipe, layer: str, alpha: float = 0.5) -> dict:
-    """What SmoothQuant does to ``layer``'s group: each input channel's max |x| and max |W| before and after
+    """What SmoothQuant does to ``layer``'s group (or, where no fold reaches it, to the layer with a Mul before it:
+    ``mul`` true): each input channel's max |x| and max |W| before and after
     (``act_before``/``act_after``/``weight_before``/``weight_after``, lists), the layer's output SQNR (dB) and the
     model's headline metric before and after (the simulation), and the recipe with it applied (``recipe``)."""
-    new = smoothquant_for(w, recipe, layer, alpha)
+    new, mul = smoothquant_fold_or_mul(w, recipe, layer, alpha)
     before = w.transformed(recipe)
     after = w.transformed(new)
     m0, m1 = (w.folded[0] if before is None else before.model), after.model
@@ -110,7 +140,7 @@ def smoothquant_preview(w: Workload, recipe: Recipe, layer: str, alpha: float = 
             "weight_after": wmax(m1).tolist(),
             "sqnr_before": layer_output_sqnr(w, recipe, layer), "sqnr_after": layer_output_sqnr(w, new, layer),
             "metric": headline, "metric_before": w.evaluate(recipe).quantized.metrics[headline],
-            "metric_after": w.evaluate(new).quantized.metrics[headline], "recipe": new}
+            "metric_after": w.evaluate(new).quantized.metrics[headline], "recipe": new, "mul": mul}
 
 
 def cle_preview(w: Workload, recipe: Recipe, layer: str) -> dict:

@@ -254,10 +254,14 @@ PREVIEWS = ("smoothquant", "cle")  # the Activations/Weights pages' "Try SmoothQ
 def _check_preview(w, inputs: dict) -> None:
     from qcore.analysis import transform_remedies
 
-    _checked_recipe(w, inputs)
+    recipe = _checked_recipe(w, inputs)
     if inputs.get("name") not in PREVIEWS:
         raise QcoreError(f"unknown transform preview {inputs.get('name')!r}; previews: {', '.join(PREVIEWS)}")
-    transform_remedies.group_of(w, _check_layer(w, inputs, "the page"), inputs["name"])  # no group: one line, now
+    layer = _check_layer(w, inputs, "the page")
+    if inputs["name"] == "smoothquant":  # a fold, or a Mul where none reaches; neither: one line, now
+        transform_remedies.smoothquant_fold_or_mul(w, recipe, layer)
+    else:
+        transform_remedies.group_of(w, layer, inputs["name"])  # no group: one line, now
 
 
 def _run_preview(w, inputs: dict, progress, should_stop) -> dict:

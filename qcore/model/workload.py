@@ -39,7 +39,10 @@ class Data:
 
     ``names``: the inputs' names when the data file named them (matched to the model's input names);
     ``constants``: scalar (rank-0) inputs by name, one value fed to every batch; ``batch_axes``: per input,
-    the axis that counts its N samples (empty: axis 0 of every input) -- an LSTM state (2, N, 128) has 1.
+    the axis that counts its N samples (empty: axis 0 of every input) -- an LSTM state (2, N, 128) has 1;
+    ``real_rows``: the index of an input that marks each sample's real positions (an attention mask (N, T),
+    nonzero = real; None: every position is), so what rounding learns from the data (GPTQ's Hessians, AdaRound's
+    rows, the embedding lookup counts) leaves padding out (``qcore.model.rounding``).
     Batches and subsets slice every input along its own axis."""
 
     inputs: tuple[torch.Tensor, ...]
@@ -47,6 +50,7 @@ class Data:
     names: tuple[str, ...] | None = None
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     batch_axes: tuple[int, ...] = ()
+    real_rows: int | None = None
 
     def axis(self, i: int) -> int:
         """The batch axis of input ``i``."""
@@ -61,7 +65,8 @@ class Data:
     def subset(self, index) -> "Data":
         """The samples ``index`` (a slice or an index tensor) selects, from every input along its batch axis."""
         return Data(tuple(t[(slice(None),) * self.axis(i) + (index,)] for i, t in enumerate(self.inputs)),
-                    None if self.labels is None else self.labels[index], self.names, self.constants, self.batch_axes)
+                    None if self.labels is None else self.labels[index], self.names, self.constants, self.batch_axes,
+                    self.real_rows)
 
 
 def content_hash(*parts) -> str:
@@ -173,7 +178,8 @@ class Workload:
                     from qcore.model.rounding import Rounder
 
                     self.__dict__["_rounder"] = Rounder(self.folded[0], {n: i.kind for n, i in self.layers.items()},
-                                                        lambda: self.calibration.batches(self.batch_size))
+                                                        lambda: self.calibration.batches(self.batch_size),
+                                                        self.calibration.real_rows)
         return self.__dict__["_rounder"]
 
     def rounded_weights(self, recipe: Recipe, progress: Callable[[float, str], None] | None = None,

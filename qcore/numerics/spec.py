@@ -28,14 +28,18 @@ class GPTQOptions:
     of its mean diagonal, ``act_order`` round the most-used input columns first, ``block_size`` columns per
     lazy update, ``clip`` the steps of the clipping grid searched per group on the output error (0: the range
     ``spec.range`` gives; ``qcore.algorithms.clip``), ``sequential`` round layers in execution order, each
-    from the inputs of the model with the earlier ones already rounded (``qcore.model.rounding``). ``clip`` 0 and
-    ``sequential`` false are left out of JSON (recipes written before them keep their JSON)."""
+    from the inputs of the model with the earlier ones already rounded (``qcore.model.rounding``), ``embeddings``
+    also round the Embedding tables summed into one input (BERT's word + position + token type) with error
+    feedback from one table to the next, their rows by GPTQ under the output's metric M
+    (``qcore.algorithms.embedding_feedback``, ``qcore.model.embedding_sums.output_metric``). ``clip`` 0, ``sequential`` and
+    ``embeddings`` false are left out of JSON (recipes written before them keep their JSON)."""
 
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
     clip: int = 0
     sequential: bool = False
+    embeddings: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ class TensorSpec:
         for key in ROUNDING_OPTIONS:
             if d[key] is None:
                 del d[key]
-        for key, default in (("clip", 0), ("sequential", False)):  # recipes written before them keep their JSON
+        for key, default in (("clip", 0), ("sequential", False), ("embeddings", False)):  # older recipes keep their JSON
             if key in d.get("gptq", {}) and d["gptq"][key] == default:
                 del d["gptq"][key]
         return d

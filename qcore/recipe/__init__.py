@@ -66,6 +66,9 @@ PRESETS: dict[str, dict] = {
                                      "range": "minmax", "compute": "int8"}, "activations": None},
     "w8a8-smoothquant-mul": {"weights": _W8, "activations": {"format": "int8", "symmetric": False, "range": "minmax", "dynamic": False},
                              "transforms": [{"smoothquant": {"alpha": "search", "unfoldable": "mul"}}]},
+    "int4-gptq-embeddings": {"weights": {"format": "int4", "granularity": "per_group", "group_size": 32, "symmetric": False,
+                                         "range": "minmax", "rounding": "gptq", "gptq": {"damp": 0.1, "embeddings": True}},
+                             "activations": None},
 }
 PRESET_DESCRIPTIONS = {
     "fp32": "no quantization (reference)",
@@ -86,6 +89,9 @@ PRESET_DESCRIPTIONS = {
                         "along K (symmetric, absmax) so the matmul runs in int8 (ONNX Runtime MatMulNBits accuracy_level 4)",
     "w8a8-smoothquant-mul": "int8-static after SmoothQuant with alpha searched per layer, reaching the Linear layers no fold "
                             "can (after a GELU or a residual-fed LayerNorm) with a Mul op before each",
+    "int4-gptq-embeddings": "int4-gptq, and the embedding tables summed into one input (word + position + token type) "
+                            "rounded too: in turn, each one's mean error on the calibration tokens pushed onto the "
+                            "next, their rows by GPTQ under the model output's sensitivity to them",
 }
 
 

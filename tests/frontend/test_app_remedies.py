@@ -36,3 +36,19 @@ def test_smoothquant_preview_numbers_are_the_simulation(zoo_models):  # noqa: F8
     assert p["metric_after"] == w.evaluate(p["recipe"]).quantized.metrics["accuracy"]
     assert max(p["act_after"]) / (sum(p["act_after"]) / len(p["act_after"])) < \
         max(p["act_before"]) / (sum(p["act_before"]) / len(p["act_before"]))
+
+
+def test_smoothquant_panel_where_no_fold_reaches_offers_the_mul(zoo_models):  # noqa: F811
+    """digits-mlp's fc1 reads the image: no layer holds a scale, so the panel previews the Mul variant."""
+    w = zoo_models[0]["digits-mlp"]
+    p = remedies.smoothquant_preview(w, preset("int8-static", w.layer_shapes), "fc1")
+    mul = [{"smoothquant": {"alpha": "search", "unfoldable": "mul", "layers": ["fc1"]}}]
+    assert p["mul"] and [t.to_json() for t in p["recipe"].transforms] == mul
+    assert p["metric_after"] == w.evaluate(p["recipe"]).quantized.metrics["accuracy"]
+    at = visit(open_app("digits-mlp"), "activations")
+    at.selectbox(key=next(s.key for s in at.selectbox if s.label == "Layer (its input)")).set_value("fc1")
+    at = _click(rerun(at), "Try SmoothQuant")
+    assert not at.error, [e.value for e in at.error]
+    assert any("No fold reaches this layer" in c.value for c in at.caption)
+    at = _click(at, "Apply SmoothQuant")
+    assert next(iter(at.session_state["recipes"].values()))["transforms"] == mul

@@ -99,3 +99,28 @@ def test_a_search_result_replaces_the_transforms_with_what_was_measured(digits_c
     assert [t.to_json() for t in edited.transforms] == CLE and edited.plan("classifier.1").is_float
     taken = at.session_state["after_search"]
     assert taken.transforms == () and taken.plan("features.0").is_float and not taken.plan("classifier.1").is_float
+
+
+def test_smoothquant_with_a_mul_from_the_sensitivity_panel_is_measured_and_applied(zoo_models):  # noqa: F811
+    """digits-mlp's fc1 reads the image: no layer before it holds a scale, so only the Mul variant reaches it."""
+    w = zoo_models[0]["digits-mlp"]
+    at = visit(open_app("digits-mlp"), "sensitivity")
+    at.selectbox(key="remedy_layer:zoo:digits-mlp").select("fc1").run()
+    at.selectbox(key="remedy_name").select("smoothquant").run()
+    at = _click(at, "remedy_try")
+    assert [e.value.count("\n") for e in at.error] == [0] and "try SmoothQuant with a Mul" in at.error[0].value
+    at.selectbox(key="remedy_name").select("smoothquant_mul").run()
+    at = _click(at, "remedy_try")
+    assert not at.error, [e.value for e in at.error]
+    mul = [{"smoothquant": {"alpha": "search", "unfoldable": "mul", "layers": ["fc1"]}}]
+    now, after = build_recipe(w, "int8-static", {}), build_recipe(w, "int8-static", {}, mul)
+    shown = {m.label: m for m in at.metric}
+    sqnr = shown["Layer output SQNR (the whole simulated model vs FP32, first calibration batch)"]
+    before_db, after_db = layer_output_sqnr(w, now, "fc1"), layer_output_sqnr(w, after, "fc1")
+    assert sqnr.value == f"{after_db:.1f} dB" and sqnr.delta == f"{after_db - before_db:+.1f} dB vs now"
+    acc0, acc1 = (w.evaluate(r).quantized.metrics["accuracy"] for r in (now, after))
+    metric = shown["Model accuracy (evaluation data)"]
+    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{acc1 - acc0:+.4f} vs now"
+    at = _click(at, "remedy_apply")
+    assert at.session_state["recipes"]["zoo:digits-mlp"]["transforms"] == mul
+    assert decode_transforms(_param(at, "transforms")) == mul

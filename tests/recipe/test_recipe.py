@@ -106,7 +106,7 @@ def test_with_layer_returns_a_new_recipe():
 def test_presets_match_the_issue():
     assert list(PRESETS) == ["fp32", "fp16", "bf16", "int8-weight-only", "int8-dynamic", "int8-static",
                              "int4-weight-only", "nf4", "fp8", "int4-gptq", "int3-adaround", "int4-awq", "w8a8-smoothquant",
-                             "int4-int8compute", "w8a8-smoothquant-mul"]
+                             "int4-int8compute", "w8a8-smoothquant-mul", "int4-gptq-embeddings"]
     w8 = TensorSpec(format="int8", granularity="per_channel")
     assert preset("fp16").plan("x") == LayerPlan(TensorSpec(format="fp16"), TensorSpec(format="fp16"))
     assert preset("bf16").weights == TensorSpec(format="bf16")
@@ -291,11 +291,12 @@ def test_model_dependent_validation_names_the_layer():
 def test_load_recipe_errors(tmp_path):
     assert _error(load_recipe, "int3-magic") == (
         "'int3-magic' is neither a preset (fp32, fp16, bf16, int8-weight-only, int8-dynamic, int8-static, "
-        "int4-weight-only, nf4, fp8, int4-gptq, int3-adaround, int4-awq, w8a8-smoothquant, int4-int8compute, w8a8-smoothquant-mul) nor a recipe file that exists")
+        "int4-weight-only, nf4, fp8, int4-gptq, int3-adaround, int4-awq, w8a8-smoothquant, int4-int8compute, w8a8-smoothquant-mul, "
+        "int4-gptq-embeddings) nor a recipe file that exists")
     assert _error(preset, "int3") == (
         "unknown preset 'int3'; available presets: fp32, fp16, bf16, int8-weight-only, int8-dynamic, int8-static, "
         "int4-weight-only, nf4, fp8, int4-gptq, int3-adaround, int4-awq, w8a8-smoothquant, int4-int8compute, "
-        "w8a8-smoothquant-mul")
+        "w8a8-smoothquant-mul, int4-gptq-embeddings")
     assert _error(load_recipe, '{"weights": {"format": "int8",}}') == (
         "the recipe is not valid JSON (Expecting property name enclosed in double quotes at line 1); "
         "fix the file and retry")
