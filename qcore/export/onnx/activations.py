@@ -90,8 +90,7 @@ def _fake_quant_ops(ed, x: str, scale: str, zp: str | None, fmt, before) -> str:
         v = n("Clip", [n("Div", [x, scale]), _c(ed, -m), _c(ed, m)])
         return n("Mul", [n("Cast", [n("Cast", [v], to=getattr(TensorProto, fmt.onnx_type))], to=TensorProto.FLOAT),
                          scale])
-    ratio = n("Div", [n("Cast", [x], to=TensorProto.DOUBLE), n("Cast", [scale], to=TensorProto.DOUBLE)])
-    q = n("Cast", [n("Round", [ratio])], to=TensorProto.FLOAT)
+    q = n("Round", [n("Div", [x, scale])])  # float32, half to even: formats.IntFormat.encode, QuantizeLinear
     if zp is not None:
         q = n("Add", [q, zp])
     q = n("Clip", [q, _c(ed, float(fmt.qmin)), _c(ed, float(fmt.qmax))])
