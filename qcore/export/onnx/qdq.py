@@ -123,7 +123,7 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if name in smoothed and data_input is not None:
             _smoothing_mul(ed, nodes, data_input, smoothed[name].numpy())
             muls.append(name)
-        if dynamic_conv.fits(node, plan.weights, iq) and node.input[1] == init:  # float Conv, weight decoded at load
+        if dynamic_conv.fits(node, plan.weights, iq) and len(nodes) == 1 and node.input[1] == init:  # decoded at load
             ed.drop_initializer(init)
             row["activations"], row["weights"], stored = dynamic_conv.write(ed, node, iq, simulated[name])
             codes_of[name], row["stored_bytes"] = stored[0], stored_bytes(ed, set(stored))
