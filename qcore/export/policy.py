@@ -50,8 +50,8 @@ def why_float(plan, kind: str) -> str:
     if a.dynamic and kind.startswith("Conv"):
         return ("ONNX Runtime's only convolution with a run-time input scale, ConvInteger, has no fast CPU kernel "
                 "(3-12x slower than its float Conv, measured; microsoft/onnxruntime#12206), so the file holds the "
-                "int8 codes, ONNX Runtime decodes them once at load and the Conv computes in float on the exact "
-                "dequantized input and weight")
+                f"{w.format} codes, ONNX Runtime decodes them once at load and the Conv computes in float on the "
+                "exact dequantized input and weight")
     if a.dynamic:
         return ("dynamic activations are written with the engine's own per-batch range formula; ONNX Runtime "
                 "fuses only constant scales, so the layer computes on dequantized values")
