@@ -211,22 +211,37 @@ def _magika(m: RealModel, out_dir: Path):
     return m.weights(), _save(out_dir, m.name, x=magika_features(sample_files(48))), ort_oracle(m.weights())
 
 
+SILERO_CONTEXT = 64  # samples of the previous window silero-vad's own wrapper (OnnxWrapper) puts before each 512
+
+
 def _silero(m: RealModel, out_dir: Path):
-    """The default ONNX file (what ``load_silero_vad(onnx=True)`` runs): inputs ``input`` (batch, 512)
+    """The default ONNX file (what ``load_silero_vad(onnx=True)`` runs): inputs ``input`` (batch, 576)
     audio at 16 kHz, ``state`` (2, batch, 128) LSTM state -- batched on axis 1, which the loader infers
     from the data -- and ``sr`` a scalar int64 sample rate; outputs the speech probability (batch, 1) and
-    the new state. Data: 32 windows of seeded noise and tones, zero state, sr 16000 as a 0-d array, one
-    array per input named after it. The oracle feeds the same ``sr`` (the engine holds it as a constant)."""
+    the new state. Data: what the package's ``OnnxWrapper`` feeds while streaming -- 32 consecutive windows
+    of 512 samples of one seeded recording (noise, with a tone of a random pitch in the 2nd and 4th quarter),
+    each after the previous window's last ``SILERO_CONTEXT`` samples, and the state the FP32 model carried
+    out of the window before (zeros first); sr 16000 as a 0-d array, one array per input named after it.
+    (512-sample windows without context and a zero state are outside what the model was trained on: its LSTM
+    input reaches ~4500 instead of ~5 and every probability is ~1e-3.) The oracle feeds the same ``sr`` (the
+    engine holds it as a constant)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(SEED)
-    t = np.arange(512) / 16000
-    audio = np.stack([0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) * (i % 2) + 0.05 * rng.standard_normal(512)
-                      for i in range(32)]).astype(np.float32)
+    t = np.arange(32 * 512) / 16000
+    pitch = np.repeat(rng.uniform(100, 400, 4), 8 * 512)
+    audio = (0.3 * np.sin(2 * np.pi * pitch * t) * (np.arange(len(t)) // (8 * 512) % 2)
+             + 0.05 * rng.standard_normal(len(t))).astype(np.float32).reshape(32, 512)
     sr = np.array(16000, np.int64)
     sess = ort.InferenceSession(str(m.weights()), providers=["CPUExecutionProvider"])
+    context, state, windows, states = np.zeros(SILERO_CONTEXT, np.float32), np.zeros((2, 1, 128), np.float32), [], []
+    for x in audio:
+        windows.append(np.concatenate([context, x]))
+        states.append(state[:, 0])
+        _, state = sess.run(None, {"input": windows[-1][None], "state": state, "sr": sr})
+        context = x[-SILERO_CONTEXT:]
     oracle = lambda inputs: sess.run(None, {"input": inputs[0], "state": inputs[1], "sr": sr})[0]  # noqa: E731
-    return m.weights(), _save(out_dir, m.name, input=audio, state=np.zeros((2, 32, 128), np.float32), sr=sr), oracle
+    return m.weights(), _save(out_dir, m.name, input=np.stack(windows), state=np.stack(states, 1), sr=sr), oracle
 
 
 def _mtcnn(cls_name: str, size: int):

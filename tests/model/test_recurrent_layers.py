@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qcore.errors import QcoreError
 from qcore.export.onnx.qdq import export_qdq
 from qcore.export.safetensors import export_safetensors, load_safetensors
 from qcore.model.recurrent import UnrolledGRU, UnrolledLSTM
@@ -209,7 +208,7 @@ def test_safetensors_round_trip_of_recurrent_and_transposed_layers(speech, tmp_p
     assert recipe == r
 
 
-# ---- an uploaded ONNX LSTM: weights into W / R, activations only where the operator allows -----------
+# ---- an uploaded ONNX LSTM: weights into W / R; quantized activations unroll its cell ---------------
 def _onnx_lstm_workload(tmp_path, op="LSTM"):
     from qcore.io.models import load_model_file
 
@@ -235,7 +234,7 @@ def _onnx_lstm_workload(tmp_path, op="LSTM"):
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
-def test_uploaded_onnx_rnn_exports_weights_and_refuses_hidden_state_quantization(tmp_path, op):
+def test_uploaded_onnx_rnn_exports_weights_and_its_hidden_state_quantization(tmp_path, op):
     w, x = _onnx_lstm_workload(tmp_path, op)
     (ih,) = [n for n in w.layers if n.endswith("weight_ih")]
     gates = 4 if op == "LSTM" else 3
@@ -244,16 +243,14 @@ def test_uploaded_onnx_rnn_exports_weights_and_refuses_hidden_state_quantization
     x_only = Recipe.from_dict({"name": "w8", "weights": INT8_W, "activations": None,
                                "layers": {n: {"weights": INT8_W, "activations": INT8_STATIC}
                                           for n in w.layers if n.endswith("weight_ih")}})
-    for r in (weight_only, x_only):
+    all_static = Recipe.from_dict({"name": "a8", "weights": INT8_W, "activations": INT8_STATIC})
+    for r in (weight_only, x_only, all_static):  # the last two unroll the cell (tests/export/test_export_onnx_recurrent.py)
         export_qdq(w, r, str(tmp_path / "q.onnx"))
         sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
         with torch.no_grad():
             expected = w.simulate(r).model(x[:8]).numpy()
         for b in (1, 8):
             assert np.abs(sess.run(None, {"input_0": x[:b].numpy()})[0] - expected[:b]).max() < 1e-4
-    with pytest.raises(QcoreError, match="hidden state.*weight-only"):
-        export_qdq(w, Recipe.from_dict({"name": "a8", "weights": INT8_W, "activations": INT8_STATIC}),
-                   str(tmp_path / "bad.onnx"))
 
 
 def test_fold_step_unrolls_a_model_that_is_only_an_lstm_wrapper():

@@ -4,7 +4,8 @@ The FP32 graph (``float_graph``) with each quantized layer's weight initializer 
 the simulation applied (``Simulation.weights``: the codes and scales of nearest rounding or of GPTQ/AdaRound;
 ``weights``) and each quantized layer input given the simulation's
 input quantizer (``activations``) -- the engine's own numbers, never a float graph re-quantized by
-another tool.
+another tool. An imported ONNX LSTM / GRU whose matrices' inputs are quantized is first written as its
+unrolled cell (``recurrent``), so each step's input and hidden state can be.
 
 What ONNX Runtime then executes is read back from its optimized graph, not guessed: a layer is
 "int8 kernel" when its weight codes feed a fused integer op (QLinearConv, QLinearMatMul, QGemm, ...),
@@ -28,6 +29,7 @@ from qcore.export.onnx import dynamic_conv
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.embedding import gather_codes
 from qcore.export.onnx.float_graph import OPSET, float_graph, source_model
+from qcore.export.onnx.recurrent import unroll_recurrent
 from qcore.export.onnx.weights import ELEMENT_TYPES, decode_weight, decoder, matmul_nbits, nbits_block, stored_bytes
 from qcore.export.policy import uses_matmul_nbits, why_float
 from qcore.model.int8_compute import int8_compute_block
@@ -68,29 +70,15 @@ class OnnxExport:
 
 def _compute_nodes(ed, weight_value: str) -> list:
     """The Gemm / MatMul / Conv / ConvTranspose / Gather / LSTM / GRU nodes reading ``weight_value``
-    (through a Transpose or Reshape if any): one for most layers, one per time step for the matrices of
-    an unrolled recurrent layer."""
+    (through a Transpose, Reshape or Slice if any): one for most layers, one per time step (and direction)
+    for the matrices of an unrolled recurrent layer."""
     found = []
     for node in ed.consumers(weight_value):
-        if node.op_type in ("Transpose", "Reshape"):
+        if node.op_type in ("Transpose", "Reshape", "Slice"):
             found += _compute_nodes(ed, node.output[0])
         elif node.op_type in ("Gemm", "MatMul", "Conv", "ConvTranspose", "Gather", "LSTM", "GRU"):
             found.append(node)
     return found
-
-
-def _recurrent_op_inputs(name: str, node, iq, weight_input: int) -> bool:
-    """Whether the input quantizer ``iq`` of a matrix of an ONNX LSTM / GRU node can be written: the
-    operator runs its time loop inside, so only a static quantizer on X (what W multiplies, the same
-    range at every step) can go before it; raises for the hidden state or a per-step dynamic range."""
-    if iq is None:
-        return False
-    if weight_input == 1 and not iq.spec.dynamic:
-        return True
-    what = "its hidden state (R's input)" if weight_input == 2 else "a per-step dynamic range of its input"
-    raise QcoreError(f"layer {name!r}: the ONNX {node.op_type} operator runs its time loop inside, so the file "
-                     f"cannot quantize {what} as the simulation does; keep this layer's activations fp32 "
-                     "(weight-only), or use static activations on its weight_ih only")
 
 
 def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
@@ -102,10 +90,13 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
     proto = graph.proto
     ed = GraphEditor(proto)
     modules = dict(source_model(workload, recipe).named_modules())
+    iqs = {name: input_quantizer(name, info.kind, plans[name].activations, calib) for name, info in workload.layers.items()}
+    notes = list(graph.notes) + unroll_recurrent(ed, graph.weights, source_model(workload, recipe), workload,
+                                                 {name for name, iq in iqs.items() if iq is not None})
     sim = workload.simulate(recipe)
     simulated = sim.weights  # the file holds exactly the codes that were simulated
     _write_corrected_biases(ed, sim, recipe)
-    rows, notes, codes_of = [], list(graph.notes), {}
+    rows, codes_of = [], {}
     smoothed, muls = input_scales(source_model(workload, recipe)), []  # SmoothQuant's Mul ops (no fold reached)
     for name, info in workload.layers.items():
         plan = plans[name]
@@ -115,11 +106,9 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         node = nodes[0] if nodes else None
         row = {"layer": name, "kind": info.kind, "weights": "fp32", "activations": "fp32", "executes": "float",
                "reason": "kept in FP32 by the recipe"}
-        iq = input_quantizer(name, info.kind, plan.activations, calib)
-        data_input = None if node is None or node.op_type == "Gather" else 0
-        if node is not None and node.op_type in ("LSTM", "GRU"):
-            weight_input = list(node.input).index(init) if init in node.input else 1
-            data_input = 0 if _recurrent_op_inputs(name, node, iq, weight_input) else None
+        iq = iqs[name]
+        data_input = None if node is None or node.op_type in ("Gather", "LSTM", "GRU") else 0
+        assert iq is None or data_input is not None, f"{name}: a quantized input on a {node.op_type} node"
         if name in smoothed and data_input is not None:
             _smoothing_mul(ed, nodes, data_input, smoothed[name].numpy())
             muls.append(name)
