@@ -47,6 +47,11 @@ def why_float(plan, kind: str) -> str:
     if a is None or not a.fmt.quantizes:
         return (f"{w.format} weight-only: ONNX Runtime fuses weight-only integers only as MatMulNBits on a Linear "
                 "with blocks of a power of two >= 16 inside one scale; here the weight is dequantized")
+    if a.dynamic and kind.startswith("Conv"):
+        return ("ONNX Runtime's only convolution with a run-time input scale, ConvInteger, has no fast CPU kernel "
+                "(3-12x slower than its float Conv, measured; microsoft/onnxruntime#12206), so the file holds the "
+                f"{w.format} codes, ONNX Runtime decodes them once at load and the Conv computes in float on the "
+                "exact dequantized input and weight")
     if a.dynamic:
         return ("dynamic activations are written with the engine's own per-batch range formula; ONNX Runtime "
                 "fuses only constant scales, so the layer computes on dequantized values")

@@ -181,6 +181,9 @@ def load_workload(model: str, data: str | None = None, *, allow_pickle: bool = F
     if model not in ZOO and (str(model).lower().endswith(".zip") or _is_dir(model)):  # a Hugging Face checkpoint
         from qcore.io.hf import load_hf_workload
 
+        if batch_axes:  # its text is cut into windows of token ids (samples, tokens): the batch is axis 0
+            raise QcoreError("batch axes apply to a data file's arrays; a Hugging Face model's text is cut into "
+                             "windows of token ids with the samples on axis 0, so drop --batch-axis")
         return load_hf_workload(model, data, max_bytes)
     shape_spec = data is not None and str(data).startswith("shape:")
     data_part = None if data is None else str(data) if shape_spec else [Path(data).name, Path(data)]

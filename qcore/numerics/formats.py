@@ -178,9 +178,10 @@ class IntFormat(Format):
             n = self.qmax - self.qmin
             scale = _safe_scale(hi / n - lo / n)  # written so that hi - lo cannot overflow
             zero_point = torch.clamp(torch.round(self.qmin - lo / scale), self.qmin, self.qmax)
-        # x / scale in float64: float32 has only 24 - b fraction bits left at code magnitude 2^b, so a
-        # near-tie (52782.5013 for int16) could round to the wrong level and the grid's top go unused
-        q = torch.round(x.double() / scale.double()[:, None]).float() + zero_point[:, None]
+        # x / scale in float32, rounded half to even, then + zero-point: ONNX's QuantizeLinear, so a file's
+        # codes are the simulation's bit for bit. (A near-tie whose exact quotient lies just off .5 can round
+        # to .5 in float32 and go to the even level: ONNX Runtime does the same; float64 would not.)
+        q = torch.round(x.float() / scale.float()[:, None]) + zero_point[:, None]
         codes = torch.clamp(q, self.qmin, self.qmax)
         return codes, scale, zero_point
 

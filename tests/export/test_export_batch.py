@@ -135,7 +135,7 @@ def test_a_graph_that_fixes_its_batch_is_declared_at_it_and_bench_says_so(tmp_pa
     assert bench(w, recipe, batch_size=2, budget_s=0.01).batch_size == 2
 
 
-# ---- int8-dynamic convolutions: ConvInteger on the engine's codes ---------------------------------
+# ---- int8-dynamic convolutions: float Conv on the dequantized values, the weight decoded at load -------
 @functools.cache
 def _conv_upload(folder, kind: str):
     torch.manual_seed(0)
@@ -147,15 +147,40 @@ def _conv_upload(folder, kind: str):
     return load_workload(path)
 
 
+def _optimized(path: str, tmp) -> onnx.ModelProto:
+    """ONNX Runtime's graph of ``path`` after its optimizations short of the layout change (level "extended":
+    constant folding and fusions; "all" then also moves Conv weights into its blocked NCHWc layout)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath, opts.log_severity_level = str(tmp / "optimized.onnx"), 3
+    ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return onnx.load(opts.optimized_model_filepath)
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "depthwise", "conv1d"])
-def test_int8_dynamic_conv_layer_is_conv_integer_and_the_simulation(folder, kind):
-    """One conv per model: the file's output is the layer's, so this checks each conv layer alone."""
+def test_int8_dynamic_conv_layer_is_the_simulation_with_its_weight_decoded_at_load(folder, tmp_path, kind):
+    """One conv per model (the file's output is the layer's). The file stores the simulated int8 codes
+    (no float weight), no DequantizeLinear or ConvInteger reads them, and ONNX Runtime folds their decoding
+    into a constant when it loads the file: the Conv it runs takes an initializer weight equal to
+    (codes - zero-point) * scale computed here in numpy."""
     w = _conv_upload(folder, kind)
     recipe = preset("int8-dynamic", w.layer_shapes)
     result = export_qdq(w, recipe, str(folder / f"{kind}-dyn.onnx"))
     (row,) = result.layers
-    assert row["executes"] == "int8 kernel" and "ConvInteger" in row["weights"]
-    assert "ConvInteger" in [n.op_type for n in onnx.load(result.path).graph.node]
+    assert row["executes"] == "float (dequantized)" and "ConvInteger" in row["reason"]
+    proto = onnx.load(result.path)
+    assert not {"ConvInteger", "DequantizeLinear"} & {n.op_type for n in proto.graph.node
+                                                        if any(i.startswith("codes") for i in n.input)}
+    q = w.simulate(recipe).weights[row["layer"]]
+    (codes,) = [numpy_helper.to_array(i) for i in proto.graph.initializer if i.name.startswith("codes")]
+    assert codes.dtype == np.int8 and np.array_equal(codes, q.codes.numpy())
+    assert not [i for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and i.dims == list(codes.shape)]
+    scale = q.scale.numpy().astype(np.float32).reshape((-1,) + (1,) * (codes.ndim - 1))
+    expected = codes.astype(np.float32) * scale  # symmetric per-channel int8: zero-point 0
+    opt = _optimized(result.path, tmp_path)
+    inits = {i.name: numpy_helper.to_array(i) for i in opt.graph.initializer}
+    (conv,) = [n for n in opt.graph.node if "Conv" in n.op_type]
+    assert conv.input[1] in inits and np.array_equal(inits[conv.input[1]], expected)
     sim = w.simulate(recipe).model
     for b in BATCHES:
         with torch.no_grad():
@@ -164,12 +189,14 @@ def test_int8_dynamic_conv_layer_is_conv_integer_and_the_simulation(folder, kind
         assert float((out - ref).abs().max()) <= 1e-4 * (1 + float(ref.abs().max())), (kind, b)
 
 
-def test_int8_dynamic_cnn_runs_its_convs_in_int8_and_is_smaller_than_fp32(folder):
+def test_int8_dynamic_cnn_holds_int8_convs_computed_in_float_and_is_smaller_than_fp32(folder):
     w = _workload(folder, "digits-cnn")
     dyn = export_qdq(w, preset("int8-dynamic", w.layer_shapes), str(folder / "cnn-dyn.onnx"))
     fp32 = export_qdq(w, preset("fp32"), str(folder / "cnn-fp32.onnx"))
     convs = [r for r in dyn.layers if r["kind"] == "Conv2d"]
-    assert convs and all(r["executes"] == "int8 kernel" for r in convs)
+    assert convs and all(r["executes"] == "float (dequantized)" and "int8" in r["weights"] for r in convs)
+    assert all(r["stored_bytes"]["codes"] * 4 == fp32_row["stored_bytes"]["codes"]
+               for r, fp32_row in zip(convs, [r for r in fp32.layers if r["kind"] == "Conv2d"]))
     assert dyn.size_bytes < 0.5 * fp32.size_bytes, (dyn.size_bytes, fp32.size_bytes)
 
 

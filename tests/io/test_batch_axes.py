@@ -189,3 +189,124 @@ def test_the_upload_sandbox_gets_the_batch_axes(files):
     model, data, _, _ = files
     with pytest.raises(QcoreError, match="batch axis 5 of input 'state' is out of range"):
         vet_upload(model, data, batch_axes={"state": 5})
+
+
+# ---- .pt2 programs batched on another axis, and Hugging Face folders -----------------------------------
+class _StateNet(torch.nn.Module):
+    """fc_out(relu(fc_in(audio) + state.sum(0))): audio (batch, 4), state (2, batch, 3) -> (batch, 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc_in, self.fc_out = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+
+    def forward(self, audio, state):
+        return self.fc_out(torch.relu(self.fc_in(audio) + state.sum(0)))
+
+
+class _SeqFirst(torch.nn.Module):
+    """fc(frames.mean(0)): frames (time 5, batch, 4), batch on axis 1 -> (batch, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, frames):
+        return self.fc(frames.mean(0))
+
+
+def _pt2(tmp_path, net, arrays: dict, axes: dict):
+    """``net`` saved by torch.export with each input's batch axis dynamic, and a named .npz of ``arrays``."""
+    torch.manual_seed(0)
+    b = torch.export.Dim("batch")
+    example = tuple(torch.from_numpy(np.ascontiguousarray(np.take(a, [0, 1], axis=axes[k]))) for k, a in arrays.items())
+    program = torch.export.export(net.eval(), example, dynamic_shapes=tuple({axes[k]: b} for k in arrays))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "d.npz", **arrays)
+    return str(tmp_path / "m.pt2"), str(tmp_path / "d.npz")
+
+
+@pytest.mark.parametrize("case", ["state on axis 1 (inferred)", "sequence first (given)"])
+@pytest.mark.parametrize("recipe", ["fp32", "int8-static", "int8-dynamic"])
+def test_a_pt2_program_batched_on_another_axis_exports_and_runs_at_batch_1_and_8(tmp_path, case, recipe):
+    """The file is traced with each input's own batch axis dynamic (it was traced on axis 0: a state (2, batch, 3)
+    came out as (2, 6, 3) fixed and the export failed). Oracles: the eager module for FP32 (batches cut by numpy
+    along each input's axis), the simulation for the quantized files."""
+    from qcore.export import export
+    from qcore.export.sessions import feed, session
+    from qcore.recipe import preset
+
+    torch.manual_seed(0)
+    if case.startswith("state"):
+        net, axes, given = _StateNet(), {"audio": 0, "state": 1}, {}
+        arrays = {"audio": RNG.standard_normal((N, 4)).astype(np.float32),
+                  "state": RNG.standard_normal((2, N, 3)).astype(np.float32)}
+    else:
+        net, axes = _SeqFirst(), {"frames": 1}
+        given = axes
+        arrays = {"frames": RNG.standard_normal((5, N, 4)).astype(np.float32)}
+    w = load_workload(*_pt2(tmp_path, net, arrays, axes), batch_axes=given)
+    assert w.calibration.batch_axes == tuple(axes.values())
+    r = preset(recipe, w.layer_shapes)
+    export(w, r, "onnx", str(tmp_path / "m.onnx"))
+    sess = session(str(tmp_path / "m.onnx"), 1)
+    for i, (k, a) in zip(sess.get_inputs(), arrays.items()):
+        assert i.shape[axes[k]] == "batch" and [d for j, d in enumerate(i.shape) if j != axes[k]] == \
+            [d for j, d in enumerate(a.shape) if j != axes[k]]
+    model = w.simulate(r).model
+    for batch in (slice(0, 1), slice(2, 10)):
+        sub = w.evaluation.subset(batch)
+        got = sess.run(None, feed(w, sub))[0]
+        if recipe == "fp32":
+            with torch.no_grad():
+                expected = net(*(torch.from_numpy(t.numpy()) for t in sub.inputs)).numpy()
+        else:
+            expected = w.run(model, sub).numpy()
+        assert got.shape == expected.shape == (len(sub), expected.shape[1])
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * (1 + float(np.abs(expected).max())))
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    import hf_models
+
+    root = tmp_path_factory.mktemp("hf")
+    (root / "text.txt").write_text(hf_models.TEXT)
+    folder = hf_models.save("gpt2", root / "gpt2")
+    (folder / "text.txt").unlink(missing_ok=True)
+    return folder, root / "text.txt"
+
+
+def test_a_hugging_face_folder_refuses_batch_axes_in_one_line(hf_folder, capsys):
+    """Its text is cut into windows of token ids, samples on axis 0: a batch axis given for it was ignored."""
+    from qcore.cli import main
+
+    folder, text = hf_folder
+    with pytest.raises(QcoreError, match="^batch axes apply to a data file's arrays; a Hugging Face model's text"):
+        load_workload(str(folder), str(text), batch_axes={"input_ids": 1})
+    code = main(["evaluate", str(folder), "--data", str(text), "--preset", "int8-dynamic", "--batch-axis",
+                 "input_ids=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Hugging Face" in err and len(err.splitlines()) == 1
+
+
+def test_a_hugging_face_export_runs_at_batch_1_and_8_as_the_float_model(hf_folder, tmp_path):
+    """FP32 file at batch 1 and 8 against transformers' own model loaded from the folder (the oracle)."""
+    from transformers import AutoModelForCausalLM
+
+    from qcore.export import export
+    from qcore.export.sessions import session
+    from qcore.recipe import preset
+
+    folder, text = hf_folder
+    w = load_workload(str(folder), str(text))
+    export(w, preset("fp32"), "onnx", str(tmp_path / "lm.onnx"))
+    sess = session(str(tmp_path / "lm.onnx"), 1)
+    reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = w.evaluation.inputs[0]
+    for b in (1, 8):
+        x = ids[torch.arange(b) % len(ids)]
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad():
+            expected = reference(x).logits.numpy()
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -49,9 +49,15 @@ FAILS_TODAY: dict[tuple[str, str], str] = {
     # batch 1 and 8: ORT sums in another order per batch, and a flipped code of the quantized hidden state grows)
     # (minilm-l6 via .pt2: 26.4 dB between file and simulation, 27.9 dB between the simulation and itself with
     # oneDNN off -- the same chaos as ocr-rec, within _kernel_change_db's 3 dB)
-    # ocr-rec: the file matches the simulation as closely as the simulation matches itself (_kernel_change_db); per-tensor
-    # int8 activations take one of 8 samples (its per-step character probabilities) to cosine 0.890 of FP32
-    ("ocr-rec", "int8"): "the int8-static simulation is far from FP32",
+    # (ocr-rec: the file matches the simulation as closely as the simulation matches itself (_kernel_change_db); its
+    # worst sample's cosine to FP32 went from 0.890 to 0.944 when IntFormat.encode began dividing in float32 (near-tie
+    # codes moved), not from a fix: the simulation is chaotic, and the next numerics change may take it below 0.9 again)
+    # ocr-cls: one input code of 147,456 at its second conv (Conv_1) differs between file and simulation -- ONNX
+    # Runtime's float conv sums in another order and puts one value across a rounding boundary -- and the flip grows
+    # to 29.5 dB at the output. The simulation does not flip with oneDNN off or at batch 1 (53.3 / 162 dB), so
+    # _kernel_change_db cannot see this chaos. Before the float32 division the roles were swapped (file 53.4 dB,
+    # oneDNN off 29.5 dB): which run flips is chance.
+    ("ocr-cls", "int8"): "the int8-static file differs from the simulation: SQNR",
 }
 
 

@@ -3,6 +3,7 @@
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -237,3 +238,97 @@ def test_describe_smallest_step_matches_values():
         assert d["levels"] == len(v) and d["min"] == float(v[0]) and d["max"] == float(v[-1])
         assert d["smallest_step_near_zero"] == float(v[v > 0].min())
         assert math.isfinite(d["max"])
+
+
+# ---- integer codes are ONNX QuantizeLinear's ---------------------------------------------------------
+@functools.cache
+def _quantize_linear_session(onnx_type: str):
+    """ONNX Runtime running QuantizeLinear(x (B, n) float32, scale (B,), zero_point (B,), axis=0), opset 21:
+    round(x / scale) half to even + zero_point, saturated to the output type: the oracle for the engine's codes."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    t = getattr(TensorProto, onnx_type)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=0)], "ql",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "n"]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["B"]), helper.make_tensor_value_info("z", t, ["B"])],
+        [helper.make_tensor_value_info("q", t, ["B", "n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@st.composite
+def _blocks_and_ranges(draw):
+    """(x (B, n) float32, lo (B,), hi (B,)): ranges of any magnitude (tiny, subnormal, huge, zero) and
+    values drawn from the block's own grid at and next to the rounding ties (k + 1/2) * step."""
+    rows, n = draw(st.integers(1, 4)), draw(st.integers(1, 24))
+    exp = st.sampled_from([-140, -126, -60, -20, -3, 0, 3, 20, 60, 120])
+    lo, hi, x = [], [], []
+    for _ in range(rows):
+        e = draw(exp)
+        a, b = draw(st.floats(-2, 0, width=32)) * 2.0 ** e, draw(st.floats(0, 2, width=32)) * 2.0 ** e
+        lo.append(a), hi.append(b)
+        span = (b - a) or 1.0
+        row = []
+        for _ in range(n):
+            kind = draw(st.sampled_from(["tie", "near", "any", "out"]))
+            k = draw(st.integers(-130, 130))
+            if kind == "tie":  # (k + 0.5) * step: a tie of the exact quotient, or within 1 ulp of one
+                v = (k + 0.5) * span / 255
+            elif kind == "near":
+                v = (k + 0.5 + draw(st.sampled_from([-1e-6, -1e-7, 1e-7, 1e-6]))) * span / 255
+            elif kind == "out":  # past the range: saturates
+                v = draw(st.sampled_from([-1, 1])) * span * draw(st.sampled_from([2.0, 1e3, 1e30]))
+            else:
+                v = a + draw(st.floats(0, 1)) * (b - a)
+            row.append(v)
+        x.append(row)
+    f32 = lambda v: torch.tensor(v, dtype=torch.float64).float()  # noqa: E731
+    x, lo, hi = f32(x), f32(lo), f32(hi)
+    return torch.where(torch.isfinite(x), x, torch.zeros(())), torch.nan_to_num(lo), torch.nan_to_num(hi)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int16", "int2"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@given(data=_blocks_and_ranges())
+def test_int_codes_equal_onnx_quantize_linear_with_the_same_scale_and_zero_point(name, symmetric, data):
+    """The codes of ``encode`` are QuantizeLinear's of its own scale and zero-point (float32 division, ties
+    to even), element for element, so a file's QuantizeLinear reproduces the simulation; below 8 bits the
+    file clips an int8 container to the format's range (``activations._codes``), as here."""
+    x, lo, hi = data
+    fmt = FORMATS[name]
+    codes, scale, zp = fmt.encode(x, lo, hi, symmetric)
+    container = "INT16" if fmt.bits > 8 else "INT8"
+    dtype = np.int16 if fmt.bits > 8 else np.int8
+    q = _quantize_linear_session(container).run(None, {"x": x.numpy(), "s": scale.numpy().astype(np.float32),
+                                                       "z": zp.numpy().astype(dtype)})[0]
+    expected = np.clip(q.astype(np.int64), fmt.qmin, fmt.qmax)
+    assert np.array_equal(codes.numpy().astype(np.int64), expected), (x, scale, zp)
+
+
+def test_a_near_tie_rounds_as_quantize_linear_does_not_as_the_exact_quotient():
+    """An int16 value whose exact quotient x / scale lies just above k + 1/2 (k even) but is k + 1/2 in
+    float32: QuantizeLinear, and so the engine, give the even level k; float64 division (the engine before)
+    gave k + 1. Found by search among the float32 neighbours of (k + 1/2) * scale."""
+    fmt = FORMATS["int16"]
+    hi = torch.tensor([1.0])
+    scale = float(fmt.encode(torch.zeros(1, 1), -hi, hi, True)[1])  # 1 / 32767 in float32
+    found = None
+    for k in range(20000, 20200, 2):
+        x0 = np.float32((k + 0.5) * scale)
+        for x in (x0, np.nextafter(x0, np.float32(np.inf)), np.nextafter(x0, np.float32(-np.inf))):
+            if np.float32(x) / np.float32(scale) == k + 0.5 and float(x) / scale > k + 0.5:
+                found = (k, np.float32(x))
+                break
+        if found:
+            break
+    assert found is not None
+    k, x = found
+    codes, s, _ = fmt.encode(torch.tensor([[x]]), -hi, hi, True)
+    q = _quantize_linear_session("INT16").run(None, {"x": np.array([[x]], np.float32), "s": s.numpy(),
+                                                     "z": np.zeros(1, np.int16)})[0]
+    assert int(codes[0, 0]) == int(q[0, 0]) == k and round(float(x) / scale) == k + 1

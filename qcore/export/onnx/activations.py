@@ -90,8 +90,7 @@ def _fake_quant_ops(ed, x: str, scale: str, zp: str | None, fmt, before) -> str:
         v = n("Clip", [n("Div", [x, scale]), _c(ed, -m), _c(ed, m)])
         return n("Mul", [n("Cast", [n("Cast", [v], to=getattr(TensorProto, fmt.onnx_type))], to=TensorProto.FLOAT),
                          scale])
-    ratio = n("Div", [n("Cast", [x], to=TensorProto.DOUBLE), n("Cast", [scale], to=TensorProto.DOUBLE)])
-    q = n("Cast", [n("Round", [ratio])], to=TensorProto.FLOAT)
+    q = n("Round", [n("Div", [x, scale])])  # float32, half to even: formats.IntFormat.encode, QuantizeLinear
     if zp is not None:
         q = n("Add", [q, zp])
     q = n("Clip", [q, _c(ed, float(fmt.qmin)), _c(ed, float(fmt.qmax))])
@@ -159,15 +158,3 @@ def _codes(ed, x: str, scale: str, zp, fmt, static: bool, before) -> tuple[str, 
                            ed.const(np.array(fmt.qmax, container), "qmax")])
     return codes, zp
 
-
-def dynamic_int8_codes(ed, x: str, iq, before) -> tuple[str, str, str, str] | None:
-    """The dynamic input quantizer ``iq`` on ``x`` as int8 codes for an integer kernel (ConvInteger):
-    (codes INT8, scale float32 scalar, zero_point INT8 scalar, description), or None when its codes are
-    not int8 of a per-batch range (a float format, a static range, 16-bit codes)."""
-    spec, fmt = iq.spec, iq.spec.fmt
-    if not spec.dynamic or decoder(fmt) != "DequantizeLinear" or fmt.onnx_type not in ("INT4", "INT8"):
-        return None
-    lo, hi = _range_ops(ed, x, spec, fmt, before)
-    scale, zp = _params_ops(ed, lo, hi, spec, fmt, before)
-    codes, zp = _codes(ed, x, scale, zp, fmt, False, before)
-    return codes, scale, zp, f"{fmt.name} dynamic ({spec.range} per batch): QuantizeLinear to int8 codes"

@@ -106,10 +106,14 @@ def _exported_graph(workload, model, optimize: bool) -> tuple[onnx.ModelProto, l
     if isinstance(model, FirstOutput):  # the file keeps every output the model returns; the first is the scored one
         model = model.inner
 
+    data = workload.calibration
+
     def exported(batch: int):
-        example = tuple(t[torch.arange(batch) % len(t)] for t in workload.calibration.inputs)
-        dims = tuple({0: torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO}
-                      if t.dim() == 2 and not t.is_floating_point() else {})} for t in example)
+        # each input's batch on its own axis (``Data.batch_axes``: an LSTM state (2, batch, H) has 1); token ids'
+        # length (axis 1 of a 2-D integer input batched on 0) is dynamic too
+        example = data.subset(torch.arange(batch) % len(data)).inputs
+        dims = tuple({data.axis(k): torch.export.Dim.AUTO, **({1: torch.export.Dim.AUTO} if t.dim() == 2 and
+                      not t.is_floating_point() and data.axis(k) == 0 else {})} for k, t in enumerate(example))
         if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
             dims = (dims,)  # forward(*args) (an unflattened .pt2 program): the inputs are one tuple argument
         with torch.no_grad(), warnings.catch_warnings():
@@ -211,13 +215,13 @@ def _strip(proto: onnx.ModelProto) -> None:
     del proto.metadata_props[:]
 
 
-def _declared_batch(proto: onnx.ModelProto) -> int | None:
-    """The batch size the graph declares (its first input's first dimension, else its output's), or None
-    when both are symbolic (or not a positive size: some exporters write 0 or -1 for "unknown")."""
-    for v in (proto.graph.input[0], proto.graph.output[0]):
+def _declared_batch(proto: onnx.ModelProto, axis: int = 0) -> int | None:
+    """The batch size the graph declares (its first input's batch ``axis``, else its output's first dimension),
+    or None when both are symbolic (or not a positive size: some exporters write 0 or -1 for "unknown")."""
+    for v, a in ((proto.graph.input[0], axis), (proto.graph.output[0], 0)):
         dims = v.type.tensor_type.shape.dim
-        if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
+        if len(dims) > a and dims[a].HasField("dim_value") and dims[a].dim_value > 0:
+            return dims[a].dim_value
     return None
 
 
@@ -234,10 +238,11 @@ def _declare_batch(proto: onnx.ModelProto, batch: int | str, axes: tuple[int, ..
                 dims[axis].dim_param = batch
 
 
-def _batch_from_input(proto: onnx.ModelProto, size: int) -> int:
+def _batch_from_input(proto: onnx.ModelProto, size: int, axis: int = 0) -> int:
     """Rewrite each constant shape that writes the traced batch ``size`` first (the shape of a Reshape,
     Expand, or ConstantOfShape: ``torch.onnx.export`` at a fixed batch folds ``x.view(x.size(0), -1)``
-    to ``[2, -1]``) to ``Concat(Shape(input_0)[0:1], rest)``, the batch of the run. Returns how many."""
+    to ``[2, -1]``) to ``Concat(Shape(input_0)[axis:axis + 1], rest)``, the batch of the run (``axis``: input_0's
+    batch axis). Returns how many."""
     ed = GraphEditor(proto)
     shape_inputs = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0}
     batch, rewritten = None, 0
@@ -249,7 +254,7 @@ def _batch_from_input(proto: onnx.ModelProto, size: int) -> int:
         if value.ndim != 1 or len(value) < 1 or int(value[0]) != size:
             continue
         if batch is None:
-            batch = ed.node("Shape", ["input_0"], "batch", None, start=0, end=1)
+            batch = ed.node("Shape", ["input_0"], "batch", None, start=axis, end=axis + 1)
         rest = ed.const(value[1:].astype(np.int64), "shape_rest")
         node.input[k] = ed.node("Concat", [batch, rest], "shape", node, axis=0)
         rewritten += 1
@@ -262,10 +267,10 @@ def _free_batch(proto: onnx.ModelProto, workload) -> tuple[onnx.ModelProto, list
     it was traced at (``_declared_batch``) rewritten (``_batch_from_input``), then checked in ONNX Runtime -- at batch 1,
     B and 8 each sample's output must be the one the source graph gives at batch B. If they are not,
     the source graph is kept with its inputs and output declared at batch B, and a note says so."""
-    fixed = _declared_batch(proto)
-    source = proto.SerializeToString()
-    rewritten = _batch_from_input(proto, fixed) if fixed else 0
     data = workload.calibration
+    fixed = _declared_batch(proto, data.axis(0))
+    source = proto.SerializeToString()
+    rewritten = _batch_from_input(proto, fixed, data.axis(0)) if fixed else 0
     _declare_batch(proto, "batch", data.batch_axes)
     if fixed is None or fixed > len(data):
         return proto, _batch_notes(proto, workload)

@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 
 from qcore.errors import QcoreError
 from qcore.export.graph import GraphEditor
-from qcore.export.onnx import integer
+from qcore.export.onnx import dynamic_conv
 from qcore.export.onnx.activations import quantize_input
 from qcore.export.onnx.embedding import gather_codes
 from qcore.export.onnx.float_graph import OPSET, float_graph, source_model
@@ -112,9 +112,9 @@ def export_qdq(workload, recipe: Recipe, path: str) -> OnnxExport:
         if name in smoothed and data_input is not None:
             _smoothing_mul(ed, nodes, data_input, smoothed[name].numpy())
             muls.append(name)
-        if integer.fits(node, plan.weights, iq) and node.input[1] == init:  # int8 x dynamic int8: ConvInteger
+        if dynamic_conv.fits(node, plan.weights, iq) and len(nodes) == 1 and node.input[1] == init:  # decoded at load
             ed.drop_initializer(init)
-            row["activations"], row["weights"], stored = integer.conv_integer(ed, node, iq, simulated[name])
+            row["activations"], row["weights"], stored = dynamic_conv.write(ed, node, iq, simulated[name])
             codes_of[name], row["stored_bytes"] = stored[0], stored_bytes(ed, set(stored))
             rows.append(row)
             continue

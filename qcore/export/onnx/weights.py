@@ -59,19 +59,27 @@ def _full(q: QuantizedTensor, per_block: torch.Tensor | None, shape) -> np.ndarr
     return from_blocks(per_block[:, None].expand_as(blocks), tuple(shape), q.spec.granularity, q.spec.axis).numpy()
 
 
-def _scale_view(ed, values: str, q: QuantizedTensor, shape, out: str, before=None) -> str:
-    """``values * scale`` in the engine's block view (per_group: (C_out, fan_in/g, g)) -> ``out`` of ``shape``."""
+def _param_shape(q: QuantizedTensor, shape) -> tuple[int, ...]:
+    """The broadcast shape of a per-block scale / zero-point against the weight in its block view
+    (per_tensor: (), per_channel: 1 except ``shape[axis]``, per_group: (C_out, fan_in/g, 1))."""
     s = q.spec
-    if q.scale is None:
-        return ed.node("Reshape", [values, ed.const(np.array(shape, np.int64), "shape")], "w", before, output=out)
     if s.granularity == "per_tensor":
-        return ed.node("Mul", [values, ed.const(q.scale.numpy().reshape(()), "scale")], "w", before, output=out)
+        return ()
     if s.granularity == "per_channel":
         b = [1] * len(shape)
         b[s.axis] = shape[s.axis]
-        return ed.node("Mul", [values, ed.const(q.scale.numpy().reshape(b), "scale")], "w", before, output=out)
-    groups = (shape[0], fan_in(shape) // s.group_size, 1)
-    scaled = ed.node("Mul", [values, ed.const(q.scale.numpy().reshape(groups), "scale")], "w", before)
+        return tuple(b)
+    return (shape[0], fan_in(shape) // s.group_size, 1)
+
+
+def _scale_view(ed, values: str, q: QuantizedTensor, shape, out: str, before=None) -> str:
+    """``values * scale`` in the engine's block view (per_group: (C_out, fan_in/g, g)) -> ``out`` of ``shape``."""
+    if q.scale is None:
+        return ed.node("Reshape", [values, ed.const(np.array(shape, np.int64), "shape")], "w", before, output=out)
+    scale = ed.const(q.scale.numpy().reshape(_param_shape(q, shape)), "scale")
+    if q.spec.granularity != "per_group":
+        return ed.node("Mul", [values, scale], "w", before, output=out)
+    scaled = ed.node("Mul", [values, scale], "w", before)
     return ed.node("Reshape", [scaled, ed.const(np.array(shape, np.int64), "shape")], "w", before, output=out)
 
 
@@ -134,6 +142,25 @@ def decode_weight(ed, q: QuantizedTensor, shape, out: str, transposed: bool = Fa
         what = f"{fmt.name} indices as {fmt.onnx_type} + Gather(codebook) + Mul(scale)"
     _scale_view(ed, values, q, shape, out)
     return what, codes
+
+
+def decode_at_load(ed, q: QuantizedTensor, shape, out: str) -> tuple[str, str]:
+    """``decode_weight`` of an integer grid as ``Cast`` / ``Sub`` / ``Mul`` instead of ``DequantizeLinear``:
+    the same float32 values ((q - z) * s, each step exact or one float32 rounding, as DequantizeLinear),
+    but ONNX Runtime constant-folds these ops when it loads the file, while it keeps every
+    DequantizeLinear for its QDQ fusions and runs it at each call. A layer it computes in float anyway
+    (a Conv with dynamic inputs, ``dynamic_conv``) so gets a constant float weight, with the float Conv's
+    fusions (BatchNormalization, activation) and blocked layout, while the file keeps the int8 codes."""
+    fmt = q.spec.fmt
+    codes = ed.const(q.codes.numpy().reshape(_stored_shape(q, shape)).astype(ELEMENT_TYPES[fmt.onnx_type][0]),
+                     "codes")
+    values = ed.node("Cast", [codes], "w", to=TensorProto.FLOAT)
+    if q.zero_point is not None:
+        zp = ed.const(q.zero_point.numpy().reshape(_param_shape(q, shape)).astype(ELEMENT_TYPES[fmt.onnx_type][0]),
+                      "zero_point")
+        values = ed.node("Sub", [values, ed.node("Cast", [zp], "w", to=TensorProto.FLOAT)], "w")
+    _scale_view(ed, values, q, shape, out)
+    return f"{fmt.name} codes as {fmt.onnx_type} + Cast/Mul (constant-folded at load)", codes
 
 
 def nbits_block(q: QuantizedTensor, K: int) -> int | None:
