@@ -39,7 +39,10 @@ def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
         step = scale
     else:
         grid = fmt.values().float()
-        i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)  # index of the grid value x' is on
+        if fmt.codebook:  # the codes are the indices of the grid values x' is on (NF4)
+            i = to_blocks(qt.codes, s.granularity, s.axis, s.group_size).long()
+        else:  # float formats: find x' on the grid
+            i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)
         lower, upper = grid[(i - 1).clamp(min=0)], grid[(i + 1).clamp(max=len(grid) - 1)]
         step = (upper - lower) / ((i > 0).float() + (i < len(grid) - 1).float()) * scale
     return float(((qb - xb) / step).square().mean().sqrt())  # float32 (torch sums in cascade: ~1e-6 relative)
