@@ -103,8 +103,10 @@ def measuring_hook(errors: list[LayerError], fp32_weight):
 
 def perturbed_forward(runner, name: str, errors: list[LayerError]):
     """A forward for layer ``name`` in a run with ``len(errors)`` copies of each batch: copy i computes the layer
-    quantized as ``errors[i]`` says, on its FP32 input, and adds the call to ``errors[i]``'s statistics. Each
-    copy's input must be the same FP32 tensor (view "only": nothing before the layer is quantized)."""
+    quantized as ``errors[i]`` says, on its own input, and adds the call to ``errors[i]``'s statistics. In view
+    "only" the copies' inputs are the same FP32 tensor (nothing before the layer is quantized), so the FP32
+    output is computed once; a layer called again in the same forward (a loop, a shared block) gets each copy's
+    own input, which its earlier quantized call changed."""
     module = runner.layers[name]
     forward, fp32_weight = module.forward, runner.fp32_weights[name]  # before the run replaces it
 
@@ -112,9 +114,11 @@ def perturbed_forward(runner, name: str, errors: list[LayerError]):
         k, b = len(errors), runner.batch_size
         if k > 1 and (x.dim() == 0 or x.shape[0] != k * b):
             raise Unstackable(f"layer {name!r} got an input of shape {tuple(x.shape)} for {k} x {b} samples")
-        chunk = x[:b] if k > 1 else x
-        y = forward(chunk, *args, **kwargs)
-        outputs = [e.add(module, forward, (chunk, *args), kwargs, y, fp32_weight) for e in errors]
+        outputs, first = [], None
+        for e, chunk in zip(errors, x.split(b) if k > 1 else [x]):
+            if first is None or not torch.equal(chunk, first):
+                first, y = chunk, forward(chunk, *args, **kwargs)
+            outputs.append(e.add(module, forward, (chunk, *args), kwargs, y, fp32_weight))
         if k > 1 and any(not torch.is_tensor(o) or o.dim() == 0 or o.shape[0] != b for o in outputs):
             raise Unstackable(f"layer {name!r} returns an output whose dim 0 is not the batch")
         return torch.cat(outputs) if k > 1 else outputs[0]

@@ -165,3 +165,30 @@ def test_candidates_that_compute_a_layer_the_same_way_run_it_once(tmp_path, monk
     for row in r.rows:
         metric, sqnr = naive(w, r, row.layer, row.candidate, "weights")
         assert row.metric == pytest.approx(metric, abs=1e-6) and row.sqnr_db == pytest.approx(sqnr, abs=1e-3)
+
+
+class Twice(nn.Module):
+    """stem -> fc -> fc again (the second call's input is the first call's output) -> head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.fc, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.fc(torch.relu(self.fc(torch.relu(self.stem(x))))))
+
+
+def test_a_layer_called_twice_gets_each_candidates_own_input_on_its_second_call(tmp_path):
+    """Both candidates of ``fc`` run in one pass (a copy of the batch each); on its second call each copy's input is
+    that copy's first quantized output, not the first copy's: every row equals the naive loop's."""
+    from qcore.model.task import output_task
+    from qcore.model.workload import Data, Workload
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    w = Workload("twice", Twice().eval(), Data((x,)), Data((x,)), output_task("embedding", (4,), False, "test"))
+    clear_memory_cache()
+    r = sweep(w, ["int3", "int4-weight-only"], mode="weights", cache_dir=tmp_path)
+    for row in r.rows:
+        metric, sqnr = naive(w, r, row.layer, row.candidate, "weights")
+        assert row.metric == pytest.approx(metric, abs=1e-6) and row.sqnr_db == pytest.approx(sqnr, abs=1e-3)
