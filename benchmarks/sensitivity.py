@@ -12,7 +12,8 @@ For each model, every quantizable layer x 4 candidates (view "only", mode "both"
   then for each (layer, candidate) copy the model, quantize it (``Workload.simulate``) and run a
   full evaluation on the same samples the sweep used (and, when the sweep uses a subset, not on all
   samples: that would only add the gain of sweeping fewer samples); plus shared.
-Every run is measured (nothing extrapolated); the cold sweep and the naive loop alternate for ``--rounds``
+Every run is measured (nothing extrapolated); after one untimed warm-up of each (a one-candidate sweep, one
+naive row), the cold sweep and the naive loop alternate for ``--rounds``
 rounds and the table gives the median and the range of the per-round ratios, in wall time and in this
 process's CPU time (less sensitive to other processes sharing the cores). Forward passes are counted while
 timing: calls of the quantizable layers' ``forward`` and, for a model keeping its blocks in an
@@ -108,6 +109,9 @@ def bench_model(name: str, candidates: list[str], rounds: int, flops: bool = Fal
     block_classes = sorted({type(b) for m in w.model.modules() if isinstance(m, nn.ModuleList) for b in m},
                            key=lambda c: c.__name__)
     classes = layer_classes + [c for c in block_classes if c not in layer_classes]
+    with tempfile.TemporaryDirectory() as cache_dir:  # warm-up, untimed: lazy imports and first-call costs are
+        first = sweep(w, candidates[:1], cache_dir=cache_dir)  # paid by neither approach's first timed run
+        naive_loop(w, [(first.rows[0].layer, candidates[0])], evenly_spaced(first.evaluation_samples, first.samples))
     sweeps, naives, sweep_counts, naive_counts = [], [], {}, {}
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as cache_dir:

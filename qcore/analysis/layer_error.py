@@ -20,20 +20,21 @@ from qcore.numerics.quantize import QuantizedTensor, check_finite
 from qcore.analysis.replay import Unstackable
 
 
-def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
+def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor, xq: torch.Tensor | None = None) -> float | None:
     """Root-mean-square quantization error in units of the grid step: sqrt(mean(((x' - x) / step)^2)).
 
     Rounding to a uniform grid without clipping gives 1/sqrt(12) ~= 0.289; clipping pushes it up.
     The step is the block's scale for integer grids and, for float and codebook grids, the mean
     spacing to the neighbours of the value x' lands on. None for fp32 (no grid). Computed in float32 on
     this one tensor (an 11.7M-entry embedding table is not copied to float64): within 1e-5 relative of float64.
+    ``xq``: ``qt.dequantize()`` when the caller has it already (not computed twice).
     """
     s = qt.spec
     fmt = s.fmt
     if not fmt.quantizes or x.numel() == 0:
         return None
     xb = to_blocks(x.detach().float(), s.granularity, s.axis, s.group_size)
-    qb = to_blocks(qt.dequantize(), s.granularity, s.axis, s.group_size)
+    qb = to_blocks(qt.dequantize() if xq is None else xq, s.granularity, s.axis, s.group_size)
     scale = qt.scale[:, None] if qt.scale is not None else torch.ones(1, 1)
     if fmt.step_is_scale:
         step = scale
@@ -67,11 +68,12 @@ class LayerError:
         if self.aq is not None and torch.is_floating_point(x):
             check_finite(x, f"the input of layer {self.aq.name!r}")
             qx = self.aq.quantize(x)
-            r = rmse_over_step(qx, x)
+            xq = qx.dequantize()
+            r = rmse_over_step(qx, x, xq)
             self.input_sq += (r or 0.0) ** 2 * x.numel()
             self.input_clipped += qx.clipped_fraction(x) * x.numel()
             self.input_n += x.numel()
-            args = (qx.dequantize().to(x.dtype),) + tuple(args[1:])
+            args = (xq.to(x.dtype),) + tuple(args[1:])
         if self.int8 is not None:
             args = self.int8(module, args) or args
         if self.weight is not None:

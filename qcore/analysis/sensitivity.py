@@ -260,7 +260,8 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
             rounder = workload.rounder
             qt = rounder.weights({n: spec.for_shape(tuple(w.shape))})[n] if spec.rounding != "nearest" \
                 and roundable(rounder.modules[n], layers[n].kind) else quantize(w, spec)  # GPTQ/AdaRound: cached
-            weights[n, spec] = (qt.dequantize().to(w.dtype), rmse_over_step(qt, w), qt.clipped_fraction(w))
+            xq = qt.dequantize()
+            weights[n, spec] = (xq.to(w.dtype), rmse_over_step(qt, w, xq), qt.clipped_fraction(w))
         return LayerError(weights[n, spec][0] if spec else None, quantizers[c][n], int8[c][n])
 
     def weight_stats(c: str, n: str) -> dict:
