@@ -188,10 +188,9 @@ def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:
 
 
 def sweep_reference(workload: Workload, index: torch.Tensor) -> torch.Tensor:
-    """The FP32 reference outputs on the sweep's evaluation samples ``index`` (what every row is scored
-    against): the workload's own when the sweep uses every sample; on a subset, the FP32 model run on those
-    samples only (22 of minilm-l6's 300 sentences: the other 278 are not computed). Equal to
-    ``workload.reference_outputs[index]`` up to float summation order (the batches differ)."""
+    """The FP32 reference outputs every row is scored against: the workload's own if the sweep uses every
+    sample, else the FP32 model run on the samples ``index`` only (minilm-l6: 22 of 300 sentences computed);
+    equal to ``workload.reference_outputs[index]`` up to float summation order (the batches differ)."""
     if len(index) == len(workload.evaluation):
         return workload.reference_outputs
     return workload.run(workload.model, workload.evaluation.subset(index))
@@ -247,16 +246,14 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
             progress(done[0] / total, message)
         done[0] += runs
 
+    for n in dict.fromkeys(n for c in candidates for n in changed[c] if plans[c][n].weights is not None):  # once
+        check_finite(runner.fp32_weights[n].detach(), f"the weight of layer {n!r}")
     weights: dict[tuple[str, TensorSpec], tuple] = {}  # (layer, spec) -> (dequantized, rmse_over_step, clipped)
-    finite: set[str] = set()  # layers whose FP32 weight was checked (once per layer, not per candidate)
 
     def error(c: str, n: str) -> LayerError:  # layer n's error under candidate c (its weight quantized once per spec)
         spec = plans[c][n].weights
         if spec is not None and (n, spec) not in weights:
             w = runner.fp32_weights[n].detach()
-            if n not in finite:
-                check_finite(w, f"the weight of layer {n!r}")
-                finite.add(n)
             rounder = workload.rounder
             qt = rounder.weights({n: spec.for_shape(tuple(w.shape))})[n] if spec.rounding != "nearest" \
                 and roundable(rounder.modules[n], layers[n].kind) else quantize(w, spec)  # GPTQ/AdaRound: cached
@@ -265,8 +262,8 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
         return LayerError(weights[n, spec][0] if spec else None, quantizers[c][n], int8[c][n])
 
     def weight_stats(c: str, n: str) -> dict:
-        found = weights.get((n, plans[c][n].weights))
-        return {"rmse_over_step": found[1] if found else None, "clipped_fraction": found[2] if found else None}
+        _, rmse, clipped = weights.get((n, plans[c][n].weights), (None, None, None))
+        return {"rmse_over_step": rmse, "clipped_fraction": clipped}
 
     measured, base, stats = {}, {}, {}  # (candidate, layer) -> Score / layer statistics; candidate -> base Score
     if view == "only":  # layer by layer, all candidates of a layer in one run (a copy of the batch each)
@@ -278,11 +275,9 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
         base = {c: score(base_outputs) for c in candidates}
         replay, stacks = _check_replay(runner, replay, order, record, base_outputs, notes, step)
         for n in layers:
-            same = {}  # what layer n computes under a candidate -> the candidates computing it (int8-dynamic and
-            for c in candidates:  # int8-static on an Embedding: the same weight, no input quantizer): run once
-                if n in changed[c]:
-                    computes = (plans[c][n].weights, plans[c][n].activations if quantizers[c][n] else None)
-                    same.setdefault(computes, []).append(c)
+            same = {}  # what layer n computes -> the candidates computing it, run once (int8-dynamic and -static
+            for c in (c for c in candidates if n in changed[c]):  # on an Embedding: one weight, no input quantizer)
+                same.setdefault((plans[c][n].weights, quantizers[c][n] and plans[c][n].activations), []).append(c)
             todo = [cs[0] for cs in same.values()]
             if not todo:
                 continue
@@ -306,9 +301,8 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
                 outputs = [runner.run(replay=replayed, forwards={n: perturbed_forward(runner, n, [errors[c]])})[0]
                            for c in todo]
             for cs, out in zip(same.values(), outputs):
-                for c in cs:
-                    measured[c, n] = score(out)
-                    stats[c, n] = {**stats.get((c, n), errors[cs[0]].row()), **weight_stats(c, n)}
+                measured.update({(c, n): score(out) for c in cs})
+                stats.update({(c, n): {**stats.get((c, n), errors[cs[0]].row()), **weight_stats(c, n)} for c in cs})
             for key in [k for k in weights if k[0] == n]:
                 del weights[key]
     else:  # candidate by candidate: everything quantized, then one layer at a time back to FP32
