@@ -27,12 +27,13 @@ each row exactly as ``Workload.evaluate`` of ``recipe_for`` (``qcore.analysis.tr
 and no shared working copy, since those are of the untransformed model); the speed notes below are the others'.
 
 Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded
-model runs every pass; each weight is quantized once per spec, the calibration statistics and FP32 reference
-outputs come from the workload, and each run replays the recorded outputs of every module that finished before
-the perturbed layer started (the unaffected prefix) instead of recomputing it. View ``"only"`` goes layer by
-layer: one FP32 run records the prefix outputs, then one run per layer computes all candidates of that layer
-at once, each on its own copy of the batch (stacked along dim 0; the layer's FP32 input is the same for every
-copy, so its own error is measured in that run too). Stacking is used only where a run of k copies reproduces
+model runs every pass; each weight is quantized once per spec, the calibration statistics come from the workload,
+the FP32 reference outputs are computed on the swept samples only (``sweep_reference``), and each run replays the
+recorded outputs of every module that finished before the perturbed layer started (the unaffected prefix). View
+``"only"`` goes layer by layer: one FP32 run records the prefix outputs, then one run per layer computes all
+candidates of that layer at once (those computing it alike once: int8-dynamic and int8-static on an Embedding),
+each on its own copy of the batch (stacked along dim 0; the layer's FP32 input is the same for every copy, so
+its own error is measured in that run too). Stacking is used only where a run of k copies reproduces
 the FP32 model k times bit for bit (else, and for a layer whose input is shared by the batch or whose weight is
 tied to another module, its candidates run one at a time), so every number equals a run of that one recipe.
 A model whose cost per sample is large is swept on an evenly spaced subset of the evaluation data
