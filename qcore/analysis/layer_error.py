@@ -44,8 +44,9 @@ def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor, xq: torch.Tensor | None
             i = to_blocks(qt.codes, s.granularity, s.axis, s.group_size).long()
         else:  # float formats: find x' on the grid
             i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)
-        lower, upper = grid[(i - 1).clamp(min=0)], grid[(i + 1).clamp(max=len(grid) - 1)]
-        step = (upper - lower) / ((i > 0).float() + (i < len(grid) - 1).float()) * scale
+        j = torch.arange(len(grid))  # each grid value's mean spacing to its neighbours, then looked up per element
+        lower, upper = grid[(j - 1).clamp(min=0)], grid[(j + 1).clamp(max=len(grid) - 1)]
+        step = ((upper - lower) / ((j > 0).float() + (j < len(grid) - 1).float()))[i] * scale
     return float(((qb - xb) / step).square().mean().sqrt())  # float32 (torch sums in cascade: ~1e-6 relative)
 
 
