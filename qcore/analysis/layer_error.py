@@ -20,28 +20,33 @@ from qcore.numerics.quantize import QuantizedTensor, check_finite
 from qcore.analysis.replay import Unstackable
 
 
-def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor) -> float | None:
+def rmse_over_step(qt: QuantizedTensor, x: torch.Tensor, xq: torch.Tensor | None = None) -> float | None:
     """Root-mean-square quantization error in units of the grid step: sqrt(mean(((x' - x) / step)^2)).
 
     Rounding to a uniform grid without clipping gives 1/sqrt(12) ~= 0.289; clipping pushes it up.
     The step is the block's scale for integer grids and, for float and codebook grids, the mean
     spacing to the neighbours of the value x' lands on. None for fp32 (no grid). Computed in float32 on
     this one tensor (an 11.7M-entry embedding table is not copied to float64): within 1e-5 relative of float64.
+    ``xq``: ``qt.dequantize()`` when the caller has it already (not computed twice).
     """
     s = qt.spec
     fmt = s.fmt
     if not fmt.quantizes or x.numel() == 0:
         return None
     xb = to_blocks(x.detach().float(), s.granularity, s.axis, s.group_size)
-    qb = to_blocks(qt.dequantize(), s.granularity, s.axis, s.group_size)
+    qb = to_blocks(qt.dequantize() if xq is None else xq, s.granularity, s.axis, s.group_size)
     scale = qt.scale[:, None] if qt.scale is not None else torch.ones(1, 1)
     if fmt.step_is_scale:
         step = scale
     else:
         grid = fmt.values().float()
-        i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)  # index of the grid value x' is on
-        lower, upper = grid[(i - 1).clamp(min=0)], grid[(i + 1).clamp(max=len(grid) - 1)]
-        step = (upper - lower) / ((i > 0).float() + (i < len(grid) - 1).float()) * scale
+        if fmt.codebook:  # the codes are the indices of the grid values x' is on (NF4)
+            i = to_blocks(qt.codes, s.granularity, s.axis, s.group_size).long()
+        else:  # float formats: find x' on the grid
+            i = torch.bucketize(qb / scale, (grid[1:] + grid[:-1]) / 2)
+        j = torch.arange(len(grid))  # each grid value's mean spacing to its neighbours, then looked up per element
+        lower, upper = grid[(j - 1).clamp(min=0)], grid[(j + 1).clamp(max=len(grid) - 1)]
+        step = ((upper - lower) / ((j > 0).float() + (j < len(grid) - 1).float()))[i] * scale
     return float(((qb - xb) / step).square().mean().sqrt())  # float32 (torch sums in cascade: ~1e-6 relative)
 
 
@@ -64,11 +69,12 @@ class LayerError:
         if self.aq is not None and torch.is_floating_point(x):
             check_finite(x, f"the input of layer {self.aq.name!r}")
             qx = self.aq.quantize(x)
-            r = rmse_over_step(qx, x)
+            xq = qx.dequantize()
+            r = rmse_over_step(qx, x, xq)
             self.input_sq += (r or 0.0) ** 2 * x.numel()
             self.input_clipped += qx.clipped_fraction(x) * x.numel()
             self.input_n += x.numel()
-            args = (qx.dequantize().to(x.dtype),) + tuple(args[1:])
+            args = (xq.to(x.dtype),) + tuple(args[1:])
         if self.int8 is not None:
             args = self.int8(module, args) or args
         if self.weight is not None:
@@ -100,8 +106,10 @@ def measuring_hook(errors: list[LayerError], fp32_weight):
 
 def perturbed_forward(runner, name: str, errors: list[LayerError]):
     """A forward for layer ``name`` in a run with ``len(errors)`` copies of each batch: copy i computes the layer
-    quantized as ``errors[i]`` says, on its FP32 input, and adds the call to ``errors[i]``'s statistics. Each
-    copy's input must be the same FP32 tensor (view "only": nothing before the layer is quantized)."""
+    quantized as ``errors[i]`` says, on its own input, and adds the call to ``errors[i]``'s statistics. In view
+    "only" the copies' inputs are the same FP32 tensor (nothing before the layer is quantized), so the FP32
+    output is computed once; a layer called again in the same forward (a loop, a shared block) gets each copy's
+    own input, which its earlier quantized call changed."""
     module = runner.layers[name]
     forward, fp32_weight = module.forward, runner.fp32_weights[name]  # before the run replaces it
 
@@ -109,9 +117,11 @@ def perturbed_forward(runner, name: str, errors: list[LayerError]):
         k, b = len(errors), runner.batch_size
         if k > 1 and (x.dim() == 0 or x.shape[0] != k * b):
             raise Unstackable(f"layer {name!r} got an input of shape {tuple(x.shape)} for {k} x {b} samples")
-        chunk = x[:b] if k > 1 else x
-        y = forward(chunk, *args, **kwargs)
-        outputs = [e.add(module, forward, (chunk, *args), kwargs, y, fp32_weight) for e in errors]
+        outputs, first = [], None
+        for e, chunk in zip(errors, x.split(b) if k > 1 else [x]):
+            if first is None or not torch.equal(chunk, first):
+                first, y = chunk, forward(chunk, *args, **kwargs)
+            outputs.append(e.add(module, forward, (chunk, *args), kwargs, y, fp32_weight))
         if k > 1 and any(not torch.is_tensor(o) or o.dim() == 0 or o.shape[0] != b for o in outputs):
             raise Unstackable(f"layer {name!r} returns an output whose dim 0 is not the batch")
         return torch.cat(outputs) if k > 1 else outputs[0]

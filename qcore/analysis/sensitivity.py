@@ -27,12 +27,13 @@ each row exactly as ``Workload.evaluate`` of ``recipe_for`` (``qcore.analysis.tr
 and no shared working copy, since those are of the untransformed model); the speed notes below are the others'.
 
 Speed: nothing shared is recomputed. One working copy (``qcore.analysis.replay.Runner``) of the BatchNorm-folded
-model runs every pass; each weight is quantized once per spec, the calibration statistics and FP32 reference
-outputs come from the workload, and each run replays the recorded outputs of every module that finished before
-the perturbed layer started (the unaffected prefix) instead of recomputing it. View ``"only"`` goes layer by
-layer: one FP32 run records the prefix outputs, then one run per layer computes all candidates of that layer
-at once, each on its own copy of the batch (stacked along dim 0; the layer's FP32 input is the same for every
-copy, so its own error is measured in that run too). Stacking is used only where a run of k copies reproduces
+model runs every pass; each weight is quantized once per spec, the calibration statistics come from the workload,
+the FP32 reference outputs are computed on the swept samples only (``sweep_reference``), and each run replays the
+recorded outputs of every module that finished before the perturbed layer started (the unaffected prefix). View
+``"only"`` goes layer by layer: one FP32 run records the prefix outputs, then one run per layer computes all
+candidates of that layer at once (those computing it alike once: int8-dynamic and int8-static on an Embedding),
+each on its own copy of the batch (stacked along dim 0; the layer's FP32 input is the same for every copy, so
+its own error is measured in that run too). Stacking is used only where a run of k copies reproduces
 the FP32 model k times bit for bit (else, and for a layer whose input is shared by the batch or whose weight is
 tied to another module, its candidates run one at a time), so every number equals a run of that one recipe.
 A model whose cost per sample is large is swept on an evenly spaced subset of the evaluation data
@@ -187,6 +188,15 @@ def _sweep_index(n_total: int, flops_per_sample: float) -> torch.Tensor:
     return evenly_spaced(n_total, n)
 
 
+def sweep_reference(workload: Workload, index: torch.Tensor) -> torch.Tensor:
+    """The FP32 reference outputs every row is scored against: the workload's own if the sweep uses every
+    sample, else the FP32 model run on the samples ``index`` only (minilm-l6: 22 of 300 sentences computed);
+    equal to ``workload.reference_outputs[index]`` up to float summation order (the batches differ)."""
+    if len(index) == len(workload.evaluation):
+        return workload.reference_outputs
+    return workload.run(workload.model, workload.evaluation.subset(index))
+
+
 def evenly_spaced(n_total: int, n: int) -> torch.Tensor:
     """About ``n`` indices evenly spread over ``range(n_total)``, the same offsets taken in both halves
     (when n_total is even) so evaluation sets of pairs stored as two halves (a_i, then b_i) stay paired."""
@@ -208,7 +218,7 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
     order, once, flops = call_order(runner.model, layers, tuple(t[:2] for t in evaluation.inputs))
     index = _sweep_index(len(evaluation), flops)
     runner.batches = evaluation.subset(index).batches(workload.batch_size)
-    reference = workload.reference_outputs[index]
+    reference = sweep_reference(workload, index)
     labels = None if evaluation.labels is None else evaluation.labels[index]
     fp32_metric = float(task.metrics(reference, reference, labels)[task.headline])
     replay = {n: replay_set(runner.model, n, order, once) for n in layers if n in order}
@@ -237,22 +247,24 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
             progress(done[0] / total, message)
         done[0] += runs
 
+    for n in dict.fromkeys(n for c in candidates for n in changed[c] if plans[c][n].weights is not None):  # once
+        check_finite(runner.fp32_weights[n].detach(), f"the weight of layer {n!r}")
     weights: dict[tuple[str, TensorSpec], tuple] = {}  # (layer, spec) -> (dequantized, rmse_over_step, clipped)
 
     def error(c: str, n: str) -> LayerError:  # layer n's error under candidate c (its weight quantized once per spec)
         spec = plans[c][n].weights
         if spec is not None and (n, spec) not in weights:
             w = runner.fp32_weights[n].detach()
-            check_finite(w, f"the weight of layer {n!r}")
             rounder = workload.rounder
             qt = rounder.weights({n: spec.for_shape(tuple(w.shape))})[n] if spec.rounding != "nearest" \
                 and roundable(rounder.modules[n], layers[n].kind) else quantize(w, spec)  # GPTQ/AdaRound: cached
-            weights[n, spec] = (qt.dequantize().to(w.dtype), rmse_over_step(qt, w), qt.clipped_fraction(w))
+            xq = qt.dequantize()
+            weights[n, spec] = (xq.to(w.dtype), rmse_over_step(qt, w, xq), qt.clipped_fraction(w))
         return LayerError(weights[n, spec][0] if spec else None, quantizers[c][n], int8[c][n])
 
     def weight_stats(c: str, n: str) -> dict:
-        found = weights.get((n, plans[c][n].weights))
-        return {"rmse_over_step": found[1] if found else None, "clipped_fraction": found[2] if found else None}
+        _, rmse, clipped = weights.get((n, plans[c][n].weights), (None, None, None))
+        return {"rmse_over_step": rmse, "clipped_fraction": clipped}
 
     measured, base, stats = {}, {}, {}  # (candidate, layer) -> Score / layer statistics; candidate -> base Score
     if view == "only":  # layer by layer, all candidates of a layer in one run (a copy of the batch each)
@@ -264,10 +276,13 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
         base = {c: score(base_outputs) for c in candidates}
         replay, stacks = _check_replay(runner, replay, order, record, base_outputs, notes, step)
         for n in layers:
-            todo = [c for c in candidates if n in changed[c]]
+            same = {}  # what layer n computes -> the candidates computing it, run once (int8-dynamic and -static
+            for c in (c for c in candidates if n in changed[c]):  # on an Embedding: one weight, no input quantizer)
+                same.setdefault((plans[c][n].weights, quantizers[c][n] and plans[c][n].activations), []).append(c)
+            todo = [cs[0] for cs in same.values()]
             if not todo:
                 continue
-            step(n, len(todo))
+            step(n, sum(map(len, same.values())))
             errors = {c: error(c, n) for c in todo}
             replayed = {m: record[m] for m in replay[n]}
             outputs = None
@@ -286,9 +301,9 @@ def _compute(workload, candidates, mode, view, progress, should_stop) -> Sweep:
             if outputs is None:  # one run per candidate
                 outputs = [runner.run(replay=replayed, forwards={n: perturbed_forward(runner, n, [errors[c]])})[0]
                            for c in todo]
-            for c, out in zip(todo, outputs):
-                measured[c, n] = score(out)
-                stats[c, n] = {**stats.get((c, n), errors[c].row()), **weight_stats(c, n)}
+            for cs, out in zip(same.values(), outputs):
+                measured.update({(c, n): score(out) for c in cs})
+                stats.update({(c, n): {**stats.get((c, n), errors[cs[0]].row()), **weight_stats(c, n)} for c in cs})
             for key in [k for k in weights if k[0] == n]:
                 del weights[key]
     else:  # candidate by candidate: everything quantized, then one layer at a time back to FP32

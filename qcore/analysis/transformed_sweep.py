@@ -20,7 +20,7 @@ import torch
 from qcore.analysis.replay import call_order
 from qcore.analysis.layer_error import LayerError, measuring_hook, rmse_over_step
 from qcore.analysis.sensitivity import (_rank, _sweep_index, SweepCancelled, candidate_plans, candidate_recipe,
-                                        plan_override, recipe_for)
+                                        plan_override, recipe_for, sweep_reference)
 from qcore.analysis.sweep_result import Score, Sweep, SweepRow
 from qcore.model.hooks import run_with_hooks
 from qcore.model.simulate import input_quantizer, modules_by_name
@@ -34,7 +34,7 @@ def compute_transformed(workload, candidates, mode, view, progress=None, should_
     _, _, flops = call_order(workload.folded[0], layers, tuple(t[:2] for t in evaluation.inputs))
     index = _sweep_index(len(evaluation), flops)
     data = evaluation.subset(index)
-    reference = workload.reference_outputs[index]
+    reference = sweep_reference(workload, index)
     labels = None if evaluation.labels is None else evaluation.labels[index]
     fp32_metric = float(task.metrics(reference, reference, labels)[task.headline])
     notes = [] if len(index) == len(evaluation) else [

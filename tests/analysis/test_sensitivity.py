@@ -187,3 +187,28 @@ def test_weight_rmse_over_step_in_float32_equals_a_float64_numpy_computation():
     step_err = (np.clip(np.round(x / scale), -8, 7) * scale - x) / scale
     expected = float(np.sqrt(np.mean(step_err ** 2)))
     assert 0.27 < expected < 0.30 and got == pytest.approx(expected, rel=1e-5)
+
+
+def test_nf4_rmse_over_step_equals_a_numpy_computation_on_the_codebook():
+    """NF4 (absmax per block of 64, a 16-value codebook): each value's nearest code found by argmin in numpy
+    float64, its step the code's mean spacing to its neighbours (one neighbour at the ends) times the block's
+    absmax; the statistic (read from the codes, no search) equals it within 1e-5 relative."""
+    import numpy as np
+    import torch
+
+    from qcore.numerics.quantize import quantize
+    from qcore.numerics.spec import TensorSpec
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 256, generator=g) * torch.logspace(-2, 2, 512)[:, None]
+    spec = TensorSpec.from_dict({"format": "nf4", "granularity": "per_group", "group_size": 64})
+    qt = quantize(w, spec)
+    got = layer_error.rmse_over_step(qt, w)
+    assert got == layer_error.rmse_over_step(qt, w, qt.dequantize())  # given the dequantized tensor: the same
+    cb = np.array(spec.fmt.codebook, dtype=np.float64)
+    x = w.numpy().astype(np.float64).reshape(-1, 64)  # groups of 64 along the input dimension
+    absmax = np.abs(x).max(axis=1, keepdims=True)
+    code = np.abs(x[:, :, None] / absmax[:, :, None] - cb).argmin(axis=2)
+    spacing = np.array([(cb[min(k + 1, 15)] - cb[max(k - 1, 0)]) / ((k > 0) + (k < 15)) for k in range(16)])
+    expected = float(np.sqrt(np.mean(((cb[code] * absmax - x) / (spacing[code] * absmax)) ** 2)))
+    assert 0.2 < expected < 0.4 and got == pytest.approx(expected, rel=1e-5)
