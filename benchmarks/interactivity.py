@@ -144,7 +144,12 @@ QUIET_MS = 500  # the page counts as settled once no script runs and the DOM has
 # __qcorePressed stamps the last pointerdown (the event's own time stamp, on the performance.now() clock).
 # __qcoreScriptEnd stamps the moment the app's script state leaves "running" (the server's part is done; the rest
 # is the browser drawing what it sent).
-WATCH_DOM = """new MutationObserver(() => {
+# A change inside a <canvas> is left out: a canvas's children are fallback content no browser with canvas draws
+# (st.data_editor's grid adds its accessibility table there ~0.3 s after it has drawn itself).
+WATCH_DOM = """new MutationObserver((records) => {
+        const inCanvas = r => r.target.parentElement?.closest('canvas') != null  // inside a canvas (text nodes too)
+            || (r.type === 'childList' && r.target.nodeName === 'CANVAS');  // children put into a canvas
+        if (records.every(inCanvas)) return;
         const now = performance.now(), app = document.querySelector('[data-testid="stApp"]');
         const state = app && app.getAttribute('data-test-script-state');
         if (state === 'running') window.__qcoreRunning = true;

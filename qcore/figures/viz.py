@@ -14,7 +14,7 @@ every figure shares, so tests (and readers) can find things:
 
 Figures are light to draw because a browser redraws them on every change: a trace of many items is one SVG
 path (a histogram of 120 bins drawn as 120 ``go.Bar`` rectangles is 240 SVG elements, as one outline it is
-one), and the page's chart element drops Plotly's mode bar (``ui.charts``).
+one), and the base margin leaves room for the labels (``MARGIN``), so Plotly draws a figure once, not twice.
 """
 
 from __future__ import annotations
@@ -55,8 +55,14 @@ def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
+# The base margin (pixels) already holds the usual tick labels and axis titles. Plotly's automargin still widens
+# it where labels need more, but when it has to, Plotly draws the whole figure a second time: with l=10, b=10
+# every chart paid that (a third of Plotly's work when a chart is redrawn, in a Chromium profile).
+MARGIN = dict(l=80, r=10, t=60, b=65)
+
+
 def _layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = "", height: int = HEIGHT) -> go.Figure:
-    fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=60, b=10),
+    fig.update_layout(title=title, height=height, margin=MARGIN,
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
     fig.update_xaxes(exponentformat="power")  # 10⁻⁴, not Plotly's SI "100µ" that reads as a unit
     fig.update_yaxes(exponentformat="power")
