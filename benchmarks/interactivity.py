@@ -203,9 +203,17 @@ def choose(page, label: str, back_to: str | None = None) -> tuple[float, float, 
     shown before)."""
     combo = page.get_by_role("combobox", name=label, exact=True).first  # Streamlit's react-aria ComboBox
     shown = combo.input_value().strip()
-    combo.locator("xpath=..").get_by_role("button", name="Open").click()
     options = page.get_by_role("listbox").get_by_role("option")
-    options.first.wait_for(timeout=10_000)
+    for attempt in range(3):  # a click that lands while the page still re-renders can close the list it opened
+        combo.locator("xpath=..").get_by_role("button", name="Open").click()
+        try:
+            options.first.wait_for(timeout=10_000)
+            break
+        except Exception:
+            print(f"the list of {label!r} did not open (attempt {attempt + 1}); clicking again", file=sys.stderr)
+            page.keyboard.press("Escape")
+            if attempt == 2:
+                raise
     texts = [t.strip() for t in options.all_inner_texts()]
     target = back_to if back_to in texts else next(t for t in texts if t != shown)
     start = page.evaluate("() => { window.__qcoreScriptEnd = null; window.__qcorePressed = null; return performance.now(); }")
