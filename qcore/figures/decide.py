@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from qcore.figures.viz import BAR_COLOR, WORST_COLOR, _layout, human_bytes, plain
+from qcore.figures.viz import BAR_COLOR, MARGIN, WORST_COLOR, _layout, human_bytes, label_margin, plain
 
 FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
 
@@ -53,8 +53,10 @@ def sensitivity_heatmap(rows: list[dict], value: str = "metric_drop") -> go.Figu
                                hovertemplate="%{y} under %{x}: %{customdata:.4g}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category")
-    return _layout(fig, f"{value.replace('_', ' ')} per layer and candidate (colour: per candidate; blank: changes nothing)",
-                   "candidate", "layer", height=max(300, 120 + 26 * len(layers)))
+    _layout(fig, f"{value.replace('_', ' ')} per layer and candidate (colour: per candidate; blank: changes nothing)",
+            "candidate", "layer", height=max(300, 120 + 26 * len(layers)))
+    # room for the layer names, the colour bar (~130 px) and the candidate names: no second draw by automargin
+    return fig.update_layout(margin={**MARGIN, "l": label_margin(layers, title=True), "r": 140, "b": 75})
 
 
 def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go.Figure:
@@ -66,8 +68,9 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
                            customdata=[r["sqnr_db"] for r in rs], text=[_signed(d) for d in drops], textposition="outside",
                            hovertemplate="%{y}: drop %{x:.4g}, output SQNR %{customdata:.1f} dB<extra></extra>"))
     fig.update_yaxes(autorange="reversed", type="category")
-    return _layout(fig, f"Layers ranked by {metric} drop under {plain(candidate)} (most sensitive first)",
-                   f"{metric} drop (positive = worse)", height=max(300, 120 + 26 * len(rs)))
+    _layout(fig, f"Layers ranked by {metric} drop under {plain(candidate)} (most sensitive first)",
+            f"{metric} drop (positive = worse)", height=max(300, 120 + 26 * len(rs)))
+    return fig.update_layout(margin={**MARGIN, "l": label_margin(r["layer"] for r in rs)})  # room for the names
 
 
 def tradeoff_scatter(points: list[dict], front: list[int], metric: str, higher_is_better: bool = True) -> go.Figure:

@@ -61,6 +61,13 @@ def _np(t) -> np.ndarray:
 MARGIN = dict(l=80, r=10, t=60, b=65)
 
 
+def label_margin(labels, title: bool = False) -> int:
+    """Left margin (pixels) for horizontal tick ``labels`` (and a y-axis title): ~6 px per character, a little more
+    than Plotly's 12 px font takes for names like ``bert.encoder.layer.5.attention.output.dense`` (43 characters:
+    229 px), so automargin rarely has to widen it (and draw the figure again); never below ``MARGIN["l"]``."""
+    return max(MARGIN["l"], 16 + 6 * max((len(str(label)) for label in labels), default=0) + (40 if title else 0))
+
+
 def _layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = "", height: int = HEIGHT) -> go.Figure:
     fig.update_layout(title=title, height=height, margin=MARGIN,
                       legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))

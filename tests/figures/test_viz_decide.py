@@ -66,3 +66,19 @@ def test_drop_labels_never_show_minus_zero_and_use_a_true_minus_sign():
     rows = [{**ROWS[0], "metric_drop": -0.00004}, {**ROWS[1], "metric_drop": -0.25}]
     h = viz_decide.sensitivity_heatmap(rows).data[0]
     assert [list(r) for r in h.text] == [["0.0000"], ["\u22120.2500"]]
+
+
+def test_label_margin_holds_what_plotly_measured_in_chromium():
+    """The oracle is Chromium: on a ranked-drops chart whose longest layer name was
+    ``bert.encoder.layer.5.attention.output.dense`` (43 characters), Plotly's automargin widened the left margin
+    to 239 px (headless Chromium, Streamlit's theme); digits-cnn's names (``classifier.1``) took 71 px. A margin at
+    least that wide means Plotly draws the chart once instead of twice."""
+    from qcore.figures.viz import MARGIN, label_margin
+
+    assert label_margin(["features.0", "bert.encoder.layer.5.attention.output.dense"]) >= 239
+    assert 71 <= label_margin(["features.0", "classifier.1"]) <= 100  # room, not much more
+    assert label_margin(["fc1"]) == MARGIN["l"]
+    long = [{"layer": "bert.encoder.layer.5.attention.output.dense", "candidate": "int8", "rank": 1, "metric_drop": 0.1,
+             "sqnr_db": 20.0, "changed": True, "kind": "Linear"}]
+    assert viz_decide.ranked_drops(long, "int8").layout.margin.l >= 239
+    assert viz_decide.sensitivity_heatmap(long).layout.margin.l >= 239 + 40  # and the y-axis title "layer"
