@@ -30,6 +30,12 @@ def _try(at: AppTest, layer: str, remedy: str) -> AppTest:
     return _click(at, "remedy_try")
 
 
+def change_text(x: float, digits: int) -> str:
+    """A change as the panels write it: a sign always (a true minus), none on a change that rounds to zero."""
+    text = f"{x:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text.replace("-", "\u2212")
+
+
 def test_cle_from_the_sensitivity_panel_is_measured_applied_and_shared(zoo_models):  # noqa: F811
     w = zoo_models[0]["digits-cnn"]
     at = visit(open_app("digits-cnn"), "sensitivity")
@@ -38,10 +44,10 @@ def test_cle_from_the_sensitivity_panel_is_measured_applied_and_shared(zoo_model
     shown = {m.label: m for m in at.metric}
     sqnr = shown["Layer output SQNR (the whole simulated model vs FP32, first calibration batch)"]
     before, after = layer_output_sqnr(w, now, "features.3"), layer_output_sqnr(w, cle, "features.3")
-    assert sqnr.value == f"{after:.1f} dB" and sqnr.delta == f"{after - before:+.1f} dB vs now"
+    assert sqnr.value == f"{after:.1f} dB" and sqnr.delta == f"{change_text(after - before, 1)} dB vs now"
     acc0, acc1 = (w.evaluate(r).quantized.metrics["accuracy"] for r in (now, cle))
     metric = shown["Model accuracy (evaluation data)"]
-    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{acc1 - acc0:+.4f} vs now"
+    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{change_text(acc1 - acc0, 4)} vs now"
     assert not any("Weight error" in (c.proto.spec or "") for c in at.get("plotly_chart"))  # rounding only
 
     at = _click(at, "remedy_apply")
@@ -117,10 +123,10 @@ def test_smoothquant_with_a_mul_from_the_sensitivity_panel_is_measured_and_appli
     shown = {m.label: m for m in at.metric}
     sqnr = shown["Layer output SQNR (the whole simulated model vs FP32, first calibration batch)"]
     before_db, after_db = layer_output_sqnr(w, now, "fc1"), layer_output_sqnr(w, after, "fc1")
-    assert sqnr.value == f"{after_db:.1f} dB" and sqnr.delta == f"{after_db - before_db:+.1f} dB vs now"
+    assert sqnr.value == f"{after_db:.1f} dB" and sqnr.delta == f"{change_text(after_db - before_db, 1)} dB vs now"
     acc0, acc1 = (w.evaluate(r).quantized.metrics["accuracy"] for r in (now, after))
     metric = shown["Model accuracy (evaluation data)"]
-    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{acc1 - acc0:+.4f} vs now"
+    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{change_text(acc1 - acc0, 4)} vs now"
     at = _click(at, "remedy_apply")
     assert at.session_state["recipes"]["zoo:digits-mlp"]["transforms"] == mul
     assert decode_transforms(_param(at, "transforms")) == mul

@@ -152,3 +152,46 @@ def test_act_on_a_layer_buttons_stretch_to_their_columns(monkeypatch, digits_mlp
     monkeypatch.setattr(ButtonMixin, "button", recording)
     open_page("sensitivity")
     assert {widths[b] for b in ("Weights", "Inputs", "Keep layer in float")} == {"stretch"}, widths
+
+
+# ---- item 1 on the other pages ------------------------------------------------------------------------------------
+def test_export_a_smaller_file_is_green_and_a_lower_accuracy_red(digits_mlp):
+    at = open_page("export", preset="int4-weight-only")
+    size = shown_metric(at, "Theoretical size (bytes)")
+    assert (size.proto.color, size.proto.direction) == (MetricProto.GREEN, MetricProto.DOWN)
+    result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes)).to_dict()
+    q, f = result["quantized"]["metrics"]["accuracy"], result["fp32"]["metrics"]["accuracy"]
+    assert q < f  # int4 costs digits-mlp a few test images
+    m = shown_metric(at, "accuracy (simulated)")
+    assert m.delta == f"{MINUS}{f - q:.4f} vs FP32"
+    assert (m.proto.color, m.proto.direction) == (MetricProto.RED, MetricProto.DOWN)
+
+
+def test_model_page_smallest_preset_is_a_green_fall():
+    at = open_page("model")
+    m = next(m for m in at.metric if m.label.startswith("Smallest preset"))
+    assert m.delta.startswith(MINUS) and (m.proto.color, m.proto.direction) == (MetricProto.GREEN, MetricProto.DOWN)
+
+
+# ---- items 1 and 8 on Trade-offs ----------------------------------------------------------------------------------
+def test_tradeoffs_class_drop_is_red_and_the_latency_caption_names_the_cpu_flags(digits_mlp):
+    at = open_page("tradeoffs")
+    chosen = at.selectbox(key="trade_class:zoo:digits-mlp").value
+    assert chosen == "INT4 weight-only"
+    result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes)).to_dict()
+    ref, got = result["fp32"]["metrics"]["per_class_accuracy"], result["quantized"]["metrics"]["per_class_accuracy"]
+    change = min(b - a for a, b in zip(ref, got) if a is not None)
+    assert change < 0
+    m = next(m for m in at.metric if m.label.startswith("Largest drop: class"))
+    assert m.delta == f"{MINUS}{-change:.4f} vs FP32"
+    assert (m.proto.color, m.proto.direction) == (MetricProto.RED, MetricProto.DOWN)
+
+    with open("/proc/cpuinfo") as f:  # the flags as the kernel lists them
+        lines = f.read().splitlines()
+    name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = set(next(line for line in lines if line.startswith("flags")).split(":", 1)[1].split())
+    caption = next(visible(c.value) for c in at.caption if "Measured latencies" in c.value)
+    assert name in caption
+    for flag in {"avx2", "avx512f", "avx512_vnni", "amx_int8", "fma"} & flags:
+        assert flag in caption, (flag, caption)
+    assert not [flag for flag in {"avx512_vnni", "amx_int8"} - flags if flag in caption]  # none it lacks
