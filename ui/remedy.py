@@ -31,7 +31,7 @@ def panel(key: str, w, layers: list[str]) -> None:
              "float model around it (the float output is unchanged): the remedy runs on the calibration data and is "
              "measured against the recipe as it is now.")
     a, b = st.columns(2)
-    layer = a.selectbox("Layer", layers, format_func=lambda n: plain(layer_label(n)), key=f"remedy_layer:{key}")
+    layer = a.selectbox("Layer", layers, format_func=layer_label, key=f"remedy_layer:{key}")
     name = b.selectbox("Remedy", list(REMEDIES), format_func=lambda r: REMEDIES[r].label, key="remedy_name")
     st.caption(REMEDIES[name].why)
     _, _, recipe = state.current(key, w)

@@ -18,17 +18,21 @@ import re
 _SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
 
 
-# Streamlit's directives (:material/home:, :smile:) and GFM's autolinks (www.x.com, a@x.com) are found in the
-# text after backslash escapes are resolved, so they are broken up with an invisible word joiner instead.
-_JOINER = "\u2060"
-_AUTOLINK = re.compile(r"(www|[:@])(?=.)", re.IGNORECASE)
+# Streamlit's emoji (:smile:), icons (:material/home:, :streamlit:) and GFM's autolinks (www.x.com, a@x.com,
+# http://x.com) are found in the text *after* backslash escapes are resolved: each is a regular expression run over
+# one Markdown text node. An empty ``:small[]`` (Streamlit's documented small-text directive, holding nothing) after
+# ``:``, ``@`` and ``www`` ends the text node there, so no such pattern spans it; it renders as an empty <span>:
+# nothing on the page, nothing in what a reader copies (an invisible character, the former fix, was copied along).
+BREAK = ":small[]"
+_AUTOLINK = re.compile(r"(www|\\:|@)(?=\S)", re.IGNORECASE)
 
 
 def plain(text) -> str:
-    """``text`` (anything; ``str()`` of it) as Markdown that shows those characters on one line: every
-    Markdown character backslash-escaped, a word joiner (U+2060, invisible) after ``:``, ``@`` and ``www``."""
+    """``text`` (anything; ``str()`` of it) as Markdown that shows exactly those characters on one line: every
+    Markdown character backslash-escaped, and an empty ``:small[]`` (``BREAK``) after ``:``, ``@`` and ``www``
+    where a character follows, which stops autolinks, emoji and icons without adding a visible or copied one."""
     one_line = " ".join(str(text).splitlines())
-    return _SPECIAL.sub(r"\\\1", _AUTOLINK.sub(r"\1" + _JOINER, one_line))
+    return _AUTOLINK.sub(r"\1" + BREAK, _SPECIAL.sub(r"\\\1", one_line))
 
 
 def html_plain(text) -> str:

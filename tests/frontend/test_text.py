@@ -50,3 +50,49 @@ def test_streamlit_draws_the_colour_and_arrow_the_table_says():
     arrows = {"up": MetricProto.UP, "down": MetricProto.DOWN, "off": MetricProto.NONE}
     for shown, (*_, (text, colour, arrow)) in zip(at.metric, CASES):
         assert (shown.delta, shown.proto.color, shown.proto.direction) == (text, colours[colour], arrows[arrow])
+
+
+# ---- plain: nothing invisible in what a reader copies -------------------------------------------------------------
+HOSTILE = ["see www.evil.com now", "mail a@evil.com now", "go http://evil.com/x?y=1 now", "https://www.evil.com/a_b",
+           ":smile: :material/home: :streamlit: :red[x] :+1:", "[click](http://evil) ![i](http://e/x.png) <b>b</b>",
+           "/tmp/a@b/model.onnx: not a valid ONNX file; C:\\Users\\x", "x::y a:b $x^2$ `code` *em* 1. item"]
+
+
+def resolved(markdown: str) -> str:
+    """The text a CommonMark reader gets from ``markdown``: escapes resolved, Streamlit's empty ``:small[]`` spans
+    (which hold no text) dropped -- written here, not imported, so a change to ``plain`` cannot move both."""
+    out, i = [], 0
+    while i < len(markdown):
+        if markdown.startswith(":small[]", i):
+            i += len(":small[]")
+        elif markdown[i] == "\\" and i + 1 < len(markdown) and markdown[i + 1] in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~":
+            out.append(markdown[i + 1])
+            i += 2
+        else:
+            out.append(markdown[i])
+            i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_plain_adds_no_invisible_character_and_reads_back_as_the_text(text):
+    from ui.text import plain
+
+    markdown = plain(text)
+    assert "\u2060" not in markdown and not [c for c in markdown if not c.isascii() and c not in text]
+    assert resolved(markdown) == text
+
+
+def _error_box(text):
+    import streamlit as st
+
+    from ui.text import plain
+
+    st.error(plain(f"{text} was not loaded"))
+
+
+@pytest.mark.parametrize("text", HOSTILE[:3] + HOSTILE[6:7])
+def test_an_error_box_holds_the_message_a_reader_copies(text):
+    at = AppTest.from_function(_error_box, args=(text,)).run()
+    (box,) = at.error
+    assert resolved(box.value) == f"{text} was not loaded" and "\u2060" not in box.value
