@@ -62,8 +62,8 @@ edited = st.data_editor(
         "weights": st.column_config.SelectboxColumn("weights", options=WEIGHT_CHOICES, required=True,
                                                     format_func=weight_choice_label, help=WEIGHTS_HELP),
         "granularity": st.column_config.SelectboxColumn(options=["per_tensor", "per_channel", "per_group"], required=True),
-        "group size": st.column_config.NumberColumn(min_value=1, step=1, help="per_group only (blank otherwise); must "
-                                                    "divide the input size"),
+        "group size": st.column_config.TextColumn(validate=recipe_table.DIGITS, alignment="right",
+                                                  help="per_group only (blank otherwise); must divide the input size"),
         "symmetric": st.column_config.CheckboxColumn(help="integer formats: zero-point fixed at 0"),
         "range": st.column_config.SelectboxColumn(options=["minmax", "percentile", "mse", "entropy"], required=True),
         "inputs": st.column_config.SelectboxColumn("inputs", options=inputs, required=True,

@@ -103,10 +103,10 @@ def ranking() -> None:
     by_layer = {r["layer"]: r for r in ranked}
     # One picker and three buttons, not a row of them per layer: a rerun of this fragment sends and draws 4 elements
     # instead of 4 per layer (156 on minilm-l6), which was most of the browser's work on a ranking change.
-    a, b, c, d = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
-    layer = a.selectbox("Layer (most sensitive first)", list(by_layer), key=f"sens_act_layer:{key}",
-                        format_func=lambda n: f"{by_layer[n]['rank']}. {layer_label(n)} ({by_layer[n]['kind']}): drop "
-                                              f"{signed(by_layer[n]['metric_drop'])}, output SQNR {by_layer[n]['sqnr_db']:.1f} dB")
+    layer = st.selectbox("Layer (most sensitive first)", list(by_layer), key=f"sens_act_layer:{key}",
+                         format_func=lambda n: f"{by_layer[n]['rank']}. {layer_label(n)} ({by_layer[n]['kind']}): drop "
+                                               f"{signed(by_layer[n]['metric_drop'])}, output SQNR {by_layer[n]['sqnr_db']:.1f} dB")
+    b, c, d = st.columns(3)  # under the picker, one third each: every label fits, all three equally wide
     if b.button("Weights", key=f"sens_w:{layer}", icon=":material/bar_chart:", width="stretch"):
         open_layer("pages/weights.py", keys.weights_layer(key), layer)
     if c.button("Inputs", key=f"sens_a:{layer}", icon=":material/bolt:", disabled=w.layers[layer].kind == "Embedding",
