@@ -390,12 +390,10 @@ def decode_quantized(proto, limit: int) -> Decoded:
     _lookups_on_codes(g, dec)
     read = _read_names(g.graph)
     dropped = {n for n in before if n not in read and n in g.inits} if dec.formats else set()
-    keep = [i for i in g.graph.initializer if i.name not in dropped]
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(keep)
-    inputs = [i for i in g.graph.input if i.name not in dropped]
-    del g.graph.input[:]
-    g.graph.input.extend(inputs)
+    for values in (g.graph.initializer, g.graph.input):
+        keep = [v for v in values if v.name not in dropped]
+        del values[:]
+        values.extend(keep)
     for node in g.graph.node:  # a decoded weight keeps its format through reshapes and transposes
         if node.op_type in MOVE_OPS and node.input and node.input[0] in dec.formats:
             dec.formats[node.output[0]] = dec.formats[node.input[0]]
