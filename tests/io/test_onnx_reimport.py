@@ -56,10 +56,8 @@ PRESETS = ["int8-static", "int8-dynamic", "int8-weight-only", "int4-weight-only"
 
 
 @pytest.mark.parametrize("name", PRESETS + ["w8a8-smoothquant-mul"])
-def test_reimported_export_computes_what_onnx_runtime_computes(name, digits_cnn, digits_mlp, tmp_path):
-    # w8a8-smoothquant-mul does not export from digits-cnn (SmoothQuant's scales meet a Conv weight: a shape error
-    # in the transform), so that preset is checked on digits-mlp
-    w = digits_mlp if name == "w8a8-smoothquant-mul" else digits_cnn
+def test_reimported_export_computes_what_onnx_runtime_computes(name, digits_cnn, tmp_path):
+    w = digits_cnn
     path = str(tmp_path / f"{name}.onnx")
     export_qdq(w, preset(name, w.layer_shapes), path)
     loaded = load_onnx_file(Path(path), LIMIT)
