@@ -16,7 +16,7 @@ from qcore.figures import profile as viz_profile
 from qcore.errors import QcoreError
 from qcore.recipe import preset
 from qcore.model.size import float_bytes
-from ui.text import metric_label, plain, signed
+from ui.text import delta_style, metric_label, plain
 
 key, w = state.active()
 name, overrides, recipe = state.current(key, w)
@@ -33,12 +33,11 @@ result = state.evaluate(key, w, recipe.to_json())
 headline = result["metric"]
 m1, m2, m3 = st.columns(3)
 m1.metric("Recipe", plain(name) + (f" + {len(overrides)} override(s)" if overrides else ""))
-m2.metric("Theoretical size (bytes)", f"{total['size_bytes']:,}", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
-          delta_color="off")
+m2.metric("Theoretical size (bytes)", f"{total['size_bytes']:,}",
+          **delta_style(100 * (total['size_bytes'] / total['fp32_bytes'] - 1), False, 1, "% vs FP32"))
 m3.metric(f"{plain(metric_label(headline))} (simulated)", f"{result['quantized']['metrics'][headline]:.4f}",
-          delta=f"{signed(result['quantized']['metrics'][headline] - result['fp32']['metrics'][headline])} vs FP32",
-          delta_color="normal" if result["quantized"]["metrics"][headline] != result["fp32"]["metrics"][headline]
-          else "off")
+          **delta_style(result['quantized']['metrics'][headline] - result['fp32']['metrics'][headline],
+                        w.task.higher_is_better, 4, " vs FP32"))
 simulation_notes = result["notes"][len(w.notes):]  # the model's own notes are on the Model page
 if simulation_notes:
     with st.expander(f"What the simulation notes about this recipe ({len(simulation_notes)})", icon=":material/info:"):

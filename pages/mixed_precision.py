@@ -1,5 +1,5 @@
 """Mixed precision page: pick each layer's format in a table, see size and an estimated metric at once,
-measure the recipe for real, search one automatically, download or upload it."""
+evaluate the recipe's simulation, search one automatically, download or upload it."""
 
 import pandas as pd
 import streamlit as st
@@ -7,12 +7,12 @@ import streamlit as st
 from qcore.recipe.links import compact, recipe_id
 from qcore.recipe.table import (FLOAT_LAYER, INPUT_CHOICES, WEIGHT_CHOICES, WEIGHTS_HELP, apply_rows, table_rows,
                                 weight_choice_label)
-from ui import jobs, keys, state
+from ui import jobs, keys, recipe_table, state
 from qcore.analysis import search, summary
 from qcore.errors import QcoreError
 from qcore.recipe import PRESET_DESCRIPTIONS, PRESETS, Recipe
 from qcore.figures.viz import human_bytes
-from ui.text import metric_label, plain, signed
+from ui.text import delta_style, metric_label, plain
 
 key, w = state.active()
 st.title("Mixed precision: a format for every layer")
@@ -20,7 +20,8 @@ st.write(
     "Start from a preset, then change any layer in the table: its weight format and options, and how its input "
     "is quantized. Layers that hurt most (see the Sensitivity page) can stay in higher precision while the rest "
     "shrink. The totals update at once; the metric next to them is an **estimate** added up from the sensitivity "
-    "sweep. **Evaluate** runs the recipe on the evaluation data for the real number."
+    "sweep. **Evaluate** runs the simulated (fake-quantized) model on the evaluation data: the **simulated** number. "
+    "Export runs the exported file itself: the **measured** one."
 )
 name, overrides, recipe = state.current(key, w)
 
@@ -50,7 +51,8 @@ if st.toggle("Estimate the metric from a sensitivity sweep", state.small(w), key
     estimate = search.estimate_metric(w, recipe, sweep)
 
 version = st.session_state.get(keys.EDITOR_VERSION, 0)
-table = pd.DataFrame(table_rows(w, recipe, estimate))
+rows = table_rows(w, recipe, estimate)
+table = recipe_table.shown(rows)
 inputs = list(dict.fromkeys(INPUT_CHOICES + list(table["inputs"])))
 edited = st.data_editor(
     table, key=f"mp_editor:{key}:{version}", hide_index=True, num_rows="fixed", width="stretch",
@@ -60,21 +62,23 @@ edited = st.data_editor(
         "weights": st.column_config.SelectboxColumn("weights", options=WEIGHT_CHOICES, required=True,
                                                     format_func=weight_choice_label, help=WEIGHTS_HELP),
         "granularity": st.column_config.SelectboxColumn(options=["per_tensor", "per_channel", "per_group"], required=True),
-        "group size": st.column_config.NumberColumn(min_value=1, step=1, help="per_group only; must divide the input size"),
+        "group size": st.column_config.TextColumn(validate=recipe_table.DIGITS, alignment="right",
+                                                  help="per_group only (blank otherwise); must divide the input size"),
         "symmetric": st.column_config.CheckboxColumn(help="integer formats: zero-point fixed at 0"),
         "range": st.column_config.SelectboxColumn(options=["minmax", "percentile", "mse", "entropy"], required=True),
         "inputs": st.column_config.SelectboxColumn("inputs", options=inputs, required=True,
                                                    help="how the layer's input is quantized (static = calibrated range)"),
-        "drop (estimate)": st.column_config.TextColumn(help="measured drop with only this layer quantized; \"not swept\": "
+        "drop (estimate)": st.column_config.TextColumn(help="the sweep's simulated drop with only this layer quantized; "
+                                                       "\"not swept\": "
                                                        "no sweep row has this layer's spec"),
     })
 try:
-    edited_recipe = apply_rows(w, recipe, edited.to_dict("records"))
+    edited_recipe = apply_rows(w, recipe, recipe_table.filled(edited, rows))
     edited_recipe.check_against(w.layer_shapes)
     if edited_recipe != recipe:
         # Some edits are adjusted (e.g. a float format is always symmetric): then redraw the table from the recipe.
         editable = [FLOAT_LAYER, "weights", "granularity", "group size", "symmetric", "range", "inputs"]
-        adjusted = not pd.DataFrame(table_rows(w, edited_recipe))[editable].astype(str).equals(
+        adjusted = not recipe_table.shown(table_rows(w, edited_recipe))[editable].astype(str).equals(
             edited[editable].astype(str))
         state.set_current(key, w, *compact(w, edited_recipe, [name]), reset_editor=adjusted)
         st.rerun()
@@ -84,16 +88,16 @@ except QcoreError as e:
 total = summary.recipe_totals(w, recipe)
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Size (bytes)", f"{total['size_bytes']:,}", help=f"{human_bytes(total['size_bytes'])}; FP32 is "
-          f"{total['fp32_bytes']:,} bytes", delta=f"{100 * (total['size_bytes'] / total['fp32_bytes'] - 1):.1f}% vs FP32",
-          delta_color="off")
+          f"{total['fp32_bytes']:,} bytes", **delta_style(100 * (total['size_bytes'] / total['fp32_bytes'] - 1), False, 1,
+                                                          "% vs FP32"))
 m2.metric("Average bits per weight", f"{total['bits_per_weight']:.2f}", help="quantizable layers, scales included")
 m3.metric("Weights kept in FP32", f"{100 * total['float_share']:.1f}%", help="share of the quantizable layers' weights")
 if estimate and estimate["missing"]:
     m4.metric(f"{plain(w.task.headline)} (estimate)", "incomplete",
-              help="a sum of single-layer drops needs every quantized layer's; Evaluate gives the measured number")
+              help="a sum of single-layer drops needs every quantized layer's; Evaluate gives the simulated number")
     st.warning(plain(f"Estimate incomplete: {len(estimate['missing'])} layer(s) not swept ({', '.join(estimate['missing'])}): "
                      f"no candidate of the sweep ({', '.join(candidates)}) quantizes them as the table does. Evaluate the "
-                     "recipe for the measured number, or add a matching candidate on the Sensitivity page."),
+                     "recipe for the simulated number, or add a matching candidate on the Sensitivity page."),
                icon=":material/warning:")
 elif estimate:
     m4.metric(f"{plain(w.task.headline)} (estimate)", f"{estimate['metric']:.4f}", help="FP32's value worsened by the sum of each "
@@ -102,15 +106,17 @@ elif estimate:
         m4.caption(state.on_samples(sweep.samples, sweep.evaluation_samples).strip(" ()"))
 
 if (result := jobs.result("evaluate", key, w, {"recipe": recipe.to_dict()}, "evaluation", state.small(w), stop=False,
-                          start=st.button("Evaluate this recipe (measured)", type="primary"))) and (
+                          start=st.button("Evaluate this recipe (simulated)", type="primary",
+                                          help="the fake-quantized model on the evaluation data; the exported file's "
+                                               "own number is on Export"))) and (
         st.session_state.get(keys.MEASURED_RECIPE) or {}).get("recipe") != recipe.to_json():  # not shown yet
     state.remember(key, w, recipe, f"evaluated: {recipe.name}")
     st.session_state[keys.MEASURED_RECIPE] = {"recipe": recipe.to_json(), "result": result}
 shown = st.session_state.get(keys.MEASURED_RECIPE)
 if shown and shown["recipe"] == recipe.to_json():
     q, f, headline = shown["result"]["quantized"]["metrics"], shown["result"]["fp32"]["metrics"], shown["result"]["metric"]
-    st.metric(f"{plain(metric_label(headline))} (measured)", f"{q[headline]:.4f}", delta=f"{signed(q[headline] - f[headline])} "
-              f"vs FP32 {f[headline]:.4f}", delta_color="normal" if w.task.higher_is_better else "inverse")
+    st.metric(f"{plain(metric_label(headline))} (simulated)", f"{q[headline]:.4f}",
+              **delta_style(q[headline] - f[headline], w.task.higher_is_better, 4, f" vs FP32 {f[headline]:.4f}"))
 
 @st.fragment
 def search_section() -> None:
@@ -126,7 +132,7 @@ def search_section() -> None:
         target = {"min_metric": st.number_input(f"{'Smallest' if higher else 'Largest'} acceptable {plain(w.task.headline)}", value=round(
             fp32_value - 0.01 if higher else fp32_value * 1.05, 4), format="%.4f", key="mp_target")}
     if (found := jobs.result("search", key, w, {"candidates": candidates, **target}, "search", state.small(w), stop=False,
-                             start=st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is measured"))
+                             start=st.button("Search", help=f"tries per-layer mixes of {', '.join(candidates)}; every result is simulated on the evaluation data"))
             ) and found["recipe"] != st.session_state.get(keys.SEARCH, {}).get(key, {}).get("recipe"):  # a new result
         goal_text = f"size ≤ {budget:.0%} of FP32" if goal == "size budget" else f"{w.task.headline} {'≥≤'[not w.task.higher_is_better]} {target['min_metric']:.4f}"
         found["label"] = state.remember(key, w, Recipe.from_dict({**found["recipe"], "name": f"{w.name}-search"}),
@@ -137,7 +143,7 @@ def search_section() -> None:
     if found:
         in_table = recipe_id(w, Recipe.from_dict(found["recipe"])) == recipe_id(w, recipe)
         (st.success if found["met"] else st.warning)(
-            f"Search {'met' if found['met'] else 'did not meet'} the goal: measured {plain(found['metric'])} "
+            f"Search {'met' if found['met'] else 'did not meet'} the goal: simulated {plain(found['metric'])} "
             f"{found['measured']['metric']:.4f} at {found['measured']['size_bytes']:,} bytes (FP32 {found['fp32']['metric']:.4f}, "
             f"{found['fp32']['size_bytes']:,} bytes). Kept as **{plain(found['label'])}** (see Trade-offs)"
             + ("; it is the table's recipe. " if in_table else "; the table still holds your recipe. ")

@@ -8,7 +8,7 @@ from qcore.figures import viz
 from qcore.recipe import PRESET_DESCRIPTIONS
 from qcore.model.size import float_bytes
 from qcore.model.task import OUTPUT_KINDS
-from ui.text import metric_label, plain
+from ui.text import delta_style, metric_label, plain
 
 key, w = state.active()
 st.title(f"Model: {plain(w.name)}")
@@ -30,7 +30,7 @@ c1.metric("FP32 size", viz.human_bytes(fp32_bytes), help=f"{fp32_bytes:,} bytes:
 c2.metric("Parameters", f"{params:,}")
 c3.metric("Quantizable layers", len(w.layers))
 c4.metric(f"Smallest preset ({smallest['preset']})", viz.human_bytes(smallest["size_bytes"]),
-          delta=f"{100 * (smallest['fraction_of_fp32'] - 1):.0f}% vs FP32", delta_color="off")
+          **delta_style(100 * (smallest['fraction_of_fp32'] - 1), False, 0, "% vs FP32"))
 
 st.subheader("Layers")
 table = pd.DataFrame([{"layer": r["name"], "type": r["type"], "weight shape": " × ".join(map(str, r["weight_shape"])),

@@ -20,7 +20,7 @@ from qcore.recipe import PRESETS, preset
 from qcore.recipe.links import recipe_id
 from qcore.training import QATConfig, save, training_data
 from qcore.training.transport import from_json
-from ui.text import metric_label, plain, signed
+from ui.text import delta_style, metric_label, plain
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 STE = r"""
@@ -74,8 +74,9 @@ head = result.metric
 cols = st.columns(3)
 fp32, ptq, qat = (m[head] for m in (result.fp32_metrics, result.ptq_metrics, result.qat_metrics))
 cols[0].metric(f"FP32 {metric_label(head)}", f"{fp32:.4f}")
-cols[1].metric(f"PTQ {metric_label(head)}", f"{ptq:.4f}", delta=f"{signed(ptq - fp32)} vs FP32")
-cols[2].metric(f"QAT {metric_label(head)}", f"{qat:.4f}", delta=f"{signed(qat - ptq)} vs PTQ")
+higher = w.task.higher_is_better
+cols[1].metric(f"PTQ {metric_label(head)}", f"{ptq:.4f}", **delta_style(ptq - fp32, higher, 4, " vs FP32"))
+cols[2].metric(f"QAT {metric_label(head)}", f"{qat:.4f}", **delta_style(qat - ptq, higher, 4, " vs PTQ"))
 st.plotly_chart(viz_qat.training_curve([asdict(h) for h in result.history], head, ptq), key="qat_curve", width="stretch")
 
 if "per_class_accuracy" in result.qat_metrics:

@@ -3,6 +3,8 @@ ranked chart, and one click from a layer to its Weights / Activations view, to k
 (weights and inputs), or to trying a remedy on it (``ui.remedy``). The ranking and the summary start under the candidate whose drops differ most
 between layers (``viz_decide.widest_spread``): the one that tells the layers apart."""
 
+import statistics
+
 import pandas as pd
 import streamlit as st
 
@@ -10,7 +12,7 @@ from ui import charts, glossary, jobs, keys, remedy, state
 from qcore.figures import decide as viz_decide
 from qcore.recipe import PRESETS
 from qcore.analysis.sensitivity import LAYER_SPECS
-from ui.text import DROP_CONVENTION, layer_label, metric_label, plain, signed
+from ui.text import AGAINST_FP32, DROP_CONVENTION, layer_label, metric_label, plain, signed
 
 MODES = {"both": "weights and inputs", "weights": "weights only", "activations": "inputs only"}
 VIEWS = {"only": "one layer quantized", "all_but": "all but one layer quantized"}
@@ -70,19 +72,26 @@ def ranking() -> None:
     chosen = st.selectbox("Rank the layers under", candidates, index=candidates.index(widest),
                           key=f"sens_rank_candidate:{mode}:{view}",
                           help=f"starts at {plain(widest)}: its drops differ most between layers, so its ranking tells them apart")
-    m1, m2, m3 = st.columns(3)
-    subset = state.on_samples(result["samples"], result["evaluation_samples"])
-    m1.metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
     ranked = sorted((r for r in result["rows"] if r["candidate"] == chosen), key=lambda r: r["rank"])
-    m2.metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
-    m3.metric(f"Its {metric} drop" if view == "only" else f"{metric} drop with only it in float",
-              signed(ranked[0]['metric_drop']),
-              help=f"under {plain(chosen)}; positive = worse than FP32" + ("" if view == "only" else
-                   "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone in float "
-                   "recovers the most"))
+    subset = state.on_samples(result["samples"], result["evaluation_samples"])
+    trivial = result["metric"] in AGAINST_FP32  # FP32 scores the best value against itself: no headline of its own
+    reference = (f"drops from FP32's {metric}, {result['fp32_metric']:.4f}" + (" by definition (scored against FP32 "
+                 "itself)" if trivial else "") + f", on the {result['samples']} samples swept")
+    columns = iter(st.columns(3 if trivial else 4))
+    if not trivial:
+        next(columns).metric(f"FP32 {metric}", f"{result['fp32_metric']:.4f}", help=f"on the {result['samples']} samples swept")
+    next(columns).metric("Most sensitive layer", plain(layer_label(ranked[0]["layer"])), help=f"under {plain(chosen)}")
+    drop_name = f"{metric} drop" if view == "only" else f"{metric} drop with only it in float"
+    next(columns).metric(f"Its {metric} drop" if view == "only" else drop_name, signed(ranked[0]['metric_drop']),
+                         help=f"under {plain(chosen)}; positive = worse than FP32; {reference}" + ("" if view == "only" else
+                              "; in this view the most sensitive layer is the one whose drop is SMALLEST: keeping it alone "
+                              "in float recovers the most"))
+    next(columns).metric(f"Median layer's {drop_name}", signed(statistics.median(r["metric_drop"] for r in ranked)),
+                         help=f"under {plain(chosen)}, over all {len(ranked)} layers: how far the most sensitive one "
+                              f"stands out; {reference}")
     if subset:
         st.caption(f"Every number of this sweep is {subset.strip(' ()')} (evenly spaced), to keep it fast; Evaluate on "
-                   "Mixed precision measures a recipe on all of them.")
+                   "Mixed precision simulates a recipe on all of them.")
 
     charts.plot(viz_decide.ranked_drops, result["rows"], chosen, metric)
     charts.plot(viz_decide.sensitivity_heatmap, result["rows"])
@@ -94,17 +103,18 @@ def ranking() -> None:
     by_layer = {r["layer"]: r for r in ranked}
     # One picker and three buttons, not a row of them per layer: a rerun of this fragment sends and draws 4 elements
     # instead of 4 per layer (156 on minilm-l6), which was most of the browser's work on a ranking change.
-    a, b, c, d = st.columns([3, 1, 1, 1], vertical_alignment="bottom")
-    layer = a.selectbox("Layer (most sensitive first)", list(by_layer), key=f"sens_act_layer:{key}",
-                        format_func=lambda n: f"{by_layer[n]['rank']}. {layer_label(n)} ({by_layer[n]['kind']}): drop "
-                                              f"{signed(by_layer[n]['metric_drop'])}, output SQNR {by_layer[n]['sqnr_db']:.1f} dB")
-    if b.button("Weights", key=f"sens_w:{layer}", icon=":material/bar_chart:"):
+    layer = st.selectbox("Layer (most sensitive first)", list(by_layer), key=f"sens_act_layer:{key}",
+                         format_func=lambda n: f"{by_layer[n]['rank']}. {layer_label(n)} ({by_layer[n]['kind']}): drop "
+                                               f"{signed(by_layer[n]['metric_drop'])}, output SQNR {by_layer[n]['sqnr_db']:.1f} dB")
+    b, c, d = st.columns(3)  # under the picker, one third each: every label fits, all three equally wide
+    if b.button("Weights", key=f"sens_w:{layer}", icon=":material/bar_chart:", width="stretch"):
         open_layer("pages/weights.py", keys.weights_layer(key), layer)
-    if c.button("Inputs", key=f"sens_a:{layer}", icon=":material/bolt:", disabled=w.layers[layer].kind == "Embedding"):
+    if c.button("Inputs", key=f"sens_a:{layer}", icon=":material/bolt:", disabled=w.layers[layer].kind == "Embedding",
+                width="stretch"):
         open_layer("pages/activations.py", keys.activations_layer(key), layer)
     in_float = recipe.plan(layer).is_float
     d.button("Layer in float" if in_float else "Keep layer in float", key=f"sens_f:{layer}", icon=":material/lock:",
-             disabled=in_float, on_click=keep_in_float, args=(layer,), help="weights and inputs stay float")
+             disabled=in_float, on_click=keep_in_float, args=(layer,), help="weights and inputs stay float", width="stretch")
 
     remedy.panel(key, w, [r["layer"] for r in ranked if r["kind"] != "Embedding"])
 

@@ -11,7 +11,7 @@ from qcore import hardware
 from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
-from ui.text import plain, signed
+from ui.text import delta_style, plain
 
 PRESET_ROWS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8 dynamic": "int8-dynamic", "INT8 static": "int8-static",
                "INT4 weight-only": "int4-weight-only", "NF4": "nf4", "FP8": "fp8"}
@@ -19,7 +19,7 @@ PRESET_ROWS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8 dynamic": "
 key, w = state.active()
 st.title("Trade-offs: size, accuracy, speed")
 st.write(
-    "Every point is one recipe evaluated on the evaluation data (measured, not estimated): the standard presets, "
+    "Every point is one recipe, its metric simulated on the evaluation data (not estimated from a sweep): the standard presets, "
     "the recipes you evaluated or searched on the Mixed precision page, and the one you are building. A recipe on "
     "the red **Pareto front** has nothing both smaller and better than it; the others are beaten on both counts."
 )
@@ -74,7 +74,9 @@ st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows])
                             metric: st.column_config.NumberColumn(format="%.4f"),
                             "change": st.column_config.NumberColumn(format="%+.4f", help="against FP32"),
                             "latency (ms)": st.column_config.NumberColumn(format="%.3g", help=state.LATENCY_HELP)})
-st.caption(state.LATENCY_HELP)
+st.caption(f"{state.LATENCY_HELP} Measured latencies are of this server's CPU, {plain(hardware.cpu_name())}, with "
+           f"{plain(', '.join(hardware.cpu_features()) or 'no CPU flags readable')} (the flags that decide low-precision "
+           "speed: AVX2, AVX-512, VNNI int8 dot products, AMX).")
 runtime = st.radio("Measure with", list(state.RUNTIMES), horizontal=True, key="trade_runtime",
                    help="the same exported ONNX file in either runtime; OpenVINO's default runs float ops in bf16 "
                         "where the CPU has AMX or AVX-512 BF16, so its FP32 is not true FP32")
@@ -100,7 +102,8 @@ if w.task.kind == "classification" and "per_class_accuracy" in fp32["quantized"]
     per_class = [{"class": str(n), "FP32": a, chosen: b, "change": b - a} for n, a, b in zip(names, ref, got) if a is not None]
     worst = min(per_class, key=lambda r: r["change"])
     if worst["change"] < 0:  # the glossary's convention: change = quantized - FP32
-        st.metric(f"Largest drop: class {plain(worst['class'])}", f"{worst[chosen]:.4f}", delta=f"{signed(worst['change'])} vs FP32")
+        st.metric(f"Largest drop: class {plain(worst['class'])}", f"{worst[chosen]:.4f}",
+                  **delta_style(worst["change"], True, 4, " vs FP32"))  # a class's accuracy: higher is better
     else:
         st.caption(f"No class lost accuracy under {plain(chosen)} (change ≥ 0 for every class; see the Glossary).")
     st.dataframe(pd.DataFrame(per_class).sort_values("change"), hide_index=True, width="stretch")

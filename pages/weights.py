@@ -8,7 +8,7 @@ from qcore.figures import viz
 from qcore.numerics.formats import FORMATS
 from qcore.numerics.granularity import GRANULARITIES
 from qcore.numerics.ranges import RANGE_METHODS
-from ui.text import html_plain, layer_label, plain
+from ui.text import delta_style, html_plain, layer_label, plain
 
 AUTO_ALL_LAYERS = 2_000_000  # models with more weights compute the all-layers view on request
 
@@ -78,7 +78,7 @@ def explore() -> None:
     p1, p2, p3 = st.columns(3)
     p1.metric("SQNR per-tensor", f"{report['sqnr_per_tensor']:.1f} dB")
     p2.metric("SQNR per-channel", f"{report['sqnr_per_channel']:.1f} dB",
-              delta=f"{report['sqnr_per_channel'] - report['sqnr_per_tensor']:+.1f} dB")
+              **delta_style(report['sqnr_per_channel'] - report['sqnr_per_tensor'], True, 1, " dB vs per-tensor"))
     p3.metric("Widest / median channel", f"{report['channels']['absmax_ratio']:.1f}×", help="max |w| of the widest channel over the median channel's")
     charts.plot(viz.channel_ranges, report["channels"])
 

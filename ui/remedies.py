@@ -8,7 +8,7 @@ import streamlit as st
 from qcore.figures import remedies as figures
 from qcore.recipe import Recipe
 from ui import charts, jobs, state
-from ui.text import html_plain, layer_label
+from ui.text import delta_style, html_plain, layer_label
 
 PREVIEWS = "remedy_previews"  # session key: (workload, layer, transform, recipe JSON) -> preview dict
 
@@ -32,7 +32,8 @@ def _preview(key: str, w, layer: str, name: str, job_name: str) -> dict | None:
 
 
 def _apply(key: str, w, p: dict, name: str) -> None:
-    st.metric(f"model {p['metric']} (simulated)", f"{p['metric_after']:.4f}", f"{p['metric_after'] - p['metric_before']:+.4f}")
+    st.metric(f"model {p['metric']} (simulated)", f"{p['metric_after']:.4f}",
+              **delta_style(p['metric_after'] - p['metric_before'], w.task.higher_is_better, 4, " vs now"))
     st.button(f"Apply {name} to the recipe", key=f"apply_{name}_{key}", on_click=_put_in_recipe, args=(key, w, p, name))
 
 
@@ -58,7 +59,8 @@ def smoothquant_panel(key: str, w, layer: str) -> None:
     charts.plot(figures.smoothquant_channels, p["act_before"], p["act_after"], p["weight_before"], p["weight_after"],
                 f"Input channels of {html_plain(layer_label(layer))}")
     c1, c2 = st.columns(2)
-    c1.metric("layer output SQNR (simulated, dB)", f"{p['sqnr_after']:.1f}", f"{p['sqnr_after'] - p['sqnr_before']:+.1f}")
+    c1.metric("layer output SQNR (simulated, dB)", f"{p['sqnr_after']:.1f}",
+              **delta_style(p['sqnr_after'] - p['sqnr_before'], True, 1, " dB vs now"))
     with c2:
         _apply(key, w, p, "SmoothQuant")
 

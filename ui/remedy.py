@@ -14,7 +14,7 @@ from qcore.analysis.remedies import REMEDIES
 from qcore.figures.rounding import weight_error_histogram
 from qcore.recipe import Recipe
 from ui import charts, jobs, keys, state
-from ui.text import layer_label, plain
+from ui.text import delta_style, layer_label, plain
 
 
 def _apply(key: str, w, layer: str, remedied) -> None:
@@ -31,7 +31,7 @@ def panel(key: str, w, layers: list[str]) -> None:
              "float model around it (the float output is unchanged): the remedy runs on the calibration data and is "
              "measured against the recipe as it is now.")
     a, b = st.columns(2)
-    layer = a.selectbox("Layer", layers, format_func=lambda n: plain(layer_label(n)), key=f"remedy_layer:{key}")
+    layer = a.selectbox("Layer", layers, format_func=layer_label, key=f"remedy_layer:{key}")
     name = b.selectbox("Remedy", list(REMEDIES), format_func=lambda r: REMEDIES[r].label, key="remedy_name")
     st.caption(REMEDIES[name].why)
     _, _, recipe = state.current(key, w)
@@ -50,9 +50,10 @@ def panel(key: str, w, layers: list[str]) -> None:
     before, after, metric = result["before"], result["after"], result["metric_name"]
     c1, c2 = st.columns(2)
     c1.metric(f"Layer output SQNR ({result['sqnr_measure']})", f"{after['layer_sqnr_db']:.1f} dB",
-              f"{after['layer_sqnr_db'] - before['layer_sqnr_db']:+.1f} dB vs now", help="simulation")
+              **delta_style(after['layer_sqnr_db'] - before['layer_sqnr_db'], True, 1, " dB vs now"), help="simulation")
     c2.metric(f"Model {metric} (evaluation data)", f"{after['metric']:.4f}",
-              f"{after['metric'] - before['metric']:+.4f} vs now", help="simulation, on the whole evaluation set")
+              **delta_style(after['metric'] - before['metric'], w.task.higher_is_better, 4, " vs now"),
+              help="simulation, on the whole evaluation set")
     if after["weight_error_steps"] is not None:  # rounding: the same weights, on other grid points
         charts.plot(weight_error_histogram, {"now": before["weight_error_steps"], REMEDIES[name].label:
                                              after["weight_error_steps"]}, f"Weight error of {plain(layer_label(layer))}")

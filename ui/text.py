@@ -18,17 +18,21 @@ import re
 _SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&])")
 
 
-# Streamlit's directives (:material/home:, :smile:) and GFM's autolinks (www.x.com, a@x.com) are found in the
-# text after backslash escapes are resolved, so they are broken up with an invisible word joiner instead.
-_JOINER = "\u2060"
-_AUTOLINK = re.compile(r"(www|[:@])(?=.)", re.IGNORECASE)
+# Streamlit's emoji (:smile:), icons (:material/home:, :streamlit:) and GFM's autolinks (www.x.com, a@x.com,
+# http://x.com) are found in the text *after* backslash escapes are resolved: each is a regular expression run over
+# one Markdown text node. An empty ``:small[]`` (Streamlit's documented small-text directive, holding nothing) after
+# ``:``, ``@`` and ``www`` ends the text node there, so no such pattern spans it; it renders as an empty <span>:
+# nothing on the page, nothing in what a reader copies (an invisible character, the former fix, was copied along).
+BREAK = ":small[]"
+_AUTOLINK = re.compile(r"(www|\\:|@)(?=\S)", re.IGNORECASE)
 
 
 def plain(text) -> str:
-    """``text`` (anything; ``str()`` of it) as Markdown that shows those characters on one line: every
-    Markdown character backslash-escaped, a word joiner (U+2060, invisible) after ``:``, ``@`` and ``www``."""
+    """``text`` (anything; ``str()`` of it) as Markdown that shows exactly those characters on one line: every
+    Markdown character backslash-escaped, and an empty ``:small[]`` (``BREAK``) after ``:``, ``@`` and ``www``
+    where a character follows, which stops autolinks, emoji and icons without adding a visible or copied one."""
     one_line = " ".join(str(text).splitlines())
-    return _SPECIAL.sub(r"\\\1", _AUTOLINK.sub(r"\1" + _JOINER, one_line))
+    return _AUTOLINK.sub(r"\1" + BREAK, _SPECIAL.sub(r"\\\1", one_line))
 
 
 def html_plain(text) -> str:
@@ -52,6 +56,10 @@ METRIC_LABELS = {  # the engine's metric names -> what a page calls them (the gl
     "kl_div": "KL divergence from FP32",
     "perplexity": "perplexity",
 }
+# Headline metrics that score a model against FP32's own outputs: FP32 gets the best value by definition
+# (1.0, 0.0 or the 200 dB stand-in for an exact match), so "FP32's <metric>" says nothing.
+AGAINST_FP32 = frozenset({"agreement", "decision_agreement", "token_agreement", "cosine", "cosine_to_fp32", "sqnr_db",
+                          "kl_div"})
 DROP_CONVENTION = ("**drop** = FP32's value minus the quantized model's, oriented so that a positive drop is worse; "
                    "**change** = quantized minus FP32, as measured (its sign says which way the number moved).")
 
@@ -68,3 +76,20 @@ def signed(value: float, digits: int = 4) -> str:
     if float(text) == 0.0:
         return f"{0.0:.{digits}f}"
     return text.replace("-", "\u2212")
+
+
+def delta_style(change: float, higher_is_better: bool | None, digits: int = 4, suffix: str = "") -> dict:
+    """``st.metric``'s delta keywords for a number that moved by ``change`` (new minus old, in the unit shown, to
+    ``digits`` decimals): ``delta`` is ``signed(change, digits) + suffix``; the arrow says which way the number
+    moved, the colour whether that is better: green better, red worse, grey when the shown change is zero (it
+    rounds to 0 at ``digits``) or when the number is no quality (``higher_is_better`` None). Sizes are
+    lower-is-better (a smaller file is the point of quantizing). The colour and arrow are passed explicitly
+    (``delta_color="green"``, ``delta_arrow="up"``): Streamlit reads a delta's sign from a leading ASCII ``-``,
+    and ``signed`` writes a true minus."""
+    text = signed(change, digits)
+    if float(f"{change:.{digits}f}") == 0.0:
+        return {"delta": text + suffix, "delta_color": "gray", "delta_arrow": "off"}
+    rose = change > 0
+    color = "gray" if higher_is_better is None else ("green" if rose == higher_is_better else "red")
+    return {"delta": text + suffix, "delta_color": color, "delta_arrow": "up" if rose else "down"}
+

@@ -73,12 +73,73 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
     return fig.update_layout(margin={**MARGIN, "l": label_margin(r["layer"] for r in rs)})  # room for the names
 
 
+# Where a point's label may go, in the order tried: Plotly ``textposition`` values.
+LABEL_POSITIONS = ("top center", "bottom center", "middle right", "middle left", "top right", "bottom right",
+                   "top left", "bottom left")
+PLOT_PX = (640.0, 260.0)  # the plotting area in pixels: a page column less the margins; HEIGHT less title and axes
+LABEL_CHARS = 28  # a longer recipe label is cut to this many characters on the chart ("…" last); hover has it whole
+PAD = 0.12  # each axis extends this share of the data's span beyond it on both sides: room for the outer labels
+CHAR_PX, LINE_PX, GAP_PX = 7.0, 16.0, 7.0  # a 12 px label's mean character width and line height; marker radius + 1
+
+
+def label_box(px: float, py: float, chars: int, position: str) -> tuple[float, float, float, float]:
+    """The box ``(x0, y0, x1, y1)`` in pixels (y up) a label of ``chars`` characters takes at ``position`` beside a
+    marker at ``(px, py)``."""
+    width = CHAR_PX * chars
+    vertical, horizontal = position.split()
+    y0 = {"top": py + GAP_PX, "bottom": py - GAP_PX - LINE_PX, "middle": py - LINE_PX / 2}[vertical]
+    x0 = {"center": px - width / 2, "right": px + GAP_PX, "left": px - GAP_PX - width}[horizontal]
+    return x0, y0, x0 + width, y0 + LINE_PX
+
+
+def padded_range(values: list[float]) -> tuple[float, float]:
+    """The axis range drawn for ``values``: their span and ``PAD`` of it on each side (a flat span: 10% of the
+    value, or 1)."""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or abs(hi) * 0.1 or 1.0
+    return lo - PAD * span, hi + PAD * span
+
+
+def label_positions(xs: list[float], ys: list[float], chars: list[int], order: list[int]) -> list[str | None]:
+    """A ``textposition`` per point, chosen greedily in ``order`` (most important first) so that no label box
+    overlaps another label, a marker, or leaves the plotting area (``PLOT_PX``; the axes span ``padded_range``);
+    None where no position is free: that point is labelled on hover only."""
+    def scale(vs, span):
+        lo, hi = padded_range(vs)
+        return [(v - lo) / (hi - lo) * span for v in vs]
+
+    px, py = scale(xs, PLOT_PX[0]), scale(ys, PLOT_PX[1])
+    taken = [(x - GAP_PX, y - GAP_PX, x + GAP_PX, y + GAP_PX) for x, y in zip(px, py)]  # the markers
+    out: list[str | None] = [None] * len(xs)
+
+    def free(box, own):
+        x0, y0, x1, y1 = box
+        inside = x0 >= 0 and x1 <= PLOT_PX[0] and y0 >= 0 and y1 <= PLOT_PX[1]
+        return inside and not any(x0 < b[2] and b[0] < x1 and y0 < b[3] and b[1] < y1
+                                  for j, b in enumerate(taken) if j != own)
+
+    for i in order:
+        for position in LABEL_POSITIONS:
+            box = label_box(px[i], py[i], chars[i], position)
+            if free(box, i):
+                out[i] = position
+                taken.append(box)
+                break
+    return out
+
+
 def tradeoff_scatter(points: list[dict], front: list[int], metric: str, higher_is_better: bool = True) -> go.Figure:
     """Size against metric, one marker per recipe; the Pareto front (``front``: indices into ``points``
     in size order, as ``analysis.search.pareto_front`` gives them) joined by a line. The hover text
-    gives latency with its source: "measured" (this machine's runtime) or "estimate" (hardware profile)."""
+    gives latency with its source: "measured" (this machine's runtime) or "estimate" (hardware profile).
+    Labels (cut to ``LABEL_CHARS``) sit where they overlap no other label or marker (``label_positions``: front
+    first, then by size); a point with no free place has no label on the chart, only in its hover text."""
     order, front = front, set(front)
     unit, div = _size_unit(max(p["size_bytes"] for p in points))
+    short = [p["label"] if len(p["label"]) <= LABEL_CHARS else p["label"][:LABEL_CHARS - 1] + "…" for p in points]
+    placed = label_positions([p["size_bytes"] for p in points], [p["metric"] for p in points], [len(t) for t in short],
+                             list(order) + sorted((i for i in range(len(points)) if i not in front),
+                                                  key=lambda i: points[i]["size_bytes"]))
 
     def hover(p):
         lat = p.get("latency_ms")
@@ -87,14 +148,17 @@ def tradeoff_scatter(points: list[dict], front: list[int], metric: str, higher_i
 
     fig = go.Figure()
     for on_front, name, color in ((False, "other recipes", OTHER_COLOR), (True, "Pareto front", FRONT_COLOR)):
-        ps = [p for i, p in enumerate(points) if (i in front) == on_front]
-        fig.add_trace(go.Scatter(x=[p["size_bytes"] / div for p in ps], y=[p["metric"] for p in ps], name=name,
-                                 mode="markers+text", text=[plain(p["label"]) for p in ps], textposition="top center",
-                                 hovertext=[hover(p) for p in ps], hoverinfo="text",
+        ps = [(p, placed[i], short[i]) for i, p in enumerate(points) if (i in front) == on_front]
+        fig.add_trace(go.Scatter(x=[p["size_bytes"] / div for p, _, _ in ps], y=[p["metric"] for p, _, _ in ps], name=name,
+                                 mode="markers+text", text=[plain(t) if at else "" for _, at, t in ps],
+                                 textposition=[at or "top center" for _, at, _ in ps],
+                                 hovertext=[hover(p) for p, _, _ in ps], hoverinfo="text",
                                  marker=dict(size=11, color=color, line=dict(color="white", width=1))))
     fig.add_trace(go.Scatter(x=[points[i]["size_bytes"] / div for i in order], y=[points[i]["metric"] for i in order],
                              mode="lines", name="front", line=dict(color=FRONT_COLOR, dash="dot"), hoverinfo="skip",
                              showlegend=False))
+    fig.update_xaxes(range=[v / div for v in padded_range([p["size_bytes"] for p in points])])
+    fig.update_yaxes(range=list(padded_range([p["metric"] for p in points])))
     better = "higher" if higher_is_better else "lower"
     return _layout(fig, f"Size against {metric} (Pareto front in red: nothing is both smaller and better)",
                    f"size ({unit})", f"{metric} ({better} is better)")

@@ -57,7 +57,9 @@ def _batchhuman_size(model: nn.Module, data: Data, example_batch: int) -> int | 
     try:
         one, many = _run(model, data.subset(slice(0, 1)).inputs), _run(model, data.subset(slice(0, n)).inputs)
         tol = 1e-4 * (1 + float(one.abs().max())) if one.numel() else 0.0
-        if one.shape[:1] == (1,) and many.shape[:1] == (n,) and torch.allclose(many[:1], one, rtol=1e-3, atol=tol):
+        coupled = getattr(model, "batch_coupled", False)  # ranges over the whole batch (a quantized file's): shapes only
+        if one.shape[:1] == (1,) and many.shape[:1] == (n,) and (
+                coupled or torch.allclose(many[:1], one, rtol=1e-3, atol=tol)):
             return None
         problem = QcoreError("the model's output does not have the batch dimension first; export a model whose "
                              "output is (batch, ...)")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from qcore.errors import QcoreError
+from qcore.model.onnx_quant_ops import QUANT_OPS
 
 MAX_SHAPE_VALUES = 256  # a shape, repeats, pads or axes input holds at most this many values
 
@@ -479,6 +480,7 @@ OPS = {
     "ArgMax": _arg(torch.argmax), "ArgMin": _arg(torch.argmin), "Trilu": _trilu, "Pad": _pad,
     "PRelu": _prelu, "Resize": _resize, "Upsample": _upsample, "Conv": _conv, "ConvTranspose": _conv_transpose,
 }
+OPS.update(QUANT_OPS)  # QuantizeLinear, DequantizeLinear, ...: ``qcore.model.onnx_quant_ops``
 SUPPORTED_OPS = tuple(sorted(OPS))
 # Inputs whose values (not just shapes) decide an operator's output shape: kept real on the meta device.
 VALUE_INPUTS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),

@@ -45,7 +45,7 @@ from qcore.model.conv_transpose import ConvTransposeLayer, use_weight_layout
 from qcore.model.gpt2_conv1d import use_linear_layout
 from qcore.model.int8_compute import Int8ComputeInput, int8_compute_block
 from qcore.model.recurrent import RecurrentMatrix, unroll
-from qcore.model.transforms import bias_targets
+from qcore.model.bias_targets import bias_targets
 from qcore.algorithms.bias_correction import corrected_bias
 from qcore.numerics.quantize import QuantizedTensor, check_finite, quantize
 from qcore.recipe import Recipe

@@ -16,7 +16,7 @@ SmoothQuant's ``"unfoldable": "mul"`` reaches the Linear layers no fold does wit
 input times 1/s per channel, the weight's columns times s; exact after any producer, one op and own s per layer.
 
 Bias correction is not a float-preserving transform: it needs the quantized weight, so ``simulate`` applies it
-right after quantizing each weight (``bias_targets`` says to which layers), from the layers' input means
+right after quantizing each weight (``qcore.model.bias_targets`` says to which layers), from the layers' input means
 (``input_means``) over the calibration data of the transformed float model.
 """
 
@@ -40,6 +40,7 @@ EXACT = 1e-4  # relative L2 error below which two tensors count as equal (float3
 PROBE_SAMPLES = 2  # calibration samples the fold test runs on
 AWQ_ROWS = 4096  # calibration input rows (tokens, pixels) the AWQ loss is computed on
 CLE_SWEEPS = 20  # passes over a chain of CLE pairs (each pass changes the neighbours' ranges)
+SEARCH_CONV_ALPHA = 0.5  # SmoothQuant's alpha for convolutions under "alpha": "search" (the paper's default)
 PRODUCERS = (nn.LayerNorm, nn.Linear, nn.Conv1d, nn.Conv2d) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -307,6 +308,7 @@ def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, 
         done.reached.update(smoothed)
         done.notes += [f"smoothquant adds {len(smoothed)} Mul op(s), the input times 1/s per channel, before the "
                        f"layer(s) no fold reaches ({_listed(smoothed)})"] if smoothed else []
+        conv_alpha: list[str] = []
         for g in chosen:
             st = stats.get(g.consumers[0])
             if st is None or (t.name == "smoothquant" and not _searchable(t, g.consumers, plans)):  # not reached
@@ -314,6 +316,8 @@ def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, 
             readers = [table[c] for c in g.consumers]
             if t.name == "smoothquant":
                 s = _smoothing(t, st, readers, g.consumers, plans)
+                conv_alpha += [c for c, r in zip(g.consumers, readers) if t.option("alpha") == "search"
+                               and not isinstance(r, nn.Linear)]
             else:
                 specs = [plans[c].weights for c in g.consumers]
                 if all(sp is None or not sp.fmt.quantizes for sp in specs):
@@ -323,15 +327,22 @@ def apply_transforms(model: nn.Module, layer_kinds: dict[str, str], transforms, 
             fold(table[g.producer], readers, s)
             done.scales[g.producer] = done.scales.get(g.producer, torch.ones_like(s)) * s
             done.reached.update(g.consumers)
+        done.notes += [f"smoothquant's alpha search measures Linear layers only: {len(conv_alpha)} convolution(s) "
+                       f"took alpha {SEARCH_CONV_ALPHA} ({_listed(conv_alpha)})"] if conv_alpha else []
     return done
 
 
 def _smoothing(t: Transform, st: InputStats, readers: list[nn.Module], names, plans) -> torch.Tensor:
     """SmoothQuant's s (C,) for the layers ``readers`` (named ``names``) sharing one input, at the recipe's alpha or
-    (``"search"``) per layer with their plans' quantizers on the kept calibration rows (``search_alpha``)."""
-    if t.option("alpha") != "search":
+    (``"search"``) per layer with their plans' quantizers on the kept calibration rows (``search_alpha``). The
+    search's loss is a matrix product of rows, so readers that are convolutions (a kernel spans several pixels)
+    take ``SEARCH_CONV_ALPHA``, the paper's alpha, instead (``conv_search_note`` says so)."""
+    alpha = t.option("alpha")
+    if alpha == "search" and not all(isinstance(r, nn.Linear) for r in readers):
+        alpha = SEARCH_CONV_ALPHA
+    if alpha != "search":
         wmax = torch.stack([_weight_absmax_per_input(r.weight) for r in readers]).amax(0)
-        return smoothing_scales(st.absmax, wmax, t.option("alpha"))
+        return smoothing_scales(st.absmax, wmax, alpha)
     return search_alpha(st.rows, st.absmax, [r.weight.detach() for r in readers],
                         [_fake(plans[n].weights) for n in names], _fake(plans[names[0]].activations)).scales
 
@@ -366,35 +377,3 @@ def _equalize(table: dict, chosen: list[Group], done: Transformed) -> None:
         if largest < 1e-3:
             break
 
-
-def bias_targets(recipe, layer_kinds: dict[str, str], modules: dict[str, nn.Module], plans) -> tuple[list[str], list[str]]:
-    """``(layers whose bias simulate corrects, notes)`` for the recipe's bias_correction transforms: the named
-    layers (each must be a Linear/Conv with a bias and quantized weights, else a one-line error) or every such
-    layer."""
-    targets, notes = [], []
-    for i, t in enumerate(recipe.transforms):
-        if t.name != "bias_correction":
-            continue
-
-        def fits(n):
-            w = plans[n].weights
-            return (layer_kinds[n] in ("Linear", "Conv1d", "Conv2d") and w is not None and w.fmt.quantizes
-                    and isinstance(getattr(modules[n], "bias", None), torch.Tensor))
-
-        if t.layers is None:
-            targets += [n for n in layer_kinds if fits(n) and n not in targets]
-            unbiased = [n for n in layer_kinds if layer_kinds[n] in ("Linear", "Conv1d", "Conv2d")
-                        and getattr(modules[n], "bias", None) is None]
-            if unbiased:
-                notes.append(f"bias_correction skipped {len(unbiased)} layer(s) without a bias: {', '.join(unbiased[:6])}")
-            continue
-        for n in t.layers:
-            if n not in layer_kinds:
-                raise QcoreError(f"transforms[{i}].bias_correction.layers names {n!r}, which is not a quantizable "
-                                 "layer of this model")
-            if not fits(n):
-                raise QcoreError(f"transforms[{i}].bias_correction cannot apply to layer {n!r} ({layer_kinds[n]}): it "
-                                 "applies to Linear/Conv layers with a bias whose weights the recipe quantizes")
-            if n not in targets:
-                targets.append(n)
-    return targets, notes

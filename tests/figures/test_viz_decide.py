@@ -1,6 +1,9 @@
 """Figures of the decide pages: each figure carries the numbers it is given (the Pareto front itself is
 computed and tested in ``analysis.search``)."""
 
+import pytest
+
+from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 
 ROWS = [{"layer": l, "candidate": c, "changed": changed, "metric_drop": d, "rank": r, "sqnr_db": s}
@@ -82,3 +85,71 @@ def test_label_margin_holds_what_plotly_measured_in_chromium():
              "sqnr_db": 20.0, "changed": True, "kind": "Linear"}]
     assert viz_decide.ranked_drops(long, "int8").layout.margin.l >= 239
     assert viz_decide.sensitivity_heatmap(long).layout.margin.l >= 239 + 40  # and the y-axis title "layer"
+
+
+# ---- labels of the size-metric scatter do not overlap ------------------------------------------------------------
+def _shown_boxes(fig):
+    """Every drawn label's box and every marker's, in pixels, recomputed from the figure: the axis ranges mapped
+    onto the plotting area, a label of n characters 7 px a character and 16 px high, 7 px from its marker."""
+    (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
+    width, height = viz_decide.PLOT_PX
+    labels, markers = [], []
+    for trace in fig.data[:2]:
+        for x, y, text, position in zip(trace.x, trace.y, trace.text, trace.textposition):
+            px, py = (x - x0) / (x1 - x0) * width, (y - y0) / (y1 - y0) * height
+            markers.append((px - 7, py - 7, px + 7, py + 7))
+            if not text:
+                continue
+            w = 7 * len(text)
+            vertical, horizontal = position.split()
+            bottom = py + 7 if vertical == "top" else py - 23 if vertical == "bottom" else py - 8
+            left = px - w / 2 if horizontal == "center" else px + 7 if horizontal == "right" else px - 7 - w
+            labels.append((text, (left, bottom, left + w, bottom + 16)))
+    return labels, markers, (width, height)
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _presets(metric_of: dict) -> list[dict]:
+    """digits-mlp's presets as Trade-offs shows them (FP16/BF16 and INT8 static/dynamic/FP8 share a size) and a
+    recipe of the user's between them (a recipe equal to a preset is not shown twice)."""
+    sizes = {"FP32": 68_904, "FP16": 34_856, "BF16": 34_856, "INT8 dynamic": 18_640, "INT8 static": 18_640,
+             "FP8": 18_640, "INT4 weight-only": 11_714, "NF4": 10_384, "yours (in the table): int8-static [1a2b3c4d]": 14_000}
+    return [{"label": k, "size_bytes": v, "metric": metric_of.get(k, 0.9736 if k.startswith("yours") else 0.975)}
+            for k, v in sizes.items()]
+
+
+@pytest.mark.parametrize("metric_of", [{}, {"INT4 weight-only": 0.9722, "FP8": 0.9722, "NF4": 0.9694}])
+def test_tradeoff_labels_overlap_no_other_label_marker_or_edge(metric_of):
+    points = _presets(metric_of)
+    front = search.pareto_front(points, True)
+    fig = viz_decide.tradeoff_scatter(points, front, "accuracy")
+    labels, markers, (width, height) = _shown_boxes(fig)
+    for i, (text, box) in enumerate(labels):
+        assert 0 <= box[0] and box[2] <= width and 0 <= box[1] and box[3] <= height, (text, box)
+        assert not any(_overlap(box, other) for _, other in labels[i + 1:]), text
+        assert not any(_overlap(box, m) for m in markers), text
+    shown = {text for text, _ in labels}
+    cut = {p["label"]: p["label"] if len(p["label"]) <= 28 else p["label"][:27] + "…" for p in points}
+    assert cut["yours (in the table): int8-static [1a2b3c4d]"] == "yours (in the table): int8-…"
+    assert {cut[points[i]["label"]] for i in front} <= shown  # here every point of the front is labelled
+    assert {"INT8 dynamic", "INT8 static"} <= shown  # one point, two recipes: both named, on different sides
+    hovers = " ".join(h for trace in fig.data[:2] for h in trace.hovertext)
+    assert all(p["label"] in hovers for p in points)  # a label left off the chart is still on hover
+
+
+def test_tradeoff_labels_of_points_far_apart_sit_above_them():
+    points = [{"label": f"r{i}", "size_bytes": 1000 * (i + 1), "metric": 0.5 + 0.1 * (i % 2)} for i in range(4)]
+    fig = viz_decide.tradeoff_scatter(points, search.pareto_front(points, True), "accuracy")
+    positions = [p for trace in fig.data[:2] for p in trace.textposition]
+    texts = [t for trace in fig.data[:2] for t in trace.text]
+    assert all(texts) and set(positions) <= {"top center", "bottom center"}
+
+
+def test_tradeoff_labels_of_many_recipes_on_one_point_fall_back_to_hover():
+    points = [{"label": f"recipe number {i}", "size_bytes": 1000, "metric": 0.9} for i in range(12)]
+    fig = viz_decide.tradeoff_scatter(points, [0], "accuracy")
+    labels, _, _ = _shown_boxes(fig)
+    assert 1 <= len(labels) < 12 and "recipe number 0" in {t for t, _ in labels}

@@ -150,13 +150,13 @@ def test_broken_link_says_so_and_falls_back_to_the_default():
     assert set(at.data_editor[0].value["weights"]) == {"int8"}
 
 
-def test_evaluate_shows_the_measured_metric(digits_mlp):
+def test_evaluate_shows_the_simulated_metric(digits_mlp):
     at = open_page("mixed_precision", preset="int4-weight-only")
     next(b for b in at.button if b.label.startswith("Evaluate")).click()
     at.run()
     result = digits_mlp.evaluate(preset("int4-weight-only", digits_mlp.layer_shapes)).to_dict()
     acc = result["quantized"]["metrics"]["accuracy"]
-    assert metric(at, "accuracy (measured)") == f"{acc:.4f}"
+    assert metric(at, "accuracy (simulated)") == f"{acc:.4f}"
     assert acc != result["fp32"]["metrics"]["accuracy"]
 
 
@@ -242,7 +242,7 @@ def test_search_fills_the_table_with_a_measured_recipe_within_the_budget_on_use_
     measured = digits_mlp.evaluate(recipe).to_dict()
     assert measured["quantized"]["size_bytes"] <= 0.2 * measured["fp32"]["size_bytes"]
     assert size_shown(at) == measured["quantized"]["size_bytes"]
-    assert (f"measured accuracy {measured['quantized']['metrics']['accuracy']:.4f} at "
+    assert (f"simulated accuracy {measured['quantized']['metrics']['accuracy']:.4f} at "
             f"{measured['quantized']['size_bytes']:,} bytes") in at.success[0].value
 
 

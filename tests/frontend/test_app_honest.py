@@ -93,7 +93,7 @@ def test_tradeoffs_a_search_after_a_hand_made_recipe_keeps_both_with_their_own_n
     automatic name), and the search overwrote the editor. Now both are rows, each with its own measured numbers."""
     at = visit(start(layers=encode_layers(HAND_MADE)), "mixed_precision")
     hand = build_recipe(digits_mlp, "int8-static", HAND_MADE)
-    click(at, "Evaluate this recipe (measured)")
+    click(at, "Evaluate this recipe (simulated)")
     at.slider(key="mp_budget").set_value(0.15).run()
     click(at, "Search")
     assert same(table_recipe(at, digits_mlp), hand, digits_mlp), "the search overwrote the table's recipe"
@@ -140,7 +140,7 @@ def test_the_search_result_replaces_the_table_only_on_use_this_recipe(digits_mlp
 
 def test_remembered_labels_carry_the_sha256_of_the_canonical_recipe(digits_mlp):
     at = visit(start(layers=encode_layers(HAND_MADE)), "mixed_precision")
-    click(at, "Evaluate this recipe (measured)")
+    click(at, "Evaluate this recipe (simulated)")
     (label,) = at.session_state[keys.USER_RECIPES]["zoo:digits-mlp"]
     assert label == f"evaluated: digits-mlp-int8-static-mixed [{sha8(build_recipe(digits_mlp, 'int8-static', HAND_MADE))}]"
 

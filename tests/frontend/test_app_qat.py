@@ -2,6 +2,7 @@
 never trained twice in one session."""
 
 import pytest
+from streamlit.proto.Metric_pb2 import Metric as MetricProto
 from test_app import metrics, open_app, visit, zoo_models  # noqa: F401 -- zoo_models is a fixture
 
 import qcore.training
@@ -35,6 +36,11 @@ def test_qat_page_shows_the_engines_numbers_and_trains_once(zoo_models, monkeypa
     assert shown["FP32 accuracy"] == f"{w.fp32_metrics['accuracy']:.4f}"
     assert shown["PTQ accuracy"] == f"{r.ptq_metrics['accuracy']:.4f}"
     assert shown["QAT accuracy"] == f"{r.qat_metrics['accuracy']:.4f}"
+    fp32, ptq, qat = w.fp32_metrics["accuracy"], r.ptq_metrics["accuracy"], r.qat_metrics["accuracy"]
+    for label, change in (("PTQ accuracy", ptq - fp32), ("QAT accuracy", qat - ptq)):  # accuracy: up is better
+        m = next(m for m in at.metric if m.label == label)
+        assert (m.proto.color, m.proto.direction) == ((MetricProto.GREEN, MetricProto.UP) if change > 0 else
+                                                      (MetricProto.RED, MetricProto.DOWN)), (label, change)
     assert plain("Loss: cross-entropy") in at.success[0].value and plain("digits training split") in at.success[0].value
 
     at.run()  # same inputs again: the kept result, no second run, no Run button

@@ -30,18 +30,30 @@ def _try(at: AppTest, layer: str, remedy: str) -> AppTest:
     return _click(at, "remedy_try")
 
 
+def change_text(x: float, digits: int) -> str:
+    """A change as the panels write it: a sign always (a true minus), none on a change that rounds to zero."""
+    text = f"{x:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text.replace("-", "\u2212")
+
+
+def _assert_before_after(at, w, layer: str, transforms: list) -> None:
+    """The panel's two metrics against a second computation: the layer's output SQNR and the model's accuracy of
+    int8-static with ``transforms`` vs without, each shown with its change from now."""
+    now, after = build_recipe(w, "int8-static", {}), build_recipe(w, "int8-static", {}, transforms)
+    shown = {m.label: m for m in at.metric}
+    sqnr = shown["Layer output SQNR (the whole simulated model vs FP32, first calibration batch)"]
+    before_db, after_db = layer_output_sqnr(w, now, layer), layer_output_sqnr(w, after, layer)
+    assert sqnr.value == f"{after_db:.1f} dB" and sqnr.delta == f"{change_text(after_db - before_db, 1)} dB vs now"
+    acc0, acc1 = (w.evaluate(r).quantized.metrics["accuracy"] for r in (now, after))
+    metric = shown["Model accuracy (evaluation data)"]
+    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{change_text(acc1 - acc0, 4)} vs now"
+
+
 def test_cle_from_the_sensitivity_panel_is_measured_applied_and_shared(zoo_models):  # noqa: F811
     w = zoo_models[0]["digits-cnn"]
     at = visit(open_app("digits-cnn"), "sensitivity")
     at = _try(at, "features.3", "cle")
-    now, cle = build_recipe(w, "int8-static", {}), build_recipe(w, "int8-static", {}, CLE)
-    shown = {m.label: m for m in at.metric}
-    sqnr = shown["Layer output SQNR (the whole simulated model vs FP32, first calibration batch)"]
-    before, after = layer_output_sqnr(w, now, "features.3"), layer_output_sqnr(w, cle, "features.3")
-    assert sqnr.value == f"{after:.1f} dB" and sqnr.delta == f"{after - before:+.1f} dB vs now"
-    acc0, acc1 = (w.evaluate(r).quantized.metrics["accuracy"] for r in (now, cle))
-    metric = shown["Model accuracy (evaluation data)"]
-    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{acc1 - acc0:+.4f} vs now"
+    _assert_before_after(at, w, "features.3", CLE)
     assert not any("Weight error" in (c.proto.spec or "") for c in at.get("plotly_chart"))  # rounding only
 
     at = _click(at, "remedy_apply")
@@ -52,7 +64,8 @@ def test_cle_from_the_sensitivity_panel_is_measured_applied_and_shared(zoo_model
     fresh.query_params.update({"model": "digits-cnn", "transforms": _param(at, "transforms")})
     fresh = visit(rerun(fresh), "mixed_precision")
     entry = fresh.session_state["recipes"]["zoo:digits-cnn"]
-    assert build_recipe(w, entry["preset"], entry["layers"], entry.get("transforms")) == cle
+    assert build_recipe(w, entry["preset"], entry["layers"], entry.get("transforms")) == build_recipe(
+        w, "int8-static", {}, CLE)
 
     # "Keep layer in float" edits the recipe the user has: CLE stays; a preset change brings the preset's (none)
     at.selectbox(key="sens_act_layer:zoo:digits-cnn").select("classifier.1").run()
@@ -113,14 +126,7 @@ def test_smoothquant_with_a_mul_from_the_sensitivity_panel_is_measured_and_appli
     at = _click(at, "remedy_try")
     assert not at.error, [e.value for e in at.error]
     mul = [{"smoothquant": {"alpha": "search", "unfoldable": "mul", "layers": ["fc1"]}}]
-    now, after = build_recipe(w, "int8-static", {}), build_recipe(w, "int8-static", {}, mul)
-    shown = {m.label: m for m in at.metric}
-    sqnr = shown["Layer output SQNR (the whole simulated model vs FP32, first calibration batch)"]
-    before_db, after_db = layer_output_sqnr(w, now, "fc1"), layer_output_sqnr(w, after, "fc1")
-    assert sqnr.value == f"{after_db:.1f} dB" and sqnr.delta == f"{after_db - before_db:+.1f} dB vs now"
-    acc0, acc1 = (w.evaluate(r).quantized.metrics["accuracy"] for r in (now, after))
-    metric = shown["Model accuracy (evaluation data)"]
-    assert metric.value == f"{acc1:.4f}" and metric.delta == f"{acc1 - acc0:+.4f} vs now"
+    _assert_before_after(at, w, "fc1", mul)
     at = _click(at, "remedy_apply")
     assert at.session_state["recipes"]["zoo:digits-mlp"]["transforms"] == mul
     assert decode_transforms(_param(at, "transforms")) == mul

@@ -159,3 +159,47 @@ def test_the_onnx_file_has_the_mul_ops_and_runs_as_simulated_and_safetensors_too
     _, loaded = load_safetensors(str(tmp_path / "m.safetensors"), w)
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
+
+
+class ConvPair(nn.Module):
+    """conv1 -> ReLU -> conv2 (3x3) -> mean -> fc: a fold exists (conv1's output channels into conv2's input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv2(torch.relu(self.conv1(x))).mean((2, 3)))
+
+
+def test_the_alpha_search_on_a_convolution_takes_the_papers_alpha_and_says_so(tmp_path):
+    """The search's loss is a product of input rows with the weight, which a 3x3 kernel is not: a conv reader gets
+    alpha 0.5 -- checked against the paper's formula on the conv's recorded input (plain torch) -- and a note;
+    the float model is unchanged and the file runs in ONNX Runtime as simulated (this was a shape error)."""
+    from qcore.export import export
+
+    torch.manual_seed(0)
+    m = ConvPair().eval()
+    g = torch.Generator().manual_seed(2)
+    calib, ev = torch.randn(16, 2, 6, 6, generator=g), torch.randn(8, 2, 6, 6, generator=g)
+    w = Workload("convpair", m, Data((calib,)), Data((ev,)), output_task("regression", (3,), False, "test"),
+                 batch_size=16)
+    recipe = preset("w8a8-smoothquant-mul")
+    done = w.transformed(recipe)
+    assert any("1 convolution(s) took alpha 0.5 (conv2)" in n for n in done.notes), done.notes
+    with torch.no_grad():
+        x = torch.relu(w.folded[0].conv1(calib))  # conv2's input
+        ref, out = w.folded[0](ev), done.model(ev)
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
+    w2 = w.folded[0].conv2.weight
+    s = (x.abs().amax((0, 2, 3)) / w2.abs().amax((0, 2, 3))).sqrt()
+    # conv2's input columns times s; its output rows are divided by fc's own (searched) scales, so per output row
+    # the ratio to w2 * s is one constant
+    ratio = dict(done.model.named_modules())["conv2"].weight.detach() / (w2 * s[None, :, None, None])
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), rtol=1e-5)
+    path = tmp_path / "convpair.onnx"
+    export(w, recipe, "onnx", str(path))
+    sess = ort.InferenceSession(str(path))
+    got = sess.run(None, {sess.get_inputs()[0].name: ev.numpy()})[0]
+    simulated = w.run(w.simulate(recipe).model, w.evaluation)
+    np.testing.assert_allclose(got, simulated.numpy(), rtol=1e-4, atol=1e-4 * float(simulated.abs().max()))

@@ -25,6 +25,7 @@ from qcore.io.models import InputSpec, LoadedModel
 from qcore.io.onnx.branches import fold_weight_inputs, inline_constant_ifs
 from qcore.io.onnx.convert import DTYPES, convert, embedding_sizes, input_shapes
 from qcore.io.onnx.proto import all_tensors
+from qcore.io.onnx.quantized import decode_quantized
 from qcore.model.onnx_graph import quoted
 
 SINGLE_FILE_HINT = "export a single file with torch.onnx.export(..., external_data=False)"
@@ -156,9 +157,12 @@ def load_onnx_file(p: Path, limit: int, constants: dict | None = None) -> Loaded
     names = tuple(name for name, _, _ in input_shapes(proto))  # refuses absurd declared sizes before anything is built
     notes = _bind_scalars(proto, constants or {}, p)
     notes += inline_constant_ifs(proto)
+    decoded = decode_quantized(proto, limit)
     fold_weight_inputs(proto)
     declared = input_shapes(proto)
     model = convert(proto, limit)
+    notes += decoded.notes(proto, model.layer_sources)
+    model.batch_coupled = decoded.computed_activations > 0  # a sample's output depends on the batch it runs in
     vocab = embedding_sizes(proto)
     specs, batch = [], 1
     for i, (name, dims, dtype) in enumerate(declared):

@@ -13,6 +13,8 @@ import torch
 from qcore.errors import QcoreError
 from qcore.model.onnx_graph import quoted
 
+NARROW_INTS = {"int4": np.int8, "uint4": np.uint8, "int2": np.int8, "uint2": np.uint8}
+
 
 def all_tensors(model) -> Iterator[tuple[object, str]]:
     """Every ``TensorProto`` in an ``onnx.ModelProto`` with where it sits ("initializer 'fc.weight'",
@@ -44,10 +46,17 @@ def tensor(proto, where: str) -> torch.Tensor:
     from onnx import numpy_helper
 
     try:
-        return torch.from_numpy(np.array(numpy_helper.to_array(proto)))
+        a = np.array(numpy_helper.to_array(proto))
     except Exception as e:  # noqa: BLE001 -- whatever fails to parse in an untrusted tensor is the file's fault
         raise QcoreError(f"the ONNX model's {where} is not a valid tensor ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); the file may be corrupted") from None
+    if a.dtype.name in NARROW_INTS:  # 4-bit / 2-bit codes (ml_dtypes): the same integers in 8 bits
+        a = a.astype(NARROW_INTS[a.dtype.name])
+    try:
+        return torch.from_numpy(a)
+    except TypeError:
+        raise QcoreError(f"the ONNX model's {where} holds {a.dtype.name} values, which the importer does not read; "
+                         "store it in float32 (the engine simulates lower precisions itself)") from None
 
 
 def attrs(node) -> dict:
