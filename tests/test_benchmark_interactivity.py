@@ -1,11 +1,14 @@
-"""``benchmarks.interactivity.cpu_seconds``: the CPU time of the app server and of everything else this process
-started, told apart. Oracle: two child processes that each spin for a known CPU time (``time.process_time``), say
-so, then wait on their input."""
+"""``benchmarks.interactivity``: ``cpu_seconds`` tells the CPU time of the app server from everything else this
+process started (oracle: two child processes that each spin for a known CPU time, ``time.process_time``, say so,
+then wait on their input); ``WATCH_DOM``, the in-page clock of ``--browser``, starts at the press and leaves a
+canvas's fallback content out (oracle: Chromium's own events and mutations made on purpose)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks.interactivity import cpu_seconds
 
@@ -38,3 +41,42 @@ def test_cpu_seconds_leaves_the_other_servers_out_of_the_browser():
     finally:
         for p in (server, other_server, browser):
             p.communicate("\n", timeout=30)
+
+
+@pytest.mark.browser
+def test_the_page_clock_starts_at_the_press_and_ignores_a_canvas_fallback():
+    """``WATCH_DOM`` in headless Chromium on a static page. Oracle: the browser's own event time stamp and DOM
+    mutations made at known moments: a press is stamped, a change inside a ``<canvas>`` (fallback content, never
+    drawn) leaves the last-change stamp alone, a change of the canvas's own size and of a visible element move it."""
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks.interactivity import WATCH_DOM
+    from benchmarks.memory import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_content('<button id="b">press</button><canvas id="c"></canvas><p id="p">text</p>')
+            page.add_script_tag(content=WATCH_DOM)  # as the benchmark's init script runs it, on this document
+
+            def last_after(js: str) -> tuple[float, float]:
+                before = page.evaluate("() => window.__qcoreLastChange")
+                page.evaluate(js)
+                page.wait_for_timeout(50)  # mutation records are delivered after the task
+                return before, page.evaluate("() => window.__qcoreLastChange")
+
+            start = page.evaluate("() => performance.now()")
+            page.click("#b")
+            pressed = page.evaluate("() => window.__qcorePressed")
+            assert pressed is not None and start <= pressed <= page.evaluate("() => performance.now()")
+            before, after = last_after("() => document.getElementById('c').appendChild(document.createElement('table'))")
+            assert after == before  # inside the canvas: not counted
+            before, after = last_after("() => document.querySelector('#c table').setAttribute('role', 'grid')")
+            assert after == before
+            before, after = last_after("() => { document.getElementById('c').width = 640; }")
+            assert after > before  # the canvas itself changed size: counted
+            before, after = last_after("() => { document.getElementById('p').textContent = 'changed'; }")
+            assert after > before
+        finally:
+            browser.close()
