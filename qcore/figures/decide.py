@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from qcore.figures.viz import BAR_COLOR, MARGIN, WORST_COLOR, _layout, human_bytes, label_margin, plain
+from qcore.figures.viz import BAR_COLOR, HEIGHT, MARGIN, WORST_COLOR, _layout, human_bytes, label_margin, plain
 
 FRONT_COLOR, OTHER_COLOR, FP32_COLOR = "#d62728", "#9aa5b1", "#111827"
 
@@ -76,7 +76,9 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
 # Where a point's label may go, in the order tried: Plotly ``textposition`` values.
 LABEL_POSITIONS = ("top center", "bottom center", "middle right", "middle left", "top right", "bottom right",
                    "top left", "bottom left")
-PLOT_PX = (640.0, 260.0)  # the plotting area in pixels: a page column less the margins; HEIGHT less title and axes
+SCATTER_HEIGHT = HEIGHT + 40  # the trade-off scatter's figure height (px): room for its point labels
+# the plotting area in pixels: a page column (~730 px) less the side margins; the height less the top/bottom margins
+PLOT_PX = (640.0, float(SCATTER_HEIGHT - MARGIN["t"] - MARGIN["b"]))
 LABEL_CHARS = 28  # a longer recipe label is cut to this many characters on the chart ("…" last); hover has it whole
 PAD = 0.12  # each axis extends this share of the data's span beyond it on both sides: room for the outer labels
 CHAR_PX, LINE_PX, GAP_PX = 7.0, 16.0, 7.0  # a 12 px label's mean character width and line height; marker radius + 1
@@ -161,7 +163,7 @@ def tradeoff_scatter(points: list[dict], front: list[int], metric: str, higher_i
     fig.update_yaxes(range=list(padded_range([p["metric"] for p in points])))
     better = "higher" if higher_is_better else "lower"
     return _layout(fig, f"Size against {metric} (Pareto front in red: nothing is both smaller and better)",
-                   f"size ({unit})", f"{metric} ({better} is better)")
+                   f"size ({unit})", f"{metric} ({better} is better)", height=SCATTER_HEIGHT)
 
 
 def per_class(fp32: list, quantized: list, class_names: list[str] | None, label: str) -> go.Figure:
