@@ -1,12 +1,10 @@
 """Mixed precision page: pick each layer's format in a table, see size and an estimated metric at once,
 evaluate the recipe's simulation, search one automatically, download or upload it."""
 
-import pandas as pd
 import streamlit as st
 
 from qcore.recipe.links import compact, recipe_id
-from qcore.recipe.table import (FLOAT_LAYER, INPUT_CHOICES, WEIGHT_CHOICES, WEIGHTS_HELP, apply_rows, table_rows,
-                                weight_choice_label)
+from qcore.recipe.table import FLOAT_LAYER, INPUT_CHOICES, apply_rows, table_rows
 from ui import jobs, keys, recipe_table, state
 from qcore.analysis import search, summary
 from qcore.errors import QcoreError
@@ -54,24 +52,8 @@ version = st.session_state.get(keys.EDITOR_VERSION, 0)
 rows = table_rows(w, recipe, estimate)
 table = recipe_table.shown(rows)
 inputs = list(dict.fromkeys(INPUT_CHOICES + list(table["inputs"])))
-edited = st.data_editor(
-    table, key=f"mp_editor:{key}:{version}", hide_index=True, num_rows="fixed", width="stretch",
-    disabled=["layer", "type", "weight shape", "size (bytes)", "drop (estimate)"],
-    column_config={
-        FLOAT_LAYER: st.column_config.CheckboxColumn(help="weights and inputs stay float: the layer is not quantized"),
-        "weights": st.column_config.SelectboxColumn("weights", options=WEIGHT_CHOICES, required=True,
-                                                    format_func=weight_choice_label, help=WEIGHTS_HELP),
-        "granularity": st.column_config.SelectboxColumn(options=["per_tensor", "per_channel", "per_group"], required=True),
-        "group size": st.column_config.TextColumn(validate=recipe_table.DIGITS, alignment="right",
-                                                  help="per_group only (blank otherwise); must divide the input size"),
-        "symmetric": st.column_config.CheckboxColumn(help="integer formats: zero-point fixed at 0"),
-        "range": st.column_config.SelectboxColumn(options=["minmax", "percentile", "mse", "entropy"], required=True),
-        "inputs": st.column_config.SelectboxColumn("inputs", options=inputs, required=True,
-                                                   help="how the layer's input is quantized (static = calibrated range)"),
-        "drop (estimate)": st.column_config.TextColumn(help="the sweep's simulated drop with only this layer quantized; "
-                                                       "\"not swept\": "
-                                                       "no sweep row has this layer's spec"),
-    })
+edited = st.data_editor(table, key=f"mp_editor:{key}:{version}", hide_index=True, num_rows="fixed", width="stretch",
+                        disabled=recipe_table.READ_ONLY, column_config=recipe_table.columns(inputs))
 try:
     edited_recipe = apply_rows(w, recipe, recipe_table.filled(edited, rows))
     edited_recipe.check_against(w.layer_shapes)
