@@ -361,7 +361,7 @@ def _roofline(key: str, _w, recipe_json: str, profile: str) -> dict:
 
 def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict:
     """``{label: {"latency_ms", "source"}}`` for each recipe: measured when ``measure_latencies`` ran
-    it (this machine only), else the roofline estimate on ``profile`` (source ``"estimate (<profile>)"``)."""
+    it (this machine only), else the roofline estimate on ``profile`` (source ``"estimate: <profile>"``)."""
     measured = st.session_state.get(MEASURED, {}).get(key, {}) if profile == "this-machine" else {}
     out = {}
     for label, recipe in recipes.items():
@@ -369,7 +369,7 @@ def latencies(key: str, w, recipes: dict, profile: str = "this-machine") -> dict
             out[label] = measured[recipe_id(w, recipe)]
         else:
             est = _roofline(key, w, recipe.to_json(), profile)
-            out[label] = {"latency_ms": est["total"]["latency_ms"], "source": f"estimate ({est['profile']})"}
+            out[label] = {"latency_ms": est["total"]["latency_ms"], "source": f"estimate: {est['profile']}"}
     return out
 
 
