@@ -29,6 +29,7 @@ from onnx import TensorProto, helper
 
 from qcore.errors import QcoreError
 from qcore.numerics.granularity import fan_in, from_blocks
+from qcore.numerics.packing import pack_low_first
 from qcore.numerics.quantize import QuantizedTensor
 
 # A format's ``onnx_type`` -> (numpy / ml_dtypes dtype holding its codes in an initializer, bits per element)
@@ -184,15 +185,6 @@ def nbits_block(q: QuantizedTensor, K: int) -> int | None:
     return None
 
 
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned values (..., m) packed ``8 // bits`` per byte along the last axis, low-order bits first."""
-    per = 8 // bits
-    m = values.shape[-1]
-    v = np.concatenate([values, np.zeros(values.shape[:-1] + (-m % per,), values.dtype)], axis=-1).astype(np.uint8)
-    v = v.reshape(values.shape[:-1] + (-1, per))
-    return sum((v[..., j] << (bits * j)) for j in range(per)).astype(np.uint8)
-
-
 def matmul_nbits(ed, q: QuantizedTensor, a: str, bias: str | None, out: str, before, block: int,
                  int8_compute: bool = False):
     """MatMulNBits(A, packed codes, scales, zero-points, bias) computing A @ W^T (+ bias), W (N, K); with
@@ -208,10 +200,10 @@ def matmul_nbits(ed, q: QuantizedTensor, a: str, bias: str | None, out: str, bef
     u = np.concatenate([u, pad], axis=1).reshape(N, kb, block)
     scales = np.concatenate([_full(q, q.scale, q.shape), np.zeros((N, kb * block - K), np.float32)], 1)
     scales = scales.reshape(N, kb, block)[:, :, 0].astype(np.float32)
-    inputs = [a, ed.const(_pack(u, bits), "codes_packed"), ed.const(scales, "scales")]
+    inputs = [a, ed.const(pack_low_first(u, bits), "codes_packed"), ed.const(scales, "scales")]
     if zp is not None:
         zpb = np.concatenate([zp_full, np.zeros((N, kb * block - K))], 1).reshape(N, kb, block)[:, :, 0]
-        inputs.append(ed.const(_pack((zpb + offset).astype(np.int64), bits), "zero_points"))
+        inputs.append(ed.const(pack_low_first((zpb + offset).astype(np.int64), bits), "zero_points"))
     else:
         inputs.append("")
     inputs += ["", bias] if bias else []

@@ -37,6 +37,7 @@ from qcore.limits import human_size
 from qcore.model.onnx_graph import quoted
 from qcore.model.onnx_ops import OPS
 from qcore.model.onnx_quant_ops import dequantize_linear
+from qcore.numerics.packing import unpack_low_first
 
 CODE_TYPES = ("int8", "uint8", "int16", "uint16", "int32", "int4", "uint4")  # DequantizeLinear codes decoded at load
 DECODE_OPS = ("Cast", "Sub", "Mul", "Add", "DequantizeLinear")  # elementwise: they commute with a row lookup
@@ -167,13 +168,6 @@ def _dequantize(g: _Graph, node, where: str) -> str:
     return f"{x.dtype.name} codes, {_granularity(scale.shape, block, axis)}"
 
 
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 bytes (..., m) -> (..., count) unsigned codes, ``8 // bits`` per byte, low-order bits first."""
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    codes = (packed[..., None] >> shifts) & np.uint8(2**bits - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :count]
-
-
 def _int8_compute(g: _Graph, a: str, K: int, block: int, where: str) -> tuple[list, str]:
     """Standard ops quantizing A (..., K) to int8 per block of ``block`` along K, then back to float:
     ``scale = max|a| / 127``, ``q = clip(round(a * (1 / scale)), -127, 127)`` (0 where the scale is 0)."""
@@ -220,13 +214,13 @@ def _matmul_nbits(g: _Graph, node, where: str, readers: dict, dec: Decoded) -> l
     if packed.dtype != np.uint8 or packed.size != N * kb * block * bits // 8 or scales.numel() != N * kb:
         raise QcoreError(f"MatMulNBits ({where}): B {packed.dtype.name} {packed.shape} or scales {tuple(scales.shape)} "
                          f"do not fit K={K}, N={N}, bits={bits}, block_size={block}; the file is malformed")
-    codes = torch.from_numpy(_unpack(packed.reshape(N, -1), bits, K).astype(np.int32))
+    codes = torch.from_numpy(unpack_low_first(packed.reshape(N, -1), bits, K).astype(np.int32))
     if names[3]:
         zp = g.array(names[3], where)
         if zp.dtype != np.uint8 or zp.size != N * -(-kb * bits // 8):
             raise QcoreError(f"MatMulNBits ({where}) has zero_points {zp.dtype.name} {zp.shape}; the importer reads "
                              "uint8 zero-points packed per row only")
-        zp = torch.from_numpy(_unpack(zp.reshape(N, -1), bits, kb).astype(np.int32))
+        zp = torch.from_numpy(unpack_low_first(zp.reshape(N, -1), bits, kb).astype(np.int32))
     else:
         zp = torch.full((N, kb), 2 ** (bits - 1), dtype=torch.int32)
     w = _decode(lambda: dequantize_linear(codes, scales.reshape(N, kb), zp, 1, block), "MatMulNBits", where)
@@ -260,9 +254,9 @@ def _gather_block_quantized(g: _Graph, node, where: str, dec: Decoded):
     scales = _scale(g.array(names[2], where), "GatherBlockQuantized", where)
     zp = g.array(names[3], where) if names[3] else None
     if data.dtype == np.uint8 and bits in (4, 8):  # MatMulNBits' convention: packed along the last axis, zero-point 2**(bits-1)
-        data = _unpack(data, bits, data.shape[-1] * 8 // bits)
+        data = unpack_low_first(data, bits, data.shape[-1] * 8 // bits)
         zp = (np.full(scales.shape, 2 ** (bits - 1), np.int32) if zp is None
-              else _unpack(zp, bits, scales.shape[-1]).reshape(scales.shape))
+              else unpack_low_first(zp, bits, scales.shape[-1]).reshape(scales.shape))
     elif data.dtype.name not in ("int4", "uint4") or bits != 4:
         raise QcoreError(f"GatherBlockQuantized ({where}) has {data.dtype.name} data with bits={bits}; the importer "
                          "reads int4/uint4 data, or uint8 packed 4- or 8-bit data")
