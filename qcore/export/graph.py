@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from qcore.model.onnx_graph import fresh_name
+
 
 class GraphEditor:
     def __init__(self, proto):
@@ -23,11 +25,7 @@ class GraphEditor:
 
     # ---- names and constants -------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
-        name, k = hint, 1
-        while name in self._names:
-            name, k = f"{hint}_{k}", k + 1
-        self._names.add(name)
-        return name
+        return fresh_name(hint, self._names)
 
     def const(self, value, hint: str) -> str:
         """A new initializer holding ``value`` (numpy array or scalar, dtype kept), its name."""

@@ -39,6 +39,16 @@ def quoted(text: str) -> str:
     return repr(text[:80] + ("..." if len(text) > 80 else ""))
 
 
+def fresh_name(base: str, used: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... -- the first not in ``used`` (a graph's value and node names), which
+    it joins: a name for a value or node added to an ONNX graph."""
+    name, k = base, 1
+    while name in used:
+        name, k = f"{base}_{k}", k + 1
+    used.add(name)
+    return name
+
+
 
 @dataclass
 class Step:

@@ -34,7 +34,7 @@ from qcore.errors import QcoreError
 from qcore.io.onnx.fold import FOLDED_TOTAL_UPLOADS
 from qcore.io.onnx.proto import attrs as node_attrs, tensor
 from qcore.limits import human_size
-from qcore.model.onnx_graph import quoted
+from qcore.model.onnx_graph import fresh_name, quoted
 from qcore.model.onnx_ops import OPS
 from qcore.model.onnx_quant_ops import dequantize_linear
 from qcore.numerics.packing import unpack_low_first
@@ -93,11 +93,7 @@ class _Graph:
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
+        return fresh_name(base, self.used)
 
     def array(self, name: str, where: str) -> np.ndarray:
         try:
