@@ -37,7 +37,9 @@ for label, d in candidates:  # the first label of a recipe wins: each recipe is 
         recipes[label] = recipe
         shown.add(recipe_id(w, recipe))
 
-if not state.small(w) and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
+evaluated = st.session_state.setdefault(keys.TRADEOFFS_EVALUATED, set())  # recipes this session asked to evaluate
+wanted = {(key, recipe_id(w, r)) for r in recipes.values()}
+if not state.small(w) and not wanted <= evaluated and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
     st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")
     st.stop()
 results = {}
@@ -45,6 +47,7 @@ with state.stoppable("evaluation", "Evaluating…") as advance:
     for i, (label, recipe) in enumerate(recipes.items()):
         advance(i / len(recipes), f"Evaluating {plain(label)} ({i + 1}/{len(recipes)})…")
         results[label] = state.evaluate(key, w, recipe.to_json())
+evaluated |= wanted  # a later change of a widget below shows them again without asking
 
 metric, higher = w.task.headline, w.task.higher_is_better
 fp32 = results["FP32"]

@@ -202,6 +202,24 @@ def test_tradeoffs_table_holds_measured_metrics_and_the_pareto_front(digits_mlp)
     assert table["size (bytes)"].idxmin() in front and best["size (bytes)"].idxmin() in front
 
 
+def test_a_large_models_tradeoffs_stay_shown_after_a_widget_change_once_evaluated(digits_mlp, monkeypatch):
+    """The "Evaluate all" button holds for one run only: the page remembers which recipes it was asked to evaluate,
+    so changing the latency target below does not hide the results again (a new recipe asks again)."""
+    monkeypatch.setattr(state, "SMALL_MODEL_WEIGHTS", 0)  # digits-mlp counts as large: evaluation waits for a click
+    at = open_page("tradeoffs")
+    assert not at.dataframe and any(b.label.startswith("Evaluate all") for b in at.button)
+    next(b for b in at.button if b.label.startswith("Evaluate all")).click().run()
+    shown = len(at.dataframe)
+    assert shown >= 1
+    profile = at.selectbox(key="trade_profile")
+    profile.set_value(next(o for o in profile.options if o != profile.value)).run()
+    assert not at.exception and len(at.dataframe) == shown, "the results vanished after a widget change"
+    at.switch_page("pages/mixed_precision.py").run()
+    edit(at, {0: {"weights": "int4"}})  # "yours" becomes a recipe not evaluated yet
+    at.switch_page("pages/tradeoffs.py").run()
+    assert not at.dataframe and any(b.label.startswith("Evaluate all") for b in at.button)
+
+
 def test_export_downloads_recipe_report_and_sensitivity_csv(digits_mlp, downloads):
     at = open_page("export", preset="int4-weight-only")
     buttons = {b.label: b for b in at.download_button}
