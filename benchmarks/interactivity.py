@@ -15,9 +15,11 @@ script run (seconds):
 
 With ``--browser`` it measures what a user waits for instead: ``streamlit run app.py`` driven by headless
 Chromium (Playwright, Debian's ``/usr/bin/chromium``, never downloaded), seconds from pressing another option
-of a selectbox (the option's ``pointerdown`` event) to the page settled (no script running, Streamlit's running
-icon gone, the DOM unchanged for ``QUIET_MS``; the quiet wait itself is not counted), for ``BROWSER_CHANGES`` on
-digits-cnn and minilm-l6; the Sensitivity page's sweep is computed into the server's cache first. Target:
+of a selectbox or radio group (the option's ``pointerdown`` event) to the page settled (no script running,
+Streamlit's running icon gone, the DOM unchanged for ``QUIET_MS``; the quiet wait itself is not counted), for
+one typical change on every page with a widget (``BROWSER_CHANGES``) on digits-cnn, minilm-l6 and tiny-lm; the
+Sensitivity page's sweep is computed into the server's cache first, and a button a page waits for (run the sweep,
+evaluate all recipes, run QAT) is pressed once before the changes are timed. Target:
 ``BROWSER_TARGET_S``. A floor row times the same change on a page holding only a title and the selectbox, served
 with this checkout's ``.streamlit/config.toml`` (what any rerun costs in this browser with the app's settings).
 The clock starts at the press, not when the benchmark asks Playwright to click: Playwright first finds the option
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -135,8 +138,26 @@ def measure_model(name: str, repeats: int, tmp_root: str) -> list[dict]:
 
 
 # ---- in a real browser -------------------------------------------------------------------------------------
-BROWSER_CHANGES = [("weights", "Weights", "Format"), ("sensitivity", "Sensitivity", "Rank the layers under"),
-                   ("mixed_precision", "Mixed precision", "Start from a preset")]  # (url path, page, selectbox label)
+# One typical change per page: (url path, page, widget kind, label, models it runs on, buttons to press first).
+# Models: "every" = each model measured; "lm" = causal language models only; "first" = once, on the first model
+# (the page does not depend on it); "small" = models the app evaluates without asking (a QAT run takes seconds).
+# The buttons are pressed once before the changes (their results are then cached, as after a user pressed them).
+# The Glossary has no widget; a classifier's Model page has none either (its KV-cache table is for language models).
+BROWSER_CHANGES = [
+    ("lessons", "Lessons", "selectbox", "Lesson", "first", ()),
+    ("lessons", "Lessons", "radio", "Step", "first", ()),
+    ("", "Model", "selectbox", "KV-cache format", "lm", ()),
+    ("formats", "Formats", "selectbox", "Format", "every", ()),
+    ("weights", "Weights", "selectbox", "Format", "every", ()),
+    ("activations", "Activations", "selectbox", "Format", "every", ()),
+    ("sensitivity", "Sensitivity", "selectbox", "Rank the layers under", "every", ("Run the sweep",)),
+    ("mixed_precision", "Mixed precision", "selectbox", "Start from a preset", "every", ()),
+    ("tradeoffs", "Trade-offs", "selectbox", "Estimate latency for", "every", ("Evaluate all",)),
+    ("qat", "QAT", "selectbox", "Layer", "small", ("Run QAT",)),
+    ("export", "Export", "radio", "Run the ONNX file in", "every", ()),
+    ("generate", "Generation", "radio", "Decoding", "lm", ()),
+]
+DEFAULT_BROWSER_MODELS = ["digits-cnn", "minilm-l6", "tiny-lm"]
 BROWSER_TARGET_S = 0.3
 QUIET_MS = 500  # the page counts as settled once no script runs and the DOM has not changed for this long
 # Every DOM change stamps window.__qcoreLastChange (performance.now(), ms): a change -> settled time is the last
@@ -196,11 +217,8 @@ def settle(page, timeout_s: float = TIMEOUT_S) -> None:
     page.wait_for_function(SETTLED, arg=QUIET_MS, timeout=timeout_s * 1000, polling=50)
 
 
-def choose(page, label: str, back_to: str | None = None) -> tuple[float, float, float, str]:
-    """Open the selectbox ``label`` and click ``back_to`` (None: its first option other than the shown one);
-    returns (seconds from the option's press to the page settled: script finished, DOM unchanged since; seconds
-    from the press to the script's end; seconds from asking Playwright to click to the page settled; the option
-    shown before)."""
+def _open_selectbox(page, label: str, shown_before: bool = True):
+    """Open the selectbox ``label``: (the option shown, the list's option elements, their texts)."""
     combo = page.get_by_role("combobox", name=label, exact=True).first  # Streamlit's react-aria ComboBox
     shown = combo.input_value().strip()
     options = page.get_by_role("listbox").get_by_role("option")
@@ -214,7 +232,24 @@ def choose(page, label: str, back_to: str | None = None) -> tuple[float, float, 
             page.keyboard.press("Escape")
             if attempt == 2:
                 raise
+    return shown, options, [t.strip() for t in options.all_inner_texts()]
+
+
+def _radio(page, label: str):
+    """The radio group ``label``: (the option checked, the options' labels to click, their texts)."""
+    group = page.get_by_role("radiogroup", name=label, exact=True).first
+    options = group.locator("label")
     texts = [t.strip() for t in options.all_inner_texts()]
+    checked = [i for i in range(len(texts)) if options.nth(i).locator("input").is_checked()]
+    return texts[checked[0]] if checked else None, options, texts
+
+
+def choose(page, label: str, back_to: str | None = None, kind: str = "selectbox") -> tuple[float, float, float, str]:
+    """Change the selectbox (or radio group, ``kind="radio"``) ``label`` to ``back_to`` (None: its first option other
+    than the shown one); returns (seconds from the option's press to the page settled: script finished, DOM
+    unchanged since; seconds from the press to the script's end; seconds from asking Playwright to click to the page
+    settled; the option shown before)."""
+    shown, options, texts = _radio(page, label) if kind == "radio" else _open_selectbox(page, label)
     target = back_to if back_to in texts else next(t for t in texts if t != shown)
     start = page.evaluate("() => { window.__qcoreScriptEnd = null; window.__qcorePressed = null; return performance.now(); }")
     options.nth(texts.index(target)).click()
@@ -240,19 +275,33 @@ def prepare_sweeps(models: list[str]) -> None:
 
 # The floor no page can beat here: a page holding only a title and the selectbox, its full rerun in this browser.
 FLOOR_APP = 'import streamlit as st\n\nst.title("Floor")\nst.selectbox("Format", ["int4", "int8", "fp8_e4m3"])\n'
-FLOOR = ("", "floor: a title and the selectbox only", "Format")
+FLOOR = ("", "floor: a title and the selectbox only", "selectbox", "Format", "every", ())
 
 
-def open_page(page, url: str) -> None:
-    """Open ``url`` and wait until it settled; a large model's sweep waits for a click (served from the cache)."""
+def open_page(page, url: str, press: tuple[str, ...] = ()) -> None:
+    """Open ``url`` and wait until it settled; then press each button whose name starts with one of ``press``, if
+    the page shows it (a large model's sweep or evaluation waits for a click; served from the cache once done)."""
     page.goto(url, timeout=TIMEOUT_S * 1000)
     page.locator("h1").first.wait_for(timeout=TIMEOUT_S * 1000)
     settle(page)
-    run = page.get_by_role("button", name="Run the sweep")
-    if run.count():
-        run.click()
-        page.wait_for_timeout(100)
-        settle(page)
+    for name in press:
+        button = page.get_by_role("button", name=re.compile("^" + re.escape(name)))
+        if button.count():
+            button.first.click()
+            page.wait_for_timeout(100)
+            settle(page)
+
+
+def runs_on(models: str, name: str, first: str) -> bool:
+    """Whether a change of ``BROWSER_CHANGES`` with ``models`` runs on the zoo model ``name`` (``first``: the first
+    model measured)."""
+    from qcore import zoo
+    from ui.state import small
+
+    if models == "first":
+        return name == first
+    w = zoo.load(name)
+    return {"every": True, "lm": w.task.kind == "causal-lm", "small": small(w)}[models]
 
 
 def measure_browser(models: list[str], repeats: int, tmp_root: str, compare: Path | None = None) -> list[dict]:
@@ -287,14 +336,15 @@ def measure_browser(models: list[str], repeats: int, tmp_root: str, compare: Pat
                 for app in targets:
                     tabs[app] = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                     tabs[app].add_init_script(WATCH_DOM)
-                for path, title, label in [FLOOR] if name is None else BROWSER_CHANGES:
+                changes = [FLOOR] if name is None else [c for c in BROWSER_CHANGES if runs_on(c[4], name, models[0])]
+                for path, title, kind, label, _, press in changes:
                     for app, (_, url) in targets.items():
-                        open_page(tabs[app], f"{url}/{path}" + (f"?model={name}" if name else ""))
+                        open_page(tabs[app], f"{url}/{path}" + (f"?model={name}" if name else ""), press)
                     runs = {app: {"times": [], "scripts": [], "calls": [], "cpu": [], "back_to": None} for app in targets}
                     for _ in range(repeats + 1):
                         for app, (pid, _) in targets.items():  # each app in turn: the same load for both
                             run, before = runs[app], cpu_seconds(pid, pids)
-                            seconds, script, call, run["back_to"] = choose(tabs[app], label, run["back_to"])
+                            seconds, script, call, run["back_to"] = choose(tabs[app], label, run["back_to"], kind)
                             run["times"].append(seconds)
                             run["scripts"].append(script)
                             run["calls"].append(call)
@@ -303,7 +353,7 @@ def measure_browser(models: list[str], repeats: int, tmp_root: str, compare: Pat
                         if tabs[app].locator("[data-testid='stException']").count():
                             raise RuntimeError(f"{title} raised in the browser on {name} ({app})")
                         times, cpu = run["times"], run["cpu"]
-                        rows.append({"app": app, "model": name or "—", "page": title, "widget": f"selectbox “{label}”",
+                        rows.append({"app": app, "model": name or "—", "page": title, "widget": f"{kind} “{label}”",
                                      "first_change_s": times[0], "warm_s": statistics.median(times[1:]),
                                      "warm_min_s": min(times[1:]), "warm_max_s": max(times[1:]),
                                      "warm_script_s": statistics.median(run["scripts"][1:]),
@@ -360,13 +410,13 @@ def main(argv=None) -> str:
     ap.add_argument("--models", nargs="+", default=[",".join(ZOO)], help="zoo names, space- or comma-separated")
     ap.add_argument("--repeats", type=int, default=5, help="warm runs per page (median reported)")
     ap.add_argument("--browser", action="store_true", help="measure widget change -> page settled in headless Chromium "
-                    "(Weights, Sensitivity, Mixed precision on digits-cnn and minilm-l6 unless --models is given)")
+                    "(one typical change per page on digits-cnn, minilm-l6 and tiny-lm unless --models is given)")
     ap.add_argument("--compare", type=Path, metavar="DIR", help="with --browser: also serve DIR/app.py (another "
                     "checkout, e.g. `git worktree add /tmp/main main`) and make every change on both apps in turn")
     args = ap.parse_args(argv)
     named = [m for ms in args.models for m in ms.split(",")]
     if args.browser:
-        models = named if "--models" in (argv or sys.argv) else ["digits-cnn", "minilm-l6"]
+        models = named if "--models" in (argv or sys.argv) else DEFAULT_BROWSER_MODELS
         cache_dir = os.environ.get("QCORE_CACHE_DIR")
         try:
             with tempfile.TemporaryDirectory() as tmp_root:
