@@ -80,3 +80,31 @@ def test_the_page_clock_starts_at_the_press_and_ignores_a_canvas_fallback():
             assert after > before
         finally:
             browser.close()
+
+
+def test_every_browser_change_names_a_widget_its_page_draws():
+    """``BROWSER_CHANGES`` stays in step with the pages: each entry's page file exists and draws a widget of that
+    kind with exactly that label (oracle: the page's source), so a renamed widget fails here, not in a benchmark run."""
+    import re
+    from pathlib import Path
+
+    from benchmarks.interactivity import BROWSER_CHANGES
+
+    pages = Path(__file__).resolve().parents[1] / "pages"
+    for path, title, kind, label, models, _ in BROWSER_CHANGES:
+        source = (pages / f"{path or 'model'}.py").read_text()
+        assert re.search(rf"\.{kind}\(\s*\"{re.escape(label)}\"", source), (title, kind, label)
+        assert models in {"every", "lm", "first", "small"}
+
+
+def test_browser_changes_run_on_the_models_they_are_for(digits_cnn):
+    """``runs_on``: a language model's pages on tiny-lm only, QAT where the app trains without asking, the rest on
+    every model (oracle: the zoo's task kinds and parameter counts against the app's threshold)."""
+    from benchmarks.interactivity import runs_on
+    from ui.state import SMALL_MODEL_WEIGHTS
+
+    assert sum(i.params for i in digits_cnn.layers.values()) <= SMALL_MODEL_WEIGHTS
+    assert runs_on("lm", "tiny-lm", "digits-cnn") and not runs_on("lm", "digits-cnn", "digits-cnn")
+    assert runs_on("small", "digits-cnn", "digits-cnn") and not runs_on("small", "minilm-l6", "digits-cnn")
+    assert runs_on("first", "digits-cnn", "digits-cnn") and not runs_on("first", "minilm-l6", "digits-cnn")
+    assert runs_on("every", "minilm-l6", "digits-cnn")
