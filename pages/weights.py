@@ -15,10 +15,11 @@ AUTO_ALL_LAYERS = 2_000_000  # models with more weights compute the all-layers v
 key, w = state.active()
 st.title("Weights: what quantization does to one layer")
 formulas.intro(
-    "Pick a layer and a way to quantize it. The histogram shows its weights, the black ticks the grid they are "
-    "rounded to (one scale for the whole tensor), and the coloured lines the clipping range each range method "
-    "would choose. Below: the error each weight gets, why one scale per output channel usually beats one per "
-    "tensor, and which layer of the model suffers most.",
+    "Pick a layer and a way to quantize it. The histogram shows its weights, the black ticks the grid of one "
+    "scale for the whole tensor (per-channel and per-group scales give each channel or group its own, finer grid; "
+    "the numbers above the chart use the granularity you pick), and the coloured lines the clipping range each "
+    "range method would choose. Below: the error each weight gets, why one scale per output channel usually beats "
+    "one per tensor, and which layer of the model suffers most.",
     formulas.QUANTIZE, formulas.RANGES, formulas.GRANULARITY,
     title="Formulas: scale, zero-point, rounding, clipping, SQNR, granularity")
 
@@ -45,7 +46,7 @@ def explore() -> None:
     spec["granularity"] = c4.selectbox("Granularity", GRANULARITIES, index=1, key="weights_granularity", persist_state="session")
     if spec["granularity"] == "per_group":
         spec["group_size"] = c4.select_slider("Group size", [16, 32, 64, 128], value=64, key="weights_group", persist_state="session")
-    spec = state.spec_from(spec)
+    spec_dict, spec = spec, state.spec_from(spec)
 
     with formulas.error_box():  # e.g. an uploaded weight holding NaN/Inf
         report = state.weight_report(key, w, layer, spec.to_dict())
@@ -62,7 +63,9 @@ def explore() -> None:
     grid = report["grid"]
     charts.plot(viz.distribution, counts, edges, report["ranges"],
                 explain.visible_levels(grid, float(edges[0]), float(edges[-1])),
-                title=f"{html_plain(layer_label(layer))}: weights, per-tensor {spec.format} grid ({spec.range}) and each method's clip range",
+                title=f"{html_plain(layer_label(layer))}: weights, " + (
+                    f"the {spec.format} grid of one per-tensor scale ({spec.range}) and each method's clip range"
+                    if "range" in spec_dict else f"the {spec.format} values near them (a plain cast, no scale)"),
                 x_title="weight value")
     step = grid["scale"] if fmt.step_is_scale and spec.granularity == "per_tensor" else None
     charts.plot(viz.error_histogram, *report["error_hist"], step=step)

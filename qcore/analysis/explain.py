@@ -75,12 +75,17 @@ def grid(x: torch.Tensor, spec: TensorSpec, lo=None, hi=None) -> dict:
 
 
 def visible_levels(g: dict, lo: float, hi: float) -> torch.Tensor | None:
-    """The levels of ``grid`` result ``g`` worth drawing over data in [lo, hi]: all of a scaled grid
-    (they span the clip range); of a plain cast (fp16 has 63,487 finite values), those in [lo, hi] +10%."""
-    if g["levels"] is None or g["scale"] is not None:
-        return g["levels"]
-    pad = 0.1 * max(hi - lo, 1e-12)
-    return g["levels"][(g["levels"] >= lo - pad) & (g["levels"] <= hi + pad)]
+    """The levels of ``grid`` result ``g`` worth drawing over data in [lo, hi]: those within the data range and
+    the grid's clip range (``g["lo"]``, ``g["hi"]``), widened by 10 % of that span on each side. A scaled grid spans
+    its clip range, so it is drawn whole (a symmetric grid over ReLU outputs shows its unused negative half); of a
+    plain cast (fp16 has 63,487 finite values), or of a grid whose scale fell back to 1 (bf16 "scaled" into its own
+    range would need a scale below float32's smallest normal number), only the levels near the data."""
+    if g["levels"] is None:
+        return None
+    a = lo if g["lo"] is None else min(lo, g["lo"])
+    b = hi if g["hi"] is None else max(hi, g["hi"])
+    pad = 0.1 * max(b - a, 1e-12)
+    return g["levels"][(g["levels"] >= a - pad) & (g["levels"] <= b + pad)]
 
 
 def bit_layout(fmt: Format) -> list[tuple[str, int]]:

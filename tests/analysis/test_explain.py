@@ -70,6 +70,23 @@ def test_grid_with_a_fixed_range_and_plain_cast():
     assert explain.grid(x, TensorSpec(format="fp32"))["levels"] is None
 
 
+def test_visible_levels_stay_near_the_data_when_a_scale_falls_back_to_one():
+    """bf16 "scaled" into its own range: max|x| / 3.39e38 is below float32's smallest normal number, so the scale
+    falls back to 1 and the grid is bf16's 65,279 finite values out to 3.4e38; only those near the data are drawn
+    (oracle: bf16's own values, enumerated here from its bit patterns, within the data range + 10 %)."""
+    x = uniform()  # in [-1, 1]
+    g = explain.grid(x, TensorSpec(format="bf16", scaled=True, range="minmax"))
+    assert g["scale"] == 1.0 and float(g["levels"].max()) > 1e38
+    shown = explain.visible_levels(g, float(x.min()), float(x.max()))
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int64).to(torch.int16).view(torch.bfloat16).to(torch.float64)
+    lo, hi = float(x.min()), float(x.max())
+    pad = 0.1 * (hi - lo)
+    expected = torch.unique(bits[torch.isfinite(bits) & (bits >= lo - pad) & (bits <= hi + pad)])
+    assert torch.equal(shown, expected)
+    relu = explain.grid(x.clamp(min=0), TensorSpec(format="int8", symmetric=True))  # data in [0, 1]
+    assert torch.equal(explain.visible_levels(relu, 0.0, float(x.max())), relu["levels"])  # the unused half too
+
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_bit_layout_adds_up_to_the_formats_bits(name):
     fmt = FORMATS[name]
