@@ -73,3 +73,20 @@ def test_mixed_precision_target_is_a_perplexity_ceiling(tiny_lm):
     box = at.number_input(key="mp_target")
     fp32 = tiny_lm.fp32_metrics["perplexity"]
     assert box.label == "Largest acceptable perplexity" and box.value == round(fp32 * 1.05, 4) > fp32
+
+
+def test_the_model_pages_kv_cache_table_starts_at_the_recipes_kv_cache(tiny_lm):
+    """The Model page's memory table follows the sidebar's KV cache (the recipe's) until changed there: the KV-cache
+    column is 2 x layers x KV heads x head size x context bytes at that format (oracle: the model's own shape)."""
+    from qcore.analysis import memory
+
+    at = open_app("tiny-lm")
+    table = next(s for s in at.selectbox if s.label == "KV-cache format")
+    assert table.value == "fp16"  # a float cache counts as fp16
+    next(s for s in at.sidebar.selectbox if s.label == "KV cache").set_value("int4.per_head").run()
+    table = next(s for s in at.selectbox if s.label == "KV-cache format")
+    assert not at.exception and table.value == "int4"
+    shape = memory.workload_shape(tiny_lm)
+    context = min(4096, tiny_lm.model.context_length)
+    row = at.dataframe[-1].value.iloc[0]
+    assert row["KV cache (GB)"] == pytest.approx(2 * shape.layers * shape.kv_heads * shape.head_dim * context * 0.5 / 1e9)
