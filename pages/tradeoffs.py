@@ -11,7 +11,7 @@ from qcore import hardware
 from qcore.analysis import search
 from qcore.figures import decide as viz_decide
 from qcore.recipe import Recipe, preset
-from ui.text import delta_style, plain
+from ui.text import delta_style, metric_label, plain
 
 PRESET_ROWS = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8 dynamic": "int8-dynamic", "INT8 static": "int8-static",
                "INT4 weight-only": "int4-weight-only", "NF4": "nf4", "FP8": "fp8"}
@@ -39,7 +39,8 @@ for label, d in candidates:  # the first label of a recipe wins: each recipe is 
 
 evaluated = st.session_state.setdefault(keys.TRADEOFFS_EVALUATED, set())  # recipes this session asked to evaluate
 wanted = {(key, recipe_id(w, r)) for r in recipes.values()}
-if not state.small(w) and not wanted <= evaluated and not st.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
+ask = st.empty()  # the button, cleared once the results are drawn below it
+if not state.small(w) and not wanted <= evaluated and not ask.button(f"Evaluate all {len(recipes)} recipes", type="primary"):
     st.info("This model is large: evaluating every recipe takes a while (results are cached).", icon=":material/info:")
     st.stop()
 results = {}
@@ -48,6 +49,7 @@ with state.stoppable("evaluation", "Evaluating…") as advance:
         advance(i / len(recipes), f"Evaluating {plain(label)} ({i + 1}/{len(recipes)})…")
         results[label] = state.evaluate(key, w, recipe.to_json())
 evaluated |= wanted  # a later change of a widget below shows them again without asking
+ask.empty()
 
 metric, higher = w.task.headline, w.task.higher_is_better
 fp32 = results["FP32"]
@@ -64,17 +66,19 @@ for (run_key, _, cfg), r in st.session_state.get(keys.QAT_RUNS, {}).items():
 latency = state.latencies(key, w, recipes, profile)
 rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
          "share of FP32": r["quantized"]["size_bytes"] / r["fp32"]["size_bytes"],
-         metric: r["quantized"]["metrics"][metric], "change": r["quantized"]["metrics"][metric] - fp32["quantized"]["metrics"][metric],
+         metric: r["quantized"]["metrics"][metric],
+         "change": round(r["quantized"]["metrics"][metric] - fp32["quantized"]["metrics"][metric], 4) + 0.0,  # never "-0.0000"
          "latency (ms)": latency[label]["latency_ms"], "latency source": latency[label]["source"]}
         for label, r in results.items()]
 points = [{"label": r["recipe"], "size_bytes": r["size (bytes)"], "metric": r[metric], "latency_ms": r["latency (ms)"],
            "latency_source": r["latency source"]} for r in rows]
 front_order = search.pareto_front(points, higher)
-charts.plot(viz_decide.tradeoff_scatter, points, front_order, metric, higher)
+charts.plot(viz_decide.tradeoff_scatter, points, front_order, metric_label(metric), higher)
 front = {points[i]["label"] for i in front_order}
-st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]), hide_index=True, width="stretch",
+st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]).rename(columns={metric: metric_label(metric)}),
+             hide_index=True, width="stretch",
              column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
-                            metric: st.column_config.NumberColumn(format="%.4f"),
+                            metric_label(metric): st.column_config.NumberColumn(format="%.4f"),
                             "change": st.column_config.NumberColumn(format="%+.4f", help="against FP32"),
                             "latency (ms)": st.column_config.NumberColumn(format="%.3g", help=state.LATENCY_HELP)})
 st.caption(f"{state.LATENCY_HELP} Measured latencies are of this server's CPU, {plain(hardware.cpu_name())}, with "

@@ -193,6 +193,10 @@ def test_tradeoffs_table_holds_measured_metrics_and_the_pareto_front(digits_mlp)
         assert table.loc[label, "size (bytes)"] == result["quantized"]["size_bytes"]
     assert set(table.index) == {"FP32", "FP16", "BF16", "INT8 dynamic", "INT8 static", "INT4 weight-only", "NF4", "FP8"}
     assert table["latency source"].str.startswith("estimate").all()
+    fp32 = table.loc["FP32", "accuracy"]
+    for label, row in table.iterrows():  # the change against FP32, to the 4 decimals shown, never a negative zero
+        assert row["change"] == pytest.approx(round(row["accuracy"] - fp32, 4), abs=1e-12)
+        assert row["change"] != 0 or str(row["change"]) == "0.0", (label, row["change"])
     points = [{"label": k, "size_bytes": r["size (bytes)"], "metric": r["accuracy"]} for k, r in table.iterrows()]
     front = {p["label"] for p in points if not any(  # brute force: nothing at most as large and as good, and better in one
         q["size_bytes"] <= p["size_bytes"] and q["metric"] >= p["metric"]
