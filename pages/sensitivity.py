@@ -89,6 +89,9 @@ def ranking() -> None:
     next(columns).metric(f"Median layer's {drop_name}", signed(statistics.median(r["metric_drop"] for r in ranked)),
                          help=f"under {plain(chosen)}, over all {len(ranked)} layers: how far the most sensitive one "
                               f"stands out; {reference}")
+    if view != "only":
+        st.caption("In this view a layer matters more the *smaller* its drop: everything else is quantized, so a small "
+                   "drop with only that layer kept in float means keeping it recovers most of the loss.")
     if subset:
         st.caption(f"Every number of this sweep is {subset.strip(' ()')} (evenly spaced), to keep it fast; Evaluate on "
                    "Mixed precision simulates a recipe on all of them.")

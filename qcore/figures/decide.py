@@ -68,6 +68,9 @@ def ranked_drops(rows: list[dict], candidate: str, metric: str = "metric") -> go
                            customdata=[r["sqnr_db"] for r in rs], text=[_signed(d) for d in drops], textposition="outside",
                            hovertemplate="%{y}: drop %{x:.4g}, output SQNR %{customdata:.1f} dB<extra></extra>"))
     fig.update_yaxes(autorange="reversed", type="category")
+    lo, hi = min([0.0, *drops]), max([0.0, *drops])
+    room = 0.18 * ((hi - lo) or 1.0)  # the bars' value labels sit outside their ends: keep them inside the plot
+    fig.update_xaxes(range=[lo - room if lo < 0 else lo, hi + room if hi > 0 or lo == 0 else hi])
     _layout(fig, f"Layers ranked by {metric} drop under {plain(candidate)} (most sensitive first)",
             f"{metric} drop (positive = worse)", height=max(300, 120 + 26 * len(rs)))
     return fig.update_layout(margin={**MARGIN, "l": label_margin(r["layer"] for r in rs)})  # room for the names

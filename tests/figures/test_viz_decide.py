@@ -34,6 +34,18 @@ def test_ranked_drops_orders_by_rank_and_colours_the_worst():
     assert bar.marker.color[0] == viz_decide.WORST_COLOR != bar.marker.color[1]
 
 
+@pytest.mark.parametrize("drops", [[0.05, 0.01], [0.4885, 0.3, -0.02], [-0.3, -0.1], [0.0, 0.0]])
+def test_ranked_drops_leave_room_for_the_value_labels_past_the_bar_ends(drops):
+    """The labels sit outside each bar's end: the x range holds zero and every bar with a margin of at least 15 %
+    of the bars' span (at least 0.15 when every drop is 0) past the largest and below the smallest negative one."""
+    rows = [{"layer": f"l{i}", "candidate": "c", "metric_drop": d, "rank": i + 1, "sqnr_db": 10.0} for i, d in enumerate(drops)]
+    lo, hi = viz_decide.ranked_drops(rows, "c").layout.xaxis.range
+    span = (max([0, *drops]) - min([0, *drops])) or 1.0
+    assert lo <= min([0, *drops]) and hi >= max(drops) + (0.15 * span if max(drops) >= 0 else 0)
+    if min(drops) < 0:
+        assert lo <= min(drops) - 0.15 * span
+
+
 def test_tradeoff_scatter_puts_the_front_in_its_own_trace_with_latency_sources():
     points = [{"label": "fp32", "size_bytes": 4096, "metric": 0.98, "latency_ms": 1.5, "latency_source": "measured"},
               {"label": "int8", "size_bytes": 1024, "metric": 0.97, "latency_ms": 0.2, "latency_source": "estimate (x)"},
