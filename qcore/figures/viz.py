@@ -80,6 +80,13 @@ def _layout(fig: go.Figure, title: str, x_title: str = "", y_title: str = "", he
     return fig
 
 
+def _below(fig: go.Figure) -> go.Figure:
+    """The legend under the plot instead of above it: in a half-width column a legend of several entries wraps and
+    would cover the title (or a subplot's title)."""
+    return fig.update_layout(legend=dict(orientation="h", yref="container", yanchor="bottom", y=0.0, xanchor="left", x=0.0),
+                             margin={**MARGIN, "b": MARGIN["b"] + 45})
+
+
 def _range_lines(fig: go.Figure, ranges: dict[str, tuple[float, float]]) -> None:
     """One pair of full-height vertical lines per range method, one legend entry each."""
     for method, (lo, hi) in ranges.items():
@@ -143,11 +150,12 @@ def bit_layout(layouts: dict[str, list[tuple[str, int]]]) -> go.Figure:
             fig.add_trace(go.Bar(y=[name], x=[bits], base=start, orientation="h", name=field, legendgroup=field,
                                  showlegend=not any(t.name == field for t in fig.data),
                                  marker=dict(color=FIELD_COLORS.get(key, "#7f7f7f"), line=dict(color="white", width=2)),
-                                 text=f"{field} {bits}" if bits > 1 else "s", textposition="inside",
+                                 text=(f"{field} {bits}" if bits >= 2 * len(field) / 3 else str(bits)) if bits > 1 else "s",
+                                 textposition="inside",  # a narrow field shows its bit count only (the legend names it)
                                  insidetextanchor="middle", hovertemplate=f"{name}: {field}, {bits} bits<extra></extra>"))
             start += bits
     fig.update_layout(barmode="overlay", yaxis=dict(autorange="reversed"))
-    return _layout(fig, "Bits of one stored value", "bits", height=110 + 45 * len(names))
+    return _below(_layout(fig, "Bits of one stored value", "bits", height=150 + 45 * len(names)))
 
 
 def sqnr_vs_bits(rows: list[dict]) -> go.Figure:
@@ -163,7 +171,7 @@ def sqnr_vs_bits(rows: list[dict]) -> go.Figure:
                                  mode="lines+markers", line=style), row=1, col=2)
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_xaxes(title_text="bits", dtick=1)
-    return _layout(fig, "Integer grids: error against bit width (per-tensor)")
+    return _below(_layout(fig, "Integer grids: error against bit width (per-tensor)", height=HEIGHT + 40))
 
 
 def clipping_tradeoff(result: dict) -> go.Figure:
@@ -174,9 +182,10 @@ def clipping_tradeoff(result: dict) -> go.Figure:
     for key, color, dash in (("rounding", "#4c78a8", "dot"), ("clipping", "#f58518", "dot"), ("total", "#111827", "solid")):
         fig.add_trace(go.Scatter(x=t, y=result[key], name=f"{key} error", mode="lines", line=dict(color=color, dash=dash, width=2)))
     for method, m in result["methods"].items():
-        fig.add_trace(go.Scatter(x=[m["threshold"]], y=[m["total"]], name=method, mode="markers+text", text=[method],
-                                 textposition="top center", marker=dict(size=12, color=METHOD_COLORS.get(method),
-                                                                        line=dict(color="white", width=1))))
+        fig.add_trace(go.Scatter(x=[m["threshold"]], y=[m["total"]], name=method, mode="markers",  # named in the legend:
+                                 marker=dict(size=12, color=METHOD_COLORS.get(method),  # methods often pick ~one t
+                                             line=dict(color="white", width=1)),
+                                 hovertemplate=f"{method}: t %{{x:.4g}}, total error %{{y:.3g}}<extra></extra>"))
     fig.update_yaxes(type="log")
     return _layout(fig, "Where to clip: rounding error against clipping error", "clip threshold t (range [-t, t])",
                    "mean squared error (log)")
