@@ -40,10 +40,12 @@ if not candidates:
     st.stop()
 settings = {"key": key, "candidates": candidates, "mode": mode, "view": view}
 inputs = {"candidates": candidates, "mode": mode, "view": view}
-if not state.small(w) and st.session_state.get(keys.SWEEP) != settings and not jobs.asked("sweep", key, w, inputs) and not st.button(
+ask = st.empty()  # the button, cleared once the sweep is under way
+if not state.small(w) and st.session_state.get(keys.SWEEP) != settings and not jobs.asked("sweep", key, w, inputs) and not ask.button(
         f"Run the sweep ({len(w.layers)} layers × {len(candidates)} candidates)", type="primary"):
     st.info("This model is large: the sweep takes a while (it is cached once run).", icon=":material/info:")
     st.stop()
+ask.empty()
 result = jobs.result("sweep", key, w, inputs, "sweep", state.small(w))
 st.session_state[keys.SWEEP] = settings  # read by Mixed precision and Export; cached, so shown at once next time
 for note in result["notes"]:

@@ -35,6 +35,7 @@ def test_a_large_models_sweep_runs_as_a_job_and_its_result_shows(digits_mlp, tmp
     at.switch_page("pages/sensitivity.py").run()
     next(b for b in at.button if b.label.startswith("Run the sweep")).click().run()
     assert not at.exception and not at.error, [e.value for e in at.exception or at.error]
+    assert not any(b.label.startswith("Run the sweep") for b in at.button)  # gone once the sweep is under way
     job = at.session_state[keys.JOBS]["sweep"]
     assert at.query_params[keys.JOB_PARAM] == [job] or at.query_params[keys.JOB_PARAM] == job
     shown = " ".join(c.value for c in at.caption)
