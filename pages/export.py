@@ -129,7 +129,13 @@ st.subheader("Report")
 if not state.small(w) and not st.toggle("Build the report", key=f"export_report:{key}",
                                         help="evaluates FP32, INT8, INT4 and your recipe; takes a while on this model"):
     st.stop()
-html = report_html()
+# The report inlines plotly.js (4.7 MB) and builds every figure (~0.1 s), and this page reruns on every widget
+# change: it is built again only when what it shows changes (the recipe, the sweep, a latency measured meanwhile).
+inputs = repr((key, recipe.to_json(), sorted(settings.items()), sorted(st.session_state.get(keys.MEASURED, {}).get(key, {}).items())))
+kept = st.session_state.get(keys.REPORT)
+if not kept or kept[0] != inputs:
+    kept = st.session_state[keys.REPORT] = (inputs, report_html())
+html = kept[1]
 st.download_button("Download the HTML report", html, file_name=f"{recipe.name}-report.html", mime="text/html",
                    on_click="ignore", icon=":material/description:", key="download_report", type="primary",
                    help="one file that opens offline: model, recipe, metrics, sizes, latency, charts, environment")

@@ -32,6 +32,7 @@ MEASURED = "measured_latency"  # {workload key: {recipe id: {"latency_ms", "sour
 MEASURING = "measuring_latency"  # the runtime label whose "Measure latency" click is still being timed (jobs)
 RECIPE_UPLOAD_DIGEST = "mp_upload_digest"  # sha256 of the recipe JSON the Mixed precision page loaded last
 TRADEOFFS_EVALUATED = "tradeoffs_evaluated"  # {(workload key, recipe id)} the Trade-offs page evaluated this session
+REPORT = "export_report"  # (repr of what the Export page's report shows, its HTML) of the last report built
 QAT_RUNS = "qat_runs"  # {(workload key, recipe id, QATConfig): QATResult} finished on the QAT page this session
 JOB_SESSION = "job_session"  # random id of this browser session: who may cancel the jobs it started (ui.jobs)
 JOBS = "jobs"  # {job kind: key of the job this session last asked for}

@@ -224,6 +224,29 @@ def test_a_large_models_tradeoffs_stay_shown_after_a_widget_change_once_evaluate
     assert not at.dataframe and any(b.label.startswith("Evaluate all") for b in at.button)
 
 
+def test_export_builds_its_report_again_only_when_what_it_shows_changes(digits_mlp, downloads, monkeypatch):
+    """A widget change on Export (the runtime radio) serves the same report without building it again; another
+    recipe builds a new one, which holds that recipe's metric (oracle: ``Workload.evaluate``)."""
+    from qcore import report
+
+    built = []
+    real = report.html_report
+    monkeypatch.setattr(report, "html_report", lambda *a, **k: built.append(1) or real(*a, **k))
+    at = open_page("export", preset="int4-weight-only")
+    first = downloads(next(b for b in at.download_button if b.label == "Download the HTML report"))
+    radio = at.radio(key="export_runtime")
+    radio.set_value(next(o for o in radio.options if o != radio.value)).run()
+    assert not at.exception and len(built) == 1
+    assert downloads(next(b for b in at.download_button if b.label == "Download the HTML report")) == first
+    at.switch_page("pages/mixed_precision.py").run()
+    at.selectbox(key=next(s.key for s in at.selectbox if s.label == "Start from a preset")).set_value("int8-static").run()
+    at.switch_page("pages/export.py").run()
+    assert len(built) == 2
+    html = downloads(next(b for b in at.download_button if b.label == "Download the HTML report"))
+    acc = digits_mlp.evaluate(preset("int8-static", digits_mlp.layer_shapes)).quantized.metrics["accuracy"]
+    assert f"{acc:.6g}" in html
+
+
 def test_export_downloads_recipe_report_and_sensitivity_csv(digits_mlp, downloads):
     at = open_page("export", preset="int4-weight-only")
     buttons = {b.label: b for b in at.download_button}
