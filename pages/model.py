@@ -47,11 +47,13 @@ st.caption("Large max|w|/std or kurtosis means a few weights far from the rest: 
 st.subheader("Size under each preset")
 charts.plot(viz.preset_sizes, sizes)
 st.dataframe(pd.DataFrame([{"preset": r["preset"], "size (bytes)": r["size_bytes"], "share of FP32": r["fraction_of_fp32"],
-                            "bits per weight": r["bits_per_weight"], "what it does": PRESET_DESCRIPTIONS.get(r["preset"], "")}
-                           for r in sizes]),
+                            "bits per weight": r["bits_per_weight"]} for r in sizes]),
              hide_index=True, width="stretch", column_config={
                  "share of FP32": st.column_config.NumberColumn(format="percent"),
                  "bits per weight": st.column_config.NumberColumn(format="%.2f", help="quantized layers only, scales included")})
+with st.expander("What each preset does"):  # whole sentences: a table cell would cut them off
+    st.markdown("\n".join(f"- **{r['preset']}**: {plain(PRESET_DESCRIPTIONS[r['preset']])}" for r in sizes
+                           if r["preset"] in PRESET_DESCRIPTIONS))
 
 st.subheader("Data and metric")
 with st.spinner("Running the FP32 model on the evaluation data…"), formulas.error_box():

@@ -327,3 +327,14 @@ def test_every_page_on_minilm(zoo_models, minilm):
     visit(at, "formats")
     assert metrics(at)["Levels"] == "16"
     assert_unchanged(w, before)
+
+
+def test_the_model_page_says_what_every_preset_does_in_whole_sentences():
+    """Each preset of the size table has its description, uncut (oracle: ``PRESET_DESCRIPTIONS``)."""
+    from qcore.recipe import PRESET_DESCRIPTIONS
+
+    at = open_app("digits-mlp")
+    shown = next(e for e in at.expander if e.label == "What each preset does").markdown[0].value
+    for name in at.dataframe[1].value["preset"]:
+        if name in PRESET_DESCRIPTIONS:
+            assert plain(PRESET_DESCRIPTIONS[name]) in shown, name
