@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -217,7 +218,7 @@ def settle(page, timeout_s: float = TIMEOUT_S) -> None:
     page.wait_for_function(SETTLED, arg=QUIET_MS, timeout=timeout_s * 1000, polling=50)
 
 
-def _open_selectbox(page, label: str, shown_before: bool = True):
+def _open_selectbox(page, label: str):
     """Open the selectbox ``label``: (the option shown, the list's option elements, their texts)."""
     combo = page.get_by_role("combobox", name=label, exact=True).first  # Streamlit's react-aria ComboBox
     shown = combo.input_value().strip()
@@ -292,16 +293,23 @@ def open_page(page, url: str, press: tuple[str, ...] = ()) -> None:
             settle(page)
 
 
-def runs_on(models: str, name: str, first: str) -> bool:
-    """Whether a change of ``BROWSER_CHANGES`` with ``models`` runs on the zoo model ``name`` (``first``: the first
-    model measured)."""
+@functools.cache
+def _model_facts(name: str) -> tuple[str, bool]:
+    """(task kind, whether the app evaluates it without asking) of zoo model ``name``, loaded once per run."""
     from qcore import zoo
     from ui.state import small
 
+    w = zoo.load(name)
+    return w.task.kind, small(w)
+
+
+def runs_on(models: str, name: str, first: str) -> bool:
+    """Whether a change of ``BROWSER_CHANGES`` with ``models`` runs on the zoo model ``name`` (``first``: the first
+    model measured)."""
     if models == "first":
         return name == first
-    w = zoo.load(name)
-    return {"every": True, "lm": w.task.kind == "causal-lm", "small": small(w)}[models]
+    kind, is_small = _model_facts(name)
+    return {"every": True, "lm": kind == "causal-lm", "small": is_small}[models]
 
 
 def measure_browser(models: list[str], repeats: int, tmp_root: str, compare: Path | None = None) -> list[dict]:

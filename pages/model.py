@@ -78,10 +78,9 @@ if w.kv_cache_slices:  # a language model: what it and the well-known sizes take
     st.subheader("Memory: weights and KV cache")
     m1, m2 = st.columns(2)
     context = int(m1.number_input("Context (tokens in the KV cache)", 1, 10**7, 4096, key=f"mem_context:{key}"))
-    from qcore.recipe.links import encode_kv_cache
-
     kv_formats = ["fp16", "int8", "int4", "fp8_e4m3"]
-    in_recipe = (encode_kv_cache(state.current(key, w)[2].kv_cache) or "fp16").split(".")[0]  # float cache: fp16
+    kv_cache = state.current(key, w)[2].kv_cache
+    in_recipe = kv_cache.format if kv_cache else "fp16"  # a float cache counts as fp16
     kv_format = m2.selectbox("KV-cache format", kv_formats, index=kv_formats.index(in_recipe) if in_recipe in kv_formats else 0,
                              key=f"mem_kv:{key}:{in_recipe}",  # follows the sidebar's KV cache when that changes
                              help="starts at the recipe's (the sidebar's KV cache; float counts as fp16); changing it "

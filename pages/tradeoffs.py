@@ -52,6 +52,7 @@ evaluated |= wanted  # a later change of a widget below shows them again without
 ask.empty()
 
 metric, higher = w.task.headline, w.task.higher_is_better
+metric_name = metric_label(metric)  # what the chart and the table call it
 fp32 = results["FP32"]
 profile = st.selectbox("Estimate latency for", ["this-machine"] + list(hardware.PROFILES), key="trade_profile",
                        format_func=lambda p: hardware.PROFILES[p].name if p in hardware.PROFILES else "this machine",
@@ -73,12 +74,12 @@ rows = [{"recipe": label, "size (bytes)": r["quantized"]["size_bytes"],
 points = [{"label": r["recipe"], "size_bytes": r["size (bytes)"], "metric": r[metric], "latency_ms": r["latency (ms)"],
            "latency_source": r["latency source"]} for r in rows]
 front_order = search.pareto_front(points, higher)
-charts.plot(viz_decide.tradeoff_scatter, points, front_order, metric_label(metric), higher)
+charts.plot(viz_decide.tradeoff_scatter, points, front_order, metric_name, higher)
 front = {points[i]["label"] for i in front_order}
-st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]).rename(columns={metric: metric_label(metric)}),
+st.dataframe(pd.DataFrame([{**r, "Pareto": r["recipe"] in front} for r in rows]).rename(columns={metric: metric_name}),
              hide_index=True, width="stretch",
              column_config={"share of FP32": st.column_config.NumberColumn(format="percent"),
-                            metric_label(metric): st.column_config.NumberColumn(format="%.4f"),
+                            metric_name: st.column_config.NumberColumn(format="%.4f"),
                             "change": st.column_config.NumberColumn(format="%+.4f", help="against FP32"),
                             "latency (ms)": st.column_config.NumberColumn(format="%.3g", help=state.LATENCY_HELP)})
 st.caption(f"{state.LATENCY_HELP} Measured latencies are of this server's CPU, {plain(hardware.cpu_name())}, with "

@@ -46,7 +46,7 @@ def explore() -> None:
     spec["granularity"] = c4.selectbox("Granularity", GRANULARITIES, index=1, key="weights_granularity", persist_state="session")
     if spec["granularity"] == "per_group":
         spec["group_size"] = c4.select_slider("Group size", [16, 32, 64, 128], value=64, key="weights_group", persist_state="session")
-    spec_dict, spec = spec, state.spec_from(spec)
+    spec = state.spec_from(spec)
 
     with formulas.error_box():  # e.g. an uploaded weight holding NaN/Inf
         report = state.weight_report(key, w, layer, spec.to_dict())
@@ -65,7 +65,7 @@ def explore() -> None:
                 explain.visible_levels(grid, float(edges[0]), float(edges[-1])),
                 title=f"{html_plain(layer_label(layer))}: weights, " + (
                     f"the {spec.format} grid of one per-tensor scale ({spec.range}) and each method's clip range"
-                    if "range" in spec_dict else f"the {spec.format} values near them (a plain cast, no scale)"),
+                    if fmt.uses_range(spec.scaled) else f"the {spec.format} values near them (a plain cast, no scale)"),
                 x_title="weight value")
     step = grid["scale"] if fmt.step_is_scale and spec.granularity == "per_tensor" else None
     charts.plot(viz.error_histogram, *report["error_hist"], step=step)
